@@ -1,0 +1,67 @@
+"""One exception type for user mistakes: where, what was found, what was expected, the fix.
+
+The CLI prints `str(error)` as one line and exits non-zero; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+
+class SftlabError(Exception):
+    """A mistake in the user's data, config or files, described so that a person can fix it."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        source: str | None = None,
+        index: int | None = None,
+        field: str | None = None,
+        found: str | None = None,
+        expected: str | None = None,
+        fix: str | None = None,
+    ):
+        self.problem = problem
+        self.source = source
+        self.index = index
+        self.field = field
+        self.found = found
+        self.expected = expected
+        self.fix = fix
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.source is not None:
+            where.append(str(self.source))
+        if self.index is not None:
+            where.append(f"record {self.index}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        parts = [(", ".join(where) + ": " if where else "") + self.problem]
+        if self.found is not None:
+            parts.append(f"found {self.found}")
+        if self.expected is not None:
+            parts.append(f"expected {self.expected}")
+        if self.fix is not None:
+            parts.append(f"fix: {self.fix}")
+        return "; ".join(parts)
+
+
+class DataError(SftlabError):
+    """A record, file or dataset that cannot become training examples."""
+
+
+class ConfigError(SftlabError):
+    """A config key, value or file that is not valid."""
+
+
+class TrainingError(SftlabError):
+    """Training cannot continue: a non-finite loss, an unusable model or checkpoint."""
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A short, type-revealing description of a value for error messages."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(value).__name__} {text}" if value is not None else "None"

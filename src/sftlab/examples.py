@@ -1,0 +1,236 @@
+"""Tokenize validated records into examples: aligned `input_ids` and `targets`.
+
+`targets[t]` is the token the model must predict at position t: `input_ids[t + 1]` when that
+token is supervised, else -100. The shift happens here, once, per example; nothing downstream
+shifts again, so the last position of every example has target -100 and packed examples can
+never pass loss to one another.
+
+Each record becomes a list of text segments, each supervised or not, tokenized separately in
+one batched call. Tokenizing the prompt on its own is what makes the boundary exact: the
+prompt's tokens are what the tokenizer gives for the prompt alone (what inference feeds),
+whatever it would merge across the boundary in the joined text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sftlab import formats
+from sftlab.chat import ChatRenderer, resolve_chat_template
+from sftlab.errors import DataError
+from sftlab.formats import Record
+
+IGNORE = -100
+TRUNCATION_POLICIES = ("right", "drop")
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """What becomes a training target, and how long an example may be."""
+
+    max_length: int | None = 1024
+    truncation: str = "right"
+    completion_only_loss: bool = True
+    assistant_only_loss: bool = True
+    last_assistant_only: bool = False
+    chat_template: str | None = None
+
+
+@dataclass
+class Examples:
+    """Examples stored flat: example i is input_ids[offsets[i]:offsets[i+1]] (and the same for targets)."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    offsets: np.ndarray
+    record_index: np.ndarray  # source record of each example, so later errors can name it
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[start:end], self.targets[start:end]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def supervised_counts(self) -> np.ndarray:
+        supervised = (self.targets != IGNORE).astype(np.int64)
+        return np.add.reduceat(supervised, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+
+    @classmethod
+    def from_lists(cls, pairs: list[tuple[list[int], list[int]]], record_index=None, stats=None) -> "Examples":
+        lengths = [len(ids) for ids, _ in pairs]
+        offsets = np.zeros(len(pairs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat_ids = np.fromiter((t for ids, _ in pairs for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        flat_targets = np.fromiter((t for _, tg in pairs for t in tg), dtype=np.int32, count=int(offsets[-1]))
+        index = np.arange(len(pairs)) if record_index is None else np.asarray(record_index, dtype=np.int64)
+        return cls(flat_ids, flat_targets, offsets, index, stats or {})
+
+
+def shift_labels(label_ids: list[int]) -> list[int]:
+    """Per-token labels (the token itself, or -100) -> targets (what to predict at each position)."""
+    return label_ids[1:] + [IGNORE]
+
+
+class SegmentEncoder:
+    """Batched fast-tokenizer calls, with the tokenizer's own BOS/EOS conventions made explicit."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = self._encode_plain(["a"])[0]
+        special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None and special[:1] == [bos] and plain[:1] != [bos] else None
+        self.eos_id = tokenizer.eos_token_id
+        self.anchor_ids = self._find_anchor(plain)
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _find_anchor(self, plain_a: list[int]) -> list[int] | None:
+        # SentencePiece-style tokenizers prepend a "▁" to every call, which would insert a space at
+        # the start of every completion or assistant segment. Those segments are then encoded behind
+        # a newline anchor whose tokens are cut off again.
+        pieces = self.tokenizer.convert_ids_to_tokens(plain_a)
+        if not pieces or not pieces[0].startswith("▁"):
+            return None
+        anchor = self._encode_plain(["\n"])[0]
+        for probe in ("a", "Hello world", " x", "\n\nok"):
+            ids = self._encode_plain(["\n" + probe])[0]
+            if ids[: len(anchor)] != anchor:
+                raise DataError(
+                    "this tokenizer adds a prefix space that sftlab cannot strip reliably",
+                    field="tokenizer",
+                    found=type(self.tokenizer).__name__,
+                    fix="use pre-tokenized data (input_ids + labels) for this tokenizer",
+                )
+        return anchor
+
+    def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
+        """Token ids of each text; `continuation[i]` marks texts that follow other text in an example."""
+        if self.anchor_ids is None:
+            return self._encode_plain(texts)
+        cut = len(self.anchor_ids)
+        prepared = ["\n" + t if c else t for t, c in zip(texts, continuation)]
+        encoded = self._encode_plain(prepared)
+        return [ids[cut:] if c else ids for ids, c in zip(encoded, continuation)]
+
+
+def _segments(record: Record, settings: TargetSettings, renderer: ChatRenderer | None) -> list[tuple[str, bool]]:
+    """The record as (text, supervised) pieces, in order."""
+    if record.format == formats.TEXT:
+        return [(record.text, True)]
+    if record.format == formats.PROMPT_COMPLETION:
+        return [(record.prompt, not settings.completion_only_loss), (record.completion, True)]
+    messages = record.messages
+    all_tokens = not settings.assistant_only_loss
+    if record.format == formats.CHAT_PROMPT_COMPLETION:
+        all_tokens = not settings.completion_only_loss
+    if all_tokens:
+        return [(renderer.render(messages), True)]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= record.completion_start]
+    if settings.last_assistant_only:
+        turns = turns[-1:]
+    text, spans = renderer.assistant_spans(messages, turns)
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces.append((text[cursor:start], False))
+        pieces.append((text[start:end], True))
+        cursor = end
+    pieces.append((text[cursor:], False))
+    return [(t, s) for t, s in pieces if t]
+
+
+def build_examples(
+    records: list[Record],
+    tokenizer,
+    settings: TargetSettings,
+    chunk_size: int = 2048,
+) -> Examples:
+    """Tokenize records into examples, applying the truncation policy; counts go into `stats`."""
+    if settings.truncation not in TRUNCATION_POLICIES:
+        raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
+    encoder = SegmentEncoder(tokenizer)
+    renderer = None
+    if any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in records):
+        renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, settings.chat_template))
+    needs_eos = any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in records)
+    if needs_eos and encoder.eos_id is None:
+        raise DataError(
+            "the tokenizer has no EOS token, which text and prompt/completion examples end with",
+            field="tokenizer.eos_token",
+            fix="set an eos_token on the tokenizer before training",
+        )
+    pairs: list[tuple[list[int], list[int]]] = []
+    kept_index: list[int] = []
+    truncated = 0
+    dropped: Counter = Counter()
+    for chunk_start in range(0, len(records), chunk_size):
+        chunk = records[chunk_start : chunk_start + chunk_size]
+        per_record: list[list[tuple[str, bool]] | None] = []
+        texts: list[str] = []
+        continuation: list[bool] = []
+        for record in chunk:
+            if record.format == formats.PRETOKENIZED:
+                per_record.append(None)
+                continue
+            segments = _segments(record, settings, renderer)
+            per_record.append(segments)
+            for position, (text, _) in enumerate(segments):
+                texts.append(text)
+                continuation.append(position > 0)
+        encoded = iter(encoder.encode(texts, continuation)) if texts else iter(())
+        for record, segments in zip(chunk, per_record):
+            if segments is None:
+                ids, labels = _pretokenized_labels(record)
+            else:
+                ids, labels = [], []
+                for _, supervised in segments:
+                    piece = next(encoded)
+                    ids.extend(piece)
+                    labels.extend(piece if supervised else [IGNORE] * len(piece))
+                if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
+                    if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
+                        ids.insert(0, encoder.bos_id)
+                        labels.insert(0, IGNORE)
+                    if ids[-1:] != [encoder.eos_id]:
+                        ids.append(encoder.eos_id)
+                        labels.append(encoder.eos_id)
+            was_truncated = False
+            if settings.max_length is not None and len(ids) > settings.max_length:
+                if settings.truncation == "drop":
+                    dropped[f"longer than max_length={settings.max_length}"] += 1
+                    continue
+                ids, labels = ids[: settings.max_length], labels[: settings.max_length]
+                truncated += 1
+                was_truncated = True
+            targets = shift_labels(labels)
+            if all(t == IGNORE for t in targets):
+                reason = "no supervised tokens left after truncation" if was_truncated else "no supervised tokens"
+                dropped[reason] += 1
+                continue
+            pairs.append((ids, targets))
+            kept_index.append(record.index)
+    examples = Examples.from_lists(pairs, kept_index)
+    examples.stats.update(truncated=truncated, dropped=dict(dropped))
+    return examples
+
+
+def _pretokenized_labels(record: Record) -> tuple[list[int], list[int]]:
+    ids = list(record.input_ids)
+    if record.labels is not None:
+        return ids, list(record.labels)
+    if record.completion_mask is not None:
+        return ids, [t if m else IGNORE for t, m in zip(ids, record.completion_mask)]
+    return ids, list(ids)

@@ -1,0 +1,285 @@
+"""Detect the format of every record and validate it, naming the record, field and fix.
+
+Formats:
+  text                  {"text": str}  (field name configurable)
+  prompt_completion     {"prompt": str, "completion": str}
+  conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted)
+  chat_prompt_completion {"prompt": [messages], "completion": [messages]}
+  pretokenized          {"input_ids": [int], "labels"?: [int | -100], "completion_mask"?: [0/1]}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftlab.errors import DataError, describe
+from sftlab.sources import Records
+
+TEXT = "text"
+PROMPT_COMPLETION = "prompt_completion"
+CONVERSATIONAL = "conversational"
+CHAT_PROMPT_COMPLETION = "chat_prompt_completion"
+PRETOKENIZED = "pretokenized"
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+@dataclass
+class Record:
+    """One validated record, in a normal form the tokenizer stage consumes."""
+
+    index: int  # position in the source, kept so every later message can name it
+    format: str
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict] | None = None
+    # conversations: messages before this index are the prompt (chat prompt/completion)
+    completion_start: int = 0
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+    completion_mask: list[int] | None = None
+
+
+@dataclass
+class Validated:
+    records: list[Record]
+    formats: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+class _Invalid(Exception):
+    def __init__(self, problem: str, field: str, found: Any = None, expected: str | None = None, fix: str | None = None):
+        super().__init__(problem)
+        self.problem, self.field, self.found, self.expected, self.fix = problem, field, found, expected, fix
+
+
+def detect_format(record: dict, text_field: str = "text") -> str:
+    """The format a single record is in, from its field names."""
+    if "input_ids" in record:
+        return PRETOKENIZED
+    if "messages" in record or "conversations" in record:
+        return CONVERSATIONAL
+    if "prompt" in record and "completion" in record:
+        if isinstance(record["prompt"], list) or isinstance(record["completion"], list):
+            return CHAT_PROMPT_COMPLETION
+        return PROMPT_COMPLETION
+    if text_field in record:
+        return TEXT
+    fields = sorted(record.keys())
+    hint = ""
+    if "prompt" in record:
+        hint = "a 'prompt' without a 'completion'"
+    elif "completion" in record:
+        hint = "a 'completion' without a 'prompt'"
+    raise _Invalid(
+        "record fits no known format" + (f" ({hint})" if hint else ""),
+        field=",".join(fields) or "(no fields)",
+        found=f"fields {fields}",
+        expected=f"'{text_field}', 'prompt'+'completion', 'messages', 'conversations' or 'input_ids'",
+        fix=f"rename the fields, or set text_field if your text lives under another name",
+    )
+
+
+def validate_records(
+    records: Records,
+    *,
+    text_field: str = "text",
+    skip_invalid: bool = False,
+    vocab_size: int | None = None,
+) -> Validated:
+    """Validate every record (not the first only). Invalid records raise, or are counted and skipped."""
+    result = Validated(records=[])
+    expected_format: str | None = None
+    for index, raw in enumerate(records.records):
+        try:
+            kind = detect_format(raw, text_field)
+            if expected_format is None:
+                expected_format = kind
+            elif kind != expected_format:
+                raise _Invalid(
+                    "mixed formats in one dataset",
+                    field=",".join(sorted(raw.keys())),
+                    found=f"a {kind} record",
+                    expected=f"{expected_format} like the first record",
+                    fix="split the data into one file per format, or convert the records to one format",
+                )
+            result.records.append(_VALIDATORS[kind](raw, index, text_field, vocab_size))
+            result.formats[kind] += 1
+        except _Invalid as bad:
+            if skip_invalid:
+                result.skipped[f"invalid {bad.field}: {bad.problem}"] += 1
+                continue
+            source, row = records.locate(index)
+            raise DataError(
+                bad.problem,
+                source=source,
+                index=row,
+                field=bad.field,
+                found=None if bad.found is None else (bad.found if isinstance(bad.found, str) else describe(bad.found)),
+                expected=bad.expected,
+                fix=bad.fix or ("or set skip_invalid_records=true to count and skip such records"),
+            ) from None
+    if not result.records:
+        raise DataError(
+            "no valid records",
+            source=records.name,
+            found=f"{sum(result.skipped.values())} records skipped: {dict(result.skipped)}",
+            fix="fix the data; see the reasons above",
+        )
+    return result
+
+
+def _string(raw: dict, name: str, allow_empty: bool = False) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str):
+        raise _Invalid("must be a string", field=name, found=value, expected="a string")
+    if not allow_empty and not value.strip():
+        raise _Invalid("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+    return value
+
+
+def _text(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
+    return Record(index, TEXT, text=_string(raw, text_field))
+
+
+def _prompt_completion(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
+    return Record(index, PROMPT_COMPLETION, prompt=_string(raw, "prompt"), completion=_string(raw, "completion"))
+
+
+def _messages(value: Any, name: str, sharegpt: bool) -> list[dict]:
+    if not isinstance(value, list):
+        raise _Invalid("must be a list of messages", field=name, found=value, expected="[{'role': ..., 'content': ...}, ...]")
+    if not value:
+        raise _Invalid("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
+    messages = []
+    for position, message in enumerate(value):
+        where = f"{name}[{position}]"
+        if not isinstance(message, dict):
+            raise _Invalid("must be a message dict", field=where, found=message, expected="{'role': ..., 'content': ...}")
+        if sharegpt and "from" in message:
+            speaker = message.get("from")
+            if speaker not in SHAREGPT_ROLES:
+                raise _Invalid("unknown speaker", field=f"{where}.from", found=speaker, expected=f"one of {sorted(SHAREGPT_ROLES)}")
+            message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+            content_field = f"{where}.value"
+        else:
+            content_field = f"{where}.content"
+        role = message.get("role")
+        if role not in ROLES:
+            raise _Invalid("unknown role", field=f"{where}.role", found=role, expected=f"one of {list(ROLES)}")
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            pass  # a tool-calling turn carries its payload in tool_calls
+        elif not isinstance(content, str):
+            raise _Invalid("must be a string", field=content_field, found=content, expected="the message text as a string")
+        elif role == "assistant" and not content.strip():
+            raise _Invalid("assistant message is empty", field=content_field, found=repr(content), expected="the text the model should learn to write")
+        messages.append(dict(message))
+    return messages
+
+
+def _conversation(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
+    name = "messages" if "messages" in raw else "conversations"
+    messages = _messages(raw[name], name, sharegpt=name == "conversations")
+    _check_conversation(messages, name)
+    return Record(index, CONVERSATIONAL, messages=messages)
+
+
+def _check_conversation(messages: list[dict], name: str) -> None:
+    if len(messages) < 2:
+        raise _Invalid(
+            "a conversation needs at least two messages",
+            field=name,
+            found=f"{len(messages)} message",
+            expected="a prompt (user turn) and an assistant reply",
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Invalid("conversation has no assistant message", field=name, expected="at least one assistant turn to learn from")
+    if messages[-1]["role"] != "assistant":
+        raise _Invalid(
+            "conversation ends on a non-assistant turn",
+            field=f"{name}[{len(messages) - 1}].role",
+            found=messages[-1]["role"],
+            expected="'assistant' (the last turn is what the model learns to answer)",
+            fix="drop the trailing turn or add the assistant's reply",
+        )
+
+
+def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
+    prompt = _messages(raw["prompt"], "prompt", sharegpt=False)
+    completion = _messages(raw["completion"], "completion", sharegpt=False)
+    if not any(m["role"] == "assistant" for m in completion):
+        raise _Invalid("completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]")
+    messages = prompt + completion
+    _check_conversation(messages, "prompt+completion")
+    return Record(index, CHAT_PROMPT_COMPLETION, messages=messages, completion_start=len(prompt))
+
+
+def _int_list(raw: dict, name: str, vocab_size: int | None, allow: tuple[int, ...] = ()) -> list[int]:
+    value = raw.get(name)
+    if not isinstance(value, list) or not value:
+        raise _Invalid("must be a non-empty list of integers", field=name, found=value, expected="[int, ...]")
+    for position, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise _Invalid("must hold integers", field=f"{name}[{position}]", found=item, expected="an integer token id")
+        if item in allow:
+            continue
+        if item < 0 or (vocab_size is not None and item >= vocab_size):
+            raise _Invalid(
+                "token id out of the vocabulary range",
+                field=f"{name}[{position}]",
+                found=str(item),
+                expected=f"0 <= id < {vocab_size}" + (" or -100" if allow else ""),
+                fix="re-tokenize the data with this model's tokenizer",
+            )
+    return value
+
+
+def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
+    input_ids = _int_list(raw, "input_ids", vocab_size)
+    record = Record(index, PRETOKENIZED, input_ids=input_ids)
+    if raw.get("labels") is not None:
+        record.labels = _int_list(raw, "labels", vocab_size, allow=(-100,))
+        if len(record.labels) != len(input_ids):
+            raise _Invalid(
+                "labels and input_ids differ in length",
+                field="labels",
+                found=f"{len(record.labels)} labels for {len(input_ids)} input_ids",
+                expected="one label per input id (-100 where not trained)",
+            )
+    if raw.get("completion_mask") is not None:
+        mask = raw["completion_mask"]
+        if not isinstance(mask, list) or len(mask) != len(input_ids) or any(m not in (0, 1) for m in mask):
+            raise _Invalid(
+                "completion_mask must be 0/1, one per input id",
+                field="completion_mask",
+                found=f"{len(mask) if isinstance(mask, list) else describe(mask)} values",
+                expected=f"{len(input_ids)} values of 0 or 1",
+            )
+        record.completion_mask = [int(m) for m in mask]
+    return record
+
+
+_VALIDATORS = {
+    TEXT: _text,
+    PROMPT_COMPLETION: _prompt_completion,
+    CONVERSATIONAL: _conversation,
+    CHAT_PROMPT_COMPLETION: _chat_prompt_completion,
+    PRETOKENIZED: _pretokenized,
+}

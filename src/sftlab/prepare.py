@@ -1,0 +1,145 @@
+"""source -> records -> validated records -> examples, with statistics and an on-disk cache.
+
+The cache key hashes the data, the tokenizer (vocabulary, merges, special tokens, chat
+template) and every setting that changes the examples, so a second run with the same inputs
+loads the arrays back instead of tokenizing again, and any change re-prepares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from sftlab import __version__
+from sftlab.examples import IGNORE, Examples, TargetSettings, build_examples
+from sftlab.formats import validate_records
+from sftlab.sources import Records, load_records
+
+CACHE_FORMAT = 1
+_ARRAYS = ("input_ids", "targets", "offsets", "record_index")
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
+    return os.path.join(root, "prepared")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    digest.update(str(tokenizer("a")["input_ids"]).encode())  # BOS/EOS conventions
+    return digest.hexdigest()
+
+
+def prepare_examples(
+    source: Any,
+    tokenizer,
+    settings: TargetSettings = TargetSettings(),
+    *,
+    split: str | None = None,
+    text_field: str = "text",
+    skip_invalid_records: bool = False,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+) -> Examples:
+    """Load, validate and tokenize `source`; `examples.stats` says what happened to every record."""
+    started = time.perf_counter()
+    records = source if isinstance(source, Records) else load_records(source, split=split)
+    key = None
+    if use_cache:
+        key = _cache_key(records, tokenizer, settings, text_field, skip_invalid_records)
+        folder = os.path.join(cache_dir or default_cache_dir(), key)
+        cached = _load_cached(folder)
+        if cached is not None:
+            cached.stats["seconds"] = time.perf_counter() - started
+            cached.stats["cached"] = True
+            return cached
+    validated = validate_records(
+        records, text_field=text_field, skip_invalid=skip_invalid_records, vocab_size=len(tokenizer)
+    )
+    examples = build_examples(validated.records, tokenizer, settings)
+    examples.stats = summarize(examples, records=len(records), formats=dict(validated.formats),
+                               skipped=dict(validated.skipped), **examples.stats)
+    examples.stats["source"] = records.name
+    examples.stats["seconds"] = time.perf_counter() - started
+    examples.stats["cached"] = False
+    if use_cache:
+        _store(os.path.join(cache_dir or default_cache_dir(), key), examples)
+    return examples
+
+
+def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict, truncated: int, dropped: dict) -> dict:
+    lengths = examples.lengths
+    supervised = int((examples.targets != IGNORE).sum())
+    tokens = int(lengths.sum())
+    percentiles = {}
+    if len(lengths):
+        for q in (0, 50, 90, 99, 100):
+            percentiles[f"p{q}"] = int(np.percentile(lengths, q, method="nearest"))
+    return {
+        "records": records,
+        "formats": formats,
+        "examples": len(examples),
+        "skipped_invalid": skipped,
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_fraction": supervised / tokens if tokens else 0.0,
+        "length": percentiles,
+    }
+
+
+def _cache_key(records: Records, tokenizer, settings: TargetSettings, text_field: str, skip: bool) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "version": __version__,
+        "data": records.fingerprint(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": asdict(settings),
+        "text_field": text_field,
+        "skip_invalid_records": skip,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load_cached(folder: str) -> Examples | None:
+    try:
+        with open(os.path.join(folder, "stats.json")) as handle:
+            stats = json.load(handle)
+        arrays = {name: np.load(os.path.join(folder, name + ".npy")) for name in _ARRAYS}
+    except (OSError, ValueError):
+        return None
+    return Examples(**arrays, stats=stats)
+
+
+def _store(folder: str, examples: Examples) -> None:
+    """Write to a temporary folder and rename it into place, so a reader never sees half a cache entry."""
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        for name in _ARRAYS:
+            np.save(os.path.join(tmp, name + ".npy"), getattr(examples, name))
+        with open(os.path.join(tmp, "stats.json"), "w") as handle:
+            json.dump(examples.stats, handle)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process stored the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache dir must not stop training
