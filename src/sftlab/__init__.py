@@ -18,3 +18,8 @@ __all__ = [
     "load_records",
     "prepare_examples",
 ]
+
+from sftlab.config import SFTConfig, load_config  # noqa: E402
+from sftlab.training import TrainResult, train  # noqa: E402
+
+__all__ += ["SFTConfig", "TrainResult", "load_config", "train"]

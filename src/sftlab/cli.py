@@ -72,7 +72,7 @@ def _run(args) -> int:
         return 0
     if args.command == "train":
         from sftlab.config import load_config
-        from sftlab.train import train
+        from sftlab.training import train
 
         train(load_config(args.config, args.overrides))
         return 0

@@ -1,0 +1,135 @@
+"""examples -> micro-batches: padded batches, padding-free packed rows, and the step plan.
+
+The step plan decides, from the seed alone, which examples every optimizer step sees and how
+they split into micro-batches and processes. A step holds batch_size x accumulation x world
+items (examples, or packed rows), so 8x1, 2x4 and 4x1 on 2 processes see the same 8 items in
+the same step: only the split differs. A resumed run rebuilds the plan and skips to its step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+import torch
+
+from sftlab.examples import IGNORE, Examples
+
+PACK_ROW_PAD_POSITION = 0  # pads after the last example start a fresh position run: they form their own "example"
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.
+
+    Longest first; each example goes to the open bin it fills most tightly (the one with the
+    least room left that still fits it), else to a new bin. Deterministic: ties go to the
+    bin opened first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (room left, bin id)
+    for index in order:
+        length = int(lengths[index])
+        if length > capacity:
+            raise ValueError(f"example {index} has {length} tokens, more than the bin capacity {capacity}")
+        slot = bisect.bisect_left(room, (length, -1))
+        if slot < len(room):
+            left, bin_id = room.pop(slot)
+            bins[bin_id].append(index)
+            bisect.insort(room, (left - length, bin_id))
+        else:
+            bins.append([index])
+            bisect.insort(room, (capacity - length, len(bins) - 1))
+    return bins
+
+
+def plan_epoch(
+    item_lengths: np.ndarray,
+    *,
+    batch_size: int,
+    accumulation: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = False,
+) -> list[list[list[int]]]:
+    """Steps of one epoch; step[k] is the list of world x accumulation micro-batches (item indices).
+
+    Micro-batch (rank r, accumulation j) of a step is `step[r * accumulation + j]`. The last
+    step may be short: its items are spread so each slot gets some; a slot left empty (fewer
+    items than slots) is an empty list, which the loop runs as a fully masked micro-batch so
+    every process still does the same number of forward/backward passes.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(item_lengths))
+    per_step = batch_size * accumulation * world_size
+    if group_by_length:
+        # Sort inside mega-batches of 50 steps: similar lengths share a micro-batch, order stays random.
+        mega = per_step * 50
+        order = np.concatenate([
+            chunk[np.argsort(-item_lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, math.ceil(len(order) / mega)))
+        ]) if len(order) else order
+    slots = accumulation * world_size
+    steps = []
+    for start in range(0, len(order), per_step):
+        items = order[start : start + per_step].tolist()
+        if len(items) == per_step:
+            steps.append([items[k * batch_size : (k + 1) * batch_size] for k in range(slots)])
+        else:
+            steps.append([part.tolist() for part in np.array_split(np.asarray(items, dtype=np.int64), slots)])
+    if group_by_length and steps:
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+    return steps
+
+
+def pad_batch(examples: Examples, indices: list[int], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-padded batch: pad id in inputs, -100 in targets, attention mask zero on pads."""
+    masked = not indices
+    indices = indices or [0]  # an empty slot runs example 0 with every target masked
+    length = max(int(examples.offsets[i + 1] - examples.offsets[i]) for i in indices)
+    if pad_to_multiple_of:
+        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(indices), length), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, index in enumerate(indices):
+        ids, tgt = examples[index]
+        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        if not masked:
+            targets[row, : len(ids)] = torch.from_numpy(tgt.astype(np.int64))
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask,
+            "record_index": [] if masked else [int(examples.record_index[i]) for i in indices],
+            "real_tokens": 0 if masked else int(attention_mask.sum())}
+
+
+def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Packed rows without padding between examples: `position_ids` restart at 0 for every
+    example and no attention mask is passed, which is how transformers keeps attention inside
+    each example (it derives the block-diagonal mask from the position resets). Rows are
+    padded at the end to the longest row; pads form their own position run and have target -100."""
+    masked = not rows
+    rows = rows or [[0]]
+    row_lengths = [sum(int(examples.offsets[i + 1] - examples.offsets[i]) for i in row) for row in rows]
+    length = max(row_lengths)
+    if pad_to_multiple_of:
+        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    record_index = []
+    for r, row in enumerate(rows):
+        cursor = 0
+        for index in row:
+            ids, tgt = examples[index]
+            n = len(ids)
+            input_ids[r, cursor : cursor + n] = torch.from_numpy(ids.astype(np.int64))
+            if not masked:
+                targets[r, cursor : cursor + n] = torch.from_numpy(tgt.astype(np.int64))
+            position_ids[r, cursor : cursor + n] = torch.arange(n)
+            cursor += n
+            record_index.append(int(examples.record_index[index]))
+        position_ids[r, cursor:] = torch.arange(length - cursor)
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
+            "record_index": [] if masked else record_index, "real_tokens": 0 if masked else sum(row_lengths)}

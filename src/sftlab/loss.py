@@ -1,0 +1,219 @@
+"""The loss: trunk -> hidden states -> supervised rows only -> LM head + cross-entropy in chunks.
+
+Targets are already shifted per example (see examples.py), so position t's hidden state is
+scored against targets[t] directly. Only rows whose target is not -100 reach the LM head:
+masked prompt tokens still pass through the transformer (they are context) but never pay for
+the vocabulary projection, and the batch x length x vocab logits tensor never exists.
+
+For a plain nn.Linear head, `_LinearCrossEntropy` computes the loss and its gradients chunk by
+chunk in one pass (logits live one chunk at a time, in forward and backward). Heads that are
+not a plain Linear (a LoRA-adapted lm_head) go through checkpointed chunks instead. Heads that
+scale or soft-cap logits (Cohere, Granite, Gemma 2/3) get that transform applied exactly.
+`dense_loss` is the plain reference: model(...).logits over every position.
+
+The module returns sums; the caller divides by the number of supervised tokens in the whole
+optimizer step (all micro-batches, all processes), so the update does not depend on how the
+step was split, and an empty micro-batch contributes exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sftlab.examples import IGNORE
+
+# Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
+CHUNK_VALUES = 64 * 1024 * 1024
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(64, CHUNK_VALUES // max(1, vocab_size))
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) the model applies to lm_head outputs: logits = cap * tanh(scale * z / cap)."""
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite divides
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
+def _scores(z: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    y = z.float()
+    if scale != 1.0:
+        y = y * scale
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    return y
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum of CE(scores(h W^T + b), t) over rows, with gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled):
+        wants = ctx.needs_input_grad if grad_enabled else (False,) * 3
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if wants[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and wants[2] else None
+        needs_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start : start + rows].to(dtype)
+                t = targets[start : start + rows]
+                z = h @ w.T
+                if bias is not None:
+                    z = z + bias.to(dtype)
+                y = _scores(z, scale, softcap)
+                lse = torch.logsumexp(y, dim=-1)
+                picked = y.gather(1, t[:, None]).squeeze(1)
+                loss += (lse - picked).sum()
+                correct += (y.argmax(dim=-1) == t).sum()
+                if not needs_grad:
+                    continue
+                # d loss / d y = softmax(y) - onehot(t); then through the soft-cap and the scale.
+                dy = torch.exp(y - lse[:, None])
+                dy[torch.arange(len(t), device=t.device), t] -= 1
+                if softcap is not None:
+                    dy *= 1 - (y / softcap) ** 2
+                if scale != 1.0:
+                    dy *= scale
+                dz = dy.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + rows] = (dz @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (dz.T @ h).float()
+                if grad_bias is not None:
+                    grad_bias += dz.sum(0).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss
+        gh = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        gb = (grad_bias * scale).to(ctx.weight_dtype) if grad_bias is not None else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _module_chunk(head, h, t, scale, softcap):
+    y = _scores(head(h), scale, softcap)
+    return F.cross_entropy(y, t, reduction="sum"), (y.argmax(dim=-1) == t).sum()
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+              softcap: float | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, number of correct argmax predictions) over rows of `hidden`."""
+    rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
+    if type(head) is nn.Linear:
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled())
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        if torch.is_grad_enabled():
+            part, hit = checkpoint(_module_chunk, head, h, t, scale, softcap, use_reentrant=False)
+        else:
+            part, hit = _module_chunk(head, h, t, scale, softcap)
+        loss = loss + part
+        correct = correct + hit
+    return loss, correct
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """(causal LM, trunk, head) of a transformers causal LM, a PEFT wrapper around one, or None."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(causal_lm, "base_model_prefix", None)
+    trunk = getattr(causal_lm, prefix, None) if prefix else None
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    if trunk is None or head is None or trunk is causal_lm:
+        return None
+    return causal_lm, trunk, head
+
+
+class SupervisedLoss(nn.Module):
+    """Wraps a causal LM so the loss is computed inside `forward` (DDP/FSDP hooks see it).
+
+    forward(...) -> {"loss_sum": sum of CE over supervised tokens, "correct": argmax hits,
+                     "count": supervised tokens}. Training divides loss_sum by the step's
+    global supervised-token count; see train.py.
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "sparse"):
+        super().__init__()
+        self.model = model
+        parts = split_model(model)
+        if mode == "sparse" and parts is None:
+            raise ValueError("the sparse loss needs a model with a trunk and an output embedding")
+        self.mode = mode
+        if parts is not None:
+            causal_lm, _, head = parts
+            self.scale, self.softcap = logit_transform(causal_lm.config)
+            self.rows = chunk_rows(causal_lm.config.get_text_config().vocab_size if hasattr(causal_lm.config, "get_text_config") else head.weight.shape[0])
+
+    def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
+        count = (targets != IGNORE).sum()
+        if self.mode == "dense":
+            loss_sum, correct = dense_loss(self.model, input_ids, targets, attention_mask, position_ids)
+            return {"loss_sum": loss_sum, "correct": correct, "count": count}
+        _, trunk, head = split_model(self.model)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        keep = targets != IGNORE
+        rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
+        loss_sum, correct = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows)
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def dense_loss(model, input_ids, targets, attention_mask=None, position_ids=None):
+    """Reference path: full logits over every position, the way transformers computes them."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
+    keep = flat_targets != IGNORE
+    correct = (flat_logits[keep].argmax(-1) == flat_targets[keep]).sum()
+    return loss_sum, correct
+
+
+def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> tuple[str, str]:
+    """('sparse' | 'dense', why). 'auto' checks once, on a real batch, that the sparse path
+    reproduces the model's own logits; an architecture that transforms logits in a way
+    sftlab does not know gets the dense path instead."""
+    if requested == "dense":
+        return "dense", "loss_implementation=dense"
+    if split_model(model) is None:
+        if requested == "sparse":
+            raise ValueError("loss_implementation=sparse, but the model has no separate trunk and LM head")
+        return "dense", "the model has no separate trunk and LM head"
+    if requested == "sparse":
+        return "sparse", "loss_implementation=sparse"
+    inputs = {k: v[:1, :64] if torch.is_tensor(v) else v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    probe = batch["input_ids"][:1, :64]
+    targets = torch.roll(probe, -1, dims=1)
+    targets[:, -1] = IGNORE
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        sparse = SupervisedLoss(model, "sparse")(targets=targets, **inputs)["loss_sum"]
+        dense, _ = dense_loss(model, probe, targets, inputs.get("attention_mask"), inputs.get("position_ids"))
+    model.train(was_training)
+    if not math.isclose(float(sparse), float(dense), rel_tol=1e-3, abs_tol=1e-3):
+        return "dense", f"the sparse loss ({float(sparse):.5f}) does not reproduce this model's logits ({float(dense):.5f})"
+    return "sparse", "sparse head checked against the model's logits"

@@ -1,0 +1,99 @@
+"""What the user sees during training: a progress bar on a terminal (plain lines otherwise),
+and metrics.jsonl in the output folder with one JSON object per logged step and evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+class Reporter:
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.history: list[dict] = []
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.progress = None
+        self.task = None
+        self.last = {}
+        self.started = time.perf_counter()
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            # A fresh run starts a fresh log; a resumed run appends to the one it continues.
+            self.handle = open(self.path, "a", encoding="utf-8")
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def data_summary(self, split: str, stats: dict) -> None:
+        self._write({"type": "data", "split": split, **{k: v for k, v in stats.items() if k != "seconds"}})
+        dropped = sum(stats.get("dropped", {}).values())
+        skipped = sum(stats.get("skipped_invalid", {}).values())
+        self.line(
+            f"{split} data: {stats.get('records')} records -> {stats.get('examples')} examples, "
+            f"{stats.get('supervised_tokens')} supervised of {stats.get('tokens')} tokens; "
+            f"truncated {stats.get('truncated', 0)}, dropped {dropped}"
+            + (f" {stats.get('dropped')}" if dropped else "")
+            + (f", skipped invalid {skipped} {stats.get('skipped_invalid')}" if skipped else "")
+            + (" (cached)" if stats.get("cached") else "")
+        )
+
+    def start(self, total: int, done: int) -> None:
+        self.total = total
+        self.started = time.perf_counter()
+        self.first_step = done
+        if not self.enabled or not sys.stderr.isatty():
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, info="")
+
+    def advance(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, info=self._info())
+
+    def _info(self) -> str:
+        if not self.last:
+            return ""
+        return (f"loss {self.last['loss']:.4f}  lr {self.last['learning_rate']:.2e}  "
+                f"{self.last['tokens_per_second']:.0f} tok/s")
+
+    def log(self, record: dict) -> None:
+        self._write(record)
+        if record.get("type") == "train":
+            self.last = record
+            if self.progress is None and self.enabled:
+                elapsed = time.perf_counter() - self.started
+                rate = (record["step"] - self.first_step) / elapsed if elapsed > 0 else 0
+                eta = (self.total - record["step"]) / rate if rate > 0 else 0
+                print(f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  acc {record['token_accuracy']:.3f}  "
+                      f"lr {record['learning_rate']:.2e}  grad {record['grad_norm']:.3f}  "
+                      f"{record['tokens_per_second']:.0f} tok/s  eta {eta:.0f}s", flush=True)
+        elif record.get("type") == "eval":
+            self.line(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
+                      f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}")
+
+    def _write(self, record: dict) -> None:
+        self.history.append(record)
+        if self.enabled:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.enabled:
+            self.handle.close()
+            self.enabled = False
