@@ -10,7 +10,7 @@ import time
 
 
 class Reporter:
-    def __init__(self, output_dir: str, enabled: bool = True):
+    def __init__(self, output_dir: str, enabled: bool = True, append: bool = False):
         self.enabled = enabled
         self.history: list[dict] = []
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -21,7 +21,7 @@ class Reporter:
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             # A fresh run starts a fresh log; a resumed run appends to the one it continues.
-            self.handle = open(self.path, "a", encoding="utf-8")
+            self.handle = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def line(self, text: str) -> None:
         if not self.enabled:

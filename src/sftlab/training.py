@@ -165,7 +165,12 @@ def train(
 
     set_seed(config.seed)
     _check_output_dir(config.output_dir, accelerator.is_main_process)
-    reporter = Reporter(config.output_dir, enabled=accelerator.is_main_process)
+    reporter = Reporter(config.output_dir, enabled=accelerator.is_main_process, append=bool(config.resume_from_checkpoint))
+    missing = [name for name in config.report_to if importlib.util.find_spec(name) is None]
+    if missing:
+        reporter.line(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
+    if len(missing) < len(config.report_to):
+        accelerator.init_trackers("sftlab", config={k: v for k, v in config.model_dump().items() if isinstance(v, (int, float, str, bool))})
     rank, world = accelerator.process_index, accelerator.num_processes
 
     model_path = None
