@@ -6,7 +6,9 @@ turns before it with add_generation_prompt=True) to the end of the conversation 
 to and including that turn. So the span holds the reply and the end-of-turn marker that makes
 the model stop, and nothing the model will be given at inference. Whitespace the template
 writes after the end-of-turn marker (ChatML's "\\n") is left out: generation stops at the
-marker and never produces it.
+marker and never produces it. So is text a template writes only where the conversation ends
+(Phi-3 appends eos_token): a turn ends where its render and the render of the conversation
+going on differ.
 
 Templates run in transformers' sandboxed Jinja environment (no file or attribute access).
 """
@@ -69,6 +71,8 @@ class ChatRenderer:
         self.template = _compile_jinja_template(template)
         self.variables = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.has_generation_tags = "generation" in template and "endgeneration" in template
+        # Longest first, so a cut is moved out of the outermost token that it would split.
+        self.special_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.template.render(
@@ -88,18 +92,37 @@ class ChatRenderer:
         spans = []
         for turn in turns:
             prompt = self.render(messages[:turn], add_generation_prompt=True)
-            upto = self.render(messages[: turn + 1])
-            if not (full.startswith(upto) and upto.startswith(prompt)):
+            last = turn == len(messages) - 1
+            upto = full if last else self.render(messages[: turn + 1])  # same arguments, same text: one render saved
+            # What follows the turn when the conversation goes on: the next messages, or, after the
+            # last one, a generation prompt. Text of `upto` missing from it closed the conversation.
+            going_on = self.render(messages, add_generation_prompt=True) if last else full
+            end = self._stable_end(upto, going_on)
+            content = (messages[turn].get("content") or "").rstrip()
+            # Keep the reply itself whole even if it ends in whitespace; trim only what follows the marker.
+            floor = len(prompt) + len(content) if upto.startswith(content, len(prompt)) else len(prompt)
+            if not upto.startswith(prompt) or end < floor:
                 spans.append(self._span_by_content(full, messages, turn, spans))
                 continue
-            end = len(upto)
-            content = messages[turn].get("content") or ""
-            # Keep the reply itself whole even if it ends in whitespace; trim only what follows the marker.
-            floor = len(prompt) + len(content.rstrip()) if upto[len(prompt):].startswith(content.rstrip()) else len(prompt)
             while end > floor and upto[end - 1].isspace():
                 end -= 1
             spans.append((len(prompt), end))
         return full, spans
+
+    def _stable_end(self, upto: str, going_on: str) -> int:
+        """Length of the longest prefix of `upto` that `going_on` shares, cut between tokens: "</s>"
+        and "<|user|>" share a "<" that belongs to neither turn."""
+        if going_on.startswith(upto):
+            return len(upto)  # the usual case, settled in C: commonprefix compares in a Python loop
+        end = len(os.path.commonprefix([upto, going_on]))
+        moved = end < len(upto)
+        while moved:
+            moved = False
+            for token in self.special_tokens:
+                start = upto.find(token, max(0, end - len(token) + 1))
+                if 0 <= start < end:
+                    end, moved = start, True
+        return end
 
     def _span_by_content(self, full: str, messages: list[dict], turn: int, earlier: list[tuple[int, int]]) -> tuple[int, int]:
         """Fallback for templates whose renders are not prefixes of one another (e.g. ones that rewrite
@@ -107,6 +130,12 @@ class ChatRenderer:
         marker the template writes after a reply."""
         content = (messages[turn].get("content") or "").strip()
         cursor = earlier[-1][1] if earlier else 0
+        # Search after the message the reply answers, so a reply that repeats the user's words
+        # ("Say yes" -> "yes") is not found inside the user's turn.
+        before = (messages[turn - 1].get("content") or "").strip() if turn > 0 else ""
+        found = full.find(before, cursor) if before else -1
+        if found >= 0:
+            cursor = found + len(before)
         start = full.find(content, cursor) if content else -1
         if start < 0:
             raise DataError(
@@ -121,5 +150,6 @@ class ChatRenderer:
     def _end_marker(self, full: str, end: int) -> str:
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         rendered = self.render(probe)
+        rendered = rendered[: self._stable_end(rendered, self.render(probe, add_generation_prompt=True))]
         tail = rendered[rendered.rfind("y") + 1 :].rstrip()
         return tail if full.startswith(tail, end) else ""

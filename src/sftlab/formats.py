@@ -10,6 +10,7 @@ Formats:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,9 @@ class Validated:
 
 
 class _Invalid(Exception):
-    def __init__(self, problem: str, field: str, found: Any = None, expected: str | None = None, fix: str | None = None):
+    # `found` is already written for a person: describe(value) for a raw value, so that None and
+    # the string "21" are not printed as if nothing, or the number 21, had been found.
+    def __init__(self, problem: str, field: str, found: str | None = None, expected: str | None = None, fix: str | None = None):
         super().__init__(problem)
         self.problem, self.field, self.found, self.expected, self.fix = problem, field, found, expected, fix
 
@@ -123,7 +126,9 @@ def validate_records(
             result.formats[kind] += 1
         except _Invalid as bad:
             if skip_invalid:
-                result.skipped[f"invalid {bad.field}: {bad.problem}"] += 1
+                # messages[3].role and messages[5].role are one reason, counted together.
+                where = re.sub(r"\[\d+\]", "[]", bad.field)
+                result.skipped[f"invalid {where}: {bad.problem}"] += 1
                 continue
             source, row = records.locate(index)
             raise DataError(
@@ -131,9 +136,9 @@ def validate_records(
                 source=source,
                 index=row,
                 field=bad.field,
-                found=None if bad.found is None else (bad.found if isinstance(bad.found, str) else describe(bad.found)),
+                found=bad.found,
                 expected=bad.expected,
-                fix=bad.fix or ("or set skip_invalid_records=true to count and skip such records"),
+                fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records",
             ) from None
     if not result.records:
         raise DataError(
@@ -148,7 +153,7 @@ def validate_records(
 def _string(raw: dict, name: str, allow_empty: bool = False) -> str:
     value = raw.get(name)
     if not isinstance(value, str):
-        raise _Invalid("must be a string", field=name, found=value, expected="a string")
+        raise _Invalid("must be a string", field=name, found=describe(value), expected="a string")
     if not allow_empty and not value.strip():
         raise _Invalid("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
     return value
@@ -164,30 +169,30 @@ def _prompt_completion(raw: dict, index: int, text_field: str, vocab_size: int |
 
 def _messages(value: Any, name: str, sharegpt: bool) -> list[dict]:
     if not isinstance(value, list):
-        raise _Invalid("must be a list of messages", field=name, found=value, expected="[{'role': ..., 'content': ...}, ...]")
+        raise _Invalid("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
     if not value:
         raise _Invalid("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
     messages = []
     for position, message in enumerate(value):
         where = f"{name}[{position}]"
         if not isinstance(message, dict):
-            raise _Invalid("must be a message dict", field=where, found=message, expected="{'role': ..., 'content': ...}")
+            raise _Invalid("must be a message dict", field=where, found=describe(message), expected="{'role': ..., 'content': ...}")
         if sharegpt and "from" in message:
             speaker = message.get("from")
             if speaker not in SHAREGPT_ROLES:
-                raise _Invalid("unknown speaker", field=f"{where}.from", found=speaker, expected=f"one of {sorted(SHAREGPT_ROLES)}")
+                raise _Invalid("unknown speaker", field=f"{where}.from", found=describe(speaker), expected=f"one of {sorted(SHAREGPT_ROLES)}")
             message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
             content_field = f"{where}.value"
         else:
             content_field = f"{where}.content"
         role = message.get("role")
         if role not in ROLES:
-            raise _Invalid("unknown role", field=f"{where}.role", found=role, expected=f"one of {list(ROLES)}")
+            raise _Invalid("unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}")
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             pass  # a tool-calling turn carries its payload in tool_calls
         elif not isinstance(content, str):
-            raise _Invalid("must be a string", field=content_field, found=content, expected="the message text as a string")
+            raise _Invalid("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
         elif role == "assistant" and not content.strip():
             raise _Invalid("assistant message is empty", field=content_field, found=repr(content), expected="the text the model should learn to write")
         messages.append(dict(message))
@@ -234,10 +239,10 @@ def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: 
 def _int_list(raw: dict, name: str, vocab_size: int | None, allow: tuple[int, ...] = ()) -> list[int]:
     value = raw.get(name)
     if not isinstance(value, list) or not value:
-        raise _Invalid("must be a non-empty list of integers", field=name, found=value, expected="[int, ...]")
+        raise _Invalid("must be a non-empty list of integers", field=name, found=describe(value), expected="[int, ...]")
     for position, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int):
-            raise _Invalid("must hold integers", field=f"{name}[{position}]", found=item, expected="an integer token id")
+            raise _Invalid("must hold integers", field=f"{name}[{position}]", found=describe(item), expected="an integer token id")
         if item in allow:
             continue
         if item < 0 or (vocab_size is not None and item >= vocab_size):
@@ -263,6 +268,17 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
                 found=f"{len(record.labels)} labels for {len(input_ids)} input_ids",
                 expected="one label per input id (-100 where not trained)",
             )
+        # Labels follow transformers' convention (unshifted: the token itself, or -100) and are
+        # shifted here; labels shifted already would be shifted twice and train on the wrong token.
+        for position, (label, token) in enumerate(zip(record.labels, input_ids)):
+            if label != -100 and label != token:
+                raise _Invalid(
+                    "a label must be -100 or the input id at the same position",
+                    field=f"labels[{position}]",
+                    found=f"{label} where input_ids[{position}] is {token}",
+                    expected=f"{token} or -100 (labels as transformers takes them, not shifted)",
+                    fix="pass unshifted labels (sftlab shifts them), or a completion_mask",
+                )
     if raw.get("completion_mask") is not None:
         mask = raw["completion_mask"]
         if not isinstance(mask, list) or len(mask) != len(input_ids) or any(m not in (0, 1) for m in mask):

@@ -114,6 +114,10 @@ def _cache_key(records: Records, tokenizer, settings: TargetSettings, text_field
         "text_field": text_field,
         "skip_invalid_records": skip,
     }
+    if settings.chat_template and os.path.isfile(settings.chat_template):
+        # A template given as a file: its text, not its path, shapes the examples.
+        with open(settings.chat_template, "rb") as handle:
+            parts["chat_template_file"] = hashlib.sha256(handle.read()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -122,7 +126,7 @@ def _load_cached(folder: str) -> Examples | None:
         with open(os.path.join(folder, "stats.json")) as handle:
             stats = json.load(handle)
         arrays = {name: np.load(os.path.join(folder, name + ".npy")) for name in _ARRAYS}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # a missing or damaged entry is a miss (EOFError: empty .npy)
         return None
     return Examples(**arrays, stats=stats)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -126,6 +127,7 @@ def _check_dicts(records: list, name: str) -> None:
                 index=index,
                 found=describe(record),
                 expected="a dict such as {'text': ...} or {'messages': [...]}",
+                fix="turn every item into a dict of fields, e.g. {'text': item}",
             )
 
 
@@ -156,7 +158,8 @@ def _load_paths(spec: str) -> Records:
             if name.endswith(FILE_SUFFIXES)
         )
         if not files:
-            raise DataError("folder holds no data files", source=spec, expected=f"files ending in {FILE_SUFFIXES}")
+            raise DataError("folder holds no data files", source=spec, expected=f"files ending in {FILE_SUFFIXES}",
+                            fix="point train_data at the data file, or put .jsonl/.json/.parquet/.csv files in the folder")
     elif any(ch in spec for ch in "*?["):
         files = sorted(glob.glob(spec, recursive=True))
         if not files:
@@ -194,7 +197,8 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
         _check_dicts(records, path)
         return records
     if suffix not in (".jsonl", ".json", ".csv"):
-        raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}")
+        raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}",
+                        fix="convert the data to JSON lines ({\"text\": ...} per line) and name the file .jsonl")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -208,7 +212,9 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
     if not text.strip():
         raise DataError("file is empty", source=path, fix="add records, or remove the file from the data path")
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # A file-like object, not text.splitlines(): a quoted cell may hold newlines, and splitting
+        # the text into lines first would drop them ("line1\nline2" -> "line1line2").
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         return [dict(row) for row in reader]
     if suffix == ".json":
         try:
@@ -230,6 +236,7 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
                 source=path,
                 found=type(data).__name__,
                 expected="[{...}, {...}] or JSON lines",
+                fix="wrap the records in a list, or write one JSON object per line in a .jsonl file",
             )
         _check_dicts(data, path)
         return [_plain(r) for r in data]
@@ -238,7 +245,9 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
 
 def _parse_jsonl(path: str, text: str) -> list[dict]:
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 or \x1c unescaped, and
+    # splitlines() would cut a valid record in two there. A trailing "\r" is JSON whitespace.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -258,6 +267,7 @@ def _parse_jsonl(path: str, text: str) -> list[dict]:
                 index=len(records),
                 found=describe(record),
                 expected="an object such as {\"text\": ...}",
+                fix="make that line one JSON object, or delete it",
             )
         records.append(record)
     return records

@@ -1,0 +1,210 @@
+"""validate_records: every record is checked, and every error names the record index and the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftlab import DataError, TargetSettings, load_records, prepare_examples
+from sftlab.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, detect_format, validate_records
+from tiny import char_tokenizer
+
+VOCAB = 119  # len(char_tokenizer()): 18 special tokens + 96 characters + 5 merges
+
+GOOD_TEXT = {"text": "fine"}
+GOOD_PAIR = {"prompt": "Q", "completion": "A"}
+USER = {"role": "user", "content": "Hi"}
+ASSISTANT = {"role": "assistant", "content": "Yo"}
+
+
+def test_vocab_size_of_the_test_tokenizer():
+    assert len(char_tokenizer()) == VOCAB
+
+
+def error_for(records, **kwargs) -> str:
+    with pytest.raises(DataError) as error:
+        validate_records(load_records(records), vocab_size=VOCAB, **kwargs)
+    return str(error.value)
+
+
+# (records, index of the bad record, field, problem, what was found)
+CASES = {
+    "text missing": (
+        [GOOD_TEXT, {"body": "x"}], 1, "body", "record fits no known format", "found fields ['body']",
+    ),
+    "completion missing": (
+        [GOOD_PAIR, {"prompt": "Q"}], 1, "prompt", "a 'prompt' without a 'completion'", "found fields ['prompt']",
+    ),
+    "prompt missing": (
+        [GOOD_PAIR, {"completion": "A"}], 1, "completion", "a 'completion' without a 'prompt'", None,
+    ),
+    "text is a list": ([GOOD_TEXT, {"text": ["a", "b"]}], 1, "text", "must be a string", "found list ['a', 'b']"),
+    "text is None": ([GOOD_TEXT, GOOD_TEXT, {"text": None}], 2, "text", "must be a string", "found None"),
+    "completion is a number": ([GOOD_PAIR, {"prompt": "Q", "completion": 5}], 1, "completion", "must be a string", "found int 5"),
+    "prompt is a number": ([{"prompt": 2.5, "completion": "A"}], 0, "prompt", "must be a string", "found float 2.5"),
+    "text is empty": ([GOOD_TEXT, {"text": "  \n"}], 1, "text", "is empty", "found '  \\n'"),
+    "completion is empty": ([GOOD_PAIR, {"prompt": "Q", "completion": ""}], 1, "completion", "is empty", "found ''"),
+    "messages is not a list": ([{"messages": "Hi"}], 0, "messages", "must be a list of messages", "found str 'Hi'"),
+    "empty conversation": ([{"messages": [USER, ASSISTANT]}, {"messages": []}], 1, "messages", "is an empty conversation", "found []"),
+    "single message": ([{"messages": [USER, ASSISTANT]}, {"messages": [ASSISTANT]}], 1, "messages",
+                       "a conversation needs at least two messages", "found 1 message"),
+    "message is not a dict": ([{"messages": ["Hi", ASSISTANT]}], 0, "messages[0]", "must be a message dict", "found str 'Hi'"),
+    "unknown role": ([{"messages": [USER, {"role": "robot", "content": "beep"}]}], 0, "messages[1].role", "unknown role", "found str 'robot'"),
+    "role missing": ([{"messages": [{"content": "Hi"}, ASSISTANT]}], 0, "messages[0].role", "unknown role", "found None"),
+    "content is None": ([{"messages": [{"role": "user", "content": None}, ASSISTANT]}], 0, "messages[0].content",
+                        "must be a string", "found None"),
+    "content is a number": ([{"messages": [USER, {"role": "assistant", "content": 4}]}], 0, "messages[1].content",
+                            "must be a string", "found int 4"),
+    "assistant content empty": ([{"messages": [USER, {"role": "assistant", "content": " "}]}], 0, "messages[1].content",
+                                "assistant message is empty", "found ' '"),
+    "ends on a user turn": ([{"messages": [USER, ASSISTANT, {"role": "user", "content": "Bye"}]}], 0, "messages[2].role",
+                            "conversation ends on a non-assistant turn", "found user"),
+    "sharegpt unknown speaker": ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "beep"}]}],
+                                 0, "conversations[1].from", "unknown speaker", "found str 'robot'"),
+    "sharegpt value None": ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": None}]}],
+                            0, "conversations[1].value", "must be a string", "found None"),
+    "chat completion without assistant": ([{"prompt": [USER], "completion": [{"role": "user", "content": "x"}]}], 0,
+                                          "completion", "completion has no assistant message", None),
+    "chat prompt is a string": ([{"prompt": "Hi", "completion": [ASSISTANT]}], 0, "prompt", "must be a list of messages",
+                                "found str 'Hi'"),
+    "mixed formats": ([GOOD_TEXT, GOOD_TEXT, GOOD_PAIR], 2, "completion,prompt", "mixed formats in one dataset",
+                      "found a prompt_completion record"),
+    "input_ids empty": ([{"input_ids": []}], 0, "input_ids", "must be a non-empty list of integers", "found list []"),
+    "input_ids holds a string": ([{"input_ids": [20, "21"]}], 0, "input_ids[1]", "must hold integers", "found str '21'"),
+    "input_ids holds a bool": ([{"input_ids": [20, True]}], 0, "input_ids[1]", "must hold integers", "found bool True"),
+    "token id too large": ([{"input_ids": [20, 21]}, {"input_ids": [20, 119]}], 1, "input_ids[1]",
+                           "token id out of the vocabulary range", "found 119"),
+    "token id negative": ([{"input_ids": [-100, 20]}], 0, "input_ids[0]", "token id out of the vocabulary range", "found -100"),
+    "label out of range": ([{"input_ids": [20, 21], "labels": [-1, 21]}], 0, "labels[0]",
+                           "token id out of the vocabulary range", "found -1"),
+    "labels length mismatch": ([{"input_ids": [20, 21, 22], "labels": [21, 22]}], 0, "labels",
+                               "labels and input_ids differ in length", "found 2 labels for 3 input_ids"),
+    "labels already shifted": ([{"input_ids": [20, 21, 22], "labels": [21, 22, -100]}], 0, "labels[0]",
+                               "a label must be -100 or the input id at the same position", "found 21 where input_ids[0] is 20"),
+    "completion_mask too short": ([{"input_ids": [20, 21, 22], "completion_mask": [0, 1]}], 0, "completion_mask",
+                                  "completion_mask must be 0/1, one per input id", "found 2 values"),
+    "completion_mask not 0/1": ([{"input_ids": [20, 21, 22], "completion_mask": [0, 1, 2]}], 0, "completion_mask",
+                                "completion_mask must be 0/1, one per input id", "found 3 values"),
+    "completion_mask not a list": ([{"input_ids": [20, 21], "completion_mask": "01"}], 0, "completion_mask",
+                                   "completion_mask must be 0/1, one per input id", "found str '01' values"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_error_names_record_and_field(name):
+    records, index, field, problem, found = CASES[name]
+    message = error_for(records)
+    assert message.startswith(f"list({len(records)} records), record {index}, field '{field}': ")
+    assert problem in message
+    if found is not None:
+        assert f"; {found};" in message + ";"
+    assert "; fix: " in message  # every error says how to get past it
+
+
+def test_default_fix_offers_skipping():
+    message = error_for([{"text": None}])
+    assert message.endswith("fix: correct the record, or set skip_invalid_records=true to count and skip such records")
+
+
+def test_every_record_is_validated_not_only_the_first():
+    records = [GOOD_TEXT] * 5 + [{"text": 7}] + [GOOD_TEXT] * 2
+    assert "record 5, field 'text'" in error_for(records)
+
+
+def test_error_in_a_file_names_the_file_and_the_record_within_it(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(GOOD_TEXT) + "\n" + json.dumps(GOOD_TEXT) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(GOOD_TEXT) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(DataError) as error:
+        validate_records(load_records(str(tmp_path / "*.jsonl")))
+    assert str(error.value).startswith(f"{tmp_path / 'b.jsonl'}, record 1, field 'text': must be a string")
+
+
+def test_good_records_of_every_format():
+    cases = {
+        TEXT: [{"text": "hi"}],
+        PROMPT_COMPLETION: [{"prompt": "Q", "completion": "A"}],
+        CONVERSATIONAL: [{"messages": [USER, ASSISTANT]}, {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}],
+        "chat_prompt_completion": [{"prompt": [USER], "completion": [ASSISTANT]}],
+        PRETOKENIZED: [{"input_ids": [20, 118], "labels": [-100, 118]}, {"input_ids": [20], "completion_mask": [1]}],
+    }
+    for kind, records in cases.items():
+        validated = validate_records(load_records(records), vocab_size=VOCAB)
+        assert dict(validated.formats) == {kind: len(records)}
+        assert [r.index for r in validated.records] == list(range(len(records)))
+
+
+def test_sharegpt_becomes_role_and_content():
+    record = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    (validated,) = validate_records(load_records([record])).records
+    assert validated.messages == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+    ]
+
+
+def test_assistant_tool_call_without_content_is_valid():
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    record = {"messages": [USER, call, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "42"}]}
+    assert validate_records(load_records([record])).formats == {CONVERSATIONAL: 1}
+
+
+def test_detect_format_by_field_names():
+    assert detect_format({"input_ids": [1], "text": "x"}) == PRETOKENIZED
+    assert detect_format({"messages": [], "text": "x"}) == CONVERSATIONAL
+    assert detect_format({"prompt": "a", "completion": "b", "text": "x"}) == PROMPT_COMPLETION
+    assert detect_format({"prompt": [], "completion": "b"}) == "chat_prompt_completion"
+    assert detect_format({"body": "x"}, text_field="body") == TEXT
+
+
+# ---------------------------------------------------------------- skip_invalid_records
+
+
+SOME_BAD = [
+    {"text": "one"},                   # 0 kept
+    {"text": None},                    # 1 must be a string
+    {"text": ""},                      # 2 is empty
+    {"text": "four"},                  # 3 kept
+    {"text": 5},                       # 4 must be a string
+    {"prompt": "Q", "completion": "A"},  # 5 mixed formats
+    {"body": "x"},                     # 6 fits no format
+]
+SOME_BAD_REASONS = {
+    "invalid text: must be a string": 2,
+    "invalid text: is empty": 1,
+    "invalid completion,prompt: mixed formats in one dataset": 1,
+    "invalid body: record fits no known format": 1,
+}
+
+
+def test_skip_invalid_counts_skips_by_reason():
+    validated = validate_records(load_records(SOME_BAD), skip_invalid=True)
+    assert [r.index for r in validated.records] == [0, 3]
+    assert [r.text for r in validated.records] == ["one", "four"]
+    assert dict(validated.skipped) == SOME_BAD_REASONS
+
+
+def test_skip_reasons_do_not_depend_on_the_message_position():
+    robot = {"role": "robot", "content": "beep"}
+    records = [
+        {"messages": [USER, ASSISTANT]},
+        {"messages": [USER, robot, USER, ASSISTANT]},
+        {"messages": [USER, ASSISTANT, robot, ASSISTANT]},
+    ]
+    validated = validate_records(load_records(records), skip_invalid=True)
+    assert dict(validated.skipped) == {"invalid messages[].role: unknown role": 2}
+
+
+def test_skip_invalid_through_prepare_examples_reports_stats():
+    examples = prepare_examples(SOME_BAD, char_tokenizer(), TargetSettings(), skip_invalid_records=True, use_cache=False)
+    assert examples.stats["skipped_invalid"] == SOME_BAD_REASONS
+    assert examples.stats["records"] == 7
+    assert examples.stats["examples"] == 2
+    assert examples.record_index.tolist() == [0, 3]
+
+
+def test_every_record_invalid_even_when_skipping():
+    with pytest.raises(DataError, match="no valid records") as error:
+        validate_records(load_records([{"text": None}, {"text": ""}]), skip_invalid=True)
+    assert "2 records skipped" in str(error.value)
