@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from jinja2 import TemplateError
 
 from sftlab import formats
 from sftlab.chat import ChatRenderer, resolve_chat_template
@@ -164,7 +165,10 @@ def build_examples(
     encoder = SegmentEncoder(tokenizer)
     renderer = None
     if any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in records):
-        renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, settings.chat_template))
+        try:
+            renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, settings.chat_template))
+        except TemplateError as error:
+            raise _template_error(error, None) from error
     needs_eos = any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in records)
     if needs_eos and encoder.eos_id is None:
         raise DataError(
@@ -185,7 +189,10 @@ def build_examples(
             if record.format == formats.PRETOKENIZED:
                 per_record.append(None)
                 continue
-            segments = _segments(record, settings, renderer)
+            try:
+                segments = _segments(record, settings, renderer)
+            except TemplateError as error:
+                raise _template_error(error, record.index) from error
             per_record.append(segments)
             for position, (text, _) in enumerate(segments):
                 texts.append(text)
@@ -213,18 +220,32 @@ def build_examples(
                     dropped[f"longer than max_length={settings.max_length}"] += 1
                     continue
                 ids, labels = ids[: settings.max_length], labels[: settings.max_length]
-                truncated += 1
                 was_truncated = True
             targets = shift_labels(labels)
             if all(t == IGNORE for t in targets):
                 reason = "no supervised tokens left after truncation" if was_truncated else "no supervised tokens"
                 dropped[reason] += 1
                 continue
+            if was_truncated:  # kept examples only: a dropped one is counted under its reason
+                truncated += 1
             pairs.append((ids, targets))
             kept_index.append(record.index)
     examples = Examples.from_lists(pairs, kept_index)
     examples.stats.update(truncated=truncated, dropped=dict(dropped))
     return examples
+
+
+def _template_error(error: Exception, index: int | None) -> DataError:
+    # Templates run in transformers' sandboxed Jinja environment: a syntax error, an unsafe access
+    # refused by the sandbox (SecurityError) or the template's own raise_exception() is a problem
+    # with the template or the record, not a bug in sftlab.
+    return DataError(
+        "the chat template failed " + ("to compile" if index is None else "on this record"),
+        index=index,
+        field="chat_template",
+        found=f"{type(error).__name__}: {error}",
+        fix="fix the template (or set chat_template: chatml), or the record the template rejects",
+    )
 
 
 def _pretokenized_labels(record: Record) -> tuple[list[int], list[int]]:
