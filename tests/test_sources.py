@@ -28,7 +28,8 @@ def test_jsonl(tmp_path):
     loaded = load_records(path)
     assert loaded.records == TEXTS
     assert loaded.name == str(path)
-    assert loaded.locate(2) == (str(path), 2)
+    # JSON lines carry their line number, so errors point at the line to fix.
+    assert loaded.locate(2) == (f"{path}:3", 2)
 
 
 def test_jsonl_skips_blank_lines_and_accepts_crlf_and_bom(tmp_path):
@@ -125,7 +126,7 @@ def test_glob_in_sorted_order_with_parts(tmp_path):
     assert loaded.records == TEXTS
     assert loaded.parts == [(str(tmp_path / "a.jsonl"), 2), (str(tmp_path / "b.jsonl"), 1)]
     # Record 2 overall is record 0 of the second file.
-    assert loaded.locate(2) == (str(tmp_path / "b.jsonl"), 0)
+    assert loaded.locate(2) == (f"{tmp_path / 'b.jsonl'}:1", 0)
 
 
 def test_glob_matching_nothing(tmp_path):

@@ -117,7 +117,8 @@ def test_error_in_a_file_names_the_file_and_the_record_within_it(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(GOOD_TEXT) + "\n" + json.dumps({"text": None}) + "\n")
     with pytest.raises(DataError) as error:
         validate_records(load_records(str(tmp_path / "*.jsonl")))
-    assert str(error.value).startswith(f"{tmp_path / 'b.jsonl'}, record 1, field 'text': must be a string")
+    # file:line, then the record's index within that file.
+    assert str(error.value).startswith(f"{tmp_path / 'b.jsonl'}:2, record 1, field 'text': must be a string")
 
 
 def test_good_records_of_every_format():

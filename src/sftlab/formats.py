@@ -112,17 +112,18 @@ def validate_records(
     for index, raw in enumerate(records.records):
         try:
             kind = detect_format(raw, text_field)
-            if expected_format is None:
-                expected_format = kind
-            elif kind != expected_format:
+            if expected_format is not None and kind != expected_format:
                 raise _Invalid(
                     "mixed formats in one dataset",
                     field=",".join(sorted(raw.keys())),
                     found=f"a {kind} record",
-                    expected=f"{expected_format} like the first record",
+                    expected=f"{expected_format} like the first valid record",
                     fix="split the data into one file per format, or convert the records to one format",
                 )
             result.records.append(_VALIDATORS[kind](raw, index, text_field, vocab_size))
+            # Set by the first record that validates, so one broken record at the top cannot get
+            # every good record skipped as "mixed formats".
+            expected_format = kind
             result.formats[kind] += 1
         except _Invalid as bad:
             if skip_invalid:

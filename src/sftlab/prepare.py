@@ -141,6 +141,8 @@ def _store(folder: str, examples: Examples) -> None:
             np.save(os.path.join(tmp, name + ".npy"), getattr(examples, name))
         with open(os.path.join(tmp, "stats.json"), "w") as handle:
             json.dump(examples.stats, handle)
+        if os.path.isdir(folder):  # an entry that failed to load: unreadable, so replace it
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process stored the same entry first

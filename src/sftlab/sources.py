@@ -38,16 +38,19 @@ class Records:
     parts: list[tuple[str, int]] = field(default_factory=list)
     # Identifies the content for the preparation cache; None means "hash the records".
     content_hash: str | None = None
+    # Line number of each record in its file, where the file has lines (JSONL), else None.
+    lines: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def locate(self, index: int) -> tuple[str, int]:
-        """(file or source name, index within it) of record `index`."""
+        """(file or source name, with ':line' where known; index within it) of record `index`."""
+        line = self.lines[index] if self.lines is not None else None
         offset = 0
         for name, count in self.parts:
             if index < offset + count:
-                return name, index - offset
+                return (f"{name}:{line}" if line else name), index - offset
             offset += count
         return self.name, index
 
@@ -169,22 +172,26 @@ def _load_paths(spec: str) -> Records:
             raise DataError("file not found", source=spec, fix="check the path (relative paths start from the working directory)")
         files = [spec]
     records: list[dict] = []
+    lines: list[int | None] = []
     parts: list[tuple[str, int]] = []
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
             raw = handle.read()
         digest.update(path.encode() + b"\0" + raw)
-        loaded = _load_file(path, raw)
+        loaded, loaded_lines = _load_file(path, raw)
         parts.append((path, len(loaded)))
         records.extend(loaded)
+        lines.extend(loaded_lines or [None] * len(loaded))
     if not records:
         raise DataError("no records found", source=spec, fix="the file(s) are empty: add records or point at another file")
     name = files[0] if len(files) == 1 else f"{spec} ({len(files)} files)"
-    return Records(records, name=name, parts=parts, content_hash=digest.hexdigest())
+    return Records(records, name=name, parts=parts, content_hash=digest.hexdigest(),
+                   lines=lines if any(line is not None for line in lines) else None)
 
 
-def _load_file(path: str, raw: bytes) -> list[dict]:
+def _load_file(path: str, raw: bytes) -> tuple[list[dict], list[int] | None]:
+    """The file's records, and their line numbers where the file is JSON lines."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -195,7 +202,7 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
             raise DataError("cannot read Parquet file", source=path, found=str(error).splitlines()[0]) from None
         records = [_plain(row) for row in table.to_pylist()]
         _check_dicts(records, path)
-        return records
+        return records, None
     if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}",
                         fix="convert the data to JSON lines ({\"text\": ...} per line) and name the file .jsonl")
@@ -215,7 +222,7 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
         # A file-like object, not text.splitlines(): a quoted cell may hold newlines, and splitting
         # the text into lines first would drop them ("line1\nline2" -> "line1line2").
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [dict(row) for row in reader]
+        return [dict(row) for row in reader], None
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -239,12 +246,12 @@ def _load_file(path: str, raw: bytes) -> list[dict]:
                 fix="wrap the records in a list, or write one JSON object per line in a .jsonl file",
             )
         _check_dicts(data, path)
-        return [_plain(r) for r in data]
+        return [_plain(r) for r in data], None
     return _parse_jsonl(path, text)
 
 
-def _parse_jsonl(path: str, text: str) -> list[dict]:
-    records = []
+def _parse_jsonl(path: str, text: str) -> tuple[list[dict], list[int]]:
+    records, lines = [], []
     # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 or \x1c unescaped, and
     # splitlines() would cut a valid record in two there. A trailing "\r" is JSON whitespace.
     for line_number, line in enumerate(text.split("\n"), start=1):
@@ -270,4 +277,5 @@ def _parse_jsonl(path: str, text: str) -> list[dict]:
                 fix="make that line one JSON object, or delete it",
             )
         records.append(record)
-    return records
+        lines.append(line_number)
+    return records, lines
