@@ -209,3 +209,11 @@ def test_every_record_invalid_even_when_skipping():
     with pytest.raises(DataError, match="no valid records") as error:
         validate_records(load_records([{"text": None}, {"text": ""}]), skip_invalid=True)
     assert "2 records skipped" in str(error.value)
+
+
+def test_a_broken_first_record_does_not_fix_the_format():
+    # The first record is a conversation with no assistant turn; the rest are good text records.
+    records = [{"messages": [{"role": "user", "content": "hi"}]}] + [GOOD_TEXT] * 3
+    validated = validate_records(load_records(records), skip_invalid=True)
+    assert validated.formats == {TEXT: 3}
+    assert sum(validated.skipped.values()) == 1
