@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sftlab.errors import TrainingError
@@ -90,7 +92,7 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
                 with open(os.path.join(tmp, name), "rb") as handle:
                     os.fsync(handle.fileno())
             if os.path.exists(final):
-                shutil.rmtree(final)
+                _remove_step_dir(root, step)
             os.rename(tmp, final)
             _fsync_dir(root)
         _barrier()
@@ -110,7 +112,16 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
     if not keep:
         return
     for step in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(os.path.join(folder, "checkpoints", f"step-{step}"), ignore_errors=True)
+        _remove_step_dir(os.path.join(folder, "checkpoints"), step)
+
+
+def _remove_step_dir(root: str, step: int) -> None:
+    # Renamed out of the step-N namespace first: a run killed mid-delete must not leave a step-N
+    # folder that still has its state.json but has lost its weights.
+    doomed = os.path.join(root, f".tmp-delete-step-{step}")
+    shutil.rmtree(doomed, ignore_errors=True)  # left by a run killed while deleting
+    os.rename(os.path.join(root, f"step-{step}"), doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(folder: str) -> list[int]:
@@ -137,8 +148,9 @@ def find_checkpoint(output_dir: str, spec: str) -> str | None:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return state.json."""
-    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    """Restore weights, optimizer, scheduler and RNG; return state.json. A file that cannot be read,
+    or that holds anything but tensors and plain values, is a TrainingError naming the file."""
+    weights = _read(os.path.join(path, "trainable.safetensors"), load_file)
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
@@ -147,14 +159,55 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rank: int) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    optimizer_file = os.path.join(path, "optimizer.pt")
+    try:
+        optimizer.load_state_dict(_read(optimizer_file, _load_tensors))
+    except (ValueError, KeyError) as error:
+        raise TrainingError("checkpoint does not match the optimizer", source=optimizer_file, found=str(error)[:200],
+                            fix="resume with the optimizer and LoRA settings the checkpoint was written with") from None
     if scheduler is not None and os.path.exists(os.path.join(path, "scheduler.pt")):
-        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        scheduler.load_state_dict(_read(os.path.join(path, "scheduler.pt"), _load_tensors))
     rng_file = os.path.join(path, f"rng-{rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    with open(os.path.join(path, "state.json")) as handle:
+        set_rng_state(_read(rng_file, _load_tensors))
+    return _read(os.path.join(path, "state.json"), _load_json)
+
+
+def _load_tensors(file: str):
+    # weights_only=True: tensors, containers and plain values only; any other pickled object is
+    # refused by torch's restricted unpickler instead of being constructed (and run).
+    return torch.load(file, weights_only=True, map_location="cpu")
+
+
+def _load_json(file: str) -> dict:
+    with open(file, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _unpickler_complaint(message: str) -> str:
+    # torch's message is a page long and suggests weights_only=False; keep the line naming the object.
+    for line in message.splitlines():
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line.strip().split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+    return message.strip().splitlines()[0][:200] if message.strip() else "a pickled object"
+
+
+def _read(file: str, loader):
+    try:
+        return loader(file)
+    except pickle.UnpicklingError as error:
+        raise TrainingError(
+            "checkpoint file holds objects other than tensors and plain values; refused to load it (nothing in it was run)",
+            source=file, found=_unpickler_complaint(str(error)),
+            fix="resume only from checkpoints sftlab wrote; delete this checkpoint folder to resume from an earlier one",
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as error:
+        detail = str(error).strip().splitlines()
+        raise TrainingError(
+            "cannot read the checkpoint file (missing, truncated or corrupt)", source=file,
+            found=f"{type(error).__name__}: {detail[0][:200]}" if detail else type(error).__name__,
+            fix="delete this checkpoint folder to resume from an earlier one, or start without resume_from_checkpoint",
+        ) from None
 
 
 def _barrier() -> None:

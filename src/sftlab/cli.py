@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `sftlab inspect ... | head`: the reader left early, which is not an error. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(args) -> int:
@@ -95,13 +101,18 @@ def _inspect(args) -> int:
     from sftlab import inspect as view
     from sftlab.config import load_config
     from sftlab.data import prepare_split
+    from sftlab.errors import ConfigError
     from sftlab.models import load_tokenizer, resolve_model_path
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
     examples = prepare_split(config, tokenizer, eval=args.eval)
     if args.html:
-        view.write_html(args.html, examples, tokenizer, args.num_examples)
+        try:
+            view.write_html(args.html, examples, tokenizer, args.num_examples)
+        except OSError as error:
+            raise ConfigError("cannot write the HTML page", source=args.html, field="--html",
+                              found=error.strerror or str(error), fix="choose a path in a folder you can write to") from None
     if args.json:
         print(json.dumps({"examples": view.examples_json(examples, tokenizer, args.num_examples), "stats": examples.stats}, indent=1))
     else:

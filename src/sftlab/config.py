@@ -112,8 +112,26 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError("an override must look like key=value", found=repr(pair), fix="e.g. learning_rate=1e-4")
         key, value = pair.split("=", 1)
-        result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:  # not a YAML scalar, e.g. a Jinja template: keep the text as typed
+            result[key.strip()] = value
     return result
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error: PyYAML would keep the last one
+    silently, and a run would train with a value its author did not mean."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config key '{key}' is given twice", source=key_node.start_mark.name,
+                                  found=f"line {key_node.start_mark.line + 1}", fix="keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> SFTConfig:
@@ -122,13 +140,16 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     if path is not None:
         try:
             with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
+                loaded = yaml.load(handle, Loader=_UniqueKeyLoader)
         except FileNotFoundError:
-            raise ConfigError("config file not found", source=path) from None
+            raise ConfigError("config file not found", source=path, fix="check the path (relative paths start from the working directory)") from None
         except yaml.YAMLError as error:
-            raise ConfigError("config file is not valid YAML", source=path, found=str(error).splitlines()[0]) from None
+            mark = getattr(error, "problem_mark", None)
+            found = (getattr(error, "problem", None) or str(error).splitlines()[0]) + (f" at line {mark.line + 1}" if mark else "")
+            raise ConfigError("config file is not valid YAML", source=path, found=found, fix="fix the YAML syntax there") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("config must be a mapping of key: value", source=path, found=type(loaded).__name__)
+            raise ConfigError("config must be a mapping of key: value", source=path, found=type(loaded).__name__,
+                              fix="write one `key: value` per line, e.g. `learning_rate: 1.0e-4`")
         values.update(loaded or {})
     values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
     return make_config(values, source=path)
@@ -155,4 +176,5 @@ def make_config(values: dict, source: str | None = None) -> SFTConfig:
             source=source,
             found=repr(first.get("input")) if first["type"] != "missing" else "nothing",
             expected=description,
+            fix=f"set {first['loc'][0] if first['loc'] else 'it'} to a valid value (`sftlab config` lists every key with its type and default)",
         ) from None
