@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from sftlab.config import SFTConfig, load_config  # noqa: E402
 from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
 from sftlab.examples import IGNORE, Examples, TargetSettings  # noqa: E402
 from sftlab.prepare import prepare_examples  # noqa: E402
@@ -12,14 +13,23 @@ __all__ = [
     "DataError",
     "Examples",
     "IGNORE",
+    "SFTConfig",
     "SftlabError",
     "TargetSettings",
+    "TrainResult",
     "TrainingError",
+    "load_config",
     "load_records",
     "prepare_examples",
+    "train",
 ]
 
-from sftlab.config import SFTConfig, load_config  # noqa: E402
-from sftlab.training import TrainResult, train  # noqa: E402
 
-__all__ += ["SFTConfig", "TrainResult", "load_config", "train"]
+def __getattr__(name: str):
+    # The training loop imports torch and transformers (~8 s); `sftlab config` and config errors
+    # should not wait for them, so it is imported on first use.
+    if name in ("train", "TrainResult"):
+        from sftlab import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'sftlab' has no attribute {name!r}")

@@ -126,7 +126,9 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scal
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled())
     loss = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, hidden.shape[0], rows):
+    # At least one chunk, even with no rows: an all-masked micro-batch then still gives a loss
+    # connected to the graph (backward works) and zero gradients for every head parameter (DDP waits for them).
+    for start in range(0, max(hidden.shape[0], 1), rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         if torch.is_grad_enabled():
             part, hit = checkpoint(_module_chunk, head, h, t, scale, softcap, use_reentrant=False)
@@ -159,7 +161,10 @@ class SupervisedLoss(nn.Module):
     def __init__(self, model: nn.Module, mode: str = "sparse"):
         super().__init__()
         self.model = model
-        parts = split_model(model)
+        # FSDP auto-wrapping reads this from the module it is given, which is this wrapper.
+        inner = split_model(model)
+        self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
+        parts = inner
         if mode == "sparse" and parts is None:
             raise ValueError("the sparse loss needs a model with a trunk and an output embedding")
         self.mode = mode

@@ -4,6 +4,7 @@ and metrics.jsonl in the output folder with one JSON object per logged step and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -87,7 +88,10 @@ class Reporter:
     def _write(self, record: dict) -> None:
         self.history.append(record)
         if self.enabled:
-            self.handle.write(json.dumps(record) + "\n")
+            # NaN/inf are not JSON (jq and most parsers reject them): written as null, and a skipped
+            # step is counted in skipped_steps.
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+            self.handle.write(json.dumps(clean) + "\n")
             self.handle.flush()
 
     def finish(self) -> None:

@@ -62,7 +62,16 @@ def setup_accelerator(bf16: bool, report_to: list[str], output_dir: str):
     from accelerate import Accelerator
 
     trackers = [name for name in report_to if importlib.util.find_spec(name) is not None]
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=trackers or None, project_dir=output_dir)
+    # Processes started by torchrun on a machine without a GPU: Accelerate joins them into one
+    # (gloo) process group only when told to run on the CPU, as `accelerate launch --cpu` does;
+    # otherwise each process trains alone on its share and writes as the main process.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu()
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", log_with=trackers or None, project_dir=output_dir)
+
+
+def _has_gpu() -> bool:
+    devices = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, XPU, MPS, ...
+    return devices.is_available() if devices is not None else torch.cuda.is_available()
 
 
 def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None):
