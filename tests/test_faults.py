@@ -170,6 +170,10 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint_to_identical_weigh
     assert not os.path.exists(os.path.join(output_dir, ".tmp-final"))
     ours, theirs = train_losses(output_dir), train_losses(reference)
     assert ours == theirs and len(theirs) == MAX_STEPS
+    # Steps a killed run logged after its last checkpoint were dropped on resume: each step once.
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        steps = [json.loads(line)["step"] for line in handle if json.loads(line)["type"] == "train"]
+    assert steps == sorted(set(steps)) and len(steps) == MAX_STEPS
 
 
 def test_partial_checkpoint_folders_are_ignored_on_resume(setup, reference, capsys):

@@ -85,6 +85,18 @@ class Reporter:
             self.line(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
                       f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}")
 
+    def forget_after(self, step: int) -> None:
+        """Drop logged steps after `step` from metrics.jsonl: a killed run logged them after its last
+        checkpoint, and the resumed run logs them again."""
+        if not self.enabled:
+            return
+        self.handle.close()
+        with open(self.path, encoding="utf-8") as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        self.handle = open(self.path, "a", encoding="utf-8")
+
     def _write(self, record: dict) -> None:
         self.history.append(record)
         if self.enabled:

@@ -240,6 +240,7 @@ def train(
         if checkpoint is not None:
             start_step = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, rank)["step"]
             reporter.line(f"resumed from {checkpoint} at step {start_step}")
+            reporter.forget_after(start_step)
         else:
             reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
 
