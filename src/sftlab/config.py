@@ -67,7 +67,7 @@ class SFTConfig(BaseModel):
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
 
     # --- precision and memory ----------------------------------------------------------------
-    bf16: bool = Field(False, description="bfloat16 autocast (fp32 master weights). Slow on CPUs without native bf16.")
+    bf16: bool = Field(False, description="bfloat16 autocast (fp32 master weights). Slow on CPUs without native bf16. false leaves the choice to `accelerate launch --mixed_precision`.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
     # --- LoRA --------------------------------------------------------------------------------

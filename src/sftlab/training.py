@@ -60,13 +60,19 @@ class TrainResult:
 
 def setup_accelerator(bf16: bool, report_to: list[str], output_dir: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its settings (mixed precision, ...) in a per-process singleton; a second
+    # train() call in the same process (a notebook, a sweep) with other settings is refused
+    # unless it is cleared. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     trackers = [name for name in report_to if importlib.util.find_spec(name) is not None]
     # Processes started by torchrun on a machine without a GPU: Accelerate joins them into one
     # (gloo) process group only when told to run on the CPU, as `accelerate launch --cpu` does;
     # otherwise each process trains alone on its share and writes as the main process.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu()
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", log_with=trackers or None, project_dir=output_dir)
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else None, log_with=trackers or None, project_dir=output_dir)
 
 
 def _has_gpu() -> bool:
@@ -78,7 +84,10 @@ def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool,
     model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = apply_lora(model, **lora)
     return model
