@@ -65,10 +65,15 @@ class ChatRenderer:
     """Renders messages to text with one template and the tokenizer's special tokens."""
 
     def __init__(self, tokenizer, template: str):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
 
         self.template_text = template
-        self.template = _compile_jinja_template(template)
+        # Compiled here, not through transformers' lru_cache, so the template and its environment are
+        # this renderer's alone. Jinja keeps a template's globals as a ChainMap over the environment's
+        # and merges them into a new dict, in Python, on every render: a third of a ChatML render, and
+        # assistant_spans renders 2-3 times per turn. Nothing changes the globals, so merge them once.
+        self.template = _cached_compile_jinja_template(template)
+        self.template.globals = dict(self.template.globals)
         self.variables = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.has_generation_tags = "generation" in template and "endgeneration" in template
         # Longest first, so a cut is moved out of the outermost token that it would split.

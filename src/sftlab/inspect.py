@@ -2,7 +2,7 @@
 
 A token is a *target* when the model is trained to predict it: token t is a target iff
 `targets[t - 1] != -100` (the targets are already shifted, see examples.py), so token 0 is
-never one. The three views (JSON, terminal, HTML) are built from the same `token_rows`.
+never one. The three views (JSON, terminal, HTML) are drawn from the same `examples_json`.
 
 Nothing here changes examples; `sftlab inspect` (cli.py) calls these after preparing the data.
 """
@@ -34,8 +34,9 @@ def target_flags(targets) -> list[bool]:
     return [False] + [int(t) != IGNORE for t in targets[:-1]] if len(targets) else []
 
 
-def token_rows(examples: Examples, tokenizer, n: int) -> list[dict]:
-    """The first n examples as {"record_index", "tokens": [{"id", "text", "target"}]}."""
+def examples_json(examples: Examples, tokenizer, n: int) -> list[dict]:
+    """The first n examples as {"record_index", "tokens": [{"id", "text", "target"}]}: what
+    `sftlab inspect --json` prints, and what the terminal and HTML views draw."""
     rows = []
     for i in range(min(n, len(examples))):
         input_ids, targets = examples[i]
@@ -48,11 +49,6 @@ def token_rows(examples: Examples, tokenizer, n: int) -> list[dict]:
     return rows
 
 
-def examples_json(examples: Examples, tokenizer, n: int) -> list[dict]:
-    """JSON-ready token view of the first n examples (what `sftlab inspect --json` prints)."""
-    return token_rows(examples, tokenizer, n)
-
-
 def visible(text: str) -> str:
     """`text` with whitespace made visible: ↵ newline, ⇥ tab, ␍ carriage return, · for a token of spaces only.
 
@@ -62,7 +58,7 @@ def visible(text: str) -> str:
     if text and not text.strip(" "):
         return "·" * len(text)
     if not text:
-        return "∅"  # a token that decodes to nothing (e.g. part of a multi-byte character)
+        return "∅"  # a token that decodes to nothing would otherwise vanish from the view
     return "".join(_VISIBLE.get(c, c) for c in text)
 
 
@@ -78,7 +74,7 @@ def print_examples(examples: Examples, tokenizer, n: int, console=None) -> None:
     from rich.text import Text
 
     console = console or Console()
-    rows = token_rows(examples, tokenizer, n)
+    rows = examples_json(examples, tokenizer, n)
     legend = Text(f"first {len(rows)} of {len(examples)} examples; ")
     legend.append("target", style=_TARGET_STYLES[0])
     legend.append(" trained to predict, ")
@@ -158,7 +154,7 @@ def render_html(examples: Examples, tokenizer, n: int) -> str:
     escape = html.escape
     source = examples.stats.get("source")
     title = f"sftlab inspect: {source}" if source else "sftlab inspect"
-    rows = token_rows(examples, tokenizer, n)
+    rows = examples_json(examples, tokenizer, n)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
