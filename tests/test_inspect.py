@@ -341,6 +341,9 @@ def test_cli_inspect_json(inspect_config, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["dropped"] == {"longer than max_length=12": 2}
     assert out["examples"] == []
+    # Overrides may also come after the flags.
+    assert main(["inspect", str(inspect_config), "--json", "-n", "5", "max_length=12", "truncation=drop"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["dropped"] == {"longer than max_length=12": 2}
 
 
 def test_cli_inspect_terminal_and_html(inspect_config, tmp_path, capsys):

@@ -13,7 +13,9 @@ whatever it would merge across the boundary in the joined text.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -182,8 +184,8 @@ def build_examples(
     kept_index: list[int] = []
     truncated = 0
     dropped: Counter = Counter()
-    for chunk_start in range(0, len(records), chunk_size):
-        chunk = records[chunk_start : chunk_start + chunk_size]
+
+    def render(chunk: list[Record]):
         per_record: list[list[tuple[str, bool]] | None] = []
         texts: list[str] = []
         continuation: list[bool] = []
@@ -199,7 +201,11 @@ def build_examples(
             for position, (text, _) in enumerate(segments):
                 texts.append(text)
                 continuation.append(position > 0)
-        encoded = iter(encoder.encode(texts, continuation)) if texts else iter(())
+        return per_record, texts, continuation
+
+    def assemble(chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> None:
+        nonlocal truncated
+        encoded = iter(encoded_ids)
         for record, segments in zip(chunk, per_record):
             if segments is None:
                 ids, labels = _pretokenized_labels(record)
@@ -232,6 +238,27 @@ def build_examples(
                 truncated += 1
             pairs.append((ids, targets))
             kept_index.append(record.index)
+
+    # A pipeline: the fast tokenizer encodes chunk k in a worker thread (it releases the GIL)
+    # while Python renders chunk k+1 and assembles chunk k-1. The garbage collector is paused:
+    # millions of small int lists are created and none is cyclic; it cost ~0.6 s per 20k chats.
+    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for chunk in chunks:
+                per_record, texts, continuation = render(chunk)
+                future = pool.submit(encoder.encode, texts, continuation) if texts else None
+                if pending is not None:
+                    assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
+                pending = (chunk, per_record, future)
+            if pending is not None:
+                assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     examples = Examples.from_lists(pairs, kept_index)
     examples.stats.update(truncated=truncated, dropped=dict(dropped))
     return examples
