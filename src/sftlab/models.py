@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -92,6 +93,9 @@ def _convert_gguf(path: str, name: str) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):  # else transformers takes it for a hub repo id and says so
+        raise ConfigError("tokenizer folder not found", source=path, field="tokenizer",
+                          fix="point tokenizer (or model) at a local folder written by save_pretrained")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -106,7 +110,9 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trus
 
     if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
         raise ConfigError("model folder has no weights", source=path, field="model",
-                          expected=f"one of {WEIGHT_FILES}")
+                          expected=f"one of {WEIGHT_FILES}", fix="re-save the model with save_pretrained, or copy its weight files there")
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
@@ -115,6 +121,13 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trus
             trust_remote_code=trust_remote_code,
             use_safetensors=True if any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES[:2]) else None,
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except pickle.UnpicklingError:  # transformers reads .bin weights with torch.load(weights_only=True)
+        raise ConfigError("the model's .bin weights hold pickled objects other than tensors; refused to load them (nothing in them was run)",
+                          source=path, field="model", fix="use safetensors weights from a source you trust") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt file
+        if "custom code" in str(error):
+            raise ConfigError("the model needs code from its folder, and trust_remote_code is off", source=path,
+                              field="trust_remote_code", found=str(error).splitlines()[0][:200],
+                              fix="read that code; set trust_remote_code: true only if you trust its author") from None
         raise ConfigError("cannot load the model weights", source=path, found=str(error).splitlines()[0][:200],
                           fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete") from None
