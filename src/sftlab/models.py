@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 
 from sftlab.errors import ConfigError
@@ -59,15 +60,27 @@ def resolve_model_path(model: str) -> str:
     )
 
 
+def _gguf_fingerprint(path: str, sample: int = 1 << 20) -> str:
+    """Identifies the file's content, not its location: the same GGUF installed in two virtual
+    environments is converted once. Size plus the first and last MiB (the header and tensor
+    data) tell files apart in milliseconds, where hashing all of a multi-GB file would not."""
+    digest = hashlib.sha256(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(sample))
+        handle.seek(max(0, os.path.getsize(path) - sample))
+        digest.update(handle.read(sample))
+    return digest.hexdigest()[:12]
+
+
 def _convert_gguf(path: str, name: str) -> str:
-    stat = os.stat(path)
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    key = _gguf_fingerprint(path)
     target = os.path.join(models_cache_dir(), f"{name}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"converting {path} to a Hugging Face folder in {models_cache_dir()} (once, ~40 s)", file=sys.stderr, flush=True)
     folder, filename = os.path.dirname(path), os.path.basename(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -78,15 +91,25 @@ def _convert_gguf(path: str, name: str) -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     os.makedirs(models_cache_dir(), exist_ok=True)
+    # Written under a temporary name and renamed, so a folder with config.json is always complete;
+    # an interrupted or failed conversion leaves nothing behind (each try writes ~540 MB).
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=models_cache_dir())
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
-        json.dump({"gguf": path}, handle)
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
+            json.dump({"gguf": path}, handle)
         os.rename(tmp, target)
-    except OSError:
+    except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it first
+            return target
+        raise ConfigError("cannot write the converted model", source=models_cache_dir(), field="model",
+                          found=error.strerror or str(error), fix="free disk space, or set $SFTLAB_CACHE to a writable folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
