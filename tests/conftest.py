@@ -7,3 +7,19 @@ import os
 # 2 threads against 1.9 s with one. Set before torch is imported, so subprocesses (torchrun, the
 # killed training run) inherit it too. An OMP_NUM_THREADS set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: tiny matmuls gain nothing from a second thread, spin-waits
+    on a busy 2-core machine made training cases ~10x slower, and subprocesses started with
+    OMP_NUM_THREADS=1 then reduce in the same order, so results compare bitwise."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -61,14 +61,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine the threads'
-    # spin-waits made each training case ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(autouse=True)

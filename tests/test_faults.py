@@ -77,13 +77,7 @@ sys.exit(main(argv))
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The subprocesses run with OMP_NUM_THREADS=1 too: the same reduction order, hence bitwise equal results.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
