@@ -95,7 +95,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start : start + rows] = (dz @ w).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (dz.T @ h).float()
+                    if dz.dtype == torch.float32:
+                        grad_weight.addmm_(dz.T, h)  # accumulates in place: no vocab x hidden temporary per chunk
+                    else:
+                        grad_weight += (dz.T @ h).float()
                 if grad_bias is not None:
                     grad_bias += dz.sum(0).float()
         ctx.weight_dtype = weight.dtype
