@@ -107,7 +107,9 @@ def setup_optimizer(model, *, learning_rate: float, weight_decay: float, betas: 
         if param.requires_grad:
             (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
+    # fused: one kernel for the whole update; on CPU 1.0-1.8 s -> 0.23 s per step for 135M weights (benchmarks/).
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
 def setup_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
