@@ -85,7 +85,7 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     pad = pad_token_id(tokenizer)
     batches = []
     for step in range(spec["steps"]):
-        batch = plan.collate(plan.micro_batches(step, 0, 1)[0], pad, None)
+        batch = plan.collate(plan.micro_batches(step, 0)[0], pad, None)
         batches.append({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
     loss_module = SupervisedLoss(model, "sparse")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -16,9 +16,6 @@ import torch
 
 from sftlab.examples import IGNORE, Examples
 
-PACK_ROW_PAD_POSITION = 0  # pads after the last example start a fresh position run: they form their own "example"
-
-
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.
 

@@ -67,7 +67,6 @@ class ChatRenderer:
     def __init__(self, tokenizer, template: str):
         from transformers.utils.chat_template_utils import _cached_compile_jinja_template
 
-        self.template_text = template
         # Compiled here, not through transformers' lru_cache, so the template and its environment are
         # this renderer's alone. Jinja keeps a template's globals as a ChainMap over the environment's
         # and merges them into a new dict, in Python, on every render: a third of a ChatML render, and
@@ -75,7 +74,6 @@ class ChatRenderer:
         self.template = _cached_compile_jinja_template(template)
         self.template.globals = dict(self.template.globals)
         self.variables = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        self.has_generation_tags = "generation" in template and "endgeneration" in template
         # Longest first, so a cut is moved out of the outermost token that it would split.
         self.special_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
 

@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import yaml
 
@@ -128,21 +129,23 @@ class StepPlan:
         lengths = examples.lengths
         if packing:
             self.items = batching.best_fit_decreasing(lengths, max_length)
-            self.item_lengths = torch.tensor([int(lengths[row].sum()) for row in self.items]).numpy()
+            self.item_lengths = np.array([int(lengths[row].sum()) for row in self.items], dtype=np.int64)
         else:
             self.items = None
             self.item_lengths = lengths
+        self.accumulation = accumulation
         self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
                            group_by_length=group_by_length and not packing)
         self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
         self._epoch, self._steps = None, None
 
-    def micro_batches(self, step: int, rank: int, accumulation: int) -> list[list[int]]:
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This process's micro-batches (item indices) for optimizer step `step`."""
         epoch = step // self.steps_per_epoch
         if epoch != self._epoch:
             self._epoch, self._steps = epoch, batching.plan_epoch(self.item_lengths, epoch=epoch, **self.kwargs)
         slots = self._steps[step % self.steps_per_epoch]
-        return slots[rank * accumulation : (rank + 1) * accumulation]
+        return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
 
     def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
         if self.packing:
@@ -239,7 +242,7 @@ def train(
     elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(optimizer)
 
-    first = plan.collate(plan.micro_batches(0, 0, config.gradient_accumulation_steps)[0] or [0], pad_id, None)
+    first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
     mode, why = choose_loss_mode(model, first, config.loss_implementation)
     reporter.line(f"loss: {mode} ({why})")
     wrapper, optimizer = accelerator.prepare(SupervisedLoss(model, mode), optimizer)
@@ -257,9 +260,8 @@ def train(
 
     reporter.start(total=steps, done=start_step)
     window = _Window()
-    accumulation = config.gradient_accumulation_steps
     for step in range(start_step, steps):
-        micro = plan.micro_batches(step, rank, accumulation)
+        micro = plan.micro_batches(step, rank)
         batches = [plan.collate(items, pad_id, config.pad_to_multiple_of) for items in micro]
         # The loss of every micro-batch is divided by the supervised tokens of the whole step on
         # all processes; DDP then averages gradients over processes, hence the world factor.
