@@ -245,3 +245,32 @@ def test_auto_falls_back_to_dense_for_an_unknown_logit_transform(batch):
     assert mode == "dense" and "does not reproduce" in why
     assert choose_loss_mode(model, batch, "sparse")[0] == "sparse"
     assert choose_loss_mode(model, batch, "dense")[0] == "dense"
+
+
+def test_head_loss_gradient_scales_with_the_upstream_gradient_and_runs_once():
+    # The step divides the loss sum by the supervised count: backward gets 0.25 here, and the
+    # gradients must be exactly a quarter of those of the plain formula.
+    head = tiny_head()
+    hidden = torch.tensor(HIDDEN, requires_grad=True)
+    loss, _ = head_loss(head, hidden, torch.tensor(TARGETS), rows=1)
+    (loss * 0.25).backward()
+    reference = tiny_head()
+    h = torch.tensor(HIDDEN, requires_grad=True)
+    (torch.nn.functional.cross_entropy(reference(h), torch.tensor(TARGETS), reduction="sum") * 0.25).backward()
+    for a, b in zip([hidden.grad, head.weight.grad, head.bias.grad], [h.grad, reference.weight.grad, reference.bias.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Gradients are scaled in place in backward, so a second backward must refuse, not double-scale.
+    loss, _ = head_loss(head, torch.tensor(HIDDEN, requires_grad=True), torch.tensor(TARGETS))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_correct_counts_the_first_maximum_like_argmax():
+    # A zero head scores every token alike: argmax is token 0, so only targets equal to 0 count.
+    head = nn.Linear(2, 3)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        _, correct = head_loss(head, torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))
+    assert int(correct) == 2
