@@ -55,6 +55,28 @@ def test_cache_hit_from_a_file_source(tmp_path):
     assert_same_examples(first, second)
 
 
+@pytest.mark.parametrize("source", ["file", "dataset"])
+def test_a_hit_does_not_load_the_records(tmp_path, monkeypatch, source):
+    # Files and datasets are found in the cache by their bytes / fingerprint: a hit must not
+    # parse a single record (that is most of the time a cached run would take otherwise).
+    if source == "file":
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+        data = str(data)
+    else:
+        data = pytest.importorskip("datasets").Dataset.from_list(PAIRS)
+    cache = str(tmp_path / "cache")
+    first = prepare_examples(data, char_tokenizer(), cache_dir=cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("records were loaded on a cache hit")
+
+    monkeypatch.setattr("sftlab.prepare.load_records", refuse)
+    second = prepare_examples(data, char_tokenizer(), cache_dir=cache)
+    assert second.stats["cached"] is True and second.stats["source"] == first.stats["source"]
+    assert_same_examples(first, second)
+
+
 @pytest.mark.parametrize(
     "change",
     [

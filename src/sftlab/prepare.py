@@ -21,7 +21,7 @@ import numpy as np
 from sftlab import __version__
 from sftlab.examples import IGNORE, Examples, TargetSettings, build_examples
 from sftlab.formats import validate_records
-from sftlab.sources import Records, load_records
+from sftlab.sources import Records, load_records, source_fingerprint
 
 CACHE_FORMAT = 1
 _ARRAYS = ("input_ids", "targets", "offsets", "record_index")
@@ -73,16 +73,23 @@ def prepare_examples(
 ) -> Examples:
     """Load, validate and tokenize `source`; `examples.stats` says what happened to every record."""
     started = time.perf_counter()
-    records = source if isinstance(source, Records) else load_records(source, split=split)
+    records = source if isinstance(source, Records) else None
     key = None
     if use_cache:
-        key = _cache_key(records, tokenizer, settings, text_field, skip_invalid_records)
+        # Files and datasets are identified without parsing them, so a hit skips loading records.
+        data = records.fingerprint() if records is not None else source_fingerprint(source, split)
+        if data is None:
+            records = load_records(source, split=split)
+            data = records.fingerprint()
+        key = _cache_key(data, tokenizer, settings, text_field, skip_invalid_records)
         folder = os.path.join(cache_dir or default_cache_dir(), key)
         cached = _load_cached(folder)
         if cached is not None:
             cached.stats["seconds"] = time.perf_counter() - started
             cached.stats["cached"] = True
             return cached
+    if records is None:
+        records = load_records(source, split=split)
     validated = validate_records(
         records, text_field=text_field, skip_invalid=skip_invalid_records, vocab_size=len(tokenizer)
     )
@@ -119,11 +126,11 @@ def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict,
     }
 
 
-def _cache_key(records: Records, tokenizer, settings: TargetSettings, text_field: str, skip: bool) -> str:
+def _cache_key(data: str, tokenizer, settings: TargetSettings, text_field: str, skip: bool) -> str:
     parts = {
         "format": CACHE_FORMAT,
         "version": __version__,
-        "data": records.fingerprint(),
+        "data": data,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": asdict(settings),
         "text_field": text_field,

@@ -152,7 +152,28 @@ def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_paths(spec: str) -> Records:
+def source_fingerprint(source: Any, split: str | None = None) -> str | None:
+    """A hash of `source`'s content found without parsing it, or None where only the records tell.
+
+    Files hash their bytes (the same digest `load_records` gives them) and a datasets.Dataset
+    has its own fingerprint, so the preparation cache can be looked up before any record is
+    parsed: parsing 20k JSON lines costs more than loading the prepared arrays."""
+    if isinstance(source, (str, os.PathLike)):
+        digest = hashlib.sha256()
+        for path in _data_files(str(source)):
+            with open(path, "rb") as handle:
+                digest.update(path.encode() + b"\0" + handle.read())
+        return digest.hexdigest()
+    kind = type(source).__module__.split(".")[0] + "." + type(source).__name__
+    if kind == "datasets.DatasetDict":
+        chosen = split or "train"
+        return source_fingerprint(source[chosen]) if chosen in source else None
+    if kind == "datasets.Dataset":
+        return _hash_text(source._fingerprint)
+    return None
+
+
+def _data_files(spec: str) -> list[str]:
     if os.path.isdir(spec):
         files = sorted(
             os.path.join(root, name)
@@ -163,14 +184,19 @@ def _load_paths(spec: str) -> Records:
         if not files:
             raise DataError("folder holds no data files", source=spec, expected=f"files ending in {FILE_SUFFIXES}",
                             fix="point train_data at the data file, or put .jsonl/.json/.parquet/.csv files in the folder")
-    elif any(ch in spec for ch in "*?["):
+        return files
+    if any(ch in spec for ch in "*?["):
         files = sorted(glob.glob(spec, recursive=True))
         if not files:
             raise DataError("glob matches no files", source=spec, fix="check the pattern and the working directory")
-    else:
-        if not os.path.exists(spec):
-            raise DataError("file not found", source=spec, fix="check the path (relative paths start from the working directory)")
-        files = [spec]
+        return files
+    if not os.path.exists(spec):
+        raise DataError("file not found", source=spec, fix="check the path (relative paths start from the working directory)")
+    return [spec]
+
+
+def _load_paths(spec: str) -> Records:
+    files = _data_files(spec)
     records: list[dict] = []
     lines: list[int | None] = []
     parts: list[tuple[str, int]] = []
