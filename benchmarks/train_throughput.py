@@ -17,13 +17,21 @@ median of the repeats is reported:
                   gradient_checkpointing=False, completion_only_loss=True
   sftlab-default  sftlab.train with its defaults: padded batches, sparse loss, no checkpointing
   sftlab-best     the same with packing=True (best-fit decreasing rows of max_length)
+  sftlab-ckpt     (only when named in --configs) sftlab's defaults + gradient_checkpointing=True,
+                  the memory setting that matches TRL's default
 
 With --chat every configuration trains on assistant turns only (TRL: assistant_only_loss=True),
 both with the same ChatML template with {% generation %} tags (sftlab.chat.CHATML).
 
 Kept equal: the weights (one seeded init saved to a folder that both load; SmolLM2 from the same
 converted folder), the tokenizer and template, the data (generated from a seed), batch size,
-max_length, number of optimizer steps, fp32 weights. On this CPU: TRL gets use_cpu=True and
+max_length, number of optimizer steps, fp32 weights, and, for padded batches, the order of the
+data: both read the records in file order (sftlab shuffle=false, TRL
+train_sampling_strategy="sequential"; the records are generated in random order), so padded runs
+train on the same batches. (With each side's own shuffling, a few timed steps of padded batches
+drew different examples: supervised fractions of 0.41 against 0.63 skewed supervised tok/s by
+~1.5x.) Packed runs keep each side's shuffling: the two pack differently, and the first rows of a
+best-fit-decreasing packing in order hold the longest examples, which is no fair sample either. On this CPU: TRL gets use_cpu=True and
 bf16=False (TRL defaults to bf16, and this CPU has no native bf16: autocast would emulate it).
 
 Measured per run: wall time of every optimizer step (sftlab: its per-step metrics with
@@ -55,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 CONFIGS = ("sftlab-default", "trl-default", "sftlab-best", "trl-best")
+EXTRA_CONFIGS = ("sftlab-ckpt",)
 MODELS = ("tiny-32k", "tiny-151k", "smollm2")
 # Per-model settings: (batch size, max_length, steps, warmup steps). fp32 SmolLM2 on 2 cores
 # manages a few hundred tokens/s, so it gets short runs.
@@ -74,6 +83,7 @@ def child_sftlab(spec: dict) -> dict:
         cache_dir=os.path.join(spec["output_dir"], "cache"), max_length=spec["max_length"],
         per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
         packing=spec["variant"] == "best", bf16=spec["bf16"], seed=spec["seed"], attn_implementation=spec["attn"],
+        gradient_checkpointing=spec["variant"] == "ckpt", shuffle=spec["variant"] == "best",
     )
     started = time.perf_counter()
     result = train(config)
@@ -100,6 +110,7 @@ def child_trl(spec: dict) -> dict:
         output_dir=spec["output_dir"], use_cpu=spec["device"] == "cpu", bf16=spec["bf16"],
         per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], max_length=spec["max_length"],
         report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True,
+        train_sampling_strategy="random" if spec["variant"] == "best" else "sequential",
         model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "float32"},
     )
     if spec["chat"]:
@@ -213,6 +224,9 @@ def ratios(table: dict, model: str) -> dict:
     out["peak_rss: sftlab-default / trl-default"] = get("sftlab-default", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
     out["peak_rss: sftlab-best / trl-default"] = get("sftlab-best", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
     out["peak_rss: sftlab-best / trl-best"] = get("sftlab-best", "peak_rss_mb") / get("trl-best", "peak_rss_mb")
+    if "sftlab-ckpt" in table[model]:
+        out["supervised_per_s: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "supervised_per_s") / get("trl-default", "supervised_per_s")
+        out["peak_rss: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
     return out
 
 
@@ -227,7 +241,7 @@ def print_report(report: dict) -> None:
         bs, max_length, steps, warm = report["settings"][model]
         print(f"\n{model}: batch {bs}, max_length {max_length}, {steps} steps ({warm} warmup not timed)")
         print(header)
-        for config in CONFIGS:
+        for config in CONFIGS + EXTRA_CONFIGS:
             if config not in configs:
                 continue
             r = configs[config]
@@ -242,7 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS + EXTRA_CONFIGS}")
     parser.add_argument("--chat", action="store_true", help="multi-turn conversations, assistant-only loss")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration; the median is reported")
     parser.add_argument("--records", type=int, default=2000, help="records in the generated dataset")

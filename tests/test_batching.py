@@ -121,6 +121,16 @@ def test_plan_group_by_length_keeps_similar_lengths_together():
     assert [max(lengths[flat(s)]) for s in plan] != sorted((max(lengths[flat(s)]) for s in plan), reverse=True)
 
 
+def test_plan_without_shuffle_keeps_the_data_order():
+    plan = plan_epoch(np.arange(1, 12), batch_size=2, accumulation=2, world_size=1, seed=0, epoch=0, shuffle=False)
+    assert plan == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9], [10]]]
+    assert plan == plan_epoch(np.arange(1, 12), batch_size=2, accumulation=2, world_size=1, seed=9, epoch=3, shuffle=False)
+    # Grouping by length still sorts inside the mega-batch, and the steps stay in that order.
+    grouped = plan_epoch(np.array([3, 9, 1, 7]), batch_size=2, accumulation=1, world_size=1, seed=0, epoch=0,
+                         group_by_length=True, shuffle=False)
+    assert grouped == [[[1, 3]], [[0, 2]]]
+
+
 # --- padded and packed batches --------------------------------------------------------------------
 
 

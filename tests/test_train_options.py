@@ -1,5 +1,5 @@
 """Training options beyond the defaults: gradient checkpointing, bf16, LoRA export (adapter and
-merged), length grouping, and the Python API's own optimizer and scheduler."""
+merged), length grouping, data order, and the Python API's own optimizer and scheduler."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ def test_group_by_length_keeps_similar_lengths_together(model_dir, tmp_path):
     # Same data either way; every example is still seen exactly once per epoch (4 steps x 4).
     assert sum(r["supervised_tokens"] for r in result.history if r["type"] == "train") == \
         sum(r["supervised_tokens"] for r in run(model_dir, tmp_path / "plain", max_steps=4).history if r["type"] == "train")
+
+
+def test_shuffle_false_trains_on_the_records_in_order(model_dir, tmp_path):
+    from sftlab import TargetSettings, prepare_examples
+
+    result = run(model_dir, tmp_path / "ordered", shuffle=False, max_steps=4)
+    steps = [r["supervised_tokens"] for r in result.history if r["type"] == "train"]
+    # Step k holds records 4k..4k+3, whatever the seed.
+    expected = [prepare_examples(RECORDS[k * 4 : k * 4 + 4], char_tokenizer(), TargetSettings(), use_cache=False).stats["supervised_tokens"]
+                for k in range(4)]
+    assert steps == expected and len(set(expected)) > 1  # the steps differ, so the order is what is checked
+    assert steps == [r["supervised_tokens"] for r in run(model_dir, tmp_path / "seed", shuffle=False, max_steps=4, seed=9).history
+                     if r["type"] == "train"]
 
 
 def test_the_python_api_takes_an_optimizer_factory_and_a_scheduler_factory(model_dir, tmp_path):

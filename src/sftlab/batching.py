@@ -50,6 +50,7 @@ def plan_epoch(
     seed: int,
     epoch: int,
     group_by_length: bool = False,
+    shuffle: bool = True,
 ) -> list[list[list[int]]]:
     """Steps of one epoch; step[k] is the list of world x accumulation micro-batches (item indices).
 
@@ -57,9 +58,11 @@ def plan_epoch(
     step may be short: its items are spread so each slot gets some; a slot left empty (fewer
     items than slots) is an empty list, which the loop runs as a fully masked micro-batch so
     every process still does the same number of forward/backward passes.
+    With shuffle=False items are taken in their order (grouping by length still sorts inside
+    each mega-batch, and steps keep their order).
     """
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(item_lengths))
+    order = rng.permutation(len(item_lengths)) if shuffle else np.arange(len(item_lengths))
     per_step = batch_size * accumulation * world_size
     if group_by_length:
         # Sort inside mega-batches of 50 steps: similar lengths share a micro-batch, order stays random.
@@ -75,7 +78,7 @@ def plan_epoch(
             steps.append([items[k * batch_size : (k + 1) * batch_size] for k in range(slots)])
         else:
             steps.append([part.tolist() for part in np.array_split(np.asarray(items, dtype=np.int64), slots)])
-    if group_by_length and steps:
+    if group_by_length and shuffle and steps:
         steps = [steps[i] for i in rng.permutation(len(steps))]
     return steps
 

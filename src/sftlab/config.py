@@ -47,6 +47,7 @@ class SFTConfig(BaseModel):
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per micro-batch on each process.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per evaluation batch on each process.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    shuffle: bool = Field(True, description="Visit examples (or packed rows) in a new seeded random order every epoch. false keeps the data's order: for data already in the order wanted (a curriculum), or to compare batch by batch with another trainer.")
     group_by_length: bool = Field(False, description="Padded batches: group examples of similar length to waste less padding.")
     pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad batch lengths up to a multiple of this (e.g. 8 for tensor cores).")
 

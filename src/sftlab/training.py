@@ -123,7 +123,7 @@ class StepPlan:
     """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
 
     def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool):
+                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
         self.examples = examples
         self.packing = packing
         lengths = examples.lengths
@@ -135,7 +135,7 @@ class StepPlan:
             self.item_lengths = lengths
         self.accumulation = accumulation
         self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
-                           group_by_length=group_by_length and not packing)
+                           group_by_length=group_by_length and not packing, shuffle=shuffle)
         self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
         self._epoch, self._steps = None, None
 
@@ -227,7 +227,7 @@ def train(
 
     plan = StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
                     batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
-                    world_size=world, seed=config.seed, group_by_length=config.group_by_length)
+                    world_size=world, seed=config.seed, group_by_length=config.group_by_length, shuffle=config.shuffle)
     steps = total_steps(config, plan.steps_per_epoch)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
     pad_id = pad_token_id(tokenizer)
