@@ -272,6 +272,8 @@ def main() -> None:
     parser.add_argument("--wait-load", type=float, default=0.0,
                         help="before measuring, wait (up to 30 min) until the 1-minute load average is below this")
     parser.add_argument("--json", help="also write the full report (every run) to this file")
+    parser.add_argument("--from-runs", metavar="RUNS_JSONL",
+                        help="measure nothing: report the runs saved in JSON.runs.jsonl by an earlier (perhaps interrupted) call with the same flags")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
@@ -284,13 +286,20 @@ def main() -> None:
     if not os.path.isfile(data_path):
         records = common.chat_records(args.records) if args.chat else common.prompt_completion_records(args.records)
         common.write_jsonl(data_path, records)
-    folders = {m: prepare_model(m, args.workdir) for m in models}
     settings = {}
     for m in models:
         bs, max_length, steps, warm = MODEL_SETTINGS[m]
         settings[m] = (args.batch_size or bs, args.max_length or max_length, args.steps or steps,
                        args.warmup_steps if args.warmup_steps is not None else warm)
 
+    if args.from_runs:
+        with open(args.from_runs) as handle:
+            runs = [json.loads(line) for line in handle if line.strip()]
+        repeats = 1 + max(r["repeat"] for r in runs)
+        models = [m for m in models if any(r["model"] == m for r in runs)]
+        configs = [c for c in configs if any(r["config"] == c for r in runs)]
+        return report(runs, models, configs, settings, args, repeats, {"load_at_start": runs[0]["load_after"], "waited_s": 0, "quiet": None})
+    folders = {m: prepare_model(m, args.workdir) for m in models}
     quiet = common.wait_for_quiet(args.wait_load) if args.wait_load else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
     runs = []
     for repeat in range(args.repeats):
@@ -320,20 +329,27 @@ def main() -> None:
                       f"{result['step_s']:.2f} s/step, peak {result['peak_rss_mb']:.0f} MB, final loss {result['loss_last']:.3f}, "
                       f"load {result['load_after']:.2f}", file=sys.stderr, flush=True)
 
+    report(runs, models, configs, settings, args, args.repeats, quiet)
+
+
+def report(runs: list[dict], models: list[str], configs: list[str], settings: dict, args, repeats: int, quiet: dict) -> None:
+    """Median of each configuration's runs, ratios, the printed table and the --json file."""
     table = {}
     for m in models:
         table[m] = {}
         for config in configs:
             mine = [r for r in runs if r["model"] == m and r["config"] == config]
+            if not mine:
+                continue
             table[m][config] = {key: common.median([r[key] for r in mine])
                                 for key in ("supervised_per_s", "tokens_per_s", "step_s", "peak_rss_mb", "supervised_fraction")}
-    report = {"machine": common.machine(), "device": args.device, "bf16": args.bf16, "chat": args.chat,
-              "repeats": args.repeats, "records": args.records, "quiet": quiet, "settings": settings, "table": table,
+    result = {"machine": common.machine(), "device": args.device, "bf16": args.bf16, "chat": args.chat,
+              "repeats": repeats, "records": args.records, "quiet": quiet, "settings": settings, "table": table,
               "ratios": {m: ratios(table, m) for m in models if all(c in table[m] for c in CONFIGS)}, "runs": runs}
-    print_report(report)
-    if args.json:
+    print_report(result)
+    if args.json and not args.from_runs:
         with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+            json.dump(result, handle, indent=1)
 
 
 if __name__ == "__main__":
