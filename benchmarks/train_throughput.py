@@ -93,7 +93,7 @@ def child_sftlab(spec: dict) -> dict:
         "step_seconds": [r["seconds"] for r in steps],
         "step_supervised": [r["supervised_tokens"] for r in steps],
         "step_tokens": [r["tokens"] for r in steps],
-        "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
+        "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "step_losses": [r["loss"] for r in steps],
         "call_seconds": total, "threads": torch.get_num_threads(),
     }
 
@@ -109,7 +109,7 @@ def child_trl(spec: dict) -> dict:
     kwargs = dict(
         output_dir=spec["output_dir"], use_cpu=spec["device"] == "cpu", bf16=spec["bf16"],
         per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], max_length=spec["max_length"],
-        report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True,
+        report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True, logging_steps=1,  # as sftlab's
         train_sampling_strategy="random" if spec["variant"] == "best" else "sequential",
         model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "float32"},
     )
@@ -161,7 +161,8 @@ def child_trl(spec: dict) -> dict:
         "step_seconds": seconds,
         "step_supervised": [c[0] for c in counts[:n]],
         "step_tokens": [c[1] for c in counts[:n]],
-        "loss_first": losses[0] if losses else None, "loss_last": output.training_loss,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else output.training_loss,
+        "step_losses": losses,
         "call_seconds": total, "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing, "padding_free": trainer.padding_free,
     }
@@ -247,6 +248,10 @@ def print_report(report: dict) -> None:
             r = configs[config]
             print(f"{model:<10}{config:<16}{r['supervised_per_s']:>11.0f}{r['tokens_per_s']:>11.0f}{r['step_s']:>9.2f}"
                   f"{r['peak_rss_mb']:>9.0f}{r['supervised_fraction']:>9.2f}")
+        losses = report.get("first_loss", {}).get(model, {})
+        if all(v is not None for v in losses.values()) and losses:
+            print(f"  step-1 loss, same weights and batch: sftlab-default {losses['sftlab-default']:.6f}, "
+                  f"trl-default {losses['trl-default']:.6f}")
         if all(c in configs for c in CONFIGS):
             for key, value in report["ratios"][model].items():
                 print(f"  {key:<45}{value:>7.2f}x")
@@ -343,8 +348,11 @@ def report(runs: list[dict], models: list[str], configs: list[str], settings: di
                 continue
             table[m][config] = {key: common.median([r[key] for r in mine])
                                 for key in ("supervised_per_s", "tokens_per_s", "step_s", "peak_rss_mb", "supervised_fraction")}
+    # Padded runs train on the same batches from the same weights: their first losses must agree.
+    first_loss = {m: {c: next((r["loss_first"] for r in runs if r["model"] == m and r["config"] == c and r.get("loss_first") is not None), None)
+                      for c in ("sftlab-default", "trl-default")} for m in models}
     result = {"machine": common.machine(), "device": args.device, "bf16": args.bf16, "chat": args.chat,
-              "repeats": repeats, "records": args.records, "quiet": quiet, "settings": settings, "table": table,
+              "repeats": repeats, "records": args.records, "quiet": quiet, "settings": settings, "table": table, "first_loss": first_loss,
               "ratios": {m: ratios(table, m) for m in models if all(c in table[m] for c in CONFIGS)}, "runs": runs}
     print_report(result)
     if args.json and not args.from_runs:
