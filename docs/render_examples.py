@@ -19,10 +19,10 @@ BLOCK = re.compile(r"<!-- generated:(\w+) -->.*?(?=<!-- /generated -->)<!-- /gen
 
 
 def token_view(examples, tokenizer, n: int = 1) -> str:
-    from sftlab.inspect import token_rows, visible
+    from sftlab.inspect import examples_json, visible
 
     lines = []
-    for row in token_rows(examples, tokenizer, n):
+    for row in examples_json(examples, tokenizer, n):
         shown = "".join(f"⟦{visible(t['text'])}⟧" if t["target"] else visible(t["text"]) for t in row["tokens"])
         targets = sum(t["target"] for t in row["tokens"])
         lines.append(f"# {len(row['tokens'])} tokens, {targets} targets\n{shown}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import pytest
@@ -357,3 +358,20 @@ def test_cli_inspect_terminal_and_html(inspect_config, tmp_path, capsys):
     assert "dataset statistics" in out
     assert out.rstrip().endswith(f"wrote {page}")
     assert page.read_text(encoding="utf-8").count('(target)">') == 2 + 3
+
+
+def test_the_docs_token_views_still_render():
+    # docs/render_examples.py writes the token views in docs/concepts.md (with SmolLM2's tokenizer,
+    # not installed in CI); here it runs on the tiny tokenizer so a renamed sftlab API breaks a test
+    # instead of the docs script.
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "render_examples.py")
+    spec = importlib.util.spec_from_file_location("render_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHATML
+    blocks = module.render(tokenizer)
+    assert sorted(blocks) == ["conversation", "packing", "prompt_completion"]
+    assert all("targets" in block for block in blocks.values())
