@@ -162,7 +162,7 @@ def source_fingerprint(source: Any, split: str | None = None) -> str | None:
         digest = hashlib.sha256()
         for path in _data_files(str(source)):
             with open(path, "rb") as handle:
-                digest.update(path.encode() + b"\0" + handle.read())
+                _add_file(digest, path, handle.read())
         return digest.hexdigest()
     kind = type(source).__module__.split(".")[0] + "." + type(source).__name__
     if kind == "datasets.DatasetDict":
@@ -171,6 +171,12 @@ def source_fingerprint(source: Any, split: str | None = None) -> str | None:
     if kind == "datasets.Dataset":
         return _hash_text(source._fingerprint)
     return None
+
+
+def _add_file(digest, path: str, raw: bytes) -> None:
+    """One file's part of a data fingerprint: its path and bytes (load_records and
+    source_fingerprint must agree, or a cache entry written by one is missed by the other)."""
+    digest.update(path.encode() + b"\0" + raw)
 
 
 def _data_files(spec: str) -> list[str]:
@@ -204,7 +210,7 @@ def _load_paths(spec: str) -> Records:
     for path in files:
         with open(path, "rb") as handle:
             raw = handle.read()
-        digest.update(path.encode() + b"\0" + raw)
+        _add_file(digest, path, raw)
         loaded, loaded_lines = _load_file(path, raw)
         parts.append((path, len(loaded)))
         records.extend(loaded)
