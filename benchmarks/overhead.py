@@ -12,8 +12,8 @@ runs, per optimizer step:
 
     out = SupervisedLoss(model)(**batch)           # the same sparse loss module sftlab uses
     (out["loss_sum"] / out["count"]).backward()
-    clip_grad_norm_(params, 1.0); optimizer.step(); scheduler.step(); optimizer.zero_grad()
-                                                   # (fused AdamW, cosine schedule: sftlab's defaults)
+    clip_grad_norm_(params, max_grad_norm); optimizer.step(); scheduler.step(); optimizer.zero_grad()
+                                                   # (sftlab's default settings, fused AdamW)
     float(out["loss_sum"])                         # one host sync, as any loop that logs has
 
 sftlab side: sftlab.train() with logging_steps=1; its per-step seconds come from its metrics
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,7 +68,7 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from sftlab import TargetSettings, prepare_examples
+    from sftlab import SFTConfig, TargetSettings, prepare_examples
     from sftlab.examples import IGNORE
     from sftlab.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
@@ -90,10 +91,13 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
         batches.append({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
     loss_module = SupervisedLoss(model, "sparse")
     params = [p for p in model.parameters() if p.requires_grad]
-    # The same optimizer and schedule as sftlab's defaults (fused AdamW, lr 2e-5, no weight decay, 3%
-    # warmup, cosine), so the losses match step for step (the unfused AdamW rounds differently: ~1 ulp).
-    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=math.ceil(0.03 * spec["steps"]), num_training_steps=spec["steps"])
+    # sftlab's default optimizer, schedule and clipping, read from its config so they cannot drift
+    # apart; fused AdamW as sftlab uses (the unfused one rounds differently: losses ~1 ulp apart).
+    d = SFTConfig(model=spec["model_folder"], train_data=spec["data_path"])
+    optimizer = torch.optim.AdamW(params, lr=d.learning_rate, betas=(d.adam_beta1, d.adam_beta2), eps=d.adam_epsilon,
+                                  weight_decay=d.weight_decay, fused=True)
+    scheduler = get_scheduler(d.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(d.warmup_ratio * spec["steps"]),
+                              num_training_steps=spec["steps"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
     seconds, losses = [], []
     for batch in batches:
@@ -102,7 +106,7 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
             out = loss_module(**batch)
         count = max(int((batch["targets"] != IGNORE).sum()), 1)  # known before the forward, as in sftlab
         (out["loss_sum"] / count).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -150,8 +154,6 @@ def main() -> None:
                             packing=packing, steps=args.steps, warmup=args.warmup_steps, batch_size=args.batch_size,
                             max_length=args.max_length, device=args.device, bf16=args.bf16, seed=42, threads=args.threads,
                             output_dir=os.path.join(args.workdir, "runs", f"overhead-{side}-{packing}-{repeat}"))
-                import shutil
-
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result = common.run_child(os.path.abspath(__file__), spec)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -320,8 +321,6 @@ def main() -> None:
                             max_length=max_length, device=args.device, bf16=args.bf16, seed=42, threads=args.threads,
                             attn=attn_implementation(args.device),
                             output_dir=os.path.join(args.workdir, "runs", f"{kind}-{m}-{config}-{repeat}"))
-                import shutil
-
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result = common.run_child(os.path.abspath(__file__), spec)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
