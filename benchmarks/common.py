@@ -48,7 +48,7 @@ def qwen_tokenizer(vocab_limit: int | None = None):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from sftlab.chat import CHATML
+    from sftlab.data.chat import CHATML
 
     class QwenConverter(TikTokenConverter):
         @staticmethod
@@ -157,7 +157,7 @@ def smollm2_folder(folder: str) -> str:
 
     from transformers import AutoTokenizer
 
-    from sftlab.chat import CHATML
+    from sftlab.data.chat import CHATML
     from sftlab.models import resolve_model_path
 
     source = resolve_model_path("smollm2-135m-instruct")

@@ -16,7 +16,7 @@ runs, per optimizer step:
                                                    # (sftlab's default settings, fused AdamW)
     float(out["loss_sum"])                         # one host sync, as any loop that logs has
 
-sftlab side: sftlab.train() with logging_steps=1; its per-step seconds come from its metrics
+sftlab side: sftlab.training() with logging_steps=1; its per-step seconds come from its metrics
 (collation, token counting, Accelerate, clipping, optimizer, scheduler, logging included).
 The first --warmup-steps are not timed. Each side runs in its own process, alternating, --repeats
 times; the median per-step time is reported, and overhead = sftlab / bare (target: <= 1.10).
@@ -69,12 +69,12 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from transformers import get_scheduler
 
     from sftlab import SFTConfig, TargetSettings, prepare_examples
-    from sftlab.examples import IGNORE
-    from sftlab.loss import SupervisedLoss
+    from sftlab.data.examples import IGNORE
+    from sftlab.training.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
-    from sftlab.training import StepPlan, pad_token_id
+    from sftlab.training.loop import StepPlan, pad_token_id
 
-    set_seed(spec["seed"])  # as sftlab.train does, before the model exists
+    set_seed(spec["seed"])  # as sftlab.training does, before the model exists
     device = torch.device(spec["device"])
     tokenizer = load_tokenizer(spec["model_folder"])
     examples = prepare_examples(spec["data_path"], tokenizer, TargetSettings(max_length=spec["max_length"]),

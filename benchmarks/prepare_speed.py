@@ -173,7 +173,7 @@ def run_trl(records_count: int, num_proc: int) -> dict:
 
 def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> dict:
     from sftlab import TargetSettings, prepare_examples
-    from sftlab.chat import ChatRenderer
+    from sftlab.data.chat import ChatRenderer
 
     settings = TargetSettings(max_length=MAX_LENGTH)
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)

@@ -15,13 +15,13 @@ median of the repeats is reported:
                   (TRL's default), completion_only_loss (default for prompt/completion data)
   trl-best        packing=True (best-fit decreasing, which turns on padding_free),
                   gradient_checkpointing=False, completion_only_loss=True
-  sftlab-default  sftlab.train with its defaults: padded batches, sparse loss, no checkpointing
+  sftlab-default  sftlab.training with its defaults: padded batches, sparse loss, no checkpointing
   sftlab-best     the same with packing=True (best-fit decreasing rows of max_length)
   sftlab-ckpt     (only when named in --configs) sftlab's defaults + gradient_checkpointing=True,
                   the memory setting that matches TRL's default
 
 With --chat every configuration trains on assistant turns only (TRL: assistant_only_loss=True),
-both with the same ChatML template with {% generation %} tags (sftlab.chat.CHATML).
+both with the same ChatML template with {% generation %} tags (sftlab.data.chat.CHATML).
 
 Kept equal: the weights (one seeded init saved to a folder that both load; SmolLM2 from the same
 converted folder), the tokenizer and template, the data (generated from a seed), batch size,

@@ -42,7 +42,7 @@ def arrays_view(examples, tokenizer, i: int = 0) -> str:
 
 def render(tokenizer) -> dict[str, str]:
     from sftlab import TargetSettings, prepare_examples
-    from sftlab.batching import pack_batch
+    from sftlab.training.batching import pack_batch
 
     out = {}
     pc = prepare_examples([{"prompt": "The capital of France is", "completion": " Paris."}], tokenizer, use_cache=False)
@@ -69,7 +69,7 @@ def render(tokenizer) -> dict[str, str]:
     two = prepare_examples([{"prompt": "Hi", "completion": " there"}, {"prompt": "Yes?", "completion": " No."}], tokenizer, use_cache=False)
     batch = pack_batch(two, [[0, 1]], pad_id=tokenizer.pad_token_id or 0)
     out["packing"] = (
-        "Two prompt/completion examples packed into one row by `sftlab.batching.pack_batch`:\n\n"
+        "Two prompt/completion examples packed into one row by `sftlab.training.batching.pack_batch`:\n\n"
         "```\n"
         f"input_ids    {batch['input_ids'][0].tolist()}\n"
         f"position_ids {batch['position_ids'][0].tolist()}\n"

@@ -5,7 +5,7 @@
 
 1. what the model is trained on: the first example token by token, the dataset statistics;
 2. the held-out requests answered by the model as it ships (greedy decoding);
-3. training with examples/quickstart.yaml through `sftlab.train`;
+3. training with examples/quickstart.yaml through `sftlab.training`;
 4. the same requests answered by the fine-tuned model, side by side with the first answers;
 5. exact-match and per-field scores before and after, and the loss curve (loss.png).
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     from sftlab import load_config, train
-    from sftlab.data import prepare_split
+    from sftlab.data.splits import prepare_split
     from sftlab.inspect import print_examples, print_stats
     from sftlab.models import load_tokenizer, resolve_model_path
     from sftlab.plot import plot_metrics

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from sftlab.config import make_config, parse_overrides
-from sftlab.training import train
+from sftlab.training.loop import train
 
 
 def main(model_dir: str, records_path: str, output_dir: str, *pairs: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from sftlab.chat import CHATML
+from sftlab.data.chat import CHATML
 from sftlab.cli import main
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama

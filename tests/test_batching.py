@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sftlab.batching import best_fit_decreasing, pack_batch, pad_batch, plan_epoch
-from sftlab.examples import IGNORE, Examples
+from sftlab.training.batching import best_fit_decreasing, pack_batch, pad_batch, plan_epoch
+from sftlab.data.examples import IGNORE, Examples
 
 X = IGNORE
 

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
-from sftlab.chat import CHATML, ChatRenderer
+from sftlab.data.chat import CHATML, ChatRenderer
 from tiny import MERGES, SPECIALS, char_id, char_tokenizer, ids, merged_id, special_id
 
 X = -100

@@ -22,8 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import sftlab.checkpoint
-from sftlab.checkpoint import list_checkpoints
+import sftlab.training.checkpoint
+from sftlab.training.checkpoint import list_checkpoints
 from sftlab.cli import main
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
@@ -33,7 +33,7 @@ MAX_STEPS, SAVE_STEPS = 6, 2
 # Runs `sftlab.cli.main(argv)` and SIGKILLs itself at POINT when step STEP gets there.
 DRIVER = r"""
 import os, signal, sys
-import sftlab.checkpoint, sftlab.progress
+import sftlab.training.checkpoint, sftlab.training.progress
 from sftlab.cli import main
 
 point, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -45,7 +45,7 @@ def kill_me():
 
 
 if point == "checkpoint-write":  # checkpoint STEP's weights half written in checkpoints/.tmp-step-N
-    real_save_file = sftlab.checkpoint.save_file
+    real_save_file = sftlab.training.checkpoint.save_file
 
     def save_file(tensors, path, *args, **kwargs):
         real_save_file(tensors, path, *args, **kwargs)
@@ -54,16 +54,16 @@ if point == "checkpoint-write":  # checkpoint STEP's weights half written in che
                 handle.truncate(os.path.getsize(path) // 2)
             kill_me()
 
-    sftlab.checkpoint.save_file = save_file
+    sftlab.training.checkpoint.save_file = save_file
 elif point == "after-step":  # optimizer step STEP done in memory, never saved
-    real_advance = sftlab.progress.Reporter.advance
+    real_advance = sftlab.training.progress.Reporter.advance
 
     def advance(self, done):
         real_advance(self, done)
         if done == step:
             kill_me()
 
-    sftlab.progress.Reporter.advance = advance
+    sftlab.training.progress.Reporter.advance = advance
 elif point == "final-rename":  # final model fully written to .tmp-final, not yet renamed to final/
     real_rename = os.rename
 
@@ -216,8 +216,8 @@ def _no_space(*args, **kwargs):
 def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_earlier_one(setup, reference, writer, monkeypatch, capsys):
     output_dir = str(setup["root"] / f"disk-full-{writer}")
     if writer == "save_file":
-        real = sftlab.checkpoint.save_file
-        monkeypatch.setattr(sftlab.checkpoint, "save_file",
+        real = sftlab.training.checkpoint.save_file
+        monkeypatch.setattr(sftlab.training.checkpoint, "save_file",
                             lambda tensors, path, *a, **k: _no_space() if ".tmp-step-4" in path else real(tensors, path, *a, **k))
     else:
         real = torch.save

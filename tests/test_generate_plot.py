@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from sftlab.chat import CHATML, ChatRenderer
+from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.cli import main
 from sftlab.errors import DataError, SftlabError
 from sftlab.generate import generate, generate_replies, load_for_generation, render_prompts, stop_token_ids

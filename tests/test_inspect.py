@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from sftlab import TargetSettings, prepare_examples
-from sftlab.chat import CHATML
+from sftlab.data.chat import CHATML
 from sftlab.inspect import examples_json, print_examples, print_stats, render_html, token_texts, visible, write_html
 from tiny import char_id, char_tokenizer, merged_id, special_id
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sftlab.batching import pack_batch
-from sftlab.examples import IGNORE, Examples
-from sftlab.loss import SupervisedLoss
+from sftlab.training.batching import pack_batch
+from sftlab.data.examples import IGNORE, Examples
+from sftlab.training.loss import SupervisedLoss
 from tiny_models import tiny_model
 
 VOCAB = 96

@@ -71,7 +71,7 @@ def test_a_hit_does_not_load_the_records(tmp_path, monkeypatch, source):
     def refuse(*args, **kwargs):
         raise AssertionError("records were loaded on a cache hit")
 
-    monkeypatch.setattr("sftlab.prepare.load_records", refuse)
+    monkeypatch.setattr("sftlab.data.prepare.load_records", refuse)
     second = prepare_examples(data, char_tokenizer(), cache_dir=cache)
     assert second.stats["cached"] is True and second.stats["source"] == first.stats["source"]
     assert_same_examples(first, second)
@@ -221,7 +221,7 @@ def test_unwritable_cache_dir_does_not_stop_preparation(tmp_path):
 def test_file_fingerprint_is_the_loaded_records_fingerprint(tmp_path):
     # A cache entry keyed before parsing (source_fingerprint) must be found again by a caller that
     # passes the loaded Records, and the other way round.
-    from sftlab.sources import load_records, source_fingerprint
+    from sftlab.data.sources import load_records, source_fingerprint
 
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in PAIRS))

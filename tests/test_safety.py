@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import sftlab
 from sftlab import TargetSettings, prepare_examples
-from sftlab.chat import CHATML, ChatRenderer
+from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.cli import main
 from sftlab.config import SFTConfig
 from sftlab.errors import ConfigError, DataError
@@ -176,7 +176,7 @@ def test_a_sandbox_violation_in_the_data_stage_is_a_clear_error():
 
 def _calls(name: str) -> list[tuple[str, ast.Call]]:
     found = []
-    for path in SOURCE.glob("*.py"):
+    for path in SOURCE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
                 found.append((path.name, node))
@@ -197,5 +197,5 @@ def test_sftlab_never_unpickles_or_trusts_remote_code_itself():
     for module, call in _calls("np.load") + _calls("numpy.load"):  # the preparation cache
         options = {k.arg: ast.unparse(k.value) for k in call.keywords}
         assert options.get("allow_pickle", "False") == "False", f"{module}: {ast.unparse(call)}"
-    for path in SOURCE.glob("*.py"):
+    for path in SOURCE.rglob("*.py"):
         assert "trust_remote_code=True" not in path.read_text(), path.name

@@ -23,8 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, TrainingError, train
-from sftlab.batching import plan_epoch
-from sftlab.checkpoint import find_checkpoint, list_checkpoints
+from sftlab.training.batching import plan_epoch
+from sftlab.training.checkpoint import find_checkpoint, list_checkpoints
 from sftlab.cli import main as cli_main
 from tiny import char_id, char_tokenizer
 from tiny_models import save_tiny_llama

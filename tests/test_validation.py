@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, detect_format, validate_records
+from sftlab.data.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, detect_format, validate_records
 from tiny import char_tokenizer
 
 VOCAB = 119  # len(char_tokenizer()): 18 special tokens + 96 characters + 5 merges

@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 from sftlab.config import SFTConfig, load_config  # noqa: E402
 from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
-from sftlab.examples import IGNORE, Examples, TargetSettings  # noqa: E402
-from sftlab.prepare import prepare_examples  # noqa: E402
-from sftlab.sources import load_records  # noqa: E402
+from sftlab.data.examples import IGNORE, Examples, TargetSettings  # noqa: E402
+from sftlab.data.prepare import prepare_examples  # noqa: E402
+from sftlab.data.sources import load_records  # noqa: E402
 
 __all__ = [
     "ConfigError",
@@ -29,7 +29,7 @@ def __getattr__(name: str):
     # The training loop imports torch and transformers (~8 s); `sftlab config` and config errors
     # should not wait for them, so it is imported on first use.
     if name in ("train", "TrainResult"):
-        from sftlab import training
+        from sftlab.training import loop
 
-        return getattr(training, name)
+        return getattr(loop, name)
     raise AttributeError(f"module 'sftlab' has no attribute {name!r}")

@@ -89,7 +89,7 @@ def _run(args) -> int:
         return 0
     if args.command == "train":
         from sftlab.config import load_config
-        from sftlab.training import train
+        from sftlab.training.loop import train
 
         train(load_config(args.config, args.overrides))
         return 0
@@ -111,7 +111,7 @@ def _run(args) -> int:
 def _inspect(args) -> int:
     from sftlab import inspect as view
     from sftlab.config import load_config
-    from sftlab.data import prepare_split
+    from sftlab.data.splits import prepare_split
     from sftlab.errors import ConfigError
     from sftlab.models import load_tokenizer, resolve_model_path
 

@@ -7,7 +7,7 @@
 `model_dir` is anything `resolve_model_path` accepts (a folder, a .gguf file, a short name), or a
 LoRA adapter folder written by `sftlab train` with use_peft=true (its base model is loaded first).
 The prompt is rendered by the same template and tokenized the same way as training examples
-(sftlab.chat, no extra special tokens), so a fine-tuned model sees at inference exactly the
+(sftlab.data.chat, no extra special tokens), so a fine-tuned model sees at inference exactly the
 prefix it was trained to continue.
 """
 
@@ -18,7 +18,7 @@ import os
 
 import yaml
 
-from sftlab.chat import ChatRenderer, resolve_chat_template
+from sftlab.data.chat import ChatRenderer, resolve_chat_template
 from sftlab.errors import ConfigError
 from sftlab.models import load_model, load_tokenizer, resolve_model_path
 

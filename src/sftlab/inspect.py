@@ -1,7 +1,7 @@
 """Show what the model will be trained on: examples token by token, and the dataset's statistics.
 
 A token is a *target* when the model is trained to predict it: token t is a target iff
-`targets[t - 1] != -100` (the targets are already shifted, see examples.py), so token 0 is
+`targets[t - 1] != -100` (the targets are already shifted, see data/examples.py), so token 0 is
 never one. The three views (JSON, terminal, HTML) are drawn from the same `examples_json`.
 
 Nothing here changes examples; `sftlab inspect` (cli.py) calls these after preparing the data.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 
-from sftlab.examples import IGNORE, Examples
+from sftlab.data.examples import IGNORE, Examples
 
 # Whitespace that would otherwise be invisible or break the layout. A newline keeps its line
 # break after the marker so the rendered example keeps its shape.

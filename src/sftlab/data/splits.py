@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sftlab.config import SFTConfig
 from sftlab.errors import ConfigError
-from sftlab.examples import Examples, TargetSettings
-from sftlab.prepare import prepare_examples
+from sftlab.data.examples import Examples, TargetSettings
+from sftlab.data.prepare import prepare_examples
 
 
 def target_settings(config: SFTConfig) -> TargetSettings:

@@ -22,10 +22,10 @@ from itertools import chain
 import numpy as np
 from jinja2 import TemplateError
 
-from sftlab import formats
-from sftlab.chat import ChatRenderer, resolve_chat_template
+from sftlab.data import formats
+from sftlab.data.chat import ChatRenderer, resolve_chat_template
 from sftlab.errors import DataError
-from sftlab.formats import Record
+from sftlab.data.formats import Record
 
 IGNORE = -100
 TRUNCATION_POLICIES = ("right", "drop")

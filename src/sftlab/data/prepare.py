@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from sftlab import __version__
-from sftlab.examples import IGNORE, Examples, TargetSettings, build_examples
-from sftlab.formats import validate_records
-from sftlab.sources import Records, load_records, source_fingerprint
+from sftlab.data.examples import IGNORE, Examples, TargetSettings, build_examples
+from sftlab.data.formats import validate_records
+from sftlab.data.sources import Records, load_records, source_fingerprint
 
 CACHE_FORMAT = 1
 _ARRAYS = ("input_ids", "targets", "offsets", "record_index")

@@ -1,6 +1,6 @@
 """The loss: trunk -> hidden states -> supervised rows only -> LM head + cross-entropy in chunks.
 
-Targets are already shifted per example (see examples.py), so position t's hidden state is
+Targets are already shifted per example (see data/examples.py), so position t's hidden state is
 scored against targets[t] directly. Only rows whose target is not -100 reach the LM head:
 masked prompt tokens still pass through the transformer (they are context) but never pay for
 the vocabulary projection, and the batch x length x vocab logits tensor never exists.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sftlab.examples import IGNORE
+from sftlab.data.examples import IGNORE
 
 # Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
 CHUNK_VALUES = 64 * 1024 * 1024
@@ -170,7 +170,7 @@ class SupervisedLoss(nn.Module):
 
     forward(...) -> {"loss_sum": sum of CE over supervised tokens, "correct": argmax hits,
                      "count": supervised tokens}. Training divides loss_sum by the step's
-    global supervised-token count; see train.py.
+    global supervised-token count; see loop.py.
     """
 
     def __init__(self, model: nn.Module, mode: str = "sparse"):

@@ -37,15 +37,15 @@ import numpy as np
 import torch
 import yaml
 
-from sftlab import batching
-from sftlab.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sftlab.training import batching
+from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
-from sftlab.data import prepare_split
+from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError, TrainingError
-from sftlab.examples import IGNORE, Examples
-from sftlab.loss import SupervisedLoss, choose_loss_mode
+from sftlab.data.examples import IGNORE, Examples
+from sftlab.training.loss import SupervisedLoss, choose_loss_mode
 from sftlab.models import load_model, load_tokenizer, resolve_model_path
-from sftlab.progress import Reporter
+from sftlab.training.progress import Reporter
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftlab.errors import DataError, describe
-from sftlab.sources import Records
+from sftlab.data.sources import Records
 
 TEXT = "text"
 PROMPT_COMPLETION = "prompt_completion"

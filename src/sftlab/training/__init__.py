@@ -1,0 +1,11 @@
+"""The training half (named `training`, not `train`, so that `from sftlab import train` stays the
+function): examples -> batches -> loss -> optimizer steps -> checkpoints and export.
+
+    batching.py    padded batches, packed rows (position_ids restarting per example), the step plan
+    loss.py        the loss inside a module's forward: trunk, supervised rows only, chunked LM head
+    loop.py        the one training loop, setup functions, evaluation, the final export
+    checkpoint.py  atomic step checkpoints that resume exactly
+    progress.py    the progress bar and metrics.jsonl
+
+The loop receives Examples and a model; it knows nothing of file formats.
+"""
