@@ -208,8 +208,8 @@ def test_supervised_text_agrees_with_the_generation_tags(family):
     renderer = ChatRenderer(char_tokenizer(), template(True))
     assert renderer.generation_spans(MULTI_TURN) == (text, spans)
     # sftlab does not read the tags: it finds the same spans by rendering prefixes.
-    assert renderer.assistant_spans(MULTI_TURN, [2, 4]) == (text, spans)
-    assert ChatRenderer(char_tokenizer(), template(False)).assistant_spans(MULTI_TURN, [2, 4]) == (text, spans)
+    assert renderer.conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
+    assert ChatRenderer(char_tokenizer(), template(False)).conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
 
 
 @families
@@ -337,21 +337,31 @@ ECHO = [
 
 @with_and_without_tags
 @pytest.mark.parametrize(
-    "messages, marked",
+    "messages, main, extra",
     [
-        (MULTI_TURN, "<s>[INST] Hi [/INST]⟦Yo</s>⟧[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧"),
-        (ECHO, "<s>[INST] Say 4 [/INST]⟦4</s>⟧[INST] S\n\n4? [/INST]⟦4</s>⟧"),
+        (MULTI_TURN, "<s>[INST] Hi [/INST]Yo</s>[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧", "<s>[INST] Be brief.\n\nHi [/INST]⟦Yo</s>⟧"),
+        (ECHO, "<s>[INST] Say 4 [/INST]4</s>[INST] S\n\n4? [/INST]⟦4</s>⟧", "<s>[INST] S\n\nSay 4 [/INST]⟦4</s>⟧"),
     ],
     ids=["multi-turn", "reply-echoes-user"],
 )
-def test_template_that_moves_the_system_prompt(messages, marked, tags):
-    text, input_ids, targets, spans = expected(marked)
+def test_template_that_moves_the_system_prompt(messages, main, extra, tags):
+    # Inference for the first reply feeds "[INST] Be brief.\n\nHi [/INST]" (the system prompt sits in the
+    # last user message, which is then "Hi"); the whole render has "[INST] Hi [/INST]" there. So the
+    # first reply is trained in an example of its own, after exactly what inference feeds, and the
+    # whole render trains the last reply only.
     renderer = ChatRenderer(char_tokenizer(), mistral_system_last(tags))
-    assert renderer.assistant_spans(messages, [2, 4]) == (text, spans)
-    if tags:
-        assert renderer.generation_spans(messages) == (text, spans)
+    assert renderer.conversation_examples(messages, [2, 4]).examples == [expected(main)[::3], expected(extra)[::3]]
+    if tags:  # generation tags mark both replies in the whole render: the first after the wrong prefix
+        full, _, _, spans = expected(main.replace("Yo</s>", "⟦Yo</s>⟧").replace("]4</s>[", "]⟦4</s>⟧["))
+        assert renderer.generation_spans(messages) == (full, spans)
     tokenizer = char_tokenizer(chat_template=mistral_system_last(tags))
-    assert prepare([{"messages": messages}], tokenizer) == [(input_ids, targets)]
+    examples = prepare_examples([{"messages": messages}], tokenizer, TargetSettings(), use_cache=False)
+    assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == [
+        expected(main)[1:3], expected(extra)[1:3]]
+    assert examples.record_index.tolist() == [0, 0]
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["records_split"], chat["extra_examples"]) == (2, 1, 1)
+    assert chat["extra_tokens"] == len(expected(extra)[1])
 
 
 # ---------------------------------------------------------------- which template

@@ -42,6 +42,7 @@ class Reporter:
             f"truncated {stats.get('truncated', 0)}, dropped {dropped}"
             + (f" {stats.get('dropped')}" if dropped else "")
             + (f", skipped invalid {skipped} {stats.get('skipped_invalid')}" if skipped else "")
+            + _chat_summary(stats.get("chat"))
             + (" (cached)" if stats.get("cached") else "")
         )
 
@@ -113,3 +114,15 @@ class Reporter:
         if self.enabled:
             self.handle.close()
             self.enabled = False
+
+
+def _chat_summary(chat: dict | None) -> str:
+    if not chat:
+        return ""
+    text = f"; {chat.get('turns_trained', 0)} conversation turns trained"
+    if chat.get("records_split"):
+        text += (f", {chat['records_split']} records split as served into {chat['extra_examples']} extra examples "
+                 f"(+{chat['extra_tokens']} tokens)")
+    if chat.get("turns_not_served"):
+        text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
+    return text
