@@ -8,13 +8,12 @@ special token); the texts avoid the merges he / ll / ok / " a" except where a te
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
 from sftlab.data.chat import CHATML, ChatRenderer
-from tiny import MERGES, SPECIALS, char_id, char_tokenizer, ids, merged_id, special_id
+from tiny import char_id, char_tokenizer, ids, marked, merged_id, special_id
 
 X = -100
 BOS = special_id("<s>")
@@ -131,33 +130,9 @@ FAMILIES = {
 
 # ---------------------------------------------------------------- hand tokenization of the expected renders
 
-_SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIALS, key=len, reverse=True)) + ")")
-
-
-def hand_ids(text: str) -> list[int]:
-    """tiny.py's rules for text without merges: a special token is one id, any other character is one id."""
-    result = []
-    for piece in _SPECIAL.split(text):
-        if piece in SPECIALS:
-            result.append(special_id(piece))
-        else:
-            assert not any(a + b in piece for a, b in MERGES), f"{piece!r} would merge; write its ids out"
-            result.extend(ids(piece))
-    return result
-
-
-def expected(marked: str) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
+def expected(text: str) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
     """(rendered text, input_ids, targets, supervised character spans) of a render marked with ⟦ ⟧."""
-    text, input_ids, labels, spans = "", [], [], []
-    for position, part in enumerate(re.split("[⟦⟧]", marked)):
-        supervised = position % 2 == 1
-        if supervised:
-            spans.append((len(text), len(text) + len(part)))
-        text += part
-        part_ids = hand_ids(part)
-        input_ids += part_ids
-        labels += part_ids if supervised else [X] * len(part_ids)
-    return text, input_ids, labels[1:] + [X], spans
+    return marked(text)
 
 
 def only_last_marked(marked: str) -> str:

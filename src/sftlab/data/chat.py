@@ -283,7 +283,7 @@ class ChatRenderer:
         reply = _content(message)
         if not opening or not reply.startswith(opening):
             raise TurnError(
-                k, f"the template's generation prompt opens the reply with {opening!r}, but renders this turn without it",
+                k, f"the generation prompt ends with {opening!r}, and the template renders this turn without continuing it",
                 found=f"the turn renders as {rendered[:60]!r}",
                 fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
                     f"its closing tag, then the answer), or {_TEMPLATE_FIX}")
