@@ -1,6 +1,7 @@
 """Conversations trained exactly as served: reasoning, tools, and templates that rewrite history.
 
-The templates below are written for these tests in the style of their families (not copied):
+The templates are written for these tests in the style of their families (not copied; the Qwen3 and
+harmony ones live in examples/templates/, where the docs render them too):
 Qwen3 (thinking dropped before the last user query, an empty think block on the last turn,
 tools in the system message, tool calls as <tool_call> blocks), harmony/gpt-oss (channels,
 <|return|> on the last turn and <|end|> in history, <|call|> after a tool call, a tool call's
@@ -18,6 +19,7 @@ P_k and asserts that each assistant turn is trained exactly once, right after ex
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -30,48 +32,9 @@ X = -100
 
 # ---------------------------------------------------------------- templates, in each family's style
 
-QWEN3 = (
-    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n<tools>' }}{%- for t in tools %}{{- '\\n' + t.function.name }}{%- endfor %}{{- '\\n</tools><|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- set ns = namespace(last_query=messages|length - 1) %}"
-    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
-    "{%- elif m.role == 'assistant' %}"
-    "{%- set reasoning = m.reasoning_content if m.reasoning_content is defined else '' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{%- endif %}"
-    "{{- m.content }}"
-    "{%- for call in m.tool_calls or [] %}{{- '<tool_call>\\n' + call.function | tojson + '\\n</tool_call>' }}{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- elif m.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
-)
-
-HARMONY = (
-    "{{- '<|start|>system<|message|>Reasoning: ' + (reasoning_effort if reasoning_effort is defined else 'medium') + '<|end|>' }}"
-    "{%- if tools %}{{- '<|start|>developer<|message|># Tools' }}{%- for t in tools %}{{- '\\n' + t.function.name }}{%- endfor %}"
-    "{{- '<|end|>' }}{%- endif %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'user' %}{{- '<|start|>user<|message|>' + m.content + '<|end|>' }}"
-    "{%- elif m.role == 'assistant' and m.tool_calls %}"
-    "{%- set ns = namespace(final=false) %}"
-    "{%- for later in messages[loop.index:] %}{%- if later.role == 'assistant' and not later.tool_calls %}{%- set ns.final = true %}{%- endif %}{%- endfor %}"
-    "{%- if m.thinking and not ns.final %}{{- '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' }}{%- endif %}"
-    "{{- '<|start|>assistant to=functions.' + m.tool_calls[0].function.name + '<|channel|>commentary json<|message|>' }}"
-    "{{- m.tool_calls[0].function.arguments | tojson + '<|call|>' }}"
-    "{%- elif m.role == 'assistant' %}"
-    "{%- if loop.last and not add_generation_prompt %}"
-    "{%- if m.thinking %}{{- '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' }}{%- endif %}"
-    "{{- '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|return|>' }}"
-    "{%- else %}{{- '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|end|>' }}{%- endif %}"
-    "{%- elif m.role == 'tool' %}{{- '<|start|>functions.' + m.name + ' to=assistant<|channel|>commentary<|message|>' + m.content + '<|end|>' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start|>assistant' }}{%- endif %}"
-)
+TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
+QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
+HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
 
 # The generation prompt opens the thinking; the history shows earlier replies without it.
 OPENS_THINK = (

@@ -325,7 +325,9 @@ def test_template_that_moves_the_system_prompt(messages, main, extra, tags):
     # first reply is trained in an example of its own, after exactly what inference feeds, and the
     # whole render trains the last reply only.
     renderer = ChatRenderer(char_tokenizer(), mistral_system_last(tags))
-    assert renderer.conversation_examples(messages, [2, 4]).examples == [expected(main)[::3], expected(extra)[::3]]
+    planned = renderer.conversation_examples(messages, [2, 4])
+    assert planned.examples == [expected(main)[::3], expected(extra)[::3]]
+    assert planned.turns == [[4], [2]]
     if tags:  # generation tags mark both replies in the whole render: the first after the wrong prefix
         full, _, _, spans = expected(main.replace("Yo</s>", "⟦Yo</s>⟧").replace("]4</s>[", "]⟦4</s>⟧["))
         assert renderer.generation_spans(messages) == (full, spans)

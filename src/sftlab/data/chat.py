@@ -129,6 +129,7 @@ class ConversationExamples:
 
     examples: list[tuple[str, list[tuple[int, int]]]]
     counts: Counter = field(default_factory=Counter)
+    turns: list[list[int]] = field(default_factory=list)  # the message index of each example's spans
 
 
 class ChatRenderer:
@@ -190,9 +191,10 @@ class ChatRenderer:
             inside = [t for t in served if t.served_by(full)]
             counts["turns_trained"] += len(inside)
             counts["turns_not_served"] += len(served) - len(inside)
-            return ConversationExamples([(full, [t.span() for t in inside])] if inside else [], counts)
+            return ConversationExamples([(full, [t.span() for t in inside])] if inside else [], counts,
+                                        [[t.index for t in inside]] if inside else [])
         counts["turns_trained"] += len(served)
-        examples = []
+        examples, placed_turns = [], []
         remaining = served
         while remaining:
             # The latest turn not yet placed decides the next example: the whole render when it serves
@@ -201,9 +203,9 @@ class ChatRenderer:
             text = full if latest.served_by(full) else latest.context + latest.text + latest.tail
             inside = [t for t in remaining if t.served_by(text)]
             examples.append((text, [t.span() for t in inside]))
-            placed = {t.index for t in inside}
-            remaining = [t for t in remaining if t.index not in placed]
-        return ConversationExamples(examples, counts)
+            placed_turns.append([t.index for t in inside])
+            remaining = [t for t in remaining if t.index not in placed_turns[-1]]
+        return ConversationExamples(examples, counts, placed_turns)
 
     def turn(self, messages: list[dict], k: int, full: str, render) -> Turn:
         """Turn k's context and trained text (see the module docstring), checked."""
