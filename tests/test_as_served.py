@@ -422,3 +422,28 @@ def test_inspect_and_the_training_log_report_the_split():
 ], ids=["qwen3", "qwen3-tool-reasoning", "qwen3-no-thinking", "harmony", "harmony-low", "opens-think", "r1", "llama-tools"])
 def test_every_assistant_turn_is_trained_once_after_exactly_what_inference_feeds(template, record):
     assert_every_turn_trained_once_as_served(record, template)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
+    from sftlab import SFTConfig, train
+    from sftlab.cli import main as cli_main
+    from tiny_models import save_tiny_llama
+
+    tokenizer = char_tokenizer(chat_template=QWEN3, chat_tokens=True)
+    model = save_tiny_llama(str(tmp_path / "model"), tokenizer)
+    data = tmp_path / "agent.jsonl"
+    data.write_text("".join(json.dumps({"messages": agent_chat(), "tools": [TEMP_TOOL]}) + "\n" for _ in range(3)))
+    result = train(SFTConfig(model=model, train_data=str(data), output_dir=str(tmp_path / "run"), max_steps=2,
+                             per_device_train_batch_size=3, logging_steps=1, use_cache=False))
+    summary = [r for r in result.history if r["type"] == "data"][0]
+    assert summary["examples"] == 9 and summary["chat"]["records_split"] == 3 and summary["chat"]["extra_examples"] == 6
+    assert all(r["supervised_tokens"] > 0 for r in result.history if r["type"] == "train")
+    assert "3 records split as served into 6 extra examples" in capsys.readouterr().out
+    config = tmp_path / "inspect.yaml"
+    config.write_text(f"model: {model}\ntrain_data: {data}\nuse_cache: false\n")
+    assert cli_main(["inspect", str(config), "--json", "-n", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["stats"]["chat"]["turns_trained"] == 9 and printed["stats"]["examples"] == 9

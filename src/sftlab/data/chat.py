@@ -243,7 +243,7 @@ class ChatRenderer:
         opening = prompt[len(history):]
         shared = self._shared_prefix(prompt, upto)
         if shared >= len(history):
-            return self._opened_reply(messages[k], k, prompt, upto, len(history)), "opened_reply"
+            return self._opened_reply(messages[k], k, prompt, upto), "opened_reply"
         # The conversation before turn k renders differently once turn k follows (an earlier turn loses
         # its analysis, the system prompt leaves the last user message, a tool result is closed another
         # way). Turn k starts where F_k's longest stretch shared with the end of P_k ends. Candidates:
@@ -278,7 +278,7 @@ class ChatRenderer:
             start = upto.find(key, start + 1)
         return best, tie
 
-    def _opened_reply(self, message: dict, k: int, prompt: str, upto: str, history: int) -> str:
+    def _opened_reply(self, message: dict, k: int, prompt: str, upto: str) -> str:
         """The generation prompt ends in text (an opening) that the turn's render does not continue."""
         opening_start = self._shared_prefix(prompt, upto)
         opening, rendered = prompt[opening_start:], upto[opening_start:]
