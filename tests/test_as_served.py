@@ -314,6 +314,15 @@ def test_bad_tool_calls_are_named():
         examples_of([tool_records(tools="[{")], LLAMA_TOOLS)
 
 
+def test_a_template_failing_on_a_record_in_python_is_a_clear_error():
+    # DeepSeek's templates join a tool call's arguments as text; sftlab gives templates objects (as vLLM does).
+    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ '<|call|>' + c.function.arguments }}"
+             "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}")
+    with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
+                                        r"found TemplateError: TypeError: can only concatenate str"):
+        examples_of([tool_records()], joins)
+
+
 # ---------------------------------------------------------------- which messages are trained
 
 

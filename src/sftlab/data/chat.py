@@ -40,6 +40,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
 from sftlab.errors import DataError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
@@ -159,8 +161,13 @@ class ChatRenderer:
         documents = variables.get("documents")
         if documents is not None:
             variables = {k: v for k, v in variables.items() if k != "documents"}
-        return template.render(messages=messages, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            return template.render(messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+            # The template's own Python-level failure on this record's data (a string plus the dict of a tool
+            # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
+            raise TemplateError(f"{type(error).__name__}: {error}") from error
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
