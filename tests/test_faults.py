@@ -64,6 +64,18 @@ elif point == "after-step":  # optimizer step STEP done in memory, never saved
             kill_me()
 
     sftlab.training.progress.Reporter.advance = advance
+elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step STEP is done, from rank 0
+    real_advance = sftlab.training.progress.Reporter.advance
+
+    def advance(self, done):
+        real_advance(self, done)
+        if done == step and os.environ.get("RANK", "0") == "0":
+            if point == "sigusr1-self":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:  # torchrun, which passes SIGTERM on to every worker as SLURM and Kubernetes make it do
+                os.kill(os.getppid(), signal.SIGTERM)
+
+    sftlab.training.progress.Reporter.advance = advance
 elif point == "final-rename":  # final model fully written to .tmp-final, not yet renamed to final/
     real_rename = os.rename
 
@@ -73,7 +85,9 @@ elif point == "final-rename":  # final model fully written to .tmp-final, not ye
         return real_rename(source, target, *args, **kwargs)
 
     os.rename = rename
-sys.exit(main(argv))
+code = main(argv)
+print(f"sftlab exit code {code} on rank {os.environ.get('RANK', '0')}", flush=True)
+sys.exit(code)
 """
 
 
@@ -259,3 +273,23 @@ def test_disk_full_during_the_final_export_is_a_clear_error(setup, reference, mo
                      "fix: free disk space or make output_dir writable")
     assert not os.path.exists(os.path.join(output_dir, "final")) and not os.path.exists(os.path.join(output_dir, ".tmp-final"))
     assert list_checkpoints(output_dir) == [2, 4]  # a resume can still finish the run
+
+
+@pytest.mark.slow
+def test_a_stop_signal_checkpoints_after_the_step_and_resumes_to_identical_weights(setup, reference):
+    """SIGUSR1 (SLURM's warning signal) after step 2: step 3 is finished, checkpointed, and
+    `sftlab train` exits 75; resuming from it reaches the uninterrupted run's weights and losses."""
+    from sftlab.cli import EXIT_PREEMPTED
+
+    output_dir = str(setup["root"] / "signalled")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFTLAB_CACHE": str(setup["root"] / "cache")}
+    argv = train_argv(setup, output_dir, "resume_from_checkpoint=auto")
+    result = subprocess.run([sys.executable, "-c", DRIVER, "sigusr1-self", "2", *argv], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == EXIT_PREEMPTED == 75, result.stderr[-3000:]
+    checkpoint = os.path.join(output_dir, "checkpoints", "step-3")
+    assert f"SIGUSR1 received: stopped after step 3 of {MAX_STEPS}, checkpoint {checkpoint}" in result.stdout
+    assert list_checkpoints(output_dir) == [2, 3] and not os.path.exists(os.path.join(output_dir, "final"))
+
+    assert main(argv) == 0
+    assert_same_weights(output_dir, reference)
+    assert train_losses(output_dir) == train_losses(reference)

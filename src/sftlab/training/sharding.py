@@ -139,7 +139,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     `_no_split_modules` (transformers' list of blocks that must not be split across devices)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in names]
+    # By the classes a module derives from: fully_shard gives a sharded layer a subclass of its own.
+    layers = [m for m in base.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ConfigError("fsdp: true needs a model whose decoder layers are known (transformers' _no_split_modules)",
                           field="fsdp", found=f"{type(base).__name__} names none", fix="train this model without fsdp")
