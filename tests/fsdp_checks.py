@@ -11,6 +11,7 @@ and the test asserts on them:
 - heads: the sparse LM head under FSDP with TIED embeddings (plain, with gradient checkpointing,
   with LoRA on q/v and on the head itself) against the dense reference loss of the whole batch:
   loss and every gradient, the batch split over the two processes as training splits it;
+- bf16: the bf16 mixed-precision policy runs on gloo, with fp32 shards and fp32 gradients;
 - export: the final folder saved from the sharded model is byte for byte the one an unsharded
   copy saves.
 """
@@ -95,6 +96,21 @@ def check_heads(processes, variant: str) -> dict:
             "nonzero_reference_grads": moved, "trained": sorted(grads)}
 
 
+def check_bf16(processes) -> dict:
+    """FSDP2's bf16 policy on gloo: bf16 weights gathered for compute, fp32 shards and fp32 gradients."""
+    data = batch()
+    reference = SupervisedLoss(build("plain"), "dense")(**data)
+    model = build("plain")
+    sharded = sharding.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=True)
+    rows = slice(2 * processes.rank, 2 * processes.rank + 2)
+    out = sharded(input_ids=data["input_ids"][rows], targets=data["targets"][rows])
+    out["loss_sum"].backward()
+    grads = [p.grad for p in model.parameters()]
+    return {"loss": float(processes.sum(out["loss_sum"].detach().double().reshape(1))[0]), "fp32_loss": reference["loss_sum"].item(),
+            "shard_dtypes": sorted({str(p.dtype) for p in model.parameters()}), "grad_dtypes": sorted({str(g.dtype) for g in grads}),
+            "grads_finite": all(bool(torch.isfinite(g.full_tensor()).all()) for g in grads)}
+
+
 def check_shards(processes) -> dict:
     model = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
     whole = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -132,6 +148,7 @@ def main(out_path: str) -> None:
     processes = sharding.start_processes(fsdp=True)
     assert processes.world == 2, "run under torchrun --nproc_per_node 2"
     results = {"shards": check_shards(processes)}
+    results["bf16"] = check_bf16(processes)
     results["heads"] = {variant: check_heads(processes, variant) for variant in ("plain", "checkpointing", "lora", "lora-head")}
     with tempfile.TemporaryDirectory() as folder:
         results["export"] = check_export(processes, folder)

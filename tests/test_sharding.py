@@ -136,6 +136,9 @@ def test_fsdp_shards_and_the_sparse_tied_head_matches_the_dense_reference(setup)
     assert "model.embed_tokens.weight" in checks["heads"]["plain"]["trained"]  # the tied weight got its gradient
     assert checks["heads"]["checkpointing"]["grads"] == 20
     assert any("lm_head.lora_A" in name for name in checks["heads"]["lora-head"]["trained"])
+    bf16 = checks["bf16"]
+    assert bf16["loss"] != bf16["fp32_loss"] and bf16["loss"] == pytest.approx(bf16["fp32_loss"], rel=2e-2)
+    assert bf16["shard_dtypes"] == bf16["grad_dtypes"] == ["torch.float32"] and bf16["grads_finite"]
     # The export gathered from the shards is, file for file, what the unsharded model saves.
     assert checks["export"]["same_files"] == {"config.json": True, "generation_config.json": True, "model.safetensors": True}
 
