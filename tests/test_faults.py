@@ -64,12 +64,12 @@ elif point == "after-step":  # optimizer step STEP done in memory, never saved
             kill_me()
 
     sftlab.training.progress.Reporter.advance = advance
-elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step STEP is done, from rank 0
+elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step STEP is done, from rank SIGNAL_RANK
     real_advance = sftlab.training.progress.Reporter.advance
 
     def advance(self, done):
         real_advance(self, done)
-        if done == step and os.environ.get("RANK", "0") == "0":
+        if done == step and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
             if point == "sigusr1-self":
                 os.kill(os.getpid(), signal.SIGUSR1)
             else:  # torchrun, which passes SIGTERM on to every worker as SLURM and Kubernetes make it do

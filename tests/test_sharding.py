@@ -210,16 +210,28 @@ def test_a_rank_killed_while_writing_its_shard_leaves_the_previous_checkpoint(se
 
 def test_sigterm_to_torchrun_checkpoints_exits_75_and_resumes_exactly(setup, fsdp_run):
     output_dir = str(setup["root"] / "fsdp-sigterm")
-    # Rank 0 sends SIGTERM to torchrun once step 2 is done; torchrun passes it to both workers.
-    stopped = torchrun(setup, output_dir, *FSDP, driver=("sigterm-launcher", "2"))
+    # Rank 0 sends SIGTERM to torchrun once step 1 is done; torchrun passes it to both workers,
+    # which see it at their next step's all-reduce (the second, or a later one if it travels slowly).
+    stopped = torchrun(setup, output_dir, *FSDP, driver=("sigterm-launcher", "1"))
     assert stopped.returncode != 0, stopped.stdout[-2000:]  # torchrun reports the signal it got
     for rank in (0, 1):  # both workers stopped on their own, with the documented code
         assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     (line,) = [line for line in stopped.stdout.splitlines() if "SIGTERM received: stopped after step" in line]
     step = int(line.split("stopped after step ")[1].split(" ")[0])
-    assert 2 < step < MAX_STEPS and step in list_checkpoints(output_dir)
+    assert 1 < step < MAX_STEPS and step in list_checkpoints(output_dir)
     assert not os.path.exists(os.path.join(output_dir, "final"))
 
     succeeded(torchrun(setup, output_dir, "resume_from_checkpoint=auto", *FSDP))
     assert_equal_weights(final(output_dir), final(fsdp_run["dir"]))
     assert losses(output_dir) == losses(fsdp_run["dir"])
+
+
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(setup):
+    output_dir = str(setup["root"] / "fsdp-one-signalled")
+    # Only rank 1 gets SIGUSR1, after step 1: its flag rides on step 2's all-reduce, so both stop there.
+    stopped = torchrun(setup, output_dir, *FSDP, driver=("sigusr1-self", "1"), env={"SIGNAL_RANK": "1"})
+    assert stopped.returncode != 0  # torchrun reports workers that exited 75 as failed
+    for rank in (0, 1):
+        assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "a stop signal to another process received: stopped after step 2 of 6" in stopped.stdout  # rank 0's own line
+    assert list_checkpoints(output_dir) == [2] and not os.path.exists(os.path.join(output_dir, "final"))

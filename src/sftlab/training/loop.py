@@ -318,10 +318,12 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr))
         if stop and done < steps:
             path = checkpoint_at(done)
-            reporter.line(f"{preemption.name} received: stopped after step {done} of {steps}, checkpoint {path}; "
+            # A process the signal did not reach stops too: another one got it.
+            signal_name = preemption.name or "a stop signal to another process"
+            reporter.line(f"{signal_name} received: stopped after step {done} of {steps}, checkpoint {path}; "
                           f"resume with resume_from_checkpoint=auto")
             reporter.finish()
-            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=preemption.name)
+            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
         if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
             record = evaluate(sharding.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
             record.update(type="eval", step=done)
