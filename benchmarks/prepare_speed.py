@@ -35,7 +35,10 @@ Both `cold` and `floor` use the tokenizer's Rust thread pool (all cores). sftlab
 tokenization pool (no num_proc option), so `cold` is measured one way only. CPU time is the
 figure to compare when the machine is busy with other work (the table warns when it is).
 Flags: --records N (default 20000), --repeats R (default 3), --json (JSON instead of the table),
---no-trl.
+--no-trl, --qwen3-style: conversations of 1-4 user turns, half the replies with reasoning_content,
+through examples/templates/qwen3_style.jinja (thinking dropped from history), to measure what
+training every turn as served costs: extra examples and tokens, and the speed (no TRL columns:
+TRL's assistant_only_loss needs {% generation %} tags, which that template has not).
 """
 
 from __future__ import annotations
@@ -96,6 +99,25 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
             messages.append({"role": "assistant", "content": paragraph(rng, (4, 21) if turns == 1 else (2, 11))})
         records.append({"messages": messages})
     return records
+
+
+def qwen3_style_conversations(n: int, seed: int = 0) -> list[dict]:
+    """n multi-turn chat records, half the replies with reasoning: a history-rewriting template's workload."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": sentence(rng, 6, 14)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": paragraph(rng, (1, 3))})
+            reply = {"role": "assistant", "content": paragraph(rng, (2, 8))}
+            if rng.random() < 0.5:
+                reply["reasoning_content"] = paragraph(rng, (1, 4))
+            messages.append(reply)
+        records.append({"messages": messages})
+    return records
+
+
+QWEN3_STYLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "templates", "qwen3_style.jinja")
 
 
 def qwen_tokenizer():
@@ -215,6 +237,7 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
         table["floor"] = table["floor_render"] + table["floor_encode"]
         table["floor_chunked"] = table["floor_render"] + table["floor_encode_chunked"]
     stats = examples.stats
+    chat = stats.get("chat", {})
     names = ("cold", "cached", "cold_list", "cached_list", "floor", "floor_render", "floor_encode", "floor_chunked",
              "floor_encode_chunked", "read_ids") + tuple(trl_runs)
     ratios = {}
@@ -250,6 +273,7 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
         },
         "supervised_tokens": int(stats["supervised_tokens"]),
         "trl_work": trl_work,
+        "as_served": {key: chat.get(key, 0) for key in ("turns_trained", "records_split", "extra_examples", "extra_tokens")},
     }
 
 
@@ -300,6 +324,12 @@ def print_table(result: dict) -> None:
             f"same work: sftlab {result['tokens']} tokens, {result['supervised_tokens']} supervised targets; "
             f"TRL {work['tokens']} tokens, {work['supervised_labels']} supervised labels"
         )
+    served = result["as_served"]
+    print(
+        f"as served: {served['turns_trained']} turns trained; {served['records_split']} of {result['records']} records split into "
+        f"{served['extra_examples']} extra examples (+{100 * served['extra_examples'] / result['records']:.1f}% examples), "
+        f"{served['extra_tokens']} extra tokens (+{100 * served['extra_tokens'] / max(1, result['tokens'] - served['extra_tokens']):.1f}% tokens)"
+    )
     if result["load_average_1min"] > result["cpu_count"]:
         print("warning: the machine was busy with other work; wall times are inflated, CPU times less so")
 
@@ -310,6 +340,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL columns (they are skipped anyway without trl)")
+    parser.add_argument("--qwen3-style", action="store_true", help="multi-turn chats with reasoning through a history-rewriting template")
     parser.add_argument("--trl-worker", type=int, default=None, metavar="NUM_PROC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker is not None:
@@ -320,6 +351,10 @@ def main() -> None:
     load_s = time.perf_counter() - started
     records = synthetic_conversations(args.records)
     trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    if args.qwen3_style:
+        with open(QWEN3_STYLE, encoding="utf-8") as handle:
+            tokenizer.chat_template = handle.read()
+        records, trl = qwen3_style_conversations(args.records), False
     result = measure(records, tokenizer, args.repeats, trl=trl)
     result["tokenizer_load_seconds"] = load_s
     if args.json:

@@ -78,6 +78,65 @@ def render(tokenizer) -> dict[str, str]:
         "The position ids restart at 0 where the second example begins, which is what keeps its "
         "attention inside itself; the first example's last target is -100, so it is never trained "
         "to predict the second example's first token.\n")
+    out.update(as_served(tokenizer))
+    return out
+
+
+def text_view(text: str, spans) -> str:
+    from sftlab.inspect import visible
+
+    shown, cursor = "", 0
+    for start, end in spans:
+        shown += visible(text[cursor:start]) + "⟦" + visible(text[start:end]) + "⟧"
+        cursor = end
+    return shown + (visible(text[cursor:]) if cursor < len(text) else "")
+
+
+def as_served(tokenizer) -> dict[str, str]:
+    """Conversations through the history-rewriting templates of examples/templates/, as the splitter serves them."""
+    import copy
+
+    from sftlab import TargetSettings, prepare_examples
+    from sftlab.data.chat import ChatRenderer
+    from sftlab.data.formats import validate_records
+    from sftlab.data.sources import load_records
+
+    templates = os.path.join(HERE, "..", "examples", "templates")
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    chat = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?", "reasoning_content": "A greeting."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Ask the tool.",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "21C, sunny"},
+        {"role": "assistant", "content": "21C and sunny.", "reasoning_content": "Report it."},
+    ]
+    out = {}
+    for key, name, added, label in (
+        ("as_served_qwen3", "qwen3_style.jinja", [], "Qwen3-style"),
+        ("as_served_harmony", "harmony_style.jinja", ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"],
+         "harmony-style (gpt-oss)"),
+    ):
+        with open(os.path.join(templates, name), encoding="utf-8") as handle:
+            template = handle.read()
+        served = copy.deepcopy(tokenizer)
+        if added:  # SmolLM2 has no harmony tokens: added as special tokens, as gpt-oss's tokenizer has them
+            served.add_special_tokens({"additional_special_tokens": added})
+        served.chat_template = template
+        record = {"messages": chat, "tools": [weather]}
+        messages = validate_records(load_records([record])).records[0].messages
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        planned = ChatRenderer(served, template).conversation_examples(messages, turns, tools=[weather])
+        stats = prepare_examples([record], served, TargetSettings(max_length=None), use_cache=False).stats["chat"]
+        views = "\n\n".join(f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
+                             for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns)))
+        out[key] = (
+            f"A tool-using chat with reasoning through the {label} template of `examples/templates/{name}` "
+            f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
+            "```\n" + views + "\n```\n\n"
+            f"`sftlab inspect` reports it: {stats['turns_trained']} turns trained, {stats['records_split']} record split, "
+            f"{stats["extra_examples"]} extra example(s), {stats["extra_tokens"]} extra tokens (SmolLM2 tokenizer).\n")
     return out
 
 

@@ -8,13 +8,12 @@ special token); the texts avoid the merges he / ll / ok / " a" except where a te
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
 from sftlab.data.chat import CHATML, ChatRenderer
-from tiny import MERGES, SPECIALS, char_id, char_tokenizer, ids, merged_id, special_id
+from tiny import char_id, char_tokenizer, ids, marked, merged_id, special_id
 
 X = -100
 BOS = special_id("<s>")
@@ -131,33 +130,9 @@ FAMILIES = {
 
 # ---------------------------------------------------------------- hand tokenization of the expected renders
 
-_SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIALS, key=len, reverse=True)) + ")")
-
-
-def hand_ids(text: str) -> list[int]:
-    """tiny.py's rules for text without merges: a special token is one id, any other character is one id."""
-    result = []
-    for piece in _SPECIAL.split(text):
-        if piece in SPECIALS:
-            result.append(special_id(piece))
-        else:
-            assert not any(a + b in piece for a, b in MERGES), f"{piece!r} would merge; write its ids out"
-            result.extend(ids(piece))
-    return result
-
-
-def expected(marked: str) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
+def expected(text: str) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
     """(rendered text, input_ids, targets, supervised character spans) of a render marked with ⟦ ⟧."""
-    text, input_ids, labels, spans = "", [], [], []
-    for position, part in enumerate(re.split("[⟦⟧]", marked)):
-        supervised = position % 2 == 1
-        if supervised:
-            spans.append((len(text), len(text) + len(part)))
-        text += part
-        part_ids = hand_ids(part)
-        input_ids += part_ids
-        labels += part_ids if supervised else [X] * len(part_ids)
-    return text, input_ids, labels[1:] + [X], spans
+    return marked(text)
 
 
 def only_last_marked(marked: str) -> str:
@@ -208,8 +183,8 @@ def test_supervised_text_agrees_with_the_generation_tags(family):
     renderer = ChatRenderer(char_tokenizer(), template(True))
     assert renderer.generation_spans(MULTI_TURN) == (text, spans)
     # sftlab does not read the tags: it finds the same spans by rendering prefixes.
-    assert renderer.assistant_spans(MULTI_TURN, [2, 4]) == (text, spans)
-    assert ChatRenderer(char_tokenizer(), template(False)).assistant_spans(MULTI_TURN, [2, 4]) == (text, spans)
+    assert renderer.conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
+    assert ChatRenderer(char_tokenizer(), template(False)).conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
 
 
 @families
@@ -337,21 +312,33 @@ ECHO = [
 
 @with_and_without_tags
 @pytest.mark.parametrize(
-    "messages, marked",
+    "messages, main, extra",
     [
-        (MULTI_TURN, "<s>[INST] Hi [/INST]⟦Yo</s>⟧[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧"),
-        (ECHO, "<s>[INST] Say 4 [/INST]⟦4</s>⟧[INST] S\n\n4? [/INST]⟦4</s>⟧"),
+        (MULTI_TURN, "<s>[INST] Hi [/INST]Yo</s>[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧", "<s>[INST] Be brief.\n\nHi [/INST]⟦Yo</s>⟧"),
+        (ECHO, "<s>[INST] Say 4 [/INST]4</s>[INST] S\n\n4? [/INST]⟦4</s>⟧", "<s>[INST] S\n\nSay 4 [/INST]⟦4</s>⟧"),
     ],
     ids=["multi-turn", "reply-echoes-user"],
 )
-def test_template_that_moves_the_system_prompt(messages, marked, tags):
-    text, input_ids, targets, spans = expected(marked)
+def test_template_that_moves_the_system_prompt(messages, main, extra, tags):
+    # Inference for the first reply feeds "[INST] Be brief.\n\nHi [/INST]" (the system prompt sits in the
+    # last user message, which is then "Hi"); the whole render has "[INST] Hi [/INST]" there. So the
+    # first reply is trained in an example of its own, after exactly what inference feeds, and the
+    # whole render trains the last reply only.
     renderer = ChatRenderer(char_tokenizer(), mistral_system_last(tags))
-    assert renderer.assistant_spans(messages, [2, 4]) == (text, spans)
-    if tags:
-        assert renderer.generation_spans(messages) == (text, spans)
+    planned = renderer.conversation_examples(messages, [2, 4])
+    assert planned.examples == [expected(main)[::3], expected(extra)[::3]]
+    assert planned.turns == [[4], [2]]
+    if tags:  # generation tags mark both replies in the whole render: the first after the wrong prefix
+        full, _, _, spans = expected(main.replace("Yo</s>", "⟦Yo</s>⟧").replace("]4</s>[", "]⟦4</s>⟧["))
+        assert renderer.generation_spans(messages) == (full, spans)
     tokenizer = char_tokenizer(chat_template=mistral_system_last(tags))
-    assert prepare([{"messages": messages}], tokenizer) == [(input_ids, targets)]
+    examples = prepare_examples([{"messages": messages}], tokenizer, TargetSettings(), use_cache=False)
+    assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == [
+        expected(main)[1:3], expected(extra)[1:3]]
+    assert examples.record_index.tolist() == [0, 0]
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["records_split"], chat["extra_examples"]) == (2, 1, 1)
+    assert chat["extra_tokens"] == len(expected(extra)[1])
 
 
 # ---------------------------------------------------------------- which template

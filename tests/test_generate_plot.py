@@ -107,6 +107,10 @@ def test_prompt_is_rendered_with_the_system_message_and_generation_prompt():
         "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ]
     assert render_prompts(tokenizer, CHATML, ["hi"]) == ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+    # template arguments a run was trained with shape the served prompt too
+    thinking_off = "{{ messages[0].content }}{% if add_generation_prompt and not enable_thinking %}<think></think>{% endif %}"
+    assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": False}) == ["hi<think></think>"]
+    assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": True}) == ["hi"]
 
 
 def test_stop_tokens_are_eos_and_known_end_of_turn_markers():

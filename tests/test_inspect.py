@@ -373,5 +373,7 @@ def test_the_docs_token_views_still_render():
     tokenizer = char_tokenizer()
     tokenizer.chat_template = CHATML
     blocks = module.render(tokenizer)
-    assert sorted(blocks) == ["conversation", "packing", "prompt_completion"]
-    assert all("targets" in block for block in blocks.values())
+    assert sorted(blocks) == ["as_served_harmony", "as_served_qwen3", "conversation", "packing", "prompt_completion"]
+    assert all("targets" in block or "trained" in block for block in blocks.values())
+    assert "# example 1: trains messages [3, 5]" in blocks["as_served_harmony"]  # the tool call rides with the final answer
+    assert "# example 2: trains messages [1]" in blocks["as_served_qwen3"]

@@ -58,6 +58,20 @@ CASES = {
                             "must be a string", "found int 4"),
     "assistant content empty": ([{"messages": [USER, {"role": "assistant", "content": " "}]}], 0, "messages[1].content",
                                 "assistant message is empty", "found ' '"),
+    "reasoning is not a string": ([{"messages": [USER, {"role": "assistant", "content": "Yo", "thinking": ["a"]}]}], 0,
+                                  "messages[1].thinking", "must be a string", "found list ['a']"),
+    "tool calls on a user message": ([{"messages": [{"role": "user", "content": "x", "tool_calls": []}, ASSISTANT]}], 0,
+                                     "messages[0].tool_calls", "only assistant messages make tool calls", "found role 'user'"),
+    "tool calls not a list": ([{"messages": [USER, {"role": "assistant", "tool_calls": {"name": "f"}}]}], 0,
+                              "messages[1].tool_calls", "must be a list of tool calls", "found dict {'name': 'f'}"),
+    "tool call arguments a list": ([{"messages": [USER, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]}],
+                                   0, "messages[1].tool_calls[0].function.arguments", "arguments must be a JSON object", "found list [1]"),
+    "tools hold a string": ([{"messages": [USER, ASSISTANT], "tools": ["get_temp"]}], 0, "tools[0]", "must be a function schema",
+                            "found str 'get_temp'"),
+    "template kwargs not a mapping": ([{"messages": [USER, ASSISTANT], "chat_template_kwargs": [1]}], 0, "chat_template_kwargs",
+                                      "must be a mapping of template arguments", "found list [1]"),
+    "assistant with nothing to say": ([{"messages": [USER, {"role": "assistant", "content": None}]}], 0, "messages[1].content",
+                                      "must be a string", "found None"),
     "ends on a user turn": ([{"messages": [USER, ASSISTANT, {"role": "user", "content": "Bye"}]}], 0, "messages[2].role",
                             "conversation ends on a non-assistant turn", "found user"),
     "sharegpt unknown speaker": ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "beep"}]}],
@@ -217,3 +231,26 @@ def test_a_broken_first_record_does_not_fix_the_format():
     validated = validate_records(load_records(records), skip_invalid=True)
     assert validated.formats == {TEXT: 3}
     assert sum(validated.skipped.values()) == 1
+
+
+def test_chat_records_are_normalised_as_transformers_renders_them():
+    """None-valued keys dropped, reasoning under every name, tool-call arguments as objects, a tool-call
+    turn's missing content as "", a JSON tool result as text, the train flag taken out of the message."""
+    record = {"messages": [
+        {"role": "user", "content": "Temp?", "name": None},
+        {"role": "assistant", "content": None, "reasoning": "use it", "train": True,
+         "tool_calls": [{"id": "c1", "function": {"name": "get_temp", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": {"temp": 7}},
+        {"role": "assistant", "content": "7C.", "tool_calls": None},
+    ], "tools": '[{"type": "function", "function": {"name": "get_temp"}}]', "chat_template_kwargs": '{"enable_thinking": false}'}
+    (validated,) = validate_records(load_records([record]), vocab_size=VOCAB).records
+    assert validated.messages == [
+        {"role": "user", "content": "Temp?"},
+        {"thinking": "use it", "role": "assistant", "reasoning": "use it", "content": "", "reasoning_content": "use it",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_temp", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 7}'},
+        {"role": "assistant", "content": "7C."},
+    ]
+    assert validated.train == [None, True, None, None]
+    assert validated.tools == [{"type": "function", "function": {"name": "get_temp"}}]
+    assert validated.template_kwargs == {"enable_thinking": False}

@@ -9,6 +9,7 @@ pre-tokenizer, so merges can cross spaces and prompt/completion boundaries:
 
 from __future__ import annotations
 
+import re
 import string
 
 SPECIALS = [
@@ -23,6 +24,11 @@ CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable AS
 FIRST_CHAR_ID = len(SPECIALS)
 MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("o", "k"), (" ", "a")]
 MERGED = ["he", "ll", "hell", "ok", " a"]
+# Tokens of reasoning and tool-using templates, for char_tokenizer(chat_tokens=True). Their ids come
+# after every id above, so the tokenizer everyone else uses (and the pinned losses) is unchanged.
+CHAT_SPECIALS = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",  # harmony (with <|end|>)
+                 "<|User|>", "<|Assistant|>"]                                          # DeepSeek-R1
+CHAT_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # Qwen: not special
 
 
 def special_id(token: str) -> int:
@@ -37,9 +43,16 @@ def merged_id(piece: str) -> int:
     return FIRST_CHAR_ID + len(CHARS) + MERGED.index(piece)
 
 
-def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = True, eos: str = "</s>"):
-    """A fast tokenizer whose ids the tests can compute by hand (see module docstring)."""
-    from tokenizers import Tokenizer, models, processors
+def chat_token_id(token: str) -> int:
+    """Id of a CHAT_SPECIALS or CHAT_ADDED token in char_tokenizer(chat_tokens=True)."""
+    return FIRST_CHAR_ID + len(CHARS) + len(MERGED) + (CHAT_SPECIALS + CHAT_ADDED).index(token)
+
+
+def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = True, eos: str = "</s>",
+                   chat_tokens: bool = False):
+    """A fast tokenizer whose ids the tests can compute by hand (see module docstring); with
+    `chat_tokens`, also the harmony / R1 special tokens and Qwen's added (not special) tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
@@ -47,8 +60,13 @@ def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: boo
         vocab[c] = len(vocab)
     for piece in MERGED:
         vocab[piece] = len(vocab)
+    if chat_tokens:
+        for token in CHAT_SPECIALS + CHAT_ADDED:
+            vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
-    backend.add_special_tokens(SPECIALS)
+    backend.add_special_tokens(SPECIALS + (CHAT_SPECIALS if chat_tokens else []))
+    if chat_tokens:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAT_ADDED])
     if bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
@@ -68,3 +86,35 @@ def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: boo
 def ids(text: str) -> list[int]:
     """Hand encoding for texts without merges: one id per character."""
     return [char_id(c) for c in text]
+
+
+def hand_ids(text: str, chat_tokens: bool = False) -> list[int]:
+    """tiny.py's rules for text without merges: a special (or added) token is one id, any other
+    character is one id. Text that would merge is refused: write its ids out instead."""
+    tokens = SPECIALS + (CHAT_SPECIALS + CHAT_ADDED if chat_tokens else [])
+    pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+    result = []
+    for piece in pattern.split(text):
+        if piece in SPECIALS:
+            result.append(special_id(piece))
+        elif piece in tokens:
+            result.append(chat_token_id(piece))
+        else:
+            assert not any(a + b in piece for a, b in MERGES), f"{piece!r} would merge; write its ids out"
+            result.extend(ids(piece))
+    return result
+
+
+def marked(text: str, chat_tokens: bool = False) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
+    """(text, input_ids, targets, trained character spans) of an example written with its trained
+    text between ⟦ and ⟧: targets are the ids shifted by one, -100 where not trained."""
+    plain, input_ids, labels, spans = "", [], [], []
+    for position, part in enumerate(re.split("[⟦⟧]", text)):
+        trained = position % 2 == 1
+        if trained:
+            spans.append((len(plain), len(plain) + len(part)))
+        plain += part
+        part_ids = hand_ids(part, chat_tokens)
+        input_ids += part_ids
+        labels += part_ids if trained else [-100] * len(part_ids)
+    return plain, input_ids, labels[1:] + [-100], spans

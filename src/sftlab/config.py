@@ -38,6 +38,11 @@ class SFTConfig(BaseModel):
     completion_only_loss: bool = Field(True, description="Prompt/completion data: train on the completion only (false: on prompt and completion).")
     assistant_only_loss: bool = Field(True, description="Conversations: train on assistant turns only (false: on every token of the rendered chat).")
     last_assistant_only: bool = Field(False, description="Conversations: train on the last assistant turn only.")
+    train_on_roles: list[Literal["system", "developer", "user", "assistant", "tool", "function", "ipython"]] = Field(
+        default_factory=lambda: ["assistant"], description="Conversations: the roles whose messages are trained; a message's own \"train\": true/false wins.")
+    chat_examples: Literal["as_served", "final_render"] = Field("as_served", description="Conversations: 'as_served' trains every turn after exactly the prompt inference feeds it, adding examples where the template rewrites history (counted); 'final_render' keeps one example per conversation and leaves the turns it cannot serve untrained (counted).")
+    tools: list[dict] | str | None = Field(None, description="Tools (function schemas) for conversations that carry none: a list, a .json file, or JSON text. A record's own 'tools' win.")
+    chat_template_kwargs: dict | None = Field(None, description="Arguments for every chat template render (enable_thinking, reasoning_effort, documents, ...); a record's own 'chat_template_kwargs' win.")
     skip_invalid_records: bool = Field(False, description="Count and skip records that fail validation instead of stopping with an error.")
     cache_dir: str | None = Field(None, description="Where prepared examples are cached. Default: ~/.cache/sftlab/prepared ($SFTLAB_CACHE).")
     use_cache: bool = Field(True, description="Reuse prepared examples when data, tokenizer and settings are unchanged.")

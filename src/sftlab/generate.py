@@ -86,14 +86,15 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
-def render_prompts(tokenizer, template: str, prompts: list[str], system: str | None = None) -> list[str]:
-    renderer = ChatRenderer(tokenizer, template)
+def render_prompts(tokenizer, template: str, prompts: list[str], system: str | None = None,
+                   template_kwargs: dict | None = None) -> list[str]:
+    renderer = ChatRenderer(tokenizer, template, template_kwargs=template_kwargs)
     head = [{"role": "system", "content": system}] if system is not None else []
     return [renderer.render(head + [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
 def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, system: str | None = None,
-                     template: str | None = None, batch_size: int = 16) -> list[str]:
+                     template: str | None = None, batch_size: int = 16, template_kwargs: dict | None = None) -> list[str]:
     """Greedy replies to `prompts`, decoded without special tokens and stripped.
 
     Prompts are batched with left padding (the attention mask hides the pads and position ids
@@ -103,7 +104,7 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     from transformers import GenerationConfig
 
     template = template or resolve_chat_template(tokenizer, None)
-    texts = render_prompts(tokenizer, template, prompts, system)
+    texts = render_prompts(tokenizer, template, prompts, system, template_kwargs)
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops or None,
@@ -128,4 +129,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system: str
     """The model's greedy reply to one user prompt (chat template applied)."""
     model, tokenizer = load_for_generation(model_dir)
     template = chat_template_for(model_dir, tokenizer)
-    return generate_replies(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, system=system, template=template)[0]
+    # Served as it was trained: the run's chat_template_kwargs (enable_thinking, ...) shape the prompt too.
+    kwargs = _sftlab_config(model_dir).get("chat_template_kwargs")
+    return generate_replies(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, system=system, template=template,
+                            template_kwargs=kwargs)[0]

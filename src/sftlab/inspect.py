@@ -110,6 +110,14 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
     rows.append(("tokens", str(stats.get("tokens", 0))))
     rows.append(("supervised tokens", str(stats.get("supervised_tokens", 0))))
     rows.append(("supervised fraction", f"{100 * stats.get('supervised_fraction', 0.0):.1f}%"))
+    chat = stats.get("chat")
+    if chat:
+        rows.append(("conversation turns trained", str(chat.get("turns_trained", 0))))
+        rows.append(("  records split to serve every turn", str(chat.get("records_split", 0))))
+        rows.append(("  extra examples", str(chat.get("extra_examples", 0))))
+        rows.append(("  extra tokens", str(chat.get("extra_tokens", 0))))
+        if chat.get("turns_not_served"):
+            rows.append(("turns left untrained (chat_examples=final_render)", str(chat["turns_not_served"])))
     rows.append(("truncated", str(stats.get("truncated", 0))))
     dropped = stats.get("dropped", {})
     rows.append(("dropped", str(sum(dropped.values()))))

@@ -1,21 +1,46 @@
-"""Render conversations with a chat template and find, in characters, what each assistant turn wrote.
+"""Render conversations with a chat template, and turn each one into examples trained *as served*.
 
-Works with ANY template, with or without `{% generation %}` tags: an assistant turn's span
-runs from the end of the generation prompt (the text inference would feed, rendered from the
-turns before it with add_generation_prompt=True) to the end of the conversation rendered up
-to and including that turn. So the span holds the reply and the end-of-turn marker that makes
-the model stop, and nothing the model will be given at inference. Whitespace the template
-writes after the end-of-turn marker (ChatML's "\\n") is left out: generation stops at the
-marker and never produces it. So is text a template writes only where the conversation ends
-(Phi-3 appends eos_token): a turn ends where its render and the render of the conversation
-going on differ.
+The rule, for assistant turn k of a conversation `messages`:
 
-Templates run in transformers' sandboxed Jinja environment (no file or attribute access).
+    P_k = render(messages[:k], add_generation_prompt=True)   what inference feeds the model
+    F_k = render(messages[:k + 1])                           the conversation with turn k last
+    C_k = F_k after P_k, through the marker that ends the turn
+
+The model must learn to write C_k in the context P_k, exactly. Text a turn's render writes
+after its end marker is not generated (ChatML's "\\n"), nor is text a template writes only
+where a conversation ends (Phi-3's closing eos_token): both stay context.
+
+Templates whose renders are prefixes of each other serve every turn in one example, the
+render of the whole conversation. Templates that rewrite history do not: Qwen3 drops a
+turn's thinking once a user message follows, gpt-oss closes a final answer with <|end|>
+instead of <|return|> once it is history, Mistral-Nemo moves the system prompt into the last
+user message. A turn whose P_k + C_k is not a prefix of the whole render gets an example of
+its own, and every example trains all the turns it serves, so a conversation needs as few
+examples as the template allows. `final_render` mode keeps one example per conversation and
+counts the turns it cannot serve.
+
+When F_k does not start with P_k, two documented rules apply, else the record is refused:
+- the template rewrites an EARLIER turn once turn k exists (gpt-oss drops a tool call's
+  analysis once a final answer follows): turn k's text is what F_k writes after the longest
+  stretch it shares with the end of P_k (which must hold the message turn k answers and the
+  generation prompt), and it is trained after P_k;
+- the generation prompt opens the reply and the turn's render does not continue it
+  (DeepSeek-R1 feeds "<think>\\n" but renders replies with their thinking cut away): the reply
+  as the record writes it must start with that opening; the text after it, then the end
+  marker the template writes, is trained after P_k.
+
+Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
+names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
+names the record. Templates run in transformers' sandboxed Jinja environment.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from jinja2 import TemplateError
 
 from sftlab.errors import DataError
 
@@ -31,17 +56,29 @@ CHATML = (
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
+# How the turns of a conversation become examples.
+AS_SERVED = "as_served"
+FINAL_RENDER = "final_render"
+CHAT_EXAMPLES = (AS_SERVED, FINAL_RENDER)
+
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     """The template to use: the configured one (a built-in name, a file, or Jinja text), else the tokenizer's."""
+    return resolve_chat_templates(tokenizer, chat_template)[0]
+
+
+def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, str | None]:
+    """(template, template for records with tools or None). A configured template serves both; a
+    tokenizer may ship a dict of named templates, whose "tool_use" one transformers picks when
+    tools are given."""
     if chat_template:
         if chat_template in BUILTIN_TEMPLATES:
-            return BUILTIN_TEMPLATES[chat_template]
+            return BUILTIN_TEMPLATES[chat_template], None
         if os.path.isfile(chat_template):
             with open(chat_template, encoding="utf-8") as handle:
-                return handle.read()
+                return handle.read(), None
         if "{%" in chat_template or "{{" in chat_template:
-            return chat_template
+            return chat_template, None
         raise DataError(
             "chat_template is neither a built-in name, a file nor a Jinja template",
             field="chat_template",
@@ -49,8 +86,9 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
             expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, or the template text",
         )
     template = getattr(tokenizer, "chat_template", None)
+    tool_template = None
     if isinstance(template, dict):
-        template = template.get("default")
+        template, tool_template = template.get("default"), template.get("tool_use")
     if not template:
         raise DataError(
             "the tokenizer has no chat template, so conversations cannot be rendered",
@@ -58,29 +96,78 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
             found=f"{type(tokenizer).__name__} without chat_template",
             fix="set chat_template: chatml (built in) or a path to a Jinja template file",
         )
-    return template
+    return template, tool_template
+
+
+class TurnError(Exception):
+    """A turn the template cannot serve, or whose trained text fails the self-check."""
+
+    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
+        super().__init__(problem)
+        self.turn, self.problem, self.found, self.fix = turn, problem, found, fix
+
+
+@dataclass
+class Turn:
+    """One trained turn: the text before it, the text trained, and what its own render writes after."""
+
+    index: int  # message index
+    context: str  # P_k for an assistant turn: exactly what inference feeds
+    text: str  # C_k: what the model must write
+    tail: str  # context after the turn in its own example (ChatML's "\n")
+    rule: str  # "prefix", "rewritten_history" or "opened_reply": how C_k was found
+
+    def served_by(self, text: str) -> bool:
+        """`text` holds this turn as served: exactly its context, then exactly its trained text."""
+        return text.startswith(self.context) and text.startswith(self.text, len(self.context))
+
+    def span(self) -> tuple[int, int]:
+        return len(self.context), len(self.context) + len(self.text)
+
+
+@dataclass
+class ConversationExamples:
+    """The examples of one conversation: (text, trained character spans); the first holds the last turn."""
+
+    examples: list[tuple[str, list[tuple[int, int]]]]
+    counts: Counter = field(default_factory=Counter)
+    turns: list[list[int]] = field(default_factory=list)  # the message index of each example's spans
 
 
 class ChatRenderer:
-    """Renders messages to text with one template and the tokenizer's special tokens."""
+    """Renders messages with one template, the tokenizer's special tokens and the dataset's defaults."""
 
-    def __init__(self, tokenizer, template: str):
-        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
-
-        # Compiled here, not through transformers' lru_cache, so the template and its environment are
-        # this renderer's alone. Jinja keeps a template's globals as a ChainMap over the environment's
-        # and merges them into a new dict, in Python, on every render: a third of a ChatML render, and
-        # assistant_spans renders 2-3 times per turn. Nothing changes the globals, so merge them once.
-        self.template = _cached_compile_jinja_template(template)
-        self.template.globals = dict(self.template.globals)
-        self.variables = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    def __init__(self, tokenizer, template: str, *, tool_template: str | None = None, tools: list | None = None,
+                 template_kwargs: dict | None = None):
+        self.template = _compile(template)
+        self.tool_template = _compile(tool_template) if tool_template else None
+        self.tools = tools or None
+        special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        # What every render sees, merged once: a Jinja render already costs ~30 us per message.
+        self.variables = {**special, **(template_kwargs or {})}
         # Longest first, so a cut is moved out of the outermost token that it would split.
         self.special_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        # A trained turn must end with one of these, or the model never learns to stop.
+        decoder = getattr(tokenizer, "added_tokens_decoder", {})
+        self.end_markers = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
+                                        | {str(t) for t in tokenizer.all_special_tokens}, key=len, reverse=True))
+        self._closer: str | None = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.variables
-        )
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
+               kwargs: dict | None = None) -> str:
+        tools = tools if tools is not None else self.tools
+        template = self.tool_template if tools and self.tool_template is not None else self.template
+        variables = {**self.variables, **kwargs} if kwargs else self.variables
+        documents = variables.get("documents")
+        if documents is not None:
+            variables = {k: v for k, v in variables.items() if k != "documents"}
+        try:
+            return template.render(messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+            # The template's own Python-level failure on this record's data (a string plus the dict of a tool
+            # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
+            raise TemplateError(f"{type(error).__name__}: {error}") from error
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
@@ -89,70 +176,242 @@ class ChatRenderer:
         text, spans = _render_with_assistant_indices(self.template, messages, None, None, False, **self.variables)
         return text, [tuple(s) for s in spans]
 
-    def assistant_spans(self, messages: list[dict], turns: list[int]) -> tuple[str, list[tuple[int, int]]]:
-        """The full rendered text, and for each message index in `turns` its (start, end) in characters."""
-        full = self.render(messages)
-        spans = []
-        for turn in turns:
-            prompt = self.render(messages[:turn], add_generation_prompt=True)
-            last = turn == len(messages) - 1
-            upto = full if last else self.render(messages[: turn + 1])  # same arguments, same text: one render saved
-            # What follows the turn when the conversation goes on: the next messages, or, after the
-            # last one, a generation prompt. Text of `upto` missing from it closed the conversation.
-            going_on = self.render(messages, add_generation_prompt=True) if last else full
-            end = self._stable_end(upto, going_on)
-            content = (messages[turn].get("content") or "").rstrip()
-            # Keep the reply itself whole even if it ends in whitespace; trim only what follows the marker.
-            floor = len(prompt) + len(content) if upto.startswith(content, len(prompt)) else len(prompt)
-            if not upto.startswith(prompt) or end < floor:
-                spans.append(self._span_by_content(full, messages, turn, spans))
-                continue
-            while end > floor and upto[end - 1].isspace():
-                end -= 1
-            spans.append((len(prompt), end))
-        return full, spans
+    # --- turns as served ----------------------------------------------------------------------
 
-    def _stable_end(self, upto: str, going_on: str) -> int:
-        """Length of the longest prefix of `upto` that `going_on` shares, cut between tokens: "</s>"
-        and "<|user|>" share a "<" that belongs to neither turn."""
-        if going_on.startswith(upto):
-            return len(upto)  # the usual case, settled in C: commonprefix compares in a Python loop
-        end = len(os.path.commonprefix([upto, going_on]))
-        moved = end < len(upto)
-        while moved:
-            moved = False
-            for token in self.special_tokens:
-                start = upto.find(token, max(0, end - len(token) + 1))
-                if 0 <= start < end:
-                    end, moved = start, True
+    def conversation_examples(self, messages: list[dict], turns: list[int], *, tools: list | None = None,
+                              kwargs: dict | None = None, mode: str = AS_SERVED) -> ConversationExamples:
+        """The examples that train `turns` (message indices, ascending) as served."""
+        render = lambda part, prompt=False: self.render(part, prompt, tools, kwargs)  # noqa: E731
+        full = render(messages)
+        counts: Counter = Counter()
+        served: list[Turn] = []
+        for k in turns:
+            try:
+                served.append(self.turn(messages, k, full, render))
+            except TurnError:
+                if mode != FINAL_RENDER:
+                    raise
+                counts["turns_not_served"] += 1  # the final render cannot hold a turn that has no served form
+        for turn in served:
+            counts[f"rule_{turn.rule}"] += 1
+        if mode == FINAL_RENDER:
+            inside = [t for t in served if t.served_by(full)]
+            counts["turns_trained"] += len(inside)
+            counts["turns_not_served"] += len(served) - len(inside)
+            return ConversationExamples([(full, [t.span() for t in inside])] if inside else [], counts,
+                                        [[t.index for t in inside]] if inside else [])
+        counts["turns_trained"] += len(served)
+        examples, placed_turns = [], []
+        remaining = served
+        while remaining:
+            # The latest turn not yet placed decides the next example: the whole render when it serves
+            # that turn, else the turn's own render. Every remaining turn that example serves goes in it.
+            latest = remaining[-1]
+            text = full if latest.served_by(full) else latest.context + latest.text + latest.tail
+            inside = [t for t in remaining if t.served_by(text)]
+            examples.append((text, [t.span() for t in inside]))
+            placed_turns.append([t.index for t in inside])
+            remaining = [t for t in remaining if t.index not in placed_turns[-1]]
+        return ConversationExamples(examples, counts, placed_turns)
+
+    def turn(self, messages: list[dict], k: int, full: str, render) -> Turn:
+        """Turn k's context and trained text (see the module docstring), checked."""
+        message = messages[k]
+        assistant = message["role"] == "assistant"
+        # A non-assistant turn (train_on_roles, "train": true) has no generation prompt: it is trained
+        # from its content to its end marker, after the conversation before it and its header.
+        prompt = render(messages[:k], assistant) if k or assistant else ""
+        upto = full if k == len(messages) - 1 else render(messages[: k + 1])
+        rule = "prefix"
+        if upto.startswith(prompt):
+            raw = upto[len(prompt):]
+            if not assistant:
+                start = raw.find(_content(message).strip()) if _content(message).strip() else -1
+                if start < 0:
+                    raise TurnError(k, f"the template does not render this {message['role']} message's content verbatim",
+                                    fix="train assistant turns only, or use a template that renders the message as written")
+                prompt, raw = prompt + raw[:start], raw[start:]
+        elif not assistant:
+            raise TurnError(k, "the template rewrites the conversation before this message",
+                            found=_divergence(prompt, upto), fix="train assistant turns only (train_on_roles: [assistant])")
+        else:
+            raw, rule = self._rejoin(messages, k, prompt, upto, render)
+        end = self._turn_end(raw, message)
+        turn = Turn(k, prompt, raw[:end], raw[end:], rule)
+        self._check(message, turn)
+        return turn
+
+    def _rejoin(self, messages: list[dict], k: int, prompt: str, upto: str, render) -> tuple[str, str]:
+        """Turn k's raw text (trained text and what follows) when F_k does not start with P_k."""
+        history = render(messages[:k])
+        if not prompt.startswith(history):
+            raise TurnError(k, "the template's generation prompt rewrites the conversation instead of extending it",
+                            found=_divergence(history, prompt), fix=_TEMPLATE_FIX)
+        opening = prompt[len(history):]
+        shared = self._shared_prefix(prompt, upto)
+        if shared >= len(history):
+            return self._opened_reply(messages[k], k, prompt, upto), "opened_reply"
+        # The conversation before turn k renders differently once turn k follows (an earlier turn loses
+        # its analysis, the system prompt leaves the last user message, a tool result is closed another
+        # way). Turn k starts where F_k's longest stretch shared with the end of P_k ends. Candidates:
+        # where F_k renders the message turn k answers and the generation prompt as P_k ends; else where
+        # F_k has the generation prompt. A tie between candidates is refused.
+        answered = _content(messages[k - 1]).strip() if k else ""
+        found = prompt.rfind(answered) if answered else -1
+        best, tie = -1, False
+        for key in ([prompt[found:]] if found >= 0 else []) + [opening]:
+            best, tie = self._rejoin_at(prompt, upto, key, shared)
+            if best >= 0:
+                break
+        if best < 0 or tie:
+            raise TurnError(k, "the template renders this turn's conversation differently from the prompt inference feeds, "
+                               "and the turn cannot be told apart from the rewritten history",
+                            found=_divergence(prompt, upto), fix=_TEMPLATE_FIX)
+        return upto[best:], "rewritten_history"
+
+    @staticmethod
+    def _rejoin_at(prompt: str, upto: str, key: str, shared: int) -> tuple[int, bool]:
+        """The end of the occurrence of `key` in `upto` (after `shared`) whose text before shares the longest
+        stretch with the end of `prompt`, and whether another occurrence shares as much."""
+        best, best_length, tie = -1, -1, False
+        start = upto.find(key, shared) if key else -1
+        while start >= 0:
+            x = start + len(key)
+            length = _common_suffix(prompt, upto[:x])
+            if length > best_length:
+                best, best_length, tie = x, length, False
+            elif length == best_length:
+                tie = True
+            start = upto.find(key, start + 1)
+        return best, tie
+
+    def _opened_reply(self, message: dict, k: int, prompt: str, upto: str) -> str:
+        """The generation prompt ends in text (an opening) that the turn's render does not continue."""
+        opening_start = self._shared_prefix(prompt, upto)
+        opening, rendered = prompt[opening_start:], upto[opening_start:]
+        reply = _content(message)
+        if not opening or not reply.startswith(opening):
+            raise TurnError(
+                k, f"the generation prompt ends with {opening!r}, and the template renders this turn without continuing it",
+                found=f"the turn renders as {rendered[:60]!r}",
+                fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
+                    f"its closing tag, then the answer), or {_TEMPLATE_FIX}")
+        # The rendered turn is the end of the reply as written, then the end marker: find where the marker starts.
+        for token_start in self._special_starts(rendered):
+            if reply.endswith(rendered[:token_start]):
+                return reply[len(opening):] + rendered[token_start:]
+        raise TurnError(k, "cannot find the end-of-turn marker after the reply in the template's render",
+                        found=repr(rendered[-60:]), fix=_TEMPLATE_FIX)
+
+    def _special_starts(self, text: str) -> list[int]:
+        starts = set()
+        for token in self.special_tokens:
+            position = text.find(token)
+            while position >= 0:
+                starts.add(position)
+                position = text.find(token, position + 1)
+        return sorted(starts)
+
+    def _turn_end(self, raw: str, message: dict) -> int:
+        """Where the generated text ends in `raw`: before the whitespace after the end marker and
+        before text the template writes only where a conversation ends; never inside the reply."""
+        reply = _content(message).rstrip()
+        found = raw.rfind(reply) if reply else -1
+        floor = found + len(reply) if found >= 0 else 0
+        end = max(floor, len(raw.rstrip()))
+        closer = self.closer
+        if closer and end - len(closer) >= floor and raw.startswith(closer, end - len(closer)):
+            end = max(floor, len(raw[: end - len(closer)].rstrip()))
         return end
 
-    def _span_by_content(self, full: str, messages: list[dict], turn: int, earlier: list[tuple[int, int]]) -> tuple[int, int]:
-        """Fallback for templates whose renders are not prefixes of one another (e.g. ones that rewrite
-        earlier turns): locate the reply's text in the full render and extend it over the end-of-turn
-        marker the template writes after a reply."""
-        content = (messages[turn].get("content") or "").strip()
-        cursor = earlier[-1][1] if earlier else 0
-        # Search after the message the reply answers, so a reply that repeats the user's words
-        # ("Say yes" -> "yes") is not found inside the user's turn.
-        before = (messages[turn - 1].get("content") or "").strip() if turn > 0 else ""
-        found = full.find(before, cursor) if before else -1
-        if found >= 0:
-            cursor = found + len(before)
-        start = full.find(content, cursor) if content else -1
-        if start < 0:
-            raise DataError(
-                "cannot locate an assistant reply in the rendered conversation",
-                field=f"messages[{turn}].content",
-                found="a chat template that rewrites assistant text",
-                fix="use a template that renders replies verbatim, or set assistant_only_loss=false",
-            )
-        end = start + len(content)
-        return start, end + len(self._end_marker(full, end))
+    @property
+    def closer(self) -> str:
+        """Text the template writes after the last message only when no generation prompt follows (Phi-3's
+        eos_token): found once, from a one-message conversation rendered with and without the prompt."""
+        if self._closer is None:
+            probe = [{"role": "user", "content": "x"}]
+            try:
+                ended, going_on = self.render(probe), self.render(probe, add_generation_prompt=True)
+            except Exception:  # a template that refuses such a probe closes nothing we can see
+                ended = going_on = ""
+            self._closer = ended[self._shared_prefix(ended, going_on):].strip()
+        return self._closer
 
-    def _end_marker(self, full: str, end: int) -> str:
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        rendered = self.render(probe)
-        rendered = rendered[: self._stable_end(rendered, self.render(probe, add_generation_prompt=True))]
-        tail = rendered[rendered.rfind("y") + 1 :].rstrip()
-        return tail if full.startswith(tail, end) else ""
+    def _shared_prefix(self, a: str, b: str) -> int:
+        """Length of the longest common prefix of `a` and `b`, cut between tokens: "</s>" and "<|user|>"
+        share a "<" that belongs to neither."""
+        end = len(os.path.commonprefix([a, b]))
+        moved = end < min(len(a), len(b))
+        while moved:
+            moved = False
+            for text in (a, b):
+                for token in self.special_tokens:
+                    start = text.find(token, max(0, end - len(token) + 1))
+                    if 0 <= start < end:
+                        end, moved = start, True
+        return end
+
+    def _check(self, message: dict, turn: Turn) -> None:
+        """The self-check every trained turn passes: non-empty, holds its reply, ends with a marker."""
+        text = turn.text
+        if not text.strip():
+            raise TurnError(turn.index, "the turn's trained text is empty", found=f"context ends {turn.context[-60:]!r}",
+                            fix=_TEMPLATE_FIX)
+        for what, piece in _reply_pieces(message):
+            if piece not in text:
+                raise TurnError(turn.index, f"the turn's trained text does not hold its {what}",
+                                found=f"{what} {piece[:40]!r}, trained text {text[:80]!r}",
+                                fix=f"the template does not render the {what} of a turn as it is served: "
+                                    f"remove it from the data, or use a template that renders it")
+        if not text.endswith(self.end_markers):
+            raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
+                                        "would never learn to stop", found=f"it ends {text[-40:]!r}",
+                            fix="use a chat template that ends each turn with a special token such as eos_token")
+
+
+_TEMPLATE_FIX = "set chat_template to a training template that renders each turn as the model writes it"
+
+
+def _compile(template: str):
+    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+
+    # Compiled here, not through transformers' lru_cache, so the template and its environment are this
+    # renderer's alone. Jinja keeps a template's globals as a ChainMap over the environment's and merges
+    # them into a new dict, in Python, on every render: a third of a ChatML render, and a conversation
+    # takes ~2 renders per turn. Nothing changes the globals, so merge them once.
+    compiled = _cached_compile_jinja_template(template)
+    compiled.globals = dict(compiled.globals)
+    return compiled
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _reply_pieces(message: dict) -> list[tuple[str, str]]:
+    """What a trained turn must hold: (what, text) for its visible reply, its reasoning and its tool calls."""
+    pieces = []
+    content = _content(message)
+    if message["role"] == "assistant" and "</think>" in content:  # reasoning written inline
+        thinking, _, content = content.rpartition("</think>")
+        thinking = thinking.split("<think>")[-1].strip()
+        if thinking:
+            pieces.append(("reasoning", thinking))
+    if content.strip():
+        pieces.append(("content", content.strip()))
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip():
+        pieces.append(("reasoning", reasoning.strip()))
+    for call in message.get("tool_calls") or ():
+        pieces.append(("tool call", call["function"]["name"]))
+    return pieces
+
+
+def _common_suffix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a[::-1], b[::-1]]))
+
+
+def _divergence(expected: str, got: str) -> str:
+    at = len(os.path.commonprefix([expected, got]))
+    return f"after {expected[max(0, at - 30):at]!r} inference has {expected[at:at + 30]!r}, the render has {got[at:at + 30]!r}"

@@ -23,9 +23,9 @@ import numpy as np
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import ChatRenderer, resolve_chat_template
-from sftlab.errors import DataError
+from sftlab.data.chat import AS_SERVED, CHAT_EXAMPLES, ChatRenderer, TurnError, resolve_chat_templates
 from sftlab.data.formats import Record
+from sftlab.errors import DataError
 
 IGNORE = -100
 TRUNCATION_POLICIES = ("right", "drop")
@@ -41,6 +41,12 @@ class TargetSettings:
     assistant_only_loss: bool = True
     last_assistant_only: bool = False
     chat_template: str | None = None
+    # Conversations: the roles trained (a message's own "train" flag wins), how turns become
+    # examples (as served, or the final render only), and what every render of the dataset gets.
+    train_on_roles: tuple[str, ...] = ("assistant",)
+    chat_examples: str = AS_SERVED
+    tools: list | None = None
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass
@@ -132,29 +138,48 @@ class SegmentEncoder:
         return [ids[cut:] if c else ids for ids, c in zip(encoded, continuation)]
 
 
-def _segments(record: Record, settings: TargetSettings, renderer: ChatRenderer | None) -> list[tuple[str, bool]]:
-    """The record as (text, supervised) pieces, in order."""
+def trained_turns(record: Record, settings: TargetSettings) -> list[int]:
+    """Indices of the messages a conversation trains on: the roles in train_on_roles, after the
+    prompt of a chat prompt/completion record; a message's own "train" flag overrides its role."""
+    turns = []
+    for i, message in enumerate(record.messages):
+        if i < record.completion_start:
+            continue
+        flag = record.train[i] if record.train is not None else None
+        if flag if flag is not None else message["role"] in settings.train_on_roles:
+            turns.append(i)
+    if settings.last_assistant_only:
+        turns = [i for i in turns if record.messages[i]["role"] == "assistant"][-1:]
+    return turns
+
+
+def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRenderer | None,
+                     counts: Counter) -> list[list[tuple[str, bool]]]:
+    """The record's examples, each as (text, supervised) pieces in order. One example, except for a
+    conversation whose template cannot serve every turn in one render (see chat.py)."""
     if record.format == formats.TEXT:
-        return [(record.text, True)]
+        return [[(record.text, True)]]
     if record.format == formats.PROMPT_COMPLETION:
-        return [(record.prompt, not settings.completion_only_loss), (record.completion, True)]
+        return [[(record.prompt, not settings.completion_only_loss), (record.completion, True)]]
     messages = record.messages
     all_tokens = not settings.assistant_only_loss
     if record.format == formats.CHAT_PROMPT_COMPLETION:
         all_tokens = not settings.completion_only_loss
     if all_tokens:
-        return [(renderer.render(messages), True)]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= record.completion_start]
-    if settings.last_assistant_only:
-        turns = turns[-1:]
-    text, spans = renderer.assistant_spans(messages, turns)
-    pieces, cursor = [], 0
-    for start, end in spans:
-        pieces.append((text[cursor:start], False))
-        pieces.append((text[start:end], True))
-        cursor = end
-    pieces.append((text[cursor:], False))
-    return [(t, s) for t, s in pieces if t]
+        return [[(renderer.render(messages, tools=record.tools, kwargs=record.template_kwargs), True)]]
+    planned = renderer.conversation_examples(messages, trained_turns(record, settings), tools=record.tools,
+                                             kwargs=record.template_kwargs, mode=settings.chat_examples)
+    counts.update(planned.counts)
+    examples = []
+    for text, spans in planned.examples:
+        pieces, cursor = [], 0
+        for start, end in spans:
+            pieces.append((text[cursor:start], False))
+            pieces.append((text[start:end], True))
+            cursor = end
+        pieces.append((text[cursor:], False))
+        examples.append([(t, supervised) for t, supervised in pieces if t])
+    return examples
 
 
 def build_examples(
@@ -162,15 +187,23 @@ def build_examples(
     tokenizer,
     settings: TargetSettings,
     chunk_size: int = 2048,
+    skip_invalid: bool = False,
 ) -> Examples:
-    """Tokenize records into examples, applying the truncation policy; counts go into `stats`."""
+    """Tokenize records into examples, applying the truncation policy; counts go into `stats`.
+
+    A conversation the chat template cannot serve as written raises a DataError naming the record
+    and turn, or with `skip_invalid` is counted under `skipped_invalid` and left out."""
     if settings.truncation not in TRUNCATION_POLICIES:
         raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
+    if settings.chat_examples not in CHAT_EXAMPLES:
+        raise DataError("unknown chat_examples mode", field="chat_examples", found=repr(settings.chat_examples), expected=f"one of {CHAT_EXAMPLES}")
     encoder = SegmentEncoder(tokenizer)
     renderer = None
     if any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in records):
+        template, tool_template = resolve_chat_templates(tokenizer, settings.chat_template)
         try:
-            renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, settings.chat_template))
+            renderer = ChatRenderer(tokenizer, template, tool_template=tool_template, tools=settings.tools,
+                                    template_kwargs=settings.chat_template_kwargs)
         except TemplateError as error:
             raise _template_error(error, None) from error
     needs_eos = any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in records)
@@ -184,9 +217,11 @@ def build_examples(
     kept_index: list[int] = []
     truncated = 0
     dropped: Counter = Counter()
+    skipped: Counter = Counter()
+    chat: Counter = Counter()  # how conversations became examples (see chat.py)
 
     def render(chunk: list[Record]):
-        per_record: list[list[tuple[str, bool]] | None] = []
+        per_record: list[list[list[tuple[str, bool]]] | None] = []
         texts: list[str] = []
         continuation: list[bool] = []
         for record in chunk:
@@ -194,50 +229,62 @@ def build_examples(
                 per_record.append(None)
                 continue
             try:
-                segments = _segments(record, settings, renderer)
+                examples = _record_examples(record, settings, renderer, chat)
             except TemplateError as error:
                 raise _template_error(error, record.index) from error
-            per_record.append(segments)
-            for position, (text, _) in enumerate(segments):
-                texts.append(text)
-                continuation.append(position > 0)
+            except TurnError as error:
+                if not skip_invalid:
+                    raise _turn_error(error, record) from None
+                skipped[f"chat template cannot serve messages[]: {error.problem}"] += 1
+                examples = []
+            if len(examples) > 1:
+                chat["records_split"] += 1
+                chat["extra_examples"] += len(examples) - 1
+            per_record.append(examples)
+            for segments in examples:
+                for position, (text, _) in enumerate(segments):
+                    texts.append(text)
+                    continuation.append(position > 0)
         return per_record, texts, continuation
 
     def assemble(chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> None:
         nonlocal truncated
         encoded = iter(encoded_ids)
-        for record, segments in zip(chunk, per_record):
-            if segments is None:
-                ids, labels = _pretokenized_labels(record)
-            else:
-                ids, labels = [], []
-                for _, supervised in segments:
-                    piece = next(encoded)
-                    ids.extend(piece)
-                    labels.extend(piece if supervised else [IGNORE] * len(piece))
-                if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
-                    if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
-                        ids.insert(0, encoder.bos_id)
-                        labels.insert(0, IGNORE)
-                    if ids[-1:] != [encoder.eos_id]:
-                        ids.append(encoder.eos_id)
-                        labels.append(encoder.eos_id)
-            was_truncated = False
-            if settings.max_length is not None and len(ids) > settings.max_length:
-                if settings.truncation == "drop":
-                    dropped[f"longer than max_length={settings.max_length}"] += 1
+        for record, examples in zip(chunk, per_record):
+            for position, segments in enumerate(examples if examples is not None else [None]):
+                if segments is None:
+                    ids, labels = _pretokenized_labels(record)
+                else:
+                    ids, labels = [], []
+                    for _, supervised in segments:
+                        piece = next(encoded)
+                        ids.extend(piece)
+                        labels.extend(piece if supervised else [IGNORE] * len(piece))
+                    if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
+                        if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
+                            ids.insert(0, encoder.bos_id)
+                            labels.insert(0, IGNORE)
+                        if ids[-1:] != [encoder.eos_id]:
+                            ids.append(encoder.eos_id)
+                            labels.append(encoder.eos_id)
+                was_truncated = False
+                if settings.max_length is not None and len(ids) > settings.max_length:
+                    if settings.truncation == "drop":
+                        dropped[f"longer than max_length={settings.max_length}"] += 1
+                        continue
+                    ids, labels = ids[: settings.max_length], labels[: settings.max_length]
+                    was_truncated = True
+                targets = shift_labels(labels)
+                if targets.count(IGNORE) == len(targets):  # nothing supervised; count() runs in C
+                    reason = "no supervised tokens left after truncation" if was_truncated else "no supervised tokens"
+                    dropped[reason] += 1
                     continue
-                ids, labels = ids[: settings.max_length], labels[: settings.max_length]
-                was_truncated = True
-            targets = shift_labels(labels)
-            if targets.count(IGNORE) == len(targets):  # nothing supervised; count() runs in C
-                reason = "no supervised tokens left after truncation" if was_truncated else "no supervised tokens"
-                dropped[reason] += 1
-                continue
-            if was_truncated:  # kept examples only: a dropped one is counted under its reason
-                truncated += 1
-            pairs.append((ids, targets))
-            kept_index.append(record.index)
+                if was_truncated:  # kept examples only: a dropped one is counted under its reason
+                    truncated += 1
+                if position:
+                    chat["extra_tokens"] += len(ids)
+                pairs.append((ids, targets))
+                kept_index.append(record.index)
 
     # A pipeline: the fast tokenizer encodes chunk k in a worker thread (it releases the GIL)
     # while Python renders chunk k+1 and assembles chunk k-1. The garbage collector is paused:
@@ -260,8 +307,26 @@ def build_examples(
         if gc_was_enabled:
             gc.enable()
     examples = Examples.from_lists(pairs, kept_index)
-    examples.stats.update(truncated=truncated, dropped=dict(dropped))
+    examples.stats.update(truncated=truncated, dropped=dict(dropped), skipped_invalid=dict(skipped))
+    if renderer is not None:
+        examples.stats["chat"] = {key: int(chat[key]) for key in CHAT_STATS}
     return examples
+
+
+# How conversations became examples, in the order inspect and the training log show them.
+CHAT_STATS = ("turns_trained", "turns_not_served", "records_split", "extra_examples", "extra_tokens",
+              "rule_prefix", "rule_rewritten_history", "rule_opened_reply")
+
+
+def _turn_error(error: TurnError, record: Record) -> DataError:
+    role = record.messages[error.turn]["role"] if record.messages else "assistant"
+    return DataError(
+        f"the chat template cannot serve {role} turn messages[{error.turn}] as written: {error.problem}",
+        index=record.index,
+        field=f"messages[{error.turn}]",
+        found=error.found,
+        fix=(error.fix + "; " if error.fix else "") + "or set skip_invalid_records=true to count and skip such records",
+    )
 
 
 def _template_error(error: Exception, index: int | None) -> DataError:

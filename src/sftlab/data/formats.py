@@ -5,11 +5,15 @@ Formats:
   prompt_completion     {"prompt": str, "completion": str}
   conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted)
   chat_prompt_completion {"prompt": [messages], "completion": [messages]}
+                        both chat formats may carry "tools" (function schemas, or their JSON text)
+                        and "chat_template_kwargs"; messages may carry OpenAI-style "tool_calls",
+                        reasoning ("reasoning_content", "thinking" or "reasoning") and "train": bool
   pretokenized          {"input_ids": [int], "labels"?: [int | -100], "completion_mask"?: [0/1]}
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +56,9 @@ class Record:
     messages: list[dict] | None = None
     # conversations: messages before this index are the prompt (chat prompt/completion)
     completion_start: int = 0
+    tools: list[dict] | None = None  # function schemas the template renders (the record's own)
+    template_kwargs: dict | None = None  # the record's chat_template_kwargs
+    train: list[bool | None] | None = None  # per message: its "train" flag, where the record gives one
     input_ids: list[int] | None = None
     labels: list[int] | None = None
     completion_mask: list[int] | None = None
@@ -168,12 +175,23 @@ def _prompt_completion(raw: dict, index: int, text_field: str, vocab_size: int |
     return Record(index, PROMPT_COMPLETION, prompt=_string(raw, "prompt"), completion=_string(raw, "completion"))
 
 
-def _messages(value: Any, name: str, sharegpt: bool) -> list[dict]:
+# Names a message's reasoning comes under; the template gets all that transformers gives it.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[bool | None] | None]:
+    """The messages in the form the template is rendered with, and each one's "train" flag (None: not given).
+
+    As transformers' apply_chat_template does: keys whose value is None are dropped (OpenAI exports
+    write `"tool_calls": null`), and reasoning under any of its names is also given as
+    `reasoning_content` and `thinking` (gpt-oss templates read the latter). Tool-call arguments
+    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates.
+    """
     if not isinstance(value, list):
         raise _Invalid("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
     if not value:
         raise _Invalid("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
-    messages = []
+    messages, flags = [], []
     for position, message in enumerate(value):
         where = f"{name}[{position}]"
         if not isinstance(message, dict):
@@ -182,29 +200,106 @@ def _messages(value: Any, name: str, sharegpt: bool) -> list[dict]:
             speaker = message.get("from")
             if speaker not in SHAREGPT_ROLES:
                 raise _Invalid("unknown speaker", field=f"{where}.from", found=describe(speaker), expected=f"one of {sorted(SHAREGPT_ROLES)}")
-            message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+            rest = {k: v for k, v in message.items() if k not in ("from", "value")}
+            message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value"), **rest}
             content_field = f"{where}.value"
         else:
             content_field = f"{where}.content"
+        message = {k: v for k, v in message.items() if v is not None}
         role = message.get("role")
         if role not in ROLES:
             raise _Invalid("unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}")
+        flag = message.pop("train", None)
+        if flag is not None and not isinstance(flag, bool):
+            raise _Invalid("must be true or false", field=f"{where}.train", found=describe(flag), expected="a boolean: whether to train on this message")
+        flags.append(flag)
+        if "tool_calls" in message:
+            if role != "assistant":
+                raise _Invalid("only assistant messages make tool calls", field=f"{where}.tool_calls", found=f"role {role!r}")
+            message["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            if not message["tool_calls"]:
+                del message["tool_calls"]
+        reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                field_name = next(key for key in REASONING_FIELDS if key in message)
+                raise _Invalid("must be a string", field=f"{where}.{field_name}", found=describe(reasoning), expected="the reasoning text")
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            pass  # a tool-calling turn carries its payload in tool_calls
-        elif not isinstance(content, str):
+        if role == "tool" and isinstance(content, (dict, list)):
+            content = message["content"] = json.dumps(content, ensure_ascii=False)  # a tool result given as JSON
+        if role == "assistant" and content is None and ("tool_calls" in message or reasoning):
+            content = message["content"] = ""  # templates read content even on a tool-call turn
+        if not isinstance(content, str):
             raise _Invalid("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
-        elif role == "assistant" and not content.strip():
-            raise _Invalid("assistant message is empty", field=content_field, found=repr(content), expected="the text the model should learn to write")
-        messages.append(dict(message))
-    return messages
+        if role == "assistant" and not content.strip() and "tool_calls" not in message and not (reasoning or "").strip():
+            raise _Invalid("assistant message is empty", field=content_field, found=repr(content),
+                           expected="the text the model should learn to write (or tool_calls)")
+        messages.append(message)
+    return messages, (flags if any(f is not None for f in flags) else None)
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """OpenAI-shaped tool calls: [{"type": "function", "function": {"name", "arguments": {...}}, "id"?}]."""
+    if not isinstance(value, list):
+        raise _Invalid("must be a list of tool calls", field=where, found=describe(value),
+                       expected='[{"type": "function", "function": {"name": ..., "arguments": {...}}}]')
+    calls = []
+    for position, call in enumerate(value):
+        here = f"{where}[{position}]"
+        if not isinstance(call, dict):
+            raise _Invalid("must be a tool call dict", field=here, found=describe(call), expected='{"function": {"name": ..., "arguments": ...}}')
+        function = call.get("function", call)  # {"name", "arguments"} without the "function" wrapper is accepted too
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise _Invalid("a tool call needs a function name", field=f"{here}.function.name",
+                           found=describe(function.get("name") if isinstance(function, dict) else function), expected="the function's name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as error:
+                raise _Invalid("arguments are not valid JSON", field=f"{here}.function.arguments",
+                               found=f"{error.msg} in {arguments[:40]!r}", expected="a JSON object, as text or as an object") from None
+        if not isinstance(arguments, dict):
+            raise _Invalid("arguments must be a JSON object", field=f"{here}.function.arguments", found=describe(arguments),
+                           expected="an object of argument names to values")
+        normal = {k: v for k, v in call.items() if k != "function" and v is not None and k not in ("name", "arguments")}
+        normal["type"] = call.get("type") or "function"
+        normal["function"] = {**{k: v for k, v in function.items() if v is not None}, "name": function["name"], "arguments": arguments}
+        calls.append(normal)
+    return calls
+
+
+def _json_field(raw: dict, name: str, kind: type, expected: str) -> Any:
+    """A record field that may also come as JSON text (datasets store nested objects that way)."""
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise _Invalid("is not valid JSON", field=name, found=f"{error.msg} in {value[:40]!r}", expected=expected) from None
+    if not isinstance(value, kind):
+        raise _Invalid(f"must be {expected}", field=name, found=describe(value), expected=expected)
+    return value
+
+
+def _chat_extras(raw: dict) -> dict:
+    tools = _json_field(raw, "tools", list, "a list of function schemas (or their JSON text)")
+    for position, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict):
+            raise _Invalid("must be a function schema", field=f"tools[{position}]", found=describe(tool),
+                           expected='{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+    kwargs = _json_field(raw, "chat_template_kwargs", dict, "a mapping of template arguments (or its JSON text)")
+    return {"tools": tools or None, "template_kwargs": kwargs or None}
 
 
 def _conversation(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
     name = "messages" if "messages" in raw else "conversations"
-    messages = _messages(raw[name], name, sharegpt=name == "conversations")
+    messages, flags = _messages(raw[name], name, sharegpt=name == "conversations")
     _check_conversation(messages, name)
-    return Record(index, CONVERSATIONAL, messages=messages)
+    return Record(index, CONVERSATIONAL, messages=messages, train=flags, **_chat_extras(raw))
 
 
 def _check_conversation(messages: list[dict], name: str) -> None:
@@ -228,13 +323,17 @@ def _check_conversation(messages: list[dict], name: str) -> None:
 
 
 def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: int | None) -> Record:
-    prompt = _messages(raw["prompt"], "prompt", sharegpt=False)
-    completion = _messages(raw["completion"], "completion", sharegpt=False)
+    prompt, prompt_flags = _messages(raw["prompt"], "prompt", sharegpt=False)
+    completion, completion_flags = _messages(raw["completion"], "completion", sharegpt=False)
     if not any(m["role"] == "assistant" for m in completion):
         raise _Invalid("completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]")
     messages = prompt + completion
     _check_conversation(messages, "prompt+completion")
-    return Record(index, CHAT_PROMPT_COMPLETION, messages=messages, completion_start=len(prompt))
+    flags = None
+    if prompt_flags or completion_flags:
+        flags = (prompt_flags or [None] * len(prompt)) + (completion_flags or [None] * len(completion))
+    return Record(index, CHAT_PROMPT_COMPLETION, messages=messages, completion_start=len(prompt), train=flags,
+                  **_chat_extras(raw))
 
 
 def _int_list(raw: dict, name: str, vocab_size: int | None, allow: tuple[int, ...] = ()) -> list[int]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -22,8 +23,9 @@ from sftlab import __version__
 from sftlab.data.examples import IGNORE, Examples, TargetSettings, build_examples
 from sftlab.data.formats import validate_records
 from sftlab.data.sources import Records, load_records, source_fingerprint
+from sftlab.errors import DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: conversations as served (several examples per record, chat statistics)
 _ARRAYS = ("input_ids", "targets", "offsets", "record_index")
 
 
@@ -93,9 +95,13 @@ def prepare_examples(
     validated = validate_records(
         records, text_field=text_field, skip_invalid=skip_invalid_records, vocab_size=len(tokenizer)
     )
-    examples = build_examples(validated.records, tokenizer, settings)
-    examples.stats = summarize(examples, records=len(records), formats=dict(validated.formats),
-                               skipped=dict(validated.skipped), **examples.stats)
+    try:
+        examples = build_examples(validated.records, tokenizer, settings, skip_invalid=skip_invalid_records)
+    except DataError as error:
+        raise _located(error, records) from None
+    built = examples.stats
+    skipped = Counter(validated.skipped) + Counter(built.pop("skipped_invalid", {}))
+    examples.stats = summarize(examples, records=len(records), formats=dict(validated.formats), skipped=dict(skipped), **built)
     examples.stats["source"] = records.name
     examples.stats["seconds"] = time.perf_counter() - started
     examples.stats["cached"] = False
@@ -104,7 +110,17 @@ def prepare_examples(
     return examples
 
 
-def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict, truncated: int, dropped: dict) -> dict:
+def _located(error: DataError, records: Records) -> DataError:
+    """The error with its record traced to the file (and line) it came from, as validation errors are."""
+    if error.index is None or error.source is not None:
+        return error
+    source, row = records.locate(error.index)
+    return type(error)(error.problem, source=source, index=row, field=error.field, found=error.found,
+                       expected=error.expected, fix=error.fix)
+
+
+def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict, truncated: int, dropped: dict,
+              chat: dict | None = None) -> dict:
     lengths = examples.lengths
     supervised = int((examples.targets != IGNORE).sum())
     tokens = int(lengths.sum())
@@ -123,6 +139,7 @@ def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict,
         "supervised_tokens": supervised,
         "supervised_fraction": supervised / tokens if tokens else 0.0,
         "length": percentiles,
+        **({"chat": chat} if chat is not None else {}),
     }
 
 

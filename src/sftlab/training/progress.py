@@ -46,6 +46,7 @@ class Reporter:
             f"truncated {stats.get('truncated', 0)}, dropped {dropped}"
             + (f" {stats.get('dropped')}" if dropped else "")
             + (f", skipped invalid {skipped} {stats.get('skipped_invalid')}" if skipped else "")
+            + _chat_summary(stats.get("chat"))
             + (" (cached)" if stats.get("cached") else "")
         )
 
@@ -166,3 +167,15 @@ def _open_trackers(report_to, output_dir: str, run_config: dict, say) -> list:
     if missing:
         say(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
     return trackers
+
+
+def _chat_summary(chat: dict | None) -> str:
+    if not chat:
+        return ""
+    text = f"; {chat.get('turns_trained', 0)} conversation turns trained"
+    if chat.get("records_split"):
+        text += (f", {chat['records_split']} records split as served into {chat['extra_examples']} extra examples "
+                 f"(+{chat['extra_tokens']} tokens)")
+    if chat.get("turns_not_served"):
+        text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
+    return text

@@ -1,0 +1,458 @@
+"""Conversations trained exactly as served: reasoning, tools, and templates that rewrite history.
+
+The templates are written for these tests in the style of their families (not copied; the Qwen3 and
+harmony ones live in examples/templates/, where the docs render them too):
+Qwen3 (thinking dropped before the last user query, an empty think block on the last turn,
+tools in the system message, tool calls as <tool_call> blocks), harmony/gpt-oss (channels,
+<|return|> on the last turn and <|end|> in history, <|call|> after a tool call, a tool call's
+analysis dropped once a final answer follows), a generation prompt that opens "<think>\\n"
+(Qwen3.6 style), DeepSeek-R1 (thinking cut from every reply, the generation prompt opens it),
+and Llama-3 style tools in the first user message.
+
+Each expected example is written out by hand with its trained text between ⟦ and ⟧:
+P_k (what inference feeds, `add_generation_prompt=True`) is the text before a ⟦, C_k (what the
+model writes, through its end marker) the text inside. `marked()` turns it into ids by tiny.py's
+hand rules. A second, independent check runs transformers' own `apply_chat_template` for every
+P_k and asserts that each assistant turn is trained exactly once, right after exactly those tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sftlab import DataError, TargetSettings, prepare_examples
+from sftlab.inspect import stats_rows
+from sftlab.training.progress import _chat_summary
+from tiny import char_tokenizer, marked
+
+X = -100
+
+# ---------------------------------------------------------------- templates, in each family's style
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
+QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
+HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
+
+# The generation prompt opens the thinking; the history shows earlier replies without it.
+OPENS_THINK = (
+    "{%- set ns = namespace(last_query=0) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
+# Thinking is cut from every reply it renders; the generation prompt opens it.
+R1 = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{- '<|User|>' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{%- set c = m.content %}{%- if '</think>' in c %}{%- set c = c.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<|Assistant|>' + c + eos_token }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|Assistant|><think>\\n' }}{%- endif %}"
+)
+
+# Llama-3 style: tools written into the first user message; prefix-stable.
+LLAMA_TOOLS = (
+    "{{- bos_token }}{%- set ns = namespace(done=false) %}{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' }}"
+    "{%- if m.role == 'user' and tools and not ns.done %}{{- 'Functions:\\n' }}{%- for t in tools %}{{- t | tojson + '\\n' }}{%- endfor %}"
+    "{%- set ns.done = true %}{%- endif %}"
+    "{%- if m.tool_calls %}{{- m.tool_calls[0].function | tojson }}{%- else %}{{- m.content }}{%- endif %}{{- '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+TEMP_TOOL = {"type": "function", "function": {"name": "get_temp"}}
+CALL = {"type": "function", "function": {"name": "get_temp", "arguments": '{"city": "Oslo"}'}}
+
+
+def agent_chat(tool_reasoning: str | None = None) -> list[dict]:
+    """System, a greeting with reasoning, then a tool call, its result and a final answer."""
+    call = {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    if tool_reasoning is not None:
+        call["reasoning_content"] = tool_reasoning
+    return [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+        {"role": "user", "content": "Temp in Oslo?"},
+        call,
+        {"role": "tool", "name": "get_temp", "content": "7C"},
+        {"role": "assistant", "content": "7C in Oslo.", "reasoning_content": "read it"},
+    ]
+
+
+def without_reasoning(messages: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def examples_of(records, template, skip_invalid_records=False, **settings):
+    tokenizer = char_tokenizer(chat_template=template, chat_tokens=True)
+    examples = prepare_examples(records, tokenizer, TargetSettings(**settings), use_cache=False,
+                                skip_invalid_records=skip_invalid_records)
+    return [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))], examples
+
+
+def expected_examples(*texts):
+    return [marked(t, chat_tokens=True)[1:3] for t in texts]
+
+
+def trained_runs(input_ids, targets):
+    """(context ids, trained ids) of each run of trained tokens: token t is trained when targets[t - 1] != -100."""
+    trained = [t + 1 for t in range(len(targets)) if targets[t] != X]
+    runs, start = [], None
+    for i, position in enumerate(trained):
+        if start is None:
+            start = position
+        if i + 1 == len(trained) or trained[i + 1] != position + 1:
+            runs.append((input_ids[:start], input_ids[start : position + 1]))
+            start = None
+    return runs
+
+
+def assert_every_turn_trained_once_as_served(record, template, **settings):
+    """Independent of sftlab's splitter: transformers renders each P_k, and the trained runs over all the
+    record's examples must start right after exactly those tokens, one run per assistant turn."""
+    tokenizer = char_tokenizer(chat_template=template, chat_tokens=True)
+    pairs, _ = examples_of([record], template, **settings)
+    contexts = sorted(tuple(context) for ids, targets in pairs for context, _ in trained_runs(ids, targets))
+    kwargs = {**(settings.get("chat_template_kwargs") or {}), **(record.get("chat_template_kwargs") or {})}
+    # Tool-call arguments reach templates as objects (as vLLM passes them); transformers passes what it is given.
+    messages = json.loads(json.dumps(record["messages"]))
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            if isinstance(call["function"]["arguments"], str):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    prompts = sorted(
+        tuple(tokenizer.apply_chat_template(messages[:k], tools=record.get("tools"), add_generation_prompt=True,
+                                            tokenize=True, return_dict=False, **kwargs))
+        for k, m in enumerate(messages) if m["role"] == "assistant")
+    assert contexts == prompts
+
+
+# ---------------------------------------------------------------- Qwen3: thinking dropped from history
+
+
+def test_qwen3_each_turn_gets_the_think_block_it_is_served_with():
+    pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)
+    head = "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    assert pairs == expected_examples(
+        # the whole render serves the last turn only: the greeting lost its thinking, the tool call has no think block
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        + call + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\nread it\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
+        # the tool call as served: it is the last message, after the last user query, so it opens an empty think block
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        "⟦<think>\n\n</think>\n\n" + call + "⟧\n",
+        # the greeting as served, with its thinking
+        head + "<|im_start|>assistant\n⟦<think>\ngreet\n</think>\n\nYo<|im_end|>⟧\n",
+    )
+    assert examples.record_index.tolist() == [0, 0, 0]
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["records_split"], chat["extra_examples"]) == (3, 1, 2)
+    assert chat["extra_tokens"] == len(pairs[1][0]) + len(pairs[2][0])
+
+
+def test_qwen3_turns_after_the_last_query_share_the_whole_render():
+    # With its own reasoning the tool call keeps its think block in the whole render too.
+    pairs, examples = examples_of([{"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}], QWEN3)
+    head = "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert pairs == expected_examples(
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        '⟦<think>\nuse it\n</think>\n\n<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>⟧\n'
+        "<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\nread it\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
+        head + "<|im_start|>assistant\n⟦<think>\ngreet\n</think>\n\nYo<|im_end|>⟧\n",
+    )
+    assert examples.stats["chat"]["extra_examples"] == 1
+
+
+def test_qwen3_enable_thinking_false_from_the_record_or_the_config():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    want = expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦Yo<|im_end|>⟧\n")
+    assert examples_of([{"messages": chat, "chat_template_kwargs": {"enable_thinking": False}}], QWEN3)[0] == want
+    assert examples_of([{"messages": chat, "chat_template_kwargs": '{"enable_thinking": false}'}], QWEN3)[0] == want
+    assert examples_of([{"messages": chat}], QWEN3, chat_template_kwargs={"enable_thinking": False})[0] == want
+    # the record's own arguments win over the dataset's
+    thinking = {"messages": chat, "chat_template_kwargs": {"enable_thinking": True}}
+    assert examples_of([thinking], QWEN3, chat_template_kwargs={"enable_thinking": False})[0] == expected_examples(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nYo<|im_end|>⟧\n")
+
+
+def test_final_render_mode_keeps_one_example_and_counts_what_it_leaves_untrained():
+    pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, chat_examples="final_render")
+    assert pairs == examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[0][:1]
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["turns_not_served"], chat["records_split"]) == (1, 2, 0)
+    assert ("turns left untrained (chat_examples=final_render)", "2") in stats_rows(examples.stats)
+
+
+# ---------------------------------------------------------------- harmony: channels and stop tokens
+
+
+def test_harmony_trains_its_stop_tokens_and_the_analysis_it_is_served_with():
+    pairs, examples = examples_of([{"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}], HARMONY)
+    head = "<|start|>system<|message|>Reasoning: medium<|end|><|start|>developer<|message|># Tools\nget_temp<|end|><|start|>user<|message|>Hi<|end|>"
+    tool_call = ('<|channel|>analysis<|message|>use it<|end|>'
+                 '<|start|>assistant to=functions.get_temp<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>')
+    assert pairs == expected_examples(
+        # Inference for the final answer feeds the tool call WITH its analysis (no final answer follows it yet);
+        # the whole render drops that analysis, so this example is P_6 + C_6, and it serves the tool call too.
+        head + "<|start|>assistant<|channel|>final<|message|>Yo<|end|><|start|>user<|message|>Temp in Oslo?<|end|>"
+        "<|start|>assistant⟦" + tool_call + "⟧<|start|>functions.get_temp to=assistant<|channel|>commentary<|message|>7C<|end|>"
+        "<|start|>assistant⟦<|channel|>analysis<|message|>read it<|end|><|start|>assistant<|channel|>final<|message|>7C in Oslo.<|return|>⟧",
+        # the greeting ends with <|return|> when served, <|end|> in history
+        head + "<|start|>assistant⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧",
+    )
+    chat = examples.stats["chat"]
+    assert (chat["rule_rewritten_history"], chat["rule_prefix"], chat["extra_examples"]) == (1, 2, 1)
+
+
+def test_harmony_template_arguments_and_reasoning_under_any_name():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "thinking": "greet"}]
+    want = expected_examples("<|start|>system<|message|>Reasoning: high<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
+                             "⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧")
+    for name in ("thinking", "reasoning_content", "reasoning"):
+        record = {"messages": [chat[0], {"role": "assistant", "content": "Yo", name: "greet"}],
+                  "chat_template_kwargs": {"reasoning_effort": "high"}}
+        assert examples_of([record], HARMONY)[0] == want, name
+
+
+# ---------------------------------------------------------------- generation prompts that open the reply
+
+
+def test_a_generation_prompt_that_opens_thinking_is_the_context_of_every_turn():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    pairs, _ = examples_of([{"messages": chat}], OPENS_THINK)
+    # Before: the first reply was trained as "Yo<|im_end|>" after "<|im_start|>assistant\n", a prompt inference never feeds.
+    assert pairs == expected_examples(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n⟦add\n</think>\n\n4<|im_end|>⟧\n",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n⟦greet\n</think>\n\nYo<|im_end|>⟧\n",
+    )
+
+
+def test_r1_reply_written_with_its_thinking_continues_the_generation_prompt():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    pairs, examples = examples_of([{"messages": chat}], R1)
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|>\n\nYo</s><|User|>2+2?<|Assistant|><think>\n⟦add\n</think>\n\n4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>\n⟦greet\n</think>\n\nYo</s>⟧",
+    )
+    assert examples.stats["chat"]["rule_opened_reply"] == 2
+
+
+def test_r1_reply_without_its_thinking_is_refused_naming_file_line_record_and_turn(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]}
+    bad = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    tokenizer = char_tokenizer(chat_template=R1, chat_tokens=True)
+    with pytest.raises(DataError) as error:
+        prepare_examples(str(data), tokenizer, use_cache=False)
+    message = str(error.value)
+    assert message.startswith(f"{data}:2, record 1, field 'messages[1]': the chat template cannot serve assistant turn messages[1]")
+    assert "the generation prompt ends with '<think>\\n'" in message and "fix:" in message
+    skipped = prepare_examples(str(data), tokenizer, skip_invalid_records=True, use_cache=False)
+    assert len(skipped) == 1 and sum(skipped.stats["skipped_invalid"].values()) == 1
+
+
+# ---------------------------------------------------------------- tools reach the template
+
+
+def tool_records(**extra):
+    messages = [{"role": "user", "content": "Temp in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]
+    return {"messages": messages, **extra}
+
+
+LLAMA_EXPECTED = (
+    "<s><|start_header_id|>user<|end_header_id|>\n\nFunctions:\n" + json.dumps(TEMP_TOOL) + "\nTemp in Oslo?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦" + json.dumps({"name": "get_temp", "arguments": {"city": "Oslo"}}) + "<|eot_id|>⟧"
+    "<|start_header_id|>tool<|end_header_id|>\n\n7C<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n⟦7C.<|eot_id|>⟧"
+)
+
+
+@pytest.mark.parametrize("record, settings", [
+    (tool_records(tools=[TEMP_TOOL]), {}),
+    (tool_records(tools=json.dumps([TEMP_TOOL])), {}),                         # tools as JSON text (datasets store them so)
+    (tool_records(), {"tools": [TEMP_TOOL]}),                                  # dataset-wide tools
+    (tool_records(tools=[TEMP_TOOL]), {"tools": [{"type": "function", "function": {"name": "other"}}]}),  # the record's win
+], ids=["list", "json-text", "config", "record-wins"])
+def test_tools_are_rendered_into_the_prompt(record, settings):
+    pairs, _ = examples_of([record], LLAMA_TOOLS, **settings)
+    assert pairs == expected_examples(LLAMA_EXPECTED)
+    assert_every_turn_trained_once_as_served({**record, "tools": [TEMP_TOOL]}, LLAMA_TOOLS, **settings)
+
+
+def test_tool_call_arguments_as_object_or_text_and_empty_content_are_one_thing():
+    as_text = tool_records(tools=[TEMP_TOOL])
+    as_object = json.loads(json.dumps(as_text))
+    as_object["messages"][1] = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "function": {"name": "get_temp", "arguments": {"city": "Oslo"}}}]}
+    assert examples_of([as_text], LLAMA_TOOLS)[0] == examples_of([as_object], LLAMA_TOOLS)[0] == expected_examples(LLAMA_EXPECTED)
+
+
+def test_bad_tool_calls_are_named():
+    record = tool_records()
+    record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "get_temp", "arguments": "{city: Oslo}"}}]
+    with pytest.raises(DataError, match=r"record 0, field 'messages\[1\]\.tool_calls\[0\]\.function\.arguments': arguments are not valid JSON"):
+        examples_of([record], LLAMA_TOOLS)
+    record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"arguments": {}}}]
+    with pytest.raises(DataError, match=r"field 'messages\[1\]\.tool_calls\[0\]\.function\.name': a tool call needs a function name"):
+        examples_of([record], LLAMA_TOOLS)
+    with pytest.raises(DataError, match=r"field 'tools': is not valid JSON"):
+        examples_of([tool_records(tools="[{")], LLAMA_TOOLS)
+
+
+def test_a_template_failing_on_a_record_in_python_is_a_clear_error():
+    # DeepSeek's templates join a tool call's arguments as text; sftlab gives templates objects (as vLLM does).
+    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ '<|call|>' + c.function.arguments }}"
+             "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}")
+    with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
+                                        r"found TemplateError: TypeError: can only concatenate str"):
+        examples_of([tool_records()], joins)
+
+
+# ---------------------------------------------------------------- which messages are trained
+
+
+CHATML_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+               {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+CHATML_TEXT = "<|im_start|>user\n{0}Hi{1}\n<|im_start|>assistant\n{2}Yo<|im_end|>{3}\n<|im_start|>user\n{4}2+2?{5}\n<|im_start|>assistant\n{6}4<|im_end|>{7}\n"
+
+
+def chatml_marked(*trained: int) -> str:
+    """CHATML_CHAT's render with messages `trained` between ⟦ ⟧ (a user message: its content and <|im_end|>)."""
+    marks = []
+    for i in range(4):
+        open_, close = ("⟦", "⟧") if i in trained else ("", "")
+        marks += [open_, ("<|im_end|>" + close) if i % 2 == 0 else close]
+    return CHATML_TEXT.format(*marks)
+
+
+def test_a_message_marked_train_false_is_context_only():
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["train"] = False
+    pairs, _ = examples_of([{"messages": chat}], "chatml", chat_template="chatml")
+    assert pairs == expected_examples(chatml_marked(3))
+
+
+def test_train_on_roles_and_a_user_message_marked_train_true():
+    pairs, _ = examples_of([{"messages": CHATML_CHAT}], None, chat_template="chatml", train_on_roles=("assistant", "user"))
+    assert pairs == expected_examples(chatml_marked(0, 1, 2, 3))
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[2]["train"] = True
+    assert examples_of([{"messages": chat}], None, chat_template="chatml")[0] == expected_examples(chatml_marked(1, 2, 3))
+
+
+def test_train_flag_must_be_a_boolean():
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["train"] = "no"
+    with pytest.raises(DataError, match=r"field 'messages\[1\]\.train': must be true or false"):
+        examples_of([{"messages": chat}], None, chat_template="chatml")
+
+
+# ---------------------------------------------------------------- the self-check
+
+
+DROPS_REASONING = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, problem", [
+    # renders the reply only when another message follows: the last turn's span holds no reply
+    ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if not loop.last %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}"
+     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "does not hold its content"),
+    # writes only the header for a last reply (Qwen3's multi-turn bug had this shape): the span is empty
+    ("{% for m in messages %}{% if loop.last and m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+     "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "the turn's trained text is empty"),
+    # writes the reply but nothing after it: the model would never learn to stop
+    ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+     "does not end with an end-of-turn token"),
+    (DROPS_REASONING, "does not hold its reasoning"),
+], ids=["reply-missing", "empty-span", "no-end-marker", "reasoning-dropped"])
+def test_the_self_check_refuses_a_turn_that_would_train_wrongly(template, problem):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    if "reasoning" in problem:
+        record["messages"][1]["reasoning_content"] = "greet"
+    with pytest.raises(DataError, match=rf"^list\(1 records\), record 0, field 'messages\[1\]': the chat template cannot serve assistant turn messages\[1\] "
+                                        rf"as written: .*{problem}"):
+        examples_of([record], template)
+
+
+def test_a_turn_that_fails_the_self_check_is_counted_and_skipped_on_request():
+    with_reasoning = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]}
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    pairs, examples = examples_of([with_reasoning, plain], DROPS_REASONING, skip_invalid_records=True)
+    assert pairs == expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo<|im_end|>⟧\n")
+    assert examples.record_index.tolist() == [1]
+    assert examples.stats["skipped_invalid"] == {
+        "chat template cannot serve messages[]: the turn's trained text does not hold its reasoning": 1}
+
+
+# ---------------------------------------------------------------- reported where users look
+
+
+def test_inspect_and_the_training_log_report_the_split():
+    _, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)
+    rows = dict(stats_rows(examples.stats))
+    assert rows["conversation turns trained"] == "3"
+    assert rows["  records split to serve every turn"] == "1"
+    assert rows["  extra examples"] == "2"
+    assert rows["  extra tokens"] == str(examples.stats["chat"]["extra_tokens"])
+    assert _chat_summary(examples.stats["chat"]) == (
+        f"; 3 conversation turns trained, 1 records split as served into 2 extra examples (+{examples.stats['chat']['extra_tokens']} tokens)")
+
+
+# ---------------------------------------------------------------- the rule, checked against transformers' renders
+
+
+@pytest.mark.parametrize("template, record", [
+    (QWEN3, {"messages": agent_chat(), "tools": [TEMP_TOOL]}),
+    (QWEN3, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
+    (QWEN3, {"messages": without_reasoning(agent_chat()), "chat_template_kwargs": {"enable_thinking": False}, "tools": [TEMP_TOOL]}),
+    (HARMONY, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
+    (HARMONY, {"messages": agent_chat(), "tools": [TEMP_TOOL], "chat_template_kwargs": {"reasoning_effort": "low"}}),
+    (OPENS_THINK, {"messages": [m for m in agent_chat() if not m.get("tool_calls") and m["role"] != "tool"][1:]}),
+    (R1, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
+                       {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]}),
+    (LLAMA_TOOLS, tool_records(tools=[TEMP_TOOL])),
+], ids=["qwen3", "qwen3-tool-reasoning", "qwen3-no-thinking", "harmony", "harmony-low", "opens-think", "r1", "llama-tools"])
+def test_every_assistant_turn_is_trained_once_after_exactly_what_inference_feeds(template, record):
+    assert_every_turn_trained_once_as_served(record, template)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
+    from sftlab import SFTConfig, train
+    from sftlab.cli import main as cli_main
+    from tiny_models import save_tiny_llama
+
+    tokenizer = char_tokenizer(chat_template=QWEN3, chat_tokens=True)
+    model = save_tiny_llama(str(tmp_path / "model"), tokenizer)
+    data = tmp_path / "agent.jsonl"
+    data.write_text("".join(json.dumps({"messages": agent_chat(), "tools": [TEMP_TOOL]}) + "\n" for _ in range(3)))
+    result = train(SFTConfig(model=model, train_data=str(data), output_dir=str(tmp_path / "run"), max_steps=2,
+                             per_device_train_batch_size=3, logging_steps=1, use_cache=False))
+    summary = [r for r in result.history if r["type"] == "data"][0]
+    assert summary["examples"] == 9 and summary["chat"]["records_split"] == 3 and summary["chat"]["extra_examples"] == 6
+    assert all(r["supervised_tokens"] > 0 for r in result.history if r["type"] == "train")
+    assert "3 records split as served into 6 extra examples" in capsys.readouterr().out
+    config = tmp_path / "inspect.yaml"
+    config.write_text(f"model: {model}\ntrain_data: {data}\nuse_cache: false\n")
+    assert cli_main(["inspect", str(config), "--json", "-n", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["stats"]["chat"]["turns_trained"] == 9 and printed["stats"]["examples"] == 9
