@@ -136,7 +136,7 @@ def as_served(tokenizer) -> dict[str, str]:
             f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
             "```\n" + views + "\n```\n\n"
             f"`sftlab inspect` reports it: {stats['turns_trained']} turns trained, {stats['records_split']} record split, "
-            f"{stats["extra_examples"]} extra example(s), {stats["extra_tokens"]} extra tokens (SmolLM2 tokenizer).\n")
+            f"{stats['extra_examples']} extra example(s), {stats['extra_tokens']} extra tokens (SmolLM2 tokenizer).\n")
     return out
 
 
