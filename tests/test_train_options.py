@@ -162,3 +162,68 @@ def test_resuming_with_another_global_batch_is_refused(model_dir, tmp_path):
     run(model_dir, tmp_path, max_steps=4, save_steps=2)
     with pytest.raises(TrainingError, match=r"found 4 per step then \(1 processes\), 2 now; fix: make per_device_train_batch_size"):
         run(model_dir, tmp_path, max_steps=4, resume_from_checkpoint="auto", per_device_train_batch_size=2)
+
+
+def test_report_to_sends_every_logged_number_to_tensorboard_and_wandb(model_dir, tmp_path, monkeypatch):
+    """Neither package is installed here: stand-ins record what sftlab calls (the sinks' public API)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            calls.append(("tensorboard", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("tensorboard closed",))
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("wandb log", step, values))
+
+        def finish(self):
+            calls.append(("wandb finished",))
+
+    def module(name, **attributes):
+        stub = types.ModuleType(name)
+        stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        stub.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, stub)
+
+    module("tensorboard")
+    module("torch.utils.tensorboard", SummaryWriter=SummaryWriter)
+    module("wandb", init=lambda project, dir, config: calls.append(("wandb", project, config["learning_rate"])) or Run())
+    result = run(model_dir, tmp_path, max_steps=2, report_to=["tensorboard", "wandb"])
+    steps = [r for r in result.history if r["type"] == "train"]
+    assert ("tensorboard", os.path.join(str(tmp_path), "tensorboard")) in calls and ("wandb", "sftlab", 3e-3) in calls
+    assert [c[1:] for c in calls if c[0] == "scalar" and c[1] == "train/loss"] == [("train/loss", r["loss"], r["step"]) for r in steps]
+    logged = [c for c in calls if c[0] == "wandb log"]
+    assert [c[1] for c in logged] == [1, 2] and logged[0][2]["train/loss"] == steps[0]["loss"]
+    assert calls[-2:] == [("tensorboard closed",), ("wandb finished",)]
+
+
+def test_lora_with_fsdp_saves_the_same_adapter_and_resumes(model_dir, tmp_path):
+    lora = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=4)
+    plain = run(model_dir, tmp_path / "plain", **lora)
+    sharded = run(model_dir, tmp_path / "fsdp", fsdp=True, save_steps=2, **lora)
+    ours = load_file(os.path.join(sharded.final_dir, "adapter_model.safetensors"))
+    theirs = load_file(os.path.join(plain.final_dir, "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and any("lora_A" in key for key in theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+    # The checkpoint holds the adapters only (frozen base weights come from the model folder) and resumes.
+    shard = load_file(os.path.join(tmp_path, "fsdp", "checkpoints", "step-2", "shard-00001-model-00001-of-00001.safetensors"))
+    weights = [key for key in shard if key.startswith("model.")]
+    assert weights and all("lora_" in key for key in weights)
+    resumed = run(model_dir, tmp_path / "fsdp", fsdp=True, resume_from_checkpoint="auto", **lora)
+    assert [r["step"] for r in resumed.history if r["type"] == "train"] == [3, 4]
+    again = load_file(os.path.join(resumed.final_dir, "adapter_model.safetensors"))
+    assert all(torch.equal(again[key], ours[key]) for key in ours)
