@@ -17,7 +17,7 @@ runs, per optimizer step:
     float(out["loss_sum"])                         # one host sync, as any loop that logs has
 
 sftlab side: sftlab.training() with logging_steps=1; its per-step seconds come from its metrics
-(collation, token counting, Accelerate, clipping, optimizer, scheduler, logging included).
+(collation, token counting, all-reduces, clipping, optimizer, scheduler, logging included).
 The first --warmup-steps are not timed. Each side runs in its own process, alternating, --repeats
 times; the median per-step time is reported, and overhead = sftlab / bare (target: <= 1.10).
 The per-step losses of both sides are compared as well: the same maths gives the same numbers.
@@ -65,7 +65,6 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     import math
 
     import torch
-    from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     from sftlab import SFTConfig, TargetSettings, prepare_examples
@@ -73,8 +72,9 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from sftlab.training.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.loop import StepPlan, pad_token_id
+    from sftlab.training.sharding import seed_everything
 
-    set_seed(spec["seed"])  # as sftlab.training does, before the model exists
+    seed_everything(spec["seed"])  # as sftlab's train() does, before the model exists
     device = torch.device(spec["device"])
     tokenizer = load_tokenizer(spec["model_folder"])
     examples = prepare_examples(spec["data_path"], tokenizer, TargetSettings(max_length=spec["max_length"]),

@@ -22,7 +22,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import sftlab.training.checkpoint
 from sftlab.training.checkpoint import list_checkpoints
 from sftlab.cli import main
 from tiny import char_tokenizer
@@ -44,17 +43,18 @@ def kill_me():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if point == "checkpoint-write":  # checkpoint STEP's weights half written in checkpoints/.tmp-step-N
-    real_save_file = sftlab.training.checkpoint.save_file
+if point == "checkpoint-write":  # checkpoint STEP's shard half written in checkpoints/.tmp-step-N
+    real_fsync = os.fsync
 
-    def save_file(tensors, path, *args, **kwargs):
-        real_save_file(tensors, path, *args, **kwargs)
-        if f".tmp-step-{step}" in path:
-            with open(path, "r+b") as handle:
-                handle.truncate(os.path.getsize(path) // 2)
+    def fsync(fd):
+        # torch.distributed.checkpoint syncs each shard file right after writing it.
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if f".tmp-step-{step}/shard-" in path and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0"):
+            os.ftruncate(fd, os.path.getsize(path) // 2)
             kill_me()
+        return real_fsync(fd)
 
-    sftlab.training.checkpoint.save_file = save_file
+    os.fsync = fsync
 elif point == "after-step":  # optimizer step STEP done in memory, never saved
     real_advance = sftlab.training.progress.Reporter.advance
 
@@ -62,6 +62,18 @@ elif point == "after-step":  # optimizer step STEP done in memory, never saved
         real_advance(self, done)
         if done == step:
             kill_me()
+
+    sftlab.training.progress.Reporter.advance = advance
+elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step STEP is done, from rank SIGNAL_RANK
+    real_advance = sftlab.training.progress.Reporter.advance
+
+    def advance(self, done):
+        real_advance(self, done)
+        if done == step and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
+            if point == "sigusr1-self":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:  # torchrun, which passes SIGTERM on to every worker as SLURM and Kubernetes make it do
+                os.kill(os.getppid(), signal.SIGTERM)
 
     sftlab.training.progress.Reporter.advance = advance
 elif point == "final-rename":  # final model fully written to .tmp-final, not yet renamed to final/
@@ -73,7 +85,9 @@ elif point == "final-rename":  # final model fully written to .tmp-final, not ye
         return real_rename(source, target, *args, **kwargs)
 
     os.rename = rename
-sys.exit(main(argv))
+code = main(argv)
+print(f"sftlab exit code {code} on rank {os.environ.get('RANK', '0')}", flush=True)
+sys.exit(code)
 """
 
 
@@ -111,9 +125,12 @@ def reference(setup) -> str:
     return output_dir
 
 
+SHARD = "shard-00001-model-00001-of-00001.safetensors"  # what one process writes of a checkpoint
+
+
 def assert_same_weights(folder: str, reference_folder: str, name: str = "final/model.safetensors") -> None:
     ours, theirs = load_file(os.path.join(folder, name)), load_file(os.path.join(reference_folder, name))
-    assert ours.keys() == theirs.keys()
+    assert ours.keys() == theirs.keys() and ours
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
 
@@ -143,14 +160,14 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint_to_identical_weigh
     assert list_checkpoints(output_dir) == [2]
     assert sorted(os.listdir(checkpoints)) == [".tmp-step-4", "step-2"]
     assert not os.path.exists(os.path.join(checkpoints, ".tmp-step-4", "state.json"))
-    assert_same_weights(output_dir, reference, "checkpoints/step-2/trainable.safetensors")
+    assert_same_weights(output_dir, reference, f"checkpoints/step-2/{SHARD}")
 
     # 2. Resumed from step 2, killed after step 5 had updated the weights in memory only.
     second = run_and_kill(setup, output_dir, "after-step", 5)
     assert f"resumed from {os.path.join(checkpoints, 'step-2')} at step 2" in second.stdout
     assert list_checkpoints(output_dir) == [2, 4]
     assert sorted(os.listdir(checkpoints)) == ["step-2", "step-4"]  # the stale .tmp-step-4 was replaced
-    assert_same_weights(output_dir, reference, "checkpoints/step-4/trainable.safetensors")
+    assert_same_weights(output_dir, reference, f"checkpoints/step-4/{SHARD}")
 
     # 3. Resumed from step 4, killed with the final model written but not yet renamed into place.
     third = run_and_kill(setup, output_dir, "final-rename", 0)
@@ -177,10 +194,10 @@ def test_partial_checkpoint_folders_are_ignored_on_resume(setup, reference, caps
     shutil.copytree(os.path.join(reference, "checkpoints"), os.path.join(output_dir, "checkpoints"))
     step4 = os.path.join(output_dir, "checkpoints", "step-4")
     os.remove(os.path.join(step4, "state.json"))
-    with open(os.path.join(step4, "trainable.safetensors"), "r+b") as handle:
+    with open(os.path.join(step4, SHARD), "r+b") as handle:
         handle.truncate(100)
     os.makedirs(os.path.join(output_dir, "checkpoints", ".tmp-step-5"))
-    with open(os.path.join(output_dir, "checkpoints", ".tmp-step-5", "optimizer.pt"), "wb") as handle:
+    with open(os.path.join(output_dir, "checkpoints", ".tmp-step-5", SHARD), "wb") as handle:
         handle.write(b"PK\x03\x04 half a zip")
 
     assert main(train_argv(setup, output_dir, "resume_from_checkpoint=auto")) == 0
@@ -192,7 +209,7 @@ def test_partial_checkpoint_folders_are_ignored_on_resume(setup, reference, caps
 def test_a_corrupt_complete_checkpoint_is_a_clear_error(setup, reference, capsys):
     output_dir = str(setup["root"] / "corrupt")
     shutil.copytree(os.path.join(reference, "checkpoints"), os.path.join(output_dir, "checkpoints"))
-    weights = os.path.join(output_dir, "checkpoints", "step-4", "trainable.safetensors")
+    weights = os.path.join(output_dir, "checkpoints", "step-4", SHARD)
     with open(weights, "r+b") as handle:
         handle.truncate(os.path.getsize(weights) // 2)
 
@@ -212,13 +229,15 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("writer", ["save_file", "torch.save"])
+@pytest.mark.parametrize("writer", ["shards", "torch.save"])
 def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_earlier_one(setup, reference, writer, monkeypatch, capsys):
     output_dir = str(setup["root"] / f"disk-full-{writer}")
-    if writer == "save_file":
-        real = sftlab.training.checkpoint.save_file
-        monkeypatch.setattr(sftlab.training.checkpoint, "save_file",
-                            lambda tensors, path, *a, **k: _no_space() if ".tmp-step-4" in path else real(tensors, path, *a, **k))
+    if writer == "shards":  # the weight and optimizer shards, written by torch.distributed.checkpoint
+        from torch.distributed.checkpoint.filesystem import FileSystem
+
+        real = FileSystem.create_stream
+        monkeypatch.setattr(FileSystem, "create_stream",
+                            lambda self, path, mode: _no_space() if ".tmp-step-4" in str(path) else real(self, path, mode))
     else:
         real = torch.save
         monkeypatch.setattr(torch, "save",
@@ -231,7 +250,7 @@ def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_earlier_on
         "found OSError: No space left on device; fix: free disk space or make output_dir writable; earlier checkpoints are intact"
     )
     assert sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) == ["step-2"]  # no partial folder left
-    assert_same_weights(output_dir, reference, "checkpoints/step-2/trainable.safetensors")
+    assert_same_weights(output_dir, reference, f"checkpoints/step-2/{SHARD}")
 
 
 def test_unwritable_checkpoint_folder_is_a_clear_error(setup, capsys):
@@ -254,3 +273,23 @@ def test_disk_full_during_the_final_export_is_a_clear_error(setup, reference, mo
                      "fix: free disk space or make output_dir writable")
     assert not os.path.exists(os.path.join(output_dir, "final")) and not os.path.exists(os.path.join(output_dir, ".tmp-final"))
     assert list_checkpoints(output_dir) == [2, 4]  # a resume can still finish the run
+
+
+@pytest.mark.slow
+def test_a_stop_signal_checkpoints_after_the_step_and_resumes_to_identical_weights(setup, reference):
+    """SIGUSR1 (SLURM's warning signal) after step 2: step 3 is finished, checkpointed, and
+    `sftlab train` exits 75; resuming from it reaches the uninterrupted run's weights and losses."""
+    from sftlab.cli import EXIT_PREEMPTED
+
+    output_dir = str(setup["root"] / "signalled")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFTLAB_CACHE": str(setup["root"] / "cache")}
+    argv = train_argv(setup, output_dir, "resume_from_checkpoint=auto")
+    result = subprocess.run([sys.executable, "-c", DRIVER, "sigusr1-self", "2", *argv], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == EXIT_PREEMPTED == 75, result.stderr[-3000:]
+    checkpoint = os.path.join(output_dir, "checkpoints", "step-3")
+    assert f"SIGUSR1 received: stopped after step 3 of {MAX_STEPS}, checkpoint {checkpoint}" in result.stdout
+    assert list_checkpoints(output_dir) == [2, 3] and not os.path.exists(os.path.join(output_dir, "final"))
+
+    assert main(argv) == 0
+    assert_same_weights(output_dir, reference)
+    assert train_losses(output_dir) == train_losses(reference)

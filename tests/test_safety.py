@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import pathlib
+import pickle
 import shutil
 
 import pytest
@@ -61,7 +62,7 @@ def run(tmp_path_factory) -> dict:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng-0.pt"])
+@pytest.mark.parametrize("name", ["scheduler.pt", "rng-0.pt"])
 def test_a_checkpoint_holding_a_pickled_object_is_refused_not_run(run, name, tmp_path, capsys):
     checkpoint = str(tmp_path / "step-1")
     shutil.copytree(run["checkpoint"], checkpoint)
@@ -81,13 +82,57 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_not_run(run, name, tmp
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values(run):
-    """What sftlab writes loads under weights_only=True (the resume path), and the weights are safetensors."""
-    for name in ("optimizer.pt", "scheduler.pt", "rng-0.pt"):
-        torch.load(os.path.join(run["checkpoint"], name), weights_only=True)
-    assert load_file(os.path.join(run["checkpoint"], "trainable.safetensors"))
+    """What sftlab writes loads under weights_only=True (the resume path), the weight and optimizer
+    shards are safetensors, the optimizer's plain values JSON, and there is no pickled DCP index."""
+    checkpoint = pathlib.Path(run["checkpoint"])
+    for name in ("scheduler.pt", "rng-0.pt"):
+        torch.load(checkpoint / name, weights_only=True)
+    shard = load_file(checkpoint / "shard-00001-model-00001-of-00001.safetensors")
+    assert any(k.startswith("model.") for k in shard) and any(k.startswith("optimizer.state.") for k in shard)
+    assert json.loads((checkpoint / "optimizer.json").read_text())
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.json", "rng-0.pt", "scheduler.pt", "shard-00001-model-00001-of-00001.safetensors", "state.json"]
     final = run["root"] / "out" / "final"
     assert (final / "model.safetensors").is_file()
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
+
+
+def test_a_pickled_dcp_index_in_a_checkpoint_is_never_read(run, tmp_path, capsys):
+    """torch.distributed.checkpoint's default reader unpickles the folder's `.metadata` file; sftlab
+    reads the index from the safetensors headers, so a `.metadata` payload planted there never runs."""
+    checkpoint = str(tmp_path / "step-1")
+    shutil.copytree(run["checkpoint"], checkpoint)
+    marker = str(tmp_path / "payload-ran")
+    with open(os.path.join(checkpoint, ".metadata"), "wb") as handle:  # as DCP's FileSystemWriter writes it: pickle.dump
+        pickle.dump(Payload(marker), handle)
+    code = main([*run["argv"], f"output_dir={tmp_path / 'out'}", f"resume_from_checkpoint={checkpoint}"])
+    assert code == 0 and "resumed from" in capsys.readouterr().out
+    assert not os.path.exists(marker)
+
+
+def test_resuming_runs_no_unrestricted_unpickler(run, tmp_path, monkeypatch):
+    """While a checkpoint is loaded, pickle's own loaders (what DCP's default reader and
+    torch.load(weights_only=False) use) fail; the resume still succeeds, so none of them is on its path."""
+    import sftlab.training.loop as loop
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("an unrestricted unpickler ran while loading a checkpoint")
+
+    real = loop.load_checkpoint
+
+    def load_checkpoint(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            for name in ("load", "loads"):
+                patch.setattr(pickle, name, refuse)
+            patch.setattr(pickle, "Unpickler", refuse)  # torch.load(weights_only=False) builds pickle.Unpickler
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_checkpoint", load_checkpoint)
+    code = main([*run["argv"], f"output_dir={tmp_path / 'out'}", f"resume_from_checkpoint={run['checkpoint']}"])
+    assert code == 0 and calls == []
 
 
 # --- model weights ---------------------------------------------------------------------------------
@@ -189,6 +234,18 @@ def test_every_torch_load_in_sftlab_is_weights_only():
     for module, call in calls:
         options = {k.arg: ast.unparse(k.value) for k in call.keywords}
         assert options.get("weights_only") == "True", f"{module}: {ast.unparse(call)}"
+
+
+def test_sharded_checkpoints_are_read_through_safetensors_only():
+    """Every torch.distributed.checkpoint load in sftlab names the safetensors reader; DCP's default
+    FileSystemReader (a pickled index) appears nowhere."""
+    loads = _calls("dcp.load") + _calls("torch.distributed.checkpoint.load")
+    assert loads, "expected the checkpoint loader"
+    for module, call in loads:
+        options = {k.arg: ast.unparse(k.value) for k in call.keywords}
+        assert options.get("storage_reader", "").startswith("HuggingFaceStorageReader("), f"{module}: {ast.unparse(call)}"
+    for path in SOURCE.rglob("*.py"):
+        assert "FileSystemReader" not in path.read_text(), path.name
 
 
 def test_sftlab_never_unpickles_or_trusts_remote_code_itself():

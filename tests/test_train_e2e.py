@@ -150,7 +150,7 @@ def test_killed_run_resumes_exactly(model_dir, tmp_path, capsys):
     # A checkpoint that was being written when the process died (or one faked here) is never picked.
     half = output / "checkpoints" / f".tmp-step-{steps - save}"
     half.mkdir(exist_ok=True)
-    (half / "trainable.safetensors").write_bytes(b"truncated")
+    (half / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"truncated")
 
     resumed = train(config(model_dir, output, resume_from_checkpoint="auto", **settings), train_dataset=RECORDS)
     newest = max(saved)
@@ -187,7 +187,7 @@ def test_sftlab_train_command(model_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["learning_rate"] <= 3e-3 for r in metrics if r["type"] == "train")
     assert list_checkpoints(str(run)) == [2]  # the last step is the final model, not a checkpoint
     assert sorted(os.listdir(run / "checkpoints" / "step-2")) == [
-        "optimizer.pt", "rng-0.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+        "optimizer.json", "rng-0.pt", "scheduler.pt", "shard-00001-model-00001-of-00001.safetensors", "state.json"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

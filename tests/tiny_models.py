@@ -31,9 +31,9 @@ def tiny_model(arch: str = "llama", vocab_size: int = 128, *, seed: int = 0, tie
     return model
 
 
-def save_tiny_llama(folder: str, tokenizer, seed: int = 0) -> str:
+def save_tiny_llama(folder: str, tokenizer, seed: int = 0, tie: bool = False) -> str:
     """A tiny Llama sized for `tokenizer`, saved with it (safetensors) so `model: folder` loads it."""
-    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed, attn="sdpa")
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed, attn="sdpa", tie=tie)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,7 +1,7 @@
 """`sftlab train|inspect|config|generate|plot`: thin wrappers over the library.
 
-User mistakes (SftlabError) print as one line and exit 2; anything else is a bug and keeps
-its traceback. `--debug` shows the traceback for user mistakes too.
+User mistakes (SftlabError) print as one line and exit 2; a run stopped by SIGTERM/SIGUSR1
+after its checkpoint exits 75; anything else is a bug and keeps its traceback. `--debug` shows the traceback for user mistakes too.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ import argparse
 import json
 import os
 import sys
+
+# `sftlab train` stopped by SIGTERM or SIGUSR1 after writing a checkpoint: EX_TEMPFAIL from
+# sysexits.h, "try again later": resume_from_checkpoint=auto continues the run.
+EXIT_PREEMPTED = 75
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,8 +95,8 @@ def _run(args) -> int:
         from sftlab.config import load_config
         from sftlab.training.loop import train
 
-        train(load_config(args.config, args.overrides))
-        return 0
+        result = train(load_config(args.config, args.overrides))
+        return EXIT_PREEMPTED if result.stopped_by else 0
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "generate":

@@ -73,8 +73,13 @@ class SFTConfig(BaseModel):
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
 
     # --- precision and memory ----------------------------------------------------------------
-    bf16: bool = Field(False, description="bfloat16 autocast (fp32 master weights). Slow on CPUs without native bf16. false leaves the choice to `accelerate launch --mixed_precision`.")
+    bf16: bool = Field(False, description="bfloat16 autocast with fp32 master weights; with fsdp, FSDP2's policy: bf16 weights in compute, gradients reduced in fp32. Slow on CPUs without native bf16. `accelerate launch --mixed_precision bf16` turns it on too.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    # --- sharding ----------------------------------------------------------------------------
+    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer state over the processes (FSDP2: fully_shard per decoder layer and the root); checkpoints are sharded and resume on any number of processes.")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each layer's gathered weights after its forward and gather them again in backward (less memory); false keeps them until backward (one all-gather fewer per layer).")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded weights, gradients and optimizer state in CPU memory and step the optimizer there (fits larger models on a GPU, slower steps).")
 
     # --- LoRA --------------------------------------------------------------------------------
     use_peft: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")

@@ -1,30 +1,51 @@
-"""Atomic checkpoints that resume exactly, and the final export.
+"""Atomic checkpoints that resume exactly, on the same or on another number of processes.
 
 A checkpoint is written under a temporary name and renamed into place, so a folder named
 `step-N` is always complete: a run killed mid-write leaves only a `.tmp-*` folder, which
-`resume_from_checkpoint=auto` ignores. It holds the trainable weights (safetensors), the
-optimizer and scheduler states and the RNG states (torch.save of tensors and plain values,
-read back with weights_only=True, so nothing can unpickle arbitrary objects), and state.json
-with the step, which is all the data position needs: the step plan is rebuilt from the seed.
+`resume_from_checkpoint=auto` ignores. It holds
+
+    shard-0000R-model-00001-of-00001.safetensors   what process R holds of the trainable weights and
+                                                   the optimizer's tensors, written by
+                                                   torch.distributed.checkpoint (DCP), every process its own
+    optimizer.json                                 the optimizer's plain values (learning rates, betas, ...)
+    scheduler.pt, rng-R.pt                         scheduler and per-process RNG states (tensors, plain values)
+    state.json                                     step, items per step, processes; written last
+
+One format for one process, DDP and FSDP: tensors are named by parameter (not by position in
+the optimizer) and each file records where its pieces sit in the full tensors, so DCP reads
+any checkpoint onto any number of processes, sharded or not (2 -> 1, 1 -> 2, DDP -> FSDP).
+
+Nothing read back can unpickle an object. DCP's default format keeps its index in a pickled
+`.metadata` file and loads non-tensor values with torch.load(weights_only=False); sftlab uses
+DCP's safetensors storage instead (HuggingFaceStorageWriter/Reader), whose index is each file's
+JSON header, hands DCP tensors only, keeps plain values in JSON, and reads the small .pt files
+with torch.load(weights_only=True). The data position is the step alone: the step plan is
+rebuilt from the seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from sftlab.errors import TrainingError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -38,11 +59,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters() yields tied weights once, so safetensors never sees shared storage.
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -68,26 +84,37 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: dict, rank: int, is_main: bool) -> str:
-    """Write checkpoints/step-N atomically; every process writes its RNG state, the main one the rest."""
+def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: dict, processes) -> str:
+    """Write checkpoints/step-N atomically. Every process calls it: each writes its shard and its
+    RNG state, the main one the rest. A write that fails on any process fails on all of them,
+    with the partial folder removed and earlier checkpoints untouched."""
     root = os.path.join(folder, "checkpoints")
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
-    try:
-        if is_main:
+
+    def start():
+        if processes.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp, exist_ok=True)
-        _barrier()
-        torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
-        if is_main:
-            save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+
+    def write_shards():
+        tensors, plain = _checkpoint_values(model, optimizer)
+        try:
+            with _one_process_is_fine():
+                dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+        except CheckpointException as error:  # raised on every process when one fails
+            raise _first_os_error(error) from None
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{processes.rank}.pt"))
+        if processes.is_main:
+            with open(os.path.join(tmp, "optimizer.json"), "w") as handle:
+                json.dump(plain, handle)
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             with open(os.path.join(tmp, "state.json"), "w") as handle:
                 json.dump({**state, "step": step}, handle, indent=1)
-        _barrier()
-        if is_main:
+
+    def publish():
+        if processes.is_main:
             for name in os.listdir(tmp):
                 with open(os.path.join(tmp, name), "rb") as handle:
                     os.fsync(handle.fileno())
@@ -95,17 +122,46 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
                 _remove_step_dir(root, step)
             os.rename(tmp, final)
             _fsync_dir(root)
-        _barrier()
-    except OSError as error:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(
-            f"cannot write the checkpoint for step {step}",
-            source=final,
-            found=f"{type(error).__name__}: {error.strerror or error}",
-            fix="free disk space or make output_dir writable; earlier checkpoints are intact",
-        ) from None
+
+    for part in (start, write_shards, publish):
+        failure = None
+        try:
+            part()
+        except OSError as error:
+            failure = error
+        if processes.any(failure is not None):
+            if processes.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(
+                f"cannot write the checkpoint for step {step}",
+                source=final,
+                found=f"{type(failure).__name__}: {failure.strerror or failure}" if failure else "the write failed on another process",
+                fix="free disk space or make output_dir writable; earlier checkpoints are intact",
+            ) from None
     return final
+
+
+def _checkpoint_values(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for DCP, plain values for JSON). Weights by parameter name, trainable ones only;
+    named_parameters() yields a tied weight once. The optimizer state is keyed by parameter name
+    too (flattened: 'state.<name>.exp_avg', 'param_groups.<name>.lr'), so a checkpoint does not
+    depend on the order in which one run handed parameters to its optimizer."""
+    tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    plain = {}
+    for key, value in get_optimizer_state_dict(model, optimizer, options=_FLAT).items():
+        if torch.is_tensor(value):
+            tensors[f"optimizer.{key}"] = value
+        else:
+            plain[key] = value
+    return tensors, plain
+
+
+def _first_os_error(error: CheckpointException) -> OSError:
+    for failure in error.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, OSError):
+            return cause
+    return OSError(str(error).strip().splitlines()[-1][:200])
 
 
 def prune_checkpoints(folder: str, keep: int | None) -> None:
@@ -147,30 +203,62 @@ def find_checkpoint(output_dir: str, spec: str) -> str | None:
     return spec
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return state.json. A file that cannot be read,
-    or that holds anything but tensors and plain values, is a TrainingError naming the file."""
-    weights = _read(os.path.join(path, "trainable.safetensors"), load_file)
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
-    if missing:
-        raise TrainingError("checkpoint does not match the model", source=path, found=f"no weights for {missing[:3]}",
-                            fix="resume with the same model and LoRA settings the checkpoint was written with")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer_file = os.path.join(path, "optimizer.pt")
+def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per_step: int) -> dict:
+    """Restore weights, optimizer, scheduler and RNG onto however many processes this run has;
+    return state.json. A file that cannot be read, or that holds anything but tensors and plain
+    values, is a TrainingError naming the file."""
+    state = _read(os.path.join(path, "state.json"), _load_json)
+    written = state.get("items_per_step")
+    if written is not None and written != items_per_step:
+        raise TrainingError(
+            "the checkpoint was written with another number of examples (or packed rows) per optimizer step", source=path,
+            found=f"{written} per step then ({state.get('processes', '?')} processes), {items_per_step} now",
+            fix=f"make per_device_train_batch_size x gradient_accumulation_steps x processes = {written}, "
+                "so the resumed run takes the steps the interrupted one planned")
+    shards = sorted(name for name in os.listdir(path) if name.startswith("shard-") and name.endswith(".safetensors"))
+    if not shards:
+        raise TrainingError("checkpoint has no weight shards (shard-*.safetensors)", source=path,
+                            fix="resume from a checkpoint written by this version of sftlab, or start without resume_from_checkpoint")
+    for name in shards:  # a truncated or corrupt file is named here, before DCP reads any of them
+        _read(os.path.join(path, name), _check_safetensors)
+    tensors, _ = _checkpoint_values(model, optimizer)  # the values to fill, in this run's layout
     try:
-        optimizer.load_state_dict(_read(optimizer_file, _load_tensors))
-    except (ValueError, KeyError) as error:
+        with _one_process_is_fine():
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(path))
+    except (CheckpointException, RuntimeError) as error:
+        missing = re.search(r"Missing key in checkpoint state_dict: ([\w.]+)", str(error))
+        raise TrainingError("checkpoint does not match the model and optimizer", source=path,
+                            found=f"nothing saved for {missing.group(1)}" if missing else str(error).strip().splitlines()[-1][:200],
+                            fix="resume with the model, LoRA and optimizer settings the checkpoint was written with") from None
+    optimizer_file = os.path.join(path, "optimizer.json")
+    plain = _read(optimizer_file, _load_json)
+    restored = {**{key[len("optimizer."):]: value for key, value in tensors.items() if key.startswith("optimizer.")}, **plain}
+    try:
+        set_optimizer_state_dict(model, optimizer, restored, options=_FLAT)
+    except (ValueError, KeyError, RuntimeError) as error:
         raise TrainingError("checkpoint does not match the optimizer", source=optimizer_file, found=str(error)[:200],
                             fix="resume with the optimizer and LoRA settings the checkpoint was written with") from None
     if scheduler is not None and os.path.exists(os.path.join(path, "scheduler.pt")):
         scheduler.load_state_dict(_read(os.path.join(path, "scheduler.pt"), _load_tensors))
-    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    # A run resumed on more processes than wrote the checkpoint keeps its seeded RNG on the new
+    # ones: only dropout draws from it, and those cannot match across another split anyway.
+    rng_file = os.path.join(path, f"rng-{processes.rank}.pt")
     if os.path.exists(rng_file):
         set_rng_state(_read(rng_file, _load_tensors))
-    return _read(os.path.join(path, "state.json"), _load_json)
+    return state
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    # DCP warns that it "assumes the intent" when there is no process group: one process is meant.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _check_safetensors(file: str) -> None:
+    with safe_open(file, framework="pt") as handle:
+        handle.keys()
 
 
 def _load_tensors(file: str):
@@ -208,8 +296,3 @@ def _read(file: str, loader):
             found=f"{type(error).__name__}: {detail[0][:200]}" if detail else type(error).__name__,
             fix="delete this checkpoint folder to resume from an earlier one, or start without resume_from_checkpoint",
         ) from None
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

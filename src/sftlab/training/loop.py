@@ -1,11 +1,14 @@
-"""The training loop: one readable pass from config to final model, on Accelerate.
+"""The training loop: one readable pass from config to final model.
 
-    setup: accelerator -> tokenizer -> examples -> model (+LoRA) -> step plan -> optimizer
+    setup: processes -> tokenizer -> examples -> model (+LoRA) -> step plan -> loss mode
+           -> replicate (DDP) or shard (FSDP2) -> optimizer -> resume
     loop:  for each optimizer step:
              count the step's supervised tokens on every process (one all-reduce)
-             for each micro-batch: loss = sum of CE / that count; backward (no DDP sync until the last)
-             clip, optimizer step, scheduler step; log, evaluate, checkpoint
-    end:   save_pretrained to output_dir/final (safetensors + tokenizer + chat template + config)
+             for each micro-batch: loss = sum of CE / that count; backward (DDP: no sync until the last)
+             sum the step's metrics (and any stop signal) over processes; clip, optimizer step,
+             scheduler step; log, evaluate, checkpoint; on SIGTERM/SIGUSR1 checkpoint and return
+    end:   save_pretrained to output_dir/final (safetensors + tokenizer + chat template + config),
+           full tensors gathered on the main process when sharded
 
 Features and their trade-offs:
 - sparse loss (default): the LM head runs on supervised rows only, in chunks; large saving in
@@ -15,21 +18,23 @@ Features and their trade-offs:
   position_ids, so results equal unpacked training.
 - gradient accumulation / processes: the loss is normalised by the supervised tokens of the
   whole step, so 8x1, 2x4 and 2 processes x 4 give the same update.
+- fsdp: weights, gradients and optimizer state sharded over the processes (FSDP2): memory per
+  process falls with their number, at the cost of gathering each layer's weights in forward and
+  backward. Checkpoints are sharded and reshard onto any number of processes.
 - gradient checkpointing: ~30% slower, much less activation memory. bf16: autocast with fp32
-  master weights (slow on CPUs without native bf16). LoRA through PEFT.
+  master weights (with fsdp: bf16 compute copies, fp32 reduction; slow on CPUs without native
+  bf16). LoRA through PEFT.
 
-Distributed: launch with `accelerate launch` (DDP, FSDP, DeepSpeed from its config) or torchrun.
+Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see sharding.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import json
 import math
 import os
 import shutil
-import sys
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 
-from sftlab.training import batching
+from sftlab.training import batching, sharding
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
 from sftlab.data.splits import prepare_split
@@ -54,31 +59,10 @@ class TrainResult:
     final_dir: str | None
     global_step: int
     history: list[dict] = field(default_factory=list)  # every logged and eval record, as in metrics.jsonl
+    stopped_by: str | None = None  # 'SIGTERM' / 'SIGUSR1' when a signal stopped the run after a checkpoint
 
 
 # --- setup ------------------------------------------------------------------------------------
-
-
-def setup_accelerator(bf16: bool, report_to: list[str], output_dir: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps its settings (mixed precision, ...) in a per-process singleton; a second
-    # train() call in the same process (a notebook, a sweep) with other settings is refused
-    # unless it is cleared. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-    trackers = [name for name in report_to if importlib.util.find_spec(name) is not None]
-    # Processes started by torchrun on a machine without a GPU: Accelerate joins them into one
-    # (gloo) process group only when told to run on the CPU, as `accelerate launch --cpu` does;
-    # otherwise each process trains alone on its share and writes as the main process.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu()
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else None, log_with=trackers or None, project_dir=output_dir)
-
-
-def _has_gpu() -> bool:
-    devices = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, XPU, MPS, ...
-    return devices.is_available() if devices is not None else torch.cuda.is_available()
 
 
 def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None):
@@ -183,29 +167,35 @@ def train(
     """Train as `config` says. `model`/`tokenizer` objects and any data source accepted by
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
-    accelerator = setup_accelerator(config.bf16, config.report_to, config.output_dir)
-    from accelerate.utils import set_seed
+    bf16 = sharding.launcher_precision(config.bf16)
+    processes = sharding.start_processes(config.fsdp)
+    try:
+        with Preemption() as preemption:
+            return _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler)
+    finally:
+        processes.close()
 
-    set_seed(config.seed)
-    _check_output_dir(config.output_dir, accelerator.is_main_process)
-    reporter = Reporter(config.output_dir, enabled=accelerator.is_main_process, append=bool(config.resume_from_checkpoint))
-    missing = [name for name in config.report_to if importlib.util.find_spec(name) is None]
-    if missing:
-        reporter.line(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
-    if len(missing) < len(config.report_to):
-        accelerator.init_trackers("sftlab", config={k: v for k, v in config.model_dump().items() if isinstance(v, (int, float, str, bool))})
-    rank, world = accelerator.process_index, accelerator.num_processes
+
+def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler) -> TrainResult:
+    if config.fsdp and config.use_peft and config.merge_lora:
+        raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
+                          field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
+    sharding.seed_everything(config.seed)
+    _check_output_dir(config.output_dir, processes.is_main)
+    reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
+                        report_to=config.report_to, run_config=config.model_dump())
+    rank, world = processes.rank, processes.world
 
     model_path = None
     if model is None or tokenizer is None:
         if not config.model:
             raise ConfigError("no model given", field="model", fix="set model: to a local folder, a .gguf file or a short name")
-        with accelerator.main_process_first():
+        with processes.local_main_first():
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
 
-    with accelerator.main_process_first():
+    with processes.local_main_first():
         train_examples = prepare_split(config, tokenizer, source=train_dataset)
         eval_examples = None
         if eval_dataset is not None or config.eval_data:
@@ -231,32 +221,54 @@ def train(
     steps = total_steps(config, plan.steps_per_epoch)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
     pad_id = pad_token_id(tokenizer)
+    items_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
 
+    # The loss mode is chosen on the whole model, before it is sharded (the check runs no collective).
+    first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
+    mode, why = choose_loss_mode(model, first, config.loss_implementation)
+    reporter.line(f"loss: {mode} ({why})")
+    if config.fsdp:
+        wrapper = sharding.shard_model(SupervisedLoss(model, mode), processes, reshard_after_forward=config.fsdp_reshard_after_forward,
+                                       cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
+        reporter.line(f"fsdp: {len(sharding.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
+    else:
+        wrapper = sharding.replicate_model(SupervisedLoss(model, mode), processes)
+    # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
+    autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
+
+    # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
     if optimizer is None:
         optimizer = setup_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    elif isinstance(optimizer, torch.optim.Optimizer) and config.fsdp:
+        raise ConfigError("fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
+                          "would step the old ones", field="optimizer", fix="pass a function params -> optimizer instead")
     elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
     if lr_scheduler is None:
         lr_scheduler = setup_scheduler(optimizer, config.lr_scheduler_type, steps, warmup)
     elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(optimizer)
-
-    first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
-    mode, why = choose_loss_mode(model, first, config.loss_implementation)
-    reporter.line(f"loss: {mode} ({why})")
-    wrapper, optimizer = accelerator.prepare(SupervisedLoss(model, mode), optimizer)
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     start_step = 0
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
         if checkpoint is not None:
-            start_step = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, rank)["step"]
-            reporter.line(f"resumed from {checkpoint} at step {start_step}")
+            written = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, processes, items_per_step)
+            start_step = written["step"]
+            by = written.get("processes", 1)
+            reporter.line(f"resumed from {checkpoint} at step {start_step}" + (f" (written by {by} processes, now {world})" if by != world else ""))
             reporter.forget_after(start_step)
         else:
             reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
+
+    def checkpoint_at(done: int) -> str:
+        state = {"epoch": done / plan.steps_per_epoch, "items_per_step": items_per_step, "processes": world}
+        path = save_checkpoint(config.output_dir, done, model, optimizer, lr_scheduler, state, processes)
+        if processes.is_main:
+            prune_checkpoints(config.output_dir, config.save_total_limit)
+        return path
 
     reporter.start(total=steps, done=start_step)
     window = _Window()
@@ -264,29 +276,32 @@ def train(
         micro = plan.micro_batches(step, rank)
         batches = [plan.collate(items, pad_id, config.pad_to_multiple_of) for items in micro]
         # The loss of every micro-batch is divided by the supervised tokens of the whole step on
-        # all processes; DDP then averages gradients over processes, hence the world factor.
+        # all processes; DDP and FSDP then average gradients over processes, hence the world factor.
         local = torch.tensor([float((b["targets"] != IGNORE).sum()) for b in batches]).sum()
-        step_count = float(accelerator.reduce(local.to(accelerator.device), reduction="sum"))
+        step_count = float(processes.sum(local))
         normalizer = max(step_count, 1.0) / world
         lr = lr_scheduler.get_last_lr()[0]
         parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty; one device sync per step
         for j, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if j == len(batches) - 1 else accelerator.no_sync(wrapper)
-            inputs = {k: v.to(accelerator.device) for k, v in batch.items() if torch.is_tensor(v)}
-            with sync:
-                out = wrapper(**inputs)
-                accelerator.backward(out["loss_sum"] / normalizer)
+            inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
+            with sharding.accumulating(wrapper, last=j == len(batches) - 1):
+                with autocast:
+                    out = wrapper(**inputs)
+                (out["loss_sum"] / normalizer).backward()
             count = out["count"].double()
             parts.append(torch.stack([out["loss_sum"].detach().double(), count, out["correct"].double(),
                                       count.new_tensor(batch["real_tokens"]), (count == 0).double()]))
-        sums = accelerator.reduce(torch.stack(parts).sum(0), reduction="sum").cpu()
-        grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
-        if not (math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))):
+        # A stop signal travels with the step's sums, so every process sees it at the same step.
+        sums = processes.sum(torch.cat([torch.stack(parts).sum(0), torch.tensor([float(preemption.received)], dtype=torch.float64,
+                                                                                 device=parts[0].device)]))
+        sums, stop = sums[:5], bool(sums[5] > 0)
+        grad_norm = sharding.clip_gradients(parameters, config.max_grad_norm)
+        if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
             records = sorted({i for b in batches for i in b["record_index"]})
             if not config.skip_nonfinite_steps:
                 raise TrainingError(
                     f"non-finite loss at step {step + 1}",
-                    found=f"loss sum {float(sums[0])}, grad norm {float(grad_norm)}; records in this step on process {rank}: {records[:20]}",
+                    found=f"loss sum {float(sums[0])}, grad norm {grad_norm}; records in this step on process {rank}: {records[:20]}",
                     fix="inspect those records; lower learning_rate; or set skip_nonfinite_steps=true to skip such steps",
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -296,33 +311,63 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
-        window.add(sums, float(grad_norm))
+        window.add(sums, grad_norm)
         done = step + 1
         reporter.advance(done)
-        if done % config.logging_steps == 0 or done == steps:
-            record = window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr)
-            reporter.log(record)
-            if accelerator.trackers:
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+        if done % config.logging_steps == 0 or done == steps or (stop and done < steps):
+            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr))
+        if stop and done < steps:
+            path = checkpoint_at(done)
+            # A process the signal did not reach stops too: another one got it.
+            signal_name = preemption.name or "a stop signal to another process"
+            reporter.line(f"{signal_name} received: stopped after step {done} of {steps}, checkpoint {path}; "
+                          f"resume with resume_from_checkpoint=auto")
+            reporter.finish()
+            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
         if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
-            record = evaluate(accelerator.unwrap_model(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, accelerator)
+            record = evaluate(sharding.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
             record.update(type="eval", step=done)
             reporter.log(record)
         if config.save_steps and done % config.save_steps == 0 and done < steps:
-            save_checkpoint(config.output_dir, done, model, optimizer, lr_scheduler, {"epoch": done / plan.steps_per_epoch},
-                            rank, accelerator.is_main_process)
-            if accelerator.is_main_process:
-                prune_checkpoints(config.output_dir, config.save_total_limit)
+            checkpoint_at(done)
     reporter.finish()
 
+    # Gathered on the main process when sharded (a collective: every process takes part).
+    state = sharding.full_state_dict(model, processes) if config.fsdp else None
     final_dir = None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final_dir = export_final(accelerator.unwrap_model(wrapper).model, tokenizer, config)
+    if processes.is_main:
+        final_dir = export_final(model, tokenizer, config, state)
         reporter.line(f"saved {final_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    processes.barrier()
     return TrainResult(config.output_dir, final_dir, steps, reporter.history)
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) set a flag
+    instead of killing the process: the loop finishes the optimizer step, writes a checkpoint and
+    returns, and `sftlab train` exits with EXIT_PREEMPTED. The previous handlers come back after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = False
+        self.name = None
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        self.received = True
+        self.name = signal.Signals(number).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python installs handlers only there
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        return False
 
 
 class _Window:
@@ -364,20 +409,23 @@ class _Window:
 
 
 @torch.no_grad()
-def evaluate(loss_module: SupervisedLoss, examples: Examples, batch_size: int, pad_id: int, accelerator) -> dict:
+def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
     """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy."""
     was_training = loss_module.training
     loss_module.eval()
     order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     sums = torch.zeros(3, dtype=torch.float64)
-    for items in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = batching.pad_batch(examples, items, pad_id)
-        inputs = {k: v.to(accelerator.device) for k, v in batch.items() if torch.is_tensor(v)}
-        with accelerator.autocast():
+    # Every process runs the same number of forwards (a sharded model gathers weights in each);
+    # a process out of batches runs a fully masked one, which adds nothing.
+    for round_start in range(0, len(batches), processes.world):
+        index = round_start + processes.rank
+        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
+        inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
+        with autocast:
             out = loss_module(**inputs)
         sums += torch.tensor([float(out["loss_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
-    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    sums = processes.sum(sums)
     loss_module.train(was_training)
     loss_sum, count, correct = (float(x) for x in sums)
     loss = loss_sum / count if count else 0.0
@@ -402,15 +450,16 @@ def _check_output_dir(path: str, is_main: bool) -> None:
                           found=error.strerror or str(error), fix="choose a folder you can write to") from None
 
 
-def export_final(model, tokenizer, config: SFTConfig) -> str:
+def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = None) -> str:
     """output_dir/final: save_pretrained (safetensors), tokenizer + chat template, the config used;
     with LoRA the adapter, and on request the merged model in final/merged. Written under a
-    temporary name and renamed, so `final/` is always complete."""
+    temporary name and renamed, so `final/` is always complete. `state_dict`: the full weights
+    gathered from a sharded model (the model object itself then holds only this process's shards)."""
     final = os.path.join(config.output_dir, "final")
     tmp = os.path.join(config.output_dir, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
             yaml.safe_dump(config.model_dump(), handle, sort_keys=False)

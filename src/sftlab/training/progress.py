@@ -1,17 +1,20 @@
 """What the user sees during training: a progress bar on a terminal (plain lines otherwise),
-and metrics.jsonl in the output folder with one JSON object per logged step and evaluation."""
+metrics.jsonl in the output folder with one JSON object per logged step and evaluation, and the
+same numbers in TensorBoard (output_dir/tensorboard) or Weights & Biases when report_to names them."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import importlib.util
 import sys
 import time
 
 
 class Reporter:
-    def __init__(self, output_dir: str, enabled: bool = True, append: bool = False):
+    def __init__(self, output_dir: str, enabled: bool = True, append: bool = False, report_to: list[str] = (),
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.history: list[dict] = []
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -23,6 +26,7 @@ class Reporter:
             os.makedirs(output_dir, exist_ok=True)
             # A fresh run starts a fresh log; a resumed run appends to the one it continues.
             self.handle = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.trackers = _open_trackers(report_to, output_dir, run_config or {}, self.line) if enabled else []
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -73,6 +77,9 @@ class Reporter:
 
     def log(self, record: dict) -> None:
         self._write(record)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(f"{record.get('type', 'train')}/", numbers, record.get("step", 0))
         if record.get("type") == "train":
             self.last = record
             if self.progress is None and self.enabled:
@@ -114,6 +121,52 @@ class Reporter:
         if self.enabled:
             self.handle.close()
             self.enabled = False
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+class _TensorBoard:
+    def __init__(self, output_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, prefix: str, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(prefix + key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, output_dir: str, run_config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="sftlab", dir=output_dir,
+                              config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
+
+    def log(self, prefix: str, values: dict, step: int) -> None:
+        self.run.log({prefix + key: value for key, value in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _open_trackers(report_to, output_dir: str, run_config: dict, say) -> list:
+    trackers, missing = [], []
+    for name in report_to:
+        # torch.utils.tensorboard needs the tensorboard package itself.
+        if importlib.util.find_spec(name) is None:
+            missing.append(name)
+        else:
+            trackers.append(_TensorBoard(output_dir) if name == "tensorboard" else _WandB(output_dir, run_config))
+    if missing:
+        say(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
+    return trackers
 
 
 def _chat_summary(chat: dict | None) -> str:
