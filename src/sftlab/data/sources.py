@@ -94,7 +94,8 @@ class RecordStream:
         self.content_hash = content_hash
         self.length = length  # records, where known without reading them
 
-    def chunks(self, size: int = CHUNK_RECORDS) -> Iterator[Records]:
+    def chunks(self, size: int | None = None) -> Iterator[Records]:
+        size = size or CHUNK_RECORDS
         start = 0
         records: list[dict] = []
         lines: list[int | None] = []
