@@ -54,11 +54,11 @@ class FieldMap:
         for name, value in self.fields.items():
             if name not in RECORD_FIELDS + MESSAGE_KEYS:
                 close = difflib.get_close_matches(name, RECORD_FIELDS + MESSAGE_KEYS, n=1)
-                raise ConfigError(f"fields: unknown field '{name}'", field=f"fields.{name}",
+                raise ConfigError(f"unknown field '{name}'", field=f"fields.{name}",
                                   expected=f"one of {list(RECORD_FIELDS + MESSAGE_KEYS)}",
                                   fix=f"did you mean '{close[0]}'?" if close else "map sftlab's field name to yours: {prompt: question}")
             if not isinstance(value, str) or not value:
-                raise ConfigError("fields: a field maps to a field name", field=f"fields.{name}", found=describe(value),
+                raise ConfigError("a field maps to a field name", field=f"fields.{name}", found=describe(value),
                                   expected="the name of the field in your data")
         if self.alpaca_layout not in ALPACA_LAYOUTS:
             raise ConfigError("unknown Alpaca layout", field="alpaca_layout", found=repr(self.alpaca_layout),

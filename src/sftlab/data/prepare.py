@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from sftlab import __version__
 from sftlab.data.examples import CHAT_STATS, Examples, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.sources import open_records
-from sftlab.data.store import entry_lock, new_folder, publish, read_detached, read_entry
+from sftlab.data.store import built_entry
 from sftlab.data.workers import Counts, Recipe, build_store
 
 # 2: conversations as served (several examples per record, chat statistics)
@@ -90,33 +89,18 @@ def prepare_examples(
     stream = open_records(source, split)
     recipe = Recipe(tokenizer, settings, text_field, skip_invalid_records, FieldMap(dict(fields or {}), alpaca_layout))
     workers = default_workers(stream) if workers is None else max(1, int(workers))
-    if not use_cache:
-        return _finish(_build_detached(stream, recipe, None, "uncached", workers), started, cached=False)
+
+    def build(folder: str) -> None:
+        _build(stream, recipe, folder, workers)
+
     # Files and datasets are identified without parsing them, so a hit reads no record.
-    key = _cache_key(stream.fingerprint(), recipe)
-    root = cache_dir or default_cache_dir()
-    folder = os.path.join(root, key)
-    examples = read_entry(folder)
-    if examples is not None:
-        return _finish(examples, started, cached=True)
-    with entry_lock(root, key, waiting=_waiting):
-        examples = read_entry(folder)  # built by another process while this one waited
-        if examples is not None:
-            return _finish(examples, started, cached=True)
-        try:
-            tmp = new_folder(root, key)
-        except OSError:  # the cache is an optimisation; an unwritable cache dir must not stop training
-            return _finish(_build_detached(stream, recipe, None, key, workers), started, cached=False)
-        try:
-            _build(stream, recipe, tmp, workers)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        publish(tmp, folder)
-    examples = read_entry(folder)
-    if examples is None:  # pragma: no cover - renamed into place just before
-        raise AssertionError(f"cannot read the cache entry {folder} just written")
-    return _finish(examples, started, cached=False)
+    key = _cache_key(stream.fingerprint(), recipe) if use_cache else "uncached"
+    root = (cache_dir or default_cache_dir()) if use_cache else None
+    examples, folder = built_entry(root, key, build, waiting=_waiting)
+    examples.stats["seconds"] = time.perf_counter() - started
+    if folder is not None:
+        examples.stats["cache_entry"] = folder
+    return examples
 
 
 def default_workers(stream) -> int:
@@ -128,23 +112,6 @@ def default_workers(stream) -> int:
 
 def _waiting(entry: str) -> None:
     print(f"waiting for another process to finish preparing {entry}", file=sys.stderr, flush=True)
-
-
-def _finish(examples: Examples, started: float, cached: bool) -> Examples:
-    examples.stats["seconds"] = time.perf_counter() - started
-    examples.stats["cached"] = cached
-    return examples
-
-
-def _build_detached(stream, recipe: Recipe, parent: str | None, key: str, workers: int) -> Examples:
-    """Examples built in a temporary folder of their own (no cache), memory-mapped from it."""
-    tmp = new_folder(parent, key)
-    try:
-        _build(stream, recipe, tmp, workers)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return read_detached(tmp)
 
 
 def _build(stream, recipe: Recipe, folder: str, workers: int) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -144,9 +145,57 @@ def read_entry(folder: str) -> Examples | None:
     return Examples(**arrays, stats=stats)
 
 
+def built_entry(root: str | None, key: str, build: Callable[[str], None], waiting=None) -> tuple[Examples, str | None]:
+    """Entry `key` of the cache in `root`, and its folder: read when it is there, else written by
+    `build(folder)` into a temporary folder that is renamed into place, under the entry's lock
+    (a process that finds the lock taken waits, then reads what the holder wrote). `stats["cached"]`
+    says which. With root None, or a root that cannot be written, the examples are built in a
+    temporary folder of their own and the folder returned is None."""
+    if root is None:
+        return _cached(read_built(None, key, build), False), None
+    folder = os.path.join(root, key)
+    examples = read_entry(folder)
+    if examples is None:
+        with entry_lock(root, key, waiting=waiting):
+            examples = read_entry(folder)  # written by another process while this one waited
+            if examples is None:
+                try:
+                    tmp = new_folder(root, key)
+                except OSError:  # the cache is an optimisation: an unwritable one must not stop training
+                    return _cached(read_built(None, key, build), False), None
+                _write(tmp, build)
+                publish(tmp, folder)
+                examples = read_entry(folder)
+                if examples is None:  # pragma: no cover - renamed into place just before
+                    raise AssertionError(f"cannot read the cache entry {folder} just written")
+                return _cached(examples, False), folder
+    return _cached(examples, True), folder
+
+
+def _cached(examples: Examples, cached: bool) -> Examples:
+    examples.stats["cached"] = cached
+    return examples
+
+
+def _write(tmp: str, build: Callable[[str], None]) -> None:
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_built(parent: str | None, key: str, build: Callable[[str], None]) -> Examples:
+    """Examples written by `build(folder)` into a temporary folder of their own, read back, and
+    the folder deleted: the mappings keep the data readable (and its disk space taken) until the
+    examples are dropped."""
+    tmp = new_folder(parent, key)
+    _write(tmp, build)
+    return read_detached(tmp)
+
+
 def read_detached(folder: str) -> Examples:
-    """Read an entry built in a folder of its own, then delete the folder: the mappings keep the
-    data readable (and its disk space taken) until the examples are dropped."""
+    """Read an entry built in a folder of its own, then delete the folder."""
     try:
         examples = read_entry(folder)
     finally:

@@ -45,6 +45,9 @@ class Reporter:
             + _chat_summary(stats.get("chat"))
             + (" (cached)" if stats.get("cached") else "")
         )
+        for source in stats.get("sources", ()):  # a mixture: what each source gave
+            self.line(f"  {source['name']}: {source['examples']} of {source['examples_available']} examples"
+                      + _share(source) + f", {source['supervised_tokens']} supervised of {source['tokens']} tokens")
 
     def start(self, total: int, done: int) -> None:
         self.total = total
@@ -114,6 +117,13 @@ class Reporter:
         if self.enabled:
             self.handle.close()
             self.enabled = False
+
+
+def _share(source: dict) -> str:
+    for key in ("weight", "max_samples", "epochs"):
+        if key in source:
+            return f" ({key} {source[key]})"
+    return ""
 
 
 def _chat_summary(chat: dict | None) -> str:
