@@ -19,10 +19,12 @@ Every measurement runs in a fresh process, so its memory is its own:
             exported from this repository's history into --workdir (the code before streaming)
   trl       (when trl is installed) datasets.load_dataset("json", path) + SFTTrainer._prepare_dataset,
             assistant_only_loss=True, the same tokenizer, template and max_length
-Reported per measurement: wall seconds, chats per second, the process's peak RSS (ru_maxrss;
-for workers also the largest worker's), how much the call itself raised the peak (VmHWM reset
-before the call: tokenizer and imports excluded), that growth per token, and /proc/loadavg
-before and after (the machine may be shared: read the figures next to it).
+Reported per measurement: wall seconds, chats per second, CPU seconds (the process and its
+workers: what to compare when the machine is busy), the process's peak RSS (ru_maxrss;
+for workers also the largest worker's), how much the call itself raised the peak (freed heap
+trimmed and VmHWM reset before the call: tokenizer, its fingerprint and imports excluded) and
+that per token, what the process still holds after the call (a cached load: the examples), and
+/proc/loadavg before and after (the machine may be shared: read the figures next to it).
 """
 
 from __future__ import annotations
@@ -53,7 +55,13 @@ def rss_bytes() -> int:
 
 
 def reset_peak() -> None:
-    """Reset VmHWM (the peak resident size) to the current size (Linux >= 4.0)."""
+    """Give freed heap memory back to the system, then reset VmHWM (the peak resident size) to the
+    current size (Linux >= 4.0). Without the trim, what the call allocates can reuse pages freed by
+    the tokenizer's construction and never show in the peak (measured: 8 MB for a cache load that
+    reads 40 MB of arrays into memory)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
@@ -64,6 +72,12 @@ def peak_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def write_data(workdir: str, sizes: list[int]) -> dict[int, str]:
@@ -93,17 +107,23 @@ def child_sftlab(spec: dict) -> dict:
 
     from sftlab import TargetSettings, prepare_examples
 
+    from sftlab.data.prepare import tokenizer_fingerprint
+
     tokenizer = qwen_tokenizer()
-    tokenizer("warm up")
+    # Once per process and remembered on the tokenizer (both versions): serialising the 151k
+    # vocabulary is a ~50 MB transient that is not what the data costs.
+    tokenizer_fingerprint(tokenizer)
     kwargs = {} if spec.get("baseline") else {"workers": spec["workers"]}
-    before = rss_bytes()
     reset_peak()
+    before = rss_bytes()
+    cpu = cpu_seconds()
     started = time.perf_counter()
     examples = prepare_examples(spec["path"], tokenizer, TargetSettings(max_length=MAX_LENGTH), cache_dir=spec["cache"], **kwargs)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
     call_peak = peak_bytes()
     stats = examples.stats
-    return {"seconds": seconds, "cached": stats["cached"], "examples": stats["examples"], "tokens": stats["tokens"],
+    return {"seconds": seconds, "cpu_seconds": cpu, "cached": stats["cached"], "examples": stats["examples"], "tokens": stats["tokens"],
             "supervised_tokens": stats["supervised_tokens"], "rss_before": before, "call_peak": call_peak,
             "rss_after": rss_bytes()}
 
@@ -115,15 +135,17 @@ def child_trl(spec: dict) -> dict:
 
     tokenizer = qwen_tokenizer()
     prepare = trl_preparer(tokenizer, MAX_LENGTH, None, from_records=False)
-    before = rss_bytes()
     reset_peak()
+    before = rss_bytes()
+    cpu = cpu_seconds()
     started = time.perf_counter()
     # What a TRL user does with a JSONL file: load_dataset (Arrow, memory-mapped) and the trainer's
     # own preparation of it.
     dataset = load_dataset("json", data_files=spec["path"], split="train", cache_dir=spec["cache"])
     prepared = prepare(dataset)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "examples": len(prepared), "tokens": None, "rss_before": before,
+    cpu = cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "examples": len(prepared), "tokens": None, "rss_before": before,
             "call_peak": peak_bytes(), "rss_after": rss_bytes()}
 
 
@@ -212,9 +234,11 @@ def row_text(row: dict) -> str:
     tokens = row.get("tokens")
     per_token = f"{growth / tokens:6.2f} B/token" if tokens else "        -      "
     workers = f", largest worker {row['worker_peak_rss'] / 1e9:.2f} GB" if row.get("worker_peak_rss") else ""
+    held = row["rss_after"] - row["rss_before"]
     return (f"{row['chats']:>9,} chats  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} chats/s  "
-            f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}); "
-            f"tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}")
+            f"CPU {row['cpu_seconds']:7.1f} s  "
+            f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}), "
+            f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}")
 
 
 def main() -> None:

@@ -86,13 +86,14 @@ class RecordStream:
     """A source's records, read chunk by chunk each time `chunks` is iterated."""
 
     def __init__(self, name: str, parts: Callable[[], Iterator[Part]], *, spec: str | None = None,
-                 content_hash: str | None = None, length: int | None = None):
+                 content_hash: str | None = None, length: int | None = None, size: int | None = None):
         self.name = name
         self._parts = parts
         self._spec = spec or name
         # Known without reading a record (file bytes, a Dataset's fingerprint), else None.
         self.content_hash = content_hash
         self.length = length  # records, where known without reading them
+        self.size = size  # bytes of the files read, for files
 
     def chunks(self, size: int | None = None) -> Iterator[Records]:
         size = size or CHUNK_RECORDS
@@ -231,7 +232,7 @@ def _records_stream(records: Records) -> RecordStream:
             yield name, zip(records.records[offset : offset + count], lines[offset : offset + count])
             offset += count
 
-    return RecordStream(records.name, parts, content_hash=records.fingerprint(), length=len(records))
+    return RecordStream(records.name, parts, content_hash=records.content_hash, length=len(records))
 
 
 def _dataset_rows(dataset) -> Iterator[tuple[dict, None]]:
@@ -363,7 +364,8 @@ def _path_stream(spec: str, split: str | None) -> RecordStream:
         for path in files:
             yield path, _file_rows(path)
 
-    return RecordStream(name, parts, spec=spec, content_hash=_files_fingerprint(files))
+    return RecordStream(name, parts, spec=spec, content_hash=_files_fingerprint(files),
+                        size=sum(os.path.getsize(path) for path in files))
 
 
 def _file_rows(path: str) -> Iterator[tuple[dict, int | None]]:
