@@ -312,3 +312,25 @@ def test_with_workers_the_first_bad_record_is_the_one_reported(tmp_path, monkeyp
     assert messages[0] == messages[1]
     assert messages[0].startswith(f"{path}:{first + 1}, record {first}, field ")
     assert ("boom is refused" if bad[first] == "boom" else "unknown role") in messages[0]
+
+
+def test_with_workers_a_bad_record_before_an_unreadable_line_is_reported_first(tmp_path, monkeypatch):
+    # The reader runs ahead of the workers: it meets the broken line 31 while record 5 is still
+    # being validated in a worker. One process would have stopped at record 5; so must two.
+    monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 4)
+    lines = [json.dumps(record) for record in chats(40, invalid=False)]
+    lines[30] = '{"messages": ['
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer = char_tokenizer(chat_template=CHATML)
+    with pytest.raises(DataError) as error:
+        prepare_examples(str(path), tokenizer, use_cache=False, workers=2)
+    assert str(error.value).startswith(f"{path}:31, record 30: invalid JSON line")
+    bad = json.loads(lines[5])
+    bad["messages"][1]["role"] = "robot"
+    lines[5] = json.dumps(bad)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for workers in (1, 2):
+        with pytest.raises(DataError) as error:
+            prepare_examples(str(path), tokenizer, use_cache=False, workers=workers)
+        assert str(error.value).startswith(f"{path}:6, record 5, field 'messages[1].role': unknown role"), workers

@@ -201,25 +201,32 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
                             normalize=recipe.field_map)
     try:
         sent = 0
-        for chunk in stream.chunks():
-            # The first valid record fixes the format for every worker: found here, record by record.
-            for offset in range(len(chunk)) if probe.first_valid is None else ():
-                probe.validate(Records(chunk.records[offset : offset + 1], chunk.name, start=chunk.start + offset))
-                if probe.first_valid is not None:
+        unreadable = None  # an error in the data's own syntax (a bad JSON line), met while reading ahead
+        try:
+            for chunk in stream.chunks():
+                # The first valid record fixes the format for every worker: found here, record by record.
+                for offset in range(len(chunk)) if probe.first_valid is None else ():
+                    probe.validate(Records(chunk.records[offset : offset + 1], chunk.name, start=chunk.start + offset))
+                    if probe.first_valid is not None:
+                        break
+                task = (sent, chunk, probe.expected_format, probe.expected_from if probe.first_valid is not None else 0)
+                while not _put(tasks, task):
+                    merge.take_available(results, processes)
+                sent += 1
+                merge.take_available(results, processes, block=False)
+                if merge.errors:
                     break
-            task = (sent, chunk, probe.expected_format, probe.expected_from if probe.first_valid is not None else 0)
-            while not _put(tasks, task):
-                merge.take_available(results, processes)
-            sent += 1
-            merge.take_available(results, processes, block=False)
-            if merge.errors:
-                break
+        except DataError as error:
+            unreadable = error
         for _ in processes:  # one end marker per worker (a worker that stopped at an error takes none)
             while merge.done < len(processes) and not _put(tasks, None):
                 merge.take_available(results, processes)
         while merge.done < len(processes):
             merge.take_available(results, processes)
+        # One process would have met a bad record in the chunks before the unreadable line first.
         merge.raise_first_error()
+        if unreadable is not None:
+            raise unreadable
         if merge.next_chunk != sent:  # pragma: no cover - every chunk sent is merged, or an error was raised
             raise AssertionError(f"merged {merge.next_chunk} of {sent} chunks")
         require_valid(merge.counts.formats, merge.counts.skipped, stream.name)
