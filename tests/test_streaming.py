@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections import Counter
 
 import numpy as np
@@ -235,40 +234,64 @@ def test_a_killed_preparation_leaves_no_half_entry(tmp_path):
         assert getattr(again, name).tolist() == getattr(fresh, name).tolist()
 
 
-def test_a_second_process_waits_for_the_entry_and_reads_it(tmp_path, monkeypatch):
-    # Two preparations of one entry at once (processes of one machine under torchrun; threads
-    # here): the first builds it holding the entry's lock, the second waits on the lock, with no
-    # timeout, and then reads what the first wrote instead of building it again.
+WAITER = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, {tests!r})
     import sftlab.data.prepare as prepare
+    from sftlab import prepare_examples
+    from tiny import char_tokenizer
 
-    building, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    markers = {markers!r}
     build = prepare.build_store
-
-    def held_build(*args, **kwargs):
-        building.set()
-        release.wait(60)
+    def held_build(*args, **kwargs):  # holds the entry's lock until the test lets it go
+        open(os.path.join(markers, "building"), "w").close()
+        while not os.path.exists(os.path.join(markers, "go")):
+            time.sleep(0.01)
         return build(*args, **kwargs)
+    prepare.build_store = held_build
+    waiting = prepare._waiting
+    def noted(entry):
+        open(os.path.join(markers, "waiting"), "w").close()
+        waiting(entry)
+    prepare._waiting = noted
+    examples = prepare_examples({data!r}, char_tokenizer(), skip_invalid_records=True, cache_dir={cache!r})
+    print(json.dumps({{"cached": examples.stats["cached"], "input_ids": examples.input_ids.tolist()}}))
+""")
 
-    monkeypatch.setattr(prepare, "build_store", held_build)
-    monkeypatch.setattr(prepare, "_waiting", lambda entry: waiting.set())
-    results = {}
 
-    def run(name):
-        results[name] = prepare_examples(pairs(), char_tokenizer(), skip_invalid_records=True, cache_dir=str(tmp_path))
+@pytest.mark.slow
+def test_a_second_process_waits_for_the_entry_and_reads_it(tmp_path):
+    # Two processes preparing one entry at once (ranks of one machine under torchrun): the first
+    # builds it holding the entry's lock; the second waits on the lock, with no timeout, and then
+    # reads what the first wrote instead of building it again.
+    import time
 
-    first = threading.Thread(target=run, args=("first",))
-    first.start()
-    assert building.wait(60)
-    second = threading.Thread(target=run, args=("second",))
-    second.start()
-    assert waiting.wait(60)  # the second found the lock taken while the first was building
-    release.set()
-    first.join(60)
-    second.join(60)
-    assert results["first"].stats["cached"] is False
-    assert results["second"].stats["cached"] is True
-    for name in ARRAYS:
-        assert getattr(results["first"], name).tolist() == getattr(results["second"], name).tolist()
+    data = write_jsonl(tmp_path / "data.jsonl", pairs())
+    script = WAITER.format(tests=os.path.dirname(__file__), markers=str(tmp_path), data=data, cache=str(tmp_path / "cache"))
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(name, process):
+        deadline = time.monotonic() + 120
+        while not (tmp_path / name).exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"no {name} marker within 120 s"
+            time.sleep(0.01)
+
+    first = start()
+    try:
+        wait_for("building", first)
+        second = start()
+        wait_for("waiting", second)  # the second found the lock taken while the first was building
+        (tmp_path / "go").touch()
+        (out_first, err_first), (out_second, err_second) = first.communicate(timeout=120), second.communicate(timeout=120)
+    finally:
+        first.kill()
+    results = [json.loads(out.strip().splitlines()[-1]) for out in (out_first, out_second)]
+    assert [r["cached"] for r in results] == [False, True]
+    assert results[0]["input_ids"] == results[1]["input_ids"]
+    assert "waiting for another process to finish preparing" in err_second
 
 
 # --- workers --------------------------------------------------------------------------------------
@@ -334,3 +357,18 @@ def test_with_workers_a_bad_record_before_an_unreadable_line_is_reported_first(t
         with pytest.raises(DataError) as error:
             prepare_examples(str(path), tokenizer, use_cache=False, workers=workers)
         assert str(error.value).startswith(f"{path}:6, record 5, field 'messages[1].role': unknown role"), workers
+
+
+@pytest.mark.parametrize("cores, size, length, expected", [
+    (16, 80_000_000, None, 8),  # a large file on 16 cores: one worker per two cores
+    (16, None, 50_000, 8),  # a list of 50k records
+    (16, 10_000_000, None, 1),  # small data: starting workers costs more than it saves
+    (16, None, None, 1),  # a stream of unknown size
+    (2, 80_000_000, None, 1),  # 2 cores: one process keeps both busy already
+])
+def test_default_workers(monkeypatch, cores, size, length, expected):
+    from sftlab.data.prepare import default_workers
+    from sftlab.data.sources import RecordStream
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_workers(RecordStream("s", lambda: iter(()), size=size, length=length)) == expected
