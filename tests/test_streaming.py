@@ -372,3 +372,18 @@ def test_default_workers(monkeypatch, cores, size, length, expected):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert default_workers(RecordStream("s", lambda: iter(()), size=size, length=length)) == expected
+
+
+def test_a_tokenizer_that_cannot_be_sent_to_workers_prepares_in_one_process():
+    from transformers import PreTrainedTokenizerFast
+
+    class Unsendable(PreTrainedTokenizerFast):
+        def __reduce_ex__(self, protocol):
+            raise TypeError("this tokenizer stays in its process")
+
+    tokenizer = char_tokenizer()
+    tokenizer.__class__ = Unsendable
+    with pytest.warns(UserWarning, match="preparing in one process: the tokenizer cannot be sent to worker processes"):
+        examples = prepare_examples(pairs(), tokenizer, SETTINGS, skip_invalid_records=True, use_cache=False, workers=2)
+    expected, stats = reference(pairs(), char_tokenizer())
+    assert_same(examples, expected, stats)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import shutil
 import traceback
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -194,8 +196,16 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
     results = context.Queue()
     shards = [os.path.join(folder, f"shard-{w}") for w in range(workers)]
     processes = [context.Process(target=_worker, args=(recipe, shard, tasks, results), daemon=True) for shard in shards]
-    for process in processes:
-        process.start()
+    try:
+        for process in processes:
+            process.start()  # sends the recipe, tokenizer included, to the new process
+    except (pickle.PicklingError, TypeError, AttributeError) as error:  # a tokenizer that cannot be sent
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        warnings.warn(f"preparing in one process: the tokenizer cannot be sent to worker processes ({error})", stacklevel=3)
+        return build_store(stream, recipe, folder, workers=1)
     merge = _Merge(StoreWriter(folder))
     probe = RecordValidator(text_field=recipe.text_field, skip_invalid=True, vocab_size=len(recipe.tokenizer),
                             normalize=recipe.field_map)
