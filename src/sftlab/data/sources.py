@@ -587,6 +587,9 @@ class _JsonText:
         self.text = ""
         self.pos = 0
         self.line_base = 1  # line number of text[0]
+        # Lines counted so far: the line at text[counted]. Counting on from there keeps line()
+        # linear over the file (recounting the window from its start was quadratic).
+        self.counted, self.counted_line = 0, 1
         self.eof = False
         self.holding = 0  # > 0 while looking ahead: the window must keep what it has, or a saved cursor would break
         self._fill()
@@ -596,6 +599,8 @@ class _JsonText:
             return False
         if self.pos > _BLOCK and not self.holding:  # drop what was consumed
             self.line_base += self.text.count("\n", 0, self.pos)
+            self.counted_line += self.text.count("\n", self.counted, self.pos) if self.counted < self.pos else 0
+            self.counted = max(self.counted - self.pos, 0)
             self.text, self.pos = self.text[self.pos :], 0
         block = self.handle.read(_BLOCK)
         if not block:
@@ -605,7 +610,12 @@ class _JsonText:
         return True
 
     def line(self) -> int:
-        return self.line_base + self.text.count("\n", 0, self.pos)
+        """The line number at the cursor."""
+        if self.pos < self.counted:  # after a look-ahead moved the cursor back
+            self.counted, self.counted_line = 0, self.line_base
+        self.counted_line += self.text.count("\n", self.counted, self.pos)
+        self.counted = self.pos
+        return self.counted_line
 
     def skip_space(self) -> None:
         while True:
