@@ -107,9 +107,10 @@ def default_workers(stream) -> int:
     """Preparation processes that pay for a source on this machine.
 
     One process already keeps two cores busy (Python renders while the tokenizer's threads
-    encode), and a spawned worker costs seconds to start and its own tokenizer: measured on 2
-    cores, 2 workers were slower than 1 at 20k and 200k chats (docs/benchmarks.md). So: one per
-    two cores, from 4 cores and for data of at least 50 MB or 50,000 records, else one."""
+    encode: 1.9 cores at 200k chats), and a spawned worker costs seconds to start and its own
+    tokenizer: measured on 2 cores, 2 workers took 28 s against 20 s for 20k chats and 84 s
+    against 87 s for 200k (docs/benchmarks.md). So: one per two cores, from 4 cores and for data
+    of at least 50 MB or 50,000 records, else one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     large = (stream.size or 0) >= 50_000_000 or (stream.length or 0) >= 50_000
     return max(1, cores // 2) if cores >= 4 and large else 1
