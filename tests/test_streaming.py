@@ -285,7 +285,7 @@ def test_a_second_process_waits_for_the_entry_and_reads_it(tmp_path):
         second = start()
         wait_for("waiting", second)  # the second found the lock taken while the first was building
         (tmp_path / "go").touch()
-        (out_first, err_first), (out_second, err_second) = first.communicate(timeout=120), second.communicate(timeout=120)
+        (out_first, _), (out_second, err_second) = first.communicate(timeout=120), second.communicate(timeout=120)
     finally:
         first.kill()
     results = [json.loads(out.strip().splitlines()[-1]) for out in (out_first, out_second)]
@@ -301,7 +301,7 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
     monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 5)  # 23 records: 5 chunks over 2 workers
     tokenizer = char_tokenizer(chat_template=CHATML)
     path = write_jsonl(tmp_path / "chats.jsonl", chats())
-    one = prepare_examples(path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "one"), workers=1)
+    prepare_examples(path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "one"), workers=1)
     two = prepare_examples(path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "two"), workers=2)
     (entry,) = [name for name in os.listdir(tmp_path / "one") if not name.startswith(".")]
     for name in [a + ".npy" for a in ARRAYS] + ["stats.json"]:

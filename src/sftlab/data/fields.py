@@ -81,7 +81,7 @@ class FieldMap:
         if ("instruction" in raw or "output" in raw) and not any(name in raw for name in _OTHER_FORMATS):
             for name in ("instruction", "output"):
                 if name not in raw:
-                    raise _Invalid(f"an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
+                    raise _Invalid("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
                                    found=f"fields {sorted(raw)}", expected="instruction, input (optional) and output",
                                    fix="add the field, or map yours to it with fields: {" + name + ": your_field}")
             return self._alpaca(raw), "alpaca"
