@@ -87,8 +87,12 @@ def paragraph(rng: random.Random, sentences: tuple[int, int]) -> str:
 
 def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
     """n chat records, the same for the same seed."""
+    return list(iter_conversations(n, seed))
+
+
+def iter_conversations(n: int, seed: int = 0):
+    """synthetic_conversations one record at a time (the first k of n are the k of a shorter run)."""
     rng = random.Random(seed)
-    records = []
     for _ in range(n):
         messages = []
         if rng.random() < 0.5:
@@ -97,8 +101,7 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
         for _ in range(turns):
             messages.append({"role": "user", "content": paragraph(rng, (1, 5))})
             messages.append({"role": "assistant", "content": paragraph(rng, (4, 21) if turns == 1 else (2, 11))})
-        records.append({"messages": messages})
-    return records
+        yield {"messages": messages}
 
 
 def qwen3_style_conversations(n: int, seed: int = 0) -> list[dict]:
@@ -150,11 +153,12 @@ class Timings:
         self.cpu[name] = min(cpu, self.cpu.get(name, cpu))
 
 
-def trl_preparer(tokenizer, max_length: int, num_proc: int | None):
+def trl_preparer(tokenizer, max_length: int, num_proc: int | None, from_records: bool = True):
     """records -> the dataset TRL's SFTTrainer trains on, prepared the way its __init__ prepares it.
 
     The trainer is built once, outside the timing, on two records and a 1-layer model; what is
-    timed is Dataset.from_list(records) + SFTTrainer._prepare_dataset."""
+    timed is Dataset.from_list(records) + SFTTrainer._prepare_dataset (from_records=False: the
+    function takes a datasets.Dataset and runs _prepare_dataset only)."""
     import torch
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
@@ -169,7 +173,8 @@ def trl_preparer(tokenizer, max_length: int, num_proc: int | None):
                      report_to="none", assistant_only_loss=True, max_length=max_length, dataset_num_proc=num_proc)
     two = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(two), processing_class=tokenizer)
-    return lambda records: trainer._prepare_dataset(Dataset.from_list(records), tokenizer, args, False, None, "train")
+    prepare = lambda dataset: trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")  # noqa: E731
+    return (lambda records: prepare(Dataset.from_list(records))) if from_records else prepare
 
 
 def trl_worker(records_count: int, num_proc: int) -> None:

@@ -59,6 +59,64 @@ def test_best_fit_random_lengths_respect_capacity():
     assert len(bins) == 167 and np.ceil(lengths.sum() / 64) == 161
 
 
+def reference_best_fit_decreasing(lengths, capacity):
+    """The implementation best_fit_decreasing replaced (a sorted list of rooms, O(n^2) inserts):
+    the new one must give exactly its bins."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    bins, room = [], []
+    for index in order:
+        length = int(lengths[index])
+        slot = bisect.bisect_left(room, (length, -1))
+        if slot < len(room):
+            left, bin_id = room.pop(slot)
+            bins[bin_id].append(index)
+            bisect.insort(room, (left - length, bin_id))
+        else:
+            bins.append([index])
+            bisect.insort(room, (capacity - length, len(bins) - 1))
+    return bins
+
+
+def test_best_fit_equal_lengths_fill_one_bin_after_another():
+    # 3, 3 fill bin A (room 1), the next two bin B (room 1); the 2s fit in neither: C takes all three.
+    assert best_fit_decreasing(np.array([3, 3, 3, 3, 2, 2, 2]), 7) == [[0, 1], [2, 3], [4, 5, 6]]
+
+
+def test_best_fit_same_room_bins_are_used_lowest_id_first():
+    # Three 6s leave rooms 4, 4, 4. The first 2 goes to bin 0 (room 2), which is then the tightest
+    # fit for the second 2 (room 0); the next two 2s do the same in bin 1; the 1 goes to bin 2.
+    assert best_fit_decreasing(np.array([6, 6, 6, 2, 2, 2, 2, 1]), 10) == [[0, 3, 4], [1, 5, 6], [2, 7]]
+
+
+def test_best_fit_empty_examples_join_the_tightest_bin():
+    assert best_fit_decreasing(np.array([0, 5, 0]), 5) == [[1, 0, 2]]
+    assert best_fit_decreasing(np.array([0, 0]), 5) == [[0, 1]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_fit_gives_the_bins_of_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        capacity = int(rng.integers(1, 80))
+        n = int(rng.integers(0, 300))
+        # Spread lengths, lengths with many ties, and lengths of a few values incl. 0 and capacity.
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            lengths = rng.integers(0, capacity + 1, size=n)
+        elif kind == 1:
+            lengths = rng.integers(1, max(2, capacity // 3), size=n)
+        else:
+            lengths = rng.choice([0, 1, min(2, capacity), max(1, capacity // 2), capacity], size=n)
+        assert best_fit_decreasing(lengths, capacity) == reference_best_fit_decreasing(lengths, capacity), (capacity, lengths.tolist())
+
+
+def test_best_fit_at_scale_matches_the_reference():
+    lengths = np.random.default_rng(9).integers(1, 1025, size=20_000)
+    assert best_fit_decreasing(lengths, 1024) == reference_best_fit_decreasing(lengths, 1024)
+
+
 # --- the step plan --------------------------------------------------------------------------------
 
 

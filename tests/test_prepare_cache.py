@@ -69,9 +69,9 @@ def test_a_hit_does_not_load_the_records(tmp_path, monkeypatch, source):
     first = prepare_examples(data, char_tokenizer(), cache_dir=cache)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("records were loaded on a cache hit")
+        raise AssertionError("records were read on a cache hit")
 
-    monkeypatch.setattr("sftlab.data.prepare.load_records", refuse)
+    monkeypatch.setattr("sftlab.data.sources.RecordStream.chunks", refuse)
     second = prepare_examples(data, char_tokenizer(), cache_dir=cache)
     assert second.stats["cached"] is True and second.stats["source"] == first.stats["source"]
     assert_same_examples(first, second)
@@ -204,7 +204,10 @@ def test_damaged_cache_entry_is_a_miss(tmp_path):
     cache = tmp_path / "cache"
     first = prepare_examples(PAIRS, char_tokenizer(), cache_dir=str(cache))
     (entry,) = entries(cache)
-    (cache / entry / "targets.npy").write_bytes(b"")  # e.g. a crash before the data reached the disk
+    # e.g. a crash before the data reached the disk. A new file, not the old one cut in place:
+    # `first` maps the old one, and a mapped file cut short faults its reader (SIGBUS).
+    (cache / entry / "targets.npy").unlink()
+    (cache / entry / "targets.npy").write_bytes(b"")
     again = prepare_examples(PAIRS, char_tokenizer(), cache_dir=str(cache))
     assert again.stats["cached"] is False
     assert_same_examples(first, again)

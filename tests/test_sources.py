@@ -7,6 +7,7 @@ import json
 import pytest
 
 from sftlab import DataError, load_records
+from sftlab.data.sources import open_records
 
 TEXTS = [{"text": "first"}, {"text": "second"}, {"text": "third"}]
 CHAT = [
@@ -375,3 +376,135 @@ def test_file_content_hash_follows_the_bytes(tmp_path):
 def test_list_content_hash_follows_the_records():
     assert load_records(TEXTS).fingerprint() == load_records([dict(r) for r in TEXTS]).fingerprint()
     assert load_records(TEXTS).fingerprint() != load_records(TEXTS[::-1]).fingerprint()
+
+
+# ---------------------------------------------------------------- streams of chunks
+
+
+def chunked(source, size, **kwargs):
+    return list(open_records(source, **kwargs).chunks(size))
+
+
+def test_chunks_of_a_glob_name_file_line_and_row_of_every_record(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(5)])
+    (tmp_path / "b.jsonl").write_text('\n{"text": "b0"}\n\n{"text": "b1"}\n', encoding="utf-8")
+    chunks = chunked(str(tmp_path / "*.jsonl"), 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert [c.start for c in chunks] == [0, 3, 6]
+    # The second chunk starts inside a.jsonl (its row 3) and runs into b.jsonl (blank lines skipped).
+    middle = chunks[1]
+    assert middle.parts == [(str(tmp_path / "a.jsonl"), 2), (str(tmp_path / "b.jsonl"), 1)]
+    assert [middle.locate(i) for i in range(3)] == [
+        (f"{tmp_path / 'a.jsonl'}:4", 3), (f"{tmp_path / 'a.jsonl'}:5", 4), (f"{tmp_path / 'b.jsonl'}:2", 0)]
+    assert chunks[2].locate(0) == (f"{tmp_path / 'b.jsonl'}:4", 1)
+    assert [r for c in chunks for r in c.records] == load_records(str(tmp_path / "*.jsonl")).records
+
+
+def test_chunks_of_an_in_memory_source_give_indices_in_the_whole_source():
+    records = [{"text": str(i)} for i in range(7)]
+    chunks = chunked(records, 3)
+    assert [c.records for c in chunks] == [records[:3], records[3:6], records[6:]]
+    assert chunks[2].locate(0) == ("list(7 records)", 6)
+
+
+def test_a_bad_line_far_into_a_file_is_named_by_the_stream(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": str(i)}) for i in range(5000)]
+    lines[4321] = '{"text": "cut'
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    seen = 0
+    with pytest.raises(DataError, match="invalid JSON line") as error:
+        for chunk in open_records(str(path)).chunks(1000):
+            seen += len(chunk)
+    assert f"{path}:4322" in str(error.value) and "record 4321" in str(error.value)
+    assert seen == 4000  # the chunks before it were handed on: nothing waited for the whole file
+
+
+def test_json_array_read_element_by_element_through_a_small_window(tmp_path, monkeypatch):
+    # A window of 7 characters: every value, string and number crosses a window edge somewhere.
+    monkeypatch.setattr("sftlab.data.sources._BLOCK", 7)
+    records = [{"text": "x" * (i % 13), "n": 12345678 * i, "nested": {"k": [i, i + 0.5, None]}} for i in range(40)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    loaded = load_records(path)
+    assert loaded.records == records
+    # Each record is named by the line its element starts on.
+    text = path.read_text().split("\n")
+    assert [text[line - 1].strip() for line in loaded.lines] == ["{"] * 40
+    assert loaded.locate(39) == (f"{path}:{loaded.lines[39]}", 39)
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"rows": records}, indent=1), encoding="utf-8")
+    assert load_records(wrapped).records == records
+
+
+@pytest.mark.parametrize("text, line, found", [
+    ('[\n  {"text": "one"},\n  {"text": "two"}\n  {"text": "three"}\n]\n', 4, "Expecting ',' delimiter"),
+    ('[\n  {"text": "one"},\n]\n', 3, "Expecting value"),
+    ('[\n  {"text": "one"}\n]\n]\n', 4, "Extra data"),
+    ('{"rows": [{"text": "one"}], "more": 1}', None, None),
+])
+def test_json_array_syntax_errors_name_the_line(tmp_path, monkeypatch, text, line, found):
+    monkeypatch.setattr("sftlab.data.sources._BLOCK", 5)
+    path = tmp_path / "data.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        load_records(path)
+    message = str(error.value)
+    if line is None:  # a list and more keys: an object, not a list of records
+        assert message.startswith(f"{path}: a .json file must hold a list of records; found dict")
+    else:
+        assert message.startswith(f"{path}:{line}: invalid JSON; found {found}")
+    assert json_loads_fails(text)
+
+
+def json_loads_fails(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return not (isinstance(value, list) or len(value) == 1)
+
+
+def test_parquet_read_by_row_group(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=3)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    chunks = chunked(str(path), 4)
+    assert [c.records for c in chunks] == [records[:4], records[4:8], records[8:]]
+    assert chunks[1].locate(1) == (str(path), 5)
+
+
+def test_every_source_kind_streams_the_records_it_loads(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pd = pytest.importorskip("pandas")
+    torch = pytest.importorskip("torch")
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(CHAT)
+
+        def __getitem__(self, i):
+            return CHAT[i]
+
+    (tmp_path / "chat.json").write_text(json.dumps(CHAT), encoding="utf-8")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(train=datasets.Dataset.from_list(CHAT)).save_to_disk(str(saved))
+    sources = {
+        "jsonl": write_jsonl(tmp_path / "chat.jsonl", CHAT),
+        "json": tmp_path / "chat.json",
+        "dataset": datasets.Dataset.from_list(CHAT),
+        "iterable": datasets.Dataset.from_list(CHAT).to_iterable_dataset(),
+        "saved DatasetDict": str(saved),
+        "torch": Items(),
+        "frame": pd.DataFrame(CHAT),
+        "list": CHAT,
+    }
+    for kind, source in sources.items():
+        chunks = chunked(source, 1)
+        assert [c.records[0] for c in chunks] == CHAT, kind
+        assert load_records(source).records == CHAT, kind
+        # Streaming twice reads the source again (a fingerprint pass, then the preparation).
+        assert [c.records[0] for c in chunked(source, 1)] == CHAT, kind

@@ -1,4 +1,4 @@
-"""`sftlab train|inspect|config|generate|plot`: thin wrappers over the library.
+"""`sftlab train|prepare|inspect|config|generate|plot`: thin wrappers over the library.
 
 User mistakes (SftlabError) print as one line and exit 2; a run stopped by SIGTERM/SIGUSR1
 after its checkpoint exits 75; anything else is a bug and keeps its traceback. `--debug` shows the traceback for user mistakes too.
@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a YAML config (run `sftlab config` for every key)")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 packing=true")
+
+    prepare = commands.add_parser("prepare", help="tokenize train_data (and eval_data) into the cache ahead of training, and print the statistics")
+    prepare.add_argument("config", help="YAML config file (the same one `sftlab train` takes)")
+    prepare.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preprocessing_workers=8")
+    prepare.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
     inspect = commands.add_parser("inspect", help="show examples token by token, supervised tokens highlighted, and dataset statistics")
     inspect.add_argument("config")
@@ -97,6 +102,8 @@ def _run(args) -> int:
 
         result = train(load_config(args.config, args.overrides))
         return EXIT_PREEMPTED if result.stopped_by else 0
+    if args.command == "prepare":
+        return _prepare(args)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "generate":
@@ -110,6 +117,32 @@ def _run(args) -> int:
         print(plot_metrics(args.output_dir, args.out))
         return 0
     raise AssertionError(args.command)
+
+
+def _prepare(args) -> int:
+    """Build the cache entries `sftlab train` with this config will read: on a CPU node before a
+    GPU job, or before a process group starts (long tokenization inside one hits collective
+    timeouts). train then finds them and starts at once."""
+    from sftlab import inspect as view
+    from sftlab.config import load_config
+    from sftlab.data.splits import prepare_split
+    from sftlab.models import load_tokenizer, resolve_model_path
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
+    splits = {"train": prepare_split(config, tokenizer).stats}
+    if config.eval_data is not None:
+        splits["eval"] = prepare_split(config, tokenizer, eval=True).stats
+    if args.json:
+        print(json.dumps(splits, indent=1))
+        return 0
+    for split, stats in splits.items():
+        view.print_stats(stats, title=f"{split} data")
+        if stats.get("cache_entry"):
+            print(f"cache entry: {stats['cache_entry']}")
+    if not config.use_cache:
+        print("use_cache is false: nothing was kept, `sftlab train` will prepare the data again")
+    return 0
 
 
 def _inspect(args) -> int:

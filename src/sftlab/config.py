@@ -10,9 +10,67 @@ import difflib
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftlab.errors import ConfigError
+
+
+class DataSource(BaseModel):
+    """One source of a mixture (a list in train_data or eval_data). A plain path is a source
+    with every key at its default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a glob, a folder of them, or a folder written by datasets' save_to_disk.")
+    split: str | None = Field(None, description="Split of a saved DatasetDict (default: train).")
+    name: str | None = Field(None, description="How the training log and `sftlab inspect` name this source (default: its path).")
+    weight: float | None = Field(None, gt=0, description="Relative sampling weight: the weighted sources together give as many examples as they hold, shared in proportion to their weights (a seeded subset, or repeats).")
+    max_samples: int | None = Field(None, gt=0, description="Take at most this many of the source's examples (a seeded subset).")
+    epochs: float | None = Field(None, gt=0, description="Use the source's examples this many times: 2 repeats each twice, 0.5 takes a seeded half.")
+    fields: dict[str, str] | None = Field(None, description="This source's field names for sftlab's (default: the config's `fields`).")
+    text_field: str | None = Field(None, description="This source's text field (default: the config's `text_field`).")
+    alpaca_layout: Literal["alpaca", "chat"] | None = Field(None, description="This source's Alpaca layout (default: the config's `alpaca_layout`).")
+
+
+def data_sources(value, name: str):
+    """train_data / eval_data as given: a path, or a list of sources (paths or mappings), checked
+    with errors that name the source and the key."""
+    if value is None or isinstance(value, str) or not isinstance(value, (list, tuple)):
+        return value  # a path (or a wrong type, which pydantic reports)
+    if not value:
+        raise ConfigError(f"{name} is an empty list", field=name, expected="a path, or a list of sources")
+    sources = []
+    for position, item in enumerate(value):
+        where = f"{name}[{position}]"
+        if isinstance(item, DataSource):
+            sources.append(item)
+            continue
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise ConfigError("a source must be a path or a mapping", field=where, found=type(item).__name__,
+                              expected="a path, or {path: ..., weight: ...}")
+        known = list(DataSource.model_fields)
+        for key in item:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+                raise ConfigError(f"unknown key '{key}' in a data source", field=f"{where}.{key}",
+                                  fix=f"did you mean '{close[0]}'?" if close else f"a source takes {known}")
+        try:
+            source = DataSource(**item)
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            description = DataSource.model_fields[first["loc"][0]].description if first["loc"] and first["loc"][0] in DataSource.model_fields else None
+            raise ConfigError(f"invalid value: {first['msg']}", field=f"{where}.{key}",
+                              found=repr(first.get("input")) if first["type"] != "missing" else "nothing",
+                              expected=description) from None
+        chosen = [key for key in ("weight", "max_samples", "epochs") if getattr(source, key) is not None]
+        if len(chosen) > 1:
+            raise ConfigError("weight, max_samples and epochs are alternatives", field=f"{where}.{chosen[1]}",
+                              found=f"{', '.join(chosen)} on one source", fix="keep one of them")
+        sources.append(source)
+    return sources
 
 
 class SFTConfig(BaseModel):
@@ -28,9 +86,9 @@ class SFTConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run. Off unless you trust its author.")
 
     # --- data --------------------------------------------------------------------------------
-    train_data: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file, a glob or a folder.")
+    train_data: str | list[DataSource] = Field(description="Training data: a .jsonl/.json/.parquet/.csv file, a glob, a folder (of such files, or written by datasets' save_to_disk); or a list of sources to mix (paths, or mappings with the keys of `train_data[]` below).")
     train_split: str | None = Field(None, description="Split to use when the data is a DatasetDict.")
-    eval_data: str | None = Field(None, description="Evaluation data, in the same forms as train_data.")
+    eval_data: str | list[DataSource] | None = Field(None, description="Evaluation data, in the same forms as train_data (a list is mixed the same way).")
     eval_split: str | None = Field(None, description="Split to use when eval_data is a DatasetDict.")
     text_field: str = Field("text", description="Field holding raw text for language-modeling records.")
     max_length: int = Field(1024, gt=0, description="Longest example in tokens; longer ones follow `truncation`.")
@@ -46,6 +104,11 @@ class SFTConfig(BaseModel):
     skip_invalid_records: bool = Field(False, description="Count and skip records that fail validation instead of stopping with an error.")
     cache_dir: str | None = Field(None, description="Where prepared examples are cached. Default: ~/.cache/sftlab/prepared ($SFTLAB_CACHE).")
     use_cache: bool = Field(True, description="Reuse prepared examples when data, tokenizer and settings are unchanged.")
+
+    # --- data at scale: workers, field maps, Alpaca (issue 11) ---------------------------------
+    preprocessing_workers: int | None = Field(None, ge=1, description="Processes that tokenize the data, each on its share of the records (spawned; the result is the same for any number). Default: one per two cores for data of more than 50 MB (or 50k records), else 1.")
+    fields: dict[str, str] | None = Field(None, description="Your data's field names for sftlab's: {prompt: question, completion: answer}; {messages: dialog, role: speaker, content: text}; {instruction: task, input: context, output: answer}; {text: body}. ShareGPT from/value needs none.")
+    alpaca_layout: Literal["alpaca", "chat"] = Field("alpaca", description="Alpaca records (instruction, optional input, output): 'alpaca' trains on the output after Stanford Alpaca's prompt layout (docs/data.md); 'chat' makes each a user turn and an assistant turn through the chat template.")
 
     # --- batching ----------------------------------------------------------------------------
     packing: bool = Field(False, description="Pack examples into rows of up to max_length tokens (best-fit decreasing), attention kept inside each example.")
@@ -98,6 +161,30 @@ class SFTConfig(BaseModel):
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, when installed: tensorboard, wandb.")
 
+    @field_validator("train_data", "eval_data", mode="before")
+    @classmethod
+    def _sources(cls, value, info):
+        return data_sources(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _field_maps(self) -> "SFTConfig":
+        from sftlab.data.fields import FieldMap
+
+        checks = [("", self.fields, self.text_field)]
+        for name in ("train_data", "eval_data"):
+            for position, source in enumerate(getattr(self, name) if isinstance(getattr(self, name), list) else ()):
+                checks.append((f"{name}[{position}].", source.fields, source.text_field or self.text_field))
+        for where, fields, text_field in checks:
+            try:
+                FieldMap(dict(fields or {}))
+            except ConfigError as error:
+                raise ConfigError(error.problem, field=where + (error.field or "fields"), found=error.found,
+                                  expected=error.expected, fix=error.fix) from None
+            if fields and "text" in fields and text_field != "text":
+                raise ConfigError("text_field and fields.text both name the text field", field=where + "fields.text",
+                                  found=f"text_field {text_field!r} and fields.text {fields['text']!r}", fix="give one of them")
+        return self
+
     @field_validator("max_steps")
     @classmethod
     def _max_steps(cls, value: int) -> int:
@@ -107,12 +194,15 @@ class SFTConfig(BaseModel):
 
 
 def field_help() -> list[tuple[str, str, str, str]]:
-    """(name, type, default, description) for every field: what `sftlab config` prints."""
+    """(name, type, default, description) for every field: what `sftlab config` prints; the keys
+    of one source of a mixture follow as train_data[].KEY (eval_data's are the same)."""
     rows = []
-    for name, info in SFTConfig.model_fields.items():
-        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-        rows.append((name, annotation, default, info.description or ""))
+    for prefix, model in (("", SFTConfig), ("train_data[].", DataSource)):
+        for name, info in model.model_fields.items():
+            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            annotation = annotation.replace("sftlab.config.", "")
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            rows.append((prefix + name, annotation, default, info.description or ""))
     return rows
 
 
@@ -178,6 +268,11 @@ def make_config(values: dict, source: str | None = None) -> SFTConfig:
             )
     try:
         return SFTConfig(**values)
+    except ConfigError as error:  # from the validators of the data sources: named by their keys
+        if error.source is not None or source is None:
+            raise
+        raise ConfigError(error.problem, source=source, field=error.field, found=error.found, expected=error.expected,
+                          fix=error.fix) from None
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(p) for p in first["loc"])

@@ -95,6 +95,10 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if stats.get("source"):
         rows.append(("source", str(stats["source"])))
+    for source in stats.get("sources", ()):  # a mixture: what each source gave
+        option = next((f", {key} {source[key]}" for key in ("weight", "max_samples", "epochs") if key in source), "")
+        rows.append((f"  {source['name']}", f"{source['examples']} of {source['examples_available']} examples{option}; "
+                     f"{source['tokens']} tokens, {source['supervised_tokens']} supervised"))
     rows.append(("records", str(stats.get("records", 0))))
     for name, count in sorted(stats.get("formats", {}).items()):
         rows.append((f"  format {name}", str(count)))
@@ -129,13 +133,13 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def print_stats(stats: dict, console=None) -> None:
+def print_stats(stats: dict, console=None, title: str = "dataset statistics") -> None:
     """Print the dataset statistics that `prepare_examples` recorded, as a table."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table("statistic", "value", title="dataset statistics", title_justify="left")
+    table = Table("statistic", "value", title=title, title_justify="left")
     for name, value in stats_rows(stats):
         table.add_row(name, value)
     console.print(table)

@@ -1,10 +1,14 @@
 """The data half: source -> records -> examples, in the order the data travels.
 
-    sources.py   load records (plain dicts) from files, folders, datasets, frames, lists
+    sources.py   read records (plain dicts) from files, folders, datasets, frames, lists, in chunks
+    fields.py    rename a source's fields to sftlab's; Alpaca records to prompt/completion or chat
     formats.py   detect each record's format and validate it, naming the record and field
     chat.py      render conversations with a chat template; find what each assistant turn writes
     examples.py  tokenize records into aligned input_ids / targets (shifted once, here)
-    prepare.py   the whole journey with statistics, and the on-disk cache of prepared examples
+    workers.py   one pass over the chunks (validate, tokenize, append), here or in spawned workers
+    store.py     the cache entry on disk: arrays appended as they are made, read back memory-mapped
+    prepare.py   the whole journey for one source, with statistics and the cache key
+    mixture.py   several prepared sources drawn by weight / max_samples / epochs from the seed
     splits.py    the config-facing entry: train_data / eval_data with the config's settings
 
 Nothing here imports the training loop; the loop receives Examples and knows no file format.

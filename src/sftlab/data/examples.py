@@ -16,7 +16,9 @@ from __future__ import annotations
 import gc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 
 import numpy as np
@@ -66,13 +68,25 @@ class Examples:
         start, end = self.offsets[i], self.offsets[i + 1]
         return self.input_ids[start:end], self.targets[start:end]
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
+        # Once: callers index it per example (evaluate sorts by it), and a memory-mapped offsets
+        # array would otherwise be read and diffed again on every call.
         return np.diff(self.offsets)
 
     def supervised_counts(self) -> np.ndarray:
         supervised = (self.targets != IGNORE).astype(np.int64)
         return np.add.reduceat(supervised, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+
+    @classmethod
+    def concatenate(cls, parts: list["Examples"], stats: dict | None = None) -> "Examples":
+        """The examples of `parts` one after another (in memory)."""
+        if not parts:
+            return cls.from_lists([], stats=stats)
+        starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + start for p, start in zip(parts, starts)])
+        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.targets for p in parts]),
+                   offsets.astype(np.int64), np.concatenate([p.record_index for p in parts]).astype(np.int64), stats or {})
 
     @classmethod
     def from_lists(cls, pairs: list[tuple[list[int], list[int]]], record_index=None, stats=None) -> "Examples":
@@ -193,34 +207,58 @@ def build_examples(
 
     A conversation the chat template cannot serve as written raises a DataError naming the record
     and turn, or with `skip_invalid` is counted under `skipped_invalid` and left out."""
-    if settings.truncation not in TRUNCATION_POLICIES:
-        raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
-    if settings.chat_examples not in CHAT_EXAMPLES:
-        raise DataError("unknown chat_examples mode", field="chat_examples", found=repr(settings.chat_examples), expected=f"one of {CHAT_EXAMPLES}")
-    encoder = SegmentEncoder(tokenizer)
-    renderer = None
-    if any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in records):
-        template, tool_template = resolve_chat_templates(tokenizer, settings.chat_template)
-        try:
-            renderer = ChatRenderer(tokenizer, template, tool_template=tool_template, tools=settings.tools,
-                                    template_kwargs=settings.chat_template_kwargs)
-        except TemplateError as error:
-            raise _template_error(error, None) from error
-    needs_eos = any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in records)
-    if needs_eos and encoder.eos_id is None:
-        raise DataError(
-            "the tokenizer has no EOS token, which text and prompt/completion examples end with",
-            field="tokenizer.eos_token",
-            fix="set an eos_token on the tokenizer before training",
-        )
-    pairs: list[tuple[list[int], list[int]]] = []
-    kept_index: list[int] = []
-    truncated = 0
-    dropped: Counter = Counter()
-    skipped: Counter = Counter()
-    chat: Counter = Counter()  # how conversations became examples (see chat.py)
+    builder = ExampleBuilder(tokenizer, settings, skip_invalid=skip_invalid)
+    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+    examples = Examples.concatenate(list(builder.build(chunks)))
+    examples.stats.update(builder.stats())
+    return examples
 
-    def render(chunk: list[Record]):
+
+class ExampleBuilder:
+    """Turns chunks of validated records into chunks of examples, one pipeline for a whole pass:
+    `build` takes the chunks as they come (a stream) and gives each chunk's examples as soon as
+    they are assembled; `stats()` holds the counts of everything built so far."""
+
+    def __init__(self, tokenizer, settings: TargetSettings, skip_invalid: bool = False):
+        if settings.truncation not in TRUNCATION_POLICIES:
+            raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
+        if settings.chat_examples not in CHAT_EXAMPLES:
+            raise DataError("unknown chat_examples mode", field="chat_examples", found=repr(settings.chat_examples), expected=f"one of {CHAT_EXAMPLES}")
+        self.tokenizer, self.settings, self.skip_invalid = tokenizer, settings, skip_invalid
+        self.encoder = SegmentEncoder(tokenizer)
+        self.renderer: ChatRenderer | None = None
+        self.eos_checked = False
+        self.truncated = 0
+        self.dropped: Counter = Counter()
+        self.skipped: Counter = Counter()
+        self.chat: Counter = Counter()  # how conversations became examples (see chat.py)
+
+    def stats(self) -> dict:
+        stats = dict(truncated=self.truncated, dropped=dict(self.dropped), skipped_invalid=dict(self.skipped))
+        if self.renderer is not None:
+            stats["chat"] = {key: int(self.chat[key]) for key in CHAT_STATS}
+        return stats
+
+    def _prepare_for(self, chunk: list[Record]) -> None:
+        """What the first conversation (or text) of the pass needs: the compiled template (or EOS)."""
+        if self.renderer is None and any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in chunk):
+            template, tool_template = resolve_chat_templates(self.tokenizer, self.settings.chat_template)
+            try:
+                self.renderer = ChatRenderer(self.tokenizer, template, tool_template=tool_template, tools=self.settings.tools,
+                                             template_kwargs=self.settings.chat_template_kwargs)
+            except TemplateError as error:
+                raise _template_error(error, None) from error
+        if not self.eos_checked and any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in chunk):
+            if self.encoder.eos_id is None:
+                raise DataError(
+                    "the tokenizer has no EOS token, which text and prompt/completion examples end with",
+                    field="tokenizer.eos_token",
+                    fix="set an eos_token on the tokenizer before training",
+                )
+            self.eos_checked = True
+
+    def _render(self, chunk: list[Record]):
+        settings, chat = self.settings, self.chat
         per_record: list[list[list[tuple[str, bool]]] | None] = []
         texts: list[str] = []
         continuation: list[bool] = []
@@ -229,13 +267,13 @@ def build_examples(
                 per_record.append(None)
                 continue
             try:
-                examples = _record_examples(record, settings, renderer, chat)
+                examples = _record_examples(record, settings, self.renderer, chat)
             except TemplateError as error:
                 raise _template_error(error, record.index) from error
             except TurnError as error:
-                if not skip_invalid:
+                if not self.skip_invalid:
                     raise _turn_error(error, record) from None
-                skipped[f"chat template cannot serve messages[]: {error.problem}"] += 1
+                self.skipped[f"chat template cannot serve messages[]: {error.problem}"] += 1
                 examples = []
             if len(examples) > 1:
                 chat["records_split"] += 1
@@ -247,8 +285,10 @@ def build_examples(
                     continuation.append(position > 0)
         return per_record, texts, continuation
 
-    def assemble(chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> None:
-        nonlocal truncated
+    def _assemble(self, chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> "Examples":
+        settings, encoder, chat = self.settings, self.encoder, self.chat
+        pairs: list[tuple[list[int], list[int]]] = []
+        kept_index: list[int] = []
         encoded = iter(encoded_ids)
         for record, examples in zip(chunk, per_record):
             for position, segments in enumerate(examples if examples is not None else [None]):
@@ -270,47 +310,45 @@ def build_examples(
                 was_truncated = False
                 if settings.max_length is not None and len(ids) > settings.max_length:
                     if settings.truncation == "drop":
-                        dropped[f"longer than max_length={settings.max_length}"] += 1
+                        self.dropped[f"longer than max_length={settings.max_length}"] += 1
                         continue
                     ids, labels = ids[: settings.max_length], labels[: settings.max_length]
                     was_truncated = True
                 targets = shift_labels(labels)
                 if targets.count(IGNORE) == len(targets):  # nothing supervised; count() runs in C
                     reason = "no supervised tokens left after truncation" if was_truncated else "no supervised tokens"
-                    dropped[reason] += 1
+                    self.dropped[reason] += 1
                     continue
                 if was_truncated:  # kept examples only: a dropped one is counted under its reason
-                    truncated += 1
+                    self.truncated += 1
                 if position:
                     chat["extra_tokens"] += len(ids)
                 pairs.append((ids, targets))
                 kept_index.append(record.index)
+        return Examples.from_lists(pairs, kept_index)
 
-    # A pipeline: the fast tokenizer encodes chunk k in a worker thread (it releases the GIL)
-    # while Python renders chunk k+1 and assembles chunk k-1. The garbage collector is paused:
-    # millions of small int lists are created and none is cyclic; it cost ~0.6 s per 20k chats.
-    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
-            for chunk in chunks:
-                per_record, texts, continuation = render(chunk)
-                future = pool.submit(encoder.encode, texts, continuation) if texts else None
+    def build(self, chunks: Iterable[list[Record]]) -> Iterator["Examples"]:
+        """Each chunk's examples (record_index: the records' own indices), in the chunks' order."""
+        # A pipeline: the fast tokenizer encodes chunk k in a worker thread (it releases the GIL)
+        # while Python renders chunk k+1 and assembles chunk k-1. The garbage collector is paused:
+        # millions of small int lists are created and none is cyclic; it cost ~0.6 s per 20k chats.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = None
+                for chunk in chunks:
+                    self._prepare_for(chunk)
+                    per_record, texts, continuation = self._render(chunk)
+                    future = pool.submit(self.encoder.encode, texts, continuation) if texts else None
+                    if pending is not None:
+                        yield self._assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
+                    pending = (chunk, per_record, future)
                 if pending is not None:
-                    assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
-                pending = (chunk, per_record, future)
-            if pending is not None:
-                assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    examples = Examples.from_lists(pairs, kept_index)
-    examples.stats.update(truncated=truncated, dropped=dict(dropped), skipped_invalid=dict(skipped))
-    if renderer is not None:
-        examples.stats["chat"] = {key: int(chat[key]) for key in CHAT_STATS}
-    return examples
+                    yield self._assemble(pending[0], pending[1], pending[2].result() if pending[2] else [])
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
 
 # How conversations became examples, in the order inspect and the training log show them.

@@ -114,48 +114,90 @@ def validate_records(
     vocab_size: int | None = None,
 ) -> Validated:
     """Validate every record (not the first only). Invalid records raise, or are counted and skipped."""
-    result = Validated(records=[])
-    expected_format: str | None = None
-    for index, raw in enumerate(records.records):
-        try:
-            kind = detect_format(raw, text_field)
-            if expected_format is not None and kind != expected_format:
-                raise _Invalid(
-                    "mixed formats in one dataset",
-                    field=",".join(sorted(raw.keys())),
-                    found=f"a {kind} record",
-                    expected=f"{expected_format} like the first valid record",
-                    fix="split the data into one file per format, or convert the records to one format",
-                )
-            result.records.append(_VALIDATORS[kind](raw, index, text_field, vocab_size))
-            # Set by the first record that validates, so one broken record at the top cannot get
-            # every good record skipped as "mixed formats".
-            expected_format = kind
-            result.formats[kind] += 1
-        except _Invalid as bad:
-            if skip_invalid:
-                # messages[3].role and messages[5].role are one reason, counted together.
-                where = re.sub(r"\[\d+\]", "[]", bad.field)
-                result.skipped[f"invalid {where}: {bad.problem}"] += 1
-                continue
-            source, row = records.locate(index)
-            raise DataError(
-                bad.problem,
-                source=source,
-                index=row,
-                field=bad.field,
-                found=bad.found,
-                expected=bad.expected,
-                fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records",
-            ) from None
-    if not result.records:
+    validator = RecordValidator(text_field=text_field, skip_invalid=skip_invalid, vocab_size=vocab_size)
+    result = Validated(records=validator.validate(records), formats=validator.formats, skipped=validator.skipped)
+    validator.finish(records.name)
+    return result
+
+
+class RecordValidator:
+    """Validation of one pass over a source, chunk by chunk: the format is fixed by the first
+    record that validates, and the counts add up over the chunks.
+
+    `normalize` (fields.FieldMap) renames a record's fields to sftlab's names, or converts it
+    (Alpaca), before its format is detected; errors then name the source's own fields.
+    `expected` with `expected_from` give a worker that validates chunks out of order what the
+    pass found first: the format, and the index of the first valid record (before it, records
+    are checked as if no format were fixed yet, exactly as in one pass)."""
+
+    def __init__(self, *, text_field: str = "text", skip_invalid: bool = False, vocab_size: int | None = None,
+                 normalize=None, expected: str | None = None, expected_from: int = 0):
+        self.text_field, self.skip_invalid, self.vocab_size = text_field, skip_invalid, vocab_size
+        self.normalize = normalize
+        self.expected_format, self.expected_from = expected, expected_from
+        self.first_valid: int | None = None  # index of the first record that validated, in this pass
+        self.formats: Counter = Counter()
+        self.skipped: Counter = Counter()  # reason -> count
+
+    def validate(self, records: Records) -> list[Record]:
+        valid = []
+        for offset, raw in enumerate(records.records):
+            index = records.start + offset
+            try:
+                label = None
+                if self.normalize is not None:
+                    raw, label = self.normalize.apply(raw)
+                kind = detect_format(raw, self.text_field)
+                expected = self.expected_format if index >= self.expected_from else None
+                if expected is not None and kind != expected:
+                    raise _Invalid(
+                        "mixed formats in one dataset",
+                        field=",".join(sorted(raw.keys())),
+                        found=f"a {kind} record",
+                        expected=f"{expected} like the first valid record",
+                        fix="split the data into one file per format, or convert the records to one format",
+                    )
+                valid.append(_VALIDATORS[kind](raw, index, self.text_field, self.vocab_size))
+                # Set by the first record that validates, so one broken record at the top cannot get
+                # every good record skipped as "mixed formats".
+                if self.expected_format is None:
+                    self.expected_format, self.expected_from = kind, index
+                if self.first_valid is None:
+                    self.first_valid = index
+                self.formats[label or kind] += 1
+            except _Invalid as bad:
+                where = bad.field if self.normalize is None else self.normalize.source_field(bad.field)
+                if self.skip_invalid:
+                    # messages[3].role and messages[5].role are one reason, counted together.
+                    reason = re.sub(r"\[\d+\]", "[]", where)
+                    self.skipped[f"invalid {reason}: {bad.problem}"] += 1
+                    continue
+                source, row = records.locate(offset)
+                raise DataError(
+                    bad.problem,
+                    source=source,
+                    index=row,
+                    field=where,
+                    found=bad.found,
+                    expected=bad.expected,
+                    fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records",
+                ) from None
+        return valid
+
+    def finish(self, name: str) -> None:
+        """At the end of the pass: a source without one valid record is an error."""
+        require_valid(self.formats, self.skipped, name)
+
+
+def require_valid(formats: Counter, skipped: Counter, name: str) -> None:
+    """A source of which no record validated (`formats` empty) is an error, with the reasons."""
+    if not formats:
         raise DataError(
             "no valid records",
-            source=records.name,
-            found=f"{sum(result.skipped.values())} records skipped: {dict(result.skipped)}",
+            source=name,
+            found=f"{sum(skipped.values())} records skipped: {dict(skipped)}",
             fix="fix the data; see the reasons above",
         )
-    return result
 
 
 def _string(raw: dict, name: str, allow_empty: bool = False) -> str:

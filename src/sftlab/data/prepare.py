@@ -2,7 +2,9 @@
 
 The cache key hashes the data, the tokenizer (vocabulary, merges, special tokens, chat
 template) and every setting that changes the examples, so a second run with the same inputs
-loads the arrays back instead of tokenizing again, and any change re-prepares.
+loads the arrays back instead of tokenizing again, and any change re-prepares. The entry is
+where the examples are written as they are made (store.py); every caller reads it back
+memory-mapped, so the processes of one machine share one copy of the pages.
 """
 
 from __future__ import annotations
@@ -10,23 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import sys
 import time
-from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from sftlab import __version__
-from sftlab.data.examples import IGNORE, Examples, TargetSettings, build_examples
-from sftlab.data.formats import validate_records
-from sftlab.data.sources import Records, load_records, source_fingerprint
-from sftlab.errors import DataError
+from sftlab.data.examples import CHAT_STATS, Examples, TargetSettings
+from sftlab.data.fields import FieldMap
+from sftlab.data.sources import open_records
+from sftlab.data.store import built_entry
+from sftlab.data.workers import Counts, Recipe, build_store
 
-CACHE_FORMAT = 2  # 2: conversations as served (several examples per record, chat statistics)
-_ARRAYS = ("input_ids", "targets", "offsets", "record_index")
+# 2: conversations as served (several examples per record, chat statistics)
+# 3: streamed into the entry (field maps and the Alpaca layout in the key)
+CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> str:
@@ -72,119 +74,102 @@ def prepare_examples(
     skip_invalid_records: bool = False,
     cache_dir: str | None = None,
     use_cache: bool = True,
+    fields: dict[str, str] | None = None,
+    alpaca_layout: str = "alpaca",
+    workers: int | None = None,
 ) -> Examples:
-    """Load, validate and tokenize `source`; `examples.stats` says what happened to every record."""
+    """Read, validate and tokenize `source` into examples; `examples.stats` says what happened
+    to every record.
+
+    The records are streamed in chunks and each chunk's examples are appended to a cache entry
+    on disk as they are made; the examples returned are that entry, memory-mapped. `fields`
+    renames the source's fields to sftlab's (see fields.py); `workers` processes share the work
+    (None: what pays on this machine, see `default_workers`)."""
     started = time.perf_counter()
-    records = source if isinstance(source, Records) else None
-    key = None
-    if use_cache:
-        # Files and datasets are identified without parsing them, so a hit skips loading records.
-        data = records.fingerprint() if records is not None else source_fingerprint(source, split)
-        if data is None:
-            records = load_records(source, split=split)
-            data = records.fingerprint()
-        key = _cache_key(data, tokenizer, settings, text_field, skip_invalid_records)
-        folder = os.path.join(cache_dir or default_cache_dir(), key)
-        cached = _load_cached(folder)
-        if cached is not None:
-            cached.stats["seconds"] = time.perf_counter() - started
-            cached.stats["cached"] = True
-            return cached
-    if records is None:
-        records = load_records(source, split=split)
-    validated = validate_records(
-        records, text_field=text_field, skip_invalid=skip_invalid_records, vocab_size=len(tokenizer)
-    )
-    try:
-        examples = build_examples(validated.records, tokenizer, settings, skip_invalid=skip_invalid_records)
-    except DataError as error:
-        raise _located(error, records) from None
-    built = examples.stats
-    skipped = Counter(validated.skipped) + Counter(built.pop("skipped_invalid", {}))
-    examples.stats = summarize(examples, records=len(records), formats=dict(validated.formats), skipped=dict(skipped), **built)
-    examples.stats["source"] = records.name
+    stream = open_records(source, split)
+    recipe = Recipe(tokenizer, settings, text_field, skip_invalid_records, FieldMap(dict(fields or {}), alpaca_layout))
+    workers = default_workers(stream) if workers is None else max(1, int(workers))
+
+    def build(folder: str) -> None:
+        _build(stream, recipe, folder, workers)
+
+    # Files and datasets are identified without parsing them, so a hit reads no record.
+    key = _cache_key(stream.fingerprint(), recipe) if use_cache else "uncached"
+    root = (cache_dir or default_cache_dir()) if use_cache else None
+    examples, folder = built_entry(root, key, build, waiting=_waiting)
     examples.stats["seconds"] = time.perf_counter() - started
-    examples.stats["cached"] = False
-    if use_cache:
-        _store(os.path.join(cache_dir or default_cache_dir(), key), examples)
+    if folder is not None:
+        examples.stats["cache_entry"] = folder
     return examples
 
 
-def _located(error: DataError, records: Records) -> DataError:
-    """The error with its record traced to the file (and line) it came from, as validation errors are."""
-    if error.index is None or error.source is not None:
-        return error
-    source, row = records.locate(error.index)
-    return type(error)(error.problem, source=source, index=row, field=error.field, found=error.found,
-                       expected=error.expected, fix=error.fix)
+def default_workers(stream) -> int:
+    """Preparation processes that pay for a source on this machine.
+
+    One process already keeps two cores busy (Python renders while the tokenizer's threads
+    encode: 1.9 cores at 200k chats), and a spawned worker costs seconds to start and its own
+    tokenizer: measured on 2 cores, 2 workers took 28 s against 20 s for 20k chats and 84 s
+    against 87 s for 200k (docs/benchmarks.md). So: one per two cores, from 4 cores and for data
+    of at least 50 MB or 50,000 records, else one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    large = (stream.size or 0) >= 50_000_000 or (stream.length or 0) >= 50_000
+    return max(1, cores // 2) if cores >= 4 and large else 1
 
 
-def summarize(examples: Examples, *, records: int, formats: dict, skipped: dict, truncated: int, dropped: dict,
-              chat: dict | None = None) -> dict:
-    lengths = examples.lengths
-    supervised = int((examples.targets != IGNORE).sum())
-    tokens = int(lengths.sum())
+def _waiting(entry: str) -> None:
+    print(f"waiting for another process to finish preparing {entry}", file=sys.stderr, flush=True)
+
+
+def _build(stream, recipe: Recipe, folder: str, workers: int) -> None:
+    """The entry's arrays and stats.json, written into `folder`."""
+    counts = build_store(stream, recipe, folder, workers)
+    lengths = np.diff(np.load(os.path.join(folder, "offsets.npy"), mmap_mode="r"))
+    stats = summarize(counts, lengths)
+    stats["source"] = stream.name
+    with open(os.path.join(folder, "stats.json"), "w") as handle:
+        json.dump(stats, handle)
+
+
+def summarize(counts: Counts, lengths: np.ndarray) -> dict:
+    """The statistics of a preparation: counts from the pass, percentiles of the example lengths."""
     percentiles = {}
     if len(lengths):
         for q in (0, 50, 90, 99, 100):
             percentiles[f"p{q}"] = int(np.percentile(lengths, q, method="nearest"))
-    return {
-        "records": records,
-        "formats": formats,
-        "examples": len(examples),
-        "skipped_invalid": skipped,
-        "truncated": truncated,
-        "dropped": dropped,
-        "tokens": tokens,
-        "supervised_tokens": supervised,
-        "supervised_fraction": supervised / tokens if tokens else 0.0,
+    stats = {
+        "records": counts.records,
+        "formats": dict(counts.formats),
+        "examples": counts.examples,
+        "skipped_invalid": dict(counts.skipped),
+        "truncated": counts.truncated,
+        "dropped": dict(counts.dropped),
+        "tokens": counts.tokens,
+        "supervised_tokens": counts.supervised,
+        "supervised_fraction": counts.supervised / counts.tokens if counts.tokens else 0.0,
         "length": percentiles,
-        **({"chat": chat} if chat is not None else {}),
     }
+    if counts.chat is not None:
+        stats["chat"] = {key: int(counts.chat[key]) for key in CHAT_STATS}
+    return stats
 
 
-def _cache_key(data: str, tokenizer, settings: TargetSettings, text_field: str, skip: bool) -> str:
+def _cache_key(data: str, recipe: Recipe) -> str:
+    settings = recipe.settings
     parts = {
         "format": CACHE_FORMAT,
         "version": __version__,
         "data": data,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(recipe.tokenizer),
         "settings": asdict(settings),
-        "text_field": text_field,
-        "skip_invalid_records": skip,
+        "text_field": recipe.text_field,
+        "skip_invalid_records": recipe.skip_invalid,
     }
+    if recipe.field_map.fields:
+        parts["fields"] = recipe.field_map.fields
+    if recipe.field_map.alpaca_layout != "alpaca":
+        parts["alpaca_layout"] = recipe.field_map.alpaca_layout
     if settings.chat_template and os.path.isfile(settings.chat_template):
         # A template given as a file: its text, not its path, shapes the examples.
         with open(settings.chat_template, "rb") as handle:
             parts["chat_template_file"] = hashlib.sha256(handle.read()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _load_cached(folder: str) -> Examples | None:
-    try:
-        with open(os.path.join(folder, "stats.json")) as handle:
-            stats = json.load(handle)
-        arrays = {name: np.load(os.path.join(folder, name + ".npy")) for name in _ARRAYS}
-    except (OSError, ValueError, EOFError):  # a missing or damaged entry is a miss (EOFError: empty .npy)
-        return None
-    return Examples(**arrays, stats=stats)
-
-
-def _store(folder: str, examples: Examples) -> None:
-    """Write to a temporary folder and rename it into place, so a reader never sees half a cache entry."""
-    parent = os.path.dirname(folder)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        for name in _ARRAYS:
-            np.save(os.path.join(tmp, name + ".npy"), getattr(examples, name))
-        with open(os.path.join(tmp, "stats.json"), "w") as handle:
-            json.dump(examples.stats, handle)
-        if os.path.isdir(folder):  # an entry that failed to load: unreadable, so replace it
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process stored the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        pass  # the cache is an optimisation; an unwritable cache dir must not stop training

@@ -1,8 +1,14 @@
-"""Load records (plain dicts) from any source a user is likely to have. One function, one place.
+"""Read records (plain dicts) from any source a user is likely to have, as a stream of chunks.
 
-Accepted: a path to a JSONL/JSON/Parquet/CSV file, a glob, or a folder of such files;
-a `datasets.Dataset`, `DatasetDict` (with a split) or `IterableDataset`; a
-`torch.utils.data.Dataset` whose items are dicts; a pandas DataFrame; a list of dicts.
+Accepted: a path to a JSONL/JSON/Parquet/CSV file, a glob, or a folder of such files (or a
+folder written by `datasets`' save_to_disk); a `datasets.Dataset`, `DatasetDict` (with a split)
+or `IterableDataset`; a `torch.utils.data.Dataset` whose items are dicts; a pandas DataFrame;
+a list of dicts.
+
+`open_records` reads nothing until its chunks are asked for, and then holds one chunk at a
+time: JSONL line by line, JSON arrays element by element, Parquet by row group, CSV by row,
+datasets in batches. Each chunk is a `Records` that can still name the file, line and record
+of everything in it. `load_records` is the same stream gathered into one list.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +32,14 @@ ACCEPTED = (
     "DatasetDict (with a split), IterableDataset, a torch.utils.data.Dataset of dicts, "
     "a pandas DataFrame, or a list of dicts"
 )
+CHUNK_RECORDS = 2048  # records per chunk: what build_examples encodes in one batched call
+_BLOCK = 1 << 20  # bytes read at a time from a file
 
 
 @dataclass
 class Records:
-    """The loaded records, and enough about where they came from to name them in errors."""
+    """Loaded records (all of a source, or one chunk of its stream), and enough about where they
+    came from to name them in errors."""
 
     records: list[dict]
     name: str
@@ -40,59 +49,141 @@ class Records:
     content_hash: str | None = None
     # Line number of each record in its file, where the file has lines (JSONL), else None.
     lines: list[int | None] | None = None
+    # A chunk of a stream: the index of its first record in the whole source, and that record's
+    # row within its file (only a chunk's first part can start inside a file).
+    start: int = 0
+    first_row: int = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
     def locate(self, index: int) -> tuple[str, int]:
-        """(file or source name, with ':line' where known; index within it) of record `index`."""
+        """(file or source name, with ':line' where known; index within it) of record `index` of
+        these records."""
         line = self.lines[index] if self.lines is not None else None
         offset = 0
-        for name, count in self.parts:
+        for position, (name, count) in enumerate(self.parts):
             if index < offset + count:
-                return (f"{name}:{line}" if line else name), index - offset
+                row = index - offset + (self.first_row if position == 0 else 0)
+                return (f"{name}:{line}" if line else name), row
             offset += count
-        return self.name, index
+        return self.name, self.start + index
 
     def fingerprint(self) -> str:
         if self.content_hash is None:
             digest = hashlib.sha256()
             for record in self.records:
-                digest.update(json.dumps(record, sort_keys=True, default=str).encode())
-                digest.update(b"\n")
+                _add_record(digest, record)
             self.content_hash = digest.hexdigest()
         return self.content_hash
 
 
+# A part of a stream: (file name, or None for an in-memory source; its (record, line) pairs).
+Part = tuple[str | None, Iterator[tuple[dict, int | None]]]
+
+
+class RecordStream:
+    """A source's records, read chunk by chunk each time `chunks` is iterated."""
+
+    def __init__(self, name: str, parts: Callable[[], Iterator[Part]], *, spec: str | None = None,
+                 content_hash: str | None = None, length: int | None = None, size: int | None = None):
+        self.name = name
+        self._parts = parts
+        self._spec = spec or name
+        # Known without reading a record (file bytes, a Dataset's fingerprint), else None.
+        self.content_hash = content_hash
+        self.length = length  # records, where known without reading them
+        self.size = size  # bytes of the files read, for files
+
+    def chunks(self, size: int | None = None) -> Iterator[Records]:
+        size = size or CHUNK_RECORDS
+        start = 0
+        records: list[dict] = []
+        lines: list[int | None] = []
+        parts: list[list] = []
+        first_row = 0
+        for name, rows in self._parts():
+            row = 0
+            for record, line in rows:
+                if not records:
+                    first_row, parts = row, []
+                if name is not None:
+                    if not parts or parts[-1][0] != name:
+                        parts.append([name, 0])
+                    parts[-1][1] += 1
+                records.append(record)
+                lines.append(line)
+                row += 1
+                if len(records) == size:
+                    yield self._chunk(records, lines, parts, start, first_row)
+                    start += len(records)
+                    records, lines = [], []
+        if records:
+            yield self._chunk(records, lines, parts, start, first_row)
+            start += len(records)
+        if start == 0:
+            raise DataError("no records found", source=self._spec, fix="the file(s) are empty: add records or point at another file")
+
+    def _chunk(self, records, lines, parts, start, first_row) -> Records:
+        return Records(records, name=self.name, parts=[(name, count) for name, count in parts],
+                       lines=lines if any(line is not None for line in lines) else None,
+                       start=start, first_row=first_row)
+
+    def fingerprint(self) -> str:
+        """The content hash: known ahead for files and datasets, else one pass over the records."""
+        if self.content_hash is None:
+            digest = hashlib.sha256()
+            for chunk in self.chunks():
+                for record in chunk.records:
+                    _add_record(digest, record)
+            self.content_hash = digest.hexdigest()
+        return self.content_hash
+
+
+def _add_record(digest, record: dict) -> None:
+    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    digest.update(b"\n")
+
+
 def load_records(source: Any, split: str | None = None) -> Records:
-    """Load `source` into a list of plain dict records."""
+    """Load `source` into one list of plain dict records (the stream of `open_records`, gathered)."""
+    stream = open_records(source, split)
+    records: list[dict] = []
+    lines: list[int | None] = []
+    parts: list[tuple[str, int]] = []
+    for chunk in stream.chunks():
+        records.extend(chunk.records)
+        lines.extend(chunk.lines or [None] * len(chunk))
+        for name, count in chunk.parts:
+            if parts and parts[-1][0] == name:
+                parts[-1] = (name, parts[-1][1] + count)
+            else:
+                parts.append((name, count))
+    return Records(records, name=stream.name, parts=parts, content_hash=stream.content_hash,
+                   lines=lines if any(line is not None for line in lines) else None)
+
+
+def open_records(source: Any, split: str | None = None) -> RecordStream:
+    """A stream over `source`'s records; nothing is read until its chunks are asked for."""
+    if isinstance(source, RecordStream):
+        return source
+    if isinstance(source, Records):
+        return _records_stream(source)
     if isinstance(source, (str, os.PathLike)):
-        return _load_paths(str(source))
-    kind = type(source).__module__.split(".")[0] + "." + type(source).__name__
-    if kind == "datasets.DatasetDict" or kind == "datasets.IterableDatasetDict":
-        available = sorted(source.keys())
-        chosen = split or ("train" if "train" in source else None)
-        if chosen not in source:
-            raise DataError(
-                "a DatasetDict needs a split",
-                found=f"split {chosen!r}" if chosen else "no split",
-                expected=f"one of {available}",
-                fix="set train_split (or pass split=...) to one of these",
-            )
-        return load_records(source[chosen])
+        return _path_stream(str(source), split)
+    kind = _kind(source)
+    if kind in ("datasets.DatasetDict", "datasets.IterableDatasetDict"):
+        return open_records(_split_of(source, split))
     if kind == "datasets.Dataset":
-        records = [_plain(row) for row in source]
-        return Records(records, name=f"Dataset({len(records)} rows)", content_hash=_hash_text(source._fingerprint))
+        return RecordStream(f"Dataset({len(source)} rows)", lambda: iter([(None, _dataset_rows(source))]),
+                            content_hash=_hash_text(source._fingerprint), length=len(source))
     if kind == "datasets.IterableDataset":
-        records = [_plain(row) for row in source]
-        return Records(records, name="IterableDataset")
+        return RecordStream("IterableDataset", lambda: iter([(None, ((_plain(row), None) for row in source))]))
     if kind == "pandas.DataFrame":
-        records = [_plain(row) for row in source.to_dict("records")]
-        return Records(records, name=f"DataFrame({len(records)} rows)")
+        return RecordStream(f"DataFrame({len(source)} rows)", lambda: iter([(None, _frame_rows(source))]), length=len(source))
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        records = list(source)
-        _check_dicts(records, "list")
-        return Records([_plain(r) for r in records], name=f"list({len(records)} records)")
+        return RecordStream(f"list({len(source)} records)", lambda: iter([(None, _dict_rows(source, "list"))]),
+                            length=len(source))
     if _is_torch_dataset(source):
         try:
             length = len(source)
@@ -103,14 +194,73 @@ def load_records(source: Any, split: str | None = None) -> Records:
                 expected="a map-style Dataset with __len__ and __getitem__",
                 fix="implement __len__, or pass list(your_dataset)",
             ) from None
-        records = [source[i] for i in range(length)]
-        _check_dicts(records, type(source).__name__)
-        return Records([_plain(r) for r in records], name=type(source).__name__)
+        name = type(source).__name__
+        return RecordStream(name, lambda: iter([(None, _dict_rows((source[i] for i in range(length)), name))]),
+                            length=length)
     raise DataError(
         "cannot load records from this object",
         found=type(source).__name__,
         expected=ACCEPTED,
     )
+
+
+def _kind(source: Any) -> str:
+    return type(source).__module__.split(".")[0] + "." + type(source).__name__
+
+
+def _split_of(source: Any, split: str | None) -> Any:
+    available = sorted(source.keys())
+    chosen = split or ("train" if "train" in source else None)
+    if chosen not in source:
+        raise DataError(
+            "a DatasetDict needs a split",
+            found=f"split {chosen!r}" if chosen else "no split",
+            expected=f"one of {available}",
+            fix="set train_split (or pass split=...) to one of these",
+        )
+    return source[chosen]
+
+
+def _records_stream(records: Records) -> RecordStream:
+    def parts() -> Iterator[Part]:
+        lines = records.lines or [None] * len(records)
+        if not records.parts:
+            yield None, zip(records.records, lines)
+            return
+        offset = 0
+        for name, count in records.parts:
+            yield name, zip(records.records[offset : offset + count], lines[offset : offset + count])
+            offset += count
+
+    return RecordStream(records.name, parts, content_hash=records.content_hash, length=len(records))
+
+
+def _dataset_rows(dataset) -> Iterator[tuple[dict, None]]:
+    # In batches: a row at a time costs ~10x more per record in datasets' formatting.
+    for batch in dataset.iter(batch_size=CHUNK_RECORDS):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield _plain(dict(zip(names, values))), None
+
+
+def _frame_rows(frame) -> Iterator[tuple[dict, None]]:
+    for start in range(0, len(frame), CHUNK_RECORDS):
+        for row in frame.iloc[start : start + CHUNK_RECORDS].to_dict("records"):
+            yield _plain(row), None
+
+
+def _dict_rows(items, name: str) -> Iterator[tuple[dict, None]]:
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise DataError(
+                "every item must be a dict of fields",
+                source=name,
+                index=index,
+                found=describe(item),
+                expected="a dict such as {'text': ...} or {'messages': [...]}",
+                fix="turn every item into a dict of fields, e.g. {'text': item}",
+            )
+        yield _plain(item), None
 
 
 def _is_torch_dataset(source: Any) -> bool:
@@ -119,19 +269,6 @@ def _is_torch_dataset(source: Any) -> bool:
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     return isinstance(source, Dataset)
-
-
-def _check_dicts(records: list, name: str) -> None:
-    for index, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise DataError(
-                "every item must be a dict of fields",
-                source=name,
-                index=index,
-                found=describe(record),
-                expected="a dict such as {'text': ...} or {'messages': [...]}",
-                fix="turn every item into a dict of fields, e.g. {'text': item}",
-            )
 
 
 def _plain(value: Any) -> Any:
@@ -159,24 +296,38 @@ def source_fingerprint(source: Any, split: str | None = None) -> str | None:
     has its own fingerprint, so the preparation cache can be looked up before any record is
     parsed: parsing 20k JSON lines costs more than loading the prepared arrays."""
     if isinstance(source, (str, os.PathLike)):
-        digest = hashlib.sha256()
-        for path in _data_files(str(source)):
-            with open(path, "rb") as handle:
-                _add_file(digest, path, handle.read())
-        return digest.hexdigest()
-    kind = type(source).__module__.split(".")[0] + "." + type(source).__name__
+        if _saved_dataset(str(source)):
+            return open_records(source, split).content_hash
+        return _files_fingerprint(_data_files(str(source)))
+    kind = _kind(source)
     if kind == "datasets.DatasetDict":
         chosen = split or "train"
         return source_fingerprint(source[chosen]) if chosen in source else None
     if kind == "datasets.Dataset":
         return _hash_text(source._fingerprint)
+    if isinstance(source, (Records, RecordStream)) and source.content_hash is not None:
+        return source.content_hash
     return None
 
 
-def _add_file(digest, path: str, raw: bytes) -> None:
-    """One file's part of a data fingerprint: its path and bytes (load_records and
-    source_fingerprint must agree, or a cache entry written by one is missed by the other)."""
-    digest.update(path.encode() + b"\0" + raw)
+def _files_fingerprint(files: list[str]) -> str:
+    # Each file's part is its path and its bytes (read in blocks): load_records and
+    # source_fingerprint must agree, or a cache entry written by one is missed by the other.
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(_BLOCK), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _saved_dataset(spec: str) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return os.path.isdir(spec) and (
+        os.path.isfile(os.path.join(spec, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(spec, "state.json")) and os.path.isfile(os.path.join(spec, "dataset_info.json"))
+    )
 
 
 def _data_files(spec: str) -> list[str]:
@@ -201,113 +352,372 @@ def _data_files(spec: str) -> list[str]:
     return [spec]
 
 
-def _load_paths(spec: str) -> Records:
+def _path_stream(spec: str, split: str | None) -> RecordStream:
+    if _saved_dataset(spec):
+        import datasets
+
+        return open_records(datasets.load_from_disk(spec), split)
     files = _data_files(spec)
-    records: list[dict] = []
-    lines: list[int | None] = []
-    parts: list[tuple[str, int]] = []
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-        _add_file(digest, path, raw)
-        loaded, loaded_lines = _load_file(path, raw)
-        parts.append((path, len(loaded)))
-        records.extend(loaded)
-        lines.extend(loaded_lines or [None] * len(loaded))
-    if not records:
-        raise DataError("no records found", source=spec, fix="the file(s) are empty: add records or point at another file")
     name = files[0] if len(files) == 1 else f"{spec} ({len(files)} files)"
-    return Records(records, name=name, parts=parts, content_hash=digest.hexdigest(),
-                   lines=lines if any(line is not None for line in lines) else None)
+
+    def parts() -> Iterator[Part]:
+        for path in files:
+            yield path, _file_rows(path)
+
+    return RecordStream(name, parts, spec=spec, content_hash=_files_fingerprint(files),
+                        size=sum(os.path.getsize(path) for path in files))
 
 
-def _load_file(path: str, raw: bytes) -> tuple[list[dict], list[int] | None]:
-    """The file's records, and their line numbers where the file is JSON lines."""
+def _file_rows(path: str) -> Iterator[tuple[dict, int | None]]:
+    """The file's records, each with its line number where the file has lines."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as error:
-            raise DataError("cannot read Parquet file", source=path, found=str(error).splitlines()[0]) from None
-        records = [_plain(row) for row in table.to_pylist()]
-        _check_dicts(records, path)
-        return records, None
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}",
-                        fix="convert the data to JSON lines ({\"text\": ...} per line) and name the file .jsonl")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(
-            "file is not valid UTF-8",
-            source=f"{path}:{line}",
-            found=f"byte {raw[error.start:error.start + 1]!r} at offset {error.start}",
-            fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-        ) from None
-    if not text.strip():
-        raise DataError("file is empty", source=path, fix="add records, or remove the file from the data path")
-    if suffix == ".csv":
-        # A file-like object, not text.splitlines(): a quoted cell may hold newlines, and splitting
-        # the text into lines first would drop them ("line1\nline2" -> "line1line2").
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [dict(row) for row in reader], None
+        return _parquet_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            if error.msg != "Extra data":
-                raise DataError(
-                    "invalid JSON",
-                    source=f"{path}:{error.lineno}",
-                    found=error.msg,
-                    fix="fix the JSON syntax at that line",
-                ) from None
-            return _parse_jsonl(path, text)  # a .json file holding JSON lines
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"data": [...]} style
-        if not isinstance(data, list):
-            raise DataError(
-                "a .json file must hold a list of records",
-                source=path,
-                found=type(data).__name__,
-                expected="[{...}, {...}] or JSON lines",
-                fix="wrap the records in a list, or write one JSON object per line in a .jsonl file",
-            )
-        _check_dicts(data, path)
-        return [_plain(r) for r in data], None
-    return _parse_jsonl(path, text)
+        return _json_rows(path)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}",
+                    fix="convert the data to JSON lines ({\"text\": ...} per line) and name the file .jsonl")
 
 
-def _parse_jsonl(path: str, text: str) -> tuple[list[dict], list[int]]:
-    records, lines = [], []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 or \x1c unescaped, and
-    # splitlines() would cut a valid record in two there. A trailing "\r" is JSON whitespace.
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+def _parquet_rows(path: str) -> Iterator[tuple[dict, None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=CHUNK_RECORDS):  # a row group at most at a time
+            for row in batch.to_pylist():
+                yield _plain(row), None
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError("cannot read Parquet file", source=path, found=str(error).splitlines()[0]) from None
+
+
+def _empty_file(path: str) -> DataError:
+    return DataError("file is empty", source=path, fix="add records, or remove the file from the data path")
+
+
+def _utf8_error(path: str) -> DataError:
+    """The error for the first byte of `path` that is not UTF-8, naming its line and offset."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return DataError(
+                    "file is not valid UTF-8",
+                    source=f"{path}:{line_number}",
+                    found=f"byte {raw[error.start:error.start + 1]!r} at offset {offset + error.start}",
+                    fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                )
+            offset += len(raw)
+    raise AssertionError(f"{path} decodes as UTF-8")  # only called after a decoding error
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[dict, int]]:
+    count = 0
+    with open(path, "rb") as handle:
+        # Lines split at b"\n" only, as text.split("\n") did: JSON strings may hold U+2028, U+0085
+        # or \x1c unescaped, and splitlines() would cut a valid record in two there. A trailing
+        # "\r" is JSON whitespace. UTF-8 never has the byte 0x0A inside a character.
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _utf8_error(path) from None
+            if line_number == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a byte order mark
+            if not line.strip():
+                continue
+            yield _json_line(path, line, line_number, count), line_number
+            count += 1
+    if count == 0:
+        raise _empty_file(path)
+
+
+def _json_line(path: str, line: str, line_number: int, index: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            "invalid JSON line",
+            source=f"{path}:{line_number}",
+            index=index,
+            found=f"{error.msg} at column {error.colno}",
+            fix="fix or delete that line (each line must be one JSON object)",
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(
+            "each JSON line must be an object",
+            source=f"{path}:{line_number}",
+            index=index,
+            found=describe(record),
+            expected="an object such as {\"text\": ...}",
+            fix="make that line one JSON object, or delete it",
+        )
+    return record
+
+
+def _csv_rows(path: str) -> Iterator[tuple[dict, None]]:
+    try:
+        if _blank(path):
+            raise _empty_file(path)
+        with open(path, "rb") as binary:
+            # newline="": a quoted cell may hold newlines, which the csv reader keeps only when
+            # it sees the line endings ("line1\nline2" would become "line1line2").
+            text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+            for row in csv.DictReader(text):
+                yield dict(row), None
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None
+
+
+def _blank(path: str) -> bool:
+    with open(path, "rb") as binary:
+        text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+        for block in iter(lambda: text.read(_BLOCK), ""):
+            if block.strip():
+                return False
+    return True
+
+
+def _json_rows(path: str) -> Iterator[tuple[dict, int | None]]:
+    try:
+        if _blank(path):
+            raise _empty_file(path)
+        with open(path, "rb") as binary:
+            document = _JsonText(path, io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
+            yield from _json_document(path, document)
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None
+
+
+def _json_document(path: str, document: "_JsonText") -> Iterator[tuple[dict, int | None]]:
+    """Records of a .json file: a list of records, {"name": [records]}, or JSON lines.
+
+    A list, also inside {"name": [...]}, is read element by element. A file whose first line is a
+    whole object with more after it is JSON lines. Anything else is read whole, as json.loads would."""
+    document.skip_space()
+    first = document.peek()
+    if first == "{" and document.first_line_is_a_value_with_more_after():
+        yield from _jsonl_rows(path)
+        return
+    if first == "[":
+        document.advance()
+        yield from _json_array(path, document)
+        document.expect_end()
+        return
+    if first == "{" and document.opens_a_named_list():
+        yield from _json_array(path, document)
+        document.skip_space()
+        if document.peek() != "}":  # more keys after the list: an object, not a list of records
+            raise _not_a_list(path, "dict")
+        document.advance()
+        document.expect_end()
+        return
+    value, extra = document.whole()
+    if extra:
+        yield from _jsonl_rows(path)  # a .json file holding JSON lines
+        return
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]} style
+    if not isinstance(value, list):
+        raise _not_a_list(path, type(value).__name__)
+    for index, item in enumerate(value):
+        yield _json_item(path, item, index), None
+
+
+def _json_array(path: str, document: "_JsonText") -> Iterator[tuple[dict, int]]:
+    """The elements of a list whose "[" was just read, through its "]"."""
+    document.skip_space()
+    if document.peek() == "]":
+        document.advance()
+        return
+    index = 0
+    while True:
+        document.skip_space()
+        line = document.line()
+        yield _json_item(path, document.value(), index), line
+        index += 1
+        document.skip_space()
+        separator = document.peek()
+        if separator == "]":
+            document.advance()
+            return
+        if separator != ",":
+            document.fail("Expecting ',' delimiter")
+        document.advance()
+
+
+def _json_item(path: str, item: Any, index: int) -> dict:
+    if not isinstance(item, Mapping):
+        raise DataError(
+            "every item must be a dict of fields",
+            source=path,
+            index=index,
+            found=describe(item),
+            expected="a dict such as {'text': ...} or {'messages': [...]}",
+            fix="turn every item into a dict of fields, e.g. {'text': item}",
+        )
+    return _plain(item)
+
+
+def _not_a_list(path: str, found: str) -> DataError:
+    return DataError(
+        "a .json file must hold a list of records",
+        source=path,
+        found=found,
+        expected="[{...}, {...}] or JSON lines",
+        fix="wrap the records in a list, or write one JSON object per line in a .jsonl file",
+    )
+
+
+class _JsonText:
+    """A JSON document read through a window of text: values are decoded one at a time, and
+    the window keeps only what has not been consumed yet."""
+
+    _SPACE = " \t\n\r"
+
+    def __init__(self, path: str, handle):
+        self.path = path
+        self.handle = handle
+        self.text = ""
+        self.pos = 0
+        self.line_base = 1  # line number of text[0]
+        # Lines counted so far: the line at text[counted]. Counting on from there keeps line()
+        # linear over the file (recounting the window from its start was quadratic).
+        self.counted, self.counted_line = 0, 1
+        self.eof = False
+        self.holding = 0  # > 0 while looking ahead: the window must keep what it has, or a saved cursor would break
+        self._fill()
+
+    def _fill(self) -> bool:
+        if self.eof:
+            return False
+        if self.pos > _BLOCK and not self.holding:  # drop what was consumed
+            self.line_base += self.text.count("\n", 0, self.pos)
+            self.counted_line += self.text.count("\n", self.counted, self.pos) if self.counted < self.pos else 0
+            self.counted = max(self.counted - self.pos, 0)
+            self.text, self.pos = self.text[self.pos :], 0
+        block = self.handle.read(_BLOCK)
+        if not block:
+            self.eof = True
+            return False
+        self.text += block
+        return True
+
+    def line(self) -> int:
+        """The line number at the cursor."""
+        if self.pos < self.counted:  # after a look-ahead moved the cursor back
+            self.counted, self.counted_line = 0, self.line_base
+        self.counted_line += self.text.count("\n", self.counted, self.pos)
+        self.counted = self.pos
+        return self.counted_line
+
+    def skip_space(self) -> None:
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in self._SPACE:
+                self.pos += 1
+            if self.pos < len(self.text) or not self._fill():
+                return
+
+    def peek(self) -> str:
+        if self.pos >= len(self.text):
+            self._fill()
+        return self.text[self.pos : self.pos + 1]
+
+    def advance(self) -> None:
+        self.pos += 1
+
+    def value(self) -> Any:
+        """Decode the value at the cursor; a value cut off by the window end is read again with more text."""
+        while True:
+            try:
+                value, end = json.JSONDecoder().raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as error:
+                if self._fill():
+                    continue
+                self._raise(error)
+            if end == len(self.text) and self._fill():
+                continue  # a number at the window's end may go on
+            self.pos = end
+            return value
+
+    def fail(self, message: str) -> None:
+        self._raise(json.JSONDecodeError(message, self.text, self.pos))
+
+    def _raise(self, error: json.JSONDecodeError) -> None:
+        raise DataError("invalid JSON", source=f"{self.path}:{self.line_base + error.lineno - 1}", found=error.msg,
+                        fix="fix the JSON syntax at that line") from None
+
+    def expect_end(self) -> None:
+        self.skip_space()
+        if self.peek():
+            self.fail("Extra data")
+
+    def first_line_is_a_value_with_more_after(self) -> bool:
+        self.holding += 1
         try:
-            record = json.loads(line)
+            return self._first_line_is_a_value_with_more_after()
+        finally:
+            self.holding -= 1
+
+    def _first_line_is_a_value_with_more_after(self) -> bool:
+        while "\n" not in self.text[self.pos :] and self._fill():
+            pass
+        end_of_line = self.text.find("\n", self.pos)
+        if end_of_line < 0:
+            return False
+        try:
+            json.loads(self.text[self.pos : end_of_line])
+        except json.JSONDecodeError:
+            return False
+        saved = self.pos
+        self.pos = end_of_line
+        self.skip_space()
+        more = bool(self.peek())
+        self.pos = saved
+        return more
+
+    def opens_a_named_list(self) -> bool:
+        """At '{': is it '{"name": [' ? Then the cursor is left inside the list."""
+        self.holding += 1
+        try:
+            return self._opens_a_named_list()
+        finally:
+            self.holding -= 1
+
+    def _opens_a_named_list(self) -> bool:
+        saved = self.pos
+        self.advance()
+        self.skip_space()
+        if self.peek() == '"':
+            try:
+                self.value()
+            except DataError:
+                self.pos = saved
+                return False
+            self.skip_space()
+            if self.peek() == ":":
+                self.advance()
+                self.skip_space()
+                if self.peek() == "[":
+                    self.advance()
+                    return True
+        self.pos = saved
+        return False
+
+    def whole(self) -> tuple[Any, bool]:
+        """The value at the cursor read whole, and whether anything follows it."""
+        while self._fill():
+            pass
+        try:
+            value, end = json.JSONDecoder().raw_decode(self.text, self.pos)
         except json.JSONDecodeError as error:
-            raise DataError(
-                "invalid JSON line",
-                source=f"{path}:{line_number}",
-                index=len(records),
-                found=f"{error.msg} at column {error.colno}",
-                fix="fix or delete that line (each line must be one JSON object)",
-            ) from None
-        if not isinstance(record, dict):
-            raise DataError(
-                "each JSON line must be an object",
-                source=f"{path}:{line_number}",
-                index=len(records),
-                found=describe(record),
-                expected="an object such as {\"text\": ...}",
-                fix="make that line one JSON object, or delete it",
-            )
-        records.append(record)
-        lines.append(line_number)
-    return records, lines
+            self._raise(error)
+        self.pos = end
+        self.skip_space()
+        return value, bool(self.peek())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
-from sftlab.config import SFTConfig
-from sftlab.errors import ConfigError
+from sftlab.config import DataSource, SFTConfig
 from sftlab.data.examples import Examples, TargetSettings
-from sftlab.data.prepare import prepare_examples
+from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
+from sftlab.data.prepare import default_cache_dir, prepare_examples
+from sftlab.data.store import built_entry
+from sftlab.errors import ConfigError
 
 
 def target_settings(config: SFTConfig) -> TargetSettings:
@@ -48,11 +51,14 @@ def dataset_tools(tools: list | str | None) -> list | None:
 
 
 def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
-    """Examples for train_data (or eval_data), with the config's settings; `source` overrides the path."""
+    """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
+    config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
     if source is None:
         source = config.eval_data if eval else config.train_data
         if source is None:
             raise ConfigError("eval_data is not set", field="eval_data")
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        return prepare_mixture(config, tokenizer, source)
     return prepare_examples(
         source,
         tokenizer,
@@ -62,4 +68,39 @@ def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None)
         skip_invalid_records=config.skip_invalid_records,
         cache_dir=config.cache_dir,
         use_cache=config.use_cache,
+        fields=config.fields,
+        alpaca_layout=config.alpaca_layout,
+        workers=config.preprocessing_workers,
     )
+
+
+def prepare_mixture(config: SFTConfig, tokenizer, sources: list[DataSource]) -> Examples:
+    """Each source prepared (and cached) with its own field map and format options, then mixed
+    as their weight / max_samples / epochs say, from the config's seed."""
+    started = time.perf_counter()
+    settings = target_settings(config)
+    parts, entries = [], []
+    for spec in sources:
+        examples = prepare_examples(
+            spec.path,
+            tokenizer,
+            settings,
+            split=spec.split,
+            text_field=spec.text_field or config.text_field,
+            skip_invalid_records=config.skip_invalid_records,
+            cache_dir=config.cache_dir,
+            use_cache=config.use_cache,
+            fields=spec.fields if spec.fields is not None else config.fields,
+            alpaca_layout=spec.alpaca_layout or config.alpaca_layout,
+            workers=config.preprocessing_workers,
+        )
+        parts.append(MixturePart(spec.name or spec.path, examples, spec.weight, spec.max_samples, spec.epochs))
+        entries.append(examples.stats.get("cache_entry"))
+    cached = config.use_cache and all(entries)  # a mixture of uncached sources is not cached either
+    root = (config.cache_dir or default_cache_dir()) if cached else None
+    key = mixture_key(parts, config.seed, [os.path.basename(entry or "") for entry in entries])
+    examples, folder = built_entry(root, key, lambda folder: write_mixture(parts, config.seed, folder))
+    examples.stats["seconds"] = time.perf_counter() - started
+    if folder is not None:
+        examples.stats["cache_entry"] = folder
+    return examples

@@ -8,7 +8,7 @@ the same step: only the split differs. A resumed run rebuilds the plan and skips
 
 from __future__ import annotations
 
-import bisect
+import gc
 import math
 
 import numpy as np
@@ -22,23 +22,107 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     Longest first; each example goes to the open bin it fills most tightly (the one with the
     least room left that still fits it), else to a new bin. Deterministic: ties go to the
     bin opened first.
+
+    O(n log n): examples of one length are placed together. Among bins with room >= L, the one
+    with the least room r (lowest id first) stays the tightest fit while it takes floor(r / L)
+    of them in a row (its room drops below any other room >= L), then the next one takes its
+    turn; a new bin likewise takes floor(capacity / L). So a length touches only the bins it
+    fills, found through buckets of bins by room left. 10M examples take seconds, where a sorted
+    list of rooms (insort) took 11 s for 1M.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # sorted (room left, bin id)
-    for index in order:
-        length = int(lengths[index])
-        if length > capacity:
-            raise ValueError(f"example {index} has {length} tokens, more than the bin capacity {capacity}")
-        slot = bisect.bisect_left(room, (length, -1))
-        if slot < len(room):
-            left, bin_id = room.pop(slot)
-            bins[bin_id].append(index)
-            bisect.insort(room, (left - length, bin_id))
-        else:
-            bins.append([index])
-            bisect.insort(room, (capacity - length, len(bins) - 1))
-    return bins
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return []
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties by index
+    ordered = lengths[order]
+    if ordered[0] > capacity:
+        raise ValueError(f"example {int(order[0])} has {int(ordered[0])} tokens, more than the bin capacity {capacity}")
+    rooms = _Rooms()
+    placed = np.empty(len(order), dtype=np.int64)  # bin of the k-th example in processing order
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
+        length = int(ordered[start])
+        if length == 0:
+            # An empty example leaves every room as it was: all of them go to the tightest bin.
+            placed[start:end] = rooms.open(1, capacity)[0] if rooms.bins == 0 else rooms.tightest()
+            continue
+        position = start
+        while position < end:
+            room = rooms.least_at_least(length)
+            if room is None:
+                break
+            ids = rooms.take(room)
+            per_bin = room // length
+            full = min(len(ids), (end - position) // per_bin)
+            placed[position : position + full * per_bin] = np.repeat(ids[:full], per_bin)
+            position += full * per_bin
+            rooms.add(room - per_bin * length, ids[:full])
+            rest = ids[full:]
+            if len(rest) and position < end:  # fewer than per_bin left: the next bin takes them all
+                rooms.add(room - (end - position) * length, rest[:1])
+                placed[position:end] = rest[0]
+                position, rest = end, rest[1:]
+            rooms.add(room, rest)
+        if position < end:
+            per_bin = capacity // length
+            count = end - position
+            first = rooms.bins
+            new = rooms.open(-(-count // per_bin), None)
+            placed[position:end] = first + np.arange(count) // per_bin
+            full = count // per_bin
+            rooms.add(capacity - per_bin * length, new[:full])
+            if full < len(new):
+                rooms.add(capacity - (count - full * per_bin) * length, new[full:])
+    # Each bin lists its examples in the order they were placed (processing order).
+    by_bin = order[np.argsort(placed, kind="stable")].tolist()
+    bounds = np.cumsum(np.bincount(placed, minlength=rooms.bins)).tolist()
+    # The collector paused: it would scan the growing list of lists (none cyclic) again and
+    # again, 1.7 of the 2.4 s for 1M examples.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return [by_bin[a:b] for a, b in zip([0] + bounds[:-1], bounds)]
+    finally:
+        if collecting:
+            gc.enable()
+
+
+class _Rooms:
+    """Open bins grouped by the room they have left: per room value, the bin ids in increasing
+    order, and a bit mask of the room values that have bins (the next one >= L is one shift)."""
+
+    def __init__(self):
+        self.buckets: dict[int, list[np.ndarray]] = {}
+        self.mask = 0
+        self.bins = 0
+
+    def open(self, count: int, room: int | None) -> np.ndarray:
+        ids = np.arange(self.bins, self.bins + count, dtype=np.int64)
+        self.bins += count
+        if room is not None:
+            self.add(room, ids)
+        return ids
+
+    def least_at_least(self, length: int) -> int | None:
+        above = self.mask >> length
+        return None if not above else length + (above & -above).bit_length() - 1
+
+    def tightest(self) -> int:
+        room = (self.mask & -self.mask).bit_length() - 1
+        ids = self.take(room)
+        self.add(room, ids)
+        return int(ids[0])
+
+    def take(self, room: int) -> np.ndarray:
+        """Every bin with this room left, lowest id first; they leave the bucket."""
+        runs = self.buckets.pop(room)
+        self.mask &= ~(1 << room)
+        return runs[0] if len(runs) == 1 else np.sort(np.concatenate(runs))
+
+    def add(self, room: int, ids: np.ndarray) -> None:
+        if len(ids):
+            self.buckets.setdefault(room, []).append(ids)
+            self.mask |= 1 << room
 
 
 def plan_epoch(

@@ -195,11 +195,12 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
 
-    with processes.local_main_first():
-        train_examples = prepare_split(config, tokenizer, source=train_dataset)
-        eval_examples = None
-        if eval_dataset is not None or config.eval_data:
-            eval_examples = prepare_split(config, tokenizer, eval=True, source=eval_dataset)
+    # No barrier around preparation: the process that takes a cache entry's lock builds it while
+    # the others wait on the lock (no collective timeout), then every process maps the same entry.
+    train_examples = prepare_split(config, tokenizer, source=train_dataset)
+    eval_examples = None
+    if eval_dataset is not None or config.eval_data:
+        eval_examples = prepare_split(config, tokenizer, eval=True, source=eval_dataset)
     reporter.data_summary("train", train_examples.stats)
     if eval_examples is not None:
         reporter.data_summary("eval", eval_examples.stats)

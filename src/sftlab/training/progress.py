@@ -49,6 +49,9 @@ class Reporter:
             + _chat_summary(stats.get("chat"))
             + (" (cached)" if stats.get("cached") else "")
         )
+        for source in stats.get("sources", ()):  # a mixture: what each source gave
+            self.line(f"  {source['name']}: {source['examples']} of {source['examples_available']} examples"
+                      + _share(source) + f", {source['supervised_tokens']} supervised of {source['tokens']} tokens")
 
     def start(self, total: int, done: int) -> None:
         self.total = total
@@ -167,6 +170,13 @@ def _open_trackers(report_to, output_dir: str, run_config: dict, say) -> list:
     if missing:
         say(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
     return trackers
+
+
+def _share(source: dict) -> str:
+    for key in ("weight", "max_samples", "epochs"):
+        if key in source:
+            return f" ({key} {source[key]})"
+    return ""
 
 
 def _chat_summary(chat: dict | None) -> str:
