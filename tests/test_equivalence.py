@@ -120,6 +120,23 @@ def test_packed_batch_8_equals_2_x_accumulation_4(model_dir, tmp_path, start_wei
     assert_same_update(b, a, start_weights)
 
 
+def test_dft_batch_8_equals_2_x_accumulation_4_and_differs_from_nll(model_dir, tmp_path, one_by_eight, start_weights):
+    # DFT scales each token's CE by its probability, but the step is normalised the same way: by
+    # the step's supervised tokens, so any split of the step gives the same update.
+    a, history_a = run(model_dir, tmp_path / "a", per_device_train_batch_size=8, loss_type="dft")
+    b, history_b = run(model_dir, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, loss_type="dft")
+    assert_same_update(b, a, start_weights)
+    log_a, log_b = ([r for r in h if r["type"] == "train"][0] for h in (history_a, history_b))
+    assert log_a["loss"] == pytest.approx(log_b["loss"], rel=1e-6)
+    plain = [r for r in one_by_eight[1] if r["type"] == "train"][0]
+    # The log shows the plain CE as "nll": the same number a nll run logs from the same weights.
+    assert log_a["nll"] == pytest.approx(plain["loss"], rel=1e-6)
+    # p < 1 on every token of an untrained model: the DFT loss is below the CE, and so is the update.
+    assert log_a["loss"] < 0.1 * plain["loss"]
+    update = lambda w: sum(float((w[n] - start_weights[n]).norm()) for n in start_weights)
+    assert update(a) < 0.1 * update(one_by_eight[0])
+
+
 def test_empty_micro_batches_contribute_nothing(model_dir, tmp_path, start_weights):
     # Nine records: the second step holds one example, spread over four micro-batches, three of
     # which are empty and run fully masked. The result must equal the same two steps done 8x1.

@@ -108,7 +108,7 @@ def test_logit_transform_is_read_from_the_config(model, batch):
         module.scale, module.softcap = 1.0, None
         with torch.no_grad():
             wrong = module(**batch)["loss_sum"]
-            dense, _ = dense_loss(model, **batch)
+            dense, _, _ = dense_loss(model, **batch)
         assert abs(float(wrong) - float(dense)) > 0.1
 
 
@@ -180,7 +180,7 @@ def test_hand_computed_cross_entropy():
     # Row 0: log(e^1 + e^2.5 + e^2.75) - 2.75; row 1: log(1 + e^-0.5 + e^-1.25) + 0.5.
     expected = math.log(math.e + math.exp(2.5) + math.exp(2.75)) - 2.75 + math.log(1 + math.exp(-0.5) + math.exp(-1.25)) + 0.5
     assert expected == pytest.approx(hand_ce(), rel=1e-12)
-    loss, correct = head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS))
+    loss, correct, _ = head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert int(correct) == 1
 
@@ -202,7 +202,7 @@ def test_head_loss_scale_and_softcap_by_hand(scale, softcap, wrapped):
     head = tiny_head()
     module = WrappedHead(head) if wrapped else head
     hidden = torch.tensor(HIDDEN, requires_grad=True)
-    loss, correct = head_loss(module, hidden, torch.tensor(TARGETS), scale, softcap, rows=1)  # one row per chunk
+    loss, correct, _ = head_loss(module, hidden, torch.tensor(TARGETS), scale, softcap, rows=1)  # one row per chunk
     assert loss.item() == pytest.approx(hand_ce(scale, softcap), rel=1e-6)
     loss.backward()
     got = [hidden.grad, head.weight.grad, head.bias.grad]
@@ -221,9 +221,9 @@ def test_head_loss_scale_and_softcap_by_hand(scale, softcap, wrapped):
 def test_head_loss_without_grad_and_empty_rows():
     head = tiny_head()
     with torch.no_grad():
-        loss, correct = head_loss(head, torch.tensor(HIDDEN), torch.tensor(TARGETS))
+        loss, correct, _ = head_loss(head, torch.tensor(HIDDEN), torch.tensor(TARGETS))
     assert loss.item() == pytest.approx(hand_ce(), rel=1e-6)
-    loss, correct = head_loss(head, torch.zeros(0, 2, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    loss, correct, _ = head_loss(head, torch.zeros(0, 2, requires_grad=True), torch.zeros(0, dtype=torch.long))
     assert loss.item() == 0.0 and int(correct) == 0
     loss.backward()
     assert torch.count_nonzero(head.weight.grad) == 0
@@ -252,7 +252,7 @@ def test_head_loss_gradient_scales_with_the_upstream_gradient_and_runs_once():
     # gradients must be exactly a quarter of those of the plain formula.
     head = tiny_head()
     hidden = torch.tensor(HIDDEN, requires_grad=True)
-    loss, _ = head_loss(head, hidden, torch.tensor(TARGETS), rows=1)
+    loss, _, _ = head_loss(head, hidden, torch.tensor(TARGETS), rows=1)
     (loss * 0.25).backward()
     reference = tiny_head()
     h = torch.tensor(HIDDEN, requires_grad=True)
@@ -260,7 +260,7 @@ def test_head_loss_gradient_scales_with_the_upstream_gradient_and_runs_once():
     for a, b in zip([hidden.grad, head.weight.grad, head.bias.grad], [h.grad, reference.weight.grad, reference.bias.grad]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # Gradients are scaled in place in backward, so a second backward must refuse, not double-scale.
-    loss, _ = head_loss(head, torch.tensor(HIDDEN, requires_grad=True), torch.tensor(TARGETS))
+    loss, _, _ = head_loss(head, torch.tensor(HIDDEN, requires_grad=True), torch.tensor(TARGETS))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -272,5 +272,71 @@ def test_correct_counts_the_first_maximum_like_argmax():
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     with torch.no_grad():
-        _, correct = head_loss(head, torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))
+        _, correct, _ = head_loss(head, torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))
     assert int(correct) == 2
+
+
+# --- DFT: each token's cross-entropy scaled by its detached probability --------------------------------
+
+
+def hand_dft() -> tuple[float, float, list[float]]:
+    """(DFT loss, plain CE, gradient of the DFT loss with respect to the head's bias), from Z."""
+    loss = ce_total = 0.0
+    grad_bias = [0.0, 0.0, 0.0]
+    for z, t in zip(Z, TARGETS):
+        total = sum(math.exp(v) for v in z)
+        ce = math.log(total) - z[t]
+        p = math.exp(-ce)  # = softmax(z)[t]
+        loss += p * ce
+        ce_total += ce
+        # p is a constant: d(p * ce)/dz_j = p * (softmax_j - [j == t]); dz/db = 1.
+        for j, v in enumerate(z):
+            grad_bias[j] += p * (math.exp(v) / total - (j == t))
+    return loss, ce_total, grad_bias
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["linear", "generic"])
+def test_dft_loss_and_gradient_by_hand(wrapped):
+    expected_loss, expected_ce, expected_grad = hand_dft()
+    # Row 0: p = e^2.75 / (e + e^2.5 + e^2.75) = 0.51214, CE = 0.66915; row 1: p = e^-.5 / (1 + e^-.5 + e^-1.25) = 0.32040, CE = 1.13818.
+    assert expected_loss == pytest.approx(0.51214 * 0.66915 + 0.32040 * 1.13818, rel=1e-4)
+    head = tiny_head()
+    loss, correct, nll = head_loss(WrappedHead(head) if wrapped else head, torch.tensor(HIDDEN), torch.tensor(TARGETS),
+                                   rows=1, loss_type="dft")
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    assert nll.item() == pytest.approx(expected_ce, rel=1e-6)  # the plain CE is reported next to it
+    assert int(correct) == 1
+    loss.backward()
+    torch.testing.assert_close(head.bias.grad, torch.tensor(expected_grad), rtol=1e-6, atol=1e-7)
+
+
+def test_nll_reports_the_same_sum_twice():
+    loss, _, nll = head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS))
+    assert loss.item() == nll.item() == pytest.approx(hand_ce(), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gemma2-softcap"])
+def test_sparse_dft_equals_dense_dft(arch, batch):
+    model = tiny_model(vocab_size=VOCAB, **MODELS[arch])
+    sparse = loss_and_grads_typed(model, "sparse", batch, "dft")
+    dense = loss_and_grads_typed(model, "dense", batch, "dft")
+    assert_same(sparse, dense)
+    torch.testing.assert_close(sparse[0]["nll_sum"], dense[0]["nll_sum"], **LOSS_TOL)
+    # DFT weights every token by a probability < 1: the loss is below the plain CE.
+    assert float(sparse[0]["loss_sum"]) < float(sparse[0]["nll_sum"])
+    plain = loss_and_grads_typed(model, "sparse", batch, "nll")
+    torch.testing.assert_close(plain[0]["loss_sum"], sparse[0]["nll_sum"], **LOSS_TOL)
+
+
+def loss_and_grads_typed(model, mode: str, batch: dict, loss_type: str):
+    model.zero_grad(set_to_none=True)
+    out = SupervisedLoss(model, mode, loss_type)(**batch)
+    out["loss_sum"].backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def test_an_unknown_loss_type_is_refused():
+    with pytest.raises(ValueError, match="loss_type"):
+        head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS), loss_type="focal")

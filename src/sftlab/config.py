@@ -133,6 +133,8 @@ class SFTConfig(BaseModel):
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
     loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
+    loss_type: Literal["nll", "dft"] = Field("nll", description="'nll': cross-entropy on every supervised token. 'dft' (Dynamic Fine-Tuning): each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy.")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: in training only, add uniform noise of bound alpha / sqrt(length x hidden) to the input embeddings, length being each example's own (also in packed rows). 5 is the paper's usual value; null: off. Never applied at evaluation or generation.")
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
 
     # --- precision and memory ----------------------------------------------------------------

@@ -227,13 +227,14 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     # The loss mode is chosen on the whole model, before it is sharded (the check runs no collective).
     first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
     mode, why = choose_loss_mode(model, first, config.loss_implementation)
-    reporter.line(f"loss: {mode} ({why})")
+    reporter.line(f"loss: {mode} ({why})" + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
+    loss_module = SupervisedLoss(model, mode, config.loss_type, config.neftune_noise_alpha)
     if config.fsdp:
-        wrapper = sharding.shard_model(SupervisedLoss(model, mode), processes, reshard_after_forward=config.fsdp_reshard_after_forward,
+        wrapper = sharding.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
                                        cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
         reporter.line(f"fsdp: {len(sharding.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
     else:
-        wrapper = sharding.replicate_model(SupervisedLoss(model, mode), processes)
+        wrapper = sharding.replicate_model(loss_module, processes)
     # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
 
@@ -282,7 +283,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         step_count = float(processes.sum(local))
         normalizer = max(step_count, 1.0) / world
         lr = lr_scheduler.get_last_lr()[0]
-        parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty; one device sync per step
+        parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty, nll_sum; one device sync per step
         for j, batch in enumerate(batches):
             inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
             with sharding.accumulating(wrapper, last=j == len(batches) - 1):
@@ -291,11 +292,11 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
                 (out["loss_sum"] / normalizer).backward()
             count = out["count"].double()
             parts.append(torch.stack([out["loss_sum"].detach().double(), count, out["correct"].double(),
-                                      count.new_tensor(batch["real_tokens"]), (count == 0).double()]))
+                                      count.new_tensor(batch["real_tokens"]), (count == 0).double(), out["nll_sum"].double()]))
         # A stop signal travels with the step's sums, so every process sees it at the same step.
         sums = processes.sum(torch.cat([torch.stack(parts).sum(0), torch.tensor([float(preemption.received)], dtype=torch.float64,
                                                                                  device=parts[0].device)]))
-        sums, stop = sums[:5], bool(sums[5] > 0)
+        sums, stop = sums[:6], bool(sums[6] > 0)
         grad_norm = sharding.clip_gradients(parameters, config.max_grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
             records = sorted({i for b in batches for i in b["record_index"]})
@@ -316,7 +317,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         done = step + 1
         reporter.advance(done)
         if done % config.logging_steps == 0 or done == steps or (stop and done < steps):
-            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr))
+            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr, nll=config.loss_type != "nll"))
         if stop and done < steps:
             path = checkpoint_at(done)
             # A process the signal did not reach stops too: another one got it.
@@ -375,7 +376,7 @@ class _Window:
     """Sums over the steps since the last log line; loss = summed CE / summed supervised tokens."""
 
     def __init__(self):
-        self.sums = torch.zeros(5, dtype=torch.float64)
+        self.sums = torch.zeros(6, dtype=torch.float64)
         self.grad_norm = 0.0
         self.steps = 0
         self.skipped = 0
@@ -386,14 +387,15 @@ class _Window:
         self.grad_norm = grad_norm
         self.steps += 1
 
-    def flush(self, step: int, epoch: float, lr: float) -> dict:
-        loss_sum, supervised, correct, tokens, empty = (float(x) for x in self.sums)
+    def flush(self, step: int, epoch: float, lr: float, nll: bool = False) -> dict:
+        loss_sum, supervised, correct, tokens, empty, nll_sum = (float(x) for x in self.sums)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "type": "train",
             "step": step,
             "epoch": round(epoch, 4),
             "loss": loss_sum / supervised if supervised else 0.0,
+            **({"nll": nll_sum / supervised if supervised else 0.0} if nll else {}),
             "token_accuracy": correct / supervised if supervised else 0.0,
             "learning_rate": lr,
             "grad_norm": self.grad_norm,
@@ -411,7 +413,8 @@ class _Window:
 
 @torch.no_grad()
 def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
-    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy."""
+    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy.
+    Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
     was_training = loss_module.training
     loss_module.eval()
     order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
@@ -425,7 +428,7 @@ def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, proc
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:
             out = loss_module(**inputs)
-        sums += torch.tensor([float(out["loss_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
+        sums += torch.tensor([float(out["nll_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
     sums = processes.sum(sums)
     loss_module.train(was_training)
     loss_sum, count, correct = (float(x) for x in sums)

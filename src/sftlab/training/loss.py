@@ -14,6 +14,17 @@ scale or soft-cap logits (Cohere, Granite, Gemma 2/3) get that transform applied
 The module returns sums; the caller divides by the number of supervised tokens in the whole
 optimizer step (all micro-batches, all processes), so the update does not depend on how the
 step was split, and an empty micro-batch contributes exactly zero.
+
+Loss types: 'nll' is plain cross-entropy. 'dft' (Dynamic Fine-Tuning, Wu et al. 2025) scales
+each token's cross-entropy by the model's own probability of that token, detached:
+loss_t = p_t * CE_t with p_t = exp(-CE_t) held constant, so the gradient is p_t times CE's.
+Tokens the model finds unlikely pull less. Both paths (sparse and dense) compute it, and the
+plain cross-entropy sum is returned next to it (`nll_sum`), for eval perplexity and the log.
+
+NEFTune (Jain et al. 2023): in training only, uniform noise in [-1, 1] scaled by
+alpha / sqrt(L * hidden) is added to the input embeddings, L being the length of the example a
+token belongs to. In a packed row that is each example's own length, not the row's (using the
+row's would give every packed example less noise than it gets unpacked).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from sftlab.data.examples import IGNORE
 
 # Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
 CHUNK_VALUES = 64 * 1024 * 1024
+LOSS_TYPES = ("nll", "dft")
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -59,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(scores(h W^T + b), t) over rows, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, dft=False):
         wants = ctx.needs_input_grad if grad_enabled else (False,) * 3
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -69,6 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and wants[2] else None
         needs_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         # One logits buffer for every chunk: a fresh rows x vocab tensor per chunk page-faults
         # (glibc returns big blocks to the OS), which cost ~20% of the head's forward matmul on CPU.
@@ -89,12 +102,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # In place unless the soft-cap's derivative still needs y.
                 e = torch.exp(y - top[:, None]) if softcap is not None else y.sub_(top[:, None]).exp_()
                 total = e.sum(dim=-1)
-                loss += (top + total.log() - picked).sum()
+                ce = top + total.log() - picked
+                nll += ce.sum()
+                weight_t = torch.exp(-ce) if dft else None  # p_t, a constant: no gradient flows through it
+                loss += (weight_t * ce).sum() if dft else ce.sum()
                 if not needs_grad:
                     continue
-                # d loss / d y = softmax(y) - onehot(t); then through the soft-cap and the scale.
+                # d loss / d y = softmax(y) - onehot(t) (times p_t for dft); then through the soft-cap and the scale.
                 dy = e.div_(total[:, None])
                 dy[torch.arange(len(t), device=t.device), t] -= 1
+                if dft:
+                    dy *= weight_t[:, None]
                 if softcap is not None:
                     dy *= 1 - (y / softcap) ** 2
                 if scale != 1.0:
@@ -113,11 +131,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx, not saved: backward scales them in place, so the vocab x hidden gradient
         # exists once, not twice (113 MB each for SmolLM2's head, 155 MB at a 151k vocabulary).
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        ctx.mark_non_differentiable(correct, nll)
+        return loss, correct, nll
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_correct, _grad_nll):
         if ctx.grads is None:
             raise RuntimeError("the sparse LM head's backward ran twice (retain_graph=True is not supported)")
         grad_hidden, grad_weight, grad_bias = ctx.grads
@@ -125,33 +143,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         gb = grad_bias.mul_(grad_loss).to(ctx.weight_dtype) if grad_bias is not None else None
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
-def _module_chunk(head, h, t, scale, softcap):
+def token_losses(scores: torch.Tensor, targets: torch.Tensor, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token cross-entropy) from fp32 scores; targets of IGNORE give 0."""
+    ce = F.cross_entropy(scores, targets, ignore_index=IGNORE, reduction="none")
+    if loss_type == "dft":
+        return torch.exp(-ce).detach() * ce, ce
+    return ce, ce
+
+
+def _module_chunk(head, h, t, scale, softcap, loss_type):
     y = _scores(head(h), scale, softcap)
-    return F.cross_entropy(y, t, reduction="sum"), (y.argmax(dim=-1) == t).sum()
+    loss, ce = token_losses(y, t, loss_type)
+    return loss.sum(), (y.argmax(dim=-1) == t).sum(), ce.detach().sum()
 
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-              softcap: float | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy, number of correct argmax predictions) over rows of `hidden`."""
+              softcap: float | None = None, rows: int | None = None, loss_type: str = "nll"):
+    """(sum of the loss, number of correct argmax predictions, sum of cross-entropy) over rows of
+    `hidden`; the first and the last are the same number for loss_type 'nll'."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
     rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
     if type(head) is nn.Linear:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled())
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled(),
+                                         loss_type == "dft")
     loss = hidden.new_zeros((), dtype=torch.float32)
+    nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     # At least one chunk, even with no rows: an all-masked micro-batch then still gives a loss
     # connected to the graph (backward works) and zero gradients for every head parameter (DDP waits for them).
     for start in range(0, max(hidden.shape[0], 1), rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         if torch.is_grad_enabled():
-            part, hit = checkpoint(_module_chunk, head, h, t, scale, softcap, use_reentrant=False)
+            part, hit, ce = checkpoint(_module_chunk, head, h, t, scale, softcap, loss_type, use_reentrant=False)
         else:
-            part, hit = _module_chunk(head, h, t, scale, softcap)
+            part, hit, ce = _module_chunk(head, h, t, scale, softcap, loss_type)
         loss = loss + part
         correct = correct + hit
-    return loss, correct
+        nll = nll + ce
+    return loss, correct, nll
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
@@ -168,14 +201,19 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | No
 class SupervisedLoss(nn.Module):
     """Wraps a causal LM so the loss is computed inside `forward` (DDP/FSDP hooks see it).
 
-    forward(...) -> {"loss_sum": sum of CE over supervised tokens, "correct": argmax hits,
+    forward(...) -> {"loss_sum": sum of the loss over supervised tokens, "nll_sum": sum of their
+                     cross-entropy (the same number for loss_type 'nll'), "correct": argmax hits,
                      "count": supervised tokens}. Training divides loss_sum by the step's
     global supervised-token count; see loop.py.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "sparse"):
+    def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
         super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
         self.model = model
+        self.loss_type = loss_type
+        self.neftune_alpha = neftune_alpha
         # FSDP auto-wrapping reads this from the module it is given, which is this wrapper.
         inner = split_model(model)
         self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
@@ -190,26 +228,61 @@ class SupervisedLoss(nn.Module):
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
         count = (targets != IGNORE).sum()
+        # The model embeds the ids itself unless NEFTune has to add noise to the embeddings first.
+        inputs = {"input_ids": input_ids}
+        if self.training and self.neftune_alpha:
+            embeds = self.model.get_input_embeddings()(input_ids)
+            scale = neftune_scale(self.neftune_alpha, embeds.shape[-1], tuple(input_ids.shape), attention_mask, position_ids)
+            inputs = {"inputs_embeds": embeds + neftune_noise(embeds, scale)}
         if self.mode == "dense":
-            loss_sum, correct = dense_loss(self.model, input_ids, targets, attention_mask, position_ids)
-            return {"loss_sum": loss_sum, "correct": correct, "count": count}
+            loss_sum, correct, nll_sum = dense_loss(self.model, targets=targets, attention_mask=attention_mask, position_ids=position_ids,
+                                                    loss_type=self.loss_type, **inputs)
+            return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
         _, trunk, head = split_model(self.model)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
         keep = targets != IGNORE
         rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
-        loss_sum, correct = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows)
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+        loss_sum, correct, nll_sum = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, self.loss_type)
+        return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
 
 
-def dense_loss(model, input_ids, targets, attention_mask=None, position_ids=None):
-    """Reference path: full logits over every position, the way transformers computes them."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+def example_lengths(shape: tuple[int, int], attention_mask=None, position_ids=None) -> torch.Tensor:
+    """[batch, length]: for each token, the length of the example it belongs to. Padded rows
+    (attention_mask given): the row's real tokens. Packed rows (position_ids restarting at 0 for
+    each example, no mask): the length of the token's run of positions."""
+    batch, length = shape
+    if attention_mask is not None:
+        return attention_mask.sum(dim=1, keepdim=True).expand(batch, length)
+    if position_ids is None:
+        return torch.full(shape, length, dtype=torch.long)
+    position_ids = position_ids.expand(batch, length)
+    run = (position_ids == 0).long().cumsum(dim=1) - 1  # which example of the row each token is in
+    run = run.clamp_(min=0)  # a row whose positions do not start at 0 counts its head as the first run
+    sizes = torch.zeros_like(run).scatter_add_(1, run, torch.ones_like(run))
+    return sizes.gather(1, run)
+
+
+def neftune_scale(alpha: float, hidden_size: int, shape: tuple[int, int], attention_mask=None, position_ids=None) -> torch.Tensor:
+    """[batch, length, 1]: NEFTune's noise bound alpha / sqrt(L * hidden) for every token."""
+    lengths = example_lengths(shape, attention_mask, position_ids).clamp(min=1)
+    return (alpha / torch.sqrt(lengths.double() * hidden_size)).float()[..., None]
+
+
+def neftune_noise(embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(embeds).uniform_(-1, 1) * scale.to(device=embeds.device, dtype=embeds.dtype)
+
+
+def dense_loss(model, input_ids=None, targets=None, attention_mask=None, position_ids=None, loss_type: str = "nll", inputs_embeds=None):
+    """Reference path: full logits over every position, the way transformers computes them.
+    (sum of the loss, argmax hits, sum of cross-entropy)."""
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
-    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
+    losses, ce = token_losses(flat_logits, flat_targets, loss_type)
     keep = flat_targets != IGNORE
     correct = (flat_logits[keep].argmax(-1) == flat_targets[keep]).sum()
-    return loss_sum, correct
+    return losses.sum(), correct, ce.detach().sum()
 
 
 def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> tuple[str, str]:
@@ -232,7 +305,7 @@ def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> 
     model.eval()
     with torch.no_grad():
         sparse = SupervisedLoss(model, "sparse")(targets=targets, **inputs)["loss_sum"]
-        dense, _ = dense_loss(model, probe, targets, inputs.get("attention_mask"), inputs.get("position_ids"))
+        dense, _, _ = dense_loss(model, probe, targets, inputs.get("attention_mask"), inputs.get("position_ids"))
     model.train(was_training)
     if not math.isclose(float(sparse), float(dense), rel_tol=1e-3, abs_tol=1e-3):
         return "dense", f"the sparse loss ({float(sparse):.5f}) does not reproduce this model's logits ({float(dense):.5f})"
