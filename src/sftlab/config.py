@@ -73,6 +73,9 @@ def data_sources(value, name: str):
     return sources
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+
+
 class SFTConfig(BaseModel):
     """Everything a training run needs. Unknown keys are errors."""
 
@@ -153,6 +156,13 @@ class SFTConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | str = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names (add 'lm_head' to adapt the head).")
     merge_lora: bool = Field(False, description="Also save the base model with the adapter merged in (final/merged).")
+    use_dora: bool = Field(False, description="DoRA: LoRA on the direction of each weight plus a trained magnitude per output (PEFT's use_dora); slower steps, often closer to full fine-tuning.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning.")
+    lora_modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] after adding tokens.")
+    lora_init: str = Field("default", description="Adapter initialisation: 'default' (B = 0: the model starts unchanged), 'gaussian', 'pissa' / 'pissa_niter_<n>' (principal singular vectors; the base keeps the residual), 'olora' (QR), 'orthogonal'. With pissa and olora the saved adapter is converted to apply to the original base model.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base model's linear layers in 4-bit NF4 through bitsandbytes and train LoRA adapters on top (needs use_peft: true and `pip install bitsandbytes`).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="load_in_4bit: the 4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="load_in_4bit: quantize the quantization constants too (about 0.4 bits per weight fewer).")
 
     # --- logging, evaluation, checkpoints ----------------------------------------------------
     output_dir: str = Field("outputs/run", description="Folder for metrics.jsonl, checkpoints/ and final/.")
@@ -185,6 +195,34 @@ class SFTConfig(BaseModel):
             if fields and "text" in fields and text_field != "text":
                 raise ConfigError("text_field and fields.text both name the text field", field=where + "fields.text",
                                   found=f"text_field {text_field!r} and fields.text {fields['text']!r}", fix="give one of them")
+        return self
+
+    @field_validator("lora_init")
+    @classmethod
+    def _lora_init(cls, value: str) -> str:
+        import re
+
+        if value in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+            return value
+        raise ValueError(f"must be one of {', '.join(LORA_INITS)} or pissa_niter_<n> (e.g. pissa_niter_4)")
+
+    @model_validator(mode="after")
+    def _peft_options(self) -> "SFTConfig":
+        peft_only = [name for name in ("use_dora", "use_rslora", "load_in_4bit") if getattr(self, name)]
+        peft_only += ["lora_modules_to_save"] if self.lora_modules_to_save else []
+        peft_only += ["lora_init"] if self.lora_init != "default" else []
+        if peft_only and not self.use_peft:
+            raise ConfigError(f"{peft_only[0]} configures LoRA adapters, but use_peft is false", field=peft_only[0],
+                              fix="set use_peft: true (or remove the option)")
+        if self.load_in_4bit and self.fsdp:
+            raise ConfigError("load_in_4bit cannot be sharded with fsdp: true (FSDP2 does not shard bitsandbytes' packed 4-bit weights)",
+                              field="load_in_4bit", fix="train QLoRA with DDP (fsdp: false), or full-precision LoRA with fsdp")
+        if self.load_in_4bit and self.merge_lora:
+            raise ConfigError("merge_lora with load_in_4bit would merge the adapter into 4-bit weights, and lose precision",
+                              field="merge_lora", fix="merge final/ onto the full-precision base afterwards: PeftModel.from_pretrained(base, final).merge_and_unload()")
+        if self.lora_init.startswith(("pissa", "olora")) and self.fsdp:
+            raise ConfigError(f"lora_init: {self.lora_init} changes the base weights, and its adapter conversion needs the whole model in one process",
+                              field="lora_init", fix="use lora_init: default with fsdp, or train without fsdp")
         return self
 
     @field_validator("max_steps")

@@ -126,8 +126,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
                           fix="the folder needs tokenizer.json or tokenizer files written by save_pretrained") from None
 
 
-def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
-    """A causal LM from a local folder, weights through safetensors where the folder has them."""
+def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trust_remote_code: bool = False, quantization=None):
+    """A causal LM from a local folder, weights through safetensors where the folder has them.
+    `quantization`: a transformers quantization config (e.g. BitsAndBytesConfig for QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,6 +144,7 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trus
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=True if any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES[:2]) else None,
+            **({"quantization_config": quantization} if quantization is not None else {}),
         )
     except pickle.UnpicklingError:  # transformers reads .bin weights with torch.load(weights_only=True)
         raise ConfigError("the model's .bin weights hold pickled objects other than tensors; refused to load them (nothing in them was run)",

@@ -65,9 +65,16 @@ class TrainResult:
 # --- setup ------------------------------------------------------------------------------------
 
 
-def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None):
-    model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None,
+                quantization=None):
+    model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization)
     model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and the head back in fp32 and input gradients on, so LoRA on frozen 4-bit layers
+        # gets gradients; checkpointing is turned on below (as for any model), not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -78,12 +85,61 @@ def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool,
     return model
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules):
+def lora_settings(config: SFTConfig) -> dict | None:
+    if not config.use_peft:
+        return None
+    return dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
+                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init)
+
+
+def quantization_settings(config: SFTConfig):
+    """BitsAndBytesConfig for load_in_4bit (QLoRA), after checking bitsandbytes can run here."""
+    if not config.load_in_4bit:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("load_in_4bit needs the bitsandbytes package", field="load_in_4bit",
+                          fix="pip install bitsandbytes (0.45 or newer also runs 4-bit layers on the CPU), or train LoRA without load_in_4bit") from None
+    except Exception as error:  # its native library fails to load on this machine
+        raise ConfigError("bitsandbytes is installed but cannot run on this machine", field="load_in_4bit",
+                          found=str(error).splitlines()[0][:200], fix="install a bitsandbytes build for this hardware, or train LoRA without load_in_4bit") from None
+    from transformers import BitsAndBytesConfig
+
+    # Compute in the dtype training computes in: the 4-bit weights are dequantized to it per matmul.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float32)
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
+               modules_to_save: list[str] | None = None, init: str = "default"):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError("use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'") from None
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
+                                            use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
+                                            init_lora_weights=True if init == "default" else init))
+
+
+def converts_base(config: SFTConfig) -> bool:
+    """PiSSA and OLoRA move part of each base weight into the adapter's initial value (the base
+    keeps the residual), so their adapter applies to that residual, not to the model users have."""
+    return config.use_peft and config.lora_init.startswith(("pissa", "olora"))
+
+
+def save_initial_adapter(model, output_dir: str) -> str:
+    """The adapter as initialised, marked as a plain (zero-effect) LoRA: what PEFT needs to turn the
+    trained adapter into one that applies to the original base weights (see export_final)."""
+    folder = os.path.join(output_dir, "lora-initial")
+    adapter = model.peft_config["default"]
+    init, adapter.init_lora_weights = adapter.init_lora_weights, True
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        adapter.init_lora_weights = init
+    return folder
 
 
 def setup_optimizer(model, *, learning_rate: float, weight_decay: float, betas: tuple[float, float], eps: float):
@@ -210,10 +266,11 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
                         fix="raise max_length, use truncation=right, or check which tokens are supervised with `sftlab inspect`")
 
     if model is None:
-        lora = dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                    target_modules=config.lora_target_modules) if config.use_peft else None
         model = setup_model(model_path, attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
-                            gradient_checkpointing=config.gradient_checkpointing, lora=lora)
+                            gradient_checkpointing=config.gradient_checkpointing, lora=lora_settings(config),
+                            quantization=quantization_settings(config))
+        if converts_base(config) and processes.is_main:
+            save_initial_adapter(model, config.output_dir)
     model.train()
 
     plan = StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
@@ -463,7 +520,12 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
     tmp = os.path.join(config.output_dir, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        initial = os.path.join(config.output_dir, "lora-initial")
+        if converts_base(config) and os.path.isdir(initial):
+            # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model users have.
+            model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
             yaml.safe_dump(config.model_dump(), handle, sort_keys=False)
