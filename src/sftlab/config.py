@@ -143,6 +143,7 @@ class SFTConfig(BaseModel):
     # --- precision and memory ----------------------------------------------------------------
     bf16: bool = Field(False, description="bfloat16 autocast with fp32 master weights; with fsdp, FSDP2's policy: bf16 weights in compute, gradients reduced in fp32. Slow on CPUs without native bf16. `accelerate launch --mixed_precision bf16` turns it on too.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    torch_compile: bool = Field(False, description="Compile each decoder layer of the trunk with torch.compile (inductor; one graph serves every layer, and works under fsdp). The first steps pay the compilation (minutes on a small CPU), and a new sequence length may recompile once; see docs/benchmarks.md for when it pays.")
 
     # --- sharding ----------------------------------------------------------------------------
     fsdp: bool = Field(False, description="Shard weights, gradients and optimizer state over the processes (FSDP2: fully_shard per decoder layer and the root); checkpoints are sharded and resume on any number of processes.")

@@ -123,6 +123,17 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_
                                             init_lora_weights=True if init == "default" else init))
 
 
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (as torchtitan does), before FSDP wraps them.
+    Per layer rather than the whole trunk: the trunk's mask building and cache logic break
+    graphs, a layer does not, and layers of one class share one compiled graph. The embedding,
+    final norm and the sparse head stay eager (the head is already one matmul per chunk)."""
+    layers = sharding.decoder_layers(model, purpose="torch_compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def converts_base(config: SFTConfig) -> bool:
     """PiSSA and OLoRA move part of each base weight into the adapter's initial value (the base
     keeps the residual), so their adapter applies to that residual, not to the model users have."""
@@ -286,6 +297,9 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     mode, why = choose_loss_mode(model, first, config.loss_implementation)
     reporter.line(f"loss: {mode} ({why})" + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
     loss_module = SupervisedLoss(model, mode, config.loss_type, config.neftune_noise_alpha)
+    if config.torch_compile:
+        layers = compile_layers(model)
+        reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
     if config.fsdp:
         wrapper = sharding.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
                                        cpu_offload=config.fsdp_cpu_offload, bf16=bf16)

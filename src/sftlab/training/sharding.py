@@ -134,7 +134,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module, purpose: str = "fsdp") -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: the modules whose class the model names in
     `_no_split_modules` (transformers' list of blocks that must not be split across devices)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -142,8 +142,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     # By the classes a module derives from: fully_shard gives a sharded layer a subclass of its own.
     layers = [m for m in base.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
-        raise ConfigError("fsdp: true needs a model whose decoder layers are known (transformers' _no_split_modules)",
-                          field="fsdp", found=f"{type(base).__name__} names none", fix="train this model without fsdp")
+        raise ConfigError(f"{purpose}: true needs a model whose decoder layers are known (transformers' _no_split_modules)",
+                          field=purpose, found=f"{type(base).__name__} names none", fix=f"train this model without {purpose}")
     return layers
 
 
