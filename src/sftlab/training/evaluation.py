@@ -252,7 +252,7 @@ class GenerationEval:
                     "prompt": self.tokenizer.decode(prompt.input_ids, skip_special_tokens=False),
                     "prediction": s.prediction, "reference": prompt.reference,
                     **{metric_key(name)[len("eval_generate_"):]: score for (name, _), score in zip(self.metrics, s.scores)},
-                    "stopped": s.stopped,
+                    "stopped": s.stopped, "new_tokens": s.new_tokens,
                 }, ensure_ascii=False) + "\n")
 
 
