@@ -92,6 +92,9 @@ def test_metric_names_are_checked_by_the_config_without_importing(tmp_path, monk
         make_config({"model": "m", "train_data": "t", "eval_generate_metrics": ["a:exact_match", "exact_match"]})
     assert error.value.field == "eval_generate_metrics[1]" and "eval_generate_exact_match" in error.value.found
     with pytest.raises(ConfigError) as error:
+        make_config({"model": "m", "train_data": "t", "eval_generate_metrics": ["mine:seconds"]})
+    assert error.value.field == "eval_generate_metrics[0]" and "eval_generate_seconds" in error.value.found
+    with pytest.raises(ConfigError) as error:
         make_config({"model": "m", "train_data": "t", "eval_generate_samples": 4, "eval_generate_metrics": []})
     assert error.value.field == "eval_generate_metrics"
     # a module:function is only a name to the config: a module that fails on import is not imported
@@ -367,6 +370,17 @@ def test_sftlab_train_logs_generation_scores_at_the_eval_steps_writes_pairs_and_
     assert png_height(plot_metrics(run)) == 800
     assert main(["train", str(config_path), f"output_dir={tmp_path / 'off'}", "eval_generate_samples=0"]) == 0
     assert png_height(plot_metrics(str(tmp_path / "off"))) == 600 and not os.path.exists(tmp_path / "off" / "generations.jsonl")
+
+
+def test_a_resumed_run_keeps_the_pairs_up_to_its_checkpoint(tmp_path):
+    from sftlab.training.evaluation import _start_samples
+
+    path = tmp_path / "generations.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "prediction": str(step)}) + "\n" for step in (2, 4, 6)))
+    _start_samples(str(path), append=True, resumed_at=4)  # the killed run wrote step 6 after its checkpoint at 4
+    assert [json.loads(line)["step"] for line in open(path)] == [2, 4]
+    _start_samples(str(path), append=False, resumed_at=0)  # a fresh run starts a fresh file
+    assert path.read_text() == ""
 
 
 def png_height(path: str) -> int:

@@ -87,6 +87,9 @@ def check_metric_names(names: list[str]) -> list[str]:
                                   "(score(prediction, reference) -> float in my_metrics.py)")
     keys = [metric_key(name) for name in names]
     for position, key in enumerate(keys):
+        if key in COUNT_KEYS:
+            raise ConfigError("a generation metric would be logged under the name of a count", field=f"eval_generate_metrics[{position}]",
+                              found=f"{names[position]!r} logs {key}", fix="rename the function")
         if key in keys[:position]:
             raise ConfigError("two generation metrics would be logged under one name", field=f"eval_generate_metrics[{position}]",
                               found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
