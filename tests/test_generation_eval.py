@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from sftlab import train
 from sftlab.cli import main
 from sftlab.config import make_config
-from sftlab.data.chat import CHATML, ChatRenderer
+from sftlab.data.chat import CHATML
 from sftlab.data.examples import IGNORE, TargetSettings
 from sftlab.data.prepare import prepare_examples
 from sftlab.data.prompts import generation_prompts
@@ -401,6 +400,22 @@ def test_python_api_with_datasets_passed_in_and_a_model_that_does_not_learn(mode
                    optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
     scores = [(r["step"], r["eval_generate_exact_match"]) for r in result.history if r.get("type") == "eval"]
     assert scores == [(2, 0.5), (4, 0.5)]
+
+
+def test_lora_with_dropout_answers_at_the_last_evaluation_as_the_exported_model_does(model_dir, tmp_path):
+    # LoRA dropout 0.5 would change the replies if it acted during generation; the last evaluation
+    # runs on the final weights, so its replies are those of final/ loaded for inference (merged).
+    from sftlab.generate import generate_batch, load_for_generation
+
+    values = run_config(model_dir, tmp_path, use_peft=True, lora_r=4, lora_dropout=0.5, lora_target_modules=["q_proj", "v_proj"],
+                        learning_rate=1e-2)
+    result = train(make_config(values))
+    last = [json.loads(line) for line in open(os.path.join(values["output_dir"], "generations.jsonl"))][-5:]
+    model, tokenizer = load_for_generation(result.final_dir)
+    prompts = generation_prompts(values["eval_data"], tokenizer, limit=5)
+    replies = generate_batch(model, [p.input_ids for p in prompts.prompts], stop_ids=prompts.stop_token_ids, pad_id=0, max_new_tokens=8)
+    assert [p["prediction"] for p in last] == [tokenizer.decode(r.token_ids, skip_special_tokens=True).strip() for r in replies]
+    assert [p["step"] for p in last] == [4] * 5
 
 
 # --- several processes ------------------------------------------------------------------------

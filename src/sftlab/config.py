@@ -189,6 +189,13 @@ class SFTConfig(BaseModel):
                                   found=f"text_field {text_field!r} and fields.text {fields['text']!r}", fix="give one of them")
         return self
 
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (derive from epochs) or a positive number of steps")
+        return value
+
     @field_validator("eval_generate_metrics")
     @classmethod
     def _generation_metrics(cls, value: list[str]) -> list[str]:
@@ -202,13 +209,6 @@ class SFTConfig(BaseModel):
             raise ConfigError("eval_generate_samples is set but no metric scores the replies", field="eval_generate_metrics",
                               found="[]", fix="e.g. eval_generate_metrics: [exact_match], or eval_generate_samples: 0")
         return self
-
-    @field_validator("max_steps")
-    @classmethod
-    def _max_steps(cls, value: int) -> int:
-        if value == 0 or value < -1:
-            raise ValueError("must be -1 (derive from epochs) or a positive number of steps")
-        return value
 
 
 def field_help() -> list[tuple[str, str, str, str]]:
