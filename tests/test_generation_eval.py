@@ -228,7 +228,7 @@ def test_records_without_a_prompt_reply_pair_are_counted_by_reason():
         {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "r2"}]},
     ]
     prompts = generation_prompts(records, tokenizer, TargetSettings(max_length=40), limit=10, skip_invalid_records=True)
-    assert [p.record_index for p in prompts.prompts] == [0, 4] and prompts.records_read == 5
+    assert [p.record_index for p in prompts.prompts] == [0, 4] and prompts.records_read == 5 and prompts.usable == 2
     assert dict(prompts.unusable) == {
         "last assistant turn has no text (tool calls only)": 1,
         "prompt of max_length=40 tokens or more": 1,
@@ -237,6 +237,19 @@ def test_records_without_a_prompt_reply_pair_are_counted_by_reason():
     # reading stops at the limit: the same first prompts at every evaluation
     assert [p.record_index for p in generation_prompts(records, tokenizer, TargetSettings(max_length=40), limit=1,
                                                        skip_invalid_records=True).prompts] == [0]
+
+
+def test_the_sources_of_an_eval_mixture_take_turns_each_with_its_own_field_map(tmp_path):
+    tokenizer = char_tokenizer(chat_template=CHATML)
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
+    talks = write_jsonl(tmp_path / "c.jsonl", chats(2))
+    config = make_config({"model": "m", "train_data": "t", "eval_generate_samples": 4, "eval_data": [
+        {"path": questions, "name": "qa", "fields": {"prompt": "question", "completion": "answer"}}, {"path": talks, "name": "chat"}]})
+    prompts = prepare_generation_prompts(config, tokenizer)
+    assert [(p.source, p.record_index, p.reference) for p in prompts.prompts] == [
+        ("qa", 0, "a0"), ("chat", 0, '{"v": 0}'), ("qa", 1, "a1"), ("chat", 1, '{"v": 1}')]
+    assert prompts.records_read == 5 and prompts.usable == 5
+    assert prompts.prompts[0].input_ids == tokenizer("q0", add_special_tokens=False)["input_ids"]
 
 
 def test_text_only_eval_data_is_a_config_error(tmp_path):
@@ -348,7 +361,7 @@ def test_sftlab_train_logs_generation_scores_at_the_eval_steps_writes_pairs_and_
     config_path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "eval_generate_metrics"}))
     assert main(["train", str(config_path), "eval_generate_metrics=[exact_match, json_exact_match, lengths:reply_length]"]) == 0
     out = capsys.readouterr().out
-    assert "eval generation: 5 prompts from the first 5 eval records" in out and "every record usable" in out
+    assert "eval generation: 5 prompts, the first of 5 usable in the first 5 eval records" in out and "every record usable" in out
     assert out.count("|  generated 5: exact_match") == 2
     run = values["output_dir"]
     records = generation_records(run)

@@ -46,7 +46,8 @@ class GenerationPrompt:
 @dataclass
 class GenerationPrompts:
     prompts: list[GenerationPrompt] = field(default_factory=list)
-    records_read: int = 0  # records looked at to find the prompts (reading stops at `limit`)
+    records_read: int = 0  # records looked at to find the prompts (reading stops at the chunk that reaches `limit`)
+    usable: int = 0  # of those, the records that give a prompt (the first `limit` of them are the prompts)
     unusable: Counter = field(default_factory=Counter)  # reason -> records that gave no prompt
     formats: Counter = field(default_factory=Counter)
     stop_token_ids: list[int] = field(default_factory=list)  # what ends a reply: EOS, the template's end of turn
@@ -109,9 +110,11 @@ def generation_prompts(
                 # Its example would keep no trained token (truncation cuts the reply): training never saw it either.
                 result.unusable[f"prompt of max_length={settings.max_length} tokens or more"] += 1
                 continue
-            result.prompts.append(GenerationPrompt(record.index, ids, reference, name))
-            if len(result.prompts) == limit:
-                break
+            result.usable += 1
+            if len(result.prompts) < limit:
+                result.prompts.append(GenerationPrompt(record.index, ids, reference, name))
+        # Whole chunks are counted, so `unusable` (which includes the validator's skips) and `usable`
+        # add up to `records_read`.
         if len(result.prompts) == limit:
             break
     for reason, count in validator.skipped.items():

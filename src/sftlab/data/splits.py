@@ -125,6 +125,7 @@ def prepare_generation_prompts(config: SFTConfig, tokenizer, source=None) -> Gen
         result = GenerationPrompts(stop_token_ids=sorted({i for part in parts for i in part.stop_token_ids}))
         for part in parts:
             result.records_read += part.records_read
+            result.usable += part.usable
             result.unusable.update(part.unusable)
             result.formats.update(part.formats)
         turns = max(len(part.prompts) for part in parts)

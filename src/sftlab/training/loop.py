@@ -357,11 +357,12 @@ def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes,
     metrics = evaluation.resolve_metrics(config.eval_generate_metrics)
     prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
     unusable = sum(prompts.unusable.values())
-    reporter.line(f"eval generation: {len(prompts.prompts)} prompts from the first {prompts.records_read} eval records, "
+    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
+                  f"{prompts.records_read} eval records, "
                   f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
                   + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
     reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
-                  "unusable": dict(prompts.unusable)})
+                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
     return evaluation.GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
                                      batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
                                      output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
