@@ -5,9 +5,11 @@
 
 1. what the model is trained on: the first example token by token, the dataset statistics;
 2. the held-out requests answered by the model as it ships (greedy decoding);
-3. training with examples/quickstart.yaml through `sftlab.training`;
+3. training with examples/quickstart.yaml through `sftlab.training`, which answers the same
+   requests at every evaluation (eval_generate_samples) and logs their exact match;
 4. the same requests answered by the fine-tuned model, side by side with the first answers;
-5. exact-match and per-field scores before and after, and the loss curve (loss.png).
+5. exact-match and per-field scores before and after, the exact-match curve over the steps of
+   training, and the curves (loss.png: loss, generation scores, learning rate).
 
 The held-out requests use names that never occur in the training data (examples/make_data.py),
 so the score after training measures what was learnt, not what was memorised.
@@ -102,6 +104,25 @@ def side_by_side(console, prompts: list[str], before: list[str], after: list[str
     console.print(table)
 
 
+def print_curve(console, evals: list[dict], before: float, requests: int) -> None:
+    """Exact match of the replies generated during training (the eval records), step by step."""
+    from rich.table import Table
+
+    table = Table(title=f"during training: the {evals[0]['eval_generate_samples']} held-out requests answered at each evaluation",
+                  title_justify="left")
+    for column in ("step", "eval loss", "exact match", "JSON exact match", "replies cut at max tokens", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row("0", "", f"{before:.0%}", "", "", "", style="dim")  # the model as it ships: section 2's answers
+    for r in evals:
+        table.add_row(str(r["step"]), f"{r['eval_loss']:.4f}", f"{r.get('eval_generate_exact_match', 0):.0%}",
+                      f"{r['eval_generate_json_exact_match']:.0%}" if "eval_generate_json_exact_match" in r else "",
+                      str(r["eval_generate_unfinished"]), f"{r['eval_generate_seconds']:.1f}")
+    console.print(table)
+    seconds = [r["eval_generate_seconds"] for r in evals]
+    console.print(f"cost: {sum(seconds) / len(seconds):.1f} s per evaluation by generation ({requests} requests, "
+                  f"{min(seconds):.1f}-{max(seconds):.1f} s), {sum(seconds):.0f} s in all")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fine-tune SmolLM2-135M-Instruct on the booking task and compare.")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
@@ -164,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     evals = [r for r in result.history if r.get("type") == "eval"]
     if evals:
         console.print(f"eval loss after {evals[-1]['step']} steps: {evals[-1]['eval_loss']:.4f}")
-    console.print(f"loss curve:   {plot_metrics(config.output_dir)}")
+    curve = [r for r in evals if "eval_generate_samples" in r]
+    if curve:
+        print_curve(console, curve, score_before["exact match"], len(prompts))
+    console.print(f"curves:       {plot_metrics(config.output_dir)} (loss, generation scores, learning rate)")
     instruction = prompts[0].split("\n", 1)[0]
     console.print(f"model:        {result.final_dir}, try:", soft_wrap=True)
     console.print(f"  sftlab generate {result.final_dir} --system '{system}' "
@@ -172,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"total {time.perf_counter() - started:.0f} s, of which training {train_seconds:.0f} s")
     with open(os.path.join(config.output_dir, "demo_results.json"), "w", encoding="utf-8") as handle:
         json.dump({"before": score_before, "after": score_after, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+                   "during_training": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")} for r in curve],
                    "replies": [{"prompt": p, "expected": e, "before": b, "after": a}
                                for p, e, b, a in zip(prompts, expected, before, after)]}, handle, indent=1)
 

@@ -169,6 +169,10 @@ class SFTConfig(BaseModel):
     output_dir: str = Field("outputs/run", description="Folder for metrics.jsonl, checkpoints/ and final/.")
     logging_steps: int = Field(10, gt=0, description="Log metrics every this many optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and at the end) when eval_data is set.")
+    eval_generate_samples: int = Field(0, ge=0, description="Evaluation by generation: at every evaluation, greedy-generate replies to the first this many eval prompts (a prompt/completion's prompt, a conversation up to its last assistant turn, rendered as served) and score them with eval_generate_metrics; 0: off.")
+    eval_generate_metrics: list[str] = Field(default_factory=lambda: ["exact_match"], description="Scores of the generated replies against the records' replies: exact_match, json_exact_match (parsed and compared as JSON values), contains (the reference appears in the reply), or module:function for your own function(prediction, reference) -> float (imported when training starts).")
+    eval_generate_max_new_tokens: int = Field(128, gt=0, description="Evaluation by generation: the longest reply in tokens; a reply stops earlier at the template's end-of-turn token (or EOS).")
+    eval_generate_log_samples: int = Field(4, ge=0, description="Evaluation by generation: prediction/reference pairs written to output_dir/generations.jsonl at every evaluation.")
     save_steps: int | None = Field(None, gt=0, description="Write a checkpoint every this many steps.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep only the newest this many checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir.")
@@ -232,6 +236,20 @@ class SFTConfig(BaseModel):
         if value == 0 or value < -1:
             raise ValueError("must be -1 (derive from epochs) or a positive number of steps")
         return value
+
+    @field_validator("eval_generate_metrics")
+    @classmethod
+    def _generation_metrics(cls, value: list[str]) -> list[str]:
+        from sftlab.training.evaluation import check_metric_names
+
+        return check_metric_names(value)
+
+    @model_validator(mode="after")
+    def _generation_eval(self) -> "SFTConfig":
+        if self.eval_generate_samples and not self.eval_generate_metrics:
+            raise ConfigError("eval_generate_samples is set but no metric scores the replies", field="eval_generate_metrics",
+                              found="[]", fix="e.g. eval_generate_metrics: [exact_match], or eval_generate_samples: 0")
+        return self
 
 
 def field_help() -> list[tuple[str, str, str, str]]:

@@ -3,6 +3,8 @@
     generate(model_dir, prompt)            -> the reply to one prompt (what `sftlab generate` prints)
     load_for_generation(model_dir)         -> (model, tokenizer), to answer many prompts
     generate_replies(model, tokenizer, prompts) -> one reply per prompt, in left-padded batches
+    generate_batch(model, prompt_ids, ...)      -> token-level replies to one batch (what training's
+                                                   evaluation by generation calls, training/evaluation.py)
 
 `model_dir` is anything `resolve_model_path` accepts (a folder, a .gguf file, a short name), or a
 LoRA adapter folder written by `sftlab train` with use_peft=true (its base model is loaded first).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import yaml
 
@@ -100,28 +103,50 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     Prompts are batched with left padding (the attention mask hides the pads and position ids
     follow it), which on a CPU is several times faster than one prompt at a time.
     """
-    import torch
-    from transformers import GenerationConfig
-
     template = template or resolve_chat_template(tokenizer, None)
     texts = render_prompts(tokenizer, template, prompts, system, template_kwargs)
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops or None,
-                              pad_token_id=pad, use_cache=True)
     replies: list[str] = []
-    device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row in output[:, width:].tolist():
-            # A finished row is filled up with pad tokens while the others go on: cut at the first stop.
-            end = next((i for i, token in enumerate(row) if token in stops), len(row))
-            replies.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        for reply in generate_batch(model, encoded, stop_ids=stops, pad_id=pad, max_new_tokens=max_new_tokens):
+            replies.append(tokenizer.decode(reply.token_ids, skip_special_tokens=True).strip())
+    return replies
+
+
+@dataclass
+class Reply:
+    token_ids: list[int]  # the generated tokens before the first stop token
+    stopped: bool  # a stop token ended it (False: max_new_tokens did)
+
+
+def generate_batch(model, prompt_ids: list[list[int]], *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                   synced_processes: bool = False) -> list[Reply]:
+    """Greedy continuations of token-id prompts in one left-padded batch, with the KV cache.
+
+    `synced_processes`: every process of a sharded (FSDP) model calls this together, and each
+    decoding step is a forward that all-gathers weights, so all must run the same number of
+    steps: transformers' synced_gpus keeps a process whose rows have all stopped running forwards
+    (one all-reduce per step says whether any process still has a row going)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids or None,
+                              pad_token_id=pad_id, use_cache=True)
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                synced_gpus=synced_processes)
+    replies = []
+    stops = set(stop_ids)
+    for row in output[:, width:].tolist():
+        # A finished row is filled up with pad tokens while the others go on: cut at the first stop.
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        replies.append(Reply(row[:end] if end is not None else row, end is not None))
     return replies
 
 

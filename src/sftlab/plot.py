@@ -1,5 +1,6 @@
 """Plot a run's curves from its metrics.jsonl: training and eval loss against the step (top),
-the learning rate against the step (bottom, sharing the step axis).
+the scores of the evaluation by generation when the run has one (exact match, ...: middle), the
+learning rate against the step (bottom, all sharing the step axis).
 
     sftlab plot outputs/run            -> outputs/run/loss.png
 
@@ -41,6 +42,18 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
+def generation_scores(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """eval_generate_<metric> -> [(step, score)] from the eval records (training/evaluation.py)."""
+    from sftlab.training.evaluation import COUNT_KEYS
+
+    scores: dict[str, list[tuple[int, float]]] = {}
+    for record in evals:
+        for key, value in record.items():
+            if key.startswith("eval_generate_") and key not in COUNT_KEYS and isinstance(value, (int, float)):
+                scores.setdefault(key, []).append((int(record["step"]), float(value)))
+    return scores
+
+
 def plot_metrics(output_dir: str, out: str | None = None) -> str:
     """Draw loss and learning rate from output_dir/metrics.jsonl into a PNG; returns its path
     (default output_dir/loss.png)."""
@@ -61,9 +74,23 @@ def plot_metrics(output_dir: str, out: str | None = None) -> str:
         raise PlotError("plotting needs matplotlib, which is not installed", fix="pip install 'sftlab[plot]'") from None
 
     out = out or os.path.join(output_dir, "loss.png")
-    figure, (loss_axis, lr_axis) = plt.subplots(
-        2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-    )
+    scores = generation_scores(evals)
+    if scores:
+        figure, (loss_axis, score_axis, lr_axis) = plt.subplots(
+            3, 1, sharex=True, figsize=(8, 8), gridspec_kw={"height_ratios": [3, 2, 1]}, constrained_layout=True
+        )
+        for key, points in scores.items():
+            score_axis.plot([s for s, _ in points], [v for _, v in points], marker="o", label=key[len("eval_generate_"):])
+        samples = max(r.get("eval_generate_samples", 0) for r in evals)
+        score_axis.set_ylabel(f"generated replies\n(score, {samples} prompts)")
+        if all(0 <= v <= 1 for points in scores.values() for _, v in points):  # rates: the whole 0-1 range, curves comparable
+            score_axis.set_ylim(-0.05, 1.05)
+        score_axis.grid(alpha=0.3)
+        score_axis.legend()
+    else:
+        figure, (loss_axis, lr_axis) = plt.subplots(
+            2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
+        )
     if train:
         loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss",
                        color="tab:blue", marker="." if len(train) <= 50 else None)

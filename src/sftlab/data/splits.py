@@ -10,6 +10,7 @@ from sftlab.config import DataSource, SFTConfig
 from sftlab.data.examples import Examples, TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
 from sftlab.data.prepare import default_cache_dir, prepare_examples
+from sftlab.data.prompts import GenerationPrompts, generation_prompts
 from sftlab.data.store import built_entry
 from sftlab.errors import ConfigError
 
@@ -104,3 +105,36 @@ def prepare_mixture(config: SFTConfig, tokenizer, sources: list[DataSource]) -> 
     if folder is not None:
         examples.stats["cache_entry"] = folder
     return examples
+
+
+def prepare_generation_prompts(config: SFTConfig, tokenizer, source=None) -> GenerationPrompts:
+    """The eval prompts that evaluation by generation answers (data/prompts.py): the first
+    eval_generate_samples of eval_data (or `source`), through the field maps and settings its
+    examples are made with; a mixture's sources take turns."""
+    source = source if source is not None else config.eval_data
+    if source is None:
+        raise ConfigError("eval_generate_samples is set but there is no eval data to take prompts from",
+                          field="eval_generate_samples", fix="set eval_data (or pass eval_dataset), or eval_generate_samples: 0")
+    settings, limit = target_settings(config), config.eval_generate_samples
+    common = dict(limit=limit, skip_invalid_records=config.skip_invalid_records)
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        parts = [generation_prompts(spec.path, tokenizer, settings, split=spec.split, text_field=spec.text_field or config.text_field,
+                                    fields=spec.fields if spec.fields is not None else config.fields,
+                                    alpaca_layout=spec.alpaca_layout or config.alpaca_layout, name=spec.name or spec.path, **common)
+                 for spec in source]
+        result = GenerationPrompts(stop_token_ids=sorted({i for part in parts for i in part.stop_token_ids}))
+        for part in parts:
+            result.records_read += part.records_read
+            result.usable += part.usable
+            result.unusable.update(part.unusable)
+            result.formats.update(part.formats)
+        turns = max(len(part.prompts) for part in parts)
+        result.prompts = [part.prompts[i] for i in range(turns) for part in parts if i < len(part.prompts)][:limit]
+    else:
+        result = generation_prompts(source, tokenizer, settings, split=config.eval_split, text_field=config.text_field,
+                                    fields=config.fields, alpaca_layout=config.alpaca_layout, **common)
+    if not result.prompts:
+        raise ConfigError("eval_generate_samples is set but no eval record has a prompt and a reply to compare with",
+                          field="eval_generate_samples", found=f"{result.records_read} records: {dict(result.unusable)}",
+                          fix="give eval_data as prompt/completion records or conversations, or set eval_generate_samples: 0")
+    return result

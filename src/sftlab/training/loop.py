@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import yaml
 
-from sftlab.training import batching, sharding
+from sftlab.training import batching, evaluation, sharding
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
-from sftlab.data.splits import prepare_split
+from sftlab.data.splits import prepare_generation_prompts, prepare_split
 from sftlab.errors import ConfigError, DataError, TrainingError
 from sftlab.data.examples import IGNORE, Examples
 from sftlab.training.loss import SupervisedLoss, choose_loss_mode
@@ -336,6 +336,10 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         else:
             reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
 
+    generation = None
+    if config.eval_generate_samples:
+        generation = setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, start_step)
+
     def checkpoint_at(done: int) -> str:
         state = {"epoch": done / plan.steps_per_epoch, "items_per_step": items_per_step, "processes": world}
         path = save_checkpoint(config.output_dir, done, model, optimizer, lr_scheduler, state, processes)
@@ -398,9 +402,13 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             reporter.finish()
             return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
         if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
+            evaluating = time.perf_counter()
             record = evaluate(sharding.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
+            if generation is not None:
+                record.update(generation.run(model, wrapper if config.fsdp else None, processes, autocast, step=done))
             record.update(type="eval", step=done)
             reporter.log(record)
+            window.started += time.perf_counter() - evaluating  # tokens/s measures training, not evaluation
         if config.save_steps and done % config.save_steps == 0 and done < steps:
             checkpoint_at(done)
     reporter.finish()
@@ -413,6 +421,24 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         reporter.line(f"saved {final_dir}")
     processes.barrier()
     return TrainResult(config.output_dir, final_dir, steps, reporter.history)
+
+
+def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
+    """Evaluation by generation (evaluation.py): the user's metric functions imported now, so a
+    wrong name stops the run before its first step, and the prompts built once."""
+    metrics = evaluation.resolve_metrics(config.eval_generate_metrics)
+    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
+    unusable = sum(prompts.unusable.values())
+    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
+                  f"{prompts.records_read} eval records, "
+                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
+                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
+    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
+                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
+    return evaluation.GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
+                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
+                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
+                                     resumed_at=start_step, write=processes.is_main)
 
 
 class Preemption:

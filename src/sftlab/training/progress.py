@@ -94,7 +94,7 @@ class Reporter:
                       f"{record['tokens_per_second']:.0f} tok/s  eta {eta:.0f}s", flush=True)
         elif record.get("type") == "eval":
             self.line(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                      f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}")
+                      f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}" + _generation_summary(record))
 
     def forget_after(self, step: int) -> None:
         """Drop logged steps after `step` from metrics.jsonl: a killed run logged them after its last
@@ -170,6 +170,18 @@ def _open_trackers(report_to, output_dir: str, run_config: dict, say) -> list:
     if missing:
         say(f"report_to: {missing} not installed, metrics go to metrics.jsonl only (pip install {' '.join(missing)})")
     return trackers
+
+
+def _generation_summary(record: dict) -> str:
+    """The scores of an evaluation by generation (training/evaluation.py), and what it cost."""
+    if "eval_generate_samples" not in record:
+        return ""
+    from sftlab.training.evaluation import COUNT_KEYS
+
+    scores = "  ".join(f"{key[len('eval_generate_'):]} {value:.3f}" for key, value in record.items()
+                       if key.startswith("eval_generate_") and key not in COUNT_KEYS)
+    return (f"  |  generated {record['eval_generate_samples']}: {scores}  ({record['eval_generate_unfinished']} hit max_new_tokens, "
+            f"{record['eval_generate_seconds']:.1f} s)")
 
 
 def _share(source: dict) -> str:
