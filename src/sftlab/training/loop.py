@@ -36,6 +36,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -563,7 +564,11 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
         initial = os.path.join(config.output_dir, "lora-initial")
         if converts_base(config) and os.path.isdir(initial):
             # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model users have.
-            model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+            # PEFT's conversion loads the initial adapter beside the trained one and then warns that
+            # PiSSA/OLoRA should be converted: the very thing it is doing.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
+                model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
         else:
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
