@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(scores(h W^T + b), t) over rows, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, weight_grad_in_place=False):
         wants = ctx.needs_input_grad if grad_enabled else (False,) * 3
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -110,6 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += dz.sum(0).float()
         ctx.weight_dtype = weight.dtype
+        ctx.weight = weight if weight_grad_in_place else None
         # Kept on ctx, not saved: backward scales them in place, so the vocab x hidden gradient
         # exists once, not twice (113 MB each for SmolLM2's head, 155 MB at a 151k vocabulary).
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -125,7 +126,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         gb = grad_bias.mul_(grad_loss).to(ctx.weight_dtype) if grad_bias is not None else None
-        return gh, gw, gb, None, None, None, None, None
+        if ctx.weight is not None and gw is not None:
+            # A tied weight: returned to autograd, this gradient and the embedding lookup's were
+            # summed out of place (head + lookup + their sum: three vocab x hidden buffers, 2 GB
+            # for Gemma 3's 262k x 640). Put in .grad here, the lookup's (sparse) gradient is then
+            # added into it in place by AccumulateGrad, which also fires the parameter's hooks
+            # once, with the full gradient. See SupervisedLoss.forward for when this is on.
+            weight = ctx.weight
+            if weight.grad is None:
+                weight.grad = gw
+            else:
+                weight.grad.add_(gw)
+            gw = None
+        ctx.weight = None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def _module_chunk(head, h, t, scale, softcap):
@@ -134,11 +148,14 @@ def _module_chunk(head, h, t, scale, softcap):
 
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-              softcap: float | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy, number of correct argmax predictions) over rows of `hidden`."""
+              softcap: float | None = None, rows: int | None = None, weight_grad_in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, number of correct argmax predictions) over rows of `hidden`.
+    weight_grad_in_place: put the head weight's gradient straight into its .grad (for a tied
+    leaf weight whose AccumulateGrad runs later in the same backward, see SupervisedLoss)."""
     rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
     if type(head) is nn.Linear:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled())
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled(),
+                                         weight_grad_in_place)
     loss = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     # At least one chunk, even with no rows: an all-masked micro-batch then still gives a loss
@@ -193,11 +210,26 @@ class SupervisedLoss(nn.Module):
         if self.mode == "dense":
             loss_sum, correct = dense_loss(self.model, input_ids, targets, attention_mask, position_ids)
             return {"loss_sum": loss_sum, "correct": correct, "count": count}
-        _, trunk, head = split_model(self.model)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        causal_lm, trunk, head = split_model(self.model)
+        embedding = causal_lm.get_input_embeddings()
+        # A tied head's gradient goes straight into .grad (see _LinearCrossEntropy.backward) and
+        # the lookup's gradient is made sparse (tokens x hidden rows instead of a zero-filled
+        # vocab x hidden tensor), so the tied weight's gradient exists once. Only in one plain
+        # process: DDP and FSDP own .grad themselves.
+        in_place = (torch.is_grad_enabled() and type(head) is nn.Linear and isinstance(embedding, nn.Embedding)
+                    and head.weight is embedding.weight and head.weight.is_leaf and head.weight.requires_grad
+                    and not torch.distributed.is_initialized() and not torch.compiler.is_compiling())
+        was_sparse = embedding.sparse if in_place else None
+        if in_place:
+            embedding.sparse = True
+        try:
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        finally:
+            if in_place:
+                embedding.sparse = was_sparse
         keep = targets != IGNORE
         rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
-        loss_sum, correct = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows)
+        loss_sum, correct = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, weight_grad_in_place=in_place)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
