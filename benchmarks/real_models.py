@@ -150,6 +150,9 @@ def child(spec: dict) -> None:
         supervised_per_s=sum(result["step_supervised"][spec["warmup"]:]) / sum(timed),
         peak_rss_mb=common.peak_rss_mb(), threads=torch.get_num_threads(),
     )
+    import sftlab
+
+    result["sftlab_from"] = os.path.dirname(sftlab.__file__)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -231,6 +234,8 @@ def main() -> None:
                         help="models, data and run outputs (kept between invocations)")
     parser.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for the 1-minute load average to fall below this")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
+    parser.add_argument("--sftlab-src", help="run sftlab from this source tree (e.g. an older commit from `git archive`) "
+                        "instead of the installed one: before/after figures")
     parser.add_argument("--json", help="also write the report (every run) to this file; runs are appended to JSON.runs.jsonl as they finish")
     args = parser.parse_args()
     if args.child:
@@ -241,6 +246,9 @@ def main() -> None:
     unknown = [c for c in configs if c not in SFTLAB_VARIANTS and c not in TRL_VARIANTS] + [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model or configuration: {unknown}")
+    if args.sftlab_src:  # children inherit the environment; PYTHONPATH comes before the installed package
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(os.path.abspath(args.sftlab_src), "src"),
+                                                                 os.environ.get("PYTHONPATH")]))
     os.makedirs(args.workdir, exist_ok=True)
     data_path = os.path.join(args.workdir, f"data-pc-{args.records}.jsonl")
     if not os.path.isfile(data_path):
