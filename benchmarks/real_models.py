@@ -39,11 +39,14 @@ Measured per run:
   end to end   wall seconds of the child process, from interpreter start to exit: imports, data
                preparation, model loading, every step, the final save (what a user waits for)
   s/step       median seconds of the steps after --warmup-steps (steady state)
+  CPU s        the child's CPU seconds (user + system, itself and its children), end to end and per
+               step: with --threads 1 what the run costs on a core of its own, steadier than wall
+               time on a shared machine (time the process waits for a core is not counted)
   sup tok/s    supervised target tokens of the timed steps / their seconds
   peak RSS     ru_maxrss of the child after training and saving
   load         the 1-minute load average after the run (the machine may be shared: read the
                figures next to it)
-Ratios: TRL / sftlab for time (>1: sftlab is faster), sftlab / TRL for peak RSS (<1: sftlab
+Ratios: TRL / sftlab for time (wall and CPU) (>1: sftlab is faster), sftlab / TRL for peak RSS (<1: sftlab
 needs less), against trl-tuned and trl-default.
 """
 
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -87,10 +91,30 @@ def child_sftlab(spec: dict) -> dict:
         per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
         seed=spec["seed"], shuffle=False, **SFTLAB_VARIANTS[spec["config"]],
     )
-    result = train(config)
+    marks = []
+
+    class MarkedScheduler:
+        """sftlab's own schedule (setup_scheduler, as train() builds it), marking the CPU clock at
+        every step: the scheduler steps once per optimizer step, whatever the optimizer options."""
+
+        def __init__(self, optimizer):
+            from sftlab.training.loop import setup_scheduler
+
+            self.inner = setup_scheduler(optimizer, config.lr_scheduler_type, config.max_steps,
+                                         math.ceil(config.warmup_ratio * config.max_steps))
+            marks.append(time.process_time())
+
+        def step(self):
+            self.inner.step()
+            marks.append(time.process_time())
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    result = train(config, lr_scheduler=lambda optimizer: MarkedScheduler(optimizer))  # a factory, not a scheduler
     steps = [r for r in result.history if r.get("type") == "train"]
     return {"step_seconds": [r["seconds"] for r in steps], "step_supervised": [r["supervised_tokens"] for r in steps],
-            "step_losses": [r["loss"] for r in steps]}
+            "step_losses": [r["loss"] for r in steps], "step_cpu_seconds": [b - a for a, b in zip(marks, marks[1:])]}
 
 
 def child_trl(spec: dict) -> dict:
@@ -113,10 +137,10 @@ def child_trl(spec: dict) -> dict:
             self.marks = []
 
         def on_train_begin(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
 
     clock = StepClock()
     trainer = SFTTrainer(model=spec["model_folder"], args=args, train_dataset=Dataset.from_list(records),
@@ -132,9 +156,10 @@ def child_trl(spec: dict) -> dict:
     trainer.data_collator = counting_collator
     trainer.train()
     trainer.save_model(os.path.join(spec["output_dir"], "final"))  # sftlab saves its final model too
-    seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    seconds = [b[0] - a[0] for a, b in zip(clock.marks, clock.marks[1:])]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"step_seconds": seconds, "step_supervised": supervised[: len(seconds)], "step_losses": losses,
+            "step_cpu_seconds": [b[1] - a[1] for a, b in zip(clock.marks, clock.marks[1:])],
             "gradient_checkpointing": args.gradient_checkpointing}
 
 
@@ -144,8 +169,14 @@ def child(spec: dict) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     result = (child_trl if spec["config"].startswith("trl") else child_sftlab)(spec)
+    import resource
+
     timed = result["step_seconds"][spec["warmup"]:]
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     result.update(
+        # CPU seconds: with one thread, what the run would take on a core of its own; on a shared
+        # machine much steadier than wall time (preempted time is not counted).
+        cpu_s=sum(u.ru_utime + u.ru_stime for u in usage), step_cpu_s=common.median(result["step_cpu_seconds"][spec["warmup"]:]),
         step_s=common.median(timed),
         supervised_per_s=sum(result["step_supervised"][spec["warmup"]:]) / sum(timed),
         peak_rss_mb=common.peak_rss_mb(), threads=torch.get_num_threads(),
@@ -190,13 +221,14 @@ def ratios(table: dict) -> dict:
         for theirs in (c for c in table if c.startswith("trl")):
             a, b = table[mine], table[theirs]
             out[f"{mine} vs {theirs}"] = {"end_to_end": b["end_to_end_s"] / a["end_to_end_s"], "step": b["step_s"] / a["step_s"],
+                                          "end_to_end_cpu": b["cpu_s"] / a["cpu_s"], "step_cpu": b["step_cpu_s"] / a["step_cpu_s"],
                                           "supervised_per_s": a["supervised_per_s"] / b["supervised_per_s"],
                                           "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
     return out
 
 
 def report(runs: list[dict], models: list[str], configs: list[str], args, quiet: dict) -> dict:
-    keys = ("end_to_end_s", "step_s", "supervised_per_s", "peak_rss_mb", "load_after")
+    keys = ("end_to_end_s", "cpu_s", "step_s", "step_cpu_s", "supervised_per_s", "peak_rss_mb", "load_after")
     tables = {m: {c: {k: common.median([r[k] for r in runs if r["model"] == m and r["config"] == c]) for k in keys}
                   for c in configs if any(r["model"] == m and r["config"] == c for r in runs)} for m in models}
     result = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items() if k != "child"}, "quiet": quiet,
@@ -207,12 +239,14 @@ def report(runs: list[dict], models: list[str], configs: list[str], args, quiet:
           f"max_length {args.max_length}, {args.steps} steps ({args.warmup_steps} not timed); median of {args.repeats}; "
           f"load average at start {quiet['load_at_start']:.2f}")
     for model, table in tables.items():
-        print(f"\n{model:<14}{'config':<26}{'end to end s':>13}{'s/step':>9}{'sup tok/s':>11}{'peak MB':>9}{'load':>6}")
+        print(f"\n{model:<14}{'config':<26}{'end to end s':>13}{'CPU s':>8}{'s/step':>9}{'CPU s/step':>11}{'sup tok/s':>11}"
+              f"{'peak MB':>9}{'load':>6}")
         for config, r in table.items():
-            print(f"{'':<14}{config:<26}{r['end_to_end_s']:>13.1f}{r['step_s']:>9.2f}{r['supervised_per_s']:>11.0f}"
-                  f"{r['peak_rss_mb']:>9.0f}{r['load_after']:>6.2f}")
+            print(f"{'':<14}{config:<26}{r['end_to_end_s']:>13.1f}{r['cpu_s']:>8.1f}{r['step_s']:>9.2f}{r['step_cpu_s']:>11.2f}"
+                  f"{r['supervised_per_s']:>11.0f}{r['peak_rss_mb']:>9.0f}{r['load_after']:>6.2f}")
         for pair, value in result["ratios"][model].items():
-            print(f"  {pair:<44} end to end x{value['end_to_end']:.2f}  step x{value['step']:.2f}  peak RSS x{value['peak_rss']:.2f}")
+            print(f"  {pair:<44} end to end x{value['end_to_end']:.2f} (CPU x{value['end_to_end_cpu']:.2f})  step x{value['step']:.2f} "
+                  f"(CPU x{value['step_cpu']:.2f})  peak RSS x{value['peak_rss']:.2f}")
         losses = {c: next(r["step_losses"][0] for r in runs if r["model"] == model and r["config"] == c) for c in table}
         print("  step-1 loss (same weights, same batch): " + ", ".join(f"{c} {v:.5f}" for c, v in losses.items()))
     return result
