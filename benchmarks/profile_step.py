@@ -15,10 +15,14 @@ times each phase with a wall clock:
   trunk fwd     the transformer (embedding lookup and decoder layers) up to the last hidden states
   head          the chunked LM head + cross-entropy, whose gradients are computed in this same pass
   backward      loss.backward(): the trunk's backward, the embedding lookup's gradient, the
-                accumulation of the tied weight's two gradients (split below with torch.profiler)
+                accumulation of the tied weight's two gradients (split below with torch.profiler);
+                --tied-grad summed times the tied weight's gradient as sftlab made it before
   clip          clip_grad_norm_ over every gradient
   optimizer     fused AdamW step
   zero_grad     set_to_none
+
+Each phase is timed on the wall clock and on the process's CPU clock (with --threads 1, the CPU
+seconds are what the phase costs on a core of its own; on a shared machine they are the steadier figure).
 
 Inside backward, torch.profiler (one step) separates the embedding's gradient
 (embedding_dense_backward / embedding_backward) and the gradient accumulation of the tied weight
@@ -52,6 +56,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--records", type=int, default=160)
+    parser.add_argument("--tied-grad", default="in-place", choices=("in-place", "summed"),
+                        help="a tied weight's gradient as sftlab makes it (head's into .grad, sparse lookup gradient added "
+                             "in place) or as before (both returned to autograd and summed)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"))
     parser.add_argument("--trace", help="also write a chrome trace of the last step here")
@@ -87,40 +94,54 @@ def main() -> None:
     pad = pad_token_id(tokenizer)
     loss_module = SupervisedLoss(model, "sparse")
     _, trunk, head = split_model(model)
+    embedding = model.get_input_embeddings()
+    # SupervisedLoss.forward's handling of a tied weight, by hand, so that the trunk and the head can be timed apart.
+    in_place = args.tied_grad == "in-place" and head.weight is embedding.weight
     optimizer = setup_optimizer(model, learning_rate=2e-5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    rows, backward_ops = [], None
+    rows, cpu_rows, backward_ops = [], [], None
     for step in range(args.steps):
-        clock = [time.perf_counter()]
+        clock, cpu = [], []
+
+        def tick():
+            clock.append(time.perf_counter())
+            cpu.append(time.process_time())
+
+        tick()
         batch = plan.collate(plan.micro_batches(step, 0)[0], pad, None)
-        clock.append(time.perf_counter())
+        tick()
         profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True) if step == args.steps - 1 else None
+        embedding.sparse = in_place
         hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-        clock.append(time.perf_counter())
+        embedding.sparse = False
+        tick()
         keep = batch["targets"] != IGNORE
-        loss_sum, _ = head_loss(head, hidden[keep], batch["targets"][keep], loss_module.scale, loss_module.softcap, loss_module.rows)
-        clock.append(time.perf_counter())
+        loss_sum, _ = head_loss(head, hidden[keep], batch["targets"][keep], loss_module.scale, loss_module.softcap, loss_module.rows,
+                                weight_grad_in_place=in_place)
+        tick()
         count = max(int(keep.sum()), 1)
         if profiler is not None:
             profiler.__enter__()
         (loss_sum / count).backward()
         if profiler is not None:
             profiler.__exit__(None, None, None)
-        clock.append(time.perf_counter())
+        tick()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        clock.append(time.perf_counter())
+        tick()
         optimizer.step()
-        clock.append(time.perf_counter())
+        tick()
         optimizer.zero_grad(set_to_none=True)
-        clock.append(time.perf_counter())
-        rows.append(dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:])))) | {"supervised": count, "loss": float(loss_sum) / count})
+        tick()
+        rows.append(dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:])))) | {"supervised": count, "loss": float(loss_sum.detach()) / count})
+        cpu_rows.append(dict(zip(PHASES, (b - a for a, b in zip(cpu, cpu[1:])))))
         print(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if k in PHASES), file=sys.stderr, flush=True)
         if profiler is not None:
             backward_ops = profiler
     timed = rows[args.warmup_steps:]
     median = {k: common.median([r[k] for r in timed]) for k in PHASES}
-    total = sum(median.values())
+    median_cpu = {k: common.median([r[k] for r in cpu_rows[args.warmup_steps:]]) for k in PHASES}
+    total, total_cpu = sum(median.values()), sum(median_cpu.values())
 
     # The backward's ops, from the profiler: the embedding gradient and the tied weight's accumulation apart.
     vocab_hidden = tuple(model.get_input_embeddings().weight.shape)
@@ -136,19 +157,19 @@ def main() -> None:
     if args.trace:
         backward_ops.export_chrome_trace(args.trace)
 
-    print(f"\n{args.model}: batch {args.batch_size}, max_length {args.max_length}, median of {len(timed)} steps; "
+    print(f"\n{args.model} (tied gradient: {args.tied_grad}): batch {args.batch_size}, max_length {args.max_length}, median of {len(timed)} steps; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak RSS {common.peak_rss_mb():.0f} MB; "
           f"load {common.loadavg():.2f}")
-    print(f"{'phase':<48}{'s':>7}{'%':>7}")
+    print(f"{'phase':<48}{'wall s':>7}{'%':>7}{'CPU s':>8}{'%':>7}")
     for k in PHASES:
-        print(f"{k:<48}{median[k]:>7.2f}{100 * median[k] / total:>6.1f}%")
+        print(f"{k:<48}{median[k]:>7.2f}{100 * median[k] / total:>6.1f}%{median_cpu[k]:>8.2f}{100 * median_cpu[k] / total_cpu:>6.1f}%")
         if k == "backward":
             for name, seconds in split.items():
                 print(f"  {name:<46}{seconds:>7.2f}{100 * seconds / backward_total * median[k] / total:>6.1f}%  (last step)")
-    print(f"{'step':<48}{total:>7.2f}")
+    print(f"{'step':<48}{total:>7.2f}{'':>7}{total_cpu:>8.2f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "args": vars(args), "median": median, "backward_split_last_step": split,
+            json.dump({"model": args.model, "args": vars(args), "median": median, "median_cpu": median_cpu, "cpu_steps": cpu_rows, "backward_split_last_step": split,
                        "steps": rows, "peak_rss_mb": common.peak_rss_mb(), "load": common.loadavg(),
                        "threads": torch.get_num_threads(), "machine": common.machine()}, handle, indent=1)
 
