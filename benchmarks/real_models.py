@@ -32,8 +32,9 @@ barrier waits for a preempted thread (one Gemma step took 136 s at load 6, see d
 
 Same data on both sides: --records prompt/completion pairs (common.prompt_completion_records,
 mixed lengths), read in file order (sftlab shuffle=false, TRL train_sampling_strategy="sequential"),
-batch --batch-size, max_length --max-length, --steps optimizer steps, fp32, the same learning
-rate schedule (linear, warmup 3%), completion-only loss.
+batch --batch-size, max_length --max-length, --steps optimizer steps, fp32, completion-only loss,
+the same step-1 loss (printed). Each side keeps its own default schedule (sftlab: cosine, 3% warmup;
+TRL: linear, no warmup), so later losses differ; the work per step does not.
 
 Measured per run:
   end to end   wall seconds of the child process, from interpreter start to exit: imports, data
