@@ -146,10 +146,13 @@ def main() -> None:
     # The backward's ops, from the profiler: the embedding gradient and the tied weight's accumulation apart.
     vocab_hidden = tuple(model.get_input_embeddings().weight.shape)
     split = {"embedding gradient": 0.0, "tied-weight accumulation (vocab x hidden add)": 0.0}
-    for event in backward_ops.key_averages(group_by_input_shape=True):
+    events = backward_ops.key_averages(group_by_input_shape=True)
+    for event in events:
         seconds = event.self_cpu_time_total / 1e6
-        if "embedding" in event.key and "backward" in event.key:
-            split["embedding gradient"] += seconds
+        if event.key in ("aten::embedding_backward", "aten::embedding_dense_backward", "aten::embedding_sparse_backward"):
+            # Inclusive time (its zero-fill and index_add are child ops), counted once, at the outermost op.
+            if event.key == "aten::embedding_backward" or not any(e.key == "aten::embedding_backward" for e in events):
+                split["embedding gradient"] += event.cpu_time_total / 1e6
         elif event.key in ("aten::add", "aten::add_") and any(tuple(s) == vocab_hidden for s in (event.input_shapes or []) if s):
             split["tied-weight accumulation (vocab x hidden add)"] += seconds
     backward_total = rows[-1]["backward"]
