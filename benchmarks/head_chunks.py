@@ -9,7 +9,7 @@ head_loss (forward, with its gradients computed in the same pass, then backward)
 random supervised rows, in one torch thread, for each rows-per-chunk value; the default is
 sftlab.training.loss.chunk_rows(vocab) (64M logits per chunk: 256 rows at 262k). Reported: the CPU
 seconds of one call (median of --repeats, after one warm-up), the logits buffer of one chunk, and
-that the loss and gradients equal those of the default chunking.
+the largest difference of the loss and gradients to those of the first chunking (rounding only).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     targets = torch.randint(0, args.vocab, (args.tokens,))
     reference = None
     print(f"vocab {args.vocab}, hidden {args.hidden}, {args.tokens} rows; default chunk {chunk_rows(args.vocab)} rows; torch {torch.__version__}")
-    print(f"{'rows/chunk':>10}{'chunks':>8}{'buffer MB':>11}{'CPU s':>8}{'same result':>13}")
+    print(f"{'rows/chunk':>10}{'chunks':>8}{'buffer MB':>11}{'CPU s':>8}{'max rel. difference to the first':>34}")
     for rows in [int(r) for r in args.rows_list.split(",")]:
         seconds = []
         for _ in range(args.repeats + 1):
@@ -49,11 +49,11 @@ def main() -> None:
             loss.backward()
             seconds.append(time.process_time() - started)
         result = (loss.detach(), head.weight.grad.clone(), hidden.grad.clone())
-        if reference is None or rows == chunk_rows(args.vocab):
-            reference = reference or result
-        same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(result, reference))
+        reference = result if reference is None else reference
+        # Relative to each tensor's largest value: other chunkings sum in another order.
+        difference = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(result, reference))
         median = sorted(seconds[1:])[len(seconds[1:]) // 2]
-        print(f"{rows:>10}{-(-args.tokens // rows):>8}{min(rows, args.tokens) * args.vocab * 4 / 2**20:>11.0f}{median:>8.2f}{str(same):>13}")
+        print(f"{rows:>10}{-(-args.tokens // rows):>8}{min(rows, args.tokens) * args.vocab * 4 / 2**20:>11.0f}{median:>8.2f}{difference:>34.1e}")
 
 
 if __name__ == "__main__":
