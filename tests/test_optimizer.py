@@ -107,3 +107,17 @@ def test_bf16_optimizer_states_train_like_fp32(tied_model_dir, tmp_path):
     bf16 = train_records(run(tied_model_dir, tmp_path / "bf16", optimizer_state_dtype="bfloat16"))
     assert bf16[0]["loss"] == fp32[0]["loss"]  # the first forward precedes any update
     assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], rel=2e-2)
+
+
+def test_bf16_states_stay_bf16_and_exact_through_a_state_dict():
+    weight = torch.nn.Parameter(torch.randn(64, 8))
+    optimizer = AdamWBF16States([weight], lr=1e-2)
+    weight.grad = torch.randn(64, 8)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    restored = AdamWBF16States([weight], lr=1e-2)
+    restored.load_state_dict(saved)  # torch alone would cast the moments to the weight's fp32
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert restored.state[weight][key].dtype == torch.bfloat16
+        assert torch.equal(restored.state[weight][key], optimizer.state[weight][key])
+    assert int(restored.state[weight]["step"]) == 1

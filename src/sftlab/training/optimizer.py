@@ -42,6 +42,14 @@ class AdamWBF16States(torch.optim.Optimizer):
         # Its own generator: the rounding noise does not shift the training's random stream.
         self.generator = torch.Generator().manual_seed(seed)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype (fp32): back to bf16, exactly (bf16 -> fp32 -> bf16).
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
