@@ -2,7 +2,9 @@
 
 Run (from the repository root, in the benchmark venv, see benchmarks/README.md):
 
-    /work/benchvenv/bin/python benchmarks/real_models.py                          # both models, ~20 min on 2 cores
+    /work/benchvenv/bin/python benchmarks/real_models.py                          # both models: ~20 min on a quiet 2-core machine (+~4 min once, converting the GGUFs)
+    /work/benchvenv/bin/python benchmarks/real_models.py --batch-size 8 --max-length 512 --steps 5 --threads 0 \\
+        --configs sftlab,trl-tuned,trl-default                                    # the size (~1 h here)
     /work/benchvenv/bin/python benchmarks/real_models.py --models gemma3-270m --repeats 1   # one model, once
     /work/benchvenv/bin/python benchmarks/real_models.py --models gemma3-270m \\
         --configs sftlab,sftlab-bf16-states,sftlab-step-in-backward,sftlab-ckpt   # sftlab's opt-in memory savers
@@ -26,8 +28,8 @@ TRL alternate, the order flips every repeat; the median of --repeats is reported
   sftlab-step-in-backward  sftlab + optimizer_in_backward=true, max_grad_norm=null (opt-in memory saver)
   sftlab-savers        all three savers together
 
---threads N sets torch's thread count in every run (0: torch's default, one per core). On a
-machine shared with other jobs use --threads 1: with 2 threads on 2 busy cores every OpenMP
+--threads N sets torch's thread count in every run (default 1; 0: torch's default, one per core).
+On a machine shared with other jobs keep 1: with 2 threads on 2 busy cores every OpenMP
 barrier waits for a preempted thread (one Gemma step took 136 s at load 6, see docs/benchmarks.md).
 
 Same data on both sides: --records prompt/completion pairs (common.prompt_completion_records,
@@ -67,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 MODELS = ("gemma3-270m", "smollm2")
-CONFIGS = ("sftlab", "trl-tuned", "trl-default")
+CONFIGS = ("sftlab", "trl-tuned")  # trl-default (checkpointing: ~2x TRL tuned's time) with --configs
 # sftlab's opt-in settings per extra configuration (config overrides, and the torch thread count).
 SFTLAB_VARIANTS = {
     "sftlab": {},
@@ -260,11 +262,11 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {tuple(SFTLAB_VARIANTS) + tuple(TRL_VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every configuration; the median is reported")
     parser.add_argument("--records", type=int, default=160, help="prompt/completion records in the generated dataset")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps not in s/step and tok/s")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (0: torch's default, one per core)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
                         help="models, data and run outputs (kept between invocations)")
     parser.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for the 1-minute load average to fall below this")
