@@ -121,7 +121,6 @@ def child_sftlab(spec: dict) -> dict:
 
 
 def child_trl(spec: dict) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
