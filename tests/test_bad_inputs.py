@@ -18,7 +18,6 @@ import sys
 from collections import Counter
 
 import pytest
-import torch
 import yaml
 
 from sftlab.data.chat import CHATML

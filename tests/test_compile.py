@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch._dynamo
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, train
@@ -19,8 +20,6 @@ RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion"
 
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager(tmp_path):
-    import torch._dynamo
-
     model_dir = save_tiny_llama(str(tmp_path / "model"), char_tokenizer())
 
     def run(name, **overrides):

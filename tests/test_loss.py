@@ -340,3 +340,72 @@ def loss_and_grads_typed(model, mode: str, batch: dict, loss_type: str):
 def test_an_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
         head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS), loss_type="focal")
+# --- a tied head's gradient: one buffer, added in place -------------------------------------------
+
+
+def reference_tied_grad(model, batches):
+    """The tied weight's gradient the way autograd summed it before: the head's gradient returned
+    to autograd, a dense embedding gradient, added out of place."""
+    causal_lm, trunk, head = split_model(model)
+    module = SupervisedLoss(model, "sparse")
+    model.zero_grad(set_to_none=True)
+    for b in batches:
+        hidden = trunk(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        keep = b["targets"] != IGNORE
+        loss, _, _ = head_loss(head, hidden[keep], b["targets"][keep], module.scale, module.softcap, module.rows)
+        (loss / 7.0).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+class BigAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that produce a tensor of at least `numel` elements, and whether in place."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and not o.is_sparse and o.numel() >= self.numel:
+                self.ops.append((str(func.overloadpacket), any(o is a for a in args)))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_tied_head_gradient_lands_in_place_and_equals_the_summed_one(arch):
+    vocab = 2048  # vocab x hidden (131k values) is larger than any activation of this batch
+    model = tiny_model(arch, vocab, tie=True, **({"final_logit_softcapping": 0.2} if arch == "gemma2" else {}))
+    batches = [make_batch(vocab, seed=0), make_batch(vocab, seed=1)]
+    expected = reference_tied_grad(model, batches)
+
+    module = SupervisedLoss(model, "sparse")
+    embedding = model.get_input_embeddings()
+    log = BigAllocations(vocab * 64)
+    for b in batches:  # two micro-batches: the second adds into the .grad the first left
+        out = module(**b)
+        assert embedding.sparse is False  # sparse only while the trunk runs
+        with log:
+            (out["loss_sum"] / 7.0).backward()
+    weight = embedding.weight
+    assert weight.grad.layout == torch.strided
+    # Backward makes no new vocab x hidden tensor: no dense embedding gradient, no out-of-place sum.
+    assert [op for op, in_place in log.ops if not in_place] == []
+    assert ("aten.embedding_dense_backward", False) not in log.ops
+    # Equal up to fp32 summation order (the lookup's rows are added one by one, not pre-summed).
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_untied_head_and_no_grad_keep_the_plain_path(batch):
+    model = tiny_model("llama", VOCAB, tie=False)
+    out = SupervisedLoss(model, "sparse")(**batch)
+    out["loss_sum"].backward()
+    assert model.get_input_embeddings().weight.grad.layout == torch.strided  # the lookup's own dense gradient
+    assert model.lm_head.weight.grad is not None
+    with torch.no_grad():
+        tied = tiny_model("llama", VOCAB, tie=True)
+        SupervisedLoss(tied, "sparse")(**batch)
+        assert tied.get_input_embeddings().weight.grad is None

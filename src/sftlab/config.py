@@ -144,6 +144,8 @@ class SFTConfig(BaseModel):
     bf16: bool = Field(False, description="bfloat16 autocast with fp32 master weights; with fsdp, FSDP2's policy: bf16 weights in compute, gradients reduced in fp32. Slow on CPUs without native bf16. `accelerate launch --mixed_precision bf16` turns it on too.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     torch_compile: bool = Field(False, description="Compile each decoder layer of the trunk with torch.compile (inductor; one graph serves every layer, and works under fsdp). The first steps pay the compilation (minutes on a small CPU), and a new sequence length may recompile once; see docs/benchmarks.md for when it pays.")
+    optimizer_state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="AdamW's two moment estimates in bfloat16 (stochastically rounded): 12 instead of 16 bytes per trained parameter, a slower optimizer step, updates within bf16 rounding noise of fp32's.")
+    optimizer_in_backward: bool = Field(False, description="Update each parameter as soon as its gradient is complete in backward and free that gradient, so the model's whole gradient never exists at once. The same updates; needs gradient_accumulation_steps: 1, max_grad_norm: null and one process.")
 
     # --- sharding ----------------------------------------------------------------------------
     fsdp: bool = Field(False, description="Shard weights, gradients and optimizer state over the processes (FSDP2: fully_shard per decoder layer and the root); checkpoints are sharded and resume on any number of processes.")

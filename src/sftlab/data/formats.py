@@ -102,7 +102,7 @@ def detect_format(record: dict, text_field: str = "text") -> str:
         field=",".join(fields) or "(no fields)",
         found=f"fields {fields}",
         expected=f"'{text_field}', 'prompt'+'completion', 'messages', 'conversations' or 'input_ids'",
-        fix=f"rename the fields, or set text_field if your text lives under another name",
+        fix="rename the fields, or set text_field if your text lives under another name",
     )
 
 

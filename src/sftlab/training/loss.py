@@ -71,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(scores(h W^T + b), t) over rows, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, dft=False):
+    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, dft=False, weight_grad_in_place=False):
         wants = ctx.needs_input_grad if grad_enabled else (False,) * 3
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -128,6 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += dz.sum(0).float()
         ctx.weight_dtype = weight.dtype
+        ctx.weight = weight if weight_grad_in_place else None
         # Kept on ctx, not saved: backward scales them in place, so the vocab x hidden gradient
         # exists once, not twice (113 MB each for SmolLM2's head, 155 MB at a 151k vocabulary).
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -143,7 +144,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         gb = grad_bias.mul_(grad_loss).to(ctx.weight_dtype) if grad_bias is not None else None
-        return gh, gw, gb, None, None, None, None, None, None
+        if ctx.weight is not None and gw is not None:
+            # A tied weight: returned to autograd, this gradient and the embedding lookup's were
+            # summed out of place (head + lookup + their sum: three vocab x hidden buffers, 2 GB
+            # for Gemma 3's 262k x 640). Put in .grad here, the lookup's (sparse) gradient is then
+            # added into it in place by AccumulateGrad, which also fires the parameter's hooks
+            # once, with the full gradient. See SupervisedLoss.forward for when this is on.
+            weight = ctx.weight
+            if weight.grad is None:
+                weight.grad = gw
+            else:
+                weight.grad.add_(gw)
+            gw = None
+        ctx.weight = None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def token_losses(scores: torch.Tensor, targets: torch.Tensor, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,15 +175,17 @@ def _module_chunk(head, h, t, scale, softcap, loss_type):
 
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-              softcap: float | None = None, rows: int | None = None, loss_type: str = "nll"):
+              softcap: float | None = None, rows: int | None = None, loss_type: str = "nll", weight_grad_in_place: bool = False):
     """(sum of the loss, number of correct argmax predictions, sum of cross-entropy) over rows of
-    `hidden`; the first and the last are the same number for loss_type 'nll'."""
+    `hidden`; the first and the last are the same number for loss_type 'nll'.
+    weight_grad_in_place: put the head weight's gradient straight into its .grad (for a tied
+    leaf weight whose AccumulateGrad runs later in the same backward, see SupervisedLoss)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
     rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
     if type(head) is nn.Linear:
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled(),
-                                         loss_type == "dft")
+                                         loss_type == "dft", weight_grad_in_place)
     loss = hidden.new_zeros((), dtype=torch.float32)
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -228,22 +244,42 @@ class SupervisedLoss(nn.Module):
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
         count = (targets != IGNORE).sum()
-        # The model embeds the ids itself unless NEFTune has to add noise to the embeddings first.
-        inputs = {"input_ids": input_ids}
-        if self.training and self.neftune_alpha:
-            embeds = self.model.get_input_embeddings()(input_ids)
-            scale = neftune_scale(self.neftune_alpha, embeds.shape[-1], tuple(input_ids.shape), attention_mask, position_ids)
-            inputs = {"inputs_embeds": embeds + neftune_noise(embeds, scale)}
         if self.mode == "dense":
+            inputs = self._inputs(input_ids, attention_mask, position_ids)
             loss_sum, correct, nll_sum = dense_loss(self.model, targets=targets, attention_mask=attention_mask, position_ids=position_ids,
                                                     loss_type=self.loss_type, **inputs)
             return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
-        _, trunk, head = split_model(self.model)
-        hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        causal_lm, trunk, head = split_model(self.model)
+        embedding = causal_lm.get_input_embeddings()
+        # A tied head's gradient goes straight into .grad (see _LinearCrossEntropy.backward) and
+        # the lookup's gradient is made sparse (tokens x hidden rows instead of a zero-filled
+        # vocab x hidden tensor), so the tied weight's gradient exists once. Only in one plain
+        # process: DDP and FSDP own .grad themselves.
+        in_place = (torch.is_grad_enabled() and type(head) is nn.Linear and isinstance(embedding, nn.Embedding)
+                    and head.weight is embedding.weight and head.weight.is_leaf and head.weight.requires_grad
+                    and not torch.distributed.is_initialized() and not torch.compiler.is_compiling())
+        was_sparse = embedding.sparse if in_place else None
+        if in_place:
+            embedding.sparse = True
+        try:
+            inputs = self._inputs(input_ids, attention_mask, position_ids)
+            hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        finally:
+            if in_place:
+                embedding.sparse = was_sparse
         keep = targets != IGNORE
         rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
-        loss_sum, correct, nll_sum = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, self.loss_type)
+        loss_sum, correct, nll_sum = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, self.loss_type,
+                                               weight_grad_in_place=in_place)
         return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
+
+    def _inputs(self, input_ids, attention_mask, position_ids) -> dict:
+        """The model embeds the ids itself, unless NEFTune has to add noise to the embeddings first."""
+        if not (self.training and self.neftune_alpha):
+            return {"input_ids": input_ids}
+        embeds = self.model.get_input_embeddings()(input_ids)
+        scale = neftune_scale(self.neftune_alpha, embeds.shape[-1], tuple(input_ids.shape), attention_mask, position_ids)
+        return {"inputs_embeds": embeds + neftune_noise(embeds, scale)}
 
 
 def example_lengths(shape: tuple[int, int], attention_mask=None, position_ids=None) -> torch.Tensor:
