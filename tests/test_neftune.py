@@ -149,3 +149,19 @@ def test_training_with_neftune_end_to_end(tmp_path):
     assert noisy[0] != plain[0]  # the first step's loss is computed on noisy embeddings
     assert all(math.isfinite(x) for x in noisy + noisy_eval + again + again_eval)
     assert noisy == run("noisy-again", neftune_noise_alpha=5.0)[0]  # seeded: the same noise every run
+
+
+def test_a_tied_model_with_neftune_gets_the_dense_paths_gradients():
+    # The tied head's gradient goes into .grad in place and the lookup's is sparse (loss.py); the
+    # NEFTune lookup happens inside that window: gradients must still equal the dense path's.
+    model = tiny_model("llama", VOCAB, tie=True)
+    batch = pad_batch(make_examples(), [0, 1, 2], pad_id=0)
+    inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    grads = {}
+    for mode in ("sparse", "dense"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        SupervisedLoss(model, mode, neftune_alpha=5.0).train()(**inputs)["loss_sum"].backward()
+        grads[mode] = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
+    for name, dense in grads["dense"].items():
+        torch.testing.assert_close(grads["sparse"][name], dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()), msg=lambda m: f"{name}: {m}")
