@@ -26,7 +26,7 @@ from sftlab.errors import ConfigError, TrainingError
 from sftlab.generate import generate_replies
 from sftlab.plot import generation_scores, plot_metrics, read_metrics
 from sftlab.training.evaluation import GenerationEval, contains, exact_match, json_exact_match, resolve_metrics
-from sftlab.training.sharding import Processes
+from sftlab.training.distributed import Processes
 from tiny import char_tokenizer, special_id
 from tiny_models import tiny_model
 

@@ -25,7 +25,7 @@ Features and their trade-offs:
   master weights (with fsdp: bf16 compute copies, fp32 reduction; slow on CPUs without native
   bf16). LoRA through PEFT.
 
-Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see sharding.py.
+Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see parallelize.py.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 import yaml
 
-from sftlab.training import batching, evaluation, sharding
+from sftlab.training import batching, distributed, evaluation, parallelize
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
 from sftlab.data.splits import prepare_generation_prompts, prepare_split
@@ -130,7 +128,7 @@ def compile_layers(model) -> int:
     Per layer rather than the whole trunk: the trunk's mask building and cache logic break
     graphs, a layer does not, and layers of one class share one compiled graph. The embedding,
     final norm and the sparse head stay eager (the head is already one matmul per chunk)."""
-    layers = sharding.decoder_layers(model, purpose="torch_compile")
+    layers = parallelize.decoder_layers(model, purpose="torch_compile")
     for layer in layers:
         layer.compile()
     return len(layers)
@@ -239,10 +237,10 @@ def train(
     """Train as `config` says. `model`/`tokenizer` objects and any data source accepted by
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
-    bf16 = sharding.launcher_precision(config.bf16)
-    processes = sharding.start_processes(config.fsdp)
+    bf16 = distributed.launcher_precision(config.bf16)
+    processes = distributed.start_processes(config.fsdp)
     try:
-        with Preemption() as preemption:
+        with distributed.Preemption() as preemption:
             return _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler)
     finally:
         processes.close()
@@ -252,7 +250,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     if config.fsdp and config.use_peft and config.merge_lora:
         raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
                           field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
-    sharding.seed_everything(config.seed)
+    distributed.seed_everything(config.seed)
     _check_output_dir(config.output_dir, processes.is_main)
     reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
                         report_to=config.report_to, run_config=config.model_dump())
@@ -306,11 +304,11 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         layers = compile_layers(model)
         reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
     if config.fsdp:
-        wrapper = sharding.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
+        wrapper = parallelize.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
                                        cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
-        reporter.line(f"fsdp: {len(sharding.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
+        reporter.line(f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
     else:
-        wrapper = sharding.replicate_model(loss_module, processes)
+        wrapper = parallelize.replicate_model(loss_module, processes)
     # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
 
@@ -371,7 +369,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty, nll_sum; one device sync per step
         for j, batch in enumerate(batches):
             inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
-            with sharding.accumulating(wrapper, last=j == len(batches) - 1):
+            with parallelize.accumulating(wrapper, last=j == len(batches) - 1):
                 with autocast:
                     out = wrapper(**inputs)
                 (out["loss_sum"] / normalizer).backward()
@@ -382,7 +380,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         sums = processes.sum(torch.cat([torch.stack(parts).sum(0), torch.tensor([float(preemption.received)], dtype=torch.float64,
                                                                                  device=parts[0].device)]))
         sums, stop = sums[:6], bool(sums[6] > 0)
-        grad_norm = stepper.take_grad_norm() if stepper else sharding.clip_gradients(parameters, config.max_grad_norm)
+        grad_norm = stepper.take_grad_norm() if stepper else parallelize.clip_gradients(parameters, config.max_grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
             records = sorted({i for b in batches for i in b["record_index"]})
             if not config.skip_nonfinite_steps:
@@ -413,7 +411,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
         if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
             evaluating = time.perf_counter()
-            record = evaluate(sharding.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
+            record = evaluate(parallelize.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
             if generation is not None:
                 record.update(generation.run(model, wrapper if config.fsdp else None, processes, autocast, step=done))
             record.update(type="eval", step=done)
@@ -424,7 +422,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     reporter.finish()
 
     # Gathered on the main process when sharded (a collective: every process takes part).
-    state = sharding.full_state_dict(model, processes) if config.fsdp else None
+    state = parallelize.full_state_dict(model, processes) if config.fsdp else None
     final_dir = None
     if processes.is_main:
         final_dir = export_final(model, tokenizer, config, state)
@@ -464,34 +462,6 @@ def _check_optimizer_in_backward(config: SFTConfig, world: int) -> None:
             raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
                               found=str(getattr(config, name)) + (f" with {world} processes" if name == "fsdp" else ""),
                               fix=f"set {name} accordingly, or optimizer_in_backward: false")
-
-
-class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) set a flag
-    instead of killing the process: the loop finishes the optimizer step, writes a checkpoint and
-    returns, and `sftlab train` exits with EXIT_PREEMPTED. The previous handlers come back after."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received = False
-        self.name = None
-        self._previous = {}
-
-    def _handle(self, number, frame):
-        self.received = True
-        self.name = signal.Signals(number).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python installs handlers only there
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        return False
 
 
 class _Window:
