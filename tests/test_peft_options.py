@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from sftlab import ConfigError, SFTConfig, train
 from sftlab.cli import main as cli_main
-from sftlab.training.loop import quantization_settings
+from sftlab.training.setup import quantization_settings
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
 
