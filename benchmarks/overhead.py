@@ -71,7 +71,8 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from sftlab.data.examples import IGNORE
     from sftlab.training.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
-    from sftlab.training.loop import StepPlan, pad_token_id
+    from sftlab.training.batching import StepPlan
+    from sftlab.training.loop import pad_token_id
     from sftlab.training.distributed import seed_everything
 
     seed_everything(spec["seed"])  # as sftlab's train() does, before the model exists

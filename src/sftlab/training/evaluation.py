@@ -36,7 +36,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
+from sftlab.config import SFTConfig
+from sftlab.data.examples import Examples
+from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
+from sftlab.training import batching
 
 # Keys of the eval record that describe an evaluation by generation rather than score it (the
 # scores are eval_generate_<metric>); `sftlab plot` draws the others.
@@ -280,3 +286,47 @@ def _gathered(local: list[Scored], processes) -> list[Scored]:
     everyone: list[list[Scored] | None] = [None] * processes.world
     dist.all_gather_object(everyone, local)
     return [s for part in everyone for s in part]
+
+
+def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
+    """Evaluation by generation (py): the user's metric functions imported now, so a
+    wrong name stops the run before its first step, and the prompts built once."""
+    metrics = resolve_metrics(config.eval_generate_metrics)
+    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
+    unusable = sum(prompts.unusable.values())
+    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
+                  f"{prompts.records_read} eval records, "
+                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
+                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
+    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
+                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
+    return GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
+                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
+                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
+                                     resumed_at=start_step, write=processes.is_main)
+
+
+@torch.no_grad()
+def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
+    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy.
+    Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
+    was_training = loss_module.training
+    loss_module.eval()
+    order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    sums = torch.zeros(3, dtype=torch.float64)
+    # Every process runs the same number of forwards (a sharded model gathers weights in each);
+    # a process out of batches runs a fully masked one, which adds nothing.
+    for round_start in range(0, len(batches), processes.world):
+        index = round_start + processes.rank
+        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
+        inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
+        with autocast:
+            out = loss_module(**inputs)
+        sums += torch.tensor([float(out["nll_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
+    sums = processes.sum(sums)
+    loss_module.train(was_training)
+    loss_sum, count, correct = (float(x) for x in sums)
+    loss = loss_sum / count if count else 0.0
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count if count else 0.0,
+            "eval_supervised_tokens": int(count)}

@@ -31,26 +31,21 @@ Distributed: launch with torchrun (or `accelerate launch`, used as a launcher on
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import yaml
 
-from sftlab.training import batching, distributed, evaluation, parallelize, setup
+from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
-from sftlab.data.splits import prepare_generation_prompts, prepare_split
+from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError, TrainingError
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.examples import IGNORE
 from sftlab.training.loss import SupervisedLoss, choose_loss_mode
 from sftlab.training.optimizer import StepInBackward
 from sftlab.models import load_tokenizer, resolve_model_path
-from sftlab.training.progress import Reporter
+from sftlab.training.progress import MetricsWindow, Reporter
 
 
 @dataclass
@@ -63,40 +58,6 @@ class TrainResult:
 
 
 # --- setup ------------------------------------------------------------------------------------
-
-
-class StepPlan:
-    """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
-
-    def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
-        self.examples = examples
-        self.packing = packing
-        lengths = examples.lengths
-        if packing:
-            self.items = batching.best_fit_decreasing(lengths, max_length)
-            self.item_lengths = np.array([int(lengths[row].sum()) for row in self.items], dtype=np.int64)
-        else:
-            self.items = None
-            self.item_lengths = lengths
-        self.accumulation = accumulation
-        self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
-                           group_by_length=group_by_length and not packing, shuffle=shuffle)
-        self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
-        self._epoch, self._steps = None, None
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """This process's micro-batches (item indices) for optimizer step `step`."""
-        epoch = step // self.steps_per_epoch
-        if epoch != self._epoch:
-            self._epoch, self._steps = epoch, batching.plan_epoch(self.item_lengths, epoch=epoch, **self.kwargs)
-        slots = self._steps[step % self.steps_per_epoch]
-        return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
-
-    def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
-        if self.packing:
-            return batching.pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
-        return batching.pad_batch(self.examples, items, pad_id, pad_to_multiple_of)
 
 
 def total_steps(config: SFTConfig, steps_per_epoch: int) -> int:
@@ -143,7 +104,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
                           field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
     distributed.seed_everything(config.seed)
-    _check_output_dir(config.output_dir, processes.is_main)
+    export.check_output_dir(config.output_dir, processes.is_main)
     reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
                         report_to=config.report_to, run_config=config.model_dump())
     rank, world = processes.rank, processes.world
@@ -179,7 +140,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             setup.save_initial_adapter(model, config.output_dir)
     model.train()
 
-    plan = StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
+    plan = batching.StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
                     batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
                     world_size=world, seed=config.seed, group_by_length=config.group_by_length, shuffle=config.shuffle)
     steps = total_steps(config, plan.steps_per_epoch)
@@ -238,7 +199,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
 
     generation = None
     if config.eval_generate_samples:
-        generation = setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, start_step)
+        generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, start_step)
 
     def checkpoint_at(done: int) -> str:
         state = {"epoch": done / plan.steps_per_epoch, "items_per_step": items_per_step, "processes": world}
@@ -248,7 +209,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         return path
 
     reporter.start(total=steps, done=start_step)
-    window = _Window()
+    window = MetricsWindow()
     for step in range(start_step, steps):
         micro = plan.micro_batches(step, rank)
         batches = [plan.collate(items, pad_id, config.pad_to_multiple_of) for items in micro]
@@ -303,7 +264,7 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
         if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
             evaluating = time.perf_counter()
-            record = evaluate(parallelize.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
+            record = evaluation.evaluate(parallelize.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
             if generation is not None:
                 record.update(generation.run(model, wrapper if config.fsdp else None, processes, autocast, step=done))
             record.update(type="eval", step=done)
@@ -317,143 +278,12 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     state = parallelize.full_state_dict(model, processes) if config.fsdp else None
     final_dir = None
     if processes.is_main:
-        final_dir = export_final(model, tokenizer, config, state)
+        final_dir = export.export_final(model, tokenizer, config, state)
         reporter.line(f"saved {final_dir}")
     processes.barrier()
     return TrainResult(config.output_dir, final_dir, steps, reporter.history)
 
 
-def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
-    """Evaluation by generation (evaluation.py): the user's metric functions imported now, so a
-    wrong name stops the run before its first step, and the prompts built once."""
-    metrics = evaluation.resolve_metrics(config.eval_generate_metrics)
-    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
-    unusable = sum(prompts.unusable.values())
-    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
-                  f"{prompts.records_read} eval records, "
-                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
-                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
-    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
-                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
-    return evaluation.GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
-                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
-                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
-                                     resumed_at=start_step, write=processes.is_main)
-
-
-class _Window:
-    """Sums over the steps since the last log line; loss = summed CE / summed supervised tokens."""
-
-    def __init__(self):
-        self.sums = torch.zeros(6, dtype=torch.float64)
-        self.grad_norm = 0.0
-        self.steps = 0
-        self.skipped = 0
-        self.started = time.perf_counter()
-
-    def add(self, sums: torch.Tensor, grad_norm: float) -> None:
-        self.sums += sums
-        self.grad_norm = grad_norm
-        self.steps += 1
-
-    def flush(self, step: int, epoch: float, lr: float, nll: bool = False) -> dict:
-        loss_sum, supervised, correct, tokens, empty, nll_sum = (float(x) for x in self.sums)
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        record = {
-            "type": "train",
-            "step": step,
-            "epoch": round(epoch, 4),
-            "loss": loss_sum / supervised if supervised else 0.0,
-            **({"nll": nll_sum / supervised if supervised else 0.0} if nll else {}),
-            "token_accuracy": correct / supervised if supervised else 0.0,
-            "learning_rate": lr,
-            "grad_norm": self.grad_norm,
-            "supervised_tokens": int(supervised),
-            "tokens": int(tokens),
-            "tokens_per_second": tokens / seconds,
-            "supervised_tokens_per_second": supervised / seconds,
-            "empty_micro_batches": int(empty),
-            "skipped_steps": self.skipped,
-            "seconds": seconds,
-        }
-        self.__init__()
-        return record
-
-
-@torch.no_grad()
-def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
-    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy.
-    Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
-    was_training = loss_module.training
-    loss_module.eval()
-    order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    sums = torch.zeros(3, dtype=torch.float64)
-    # Every process runs the same number of forwards (a sharded model gathers weights in each);
-    # a process out of batches runs a fully masked one, which adds nothing.
-    for round_start in range(0, len(batches), processes.world):
-        index = round_start + processes.rank
-        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
-        inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
-        with autocast:
-            out = loss_module(**inputs)
-        sums += torch.tensor([float(out["nll_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
-    sums = processes.sum(sums)
-    loss_module.train(was_training)
-    loss_sum, count, correct = (float(x) for x in sums)
-    loss = loss_sum / count if count else 0.0
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count if count else 0.0,
-            "eval_supervised_tokens": int(count)}
-
-
 # --- output -----------------------------------------------------------------------------------
 
 
-def _check_output_dir(path: str, is_main: bool) -> None:
-    if not is_main:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".sftlab-write-test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise ConfigError("output_dir is not writable", source=path, field="output_dir",
-                          found=error.strerror or str(error), fix="choose a folder you can write to") from None
-
-
-def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = None) -> str:
-    """output_dir/final: save_pretrained (safetensors), tokenizer + chat template, the config used;
-    with LoRA the adapter, and on request the merged model in final/merged. Written under a
-    temporary name and renamed, so `final/` is always complete. `state_dict`: the full weights
-    gathered from a sharded model (the model object itself then holds only this process's shards)."""
-    final = os.path.join(config.output_dir, "final")
-    tmp = os.path.join(config.output_dir, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        initial = os.path.join(config.output_dir, "lora-initial")
-        if setup.converts_base(config) and os.path.isdir(initial):
-            # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model users have.
-            # PEFT's conversion loads the initial adapter beside the trained one and then warns that
-            # PiSSA/OLoRA should be converted: the very thing it is doing.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
-                model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
-            yaml.safe_dump(config.model_dump(), handle, sort_keys=False)
-        if config.use_peft and config.merge_lora and hasattr(model, "merge_and_unload"):
-            merged = os.path.join(tmp, "merged")
-            model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
-            tokenizer.save_pretrained(merged)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError("cannot write the final model", source=final, found=error.strerror or str(error),
-                            fix="free disk space or make output_dir writable") from None
-    return final

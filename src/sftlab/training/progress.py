@@ -11,6 +11,8 @@ import importlib.util
 import sys
 import time
 
+import torch
+
 
 class Reporter:
     def __init__(self, output_dir: str, enabled: bool = True, append: bool = False, report_to: list[str] = (),
@@ -201,3 +203,42 @@ def _chat_summary(chat: dict | None) -> str:
     if chat.get("turns_not_served"):
         text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
     return text
+
+
+class MetricsWindow:
+    """Sums over the steps since the last log line; loss = summed CE / summed supervised tokens."""
+
+    def __init__(self):
+        self.sums = torch.zeros(6, dtype=torch.float64)
+        self.grad_norm = 0.0
+        self.steps = 0
+        self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, sums: torch.Tensor, grad_norm: float) -> None:
+        self.sums += sums
+        self.grad_norm = grad_norm
+        self.steps += 1
+
+    def flush(self, step: int, epoch: float, lr: float, nll: bool = False) -> dict:
+        loss_sum, supervised, correct, tokens, empty, nll_sum = (float(x) for x in self.sums)
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        record = {
+            "type": "train",
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss_sum / supervised if supervised else 0.0,
+            **({"nll": nll_sum / supervised if supervised else 0.0} if nll else {}),
+            "token_accuracy": correct / supervised if supervised else 0.0,
+            "learning_rate": lr,
+            "grad_norm": self.grad_norm,
+            "supervised_tokens": int(supervised),
+            "tokens": int(tokens),
+            "tokens_per_second": tokens / seconds,
+            "supervised_tokens_per_second": supervised / seconds,
+            "empty_micro_batches": int(empty),
+            "skipped_steps": self.skipped,
+            "seconds": seconds,
+        }
+        self.__init__()
+        return record
