@@ -251,3 +251,10 @@ class StepPlan:
         if self.packing:
             return pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
         return pad_batch(self.examples, items, pad_id, pad_to_multiple_of)
+
+
+def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps when given (> 0), else the epochs' worth, at least one."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch))

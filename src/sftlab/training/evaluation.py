@@ -43,6 +43,7 @@ from sftlab.data.examples import Examples
 from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
+from sftlab.training.objectives import stacked_sums
 
 # Keys of the eval record that describe an evaluation by generation rather than score it (the
 # scores are eval_generate_<metric>); `sftlab plot` draws the others.
@@ -307,14 +308,14 @@ def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes,
 
 
 @torch.no_grad()
-def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
-    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy.
-    Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
+def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
+    """The objective's sums over the whole eval set, as its eval record (SFT: eval loss, perplexity,
+    token accuracy). Padded batches, longest first."""
     was_training = loss_module.training
     loss_module.eval()
     order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(len(objective.sums), dtype=torch.float64)
     # Every process runs the same number of forwards (a sharded model gathers weights in each);
     # a process out of batches runs a fully masked one, which adds nothing.
     for round_start in range(0, len(batches), processes.world):
@@ -323,10 +324,7 @@ def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, proc
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:
             out = loss_module(**inputs)
-        sums += torch.tensor([float(out["nll_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
+        sums += stacked_sums(objective, out).cpu()
     sums = processes.sum(sums)
     loss_module.train(was_training)
-    loss_sum, count, correct = (float(x) for x in sums)
-    loss = loss_sum / count if count else 0.0
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count if count else 0.0,
-            "eval_supervised_tokens": int(count)}
+    return objective.eval_record(dict(zip(objective.sums, sums.tolist())))

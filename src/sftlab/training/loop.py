@@ -1,14 +1,14 @@
 """The training loop: one readable pass from config to final model.
 
-    setup: processes -> tokenizer -> examples -> model (+LoRA) -> step plan -> loss mode
-           -> replicate (DDP) or shard (FSDP2) -> optimizer -> resume
-    loop:  for each optimizer step:
-             count the step's supervised tokens on every process (one all-reduce)
-             for each micro-batch: loss = sum of CE / that count; backward (DDP: no sync until the last)
-             sum the step's metrics (and any stop signal) over processes; clip, optimizer step,
-             scheduler step; log, evaluate, checkpoint; on SIGTERM/SIGUSR1 checkpoint and return
+    setup: processes -> tokenizer -> examples -> model (+LoRA) -> step plan -> objective (loss mode)
+           -> replicate (DDP) or shard (FSDP2) -> optimizer -> resume        (_setup, setup.py)
+    loop:  for each optimizer step: train_step (step.py: count, forward/backward per micro-batch,
+           sums over processes, clip, optimizer and scheduler step); log, evaluate, checkpoint;
+           on SIGTERM/SIGUSR1 checkpoint and return
     end:   save_pretrained to output_dir/final (safetensors + tokenizer + chat template + config),
-           full tensors gathered on the main process when sharded
+           full tensors gathered on the main process when sharded              (export.py)
+
+What is optimised is the objective's business (objectives.py): the loop never looks inside a batch.
 
 Features and their trade-offs:
 - sparse loss (default): the LM head runs on supervised rows only, in chunks; large saving in
@@ -25,7 +25,7 @@ Features and their trade-offs:
   master weights (with fsdp: bf16 compute copies, fp32 reduction; slow on CPUs without native
   bf16). LoRA through PEFT.
 
-Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see parallelize.py.
+Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see distributed.py and parallelize.py.
 """
 
 from __future__ import annotations
@@ -35,17 +35,20 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from sftlab.config import SFTConfig
+from sftlab.data.examples import Examples
+from sftlab.data.splits import prepare_split
+from sftlab.errors import ConfigError, DataError
+from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sftlab.config import SFTConfig
-from sftlab.data.splits import prepare_split
-from sftlab.errors import ConfigError, DataError, TrainingError
-from sftlab.data.examples import IGNORE
-from sftlab.training.loss import SupervisedLoss, choose_loss_mode
+from sftlab.training.loss import choose_loss_mode
+from sftlab.training.objectives import Objective, SupervisedObjective
 from sftlab.training.optimizer import StepInBackward
-from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training.progress import MetricsWindow, Reporter
+from sftlab.training.step import train_step
 
 
 @dataclass
@@ -57,36 +60,33 @@ class TrainResult:
     stopped_by: str | None = None  # 'SIGTERM' / 'SIGUSR1' when a signal stopped the run after a checkpoint
 
 
-# --- setup ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything setup builds, for the loop to use."""
 
-
-def total_steps(config: SFTConfig, steps_per_epoch: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-
-
-def pad_token_id(tokenizer) -> int:
-    # Pads are never attended to and never targets, so any id works when the tokenizer has no pad token.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    reporter: Reporter
+    tokenizer: object
+    model: nn.Module  # the causal LM (a PEFT model with LoRA); under fsdp its parameters are shards
+    plan: batching.StepPlan
+    steps: int
+    objective: Objective
+    wrapper: nn.Module  # the objective's module as replicated (DDP) or sharded (FSDP2)
+    autocast: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    parameters: list[torch.Tensor]  # the trained ones, for clipping
+    stepper: StepInBackward | None
+    pad_id: int
+    eval_examples: Examples | None
+    generation: evaluation.GenerationEval | None = None
+    start_step: int = 0
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train(
-    config: SFTConfig,
-    *,
-    model=None,
-    tokenizer=None,
-    train_dataset=None,
-    eval_dataset=None,
-    optimizer=None,
-    lr_scheduler=None,
-) -> TrainResult:
+def train(config: SFTConfig, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, optimizer=None,
+          lr_scheduler=None) -> TrainResult:
     """Train as `config` says. `model`/`tokenizer` objects and any data source accepted by
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
@@ -94,12 +94,86 @@ def train(
     processes = distributed.start_processes(config.fsdp)
     try:
         with distributed.Preemption() as preemption:
-            return _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler)
+            run = _setup(config, processes, bf16, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            return _fit(config, run, processes, preemption)
     finally:
         processes.close()
 
 
-def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler) -> TrainResult:
+def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
+    reporter, plan = run.reporter, run.plan
+    reporter.start(total=run.steps, done=run.start_step)
+    window = MetricsWindow(run.objective)
+    for step in range(run.start_step, run.steps):
+        micro = plan.micro_batches(step, processes.rank)
+        batches = [plan.collate(items, run.pad_id, config.pad_to_multiple_of) for items in micro]
+        result = train_step(run.wrapper, run.objective, batches, processes=processes, optimizer=run.optimizer,
+                            lr_scheduler=run.lr_scheduler, parameters=run.parameters, max_grad_norm=config.max_grad_norm,
+                            autocast=run.autocast, stop_requested=preemption.received, stepper=run.stepper,
+                            skip_nonfinite=config.skip_nonfinite_steps, step=step)
+        if result.skipped:
+            reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {result.records[:20]})")
+        window.add(result.sums, result.grad_norm, result.skipped)
+        done = step + 1
+        reporter.advance(done)
+        stopping = result.stop and done < run.steps
+        if done % config.logging_steps == 0 or done == run.steps or stopping:
+            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=result.learning_rate))
+        if stopping:
+            path = _checkpoint(config, run, processes, done)
+            # A process the signal did not reach stops too: another one got it.
+            signal_name = preemption.name or "a stop signal to another process"
+            reporter.line(f"{signal_name} received: stopped after step {done} of {run.steps}, checkpoint {path}; "
+                          f"resume with resume_from_checkpoint=auto")
+            reporter.finish()
+            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
+        if run.eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == run.steps):
+            evaluating = time.perf_counter()
+            reporter.log(_evaluate(config, run, processes, done))
+            window.pause(time.perf_counter() - evaluating)  # tokens/s measures training, not evaluation
+        if config.save_steps and done % config.save_steps == 0 and done < run.steps:
+            _checkpoint(config, run, processes, done)
+    reporter.finish()
+
+    # Gathered on the main process when sharded (a collective: every process takes part).
+    state = parallelize.full_state_dict(run.model, processes) if config.fsdp else None
+    final_dir = None
+    if processes.is_main:
+        final_dir = export.export_final(run.model, run.tokenizer, config, state)
+        reporter.line(f"saved {final_dir}")
+    processes.barrier()
+    return TrainResult(config.output_dir, final_dir, run.steps, reporter.history)
+
+
+def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
+    record = evaluation.evaluate(parallelize.unwrap(run.wrapper), run.objective, run.eval_examples,
+                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast)
+    if run.generation is not None:
+        record.update(run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done))
+    record.update(type="eval", step=done)
+    return record
+
+
+def _checkpoint(config: SFTConfig, run: Run, processes, done: int) -> str:
+    state = {"epoch": done / run.plan.steps_per_epoch, "items_per_step": _items_per_step(config, processes),
+             "processes": processes.world}
+    path = save_checkpoint(config.output_dir, done, run.model, run.optimizer, run.lr_scheduler, state, processes)
+    if processes.is_main:
+        prune_checkpoints(config.output_dir, config.save_total_limit)
+    return path
+
+
+def _items_per_step(config: SFTConfig, processes) -> int:
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * processes.world
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer,
+           lr_scheduler) -> Run:
+    """The recipe's setup, in the order it happens; each step is a small function of its own."""
     if config.fsdp and config.use_peft and config.merge_lora:
         raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
                           field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
@@ -107,8 +181,6 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
     export.check_output_dir(config.output_dir, processes.is_main)
     reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
                         report_to=config.report_to, run_config=config.model_dump())
-    rank, world = processes.rank, processes.world
-
     model_path = None
     if model is None or tokenizer is None:
         if not config.model:
@@ -117,7 +189,55 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
+    train_examples, eval_examples = _setup_data(config, tokenizer, train_dataset, eval_dataset, reporter)
+    if model is None:
+        model = setup.setup_model(model_path, attn_implementation=config.attn_implementation,
+                                  trust_remote_code=config.trust_remote_code, gradient_checkpointing=config.gradient_checkpointing,
+                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config))
+        if setup.converts_base(config) and processes.is_main:
+            setup.save_initial_adapter(model, config.output_dir)
+    model.train()
 
+    plan = batching.StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
+                             batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
+                             world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
+                             shuffle=config.shuffle)
+    steps = batching.total_steps(config.max_steps, config.num_train_epochs, plan.steps_per_epoch)
+    pad_id = pad_token_id(tokenizer)
+    objective = _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter)
+    if config.torch_compile:
+        layers = setup.compile_layers(model)
+        reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
+    if config.fsdp:
+        wrapper = parallelize.shard_model(objective.module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
+                                          cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
+        reporter.line(f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over "
+                      f"{processes.world} processes")
+    else:
+        wrapper = parallelize.replicate_model(objective.module, processes)
+    # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
+    autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
+
+    # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
+    optimizer = setup.training_optimizer(optimizer, model, fsdp=config.fsdp, learning_rate=config.learning_rate,
+                                         weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
+                                         eps=config.adam_epsilon, state_dtype=config.optimizer_state_dtype)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
+    lr_scheduler = setup.training_scheduler(lr_scheduler, optimizer, config.lr_scheduler_type, steps, warmup)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    stepper = None
+    if config.optimizer_in_backward:
+        setup.check_optimizer_in_backward(config, processes.world)
+        stepper = StepInBackward(parameters, optimizer)
+    run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
+              stepper, pad_id, eval_examples)
+    run.start_step = _resume(config, run, processes)
+    if config.eval_generate_samples:
+        run.generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, run.start_step)
+    return run
+
+
+def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter) -> tuple[Examples, Examples | None]:
     # No barrier around preparation: the process that takes a cache entry's lock builds it while
     # the others wait on the lock (no collective timeout), then every process maps the same entry.
     train_examples = prepare_split(config, tokenizer, source=train_dataset)
@@ -131,159 +251,38 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         raise DataError("no training examples left", source=train_examples.stats.get("source"),
                         found=f"dropped: {train_examples.stats.get('dropped')}",
                         fix="raise max_length, use truncation=right, or check which tokens are supervised with `sftlab inspect`")
+    return train_examples, eval_examples
 
-    if model is None:
-        model = setup.setup_model(model_path, attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
-                            gradient_checkpointing=config.gradient_checkpointing, lora=setup.lora_settings(config),
-                            quantization=setup.quantization_settings(config))
-        if setup.converts_base(config) and processes.is_main:
-            setup.save_initial_adapter(model, config.output_dir)
-    model.train()
 
-    plan = batching.StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
-                    batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
-                    world_size=world, seed=config.seed, group_by_length=config.group_by_length, shuffle=config.shuffle)
-    steps = total_steps(config, plan.steps_per_epoch)
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
-    pad_id = pad_token_id(tokenizer)
-    items_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
-
+def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, reporter) -> Objective:
     # The loss mode is chosen on the whole model, before it is sharded (the check runs no collective).
-    first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
-    mode, why = choose_loss_mode(model, first, config.loss_implementation)
-    reporter.line(f"loss: {mode} ({why})" + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
-    loss_module = SupervisedLoss(model, mode, config.loss_type, config.neftune_noise_alpha)
-    if config.torch_compile:
-        layers = setup.compile_layers(model)
-        reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
-    if config.fsdp:
-        wrapper = parallelize.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
-                                       cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
-        reporter.line(f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
-    else:
-        wrapper = parallelize.replicate_model(loss_module, processes)
-    # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
-    autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
-
-    # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
-    if optimizer is None:
-        optimizer = setup.setup_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                    betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                    state_dtype=config.optimizer_state_dtype)
-    elif isinstance(optimizer, torch.optim.Optimizer) and config.fsdp:
-        raise ConfigError("fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
-                          "would step the old ones", field="optimizer", fix="pass a function params -> optimizer instead")
-    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
-    if lr_scheduler is None:
-        lr_scheduler = setup.setup_scheduler(optimizer, config.lr_scheduler_type, steps, warmup)
-    elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
-        lr_scheduler = lr_scheduler(optimizer)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    stepper = None
-    if config.optimizer_in_backward:
-        setup.check_optimizer_in_backward(config, world)
-        stepper = StepInBackward(parameters, optimizer)
-
-    start_step = 0
-    if config.resume_from_checkpoint:
-        checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        if checkpoint is not None:
-            written = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, processes, items_per_step)
-            start_step = written["step"]
-            by = written.get("processes", 1)
-            reporter.line(f"resumed from {checkpoint} at step {start_step}" + (f" (written by {by} processes, now {world})" if by != world else ""))
-            reporter.forget_after(start_step)
-        else:
-            reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
-
-    generation = None
-    if config.eval_generate_samples:
-        generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, start_step)
-
-    def checkpoint_at(done: int) -> str:
-        state = {"epoch": done / plan.steps_per_epoch, "items_per_step": items_per_step, "processes": world}
-        path = save_checkpoint(config.output_dir, done, model, optimizer, lr_scheduler, state, processes)
-        if processes.is_main:
-            prune_checkpoints(config.output_dir, config.save_total_limit)
-        return path
-
-    reporter.start(total=steps, done=start_step)
-    window = MetricsWindow()
-    for step in range(start_step, steps):
-        micro = plan.micro_batches(step, rank)
-        batches = [plan.collate(items, pad_id, config.pad_to_multiple_of) for items in micro]
-        # The loss of every micro-batch is divided by the supervised tokens of the whole step on
-        # all processes; DDP and FSDP then average gradients over processes, hence the world factor.
-        local = torch.tensor([float((b["targets"] != IGNORE).sum()) for b in batches]).sum()
-        step_count = float(processes.sum(local))
-        normalizer = max(step_count, 1.0) / world
-        lr = lr_scheduler.get_last_lr()[0]
-        parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty, nll_sum; one device sync per step
-        for j, batch in enumerate(batches):
-            inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
-            with parallelize.accumulating(wrapper, last=j == len(batches) - 1):
-                with autocast:
-                    out = wrapper(**inputs)
-                (out["loss_sum"] / normalizer).backward()
-            count = out["count"].double()
-            parts.append(torch.stack([out["loss_sum"].detach().double(), count, out["correct"].double(),
-                                      count.new_tensor(batch["real_tokens"]), (count == 0).double(), out["nll_sum"].double()]))
-        # A stop signal travels with the step's sums, so every process sees it at the same step.
-        sums = processes.sum(torch.cat([torch.stack(parts).sum(0), torch.tensor([float(preemption.received)], dtype=torch.float64,
-                                                                                 device=parts[0].device)]))
-        sums, stop = sums[:6], bool(sums[6] > 0)
-        grad_norm = stepper.take_grad_norm() if stepper else parallelize.clip_gradients(parameters, config.max_grad_norm)
-        if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
-            records = sorted({i for b in batches for i in b["record_index"]})
-            if not config.skip_nonfinite_steps:
-                raise TrainingError(
-                    f"non-finite loss at step {step + 1}",
-                    found=f"loss sum {float(sums[0])}, grad norm {grad_norm}; records in this step on process {rank}: {records[:20]}",
-                    fix="inspect those records; lower learning_rate; or set skip_nonfinite_steps=true to skip such steps",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            window.skipped += 1
-            reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {records[:20]})")
-        elif stepper is None:  # with optimizer_in_backward the parameters were updated in backward
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        window.add(sums, grad_norm)
-        done = step + 1
-        reporter.advance(done)
-        if done % config.logging_steps == 0 or done == steps or (stop and done < steps):
-            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr, nll=config.loss_type != "nll"))
-        if stop and done < steps:
-            path = checkpoint_at(done)
-            # A process the signal did not reach stops too: another one got it.
-            signal_name = preemption.name or "a stop signal to another process"
-            reporter.line(f"{signal_name} received: stopped after step {done} of {steps}, checkpoint {path}; "
-                          f"resume with resume_from_checkpoint=auto")
-            reporter.finish()
-            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
-        if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
-            evaluating = time.perf_counter()
-            record = evaluation.evaluate(parallelize.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
-            if generation is not None:
-                record.update(generation.run(model, wrapper if config.fsdp else None, processes, autocast, step=done))
-            record.update(type="eval", step=done)
-            reporter.log(record)
-            window.started += time.perf_counter() - evaluating  # tokens/s measures training, not evaluation
-        if config.save_steps and done % config.save_steps == 0 and done < steps:
-            checkpoint_at(done)
-    reporter.finish()
-
-    # Gathered on the main process when sharded (a collective: every process takes part).
-    state = parallelize.full_state_dict(model, processes) if config.fsdp else None
-    final_dir = None
-    if processes.is_main:
-        final_dir = export.export_final(model, tokenizer, config, state)
-        reporter.line(f"saved {final_dir}")
-    processes.barrier()
-    return TrainResult(config.output_dir, final_dir, steps, reporter.history)
+    mode, why = choose_loss_mode(model, first_batch, config.loss_implementation)
+    reporter.line(f"loss: {mode} ({why})"
+                  + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
+    return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
 
 
-# --- output -----------------------------------------------------------------------------------
+def _resume(config: SFTConfig, run: Run, processes) -> int:
+    """The step to start from: 0, or the step of the checkpoint resume_from_checkpoint names."""
+    if not config.resume_from_checkpoint:
+        return 0
+    checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint is None:
+        run.reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
+        return 0
+    written = load_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler, processes,
+                              _items_per_step(config, processes))
+    start_step = written["step"]
+    by = written.get("processes", 1)
+    run.reporter.line(f"resumed from {checkpoint} at step {start_step}"
+                      + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
+    run.reporter.forget_after(start_step)
+    return start_step
 
 
+def pad_token_id(tokenizer) -> int:
+    # Pads are never attended to and never targets, so any id works when the tokenizer has no pad token.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -11,8 +11,6 @@ import importlib.util
 import sys
 import time
 
-import torch
-
 
 class Reporter:
     def __init__(self, output_dir: str, enabled: bool = True, append: bool = False, report_to: list[str] = (),
@@ -206,39 +204,43 @@ def _chat_summary(chat: dict | None) -> str:
 
 
 class MetricsWindow:
-    """Sums over the steps since the last log line; loss = summed CE / summed supervised tokens."""
+    """Sums over the steps since the last log line; the objective turns them into its metrics
+    (SFT: loss = summed loss / summed supervised tokens), the engine adds rates and counts."""
 
-    def __init__(self):
-        self.sums = torch.zeros(6, dtype=torch.float64)
+    def __init__(self, objective):
+        self.objective = objective
+        self.sums: dict[str, float] = {}
         self.grad_norm = 0.0
         self.steps = 0
         self.skipped = 0
         self.started = time.perf_counter()
 
-    def add(self, sums: torch.Tensor, grad_norm: float) -> None:
-        self.sums += sums
+    def add(self, sums: dict[str, float], grad_norm: float, skipped: bool = False) -> None:
+        for name, value in sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
         self.grad_norm = grad_norm
         self.steps += 1
+        self.skipped += int(skipped)
 
-    def flush(self, step: int, epoch: float, lr: float, nll: bool = False) -> dict:
-        loss_sum, supervised, correct, tokens, empty, nll_sum = (float(x) for x in self.sums)
+    def pause(self, seconds: float) -> None:
+        """Leave out time spent on something else (evaluation): tokens/s measures training."""
+        self.started += seconds
+
+    def flush(self, step: int, epoch: float, lr: float) -> dict:
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        tokens = self.sums.get("tokens", 0.0)
         record = {
             "type": "train",
             "step": step,
             "epoch": round(epoch, 4),
-            "loss": loss_sum / supervised if supervised else 0.0,
-            **({"nll": nll_sum / supervised if supervised else 0.0} if nll else {}),
-            "token_accuracy": correct / supervised if supervised else 0.0,
+            **self.objective.train_record(self.sums, seconds),
             "learning_rate": lr,
             "grad_norm": self.grad_norm,
-            "supervised_tokens": int(supervised),
             "tokens": int(tokens),
             "tokens_per_second": tokens / seconds,
-            "supervised_tokens_per_second": supervised / seconds,
-            "empty_micro_batches": int(empty),
+            "empty_micro_batches": int(self.sums.get("empty_micro_batches", 0)),
             "skipped_steps": self.skipped,
             "seconds": seconds,
         }
-        self.__init__()
+        self.__init__(self.objective)
         return record

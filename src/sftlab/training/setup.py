@@ -137,3 +137,27 @@ def check_optimizer_in_backward(config: SFTConfig, world: int) -> None:
             raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
                               found=str(getattr(config, name)) + (f" with {world} processes" if name == "fsdp" else ""),
                               fix=f"set {name} accordingly, or optimizer_in_backward: false")
+
+
+def training_optimizer(given, model, *, fsdp: bool, learning_rate: float, weight_decay: float, betas: tuple[float, float],
+                       eps: float, state_dtype: str):
+    """The optimizer train() steps: AdamW as configured, or the caller's own (an optimizer, or a
+    function params -> optimizer). Built after parallelisation, on the parameters as they are then."""
+    if given is None:
+        return setup_optimizer(model, learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps,
+                               state_dtype=state_dtype)
+    if isinstance(given, torch.optim.Optimizer) and fsdp:
+        raise ConfigError("fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
+                          "would step the old ones", field="optimizer", fix="pass a function params -> optimizer instead")
+    if callable(given) and not isinstance(given, torch.optim.Optimizer):
+        return given([p for p in model.parameters() if p.requires_grad])
+    return given
+
+
+def training_scheduler(given, optimizer, kind: str, total_steps: int, warmup_steps: int):
+    """The learning-rate schedule: the configured one, or the caller's (a scheduler, or a function optimizer -> scheduler)."""
+    if given is None:
+        return setup_scheduler(optimizer, kind, total_steps, warmup_steps)
+    if callable(given) and not hasattr(given, "step"):
+        return given(optimizer)
+    return given
