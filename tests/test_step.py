@@ -53,7 +53,7 @@ def run_step(objective, batches, **options):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return train_step(objective.module, objective, batches, processes=Processes(), optimizer=optimizer, lr_scheduler=scheduler,
                       parameters=list(objective.module.parameters()), max_grad_norm=None, autocast=contextlib.nullcontext(),
-                      stop_requested=False, **options)
+                      **options)
 
 
 def test_a_step_is_the_mean_over_the_whole_step_for_any_objective():

@@ -112,10 +112,11 @@ def test_auto_ignores_half_written_checkpoints(tmp_path):
             (root / name / "state.json").write_text("{}")
     # step-6 has no state.json (not a finished checkpoint), .tmp-step-8 was never renamed into place.
     assert list_checkpoints(str(tmp_path)) == [2, 4]
-    assert find_checkpoint(str(tmp_path), "auto") == str(root / "step-4")
-    assert find_checkpoint(str(tmp_path / "nothing-here"), "auto") is None
+    # (state.json without a run identity: written before checkpoints recorded one, so not checked)
+    assert find_checkpoint(str(tmp_path), "auto", {"seed": 1}) == (str(root / "step-4"), None)
+    assert find_checkpoint(str(tmp_path / "nothing-here"), "auto", {"seed": 1}) == (None, None)
     with pytest.raises(TrainingError, match="not a complete sftlab checkpoint"):
-        find_checkpoint(str(root / "step-6"), str(root / "step-6"))
+        find_checkpoint(str(root / "step-6"), str(root / "step-6"), {"seed": 1})
 
 
 @pytest.mark.slow

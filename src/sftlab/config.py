@@ -177,7 +177,8 @@ class SFTConfig(BaseModel):
     eval_generate_log_samples: int = Field(4, ge=0, description="Evaluation by generation: prediction/reference pairs written to output_dir/generations.jsonl at every evaluation.")
     save_steps: int | None = Field(None, gt=0, description="Write a checkpoint every this many steps.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep only the newest this many checkpoints.")
-    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir.")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir. Only a checkpoint of the same run is resumed: same model, tokenizer, training data and step-changing settings (max_steps and num_train_epochs may change; docs/safety.md).")
+    overwrite_output_dir: bool = Field(False, description="Start a new run in an output_dir that holds an earlier run's final model or checkpoints, deleting them (and its logs) first. Without it such a folder is refused, so no finished run is replaced by accident.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, when installed: tensorboard, wandb.")
 
     @field_validator("train_data", "eval_data", mode="before")

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, Hu
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from sftlab.errors import TrainingError
+from sftlab.training.identity import blocking, describe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -192,15 +193,43 @@ def list_checkpoints(folder: str) -> list[int]:
     return sorted(steps)
 
 
-def find_checkpoint(output_dir: str, spec: str) -> str | None:
-    """The folder to resume from: `spec` itself, or with 'auto' the newest complete one (None if none)."""
+def find_checkpoint(output_dir: str, spec: str, identity: dict) -> tuple[str | None, dict | None]:
+    """(folder, the identity it was written with) to resume from: `spec` itself, or with 'auto'
+    the newest complete checkpoint in output_dir; (None, None) when 'auto' finds none. A
+    checkpoint of another run (identity.py) is refused, never resumed: with 'auto', any in the folder.
+    Checkpoints written before run identities carry none (None) and are not checked."""
     if spec == "auto":
-        steps = list_checkpoints(output_dir)
-        return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
+        found = [os.path.join(output_dir, "checkpoints", f"step-{step}") for step in list_checkpoints(output_dir)]
+        for path in reversed(found):
+            _refuse_another_run(path, identity, auto=True)
+        return (found[-1], _written_identity(found[-1])) if found else (None, None)
     if not os.path.isfile(os.path.join(spec, "state.json")):
         raise TrainingError("not a complete sftlab checkpoint", source=spec, expected="a checkpoints/step-N folder with state.json",
                             fix="use resume_from_checkpoint=auto to pick the newest complete one")
-    return spec
+    _refuse_another_run(spec, identity, auto=False)
+    return spec, _written_identity(spec)
+
+
+def _written_identity(path: str) -> dict | None:
+    return _read(os.path.join(path, "state.json"), _load_json).get("run")
+
+
+def _refuse_another_run(path: str, identity: dict, auto: bool) -> None:
+    written = _written_identity(path)
+    if written is None:
+        return
+    found = blocking(written, identity)
+    if not found:
+        return
+    more = f" (and {len(found) - 1} more: {', '.join(name for name, _, _ in found[1:])})" if len(found) > 1 else ""
+    if auto:
+        raise TrainingError("output_dir holds a checkpoint of another run, which resume_from_checkpoint=auto will not continue",
+                            source=path, found=describe(found[0]) + more,
+                            fix="resume with the settings that run had; start this run in a new output_dir; or set "
+                                "overwrite_output_dir: true (without resume_from_checkpoint) to delete that run's checkpoints and final model")
+    raise TrainingError("the checkpoint was written by another run", source=path, found=describe(found[0]) + more,
+                        fix="resume with the settings it was written with (its state.json 'run'), or train from the start "
+                            "without resume_from_checkpoint")
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per_step: int) -> dict:

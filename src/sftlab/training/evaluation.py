@@ -44,6 +44,7 @@ from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
 from sftlab.training.objectives import stacked_sums
+from sftlab.training.progress import keep_records_through
 
 # Keys of the eval record that describe an evaluation by generation rather than score it (the
 # scores are eval_generate_<metric>); `sftlab plot` draws the others.
@@ -273,10 +274,7 @@ def _start_samples(path: str, append: bool, resumed_at: int) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         open(path, "w").close()
         return
-    with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+    keep_records_through(path, resumed_at)  # a torn last line (a killed run's) is dropped with the rest
 
 
 def _gathered(local: list[Scored], processes) -> list[Scored]:

@@ -3,6 +3,7 @@ output_dir/final at the end (save_pretrained, tokenizer and chat template, the c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -62,3 +63,33 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
         raise TrainingError("cannot write the final model", source=final, found=error.strerror or str(error),
                             fix="free disk space or make output_dir writable") from None
     return final
+
+
+def previous_run(path: str) -> list[str]:
+    """What a finished or interrupted run left in output_dir that a new run would replace or mix with."""
+    found = ["final/"] if os.path.isdir(os.path.join(path, "final")) else []
+    checkpoints = os.path.join(path, "checkpoints")
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # being deleted by another process (overwrite)
+        found += [f"checkpoints/{name}" for name in sorted(os.listdir(checkpoints)) if name.startswith("step-")]
+    return found
+
+
+def claim_output_dir(path: str, *, overwrite: bool, is_main: bool) -> list[str]:
+    """A new run starts in an output_dir with no earlier run's final model or checkpoints in it; with
+    overwrite those are deleted first (on the main process), never silently replaced one by one.
+    Returns what was deleted."""
+    found = previous_run(path)
+    if not found:
+        return []
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError("output_dir holds an earlier run", source=path, field="output_dir", found=shown,
+                          fix="choose a new output_dir; continue that run with resume_from_checkpoint=auto; or set "
+                              "overwrite_output_dir: true to delete its final model, checkpoints and logs first")
+    if is_main:
+        for name in ("final", "checkpoints", "lora-initial"):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        for name in ("metrics.jsonl", "generations.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, name))
+    return found

@@ -44,6 +44,7 @@ from sftlab.errors import ConfigError, DataError
 from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
 from sftlab.training.objectives import Objective, SupervisedObjective
 from sftlab.training.optimizer import StepInBackward
@@ -78,6 +79,7 @@ class Run:
     stepper: StepInBackward | None
     pad_id: int
     eval_examples: Examples | None
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (identity.py)
     generation: evaluation.GenerationEval | None = None
     start_step: int = 0
 
@@ -110,7 +112,7 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
         batches = [plan.collate(items, run.pad_id, config.pad_to_multiple_of) for items in micro]
         result = train_step(run.wrapper, run.objective, batches, processes=processes, optimizer=run.optimizer,
                             lr_scheduler=run.lr_scheduler, parameters=run.parameters, max_grad_norm=config.max_grad_norm,
-                            autocast=run.autocast, stop_requested=preemption.received, stepper=run.stepper,
+                            autocast=run.autocast, stop_requested=lambda: preemption.received, stepper=run.stepper,
                             skip_nonfinite=config.skip_nonfinite_steps, step=step)
         if result.skipped:
             reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {result.records[:20]})")
@@ -134,14 +136,13 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
             window.pause(time.perf_counter() - evaluating)  # tokens/s measures training, not evaluation
         if config.save_steps and done % config.save_steps == 0 and done < run.steps:
             _checkpoint(config, run, processes, done)
-    reporter.finish()
-
     # Gathered on the main process when sharded (a collective: every process takes part).
     state = parallelize.full_state_dict(run.model, processes) if config.fsdp else None
     final_dir = None
     if processes.is_main:
         final_dir = export.export_final(run.model, run.tokenizer, config, state)
         reporter.line(f"saved {final_dir}")
+    reporter.finish()
     processes.barrier()
     return TrainResult(config.output_dir, final_dir, run.steps, reporter.history)
 
@@ -157,7 +158,7 @@ def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
 
 def _checkpoint(config: SFTConfig, run: Run, processes, done: int) -> str:
     state = {"epoch": done / run.plan.steps_per_epoch, "items_per_step": _items_per_step(config, processes),
-             "processes": processes.world}
+             "processes": processes.world, "run": run.identity}
     path = save_checkpoint(config.output_dir, done, run.model, run.optimizer, run.lr_scheduler, state, processes)
     if processes.is_main:
         prune_checkpoints(config.output_dir, config.save_total_limit)
@@ -179,8 +180,13 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
                           field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
     distributed.seed_everything(config.seed)
     export.check_output_dir(config.output_dir, processes.is_main)
+    replaced = []
+    if not config.resume_from_checkpoint:  # before the new run's log replaces the old one's
+        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
     reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
                         report_to=config.report_to, run_config=config.model_dump())
+    if replaced:
+        reporter.line(f"overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}")
     model_path = None
     if model is None or tokenizer is None:
         if not config.model:
@@ -230,7 +236,7 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
         setup.check_optimizer_in_backward(config, processes.world)
         stepper = StepInBackward(parameters, optimizer)
     run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
-              stepper, pad_id, eval_examples)
+              stepper, pad_id, eval_examples, identity=run_identity(config, model, tokenizer, train_examples))
     run.start_step = _resume(config, run, processes)
     if config.eval_generate_samples:
         run.generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, run.start_step)
@@ -263,17 +269,25 @@ def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, rep
 
 
 def _resume(config: SFTConfig, run: Run, processes) -> int:
-    """The step to start from: 0, or the step of the checkpoint resume_from_checkpoint names."""
+    """The step to start from: 0, or the step of the checkpoint resume_from_checkpoint names. Only
+    a checkpoint of this run (its identity, identity.py) is resumed; another run's is refused."""
     if not config.resume_from_checkpoint:
         return 0
-    checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    checkpoint, written = find_checkpoint(config.output_dir, config.resume_from_checkpoint, run.identity)
     if checkpoint is None:
-        run.reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
+        # Nothing of this run to continue: a fresh start, which must not replace a finished run's model.
+        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
+        run.reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0"
+                          + (f"; overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}" if replaced else ""))
         return 0
-    written = load_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler, processes,
-                              _items_per_step(config, processes))
-    start_step = written["step"]
-    by = written.get("processes", 1)
+    if written is None:
+        run.reporter.line(f"{checkpoint} was written before checkpoints recorded their run: its settings are not checked")
+    for name, then, now in differences(written or {}, run.identity, CHANGEABLE):
+        run.reporter.line(f"{name} was {then} when {checkpoint} was written, is {now} now: "
+                          f"the learning-rate schedule follows the new total of {run.steps} steps")
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler, processes, _items_per_step(config, processes))
+    start_step = state["step"]
+    by = state.get("processes", 1)
     run.reporter.line(f"resumed from {checkpoint} at step {start_step}"
                       + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
     run.reporter.forget_after(start_step)

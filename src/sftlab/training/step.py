@@ -36,11 +36,12 @@ class StepResult:
 
 
 def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *, processes: Processes, optimizer, lr_scheduler,
-               parameters: list[torch.Tensor], max_grad_norm: float | None, autocast, stop_requested: bool, stepper=None,
+               parameters: list[torch.Tensor], max_grad_norm: float | None, autocast, stop_requested=lambda: False, stepper=None,
                skip_nonfinite: bool = False, step: int = 0) -> StepResult:
     """Run optimizer step `step` (0-based) on this process's micro-batches. `wrapper` is the
     objective's module as replicated or sharded; `stepper`: optimizer_in_backward's hooks, which
-    have already updated the weights by the end of backward."""
+    have already updated the weights by the end of backward. `stop_requested()`: whether a stop
+    signal reached this process, asked after the backward passes, when the step's sums are reduced."""
     # The loss of every micro-batch is divided by the count of the whole step on all processes;
     # DDP and FSDP then average gradients over processes, hence the world factor.
     local = torch.tensor([sum(objective.count(batch) for batch in batches)], dtype=torch.float64)
@@ -56,7 +57,7 @@ def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *,
             (out["loss_sum"] / normalizer).backward()
         engine = torch.tensor([float(batch["real_tokens"]), float(objective.count(batch) == 0)], dtype=torch.float64)
         parts.append(torch.cat([stacked_sums(objective, out), engine.to(out["loss_sum"].device)]))
-    flag = torch.tensor([float(stop_requested)], dtype=torch.float64, device=parts[0].device)
+    flag = torch.tensor([float(stop_requested())], dtype=torch.float64, device=parts[0].device)
     summed = processes.sum(torch.cat([torch.stack(parts).sum(0), flag]))
     sums = dict(zip(objective.sums + ENGINE_SUMS, summed[:-1].tolist()))
     stop = bool(summed[-1] > 0)
