@@ -85,7 +85,7 @@ class SFTConfig(BaseModel):
     model: str = Field(description="Model: a local Hugging Face folder, a .gguf file, or a short name such as smollm2-135m-instruct.")
     tokenizer: str | None = Field(None, description="Tokenizer folder, when it differs from the model's.")
     chat_template: str | None = Field(None, description="Chat template for conversations: 'chatml', a .jinja file, or the template text. Default: the tokenizer's.")
-    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field("sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field("auto", description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); the log says which. A kernel the model does not support is an error naming the ones it does.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run. Off unless you trust its author.")
 
     # --- data --------------------------------------------------------------------------------
@@ -137,6 +137,7 @@ class SFTConfig(BaseModel):
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
     loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
     loss_type: Literal["nll", "dft"] = Field("nll", description="'nll': cross-entropy on every supervised token. 'dft' (Dynamic Fine-Tuning): each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy.")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="Mixture-of-experts models: add the router's load-balancing loss times this coefficient, exactly as the model's own loss adds it (turns on output_router_logits; null keeps the model's config: its own coefficient when it returns router logits, else none). Averaged over the forward passes of each optimizer step and logged as aux_loss.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: in training only, add uniform noise of bound alpha / sqrt(length x hidden) to the input embeddings, length being each example's own (also in packed rows). 5 is the paper's usual value; null: off. Never applied at evaluation or generation.")
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
 

@@ -43,6 +43,7 @@ from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
 from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
+from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
@@ -202,9 +203,13 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
                                   lora=setup.lora_settings(config), quantization=setup.quantization_settings(config))
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
+        reporter.line(f"attention: {model.config._attn_implementation}")
+    if config.router_aux_loss_coef is not None:
+        setup.set_router_aux_loss(model, config.router_aux_loss_coef)
     model.train()
 
-    plan = batching.StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
+    packing = config.packing and _packing_isolated(model, train_examples, reporter)
+    plan = batching.StepPlan(train_examples, packing=packing, max_length=config.max_length,
                              batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
                              world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
                              shuffle=config.shuffle)
@@ -266,6 +271,17 @@ def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, rep
     reporter.line(f"loss: {mode} ({why})"
                   + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
     return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
+
+
+def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:
+    """Packing stays on only where the model keeps packed examples apart (architecture.py's probe);
+    elsewhere (Mamba2, linear attention, convolutions on this device) padded rows, said once."""
+    check = packing_isolation(model, examples[0][0].tolist())
+    if check.isolated:
+        reporter.line(f"packing: checked, {check.why} (max difference {check.max_difference:.1e})")
+        return True
+    reporter.line(f"packing: off for this model, padded rows instead: {check.why}")
+    return False
 
 
 def _resume(config: SFTConfig, run: Run, processes) -> int:

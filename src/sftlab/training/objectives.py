@@ -60,6 +60,11 @@ class SupervisedObjective:
     def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
         self.loss_type = loss_type
         self.module = SupervisedLoss(model, mode, loss_type, neftune_alpha)
+        # A mixture-of-experts model returning router logits adds its load-balancing loss
+        # (loss.py), logged as aux_loss: its mean over the forwards of the window.
+        self.routed = _returns_router_loss(model)
+        if self.routed:
+            self.sums = SupervisedObjective.sums + ("aux_loss",)
 
     def count(self, batch: dict) -> float:
         return float((batch["targets"] != IGNORE).sum())
@@ -69,6 +74,8 @@ class SupervisedObjective:
         record = {"loss": sums["loss_sum"] / supervised if supervised else 0.0}
         if self.loss_type != "nll":  # the objective's loss is not the cross-entropy: show that too
             record["nll"] = sums["nll_sum"] / supervised if supervised else 0.0
+        if self.routed:
+            record["aux_loss"] = sums["aux_loss"] / sums["forwards"] if sums.get("forwards") else 0.0
         record.update(token_accuracy=sums["correct"] / supervised if supervised else 0.0, supervised_tokens=int(supervised),
                       supervised_tokens_per_second=supervised / seconds)
         return record
@@ -84,3 +91,8 @@ class SupervisedObjective:
 def stacked_sums(objective: Objective, out: dict) -> torch.Tensor:
     """The module's outputs named by `objective.sums`, detached, as one float64 vector (one device sync per step)."""
     return torch.stack([out[name].detach().double() for name in objective.sums])
+
+
+def _returns_router_loss(model: nn.Module) -> bool:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(causal_lm, "config", None), "output_router_logits", False))

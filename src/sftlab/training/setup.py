@@ -161,3 +161,16 @@ def training_scheduler(given, optimizer, kind: str, total_steps: int, warmup_ste
     if callable(given) and not hasattr(given, "step"):
         return given(optimizer)
     return given
+
+
+def set_router_aux_loss(model, coefficient: float) -> None:
+    """Make a mixture-of-experts model return router logits and weigh its load-balancing loss by
+    `coefficient`, where its forward reads both (config.output_router_logits, router_aux_loss_coef)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "router_aux_loss_coef"):
+        raise ConfigError("router_aux_loss_coef is set, but the model has no router load-balancing loss",
+                          field="router_aux_loss_coef", found=type(base).__name__,
+                          fix="remove router_aux_loss_coef (it applies to mixture-of-experts models such as Mixtral, Qwen3-MoE, gpt-oss)")
+    base.config.output_router_logits = True
+    base.config.router_aux_loss_coef = coefficient  # saved with the model: how it was trained
+    base.router_aux_loss_coef = coefficient
