@@ -127,7 +127,10 @@ def test_dft_batch_8_equals_2_x_accumulation_4_and_differs_from_nll(model_dir, t
     assert log_a["nll"] == pytest.approx(plain["loss"], rel=1e-6)
     # p < 1 on every token of an untrained model: the DFT loss is below the CE, and so is the update.
     assert log_a["loss"] < 0.1 * plain["loss"]
-    update = lambda w: sum(float((w[n] - start_weights[n]).norm()) for n in start_weights)
+
+    def update(w):
+        return sum(float((w[n] - start_weights[n]).norm()) for n in start_weights)
+
     assert update(a) < 0.1 * update(one_by_eight[0])
 
 

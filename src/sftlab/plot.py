@@ -27,7 +27,7 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        for line in handle:
             if not line.strip():
                 continue
             try:
