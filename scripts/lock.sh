@@ -27,5 +27,6 @@ SFTLAB_VENV="$work/venv" SFTLAB_CONSTRAINTS="$work/torch.txt" bash scripts/setup
   echo "# torch is the +cpu build: PyPI's Linux wheel of torch is the CUDA one (see scripts/setup.sh)."
   # pip itself stays unpinned: setup.sh upgrades it, and it is the installer, not something the tests run.
   "$work/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v -E '^pip==' | sort -f
-} >constraints-cpu.txt
+} >"$work/constraints.txt"
+mv "$work/constraints.txt" constraints-cpu.txt
 echo "constraints-cpu.txt: $(grep -c '==' constraints-cpu.txt) pins"
