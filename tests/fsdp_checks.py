@@ -1,4 +1,4 @@
-"""Checks that need FSDP2 really sharding over 2 processes; run by test_parallelize.py as
+"""Checks that need FSDP2 really sharding over 2 processes; run by test_sharding.py as
 
     torchrun --standalone --nproc_per_node 2 tests/fsdp_checks.py OUT.json
 

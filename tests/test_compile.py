@@ -12,10 +12,10 @@ import torch._dynamo
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, train
-from tiny import char_tokenizer
+from tiny import char_tokenizer, qa_records
 from tiny_models import save_tiny_llama
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 
 
 @pytest.mark.slow

@@ -17,21 +17,12 @@ from sftlab.errors import DataError, SftlabError
 from sftlab.generate import generate, generate_replies, load_for_generation, render_prompts, stop_token_ids
 from sftlab.plot import PlotError, plot_metrics, read_metrics
 from tiny import char_tokenizer, special_id
+from tiny import fused_tokenizer as _tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SYSTEM = "be brief"
 # Two prompts, two replies: greedy decoding of the taught model must give exactly these back.
 TAUGHT = {"hi": "hello", "ok?": "ok!"}
-
-
-def _tokenizer(chat_template: str | None = None):
-    """tests/tiny.py's char tokenizer, with a decoder that joins tokens as they are (its bare BPE
-    decoder would put a space between "hell" and "o")."""
-    from tokenizers import decoders
-
-    tokenizer = char_tokenizer(chat_template=chat_template)
-    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
-    return tokenizer
 
 
 def _tiny_llama(vocab_size: int):

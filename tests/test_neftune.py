@@ -16,7 +16,7 @@ from sftlab import SFTConfig, train
 from sftlab.data.examples import IGNORE, Examples
 from sftlab.training.batching import pack_batch, pad_batch
 from sftlab.training.loss import SupervisedLoss, example_lengths, neftune_scale, split_model
-from tiny import char_tokenizer
+from tiny import char_tokenizer, qa_records
 from tiny_models import save_tiny_llama, tiny_model
 
 VOCAB = 96
@@ -130,7 +130,7 @@ def test_the_dense_path_gets_the_same_noise():
     assert results["sparse"] == pytest.approx(results["dense"], rel=1e-6)
 
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 
 
 def test_training_with_neftune_end_to_end(tmp_path):
