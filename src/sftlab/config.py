@@ -6,13 +6,12 @@ Names follow the ones SFT users know from TRL/transformers where the concept is 
 
 from __future__ import annotations
 
-import difflib
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, did_you_mean
 
 
 class DataSource(BaseModel):
@@ -53,9 +52,8 @@ def data_sources(value, name: str):
         known = list(DataSource.model_fields)
         for key in item:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
                 raise ConfigError(f"unknown key '{key}' in a data source", field=f"{where}.{key}",
-                                  fix=f"did you mean '{close[0]}'?" if close else f"a source takes {known}")
+                                  fix=did_you_mean(key, known) or f"a source takes {known}")
         try:
             source = DataSource(**item)
         except ValidationError as error:
@@ -321,11 +319,10 @@ def make_config(values: dict, source: str | None = None) -> SFTConfig:
     known = list(SFTConfig.model_fields)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
             raise ConfigError(
                 f"unknown config key '{key}'",
                 source=source,
-                fix=f"did you mean '{close[0]}'?" if close else "run `sftlab config` to list every key",
+                fix=did_you_mean(key, known) or "run `sftlab config` to list every key",
             )
     try:
         return SFTConfig(**values)

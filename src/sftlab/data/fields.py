@@ -16,12 +16,11 @@ rendered by the chat template.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 
 from sftlab.data.formats import _Invalid
-from sftlab.errors import ConfigError, describe
+from sftlab.errors import ConfigError, describe, did_you_mean
 
 # Field names a mapping may give (sftlab's name -> the source's name).
 RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
@@ -53,10 +52,10 @@ class FieldMap:
     def __post_init__(self):
         for name, value in self.fields.items():
             if name not in RECORD_FIELDS + MESSAGE_KEYS:
-                close = difflib.get_close_matches(name, RECORD_FIELDS + MESSAGE_KEYS, n=1)
                 raise ConfigError(f"unknown field '{name}'", field=f"fields.{name}",
                                   expected=f"one of {list(RECORD_FIELDS + MESSAGE_KEYS)}",
-                                  fix=f"did you mean '{close[0]}'?" if close else "map sftlab's field name to yours: {prompt: question}")
+                                  fix=did_you_mean(name, RECORD_FIELDS + MESSAGE_KEYS)
+                                  or "map sftlab's field name to yours: {prompt: question}")
             if not isinstance(value, str) or not value:
                 raise ConfigError("a field maps to a field name", field=f"fields.{name}", found=describe(value),
                                   expected="the name of the field in your data")
