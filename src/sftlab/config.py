@@ -6,12 +6,47 @@ Names follow the ones SFT users know from TRL/transformers where the concept is 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sftlab.errors import ConfigError, did_you_mean
+from sftlab.errors import ConfigError, describe, did_you_mean
+
+# Allowed values, declared once: the fields below are typed with these, and the modules that
+# check the same values without a config (public functions) import the tuples from here.
+Truncation = Literal["right", "drop"]
+TRUNCATION_POLICIES = get_args(Truncation)
+ChatExamples = Literal["as_served", "final_render"]
+CHAT_EXAMPLES = get_args(ChatExamples)
+Role = Literal["system", "developer", "user", "assistant", "tool", "function", "ipython"]
+ROLES = get_args(Role)
+AlpacaLayout = Literal["alpaca", "chat"]
+ALPACA_LAYOUTS = get_args(AlpacaLayout)
+LossType = Literal["nll", "dft"]
+LOSS_TYPES = get_args(LossType)
+
+# Field names a field map may give (sftlab's name -> the source's name): record fields, and the
+# keys of a message inside a conversation.
+RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
+MESSAGE_KEYS = ("role", "content")
+
+
+def check_field_map(fields: dict, alpaca_layout: str = "alpaca") -> None:
+    """A field map and Alpaca layout as data/fields.py's FieldMap takes them; the config runs the
+    same check for its own `fields` and each source's."""
+    for name, value in fields.items():
+        if name not in RECORD_FIELDS + MESSAGE_KEYS:
+            raise ConfigError(f"unknown field '{name}'", field=f"fields.{name}",
+                              expected=f"one of {list(RECORD_FIELDS + MESSAGE_KEYS)}",
+                              fix=did_you_mean(name, RECORD_FIELDS + MESSAGE_KEYS)
+                              or "map sftlab's field name to yours: {prompt: question}")
+        if not isinstance(value, str) or not value:
+            raise ConfigError("a field maps to a field name", field=f"fields.{name}", found=describe(value),
+                              expected="the name of the field in your data")
+    if alpaca_layout not in ALPACA_LAYOUTS:
+        raise ConfigError("unknown Alpaca layout", field="alpaca_layout", found=repr(alpaca_layout),
+                          expected=f"one of {ALPACA_LAYOUTS}")
 
 
 class DataSource(BaseModel):
@@ -28,7 +63,7 @@ class DataSource(BaseModel):
     epochs: float | None = Field(None, gt=0, description="Use the source's examples this many times: 2 repeats each twice, 0.5 takes a seeded half.")
     fields: dict[str, str] | None = Field(None, description="This source's field names for sftlab's (default: the config's `fields`).")
     text_field: str | None = Field(None, description="This source's text field (default: the config's `text_field`).")
-    alpaca_layout: Literal["alpaca", "chat"] | None = Field(None, description="This source's Alpaca layout (default: the config's `alpaca_layout`).")
+    alpaca_layout: AlpacaLayout | None = Field(None, description="This source's Alpaca layout (default: the config's `alpaca_layout`).")
 
 
 def data_sources(value, name: str):
@@ -93,13 +128,13 @@ class SFTConfig(BaseModel):
     eval_split: str | None = Field(None, description="Split to use when eval_data is a DatasetDict.")
     text_field: str = Field("text", description="Field holding raw text for language-modeling records.")
     max_length: int = Field(1024, gt=0, description="Longest example in tokens; longer ones follow `truncation`.")
-    truncation: Literal["right", "drop"] = Field("right", description="'right' keeps the first max_length tokens; 'drop' drops longer examples. Both are counted.")
+    truncation: Truncation = Field("right", description="'right' keeps the first max_length tokens; 'drop' drops longer examples. Both are counted.")
     completion_only_loss: bool = Field(True, description="Prompt/completion data: train on the completion only (false: on prompt and completion).")
     assistant_only_loss: bool = Field(True, description="Conversations: train on assistant turns only (false: on every token of the rendered chat).")
     last_assistant_only: bool = Field(False, description="Conversations: train on the last assistant turn only.")
-    train_on_roles: list[Literal["system", "developer", "user", "assistant", "tool", "function", "ipython"]] = Field(
+    train_on_roles: list[Role] = Field(
         default_factory=lambda: ["assistant"], description="Conversations: the roles whose messages are trained; a message's own \"train\": true/false wins.")
-    chat_examples: Literal["as_served", "final_render"] = Field("as_served", description="Conversations: 'as_served' trains every turn after exactly the prompt inference feeds it, adding examples where the template rewrites history (counted); 'final_render' keeps one example per conversation and leaves the turns it cannot serve untrained (counted).")
+    chat_examples: ChatExamples = Field("as_served", description="Conversations: 'as_served' trains every turn after exactly the prompt inference feeds it, adding examples where the template rewrites history (counted); 'final_render' keeps one example per conversation and leaves the turns it cannot serve untrained (counted).")
     tools: list[dict] | str | None = Field(None, description="Tools (function schemas) for conversations that carry none: a list, a .json file, or JSON text. A record's own 'tools' win.")
     chat_template_kwargs: dict | None = Field(None, description="Arguments for every chat template render (enable_thinking, reasoning_effort, documents, ...); a record's own 'chat_template_kwargs' win.")
     skip_invalid_records: bool = Field(False, description="Count and skip records that fail validation instead of stopping with an error.")
@@ -109,7 +144,7 @@ class SFTConfig(BaseModel):
     # --- data at scale: workers, field maps, Alpaca (issue 11) ---------------------------------
     preprocessing_workers: int | None = Field(None, ge=1, description="Processes that tokenize the data, each on its share of the records (spawned; the result is the same for any number). Default: one per two cores for data of more than 50 MB (or 50k records), else 1.")
     fields: dict[str, str] | None = Field(None, description="Your data's field names for sftlab's: {prompt: question, completion: answer}; {messages: dialog, role: speaker, content: text}; {instruction: task, input: context, output: answer}; {text: body}. ShareGPT from/value needs none.")
-    alpaca_layout: Literal["alpaca", "chat"] = Field("alpaca", description="Alpaca records (instruction, optional input, output): 'alpaca' trains on the output after Stanford Alpaca's prompt layout (docs/data.md); 'chat' makes each a user turn and an assistant turn through the chat template.")
+    alpaca_layout: AlpacaLayout = Field("alpaca", description="Alpaca records (instruction, optional input, output): 'alpaca' trains on the output after Stanford Alpaca's prompt layout (docs/data.md); 'chat' makes each a user turn and an assistant turn through the chat template.")
 
     # --- batching ----------------------------------------------------------------------------
     packing: bool = Field(False, description="Pack examples into rows of up to max_length tokens (best-fit decreasing), attention kept inside each example.")
@@ -134,7 +169,7 @@ class SFTConfig(BaseModel):
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
     loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
-    loss_type: Literal["nll", "dft"] = Field("nll", description="'nll': cross-entropy on every supervised token. 'dft' (Dynamic Fine-Tuning): each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy.")
+    loss_type: LossType = Field("nll", description="'nll': cross-entropy on every supervised token. 'dft' (Dynamic Fine-Tuning): each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: in training only, add uniform noise of bound alpha / sqrt(length x hidden) to the input embeddings, length being each example's own (also in packed rows). 5 is the paper's usual value; null: off. Never applied at evaluation or generation.")
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
 
@@ -185,15 +220,13 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _field_maps(self) -> "SFTConfig":
-        from sftlab.data.fields import FieldMap
-
         checks = [("", self.fields, self.text_field)]
         for name in ("train_data", "eval_data"):
             for position, source in enumerate(getattr(self, name) if isinstance(getattr(self, name), list) else ()):
                 checks.append((f"{name}[{position}].", source.fields, source.text_field or self.text_field))
         for where, fields, text_field in checks:
             try:
-                FieldMap(dict(fields or {}))
+                check_field_map(dict(fields or {}))
             except ConfigError as error:
                 raise ConfigError(error.problem, field=where + (error.field or "fields"), found=error.found,
                                   expected=error.expected, fix=error.fix) from None
