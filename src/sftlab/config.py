@@ -6,6 +6,7 @@ Names follow the ones SFT users know from TRL/transformers where the concept is 
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 import yaml
@@ -30,6 +31,40 @@ LOSS_TYPES = get_args(LossType)
 # keys of a message inside a conversation.
 RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
 MESSAGE_KEYS = ("role", "content")
+
+# Evaluation by generation: the built-in metrics (training/evaluation.py holds their functions),
+# a user's module:function, and the keys of the eval record that count rather than score (the
+# scores are eval_generate_<metric>; `sftlab plot` draws those).
+BUILTIN_METRIC_NAMES = ("exact_match", "json_exact_match", "contains")
+USER_METRIC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+COUNT_KEYS = ("eval_generate_samples", "eval_generate_unfinished", "eval_generate_new_tokens", "eval_generate_seconds")
+
+
+def metric_key(name: str) -> str:
+    """What a metric is logged as: eval_generate_exact_match, eval_generate_<function> for module:function."""
+    return "eval_generate_" + name.rsplit(":", 1)[-1]
+
+
+def check_metric_names(names: list[str]) -> list[str]:
+    """eval_generate_metrics checked before anything is imported: built-in names or module:function,
+    each logged under a name of its own."""
+    for position, name in enumerate(names):
+        if name not in BUILTIN_METRIC_NAMES and not (isinstance(name, str) and USER_METRIC.match(name)):
+            raise ConfigError("unknown generation metric", field=f"eval_generate_metrics[{position}]", found=repr(name),
+                              expected=f"one of {sorted(BUILTIN_METRIC_NAMES)}, or module:function for a function of your own",
+                              fix="e.g. eval_generate_metrics: [exact_match] or [my_metrics:score] "
+                                  "(score(prediction, reference) -> float in my_metrics.py)")
+    keys = [metric_key(name) for name in names]
+    for position, key in enumerate(keys):
+        if key in COUNT_KEYS:
+            raise ConfigError("a generation metric would be logged under the name of a count",
+                              field=f"eval_generate_metrics[{position}]", found=f"{names[position]!r} logs {key}",
+                              fix="rename the function")
+        if key in keys[:position]:
+            raise ConfigError("two generation metrics would be logged under one name", field=f"eval_generate_metrics[{position}]",
+                              found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
+                              fix="keep one, or rename one of the functions")
+    return names
 
 
 def check_field_map(fields: dict, alpaca_layout: str = "alpaca") -> None:
@@ -273,8 +308,6 @@ class SFTConfig(BaseModel):
     @field_validator("eval_generate_metrics")
     @classmethod
     def _generation_metrics(cls, value: list[str]) -> list[str]:
-        from sftlab.training.evaluation import check_metric_names
-
         return check_metric_names(value)
 
     @model_validator(mode="after")
