@@ -51,7 +51,8 @@ def check_metric_names(names: list[str]) -> list[str]:
     for position, name in enumerate(names):
         if name not in BUILTIN_METRIC_NAMES and not (isinstance(name, str) and USER_METRIC.match(name)):
             raise ConfigError("unknown generation metric", field=f"eval_generate_metrics[{position}]", found=repr(name),
-                              expected=f"one of {sorted(BUILTIN_METRIC_NAMES)}, or module:function for a function of your own",
+                              expected=f"one of {sorted(BUILTIN_METRIC_NAMES)}, "
+                                       "or module:function for a function of your own",
                               fix="e.g. eval_generate_metrics: [exact_match] or [my_metrics:score] "
                                   "(score(prediction, reference) -> float in my_metrics.py)")
     keys = [metric_key(name) for name in names]
@@ -61,7 +62,8 @@ def check_metric_names(names: list[str]) -> list[str]:
                               field=f"eval_generate_metrics[{position}]", found=f"{names[position]!r} logs {key}",
                               fix="rename the function")
         if key in keys[:position]:
-            raise ConfigError("two generation metrics would be logged under one name", field=f"eval_generate_metrics[{position}]",
+            raise ConfigError("two generation metrics would be logged under one name",
+                              field=f"eval_generate_metrics[{position}]",
                               found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
                               fix="keep one, or rename one of the functions")
     return names
@@ -101,6 +103,35 @@ class DataSource(BaseModel):
     alpaca_layout: AlpacaLayout | None = Field(None, description="This source's Alpaca layout (default: the config's `alpaca_layout`).")
 
 
+def validated(model: type[BaseModel], values: dict, *, source: str | None = None, where: str | None = None):
+    """model(**values) with every mistake as a ConfigError: an unknown key suggests the closest
+    known one (checked first: a typo explains the "missing" key pydantic would report), an invalid
+    value names its key and the field's description. `where` names a data source (train_data[2]);
+    without it the keys are the config's own, and `source` its file."""
+    known = list(model.model_fields)
+    for key in values:
+        if key not in known:
+            if where is not None:
+                raise ConfigError(f"unknown key '{key}' in a data source", field=f"{where}.{key}",
+                                  fix=did_you_mean(key, known) or f"a source takes {known}")
+            raise ConfigError(f"unknown config key '{key}'", source=source,
+                              fix=did_you_mean(key, known) or "run `sftlab config` to list every key")
+    try:
+        return model(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        name = first["loc"][0] if first["loc"] else None
+        found = repr(first.get("input")) if first["type"] != "missing" else "nothing"
+        expected = model.model_fields[name].description if name in model.model_fields else None
+        if where is not None:
+            raise ConfigError(f"invalid value: {first['msg']}", field=f"{where}.{key}", found=found,
+                              expected=expected) from None
+        raise ConfigError(f"invalid value for '{key}': {first['msg']}", source=source, found=found, expected=expected,
+                          fix=f"set {name or 'it'} to a valid value "
+                              "(`sftlab config` lists every key with its type and default)") from None
+
+
 def data_sources(value, name: str):
     """train_data / eval_data as given: a path, or a list of sources (paths or mappings), checked
     with errors that name the source and the key."""
@@ -119,20 +150,7 @@ def data_sources(value, name: str):
         if not isinstance(item, dict):
             raise ConfigError("a source must be a path or a mapping", field=where, found=type(item).__name__,
                               expected="a path, or {path: ..., weight: ...}")
-        known = list(DataSource.model_fields)
-        for key in item:
-            if key not in known:
-                raise ConfigError(f"unknown key '{key}' in a data source", field=f"{where}.{key}",
-                                  fix=did_you_mean(key, known) or f"a source takes {known}")
-        try:
-            source = DataSource(**item)
-        except ValidationError as error:
-            first = error.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            description = DataSource.model_fields[first["loc"][0]].description if first["loc"] and first["loc"][0] in DataSource.model_fields else None
-            raise ConfigError(f"invalid value: {first['msg']}", field=f"{where}.{key}",
-                              found=repr(first.get("input")) if first["type"] != "missing" else "nothing",
-                              expected=description) from None
+        source = validated(DataSource, item, where=where)
         chosen = [key for key in ("weight", "max_samples", "epochs") if getattr(source, key) is not None]
         if len(chosen) > 1:
             raise ConfigError("weight, max_samples and epochs are alternatives", field=f"{where}.{chosen[1]}",
@@ -382,29 +400,10 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
 
 
 def make_config(values: dict, source: str | None = None) -> SFTConfig:
-    known = list(SFTConfig.model_fields)
-    for key in values:
-        if key not in known:
-            raise ConfigError(
-                f"unknown config key '{key}'",
-                source=source,
-                fix=did_you_mean(key, known) or "run `sftlab config` to list every key",
-            )
     try:
-        return SFTConfig(**values)
+        return validated(SFTConfig, values, source=source)
     except ConfigError as error:  # from the validators of the data sources: named by their keys
         if error.source is not None or source is None:
             raise
         raise ConfigError(error.problem, source=source, field=error.field, found=error.found, expected=error.expected,
                           fix=error.fix) from None
-    except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        description = SFTConfig.model_fields[first["loc"][0]].description if first["loc"] and first["loc"][0] in SFTConfig.model_fields else None
-        raise ConfigError(
-            f"invalid value for '{key}': {first['msg']}",
-            source=source,
-            found=repr(first.get("input")) if first["type"] != "missing" else "nothing",
-            expected=description,
-            fix=f"set {first['loc'][0] if first['loc'] else 'it'} to a valid value (`sftlab config` lists every key with its type and default)",
-        ) from None
