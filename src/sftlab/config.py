@@ -6,6 +6,8 @@ Names follow the ones SFT users know from TRL/transformers where the concept is 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Literal, get_args
 
@@ -67,6 +69,28 @@ def check_metric_names(names: list[str]) -> list[str]:
                               found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
                               fix="keep one, or rename one of the functions")
     return names
+
+
+def parse_tools(tools: list | str | None) -> list | None:
+    """`tools` as given: a list as it is, or read from a .json file or from JSON text (a mapping
+    {"tools": [...]} is unwrapped); anything else is a ConfigError."""
+    if tools is None or isinstance(tools, list):
+        return tools
+    text = tools
+    if os.path.isfile(tools):
+        with open(tools, encoding="utf-8") as handle:
+            text = handle.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError("tools is neither a .json file nor JSON text", field="tools", found=f"{error.msg} in {tools[:60]!r}",
+                          expected="a list of function schemas, a path to a .json file holding one, or its JSON text") from None
+    if isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError("tools must be a list of function schemas", field="tools", found=type(value).__name__,
+                          expected='[{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]')
+    return value
 
 
 def check_field_map(fields: dict, alpaca_layout: str = "alpaca") -> None:
@@ -287,6 +311,13 @@ class SFTConfig(BaseModel):
                 raise ConfigError("text_field and fields.text both name the text field", field=where + "fields.text",
                                   found=f"text_field {text_field!r} and fields.text {fields['text']!r}", fix="give one of them")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value):
+        # Read and parsed here, so a missing file or bad JSON stops the run before the model loads,
+        # and the data stage gets the list.
+        return parse_tools(value)
 
     @field_validator("lora_init")
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -25,30 +24,9 @@ def target_settings(config: SFTConfig) -> TargetSettings:
         chat_template=config.chat_template,
         train_on_roles=tuple(config.train_on_roles),
         chat_examples=config.chat_examples,
-        tools=dataset_tools(config.tools),
+        tools=config.tools,  # parsed by the config (a .json file or JSON text becomes the list)
         chat_template_kwargs=config.chat_template_kwargs,
     )
-
-
-def dataset_tools(tools: list | str | None) -> list | None:
-    """The config's `tools`: a list as given, or read from a .json file or from JSON text."""
-    if tools is None or isinstance(tools, list):
-        return tools
-    text = tools
-    if os.path.isfile(tools):
-        with open(tools, encoding="utf-8") as handle:
-            text = handle.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError("tools is neither a .json file nor JSON text", field="tools", found=f"{error.msg} in {tools[:60]!r}",
-                          expected="a list of function schemas, a path to a .json file holding one, or its JSON text") from None
-    if isinstance(value, dict) and isinstance(value.get("tools"), list):
-        value = value["tools"]
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ConfigError("tools must be a list of function schemas", field="tools", found=type(value).__name__,
-                          expected='[{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]')
-    return value
 
 
 def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
