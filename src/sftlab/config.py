@@ -339,12 +339,38 @@ class SFTConfig(BaseModel):
         if self.load_in_4bit and self.fsdp:
             raise ConfigError("load_in_4bit cannot be sharded with fsdp: true (FSDP2 does not shard bitsandbytes' packed 4-bit weights)",
                               field="load_in_4bit", fix="train QLoRA with DDP (fsdp: false), or full-precision LoRA with fsdp")
+        if self.fsdp and self.use_peft and self.merge_lora:
+            raise ConfigError("merge_lora is not available with fsdp: true "
+                              "(the merge needs the whole model in one process)", field="merge_lora",
+                              fix="merge final/ afterwards in one process: "
+                                  "PeftModel.from_pretrained(base, final).merge_and_unload()")
         if self.load_in_4bit and self.merge_lora:
             raise ConfigError("merge_lora with load_in_4bit would merge the adapter into 4-bit weights, and lose precision",
                               field="merge_lora", fix="merge final/ onto the full-precision base afterwards: PeftModel.from_pretrained(base, final).merge_and_unload()")
         if self.lora_init.startswith(("pissa", "olora")) and self.fsdp:
             raise ConfigError(f"lora_init: {self.lora_init} changes the base weights, and its adapter conversion needs the whole model in one process",
                               field="lora_init", fix="use lora_init: default with fsdp, or train without fsdp")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_in_backward(self) -> "SFTConfig":
+        # Each parameter is updated the moment its gradient is complete: whatever needs every
+        # gradient of the step first (their global norm, the next micro-batch, the other processes'
+        # gradients, a decision to skip the step) cannot be honoured, so it is refused, not approximated.
+        # That it runs in one process without fsdp is known only at run time (the loop checks it).
+        if not self.optimizer_in_backward:
+            return self
+        needs = [("max_grad_norm", self.max_grad_norm is not None,
+                  "null (clipping needs the norm of every gradient before any update)"),
+                 ("gradient_accumulation_steps", self.gradient_accumulation_steps != 1, "1"),
+                 ("skip_nonfinite_steps", self.skip_nonfinite_steps,
+                  "false (the update is made before the loss is known to be finite)"),
+                 ("fsdp", self.fsdp, "false, and one process")]
+        for name, conflict, wanted in needs:
+            if conflict:
+                raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
+                                  found=str(getattr(self, name)),
+                                  fix=f"set {name} accordingly, or optimizer_in_backward: false")
         return self
 
     @field_validator("max_steps")
