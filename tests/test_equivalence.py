@@ -43,7 +43,7 @@ def records_file(tmp_path_factory):
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(output_dir), use_cache=False, max_steps=1,
+    values = dict(model=model_dir, output_dir=str(output_dir), use_cache=False, max_steps=1,
                   learning_rate=1.0, lr_scheduler_type="constant", warmup_ratio=0.0, max_grad_norm=None, logging_steps=1, seed=5)
     return SFTConfig(**{**values, **overrides})
 

@@ -26,7 +26,7 @@ def tied_model_dir(tmp_path_factory):
 
 
 def run(model_dir, out, **overrides):
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(out), use_cache=False, **BASE)
+    values = dict(model=model_dir, output_dir=str(out), use_cache=False, **BASE)
     return train(SFTConfig(**{**values, **overrides}), train_dataset=RECORDS)
 
 

@@ -45,7 +45,7 @@ BASE = dict(per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0,
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(output_dir), use_cache=False, **BASE)
+    values = dict(model=model_dir, output_dir=str(output_dir), use_cache=False, **BASE)
     return SFTConfig(**{**values, **overrides})
 
 

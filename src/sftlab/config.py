@@ -199,7 +199,9 @@ class SFTConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run. Off unless you trust its author.")
 
     # --- data --------------------------------------------------------------------------------
-    train_data: str | list[DataSource] = Field(description="Training data: a .jsonl/.json/.parquet/.csv file, a glob, a folder (of such files, or written by datasets' save_to_disk); or a list of sources to mix (paths, or mappings with the keys of `train_data[]` below).")
+    # Optional here because train(config, train_dataset=...) may be given the data as an object;
+    # without either, preparation (data/splits.py) stops with a ConfigError naming train_data.
+    train_data: str | list[DataSource] | None = Field(None, description="Training data: a .jsonl/.json/.parquet/.csv file, a glob, a folder (of such files, or written by datasets' save_to_disk); or a list of sources to mix (paths, or mappings with the keys of `train_data[]` below). Needed unless the Python API's train() is given train_dataset.")
     train_split: str | None = Field(None, description="Split to use when the data is a DatasetDict.")
     eval_data: str | list[DataSource] | None = Field(None, description="Evaluation data, in the same forms as train_data (a list is mixed the same way).")
     eval_split: str | None = Field(None, description="Split to use when eval_data is a DatasetDict.")

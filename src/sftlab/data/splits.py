@@ -33,9 +33,12 @@ def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None)
     """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
     config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
     if source is None:
-        source = config.eval_data if eval else config.train_data
+        name = "eval_data" if eval else "train_data"
+        source = getattr(config, name)
         if source is None:
-            raise ConfigError("eval_data is not set", field="eval_data")
+            raise ConfigError(f"{name} is not set", field=name,
+                              fix=f"set {name}: to a data file, a folder or a list of sources"
+                                  + (", or pass train_dataset= to train()" if not eval else ""))
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
         return prepare_mixture(config, tokenizer, source)
     return prepare_examples(
