@@ -1,6 +1,9 @@
 """The training config, declared once: each field's type, default and one-line description.
 
 CLI help (`sftlab config`), validation messages and docs all come from this declaration.
+It is the only validator: every rule that relates fields lives here beside them, and each set of
+allowed values is declared here once (data/ and training/ import the tuples). It imports nothing
+of sftlab but errors, so that data/ and training/ can import it without a cycle.
 Names follow the ones SFT users know from TRL/transformers where the concept is the same.
 """
 
