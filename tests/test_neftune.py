@@ -137,7 +137,7 @@ def test_training_with_neftune_end_to_end(tmp_path):
     model_dir = save_tiny_llama(str(tmp_path / "model"), char_tokenizer())
 
     def run(name, **overrides):
-        config = SFTConfig(model=model_dir, train_data="(list)", eval_data="(list)", output_dir=str(tmp_path / name), use_cache=False,
+        config = SFTConfig(model=model_dir, output_dir=str(tmp_path / name), use_cache=False,
                            per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, max_steps=2,
                            seed=0, **overrides)
         history = train(config, train_dataset=RECORDS, eval_dataset=RECORDS[:4]).history

@@ -136,7 +136,7 @@ def test_qlora_trains_adapters_on_a_4bit_base(model_dir, tmp_path):
         seen["dtypes"] = {p.dtype for p in model}
         return torch.optim.AdamW(model, lr=1e-2)
 
-    config = SFTConfig(model=model_dir, train_data="(list)", output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2},
+    config = SFTConfig(model=model_dir, output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2},
                        load_in_4bit=True)
     result = train(config, train_dataset=RECORDS, optimizer=spy)
     assert seen["dtypes"] == {torch.float32}  # only the adapters train; the 4-bit weights are frozen

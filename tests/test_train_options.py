@@ -88,7 +88,7 @@ def test_the_python_api_takes_an_optimizer_factory_and_a_scheduler_factory(model
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
 
     result = train(
-        SFTConfig(model=model_dir, train_data="-", output_dir=str(tmp_path / "sgd"), use_cache=False, **BASE),
+        SFTConfig(model=model_dir, output_dir=str(tmp_path / "sgd"), use_cache=False, **BASE),
         train_dataset=RECORDS, optimizer=make_optimizer, lr_scheduler=make_scheduler)
     assert isinstance(seen["optimizer"], torch.optim.SGD)
     assert [r["learning_rate"] for r in result.history if r["type"] == "train"] == pytest.approx([0.5, 0.25, 0.5 / 3])
@@ -144,7 +144,7 @@ def test_fsdp_refuses_what_it_cannot_honour(model_dir, tmp_path):
 
     params = torch.nn.Linear(2, 2).parameters()
     with pytest.raises(ConfigError, match="pass a function params -> optimizer instead"):
-        train(SFTConfig(model=model_dir, train_data="-", output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
+        train(SFTConfig(model=model_dir, output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
               train_dataset=RECORDS, optimizer=torch.optim.SGD(params, lr=0.1))
     with pytest.raises(ConfigError, match="merge_lora is not available with fsdp"):
         run(model_dir, tmp_path / "b", fsdp=True, use_peft=True, merge_lora=True)

@@ -36,7 +36,7 @@ def list_config(model_dir: str, output_dir, **fields):
     into `output_dir`, without the prepared-data cache; `fields` are the run's other settings."""
     from sftlab import SFTConfig
 
-    return SFTConfig(model=model_dir, train_data="(passed as a list)", output_dir=str(output_dir), use_cache=False, **fields)
+    return SFTConfig(model=model_dir, output_dir=str(output_dir), use_cache=False, **fields)
 
 
 def save_tiny_llama(folder: str, tokenizer, seed: int = 0, tie: bool = False) -> str:

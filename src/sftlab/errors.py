@@ -5,6 +5,8 @@ The CLI prints `str(error)` as one line and exits non-zero; tracebacks are kept 
 
 from __future__ import annotations
 
+import difflib
+
 
 class SftlabError(Exception):
     """A mistake in the user's data, config or files, described so that a person can fix it."""
@@ -65,3 +67,10 @@ def describe(value: object, limit: int = 60) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(value).__name__} {text}" if value is not None else "None"
+
+
+def did_you_mean(name: object, known) -> str | None:
+    """'did you mean 'X'?' for the known name closest to a mistyped one, or None when none is close:
+    the one suggestion that unknown config keys, data-source keys and field-map names all give."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else None

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
+from sftlab.config import CHAT_EXAMPLES
 from sftlab.errors import DataError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
@@ -57,9 +58,7 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 # How the turns of a conversation become examples.
-AS_SERVED = "as_served"
-FINAL_RENDER = "final_render"
-CHAT_EXAMPLES = (AS_SERVED, FINAL_RENDER)
+AS_SERVED, FINAL_RENDER = CHAT_EXAMPLES  # declared in config.py
 
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:

@@ -25,12 +25,12 @@ import numpy as np
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import AS_SERVED, CHAT_EXAMPLES, ChatRenderer, TurnError, resolve_chat_templates
+from sftlab.config import CHAT_EXAMPLES, TRUNCATION_POLICIES
+from sftlab.data.chat import AS_SERVED, ChatRenderer, TurnError, resolve_chat_templates
 from sftlab.data.formats import Record
 from sftlab.errors import DataError
 
 IGNORE = -100
-TRUNCATION_POLICIES = ("right", "drop")
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,7 @@ class ExampleBuilder:
     they are assembled; `stats()` holds the counts of everything built so far."""
 
     def __init__(self, tokenizer, settings: TargetSettings, skip_invalid: bool = False):
+        # The config checks these too; TargetSettings is public and may be built without one.
         if settings.truncation not in TRUNCATION_POLICIES:
             raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
         if settings.chat_examples not in CHAT_EXAMPLES:

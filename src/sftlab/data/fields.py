@@ -16,17 +16,12 @@ rendered by the chat template.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 
+from sftlab.config import MESSAGE_KEYS, RECORD_FIELDS, check_field_map
 from sftlab.data.formats import _Invalid
-from sftlab.errors import ConfigError, describe
-
-# Field names a mapping may give (sftlab's name -> the source's name).
-RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
-MESSAGE_KEYS = ("role", "content")
-ALPACA_LAYOUTS = ("alpaca", "chat")
+from sftlab.errors import describe
 
 # Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), with the newline after
 # "### Response:" that inference prompts in this layout end with; the output follows it.
@@ -51,18 +46,8 @@ class FieldMap:
     alpaca_layout: str = "alpaca"
 
     def __post_init__(self):
-        for name, value in self.fields.items():
-            if name not in RECORD_FIELDS + MESSAGE_KEYS:
-                close = difflib.get_close_matches(name, RECORD_FIELDS + MESSAGE_KEYS, n=1)
-                raise ConfigError(f"unknown field '{name}'", field=f"fields.{name}",
-                                  expected=f"one of {list(RECORD_FIELDS + MESSAGE_KEYS)}",
-                                  fix=f"did you mean '{close[0]}'?" if close else "map sftlab's field name to yours: {prompt: question}")
-            if not isinstance(value, str) or not value:
-                raise ConfigError("a field maps to a field name", field=f"fields.{name}", found=describe(value),
-                                  expected="the name of the field in your data")
-        if self.alpaca_layout not in ALPACA_LAYOUTS:
-            raise ConfigError("unknown Alpaca layout", field="alpaca_layout", found=repr(self.alpaca_layout),
-                              expected=f"one of {ALPACA_LAYOUTS}")
+        # Checked here too: prepare_examples(fields=..., alpaca_layout=...) is called without a config.
+        check_field_map(self.fields, self.alpaca_layout)
 
     @property
     def renames(self) -> dict[str, str]:

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftlab.config import ROLES
 from sftlab.errors import DataError, describe
 from sftlab.data.sources import Records
 
@@ -28,7 +29,6 @@ CONVERSATIONAL = "conversational"
 CHAT_PROMPT_COMPLETION = "chat_prompt_completion"
 PRETOKENIZED = "pretokenized"
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",

@@ -176,9 +176,6 @@ def _items_per_step(config: SFTConfig, processes) -> int:
 def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer,
            lr_scheduler) -> Run:
     """The recipe's setup, in the order it happens; each step is a small function of its own."""
-    if config.fsdp and config.use_peft and config.merge_lora:
-        raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
-                          field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
     distributed.seed_everything(config.seed)
     export.check_output_dir(config.output_dir, processes.is_main)
     replaced = []
@@ -238,7 +235,7 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
     parameters = [p for p in model.parameters() if p.requires_grad]
     stepper = None
     if config.optimizer_in_backward:
-        setup.check_optimizer_in_backward(config, processes.world)
+        setup.check_optimizer_in_backward(processes.world)
         stepper = StepInBackward(parameters, optimizer)
     run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
               stepper, pad_id, eval_examples, identity=run_identity(config, model, tokenizer, train_examples))

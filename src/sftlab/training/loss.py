@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sftlab.config import LOSS_TYPES
 from sftlab.data.examples import IGNORE
 
 # Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
 CHUNK_VALUES = 64 * 1024 * 1024
-LOSS_TYPES = ("nll", "dft")
 
 
 def chunk_rows(vocab_size: int) -> int:

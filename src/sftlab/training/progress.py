@@ -178,7 +178,7 @@ def _generation_summary(record: dict) -> str:
     """The scores of an evaluation by generation (training/evaluation.py), and what it cost."""
     if "eval_generate_samples" not in record:
         return ""
-    from sftlab.training.evaluation import COUNT_KEYS
+    from sftlab.config import COUNT_KEYS
 
     scores = "  ".join(f"{key[len('eval_generate_'):]} {value:.3f}" for key, value in record.items()
                        if key.startswith("eval_generate_") and key not in COUNT_KEYS)

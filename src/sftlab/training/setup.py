@@ -124,19 +124,13 @@ def setup_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def check_optimizer_in_backward(config: SFTConfig, world: int) -> None:
-    # Each parameter is updated the moment its gradient is complete: whatever needs every
-    # gradient of the step first (their global norm, the next micro-batch, the other processes'
-    # gradients, a decision to skip the step) cannot be honoured, so it is refused, not approximated.
-    needs = [("max_grad_norm", config.max_grad_norm is not None, "null (clipping needs the norm of every gradient before any update)"),
-             ("gradient_accumulation_steps", config.gradient_accumulation_steps != 1, "1"),
-             ("skip_nonfinite_steps", config.skip_nonfinite_steps, "false (the update is made before the loss is known to be finite)"),
-             ("fsdp", config.fsdp or world > 1, "false, and one process")]
-    for name, conflict, wanted in needs:
-        if conflict:
-            raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
-                              found=str(getattr(config, name)) + (f" with {world} processes" if name == "fsdp" else ""),
-                              fix=f"set {name} accordingly, or optimizer_in_backward: false")
+def check_optimizer_in_backward(world: int) -> None:
+    """The config refuses optimizer_in_backward with clipping, accumulation, skipping or fsdp; the
+    number of processes is known only now. Each parameter is updated the moment its gradient is
+    complete, before DDP could average it with the other processes' gradients."""
+    if world > 1:
+        raise ConfigError("optimizer_in_backward needs fsdp: false, and one process", field="fsdp",
+                          found=f"False with {world} processes", fix="set fsdp accordingly, or optimizer_in_backward: false")
 
 
 def training_optimizer(given, model, *, fsdp: bool, learning_rate: float, weight_decay: float, betas: tuple[float, float],
