@@ -68,7 +68,7 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from transformers import get_scheduler
 
     from sftlab import SFTConfig, TargetSettings, prepare_examples
-    from sftlab.data.examples import IGNORE
+    from sftlab.data.container import IGNORE
     from sftlab.training.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.loop import StepPlan, pad_token_id

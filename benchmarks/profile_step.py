@@ -73,7 +73,7 @@ def main() -> None:
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.loop import StepPlan, pad_token_id, setup_optimizer
     from sftlab.training.loss import SupervisedLoss, head_loss, split_model
-    from sftlab.data.examples import IGNORE
+    from sftlab.data.container import IGNORE
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.examples import IGNORE, build_examples
+from sftlab.data.container import IGNORE
+from sftlab.data.examples import build_examples
 from sftlab.data.formats import validate_records
 from tiny import char_tokenizer
 

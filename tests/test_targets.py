@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.examples import IGNORE, build_examples
+from sftlab.data.container import IGNORE
+from sftlab.data.examples import build_examples
 from sftlab.data.formats import validate_records
 from tiny import char_id, char_tokenizer, ids, merged_id, special_id
 

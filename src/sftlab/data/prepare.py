@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from sftlab import __version__
-from sftlab.data.examples import CHAT_STATS, Examples, TargetSettings
+from sftlab.data.container import Examples
+from sftlab.data.examples import CHAT_STATS, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.sources import open_records
 from sftlab.data.store import built_entry

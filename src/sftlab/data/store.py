@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
 
 ARRAYS = {"input_ids": np.int32, "targets": np.int32, "offsets": np.int64, "record_index": np.int64}
 _COPY = 8 << 20  # bytes per read when shards are merged
