@@ -1,6 +1,7 @@
 """The data half: source -> records -> examples, in the order the data travels.
 
     sources.py   read records (plain dicts) from files, folders, datasets, frames, lists, in chunks
+    jsonstream.py  a .json document parsed value by value, so its records stream like JSON lines
     fields.py    rename a source's fields to sftlab's; Alpaca records to prompt/completion or chat
     formats.py   detect each record's format and validate it, naming the record and field
     chat.py      render conversations with a chat template; find what each assistant turn writes
