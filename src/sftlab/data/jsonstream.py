@@ -12,7 +12,7 @@ from sftlab.errors import DataError
 _BLOCK = 1 << 20  # characters read at a time into the window
 
 
-class _JsonText:
+class JsonText:
     """A JSON document read through a window of text: values are decoded one at a time, and
     the window keeps only what has not been consumed yet."""
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.data.jsonstream import _JsonText
+from sftlab.data.jsonstream import JsonText
 from sftlab.errors import DataError, describe
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -490,13 +490,13 @@ def _json_rows(path: str) -> Iterator[tuple[dict, int | None]]:
         if _blank(path):
             raise _empty_file(path)
         with open(path, "rb") as binary:
-            document = _JsonText(path, io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
+            document = JsonText(path, io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
             yield from _json_document(path, document)
     except UnicodeDecodeError:
         raise _utf8_error(path) from None
 
 
-def _json_document(path: str, document: "_JsonText") -> Iterator[tuple[dict, int | None]]:
+def _json_document(path: str, document: JsonText) -> Iterator[tuple[dict, int | None]]:
     """Records of a .json file: a list of records, {"name": [records]}, or JSON lines.
 
     A list, also inside {"name": [...]}, is read element by element. A file whose first line is a
@@ -531,7 +531,7 @@ def _json_document(path: str, document: "_JsonText") -> Iterator[tuple[dict, int
         yield _json_item(path, item, index), None
 
 
-def _json_array(path: str, document: "_JsonText") -> Iterator[tuple[dict, int]]:
+def _json_array(path: str, document: JsonText) -> Iterator[tuple[dict, int]]:
     """The elements of a list whose "[" was just read, through its "]"."""
     document.skip_space()
     if document.peek() == "]":
