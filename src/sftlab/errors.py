@@ -51,6 +51,14 @@ class DataError(SftlabError):
     """A record, file or dataset that cannot become training examples."""
 
 
+class TurnError(Exception):
+    """A turn the template cannot serve, or whose trained text fails the self-check."""
+
+    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
+        super().__init__(problem)
+        self.turn, self.problem, self.found, self.fix = turn, problem, found, fix
+
+
 class ConfigError(SftlabError):
     """A config key, value or file that is not valid."""
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
-from sftlab.errors import DataError
+from sftlab.errors import DataError, TurnError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
 CHATML = (
@@ -97,14 +97,6 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
             fix="set chat_template: chatml (built in) or a path to a Jinja template file",
         )
     return template, tool_template
-
-
-class TurnError(Exception):
-    """A turn the template cannot serve, or whose trained text fails the self-check."""
-
-    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
-        super().__init__(problem)
-        self.turn, self.problem, self.found, self.fix = turn, problem, found, fix
 
 
 @dataclass

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import AS_SERVED, CHAT_EXAMPLES, ChatRenderer, TurnError, resolve_chat_templates
+from sftlab.data.chat import AS_SERVED, CHAT_EXAMPLES, ChatRenderer, resolve_chat_templates
 from sftlab.data.container import IGNORE, Examples
 from sftlab.data.formats import Record
-from sftlab.errors import DataError
+from sftlab.errors import DataError, TurnError
 
 TRUNCATION_POLICIES = ("right", "drop")
 
