@@ -161,13 +161,6 @@ class ChatRenderer:
             # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
             raise TemplateError(f"{type(error).__name__}: {error}") from error
 
-    def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
-        from transformers.utils.chat_template_utils import _render_with_assistant_indices
-
-        text, spans = _render_with_assistant_indices(self.template, messages, None, None, False, **self.variables)
-        return text, [tuple(s) for s in spans]
-
     # --- turns as served ----------------------------------------------------------------------
 
     def conversation_examples(self, messages: list[dict], turns: list[int], *, tools: list | None = None,

@@ -38,10 +38,6 @@ class Examples:
         # array would otherwise be read and diffed again on every call.
         return np.diff(self.offsets)
 
-    def supervised_counts(self) -> np.ndarray:
-        supervised = (self.targets != IGNORE).astype(np.int64)
-        return np.add.reduceat(supervised, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
-
     @classmethod
     def concatenate(cls, parts: list["Examples"], stats: dict | None = None) -> "Examples":
         """The examples of `parts` one after another (in memory)."""

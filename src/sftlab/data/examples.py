@@ -144,24 +144,6 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
     return examples
 
 
-def build_examples(
-    records: list[Record],
-    tokenizer,
-    settings: TargetSettings,
-    chunk_size: int = 2048,
-    skip_invalid: bool = False,
-) -> Examples:
-    """Tokenize records into examples, applying the truncation policy; counts go into `stats`.
-
-    A conversation the chat template cannot serve as written raises a DataError naming the record
-    and turn, or with `skip_invalid` is counted under `skipped_invalid` and left out."""
-    builder = ExampleBuilder(tokenizer, settings, skip_invalid=skip_invalid)
-    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
-    examples = Examples.concatenate(list(builder.build(chunks)))
-    examples.stats.update(builder.stats())
-    return examples
-
-
 class ExampleBuilder:
     """Turns chunks of validated records into chunks of examples, one pipeline for a whole pass:
     `build` takes the chunks as they come (a stream) and gives each chunk's examples as soon as

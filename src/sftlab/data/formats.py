@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sftlab.errors import DataError, RecordError, describe
@@ -64,13 +64,6 @@ class Record:
     completion_mask: list[int] | None = None
 
 
-@dataclass
-class Validated:
-    records: list[Record]
-    formats: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-
-
 def detect_format(record: dict, text_field: str = "text") -> str:
     """The format a single record is in, from its field names."""
     if "input_ids" in record:
@@ -96,20 +89,6 @@ def detect_format(record: dict, text_field: str = "text") -> str:
         expected=f"'{text_field}', 'prompt'+'completion', 'messages', 'conversations' or 'input_ids'",
         fix="rename the fields, or set text_field if your text lives under another name",
     )
-
-
-def validate_records(
-    records: Records,
-    *,
-    text_field: str = "text",
-    skip_invalid: bool = False,
-    vocab_size: int | None = None,
-) -> Validated:
-    """Validate every record (not the first only). Invalid records raise, or are counted and skipped."""
-    validator = RecordValidator(text_field=text_field, skip_invalid=skip_invalid, vocab_size=vocab_size)
-    result = Validated(records=validator.validate(records), formats=validator.formats, skipped=validator.skipped)
-    validator.finish(records.name)
-    return result
 
 
 class RecordValidator:

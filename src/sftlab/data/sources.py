@@ -33,7 +33,7 @@ ACCEPTED = (
     "DatasetDict (with a split), IterableDataset, a torch.utils.data.Dataset of dicts, "
     "a pandas DataFrame, or a list of dicts"
 )
-CHUNK_RECORDS = 2048  # records per chunk: what build_examples encodes in one batched call
+CHUNK_RECORDS = 2048  # records per chunk: what ExampleBuilder encodes in one batched call
 _BLOCK = 1 << 20  # bytes read at a time from a file
 
 
@@ -290,30 +290,10 @@ def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def source_fingerprint(source: Any, split: str | None = None) -> str | None:
-    """A hash of `source`'s content found without parsing it, or None where only the records tell.
-
-    Files hash their bytes (the same digest `load_records` gives them) and a datasets.Dataset
-    has its own fingerprint, so the preparation cache can be looked up before any record is
-    parsed: parsing 20k JSON lines costs more than loading the prepared arrays."""
-    if isinstance(source, (str, os.PathLike)):
-        if _saved_dataset(str(source)):
-            return open_records(source, split).content_hash
-        return _files_fingerprint(_data_files(str(source)))
-    kind = _kind(source)
-    if kind == "datasets.DatasetDict":
-        chosen = split or "train"
-        return source_fingerprint(source[chosen]) if chosen in source else None
-    if kind == "datasets.Dataset":
-        return _hash_text(source._fingerprint)
-    if isinstance(source, (Records, RecordStream)) and source.content_hash is not None:
-        return source.content_hash
-    return None
-
-
 def _files_fingerprint(files: list[str]) -> str:
-    # Each file's part is its path and its bytes (read in blocks): load_records and
-    # source_fingerprint must agree, or a cache entry written by one is missed by the other.
+    # Each file's part is its path and its bytes (read in blocks), known before any record is
+    # parsed: the preparation cache is looked up without parsing (20k JSON lines cost more than
+    # loading the prepared arrays), and the records loaded from the files hash the same.
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.encode() + b"\0")

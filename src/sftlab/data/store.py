@@ -90,7 +90,6 @@ class StoreWriter:
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        self.folder = folder
         self.files = {name: ArrayFile(os.path.join(folder, name + ".npy"), dtype) for name, dtype in ARRAYS.items()}
         self.files["offsets"].append(np.zeros(1, np.int64))
         self.examples = 0
@@ -121,12 +120,9 @@ class StoreWriter:
         for array in self.files.values():
             array.flush()
 
-    def close(self, stats: dict | None = None) -> None:
+    def close(self) -> None:
         for array in self.files.values():
             array.close()
-        if stats is not None:
-            with open(os.path.join(self.folder, "stats.json"), "w") as handle:
-                json.dump(stats, handle)
 
 
 def read_entry(folder: str) -> Examples | None:
