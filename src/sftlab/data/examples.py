@@ -90,6 +90,15 @@ class SegmentEncoder:
                 )
         return anchor
 
+    def insert_bos(self, ids: list[int], labels: list[int] | None = None) -> None:
+        """Put BOS in front of a text or prompt/completion example (and IGNORE in front of its labels)
+        where the tokenizer adds one to a call with special tokens and the text does not start with it:
+        the prompt tokens are then the ones inference feeds. Chat templates write their own BOS."""
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+            if labels is not None:
+                labels.insert(0, IGNORE)
+
     def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
         """Token ids of each text; `continuation[i]` marks texts that follow other text in an example."""
         if self.anchor_ids is None:
@@ -231,9 +240,7 @@ class ExampleBuilder:
                         ids.extend(piece)
                         labels.extend(piece if supervised else [IGNORE] * len(piece))
                     if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
-                        if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
-                            ids.insert(0, encoder.bos_id)
-                            labels.insert(0, IGNORE)
+                        encoder.insert_bos(ids, labels)
                         if ids[-1:] != [encoder.eos_id]:
                             ids.append(encoder.eos_id)
                             labels.append(encoder.eos_id)

@@ -85,9 +85,7 @@ def generation_prompts(
                 continue
             if record.format == formats.PROMPT_COMPLETION:
                 ids = encoder.encode([record.prompt], [False])[0]
-                # As ExampleBuilder._assemble: the example starts with BOS where the tokenizer adds one.
-                if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
-                    ids.insert(0, encoder.bos_id)
+                encoder.insert_bos(ids)  # as the record's example starts
                 reference = record.completion
             else:
                 if renderer is None:
