@@ -51,7 +51,7 @@ class GenerationPrompts:
     usable: int = 0  # of those, the records that give a prompt (the first `limit` of them are the prompts)
     unusable: Counter = field(default_factory=Counter)  # reason -> records that gave no prompt
     formats: Counter = field(default_factory=Counter)
-    stop_token_ids: list[int] = field(default_factory=list)  # what ends a reply: EOS, the template's end of turn
+    stop_token_ids: list[int] = field(default_factory=list)  # what ends a reply (special_tokens.reply_stop_ids)
 
 
 def generation_prompts(

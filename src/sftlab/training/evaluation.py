@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from sftlab.data.special_tokens import pad_token_id
 from sftlab.errors import ConfigError, TrainingError
 
 # Keys of the eval record that describe an evaluation by generation rather than score it (the
@@ -156,7 +157,7 @@ class GenerationEval:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.stop_ids = prompts.stop_token_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_ids[0] if self.stop_ids else 0)
+        self.pad_id = pad_token_id(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.sharded = sharded
         self.log_samples = log_samples
