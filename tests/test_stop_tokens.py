@@ -59,10 +59,13 @@ CASES = {
     # The last reply ends "<|return|>", a tool call "<|call|>". <|end|> (after the analysis channel, and
     # after a final answer once it is history) is never a stop.
     "harmony": (lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True),
-                sorted([special_id("</s>"), chat_token_id("<|return|>"), chat_token_id("<|call|>")]), special_id("<pad>")),
+                sorted([special_id("</s>"), chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
+                special_id("<pad>")),
     # gpt-oss's own tokenizer has <|return|> as EOS and no other pad: pads fall back to EOS.
-    "harmony, EOS <|return|>": (lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True, eos="<|return|>", pad=False),
-                                sorted([chat_token_id("<|return|>"), chat_token_id("<|call|>")]), chat_token_id("<|return|>")),
+    "harmony, EOS <|return|>": (lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True, eos="<|return|>",
+                                                       pad=False),
+                                sorted([chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
+                                chat_token_id("<|return|>")),
     "deepseek": (deepseek_tokenizer, [deepseek_id(EOS)], special_id("<pad>")),
     # ChatML writes no tool calls: the reply's "<|im_end|>" and EOS.
     "chatml": (lambda: char_tokenizer(chat_template=CHATML), sorted([special_id("</s>"), special_id("<|im_end|>")]),

@@ -69,7 +69,8 @@ def _marker_after_probe(renderer: ChatRenderer, messages: list[dict]) -> str | N
         return None
     after += len(_PROBE)
     # The earliest marker, the longest at one position: "<|im_end|>" rather than a "<|" it starts with.
-    found = [(text.find(token, after), -len(token), token) for token in renderer.end_markers if text.find(token, after) >= 0]
+    found = [(text.find(token, after), -len(token), token) for token in renderer.end_markers]
+    found = [candidate for candidate in found if candidate[0] >= 0]
     return min(found)[2] if found else None
 
 
