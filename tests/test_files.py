@@ -55,6 +55,25 @@ def test_an_old_folder_is_replaced_and_a_killed_writer_s_leftover_removed(tmp_pa
     assert listing(target) == ["new.txt"]
 
 
+def test_a_failed_rename_puts_the_replaced_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "step-2"
+    target.mkdir()
+    (target / "state.json").write_text("{}")
+    tmp = temporary_sibling(str(target))
+    rename = os.rename
+
+    def rename_fails_for_tmp(source, destination):
+        if source == tmp:
+            raise OSError(28, "No space left on device")
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename_fails_for_tmp)
+    with pytest.raises(OSError, match="No space left"):
+        publish_directory(tmp, str(target))
+    assert listing(tmp_path) == ["step-2"]
+    assert listing(target) == ["state.json"]
+
+
 def test_without_replace_the_first_published_folder_wins(tmp_path):
     # Two writers of the same target (two processes converting one GGUF): each has its own sibling,
     # and the second rename fails instead of deleting what the first published.

@@ -51,25 +51,28 @@ def publish_directory(tmp: str, target: str, *, replace: bool = True, fsync: boo
     (moved aside first, deleted after), else the rename fails and the caller decides (another
     process may have published the same thing first). `fsync`: the files and the rename reach the
     disk before this returns, so that a power cut cannot leave a complete-looking, empty target.
-    On failure `tmp` is removed and the OSError raised."""
+    On failure `tmp` is removed, a replaced `target` put back, and the OSError raised."""
+    old = None
     try:
         if fsync:
             for folder, _, names in os.walk(tmp):
                 for name in names:
                     with open(os.path.join(folder, name), "rb") as handle:
                         os.fsync(handle.fileno())
-        old = None
         if replace and os.path.exists(target):
             old = _aside_name(target)
             _rename_aside(target, old)
         os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        if fsync:
-            _fsync_dir(os.path.dirname(os.path.normpath(target)) or ".")
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(target):
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if fsync:
+        _fsync_dir(os.path.dirname(os.path.normpath(target)) or ".")
 
 
 def remove_directory(target: str) -> None:
