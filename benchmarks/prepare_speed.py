@@ -55,7 +55,7 @@ import tempfile
 import time
 
 MAX_LENGTH = 4096
-CHUNK = 2048  # texts per encode_batch_fast call in the chunked floor: sftlab's build_examples chunk_size
+CHUNK = 2048  # texts per encode_batch_fast call in the chunked floor: sftlab's chunk of records (CHUNK_RECORDS)
 
 WORDS = (
     "the model learns to answer questions about data training loss tokens batch gradient "

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_models import tiny_model  # noqa: E402
 
-from sftlab.data.examples import IGNORE  # noqa: E402
+from sftlab.data.container import IGNORE  # noqa: E402
 from sftlab.training import distributed, parallelize  # noqa: E402
 from sftlab.training.loss import SupervisedLoss  # noqa: E402
 

@@ -18,7 +18,8 @@ from sftlab import train
 from sftlab.cli import main
 from sftlab.config import make_config
 from sftlab.data.chat import CHATML
-from sftlab.data.examples import IGNORE, TargetSettings
+from sftlab.data.container import IGNORE
+from sftlab.data.examples import TargetSettings
 from sftlab.data.prepare import prepare_examples
 from sftlab.data.prompts import generation_prompts
 from sftlab.data.splits import prepare_generation_prompts

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sftlab import ConfigError, SFTConfig, train
 from sftlab.cli import main
 from sftlab.config import load_config, make_config
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
 from sftlab.data.mixture import MixturePart, drawn, mixture_counts
 from sftlab.data.splits import prepare_split
 from tiny import char_tokenizer

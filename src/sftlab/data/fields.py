@@ -20,8 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from sftlab.config import MESSAGE_KEYS, RECORD_FIELDS, check_field_map
-from sftlab.data.formats import _Invalid
-from sftlab.errors import describe
+from sftlab.errors import RecordError, describe
 
 # Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), with the newline after
 # "### Response:" that inference prompts in this layout end with; the output follows it.
@@ -66,7 +65,7 @@ class FieldMap:
         if ("instruction" in raw or "output" in raw) and not any(name in raw for name in _OTHER_FORMATS):
             for name in ("instruction", "output"):
                 if name not in raw:
-                    raise _Invalid("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
+                    raise RecordError("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
                                    found=f"fields {sorted(raw)}", expected="instruction, input (optional) and output",
                                    fix="add the field, or map yours to it with fields: {" + name + ": your_field}")
             return self._alpaca(raw), "alpaca"
@@ -78,7 +77,7 @@ class FieldMap:
             target = renames.get(name)
             if target is None:
                 if name in record:
-                    raise _Invalid(f"the record has '{name}' and a field mapped to it",
+                    raise RecordError(f"the record has '{name}' and a field mapped to it",
                                    field=self.source_field(name), found=f"fields {sorted(raw)}",
                                    fix="map another field, or drop one of the two")
                 record[name] = value
@@ -86,7 +85,7 @@ class FieldMap:
             if target == "messages" and _sharegpt(value):
                 target = "conversations"  # from/value: converted by the ShareGPT rules, as without a mapping
             if target in record:
-                raise _Invalid(f"the record has '{target}' and a field mapped to it", field=name,
+                raise RecordError(f"the record has '{target}' and a field mapped to it", field=name,
                                found=f"fields {sorted(raw)}", fix="map another field, or drop one of the two")
             record[target] = value
         return record
@@ -103,7 +102,7 @@ class FieldMap:
         instruction = _text(raw, "instruction", "the task, as text")
         extra = raw.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise _Invalid("must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty")
+            raise RecordError("must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty")
         output = _text(raw, "output", "the response the model should learn")
         extra = (extra or "").strip() and extra
         if self.alpaca_layout == "chat":
@@ -132,9 +131,9 @@ class FieldMap:
 def _text(raw: dict, name: str, expected: str) -> str:
     value = raw[name]
     if not isinstance(value, str):
-        raise _Invalid("must be a string", field=name, found=describe(value), expected=expected)
+        raise RecordError("must be a string", field=name, found=describe(value), expected=expected)
     if not value.strip():
-        raise _Invalid("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+        raise RecordError("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
     return value
 
 

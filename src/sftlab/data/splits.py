@@ -6,7 +6,8 @@ import os
 import time
 
 from sftlab.config import DataSource, SFTConfig
-from sftlab.data.examples import Examples, TargetSettings
+from sftlab.data.container import Examples
+from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts

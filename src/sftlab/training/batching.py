@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.

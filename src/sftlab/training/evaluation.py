@@ -37,8 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sftlab.data.special_tokens import pad_token_id
+
 from sftlab.config import BUILTIN_METRIC_NAMES, SFTConfig, metric_key
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
 from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
@@ -135,7 +137,7 @@ class GenerationEval:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.stop_ids = prompts.stop_token_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_ids[0] if self.stop_ids else 0)
+        self.pad_id = pad_token_id(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.sharded = sharded
         self.log_samples = log_samples

@@ -23,7 +23,7 @@ import json
 
 import numpy as np
 
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
 from sftlab.data.prepare import tokenizer_fingerprint
 
 RESUME_SETTINGS = (

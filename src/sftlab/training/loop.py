@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from sftlab.config import SFTConfig
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
+from sftlab.data.special_tokens import pad_token_id
 from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
 from sftlab.models import load_tokenizer, resolve_model_path
@@ -305,11 +306,3 @@ def _resume(config: SFTConfig, run: Run, processes) -> int:
                       + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
     run.reporter.forget_after(start_step)
     return start_step
-
-
-def pad_token_id(tokenizer) -> int:
-    # Pads are never attended to and never targets, so any id works when the tokenizer has no pad token.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sftlab.config import LOSS_TYPES
-from sftlab.data.examples import IGNORE
+from sftlab.data.container import IGNORE
 
 # Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
 CHUNK_VALUES = 64 * 1024 * 1024

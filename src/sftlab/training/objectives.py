@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from sftlab.data.examples import IGNORE
+from sftlab.data.container import IGNORE
 from sftlab.training.loss import SupervisedLoss
 
 
