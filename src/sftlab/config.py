@@ -277,6 +277,7 @@ class SFTConfig(BaseModel):
     merge_lora: bool = Field(False, description="Also save the base model with the adapter merged in (final/merged).")
     use_dora: bool = Field(False, description="DoRA: LoRA on the direction of each weight plus a trained magnitude per output (PEFT's use_dora); slower steps, often closer to full fine-tuning.")
     use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning.")
+    lora_target_parameters: list[str] | None = Field(None, description="LoRA on weights that are parameters rather than Linear layers, by name suffix: the fused expert weights of mixture-of-experts models, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (PEFT's target_parameters; 'all-linear' does not reach them).")
     lora_modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] after adding tokens.")
     lora_init: str = Field("default", description="Adapter initialisation: 'default' (B = 0: the model starts unchanged), 'gaussian', 'pissa' / 'pissa_niter_<n>' (principal singular vectors; the base keeps the residual), 'olora' (QR), 'orthogonal'. With pissa and olora the saved adapter is converted to apply to the original base model.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base model's linear layers in 4-bit NF4 through bitsandbytes and train LoRA adapters on top (needs use_peft: true and `pip install bitsandbytes`).")
@@ -339,6 +340,7 @@ class SFTConfig(BaseModel):
     def _peft_options(self) -> "SFTConfig":
         peft_only = [name for name in ("use_dora", "use_rslora", "load_in_4bit") if getattr(self, name)]
         peft_only += ["lora_modules_to_save"] if self.lora_modules_to_save else []
+        peft_only += ["lora_target_parameters"] if self.lora_target_parameters else []
         peft_only += ["lora_init"] if self.lora_init != "default" else []
         if peft_only and not self.use_peft:
             raise ConfigError(f"{peft_only[0]} configures LoRA adapters, but use_peft is false", field=peft_only[0],

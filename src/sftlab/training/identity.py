@@ -30,7 +30,7 @@ RESUME_SETTINGS = (
     "seed", "packing", "max_length", "shuffle", "group_by_length", "learning_rate", "lr_scheduler_type", "warmup_ratio",
     "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "loss_type",
     "neftune_noise_alpha", "bf16", "optimizer_state_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
+    "lora_target_modules", "lora_target_parameters", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
     "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
 )
 CHANGEABLE = ("max_steps", "num_train_epochs")

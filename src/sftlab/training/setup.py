@@ -40,7 +40,8 @@ def lora_settings(config: SFTConfig) -> dict | None:
     if not config.use_peft:
         return None
     return dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
-                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init)
+                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init,
+                target_parameters=config.lora_target_parameters)
 
 
 def quantization_settings(config: SFTConfig):
@@ -64,14 +65,15 @@ def quantization_settings(config: SFTConfig):
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "default"):
+               modules_to_save: list[str] | None = None, init: str = "default", target_parameters: list[str] | None = None):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError("use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'") from None
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
                                             use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
-                                            init_lora_weights=True if init == "default" else init))
+                                            init_lora_weights=True if init == "default" else init,
+                                            **({"target_parameters": target_parameters} if target_parameters else {})))
 
 
 def compile_layers(model) -> int:
