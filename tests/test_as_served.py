@@ -35,6 +35,7 @@ X = -100
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
 QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
 HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
+V31 = open(os.path.join(TEMPLATES, "deepseek_v31_style.jinja"), encoding="utf-8").read()
 
 # The generation prompt opens the thinking; the history shows earlier replies without it.
 OPENS_THINK = (
@@ -264,6 +265,57 @@ def test_r1_reply_without_its_thinking_is_refused_naming_file_line_record_and_tu
     assert "the generation prompt ends with '<think>\\n'" in message and "fix:" in message
     skipped = prepare_examples(str(data), tokenizer, skip_invalid_records=True, use_cache=False)
     assert len(skipped) == 1 and sum(skipped.stats["skipped_invalid"].values()) == 1
+
+
+# DeepSeek-V3.1 style: thinking switched by a template argument; every rendered reply is "</think>" + answer.
+THINKING = {"thinking": True}
+V31_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Yo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]
+
+
+def test_v31_thinking_on_reasoning_inline_trains_the_answer_and_its_closing_tag_once():
+    # The render writes "</think>" before the answer itself: the reply as written ends with "</think>4", and
+    # only eos_token comes from the template. (Before: "add</think>4</think>4</s>", the answer trained twice.)
+    pairs, examples = examples_of([{"messages": V31_CHAT, "chat_template_kwargs": THINKING}], V31)
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>⟦add</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>⟦greet</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["rule_opened_reply"] == 2
+    assert_every_turn_trained_once_as_served({"messages": V31_CHAT, "chat_template_kwargs": THINKING}, V31)
+
+
+def test_v31_thinking_on_with_whitespace_the_template_does_not_echo_is_refused_not_trained_twice():
+    # The answer as written ends in "\n", and the template renders it so: the reply still matches its render.
+    ends_in_newline = [V31_CHAT[0], {"role": "assistant", "content": "<think>greet</think>Yo\n"}]
+    pairs, _ = examples_of([{"messages": ends_in_newline}], V31, chat_template_kwargs=THINKING)
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|><think>⟦greet</think>Yo\n</s>⟧")
+    # A template that trims the answer renders "</think>Yo</s>" for "Yo  ": no stretch of its render ends the
+    # reply as written, so the turn is refused instead of trained as "greet</think>Yo  </think>Yo</s>".
+    trims = V31.replace("{{- content + eos_token }}", "{{- content | trim + eos_token }}")
+    padded = [V31_CHAT[0], {"role": "assistant", "content": "<think>greet</think>Yo  "}]
+    with pytest.raises(DataError, match=r"messages\[1\].*cannot find the end of the reply as written"):
+        examples_of([{"messages": padded}], trims, chat_template_kwargs=THINKING)
+
+
+def test_v31_thinking_on_with_reasoning_in_reasoning_content_is_refused():
+    # This template never reads reasoning_content, and the model is served to think first.
+    chat = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>'"):
+        examples_of([{"messages": chat, "chat_template_kwargs": THINKING}], V31)
+
+
+def test_v31_thinking_off_is_prefix_stable_and_refuses_reasoning_it_would_drop():
+    plain = [{**m, "content": m["content"].split("</think>")[-1]} for m in V31_CHAT]
+    pairs, examples = examples_of([{"messages": plain}], V31)
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+    assert examples.stats["chat"]["rule_prefix"] == 2
+    assert examples_of([{"messages": plain, "chat_template_kwargs": {"thinking": False}}], V31)[0] == pairs
+    inline = {"messages": V31_CHAT}
+    in_field = {"messages": [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]}
+    for record in (inline, in_field):
+        with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
+            examples_of([record], V31)
 
 
 # ---------------------------------------------------------------- tools reach the template
