@@ -27,7 +27,9 @@ When F_k does not start with P_k, two documented rules apply, else the record is
 - the generation prompt opens the reply and the turn's render does not continue it
   (DeepSeek-R1 feeds "<think>\\n" but renders replies with their thinking cut away): the reply
   as the record writes it must start with that opening; the text after it, then the end
-  marker the template writes, is trained after P_k.
+  marker the template writes, is trained after P_k. The marker is the special token after the
+  longest stretch of the turn's render that ends the reply as written and holds its answer
+  (DeepSeek-V3.1 renders "</think>" + answer: the reply's own "</think>answer" is that stretch).
 
 Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
 names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
@@ -296,12 +298,18 @@ class ChatRenderer:
                 found=f"the turn renders as {rendered[:60]!r}",
                 fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
                     f"its closing tag, then the answer), or {_TEMPLATE_FIX}")
-        # The rendered turn is the end of the reply as written, then the end marker: find where the marker starts.
-        for token_start in self._special_starts(rendered):
-            if reply.endswith(rendered[:token_start]):
+        # The rendered turn is text of the template's own ("</think>" in DeepSeek-V3.1), the end of the reply as
+        # written, then the end marker. The marker starts at the special token after the LONGEST stretch of the
+        # render that ends the reply as written, and that stretch must hold the reply's answer: the empty stretch
+        # before a "</think>" the template writes also "ends" every reply, and would train the answer twice.
+        answer = _answer(message)
+        for token_start in reversed(self._special_starts(rendered)):
+            written = rendered[:token_start]
+            if reply.endswith(written) and answer in written:
                 return reply[len(opening):] + rendered[token_start:]
-        raise TurnError(k, "cannot find the end-of-turn marker after the reply in the template's render",
-                        found=repr(rendered[-60:]), fix=_TEMPLATE_FIX)
+        raise TurnError(k, "cannot find the end of the reply as written in the template's render of the turn, so "
+                           "its end-of-turn marker cannot be placed", found=f"the turn renders as {rendered[-60:]!r}",
+                        fix=f"write the reply as the template renders its end (same whitespace), or {_TEMPLATE_FIX}")
 
     def _special_starts(self, text: str) -> list[int]:
         starts = set()
@@ -387,6 +395,11 @@ def _compile(template: str):
 def _content(message: dict) -> str:
     content = message.get("content")
     return content if isinstance(content, str) else ""
+
+
+def _answer(message: dict) -> str:
+    """The visible answer of a reply: its content after inline reasoning, stripped ("" for none)."""
+    return next((piece for what, piece in _reply_pieces(message) if what == "content"), "")
 
 
 def _reply_pieces(message: dict) -> list[tuple[str, str]]:
