@@ -1,12 +1,14 @@
 """Conversations trained exactly as served: reasoning, tools, and templates that rewrite history.
 
-The templates are written for these tests in the style of their families (not copied; the Qwen3 and
-harmony ones live in examples/templates/, where the docs render them too):
+The templates are written for these tests in the style of their families (not copied; the Qwen3,
+harmony, DeepSeek-V3.1 and GLM ones live in examples/templates/, where the docs render them too):
 Qwen3 (thinking dropped before the last user query, an empty think block on the last turn,
 tools in the system message, tool calls as <tool_call> blocks), harmony/gpt-oss (channels,
 <|return|> on the last turn and <|end|> in history, <|call|> after a tool call, a tool call's
 analysis dropped once a final answer follows), a generation prompt that opens "<think>\\n"
 (Qwen3.6 style), DeepSeek-R1 (thinking cut from every reply, the generation prompt opens it),
+DeepSeek-V3.1 (thinking switched by a template argument, every reply rendered as "</think>" + answer),
+GLM-4.5 and Apertus (no end marker after the last reply: the next message's token stops the model),
 and Llama-3 style tools in the first user message.
 
 Each expected example is written out by hand with its trained text between ⟦ and ⟧:
@@ -26,7 +28,7 @@ import pytest
 from sftlab import DataError, TargetSettings, prepare_examples
 from sftlab.inspect import stats_rows
 from sftlab.training.progress import _chat_summary
-from tiny import char_tokenizer, marked
+from tiny import char_tokenizer, hand_ids, marked
 
 X = -100
 
@@ -316,6 +318,93 @@ def test_v31_thinking_off_is_prefix_stable_and_refuses_reasoning_it_would_drop()
     for record in (inline, in_field):
         with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
             examples_of([record], V31)
+
+
+# ---------------------------------------------------------------- no end marker after the last reply
+
+# GLM-4.5 style (examples/templates/, shared with the docs): a reply ends where the next <|user|> or <|observation|>
+# begins, and generation stops on those (generation_config.json's eos_token_id); reasoning kept only after the last
+# user message.
+GLM = open(os.path.join(TEMPLATES, "glm_style.jinja"), encoding="utf-8").read()
+
+# Apertus style: <|assistant_end|> (the tokenizer's eos_token) is written only when a user message follows.
+APERTUS = (
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<|user_start|>' + m.content + '<|user_end|>' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|assistant_start|>' + m.content }}"
+    "{%- if not loop.last and messages[loop.index0 + 1].role == 'user' %}{{- '<|assistant_end|>' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant_start|>' }}{%- endif %}"
+)
+
+
+def tokenizer_with_stops(tmp_path, template, stops):
+    """The chat tokenizer saved with a generation_config.json whose eos_token_id lists `stops`, loaded back."""
+    from transformers import AutoTokenizer
+
+    char_tokenizer(chat_template=template, chat_tokens=True).save_pretrained(tmp_path)
+    config = {"eos_token_id": [hand_ids(t, True)[0] for t in stops]}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def pairs_of(records, tokenizer):
+    examples = prepare_examples(records, tokenizer, use_cache=False)
+    return [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))], examples
+
+
+def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_message(tmp_path):
+    from sftlab.data.chat import stop_tokens_of
+    from sftlab.data.prepare import _cache_key
+    from sftlab.data.workers import Recipe
+
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    assert stop_tokens_of(tokenizer) == {"</s>", "<|user|>", "<|observation|>"}
+    # They shape the examples, so they are part of the cache key (the same tokenizer without them is another entry).
+    recipe = lambda t: Recipe(t, TargetSettings())  # noqa: E731
+    plain = char_tokenizer(chat_template=GLM, chat_tokens=True)
+    assert _cache_key("data", recipe(tokenizer)) != _cache_key("data", recipe(plain))
+    again = char_tokenizer(chat_template=GLM, chat_tokens=True)
+    assert _cache_key("data", recipe(plain)) == _cache_key("data", recipe(again))
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    pairs, examples = pairs_of([{"messages": chat}], tokenizer)
+    # Each reply is trained through the <|user|> the model writes to stop; the first reply loses its reasoning in
+    # history (and once a message follows it), so it is served in an example of its own.
+    assert pairs == expected_examples(
+        "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nYo<|user|>\n2+2?<|assistant|>"
+        "⟦\n<think>add</think>\n4<|user|>⟧",
+        "[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think>greet</think>\nYo<|user|>⟧",
+    )
+    # A tool call is closed by <|observation|>, the final answer by <|user|>; the render serves both in one example.
+    tools = [{"role": "user", "content": "Temp?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]
+    pairs, examples = pairs_of([{"messages": tools}], tokenizer)
+    assert pairs == expected_examples(
+        "[gMASK]<sop><|user|>\nTemp?<|assistant|>"
+        "⟦\n<think></think>\n<tool_call>get_temp</tool_call><|observation|>⟧"
+        "\n<tool_response>7C</tool_response><|assistant|>⟦\n<think></think>\n7C.<|user|>⟧")
+    assert examples.stats["chat"]["turns_trained"] == 2
+
+
+def test_glm_style_generation_prompts_stop_on_the_token_training_ends_replies_with(tmp_path):
+    from sftlab.data.chat import ChatRenderer
+    from sftlab.data.prompts import reply_stop_ids
+
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    assert reply_stop_ids(tokenizer, ChatRenderer(tokenizer, GLM)) == sorted(hand_ids("</s><|user|>", True))
+
+
+def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
+    tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
+    pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)
+    assert pairs == expected_examples("<|user_start|>Hi<|user_end|><|assistant_start|>⟦Yo<|assistant_end|>⟧"
+                                      "<|user_start|>2+2?<|user_end|><|assistant_start|>⟦4<|assistant_end|>⟧")
+
+
+def test_a_next_message_token_that_does_not_stop_generation_is_not_trained():
+    # Without the generation config, <|user|> is not a stop token: the GLM-style reply has no marker to end with.
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not end with an end-of-turn token.*generation_config"):
+        examples_of([{"messages": chat}], GLM)
 
 
 # ---------------------------------------------------------------- tools reach the template

@@ -38,6 +38,7 @@ names the record. Templates run in transformers' sandboxed Jinja environment.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ class ChatRenderer:
     """Renders messages with one template, the tokenizer's special tokens and the dataset's defaults."""
 
     def __init__(self, tokenizer, template: str, *, tool_template: str | None = None, tools: list | None = None,
-                 template_kwargs: dict | None = None):
+                 template_kwargs: dict | None = None, stop_tokens: list[str] | None = None):
         self.template = _compile(template)
         self.tool_template = _compile(tool_template) if tool_template else None
         self.tools = tools or None
@@ -154,6 +155,8 @@ class ChatRenderer:
         self.end_markers = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
                                         | {str(t) for t in tokenizer.all_special_tokens}, key=len, reverse=True))
         self._closer: str | None = None
+        self._tokenizer = tokenizer
+        self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
                kwargs: dict | None = None) -> str:
@@ -239,7 +242,13 @@ class ChatRenderer:
         else:
             raw, rule = self._rejoin(messages, k, prompt, upto, render)
         end = self._turn_end(raw, message)
-        turn = Turn(k, prompt, raw[:end], raw[end:], rule)
+        text, tail = raw[:end], raw[end:]
+        if assistant and rule != "opened_reply" and not text.endswith(self.stop_tokens):
+            # No stop token ends the turn (GLM, Apertus): raw is the end of F_k here, so the turn ends in F_k there.
+            closing = self.closing_marker(messages, k, render, upto[: len(upto) - len(raw) + end], text)
+            if closing:
+                text, tail = text + closing, ""
+        turn = Turn(k, prompt, text, tail, rule)
         self._check(message, turn)
         return turn
 
@@ -311,6 +320,63 @@ class ChatRenderer:
                            "its end-of-turn marker cannot be placed", found=f"the turn renders as {rendered[-60:]!r}",
                         fix=f"write the reply as the template renders its end (same whitespace), or {_TEMPLATE_FIX}")
 
+    def closing_marker(self, messages: list[dict], k: int, render, rendered: str, text: str) -> str:
+        """What closes turn k when its own render does not (GLM-4.5 ends a reply where the next <|user|> or
+        <|observation|> begins; Apertus writes <|assistant_end|> only when a user message follows): F_k rendered
+        with a next message (a probe of the next message's role; for the last turn a user message, or a tool
+        result after tool calls), up to the first special token written after the reply. It closes the turn when
+        it is a stop token (the tokenizer's eos_token or its generation config's eos_token_id) and only whitespace
+        comes before it; a turn already closed by a special token takes the stop token only right after it
+        (a GLM tool call's </tool_call><|observation|>). "" when nothing closes the turn so."""
+        closed = text.endswith(self.end_markers)
+        last_role = "tool" if messages[k].get("tool_calls") else "user"
+        nxt = messages[k + 1]["role"] if k + 1 < len(messages) else last_role
+        probe = {"role": nxt, "content": _PROBE}
+        if nxt == "tool":
+            call = (messages[k].get("tool_calls") or [{}])[0]
+            probe.update(name=call.get("function", {}).get("name", ""), tool_call_id=call.get("id", ""))
+        try:
+            extended = render(messages[: k + 1] + [probe])
+        except TemplateError:
+            return ""
+        limit = extended.find(_PROBE)
+        if limit < 0:
+            return ""
+        if extended.startswith(rendered):
+            ends = [len(rendered)]
+        elif closed:
+            return ""
+        else:
+            # The template rewrites turn k once a message follows it (GLM drops the reasoning of a turn before
+            # the last user message): the turn ends at the last occurrence of its closing text before the probe
+            # that only whitespace and a special token follow.
+            after_special = max((text.rfind(t) + len(t) for t in self.special_tokens if t in text), default=0)
+            anchor = text[after_special:].strip()
+            if not anchor:
+                return ""
+            ends, start = [], extended.find(anchor)
+            while 0 <= start < limit:
+                ends.append(start + len(anchor))
+                start = extended.find(anchor, start + 1)
+            ends.reverse()
+        for x in ends:
+            between = extended[x:limit]
+            gap = len(between) - len(between.lstrip())
+            marker = next((t for t in self.special_tokens if between.startswith(t, gap)), None)
+            if marker is None:
+                continue
+            if marker in self.stop_tokens and not (closed and gap):
+                return between[: gap + len(marker)]
+            return ""
+        return ""
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens that end generation: eos_token and the generation config's eos_token_id (longest first)."""
+        if self._stop_tokens is None:  # read once: it may read the generation config from disk
+            self._stop_tokens = tuple(sorted(stop_tokens_of(self._tokenizer), key=len, reverse=True))
+        return self._stop_tokens
+
     def _special_starts(self, text: str) -> list[int]:
         starts = set()
         for token in self.special_tokens:
@@ -374,10 +440,38 @@ class ChatRenderer:
         if not text.endswith(self.end_markers):
             raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
                                         "would never learn to stop", found=f"it ends {text[-40:]!r}",
-                            fix="use a chat template that ends each turn with a special token such as eos_token")
+                            fix="use a chat template that ends each turn with a special token such as eos_token; "
+                                "for a template that ends a reply where the next message begins (GLM), a tokenizer "
+                                "folder whose generation_config.json lists the token that begins it in eos_token_id")
 
 
 _TEMPLATE_FIX = "set chat_template to a training template that renders each turn as the model writes it"
+_PROBE = "sftlab-probe-message"
+
+
+def stop_tokens_of(tokenizer) -> set[str]:
+    """The tokens generation stops on: the tokenizer's eos_token, and the eos_token_id (one or a list) of the
+    generation_config.json beside its files (a folder, or a hub model already downloaded), as generate() reads it."""
+    tokens = {str(tokenizer.eos_token)} if getattr(tokenizer, "eos_token", None) else set()
+    path, found = getattr(tokenizer, "name_or_path", "") or "", None
+    if path and os.path.isfile(os.path.join(path, "generation_config.json")):
+        found = os.path.join(path, "generation_config.json")
+    elif path and not os.path.isdir(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "generation_config.json")
+            found = cached if isinstance(cached, str) else None
+        except Exception:  # not a hub name: no generation config to read
+            found = None
+    if found:
+        with open(found, encoding="utf-8") as handle:
+            ids = json.load(handle).get("eos_token_id")
+        for token_id in ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else []:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(token, str):
+                tokens.add(token)
+    return tokens
 
 
 def _compile(template: str):

@@ -145,10 +145,12 @@ def reply_stop_ids(tokenizer, renderer: ChatRenderer | None) -> list[int]:
 
 
 def turn_end_marker(renderer: ChatRenderer) -> str | None:
-    """The first special token after the reply in a rendered user/assistant exchange, or None."""
+    """The first special token after the reply in a rendered user/assistant exchange, or None. A template that
+    writes none after the last reply (GLM, Apertus) gets the stop token a next message begins with, as training's."""
     reply = "sftlab-probe-reply"
+    exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
     try:
-        text = renderer.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}])
+        text = renderer.render(exchange)
     except TemplateError:
         return None
     after = text.find(reply)
@@ -157,4 +159,7 @@ def turn_end_marker(renderer: ChatRenderer) -> str | None:
     after += len(reply)
     # The earliest marker, the longest at one position: "<|im_end|>" rather than a "<|" it starts with.
     found = [(text.find(token, after), -len(token), token) for token in renderer.end_markers if text.find(token, after) >= 0]
-    return min(found)[2] if found else None
+    if found:
+        return min(found)[2]
+    closing = renderer.closing_marker(exchange, 1, renderer.render, text, text[text.find(reply):])
+    return closing.strip() or None
