@@ -374,6 +374,11 @@ def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_messa
         "⟦\n<think>add</think>\n4<|user|>⟧",
         "[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think>greet</think>\nYo<|user|>⟧",
     )
+    # Reasoning tags that are plain text: the rewritten turn is found by its answer in the render that follows it.
+    plain_tags = GLM.replace("<think>", "[t]").replace("</think>", "[/t]")
+    pairs, _ = pairs_of([{"messages": chat[:2]}], tokenizer_with_stops(tmp_path / "plain", plain_tags,
+                                                                         ["</s>", "<|user|>", "<|observation|>"]))
+    assert pairs == expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n[t]greet[/t]\nYo<|user|>⟧")
     # A tool call is closed by <|observation|>, the final answer by <|user|>; the render serves both in one example.
     tools = [{"role": "user", "content": "Temp?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
              {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]

@@ -348,16 +348,17 @@ class ChatRenderer:
             return ""
         else:
             # The template rewrites turn k once a message follows it (GLM drops the reasoning of a turn before
-            # the last user message): the turn ends at the last occurrence of its closing text before the probe
-            # that only whitespace and a special token follow.
+            # the last user message): the turn ends at the last occurrence of its closing text (after its last
+            # special token, else its answer) before the probe that only whitespace and a special token follow.
             after_special = max((text.rfind(t) + len(t) for t in self.special_tokens if t in text), default=0)
-            anchor = text[after_special:].strip()
-            if not anchor:
-                return ""
-            ends, start = [], extended.find(anchor)
-            while 0 <= start < limit:
-                ends.append(start + len(anchor))
-                start = extended.find(anchor, start + 1)
+            ends = []
+            for anchor in dict.fromkeys(a for a in (text[after_special:].strip(), _answer(messages[k])) if a):
+                start = extended.find(anchor)
+                while 0 <= start < limit:
+                    ends.append(start + len(anchor))
+                    start = extended.find(anchor, start + 1)
+                if ends:
+                    break
             ends.reverse()
         for x in ends:
             between = extended[x:limit]
