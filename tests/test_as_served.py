@@ -28,6 +28,7 @@ import pytest
 from sftlab import DataError, TargetSettings, prepare_examples
 from sftlab.inspect import stats_rows
 from sftlab.training.progress import _chat_summary
+from sftlab.data.chat import CHATML
 from tiny import char_tokenizer, hand_ids, marked
 
 X = -100
@@ -410,6 +411,63 @@ def test_a_next_message_token_that_does_not_stop_generation_is_not_trained():
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     with pytest.raises(DataError, match=r"messages\[1\].*does not end with an end-of-turn token.*generation_config"):
         examples_of([{"messages": chat}], GLM)
+
+
+# ---------------------------------------------------------------- content as a list of parts
+
+# Mistral style, reading content parts: text as written, a thinking part inside [THINK]...[/THINK].
+MISTRAL_PARTS = (
+    "{%- macro content(c) %}{%- if c is string %}{{- c }}{%- else %}{%- for b in c %}"
+    "{%- if b.type == 'text' %}{{- b.text }}{%- elif b.type == 'thinking' %}{{- '[THINK]' + b.thinking + '[/THINK]' }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{%- endmacro %}"
+    "{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}{{- '[INST]' + content(m.content) + '[/INST]' }}"
+    "{%- else %}{{- content(m.content) + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def text(*parts: str) -> list[dict]:
+    return [{"type": "text", "text": p} for p in parts]
+
+
+def test_text_parts_are_joined_for_a_template_that_reads_strings():
+    chat = [{"role": "user", "content": text("Hi")}, {"role": "assistant", "content": text("Yo", "!")}]
+    pairs, _ = examples_of([{"messages": chat}], CHATML)
+    # joined with "\n", as vLLM joins the text parts for such templates
+    assert pairs == expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo\n!<|im_end|>⟧\n")
+    as_strings = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo\n!"}]
+    assert examples_of([{"messages": as_strings}], CHATML)[0] == pairs
+
+
+def test_parts_reach_a_template_that_reads_them_with_their_thinking():
+    thinks = [{"type": "thinking", "thinking": "add"}, {"type": "text", "text": "4"}]
+    record = {"messages": [{"role": "user", "content": text("2+2?")}, {"role": "assistant", "content": thinks}]}
+    pairs, _ = examples_of([record], MISTRAL_PARTS)
+    assert pairs == expected_examples("<s>[INST]2+2?[/INST]⟦[THINK]add[/THINK]4</s>⟧")
+    assert_every_turn_trained_once_as_served(record, MISTRAL_PARTS)
+    # A template that reads strings gets the thinking as the message's reasoning (Qwen3 renders it in <think>).
+    pairs, _ = examples_of([record], QWEN3)
+    assert pairs == expected_examples(
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nadd\n</think>\n\n4<|im_end|>⟧\n")
+
+
+def test_a_thinking_part_the_template_drops_is_refused():
+    # reads text parts, skips every other part
+    text_only = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | selectattr('type', "
+                               "'equalto', 'text') | map(attribute='text') | join) + '<|im_end|>'")
+    thinks = [{"type": "thinking", "thinking": "add"}, {"type": "text", "text": "4"}]
+    chat = [{"role": "user", "content": text("2+2?")}, {"role": "assistant", "content": thinks}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
+        examples_of([{"messages": chat}], text_only)
+
+
+def test_a_part_that_is_not_text_is_refused_naming_the_record_and_the_part():
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    chat = [{"role": "user", "content": text("What is it?") + [image]}, {"role": "assistant", "content": "A cat."}]
+    with pytest.raises(DataError, match=r"record 1, field 'messages\[0\]\.content\[1\]\.type': a 'image_url' "
+                                        r"content part cannot be trained on"):
+        examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
+    with pytest.raises(DataError, match=r"field 'messages\[1\]\.content\[0\]\.text': must be a string"):
+        examples_of([{"messages": [chat[1], {"role": "assistant", "content": [{"type": "text", "text": 4}]}]}], CHATML)
 
 
 # ---------------------------------------------------------------- tools reach the template

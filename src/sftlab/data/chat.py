@@ -156,12 +156,16 @@ class ChatRenderer:
                                         | {str(t) for t in tokenizer.all_special_tokens}, key=len, reverse=True))
         self._closer: str | None = None
         self._tokenizer = tokenizer
+        self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
         self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
                kwargs: dict | None = None) -> str:
         tools = tools if tools is not None else self.tools
         template = self.tool_template if tools and self.tool_template is not None else self.template
+        if any(isinstance(m.get("content"), list) for m in messages):
+            messages = [m if not isinstance(m.get("content"), list) or self._reads_parts(template, m["role"])
+                        else _as_string_content(m) for m in messages]
         variables = {**self.variables, **kwargs} if kwargs else self.variables
         documents = variables.get("documents")
         if documents is not None:
@@ -173,6 +177,23 @@ class ChatRenderer:
             # The template's own Python-level failure on this record's data (a string plus the dict of a tool
             # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
             raise TemplateError(f"{type(error).__name__}: {error}") from error
+
+    def _reads_parts(self, template, role: str) -> bool:
+        """Whether `template` renders a `role` message whose content is a list of text parts (as serving stacks
+        pass it), found once by a probe: the part's text rendered, and no part rendered as a Python dict. Other
+        roles (system, tool), and templates that read strings only, get the text parts joined, as vLLM joins them."""
+        key = (id(template), role)
+        if key not in self._parts:
+            parts = [{"type": "text", "text": _PROBE}]
+            probe = {"user": [{"role": "user", "content": parts}, {"role": "assistant", "content": "x"}],
+                     "assistant": [{"role": "user", "content": "x"}, {"role": "assistant", "content": parts}]}.get(role)
+            try:
+                text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
+                                       **{k: v for k, v in self.variables.items() if k != "documents"}) if probe else ""
+            except Exception:  # a template that cannot read parts fails on them in any way
+                text = ""
+            self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
+        return self._parts[key]
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
@@ -487,21 +508,44 @@ def _compile(template: str):
     return compiled
 
 
+PART_SEPARATOR = "\n"  # between the text parts of a content list, for a template that reads strings (as vLLM)
+
+
 def _content(message: dict) -> str:
     content = message.get("content")
+    if isinstance(content, list):
+        return PART_SEPARATOR.join(p["text"] for p in content if p.get("type") == "text")
     return content if isinstance(content, str) else ""
 
 
+def _as_string_content(message: dict) -> dict:
+    """`message` for a template that reads content as a string: text parts joined; the text of thinking parts
+    (Mistral) becomes the message's reasoning, under the names formats.py gives it, unless it has its own."""
+    if not isinstance(message.get("content"), list):
+        return message
+    converted = {**message, "content": _content(message)}
+    thinking = PART_SEPARATOR.join(p["thinking"] for p in message["content"] if p.get("type") == "thinking")
+    if thinking and "reasoning_content" not in message:
+        converted.update(thinking=thinking, reasoning_content=thinking)
+    return converted
+
+
 def _answer(message: dict) -> str:
-    """The visible answer of a reply: its content after inline reasoning, stripped ("" for none)."""
-    return next((piece for what, piece in _reply_pieces(message) if what == "content"), "")
+    """The visible answer of a reply: its content after inline reasoning (its last text part), stripped."""
+    return ([piece for what, piece in _reply_pieces(message) if what == "content"] or [""])[-1]
 
 
 def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     """What a trained turn must hold: (what, text) for its visible reply, its reasoning and its tool calls."""
     pieces = []
     content = _content(message)
-    if message["role"] == "assistant" and "</think>" in content:  # reasoning written inline
+    if isinstance(message.get("content"), list):  # each part is checked: a template may join them its own way
+        for part in message["content"]:
+            what, text = ("content", part["text"]) if part.get("type") == "text" else ("reasoning", part["thinking"])
+            if text.strip():
+                pieces.append((what, text.strip()))
+        content = ""
+    elif message["role"] == "assistant" and "</think>" in content:  # reasoning written inline
         thinking, _, content = content.rpartition("</think>")
         thinking = thinking.split("<think>")[-1].strip()
         if thinking:
