@@ -386,7 +386,8 @@ def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_messa
     pairs, examples = pairs_of([{"messages": tools}], tokenizer)
     assert pairs == expected_examples(
         "[gMASK]<sop><|user|>\nTemp?<|assistant|>"
-        "⟦\n<think></think>\n<tool_call>get_temp</tool_call><|observation|>⟧"
+        "⟦\n<think></think>\n<tool_call>get_temp\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>"
+        "<|observation|>⟧"
         "\n<tool_response>7C</tool_response><|assistant|>⟦\n<think></think>\n7C.<|user|>⟧")
     assert examples.stats["chat"]["turns_trained"] == 2
 
@@ -506,6 +507,39 @@ def test_tool_call_arguments_as_object_or_text_and_empty_content_are_one_thing()
     assert examples_of([as_text], LLAMA_TOOLS)[0] == examples_of([as_object], LLAMA_TOOLS)[0] == expected_examples(LLAMA_EXPECTED)
 
 
+# DeepSeek style: a tool call's arguments joined to the text as they are, so the template reads JSON text.
+JOINS_TEXT = (
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<|User|>' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|Assistant|>' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}"
+    "{{- '<tool_call>' + c.function.name + '\\n' + c.function.arguments + '</tool_call>' }}"
+    "{%- endfor %}{{- eos_token }}{%- elif m.role == 'tool' %}{{- '<tool_response>' + m.content + '</tool_response>' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|Assistant|>' }}{%- endif %}"
+)
+JOINS_EXPECTED = ('<|User|>Temp in Oslo?<|Assistant|>⟦<tool_call>get_temp\n{"city": "Oslo"}</tool_call></s>⟧'
+                  "<tool_response>7C</tool_response><|Assistant|>⟦7C.</s>⟧")
+
+
+@pytest.mark.parametrize("arguments", ['{"city": "Oslo"}', '{"city":"Oslo"}', {"city": "Oslo"}],
+                         ids=["text", "compact-text", "object"])
+@pytest.mark.parametrize("template, want", [(LLAMA_TOOLS, LLAMA_EXPECTED), (JOINS_TEXT, JOINS_EXPECTED)],
+                         ids=["reads-objects", "joins-text"])
+def test_tool_call_arguments_in_the_form_the_template_reads(template, want, arguments):
+    # A probe call rendered both ways decides: Llama's tojson gets an object, DeepSeek's join gets JSON text;
+    # either way the arguments are written as JSON once (never a Python dict, never JSON inside a JSON string).
+    record = tool_records(tools=[TEMP_TOOL])
+    call = {"type": "function", "function": {"name": "get_temp", "arguments": arguments}}
+    record["messages"][1]["tool_calls"] = [call]
+    assert examples_of([record], template)[0] == expected_examples(want)
+
+
+def test_a_template_that_writes_arguments_wrongly_either_way_is_refused():
+    twice = JOINS_TEXT.replace("c.function.arguments", "(c.function.arguments | tojson | tojson)")
+    with pytest.raises(DataError, match=r"record 0, field 'chat_template': .*renders tool-call arguments neither from "
+                                        r"an object nor from JSON text as JSON once"):
+        examples_of([tool_records()], twice)
+
+
 def test_bad_tool_calls_are_named():
     record = tool_records()
     record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "get_temp", "arguments": "{city: Oslo}"}}]
@@ -519,8 +553,10 @@ def test_bad_tool_calls_are_named():
 
 
 def test_a_template_failing_on_a_record_in_python_is_a_clear_error():
-    # DeepSeek's templates join a tool call's arguments as text; sftlab gives templates objects (as vLLM does).
-    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ '<|call|>' + c.function.arguments }}"
+    # Adds a number to text whatever form the arguments come in (a template joining them as text, as DeepSeek's
+    # do, now gets them as text: see test_tool_call_arguments_in_the_form_the_template_reads).
+    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
+             "{{ '<|call|>' + c.function.arguments | length }}"
              "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}")
     with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
                                         r"found TemplateError: TypeError: can only concatenate str"):

@@ -157,6 +157,7 @@ class ChatRenderer:
         self._closer: str | None = None
         self._tokenizer = tokenizer
         self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
+        self._arguments: dict[int, str] = {}  # id of a compiled template -> the form of tool-call arguments it reads
         self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
@@ -166,6 +167,8 @@ class ChatRenderer:
         if any(isinstance(m.get("content"), list) for m in messages):
             messages = [m if not isinstance(m.get("content"), list) or self._reads_parts(template, m["role"])
                         else _as_string_content(m) for m in messages]
+        if any("tool_calls" in m for m in messages) and self._arguments_form(template) == "text":
+            messages = [_with_text_arguments(m) if "tool_calls" in m else m for m in messages]
         variables = {**self.variables, **kwargs} if kwargs else self.variables
         documents = variables.get("documents")
         if documents is not None:
@@ -194,6 +197,43 @@ class ChatRenderer:
                 text = ""
             self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
         return self._parts[key]
+
+    def _arguments_form(self, template) -> str:
+        """How `template` reads a tool call's arguments: "object" (it writes them with tojson, or item by item, as
+        Qwen, Llama and GLM do) or "text" (it joins them as JSON text, as DeepSeek does), found once by rendering a
+        probe call both ways. A form works when the probe's key and value are written once each, neither as a
+        Python dict nor JSON-encoded twice; "object" is taken when both work, and when both fail (the template's
+        own error then names the record), and when the template writes no arguments (both renders alike). A template
+        whose renders differ but are wrong both ways (a Python dict, JSON in a JSON string) is refused."""
+        key = id(template)
+        if key not in self._arguments:
+            outcomes, renders = {}, set()
+            for form, arguments in (("object", dict(_PROBE_ARGUMENTS)), ("text", json.dumps(_PROBE_ARGUMENTS))):
+                call = {"type": "function", "id": "call_0", "function": {"name": "probe", "arguments": arguments}}
+                probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+                try:
+                    text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
+                                           **{k: v for k, v in self.variables.items() if k != "documents"})
+                except Exception:  # this form makes the template fail
+                    outcomes[form] = "fails"
+                    continue
+                renders.add(text)
+                (name, value), = _PROBE_ARGUMENTS.items()
+                once = text.count(name) == 1 and text.count(value) == 1
+                garbled = '\\"' + name in text or repr(name) in text  # JSON-encoded twice, or a Python dict
+                outcomes[form] = "works" if once and not garbled else f"writes {text[-80:]!r}"
+            if "works" in outcomes.values():
+                self._arguments[key] = "object" if outcomes["object"] == "works" else "text"
+            elif set(outcomes.values()) == {"fails"} or len(renders) == 1 and "fails" not in outcomes.values():
+                self._arguments[key] = "object"  # the template's own error names the record; or it writes no arguments
+            else:
+                self._arguments[key] = "neither: as an object it " + outcomes["object"] + "; as JSON text it " + \
+                    outcomes["text"]
+        form = self._arguments[key]
+        if form.startswith("neither"):
+            raise TemplateError("the template renders tool-call arguments neither from an object nor from JSON text "
+                                f"as JSON once ({form[len('neither: '):]})")
+        return form
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
@@ -469,6 +509,7 @@ class ChatRenderer:
 
 _TEMPLATE_FIX = "set chat_template to a training template that renders each turn as the model writes it"
 _PROBE = "sftlab-probe-message"
+_PROBE_ARGUMENTS = {"sftlab_probe_key": "sftlab-probe-value"}
 
 
 def stop_tokens_of(tokenizer) -> set[str]:
@@ -558,6 +599,14 @@ def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     for call in message.get("tool_calls") or ():
         pieces.append(("tool call", call["function"]["name"]))
     return pieces
+
+
+def _with_text_arguments(message: dict) -> dict:
+    """`message` with its tool calls' arguments as JSON text, for a template that joins them as text."""
+    calls = [{**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"],
+                                                                            ensure_ascii=False)}}
+             if not isinstance(call["function"].get("arguments"), str) else call for call in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
 
 
 def _common_suffix(a: str, b: str) -> int:

@@ -228,7 +228,8 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
     As transformers' apply_chat_template does: keys whose value is None are dropped (OpenAI exports
     write `"tool_calls": null`), and reasoning under any of its names is also given as
     `reasoning_content` and `thinking` (gpt-oss templates read the latter). Tool-call arguments
-    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates.
+    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates
+    (the renderer gives a template that joins them as text their JSON text again).
     """
     if not isinstance(value, list):
         raise _Invalid("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
