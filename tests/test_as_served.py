@@ -400,6 +400,18 @@ def test_glm_style_generation_prompts_stop_on_the_token_training_ends_replies_wi
     assert reply_stop_ids(tokenizer, ChatRenderer(tokenizer, GLM)) == sorted(hand_ids("</s><|user|>", True))
 
 
+def test_final_render_mode_trains_the_last_reply_through_the_token_a_next_message_writes(tmp_path):
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    want = expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think></think>\nYo<|user|>⟧\n2+2?"
+                             "<|assistant|>⟦\n<think></think>\n4<|user|>⟧")
+    for mode in ("as_served", "final_render"):
+        examples = prepare_examples([{"messages": chat}], tokenizer, TargetSettings(chat_examples=mode), use_cache=False)
+        assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == want, mode
+        assert examples.stats["chat"]["turns_trained"] == 2 and examples.stats["chat"]["turns_not_served"] == 0
+
+
 def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
     tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
     pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)

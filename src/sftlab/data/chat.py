@@ -260,6 +260,10 @@ class ChatRenderer:
                 counts["turns_not_served"] += 1  # the final render cannot hold a turn that has no served form
         for turn in served:
             counts[f"rule_{turn.rule}"] += 1
+        last = served[-1] if served else None
+        if last is not None and last.index == len(messages) - 1 and last.tail == "" \
+                and (last.context + last.text).startswith(full) and len(last.context + last.text) > len(full):
+            full = last.context + last.text  # the whole render, closed by the stop token a next message writes (GLM)
         if mode == FINAL_RENDER:
             inside = [t for t in served if t.served_by(full)]
             counts["turns_trained"] += len(inside)
