@@ -79,7 +79,6 @@ def render(tokenizer) -> dict[str, str]:
         "attention inside itself; the first example's last target is -100, so it is never trained "
         "to predict the second example's first token.\n")
     out.update(as_served(tokenizer))
-    out.update(no_end_marker(tokenizer))
     return out
 
 
@@ -196,7 +195,7 @@ def main() -> int:
     from sftlab.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    blocks = render(tokenizer)
+    blocks = {**render(tokenizer), **no_end_marker(tokenizer)}
     stale = []
     for name in sorted(os.listdir(HERE)):
         if not name.endswith(".md"):

@@ -407,9 +407,23 @@ def test_final_render_mode_trains_the_last_reply_through_the_token_a_next_messag
     want = expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think></think>\nYo<|user|>⟧\n2+2?"
                              "<|assistant|>⟦\n<think></think>\n4<|user|>⟧")
     for mode in ("as_served", "final_render"):
-        examples = prepare_examples([{"messages": chat}], tokenizer, TargetSettings(chat_examples=mode), use_cache=False)
+        settings = TargetSettings(chat_examples=mode)
+        examples = prepare_examples([{"messages": chat}], tokenizer, settings, use_cache=False)
         assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == want, mode
         assert examples.stats["chat"]["turns_trained"] == 2 and examples.stats["chat"]["turns_not_served"] == 0
+
+
+def test_the_docs_example_of_a_template_without_end_marker_still_renders():
+    # docs/render_examples.py renders it with SmolLM2's tokenizer (not installed in CI); here with the tiny one.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
+                                                                                  "render_examples.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.no_end_marker(char_tokenizer(chat_template=CHATML))["as_served_glm"]
+    assert "# example 1: trains messages [3, 5]" in block and "Paris?<|assistant|>⟦" in block
+    assert "21C and sunny.<|user|>⟧" in block and "</tool_call><|observation|>⟧" in block
 
 
 def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
