@@ -301,6 +301,12 @@ def test_v31_thinking_on_with_whitespace_the_template_does_not_echo_is_refused_n
         examples_of([{"messages": padded}], trims, chat_template_kwargs=THINKING)
 
 
+def test_an_answer_the_template_writes_again_after_the_reply_is_refused_not_trained_twice():
+    echoes = V31.replace("{{- content + eos_token }}", "{{- content + eos_token + content }}")
+    with pytest.raises(DataError, match=r"messages\[1\].*writes this turn's answer again after the reply"):
+        examples_of([{"messages": V31_CHAT[:2]}], echoes, chat_template_kwargs=THINKING)
+
+
 def test_v31_thinking_on_with_reasoning_in_reasoning_content_is_refused():
     # This template never reads reasoning_content, and the model is served to think first.
     chat = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]

@@ -380,6 +380,13 @@ class ChatRenderer:
         for token_start in reversed(self._special_starts(rendered)):
             written = rendered[:token_start]
             if reply.endswith(written) and answer in written:
+                taken = rendered[token_start:]  # what the template adds to the reply as written: its end marker
+                for token in self.special_tokens:
+                    taken = taken.replace(token, "")
+                if answer and answer in taken:
+                    raise TurnError(k, "the template writes this turn's answer again after the reply, so training the "
+                                       "reply as written would train the answer twice", found=repr(rendered[-60:]),
+                                    fix=_TEMPLATE_FIX)
                 return reply[len(opening):] + rendered[token_start:]
         raise TurnError(k, "cannot find the end of the reply as written in the template's render of the turn, so "
                            "its end-of-turn marker cannot be placed", found=f"the turn renders as {rendered[-60:]!r}",
