@@ -31,6 +31,12 @@ When F_k does not start with P_k, two documented rules apply, else the record is
   longest stretch of the turn's render that ends the reply as written and holds its answer
   (DeepSeek-V3.1 renders "</think>" + answer: the reply's own "</think>answer" is that stretch).
 
+A turn whose render ends with no stop token (GLM ends a reply where the next <|user|> begins;
+Apertus writes <|assistant_end|> only when a user message follows) is trained through the stop
+token that a next message's render writes right after it (`closing_marker`). Content given as a
+list of parts, and tool-call arguments, reach each template in the form it reads, decided once
+per template by probe renders.
+
 Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
 names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
 names the record. Templates run in transformers' sandboxed Jinja environment.
