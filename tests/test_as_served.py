@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -38,7 +39,7 @@ X = -100
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
 QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
 HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
-V31 = open(os.path.join(TEMPLATES, "deepseek_v31_style.jinja"), encoding="utf-8").read()
+V31 = pathlib.Path(TEMPLATES, "deepseek_v31_style.jinja").read_text(encoding="utf-8")
 
 # The generation prompt opens the thinking; the history shows earlier replies without it.
 OPENS_THINK = (
@@ -332,7 +333,7 @@ def test_v31_thinking_off_is_prefix_stable_and_refuses_reasoning_it_would_drop()
 # GLM-4.5 style (examples/templates/, shared with the docs): a reply ends where the next <|user|> or <|observation|>
 # begins, and generation stops on those (generation_config.json's eos_token_id); reasoning kept only after the last
 # user message.
-GLM = open(os.path.join(TEMPLATES, "glm_style.jinja"), encoding="utf-8").read()
+GLM = pathlib.Path(TEMPLATES, "glm_style.jinja").read_text(encoding="utf-8")
 
 # Apertus style: <|assistant_end|> (the tokenizer's eos_token) is written only when a user message follows.
 APERTUS = (
@@ -366,11 +367,9 @@ def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_messa
     tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
     assert stop_tokens_of(tokenizer) == {"</s>", "<|user|>", "<|observation|>"}
     # They shape the examples, so they are part of the cache key (the same tokenizer without them is another entry).
-    recipe = lambda t: Recipe(t, TargetSettings())  # noqa: E731
-    plain = char_tokenizer(chat_template=GLM, chat_tokens=True)
-    assert _cache_key("data", recipe(tokenizer)) != _cache_key("data", recipe(plain))
-    again = char_tokenizer(chat_template=GLM, chat_tokens=True)
-    assert _cache_key("data", recipe(plain)) == _cache_key("data", recipe(again))
+    without = [char_tokenizer(chat_template=GLM, chat_tokens=True) for _ in range(2)]
+    keys = [_cache_key("data", Recipe(t, TargetSettings())) for t in [tokenizer, *without]]
+    assert keys[0] != keys[1] == keys[2]
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
     pairs, examples = pairs_of([{"messages": chat}], tokenizer)

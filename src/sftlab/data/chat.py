@@ -199,8 +199,8 @@ class ChatRenderer:
             try:
                 text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
                                        **{k: v for k, v in self.variables.items() if k != "documents"}) if probe else ""
-            except Exception:  # a template that cannot read parts fails on them in any way
-                text = ""
+            except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+                text = ""  # a template that cannot read parts fails on them, in Jinja or in Python
             self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
         return self._parts[key]
 
@@ -220,8 +220,8 @@ class ChatRenderer:
                 try:
                     text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
                                            **{k: v for k, v in self.variables.items() if k != "documents"})
-                except Exception:  # this form makes the template fail
-                    outcomes[form] = "fails"
+                except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+                    outcomes[form] = "fails"  # this form makes the template fail, in Jinja or in Python
                     continue
                 renders.add(text)
                 (name, value), = _PROBE_ARGUMENTS.items()
@@ -542,7 +542,7 @@ def stop_tokens_of(tokenizer) -> set[str]:
 
             cached = try_to_load_from_cache(path, "generation_config.json")
             found = cached if isinstance(cached, str) else None
-        except Exception:  # not a hub name: no generation config to read
+        except (ImportError, ValueError, OSError):  # not a hub name: no generation config to read
             found = None
     if found:
         with open(found, encoding="utf-8") as handle:
