@@ -256,3 +256,24 @@ def test_stored_reference_equals_recomputed_and_is_reused(tmp_path):
     with torch.no_grad():
         sums = completion_log_probs(model.eval(), tensors(collate_pairs(PAIRS, [0, 1, 2, 3], 0)))
     assert fresh[:, 0] == pytest.approx(sums[0].double().numpy(), abs=1e-6)
+
+
+def test_packed_pairs_equal_pairs_in_rows_of_their_own():
+    model = llama().eval()
+    batch = collate_pairs(PAIRS, [[0, 1], [2, 3]], 0)  # two rows of two pairs each
+    assert batch["position_ids"][0].tolist()[:9] == [0, 1, 2, 3, 4, 5, 6, 4, 5]
+    assert batch["position_ids"][0].tolist()[9:16] == [0, 1, 2, 2, 3, 4, 5]  # the second pair starts again at 0
+    allowed = (batch["attention_mask"][0, 0] == 0).int()
+    assert allowed[9, :9].sum() == 0  # the second pair never sees the first
+    with torch.no_grad():
+        packed = completion_log_probs(model, tensors(batch))
+        alone = completion_log_probs(model, tensors(collate_pairs(PAIRS, [0, 1, 2, 3], 0)))
+    for ours, theirs in zip(packed, alone):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
+
+
+def test_packed_steps_equal_padded_steps():
+    padded, _ = run_steps([[0, 1, 2, 3]])
+    packed, _ = run_steps([[[0, 3], [1, 2]]])  # one micro-batch of two packed rows
+    for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -403,9 +403,6 @@ class SFTConfig(BaseModel):
         if self.objective != "dpo" and self.rpo_alpha is not None:
             raise ConfigError("rpo_alpha adds an NLL term to DPO", field="rpo_alpha", found=f"objective {self.objective}",
                               fix="use objective: dpo, or remove rpo_alpha")
-        if self.objective != "sft" and self.packing:
-            raise ConfigError("packing is not available for preference objectives yet", field="packing",
-                              fix="set packing: false (each pair is one row [prompt | chosen | rejected], the prompt computed once)")
         return self
 
     @field_validator("max_steps")

@@ -251,8 +251,9 @@ class StepPlan:
         return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
 
     def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
-        if self.collate_items is not None:
-            return self.collate_items(self.examples, items, pad_id, pad_to_multiple_of)
+        if self.collate_items is not None:  # packed: the rows' items; else one item per row
+            rows = [self.items[i] for i in items] if self.packing else items
+            return self.collate_items(self.examples, rows, pad_id, pad_to_multiple_of)
         if self.packing:
             return pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
         return pad_batch(self.examples, items, pad_id, pad_to_multiple_of)

@@ -215,8 +215,13 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
     preference = None
     if config.objective != "sft":  # before the plan: the objective brings the collate function of its pairs
         preference = _setup_preference(config, model, train_examples, eval_examples, pad_id, processes, reporter)
-    packing = config.packing and _packing_isolated(model, train_examples, reporter)
-    plan = batching.StepPlan(train_examples, packing=packing, max_length=config.max_length,
+    if preference is None:
+        packing, capacity = config.packing and _packing_isolated(model, train_examples, reporter), config.max_length
+    else:  # pairs pack by their mask, where the shared row is exact; P + C and P + R each fit max_length
+        packing, capacity = config.packing and preference.shared_prompt, 2 * config.max_length
+        if config.packing and not packing:
+            reporter.line("packing: off for this model, a row per pair (see the preference line above)")
+    plan = batching.StepPlan(train_examples, packing=packing, max_length=capacity,
                              batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
                              world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
                              shuffle=config.shuffle, collate=preference.collate("train") if preference else None)

@@ -124,8 +124,9 @@ class PreferenceObjective:
         def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
             batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=self.shared_prompt)
             if reference is not None:
-                batch["ref_chosen"] = torch.from_numpy(reference[indices, 0]).float()
-                batch["ref_rejected"] = torch.from_numpy(reference[indices, 1]).float()
+                order = batch["pair_index"].numpy()
+                batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
+                batch["ref_rejected"] = torch.from_numpy(reference[order, 1]).float()
             return batch
 
         return collate

@@ -49,39 +49,58 @@ REFERENCE_FREE = ("simpo", "orpo")
 # --- rows --------------------------------------------------------------------------------------
 
 
-def collate_pairs(pairs: Pairs, indices: list[int], pad_id: int, pad_to_multiple_of: int | None = None,
+def collate_pairs(pairs: Pairs, indices: list[int] | list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None,
                   shared_prompt: bool = True) -> dict:
-    """The model inputs for pairs `indices`: rows [P | C | R] (or [P | C] and [P | R] each), their
-    position ids and additive 4-D attention mask, and for each completion token the flat position
-    (row x length + column) whose hidden state predicts it, its target and its pair (0-based in the batch)."""
-    rows = []  # (ids, position ids, part of each token: 0 prompt, 1 chosen, 2 rejected)
+    """The model inputs for pairs `indices` (a list of pair indices, one pair per row; or a list of
+    rows, each a list of pairs packed one after another): rows [P | C | R] (or [P | C] and [P | R]
+    each), their position ids and additive 4-D attention mask, and for each completion token the
+    flat position (row x length + column) whose hidden state predicts it, its target and its pair
+    (numbered from 0 in the batch, in order)."""
+    packed = [row if isinstance(row, (list, tuple)) else [row] for row in indices]
+    order = [i for row in packed for i in row]
+    rows = []  # (ids, position ids, part of each token: 0 prompt, 1 chosen, 2 rejected; pair of each token)
     chosen, rejected = ([], [], []), ([], [], [])  # (row, column) predicting, target, pair, per completion token
-    for number, i in enumerate(indices):
-        prompt, c, r = (part.tolist() for part in pairs[i])
-        p = len(prompt)
+    number = 0
+    for row_pairs in packed:
+        ids, positions, parts, owners = [], [], [], []
+        for i in row_pairs:
+            prompt, c, r = (part.tolist() for part in pairs[i])
+            p, start = len(prompt), len(ids)
+            if shared_prompt:
+                ids += prompt + c + r
+                positions += list(range(p + len(c))) + list(range(p, p + len(r)))
+                parts += [0] * p + [1] * len(c) + [2] * len(r)
+                owners += [number] * (p + len(c) + len(r))
+                _completion(chosen, len(rows), [start + p - 1] + list(range(start + p, start + p + len(c) - 1)), c, number)
+                rejected_at = list(range(start + p + len(c), start + p + len(c) + len(r) - 1))
+                _completion(rejected, len(rows), [start + p - 1] + rejected_at, r, number)
+            else:  # two rows of their own, never packed (the probe found the shared row inexact)
+                for completion, store in ((c, chosen), (r, rejected)):
+                    rows.append((prompt + completion, list(range(p + len(completion))), [0] * (p + len(completion)),
+                                 [number] * (p + len(completion))))
+                    _completion(store, len(rows) - 1, list(range(p - 1, p + len(completion) - 1)), completion, number)
+            number += 1
         if shared_prompt:
-            rows.append((prompt + c + r, list(range(p + len(c))) + list(range(p, p + len(r))), [0] * p + [1] * len(c) + [2] * len(r)))
-            _completion(chosen, len(rows) - 1, [p - 1] + list(range(p, p + len(c) - 1)), c, number)
-            _completion(rejected, len(rows) - 1, [p - 1] + list(range(p + len(c), p + len(c) + len(r) - 1)), r, number)
-        else:
-            for completion, store in ((c, chosen), (r, rejected)):
-                rows.append((prompt + completion, list(range(p + len(completion))), [0] * (p + len(completion))))
-                _completion(store, len(rows) - 1, list(range(p - 1, p + len(completion) - 1)), completion, number)
-    length = max((len(ids) for ids, _, _ in rows), default=1)
+            rows.append((ids, positions, parts, owners))
+    length = max((len(row[0]) for row in rows), default=1)
     if pad_to_multiple_of:
         length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
     count = max(len(rows), 1)  # no pairs (a process out of batches): one row of padding, nothing predicted
     input_ids = torch.full((count, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((count, length), dtype=torch.long)
     part = torch.full((count, length), -1, dtype=torch.long)  # -1: padding
-    for row, (ids, positions, parts) in enumerate(rows):
+    owner = torch.full((count, length), -1, dtype=torch.long)
+    for row, (ids, positions, parts, owners) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         position_ids[row, : len(ids)] = torch.tensor(positions)
         part[row, : len(ids)] = torch.tensor(parts)
-    # A query sees the keys at or before it that are the prompt or its own part: R never sees C.
+        owner[row, : len(ids)] = torch.tensor(owners)
+    # A query sees the keys at or before it of its own pair that are the prompt or its own part:
+    # R never sees C, and a packed pair never sees another.
     causal = torch.ones((length, length), dtype=torch.bool).tril()
+    same_pair = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
     keys, queries = part[:, None, :], part[:, :, None]
-    allowed = causal & (queries >= 0) & (keys >= 0) & ((keys == 0) | (keys == queries))
+    allowed = causal & same_pair & ((keys == 0) | (keys == queries))
     allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no row of -inf only
     mask = torch.zeros((count, 1, length, length))
     mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
@@ -89,8 +108,8 @@ def collate_pairs(pairs: Pairs, indices: list[int], pad_id: int, pad_to_multiple
             "chosen_index": _flatten(chosen[0], length), "chosen_targets": torch.tensor(chosen[1], dtype=torch.long),
             "chosen_pair": torch.tensor(chosen[2], dtype=torch.long), "rejected_index": _flatten(rejected[0], length),
             "rejected_targets": torch.tensor(rejected[1], dtype=torch.long), "rejected_pair": torch.tensor(rejected[2], dtype=torch.long),
-            "pair_count": torch.tensor(len(indices)), "pair_index": torch.tensor(list(indices), dtype=torch.long),
-            "real_tokens": sum(len(ids) for ids, _, _ in rows), "record_index": [int(pairs.record_index[i]) for i in indices]}
+            "pair_count": torch.tensor(len(order)), "pair_index": torch.tensor(order, dtype=torch.long),
+            "real_tokens": sum(len(row[0]) for row in rows), "record_index": [int(pairs.record_index[i]) for i in order]}
 
 
 def _flatten(positions: list[tuple[int, int]], length: int) -> torch.Tensor:
