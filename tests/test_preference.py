@@ -277,3 +277,9 @@ def test_packed_steps_equal_padded_steps():
     packed, _ = run_steps([[[0, 3], [1, 2]]])  # one micro-batch of two packed rows
     for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_layout_can_be_chosen_by_the_config():
+    model = llama()
+    shared, sparse, why = choose_layout(model, PAIRS, 0, shared_prompt=False, loss_implementation="dense")
+    assert (shared, sparse) == (False, False) and "shared_prompt: false" in why and "dense logits" in why

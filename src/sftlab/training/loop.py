@@ -294,7 +294,8 @@ def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, e
     """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
     train and eval pairs under the model before training (computed once, stored, reused): training
     holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
-    shared, sparse, why = choose_layout(model, train_pairs, pad_id)
+    shared, sparse, why = choose_layout(model, train_pairs, pad_id, shared_prompt=config.shared_prompt,
+                                        loss_implementation=config.loss_implementation)
     reporter.line(f"preference: {config.objective}" + (f" ({config.loss_type})" if config.objective == "dpo" else "")
                   + f", beta {config.beta}; {why}")
     references = {}

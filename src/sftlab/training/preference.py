@@ -329,11 +329,14 @@ def reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, processes, 
 
 
 @torch.no_grad()
-def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float = 1e-4) -> tuple[bool, bool, str]:
+def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float = 1e-4, *, shared_prompt: bool = True,
+                  loss_implementation: str = "auto") -> tuple[bool, bool, str]:
     """(shared_prompt, sparse, why), decided on the first pairs as sftlab.training.architecture
     decides packing: the shared row [P | C | R] must give each completion the log-probs of the
     separate sequences (layers that carry state along the sequence make C leak into R), and the
-    sparse head must give the model's own (heads that transform logits in an unknown way)."""
+    sparse head must give the model's own (heads that transform logits in an unknown way).
+    `shared_prompt` false and `loss_implementation` dense/sparse decide without asking the model
+    (sparse is still refused for a model without a separate trunk and head)."""
     indices = list(range(min(2, len(pairs))))
     was_training = model.training
     model.eval()
@@ -346,15 +349,27 @@ def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float 
                                                   sparse=sparse)[:2])
 
         separate_dense = log_probs(False, False)
-        sparse = split_model(model) is not None and bool((log_probs(False, True) - separate_dense).abs().max() <= tolerance)
-        shared_difference = float((log_probs(True, False) - separate_dense).abs().max())
+        if split_model(model) is None:
+            if loss_implementation == "sparse":
+                raise ValueError("loss_implementation=sparse, but the model has no separate trunk and LM head")
+            sparse = False
+        elif loss_implementation == "auto":
+            sparse = bool((log_probs(False, True) - separate_dense).abs().max() <= tolerance)
+        else:
+            sparse = loss_implementation == "sparse"
+        shared_difference = float((log_probs(True, False) - separate_dense).abs().max()) if shared_prompt else None
     finally:
         model.train(was_training)
-    shared = shared_difference <= tolerance
-    why = ("prompt shared by chosen and rejected in one row" if shared else
-           f"chosen and rejected in rows of their own: in one row the rejected completion's log-probs move by "
-           f"{shared_difference:.1e} (the model's non-attention layers carry state from the chosen completion into it)")
-    return shared, sparse, why + ("; sparse head" if sparse else "; dense logits (the sparse head does not reproduce them)")
+    shared = shared_difference is not None and shared_difference <= tolerance
+    if not shared_prompt:
+        why = "chosen and rejected in rows of their own (shared_prompt: false)"
+    elif shared:
+        why = "prompt shared by chosen and rejected in one row"
+    else:
+        why = (f"chosen and rejected in rows of their own: in one row the rejected completion's log-probs move by "
+               f"{shared_difference:.1e} (the model's non-attention layers carry state from the chosen completion into it)")
+    return shared, sparse, why + ("; sparse head" if sparse else "; dense logits" + (
+        "" if loss_implementation == "dense" else " (the sparse head does not reproduce them)"))
 
 
 def stored_reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, processes, folder: str,
