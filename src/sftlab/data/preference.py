@@ -114,7 +114,8 @@ def pair_records(raw: dict) -> PairRecords:
                 raise RecordError("must be a string, as the prompt is", field=side, found=describe(raw[side]),
                                   expected="the reply text", fix="give prompt, chosen and rejected all as text, "
                                   "or all as message lists")
-        return PairRecords(STANDARD, {"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected})
+        return PairRecords(STANDARD, {"prompt": prompt, "completion": chosen},
+                           {"prompt": prompt, "completion": rejected})
     if isinstance(prompt, list):
         for side in SIDES:
             if not isinstance(raw[side], list):
@@ -137,7 +138,8 @@ def shared_prompt(chosen: list, rejected: list) -> int:
                               and shared < len(rejected) and _role(rejected[shared]) == "assistant"):
         shared -= 1
     if shared == 0:
-        found = "different first messages" if chosen[:1] != rejected[:1] else "no assistant message after the shared ones"
+        found = ("different first messages" if chosen[:1] != rejected[:1]
+                 else "no assistant message right after the shared ones")
         raise RecordError("chosen and rejected share no prompt", field="chosen,rejected", found=found,
                           expected="two conversations that start with the same messages, then differ from an "
                                    "assistant message on",
@@ -215,7 +217,8 @@ class PairBuilder:
         max_length = settings.max_length
         if max_prompt_length is None and max_length is not None:
             max_prompt_length = max_length // 2
-        if max_prompt_length is not None and (max_prompt_length < 1 or (max_length and max_prompt_length >= max_length)):
+        too_long = max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length
+        if max_prompt_length is not None and (max_prompt_length < 1 or too_long):
             raise DataError("max_prompt_length must leave room for the replies", field="max_prompt_length",
                             found=str(max_prompt_length), expected=f"1 <= max_prompt_length < max_length={max_length}",
                             fix="lower max_prompt_length (default: max_length // 2)")
@@ -249,8 +252,9 @@ class PairBuilder:
                 pair = pair_records(raw)
                 if self.format is not None and pair.format != self.format:
                     raise RecordError("mixed formats in one dataset", field=",".join(sorted(raw)),
-                                      found=f"a {pair.format} pair", expected=f"{self.format} like the first valid record",
-                                      fix="split the data into one file per format, or convert the records to one format")
+                                      found=f"a {pair.format} pair",
+                                      expected=f"{self.format} like the first valid record",
+                                      fix="split the data into one file per format, or convert the records to one")
                 built = []
                 for number, (side, sft) in enumerate(zip(SIDES, (pair.chosen, pair.rejected))):
                     try:
@@ -276,7 +280,8 @@ class PairBuilder:
             return
         source, row = chunk.locate(offset)
         raise DataError(bad.problem, source=source, index=row, field=where, found=bad.found, expected=bad.expected,
-                        fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records")
+                        fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such "
+                                       "records")
 
     # --- pairs --------------------------------------------------------------------------------
 
