@@ -380,3 +380,56 @@ def test_field_maps_rename_chosen_and_rejected(tmp_path):
     assert looks_like_pairs(path, fields=fields) and not looks_like_pairs(path)
     with pytest.raises(DataError, match=r"field 'worse': a preference record needs 'rejected'"):
         prepare_pairs([{"question": "Q", "better": "A"}], char_tokenizer(), fields=fields, use_cache=False)
+
+
+# ---------------------------------------------------------------- the config entry and `sftlab inspect`
+
+
+@pytest.fixture
+def pair_config(tmp_path):
+    from transformers import LlamaConfig
+
+    model = tmp_path / "model"
+    tokenizer = char_tokenizer(CHATML)
+    tokenizer.save_pretrained(model)
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64).save_pretrained(model)
+    records = [{"prompt": [user("Hi")], "chosen": [assistant("Yo")], "rejected": [assistant("No!")]},
+               {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model: {model}\ntrain_data: {data}\ncache_dir: {tmp_path / 'cache'}\n")
+    return config
+
+
+def test_prepare_preference_split_takes_the_configs_settings(pair_config):
+    from sftlab.config import load_config
+    from sftlab.data.splits import is_preference_split, prepare_preference_split
+
+    config = load_config(str(pair_config), ["max_length=20", "max_prompt_length=6"])
+    assert is_preference_split(config)
+    pairs = prepare_preference_split(config, char_tokenizer(CHATML))
+    # P of "Hi" is 21 tokens: its last 6 are kept, and the replies fit in the 14 left.
+    assert [pairs[i][0].tolist() for i in range(2)] == [hand_ids("<|im_start|>assistant\n")[-6:]] * 2
+    assert pairs.stats["truncated_prompt"] == 2 and pairs.stats["truncated_completion"] == 0
+
+
+def test_cli_inspect_shows_each_pair_and_its_counts(pair_config, capsys):
+    from sftlab.cli import main
+
+    assert main(["inspect", str(pair_config), "--json", "-n", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["pairs"]
+    prompt = hand_ids("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert [t["id"] for t in row["prompt"]] == prompt and not any(t["target"] for t in row["prompt"])
+    assert [(t["id"], t["target"]) for t in row["chosen"]] == [(i, True) for i in hand_ids("Yo<|im_end|>")]
+    assert [t["text"] for t in row["rejected"]] == ["N", "o", "!", "<|im_end|>"]
+    assert row["counts"] == {"prompt": len(prompt), "chosen": 3, "rejected": 4}
+    assert (out["stats"]["pairs"], out["stats"]["records"]) == (2, 2)
+
+    assert main(["inspect", str(pair_config)]) == 0
+    text = capsys.readouterr().out
+    assert "first 2 of 2 preference pairs" in text
+    second_prompt = hand_ids("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert f"pair 1 (record 1): prompt {len(second_prompt)}, chosen 2, rejected 2 tokens" in text
+    assert "replies cut at their end" in text
