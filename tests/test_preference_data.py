@@ -433,3 +433,19 @@ def test_cli_inspect_shows_each_pair_and_its_counts(pair_config, capsys):
     second_prompt = hand_ids("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert f"pair 1 (record 1): prompt {len(second_prompt)}, chosen 2, rejected 2 tokens" in text
     assert "replies cut at their end" in text
+
+
+def test_pairs_are_cached_by_data_tokenizer_and_every_setting(tmp_path):
+    records = [{"prompt": "0123456789", "chosen": "AB", "rejected": "C"}]
+    tokenizer = char_tokenizer()
+
+    def prepare(**options):
+        return prepare_pairs(records, tokenizer, TargetSettings(max_length=12), cache_dir=str(tmp_path), **options)
+
+    first, second = prepare(), prepare()
+    assert (first.stats["cached"], second.stats["cached"]) == (False, True)
+    assert first.stats["cache_entry"] == second.stats["cache_entry"]
+    assert [p.tolist() for p in second[0]] == [ids("456789"), ids("AB") + [EOS], ids("C") + [EOS]]
+    assert second.stats["truncated_prompt"] == 1 and second.record_index.tolist() == [0]
+    other = prepare(max_prompt_length=4)  # another setting: another entry
+    assert other.stats["cached"] is False and [p.tolist() for p in other[0]][0] == ids("6789")

@@ -31,27 +31,36 @@ down to `max_prompt_length` (default max_length // 2), then each reply is cut at
 with `drop` the pair is dropped. Both are counted: `truncated_prompt`, `truncated_completion`
 (pairs), `dropped` (by reason).
 
-Preference data is prepared in this process and not cached yet: `cache_dir`, `use_cache` and
-`workers` are taken so that the call has prepare_examples' shape.
+Pairs are prepared in this process (`workers` is taken for prepare_examples' call shape) and
+cached as SFT examples are: an entry `pairs-<key>` in the cache folder, keyed by the data, the
+tokenizer and every setting, written under a temporary name and renamed, read back memory-mapped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from sftlab import __version__
 from sftlab.config import TRUNCATION_POLICIES
 from sftlab.data.container import IGNORE, Pairs
 from sftlab.data.examples import CHAT_STATS, ExampleBuilder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import Record, require_valid, validate_record
+from sftlab.data.prepare import default_cache_dir, tokenizer_fingerprint
 from sftlab.data.sources import Records, open_records
+from sftlab.data.store import entry_lock, new_folder
 from sftlab.errors import DataError, RecordError, describe
+from sftlab.files import publish_directory
 
 STANDARD = "standard"
 CONVERSATIONAL = "conversational"
@@ -427,26 +436,112 @@ def prepare_pairs(
     to every record (see the module docstring for the formats, the rules and truncation).
 
     `settings` are SFT's: max_length, truncation, chat_template, tools, chat_template_kwargs and
-    chat_examples apply; the replies are always trained whole. Prepared in this process, not cached:
-    `cache_dir`, `use_cache` and `workers` are accepted for prepare_examples' call shape."""
+    chat_examples apply; the replies are always trained whole. `workers` is accepted for
+    prepare_examples' call shape; pairs are prepared in this process."""
     started = time.perf_counter()
     stream = open_records(source, split)
+    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    # Checked before the cache is looked at, so a bad setting is refused even when an entry exists.
     builder = PairBuilder(tokenizer, settings, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid_records,
-                          text_field=text_field, field_map=FieldMap(dict(fields or {}), alpaca_layout))
-    pairs = builder.build(stream.chunks())
-    require_valid(builder.formats, builder.skipped, stream.name)
-    stats = builder.stats()
-    lengths = pairs.lengths
-    stats.update(
-        source=stream.name,
-        pairs=len(pairs),
-        prompt_tokens=len(pairs.prompt_ids),
-        chosen_tokens=len(pairs.chosen_ids),
-        rejected_tokens=len(pairs.rejected_ids),
-        tokens=int(lengths.sum()) if len(lengths) else 0,
-        length={f"p{q}": int(np.percentile(lengths, q, method="nearest")) for q in (0, 50, 90, 99, 100)}
-        if len(lengths) else {},
-        seconds=time.perf_counter() - started,
-    )
-    pairs.stats = stats
+                          text_field=text_field, field_map=field_map)
+
+    def build() -> Pairs:
+        pairs = builder.build(stream.chunks())
+        require_valid(builder.formats, builder.skipped, stream.name)
+        pairs.stats = _summarize(builder.stats(), pairs, stream.name)
+        return pairs
+
+    if not use_cache:
+        pairs = build()
+        pairs.stats["cached"] = False
+    else:
+        key = "pairs-" + _cache_key(stream.fingerprint(), tokenizer, settings, builder.max_prompt_length, text_field,
+                                    skip_invalid_records, field_map)
+        pairs = _cached_pairs(cache_dir or default_cache_dir(), key, build)
+    pairs.stats["seconds"] = time.perf_counter() - started
     return pairs
+
+
+def _summarize(counts: dict, pairs: Pairs, source: str) -> dict:
+    lengths = pairs.lengths
+    percentiles = {}
+    if len(lengths):
+        for q in (0, 50, 90, 99, 100):
+            percentiles[f"p{q}"] = int(np.percentile(lengths, q, method="nearest"))
+    return {**counts, "source": source, "pairs": len(pairs), "prompt_tokens": len(pairs.prompt_ids),
+            "chosen_tokens": len(pairs.chosen_ids), "rejected_tokens": len(pairs.rejected_ids),
+            "tokens": int(lengths.sum()) if len(lengths) else 0, "length": percentiles}
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+PAIRS_CACHE_FORMAT = 1
+_ARRAYS = {"prompt_ids": np.int32, "prompt_offsets": np.int64, "chosen_ids": np.int32, "chosen_offsets": np.int64,
+           "rejected_ids": np.int32, "rejected_offsets": np.int64, "record_index": np.int64}
+
+
+def _cache_key(data: str, tokenizer, settings: TargetSettings, max_prompt_length: int | None, text_field: str,
+               skip_invalid: bool, field_map: FieldMap) -> str:
+    parts = {"format": PAIRS_CACHE_FORMAT, "version": __version__, "data": data,
+             "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings),
+             "max_prompt_length": max_prompt_length, "text_field": text_field, "skip_invalid_records": skip_invalid,
+             "fields": field_map.fields, "alpaca_layout": field_map.alpaca_layout}
+    if settings.chat_template and os.path.isfile(settings.chat_template):
+        # A template given as a file: its text, not its path, shapes the pairs.
+        with open(settings.chat_template, "rb") as handle:
+            parts["chat_template_file"] = hashlib.sha256(handle.read()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _cached_pairs(root: str, key: str, build) -> Pairs:
+    """Entry `key`: read when it is there, else built, written under a temporary name and renamed
+    into place under the entry's lock (a process that finds it taken waits, then reads it)."""
+    folder = os.path.join(root, key)
+    pairs = _read_pairs(folder)
+    if pairs is not None:
+        pairs.stats.update(cached=True, cache_entry=folder)
+        return pairs
+    with entry_lock(root, key):
+        pairs = _read_pairs(folder)  # written by another process while this one waited
+        if pairs is not None:
+            pairs.stats.update(cached=True, cache_entry=folder)
+            return pairs
+        pairs = build()
+        try:
+            tmp = new_folder(root, key)
+        except OSError:  # the cache is an optimisation: an unwritable one must not stop training
+            pairs.stats["cached"] = False
+            return pairs
+        try:
+            for name in _ARRAYS:
+                np.save(os.path.join(tmp, name + ".npy"), getattr(pairs, name))
+            with open(os.path.join(tmp, "stats.json"), "w") as handle:
+                json.dump(pairs.stats, handle)
+            publish_directory(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pairs.stats["cached"] = False
+            return pairs
+    stored = _read_pairs(folder)
+    if stored is None:  # pragma: no cover - renamed into place just before
+        raise AssertionError(f"cannot read the cache entry {folder} just written")
+    stored.stats.update(cached=False, cache_entry=folder)
+    return stored
+
+
+def _read_pairs(folder: str) -> Pairs | None:
+    """The entry's pairs, memory-mapped; None when it is missing or damaged (a miss)."""
+    try:
+        with open(os.path.join(folder, "stats.json")) as handle:
+            stats = json.load(handle)
+        arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in _ARRAYS}
+    except (OSError, ValueError, EOFError):
+        return None
+    pairs = len(arrays["record_index"])
+    if any(arrays[name].ndim != 1 or arrays[name].dtype != dtype for name, dtype in _ARRAYS.items()):
+        return None
+    for part in ("prompt", "chosen", "rejected"):
+        offsets = arrays[f"{part}_offsets"]
+        if len(offsets) != pairs + 1 or int(offsets[-1]) != len(arrays[f"{part}_ids"]):
+            return None
+    return Pairs(**arrays, stats=stats)
