@@ -326,7 +326,18 @@ def test_a_reply_the_template_cannot_serve_is_named_as_its_turn_in_the_record(tm
                                        "assistant turn rejected[0]")
     skipped = prepare_pairs(path, tokenizer, skip_invalid_records=True, use_cache=False)
     assert len(skipped) == 1 and skipped.record_index.tolist() == [0]
-    assert sum(skipped.stats["skipped_invalid"].values()) == 1
+    reasons = {"invalid rejected: the rejected reply was skipped or has no trained token": 1}
+    assert skipped.stats["skipped_invalid"] == reasons
+    (reason,) = skipped.stats["skipped_replies"]
+    assert reason.startswith("chat template cannot serve messages[]: ")
+
+
+def test_a_reply_left_untrained_is_refused_not_dropped(tmp_path):
+    untrained = {"prompt": [user("Hi")], "chosen": [assistant("Yo", train=False)], "rejected": [assistant("No")]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [untrained])
+    with pytest.raises(DataError, match=r"pairs.jsonl:1, record 0, field 'chosen': the chosen reply was skipped or has "
+                                        r"no trained token"):
+        prepare_pairs(path, char_tokenizer(CHATML), use_cache=False)
 
 
 def test_mixed_formats_are_refused_and_invalid_records_skipped_on_request(tmp_path):

@@ -146,6 +146,8 @@ def pair_stats_rows(stats: dict) -> list[tuple[str, str]]:
     rows.append(("skipped invalid records", str(sum(skipped.values()))))
     for reason, count in sorted(skipped.items(), key=lambda item: -item[1]):
         rows.append((f"  {reason}", str(count)))
+    for reason, count in sorted(stats.get("skipped_replies", {}).items(), key=lambda item: -item[1]):
+        rows.append((f"  a reply: {reason}", str(count)))
     rows.append(("pairs", str(stats.get("pairs", 0))))
     length = stats.get("length", {})
     if length:

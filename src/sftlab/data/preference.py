@@ -343,11 +343,12 @@ class PairBuilder:
                 for number, side in enumerate(SIDES):
                     found = by_record.get(2 * index + number, [])
                     if not found:
-                        if self.skip_invalid:  # the example builder counted why (skipped_invalid)
-                            raise _Skipped()
-                        raise RecordError(f"the {side} reply has no trained token", field=side,
-                                          expected="an assistant reply the template renders",
-                                          fix="check the reply's messages (a 'train': false flag leaves it untrained)")
+                        # The example builder skipped the reply (skip_invalid_records: it counts why
+                        # under skipped_replies) or found nothing trained in it; the pair is counted here.
+                        raise RecordError(f"the {side} reply was skipped or has no trained token", field=side,
+                                          expected="an assistant reply the template serves",
+                                          fix="check the reply's messages (a 'train': false flag, or "
+                                              "chat_examples: final_render, can leave it untrained)")
                     if len(found) > 1:
                         raise RecordError(f"the chat template does not serve the {side} reply in one render",
                                           field=side, found=f"{len(found)} examples as SFT data (it rewrites the "
@@ -357,8 +358,6 @@ class PairBuilder:
                     sides.append(reply_of(*examples[found[0]]))
                 (prompt, chosen), (rejected_prompt, rejected) = sides
                 check_same_prompt(prompt, rejected_prompt, self.tokenizer)
-            except _Skipped:
-                continue
             except RecordError as bad:
                 self._refuse(bad, chunk, index - chunk.start)
                 continue
@@ -389,18 +388,16 @@ class PairBuilder:
         return prompt, chosen, rejected
 
     def stats(self) -> dict:
-        stats = dict(records=self.records, formats=dict(self.formats),
-                     skipped_invalid=dict(self.skipped + Counter(self.examples.stats()["skipped_invalid"])),
-                     truncated=self.truncated, truncated_prompt=self.truncated_prompt,
-                     truncated_completion=self.truncated_completion, dropped=dict(self.dropped))
         built = self.examples.stats()
+        # Pairs are counted once in skipped_invalid; why the example builder skipped a reply (the
+        # template cannot serve it) is told by skipped_replies, one count per reply.
+        stats = dict(records=self.records, formats=dict(self.formats), skipped_invalid=dict(self.skipped),
+                     skipped_replies=built["skipped_invalid"], truncated=self.truncated,
+                     truncated_prompt=self.truncated_prompt, truncated_completion=self.truncated_completion,
+                     dropped=dict(self.dropped))
         if "chat" in built:
             stats["chat"] = {key: int(built["chat"][key]) for key in CHAT_STATS}
         return stats
-
-
-class _Skipped(Exception):
-    """A reply the example builder skipped (skip_invalid_records), so its pair is skipped too."""
 
 
 def concatenate(parts: list[Pairs]) -> Pairs:
