@@ -445,6 +445,10 @@ def test_cli_inspect_shows_each_pair_and_its_counts(pair_config, capsys):
     assert f"pair 1 (record 1): prompt {len(second_prompt)}, chosen 2, rejected 2 tokens" in text
     assert "replies cut at their end" in text
 
+    assert main(["prepare", str(pair_config), "--json"]) == 0
+    prepared = json.loads(capsys.readouterr().out)["train"]
+    assert (prepared["pairs"], prepared["cached"]) == (2, True)  # the entry inspect wrote
+
 
 def test_pairs_are_cached_by_data_tokenizer_and_every_setting(tmp_path):
     records = [{"prompt": "0123456789", "chosen": "AB", "rejected": "C"}]
@@ -460,3 +464,19 @@ def test_pairs_are_cached_by_data_tokenizer_and_every_setting(tmp_path):
     assert second.stats["truncated_prompt"] == 1 and second.record_index.tolist() == [0]
     other = prepare(max_prompt_length=4)  # another setting: another entry
     assert other.stats["cached"] is False and [p.tolist() for p in other[0]][0] == ids("6789")
+
+
+def test_pairs_stream_over_chunks_and_a_late_bad_reply_is_named_by_its_line(tmp_path):
+    # More records than one chunk (2048): the pairs of both chunks are joined in order, and a reply the
+    # template refuses in the second chunk is traced back to its own line.
+    tokenizer = char_tokenizer(R1, chat_tokens=True)
+    good = {"prompt": [user("2+2?")], "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
+            "rejected": [assistant("<think>\nx\n</think>\n\n5")]}
+    records = [good] * 2100
+    pairs = prepare_pairs(records, tokenizer, use_cache=False)
+    assert len(pairs) == 2100 and pairs.record_index.tolist() == list(range(2100))
+    assert [p.tolist() for p in pairs[2099]] == [p.tolist() for p in pairs[0]]
+    records[2090] = {**good, "chosen": [assistant("4")]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    with pytest.raises(DataError, match=r"pairs.jsonl:2091, record 2090, field 'chosen\[0\]'"):
+        prepare_pairs(path, tokenizer, use_cache=False)
