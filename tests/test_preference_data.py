@@ -308,6 +308,9 @@ def test_a_bad_message_of_a_reply_is_named_in_the_records_own_terms(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [bad])
     with pytest.raises(DataError, match=r"pairs.jsonl:1, record 0, field 'rejected\[0\].content': must be a string"):
         prepare_pairs(path, tokenizer, use_cache=False)
+    starts_with_user = {"prompt": [user("Hi")], "chosen": [user("Hm"), assistant("Yo")], "rejected": [assistant("No")]}
+    with pytest.raises(DataError, match=r"field 'chosen\[0\].role': a reply starts with an assistant message"):
+        prepare_pairs([starts_with_user], tokenizer, use_cache=False)
     implicit = {"chosen": [user("Hi"), assistant("Yo")], "rejected": [user("Hi"), {"role": "robot", "content": "x"}]}
     with pytest.raises(DataError, match=r"field 'chosen,rejected': chosen and rejected share no prompt"):
         prepare_pairs(write_jsonl(tmp_path / "implicit.jsonl", [implicit]), tokenizer, use_cache=False)

@@ -131,6 +131,12 @@ def pair_records(raw: dict) -> PairRecords:
                 raise RecordError("must be a list of messages, as the prompt is", field=side, found=describe(raw[side]),
                                   expected='[{"role": "assistant", "content": ...}]',
                                   fix="give prompt, chosen and rejected all as text, or all as message lists")
+            first = raw[side][0] if raw[side] else None
+            if isinstance(first, dict) and first.get("role") != "assistant":
+                # A reply that opened with a user or tool message would move that message into its P.
+                raise RecordError("a reply starts with an assistant message", field=f"{side}[0].role",
+                                  found=describe(first.get("role")), expected="'assistant'",
+                                  fix="move the messages before the reply into the prompt")
         return PairRecords(CONVERSATIONAL, {"prompt": prompt, "completion": chosen, **extras},
                            {"prompt": prompt, "completion": rejected, **extras})
     raise RecordError("must be text or a list of messages", field="prompt", found=describe(prompt),
