@@ -300,7 +300,7 @@ class PairBuilder:
 
     # --- pairs --------------------------------------------------------------------------------
 
-    def build(self, chunks) -> "Pairs":
+    def build(self, chunks) -> Pairs:
         """The pairs of every chunk of records, in order."""
         parts: list[Pairs] = []
         pending: deque = deque()  # chunks given to the example builder, not yet cut into pairs
@@ -343,7 +343,7 @@ class PairBuilder:
         for position, index in enumerate(examples.record_index.tolist()):
             by_record.setdefault(int(index), []).append(position)
         triples, kept = [], []
-        for index, pair, _, _ in valid:
+        for index, _, _, _ in valid:
             try:
                 sides = []
                 for number, side in enumerate(SIDES):
