@@ -283,3 +283,69 @@ def test_the_layout_can_be_chosen_by_the_config():
     model = llama()
     shared, sparse, why = choose_layout(model, PAIRS, 0, shared_prompt=False, loss_implementation="dense")
     assert (shared, sparse) == (False, False) and "shared_prompt: false" in why and "dense logits" in why
+
+
+# --- KTO ---------------------------------------------------------------------------------------
+
+
+def test_kto_losses_by_hand():
+    from sftlab.training.preference import kto_losses
+
+    log_probs = torch.tensor([-4.0, -7.0, -3.0], requires_grad=True)
+    reference = torch.tensor([-5.0, -6.0, -3.5])
+    desirable = torch.tensor([True, False, False])
+    kl = torch.tensor(0.2)
+    loss, reward = kto_losses(log_probs, reference, desirable, kl, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    # r = 1, -1, 0.5; desirable: 2 (1 - sig(0.5 (1 - 0.2))); undesirable: 0.5 (1 - sig(0.5 (0.2 - r)))
+    expected = [2 * (1 - sig(0.4)), 0.5 * (1 - sig(0.5 * 1.2)), 0.5 * (1 - sig(0.5 * -0.3))]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-6) and reward.tolist() == pytest.approx([0.5, -0.5, 0.25])
+    loss.sum().backward()
+    # d/dr of 2 (1 - sig(b (r - z))) = -2 b sig' ; of 0.5 (1 - sig(b (z - r))) = +0.5 b sig'
+    grads = [-2 * 0.5 * sig(0.4) * (1 - sig(0.4)), 0.5 * 0.5 * sig(0.6) * (1 - sig(0.6)), 0.5 * 0.5 * sig(-0.15) * (1 - sig(-0.15))]
+    assert log_probs.grad.tolist() == pytest.approx(grads, rel=1e-5)
+
+
+EXAMPLES = Pairs.from_lists([([5, 6, 7, 8], [9, 10, 11], [20]), ([20, 21], [22], [9, 10, 11]),
+                             ([30, 31, 32], [33, 34], [22]), ([40], [41, 42, 43], [33, 34])])
+EXAMPLES.desirable = np.array([True, False, True, False])
+
+
+def run_kto(split, references=None):
+    from sftlab.training.objectives import KTOObjective
+
+    model = llama()
+    if references is None:
+        references = {"train": reference_log_probs(copy.deepcopy(model), EXAMPLES, 0, Processes())}
+    objective = KTOObjective(model, beta=0.5, desirable_weight=1.0, undesirable_weight=1.0, sparse=True, references=references)
+    collate = objective.collate("train")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [collate(EXAMPLES, items, 0) for items in split]
+    result = train_step(objective.module, objective, batches, processes=Processes(), optimizer=optimizer,
+                        lr_scheduler=scheduler, parameters=list(model.parameters()), max_grad_norm=None,
+                        autocast=contextlib.nullcontext())
+    return model, result, batches
+
+
+def test_kto_estimates_its_reference_point_over_the_whole_step():
+    # Shifted references make the policy-minus-reference ratios of the mismatched completions
+    # +1, +2, +3, -1: z0 = mean = 1.25 for the step, whatever its split.
+    model = llama()
+    fresh = reference_log_probs(copy.deepcopy(model), EXAMPLES, 0, Processes())
+    shifted = fresh.copy()
+    shifted[:, 1] -= np.array([1.0, 2.0, 3.0, -1.0])
+    _, result, batches = run_kto([[0, 1, 2, 3]], {"train": shifted})
+    assert float(batches[0]["kl"]) == pytest.approx(1.25, abs=1e-5)
+    _, _, split_batches = run_kto([[0], [1, 2], [3]], {"train": shifted})
+    assert all(float(b["kl"]) == pytest.approx(1.25, abs=1e-5) for b in split_batches)
+    assert result.sums["kl_sum"] / result.sums["examples"] == pytest.approx(1.25, abs=1e-5)
+    shifted[:, 1] = fresh[:, 1] + 5.0  # all ratios -5: the mean is clamped at 0
+    _, _, batches = run_kto([[0, 1, 2, 3]], {"train": shifted})
+    assert float(batches[0]["kl"]) == 0.0
+
+
+def test_kto_steps_are_the_same_however_they_are_split():
+    one, _, _ = run_kto([[0, 1, 2, 3]])
+    three, _, _ = run_kto([[2], [0, 3], [1], []])
+    for (name, a), b in zip(one.named_parameters(), three.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -483,3 +483,37 @@ def test_pairs_stream_over_chunks_and_a_late_bad_reply_is_named_by_its_line(tmp_
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     with pytest.raises(DataError, match=r"pairs.jsonl:2091, record 2090, field 'chosen\[0\]'"):
         prepare_pairs(path, tokenizer, use_cache=False)
+
+
+# --- unpaired (KTO) ----------------------------------------------------------------------------
+
+
+def test_unpaired_examples_carry_the_record_befores_completion_for_the_kl_estimate():
+    from sftlab.data.preference import prepare_unpaired
+
+    records = [{"prompt": "Q: 1?", "completion": "7", "label": True},
+               {"prompt": "Q: 2?", "completion": "88", "label": False},
+               {"prompt": "Q: 3?", "completion": "9", "label": True}]
+    pairs = prepare_unpaired(records, char_tokenizer(), TargetSettings(), use_cache=False)
+    got = [tuple(part.tolist() for part in pairs[i]) for i in range(len(pairs))]
+    # Each prompt with its own completion, and with the completion of the record before (the first: the last's).
+    assert got == [(ids("Q: 1?"), ids("7") + [EOS], ids("9") + [EOS]),
+                   (ids("Q: 2?"), ids("88") + [EOS], ids("7") + [EOS]),
+                   (ids("Q: 3?"), ids("9") + [EOS], ids("88") + [EOS])]
+    assert pairs.desirable.tolist() == [True, False, True]
+    assert (pairs.stats["desirable"], pairs.stats["undesirable"]) == (2, 1)
+
+
+@pytest.mark.parametrize("record, field, problem", [
+    ({"prompt": "Q", "completion": " a"}, "label", "an unpaired (KTO) record needs 'label'"),
+    ({"prompt": "Q", "completion": " a", "label": "yes"}, "label", "must be true or false"),
+    ({"prompt": "Q", "label": True}, "completion", "an unpaired (KTO) record needs 'completion'"),
+])
+def test_bad_unpaired_records_are_named(tmp_path, record, field, problem):
+    from sftlab.data.preference import prepare_unpaired
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "completion": " ok", "label": True}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError) as error:
+        prepare_unpaired(str(path), char_tokenizer(), TargetSettings(), use_cache=False)
+    assert error.value.field == field and problem in str(error.value) and f"{path}:2" in str(error.value)

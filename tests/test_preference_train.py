@@ -33,6 +33,7 @@ def model_dir(tmp_path_factory) -> str:
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
     values = dict(model=model_dir, output_dir=str(output_dir), objective="dpo", max_length=48, per_device_train_batch_size=8,
+                  shuffle=False,
                   max_steps=2, logging_steps=1, learning_rate=1e-2, warmup_steps=0, seed=3, lr_scheduler_type="constant",
                   max_grad_norm=None, cache_dir=str(output_dir) + "-cache")
     return SFTConfig(**{**values, **overrides})
@@ -144,3 +145,30 @@ def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkey
     out = capsys.readouterr().out
     assert "resumed from" in out and "read from the store" in out
     assert_close_weights(tmp_path / "resumed", tmp_path / "reference")
+
+
+KTO = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
+       for i in range(16)]
+
+
+def test_kto_trains_and_logs(model_dir, tmp_path):
+    result = train(config(model_dir, tmp_path / "kto", objective="kto", desirable_weight=1.0, undesirable_weight=2.0),
+                   train_dataset=KTO, eval_dataset=KTO[:6])
+    logged = [r for r in result.history if r["type"] == "train"]
+    assert len(logged) == 2 and all(r["examples"] == 8 for r in logged)
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference, so the KL is 0
+    assert logged[0]["rewards/desirable"] == pytest.approx(0.0, abs=1e-6)
+    # step 1's loss by hand: every ratio 0 and z0 0, so each example's loss is weight x (1 - sigmoid(0)) = weight / 2
+    desirable = sum(1 for i in range(8) if i % 3)  # the first step's 8 examples are the first 8 (shuffle off)
+    assert logged[0]["loss"] == pytest.approx((desirable * 0.5 + (8 - desirable) * 1.0) / 8, abs=1e-6)
+    evals = [r for r in result.history if r["type"] == "eval"]
+    assert evals[-1]["eval_examples"] == 6 and "eval_kl" in evals[-1]
+
+
+def test_kto_step_is_the_same_however_it_is_split(model_dir, tmp_path):
+    one = train(config(model_dir, tmp_path / "kto8", objective="kto"), train_dataset=KTO, optimizer=sgd)
+    four = train(config(model_dir, tmp_path / "kto2x4", objective="kto", per_device_train_batch_size=2,
+                        gradient_accumulation_steps=4), train_dataset=KTO, optimizer=sgd)
+    assert [r["loss"] for r in one.history if r["type"] == "train"] == pytest.approx(
+        [r["loss"] for r in four.history if r["type"] == "train"], abs=1e-6)
+    assert_close_weights(tmp_path / "kto8", tmp_path / "kto2x4", atol=1e-6)

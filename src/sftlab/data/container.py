@@ -76,6 +76,9 @@ class Pairs:
     rejected_offsets: np.ndarray
     record_index: np.ndarray  # source record of each pair, so later errors can name it
     stats: dict = field(default_factory=dict)
+    # KTO's unpaired examples: True where the completion is desirable; `rejected` then holds the
+    # mismatched completion that estimates the KL reference point (data/preference.py).
+    desirable: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_offsets) - 1

@@ -548,3 +548,49 @@ def _read_pairs(folder: str) -> Pairs | None:
         if len(offsets) != pairs + 1 or int(offsets[-1]) != len(arrays[f"{part}_ids"]):
             return None
     return Pairs(**arrays, stats=stats)
+
+
+# --- unpaired (KTO) ----------------------------------------------------------------------------
+
+
+def prepare_unpaired(source: Any, tokenizer, settings: TargetSettings = TargetSettings(), *, split: str | None = None,
+                     fields: dict[str, str] | None = None, alpaca_layout: str = "alpaca", **options) -> Pairs:
+    """KTO's unpaired records (`prompt`, `completion`, `label`: true where the completion is
+    desirable) as Pairs whose chosen part is the completion and whose rejected part is the
+    completion of the record before (the first record takes the last one's): the mismatched
+    completion whose log-ratio estimates KTO's KL reference point, as TRL pairs them, but fixed by
+    the data's order rather than by the batch, so the reference log-probs can be computed once and
+    the estimate does not depend on how a step is split. Each becomes a pair record and goes through
+    prepare_pairs (its rendering, checks, truncation and cache); `options` are prepare_pairs'."""
+    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    stream = open_records(source, split)
+    records, labels = [], []
+    for chunk in stream.chunks():
+        for offset, raw in enumerate(chunk.records):
+            try:
+                raw, _ = field_map.apply(raw)
+                for name in ("prompt", "completion", "label"):
+                    if name not in raw:
+                        raise RecordError(f"an unpaired (KTO) record needs '{name}'", field=name, found=f"fields {sorted(raw)}",
+                                          expected="prompt, completion and label (true: desirable)",
+                                          fix=f"add '{name}', or map your field to it with fields: {{{name}: your_field}}")
+                if not isinstance(raw["label"], bool):
+                    raise RecordError("must be true or false", field="label", found=describe(raw["label"]),
+                                      expected="true (the completion is desirable) or false")
+            except RecordError as bad:
+                where, row = chunk.locate(offset)
+                raise DataError(bad.problem, source=where, index=row, field=bad.field, found=bad.found,
+                                expected=bad.expected, fix=bad.fix) from None
+            records.append(raw)
+            labels.append(raw["label"])
+    pseudo = [{**{k: v for k, v in raw.items() if k not in ("completion", "label")}, "chosen": raw["completion"],
+               "rejected": records[i - 1]["completion"]} for i, raw in enumerate(records)]
+    try:
+        pairs = prepare_pairs(pseudo, tokenizer, settings, **options)
+    except DataError as error:  # named in the unpaired record's own terms
+        field = (error.field or "").replace("rejected", "completion of the record before (KL pairing)")
+        raise DataError(error.problem, source=stream.name, index=error.index, field=field.replace("chosen", "completion"),
+                        found=error.found, expected=error.expected, fix=error.fix) from None
+    pairs.desirable = np.asarray(labels, dtype=bool)[pairs.record_index]
+    pairs.stats.update(source=stream.name, desirable=int(pairs.desirable.sum()), undesirable=int((~pairs.desirable).sum()))
+    return pairs

@@ -9,7 +9,7 @@ from sftlab.config import DataSource, SFTConfig
 from sftlab.data.container import Examples, Pairs
 from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
-from sftlab.data.preference import looks_like_pairs, prepare_pairs
+from sftlab.data.preference import looks_like_pairs, prepare_pairs, prepare_unpaired
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts
 from sftlab.data.store import built_entry
@@ -81,7 +81,8 @@ def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, s
         raise ConfigError("preference data cannot be mixed from several sources yet",
                           field="eval_data" if eval else "train_data", found=f"{len(source)} sources",
                           fix="give one source (concatenate the files into one)")
-    return prepare_pairs(
+    prepare = prepare_unpaired if config.objective == "kto" else prepare_pairs
+    return prepare(
         source,
         tokenizer,
         target_settings(config),

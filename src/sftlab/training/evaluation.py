@@ -293,6 +293,8 @@ def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id
     for round_start in range(0, len(batches), processes.world):
         index = round_start + processes.rank
         batch = collate(examples, batches[index] if index < len(batches) else [], pad_id)
+        if hasattr(objective, "start_step"):  # KTO: the KL reference point of this eval batch (every process, every round)
+            objective.start_step(loss_module, [batch], processes, autocast)
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:
             out = loss_module(**inputs)

@@ -51,7 +51,7 @@ from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
-from sftlab.training.objectives import Objective, PreferenceObjective, SupervisedObjective
+from sftlab.training.objectives import KTOObjective, Objective, PreferenceObjective, SupervisedObjective
 from sftlab.training.optimizer import StepInBackward
 from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
 from sftlab.training.progress import MetricsWindow, Reporter
@@ -290,7 +290,7 @@ def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, rep
 
 
 def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, eval_pairs: Pairs | None, pad_id: int,
-                      processes, reporter) -> PreferenceObjective:
+                      processes, reporter) -> PreferenceObjective | KTOObjective:
     """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
     train and eval pairs under the model before training (computed once, stored, reused): training
     holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
@@ -309,9 +309,13 @@ def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, e
             accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
             reporter.line(f"reference log-probs of {len(pairs)} {split} pairs: "
                           + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
-                          + f" ({folder}); the reference prefers the chosen completion in {accuracy:.1%}")
-            if split == "eval":
+                          + f" ({folder})" + ("" if config.objective == "kto" else
+                                              f"; the reference prefers the chosen completion in {accuracy:.1%}"))
+            if split == "eval" and config.objective != "kto":
                 reporter.log({"type": "eval", "step": 0, "eval_reference_accuracy": accuracy})
+    if config.objective == "kto":
+        return KTOObjective(model, beta=config.beta, desirable_weight=config.desirable_weight,
+                            undesirable_weight=config.undesirable_weight, sparse=sparse, references=references)
     return PreferenceObjective(model, config.loss_type if config.objective == "dpo" else config.objective, beta=config.beta,
                                label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma, rpo_alpha=config.rpo_alpha,
                                shared_prompt=shared, sparse=sparse, references=references)

@@ -117,6 +117,7 @@ def _flatten(positions: list[tuple[int, int]], length: int) -> torch.Tensor:
 
 
 def _completion(store, row: int, predicting: list[int], completion: list[int], pair: int) -> None:
+    predicting = predicting[: len(completion)]  # an empty completion (KTO's rows have no rejected part) predicts nothing
     positions, targets, pairs = store
     positions.extend((row, column) for column in predicting)
     targets.extend(completion)
@@ -394,3 +395,49 @@ def stored_reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, proc
             np.save(handle, values, allow_pickle=False)
         os.replace(partial, path)
     return values, False
+
+
+# --- KTO ---------------------------------------------------------------------------------------
+
+
+def kto_losses(log_probs: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *, beta: float,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reward) per example of KTO (Ethayarajh et al. 2024, eq. 7, as TRL's KTOTrainer): with
+    r = log pi(y|x) - log ref(y|x) and z0 the KL reference point (detached),
+        desirable     desirable_weight   x (1 - sigmoid(beta (r - z0)))
+        undesirable   undesirable_weight x (1 - sigmoid(beta (z0 - r)))"""
+    ratio = log_probs - reference
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return loss, beta * ratio.detach()
+
+
+class KTOLoss(nn.Module):
+    """Wraps a causal LM for KTO. forward(batch) -> sums over the micro-batch's examples: loss_sum,
+    examples, desirable ones, the rewards of each kind, the log-probs, kl x examples (the reference
+    point used). forward(..., kl_only=True) -> {"kl_sum", "kl_count"}: the policy-minus-reference
+    log-prob of each example's mismatched completion (rows [P | K]), for the step's KL estimate."""
+
+    def __init__(self, model: nn.Module, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 sparse: bool = True):
+        super().__init__()
+        self.model = model
+        self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        self.sparse = sparse
+        inner = split_model(model)
+        self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
+
+    def forward(self, input_ids, position_ids, attention_mask, chosen_index, chosen_targets, chosen_pair, rejected_index,
+                rejected_targets, rejected_pair, pair_count, pair_index=None, ref_chosen=None, ref_rejected=None,
+                desirable=None, kl=None, kl_only: bool = False):
+        batch = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, chosen_index=chosen_index,
+                     chosen_targets=chosen_targets, chosen_pair=chosen_pair, rejected_index=rejected_index,
+                     rejected_targets=rejected_targets, rejected_pair=rejected_pair, pair_count=pair_count)
+        log_probs, _, _, _ = completion_log_probs(self.model, batch, self.sparse)
+        if kl_only:  # the rows hold the mismatched completions, their reference values in ref_chosen
+            return {"kl_sum": (log_probs - ref_chosen).sum(), "kl_count": log_probs.new_tensor(float(len(log_probs)))}
+        loss, reward = kto_losses(log_probs, ref_chosen, desirable.bool(), kl, **self.options)
+        wanted = desirable.bool()
+        return {"loss_sum": loss.sum(), "examples": loss.new_tensor(float(len(loss))), "desirable": wanted.float().sum(),
+                "reward_desirable": (reward * wanted).sum(), "reward_undesirable": (reward * ~wanted).sum(),
+                "logps": log_probs.detach().sum(), "kl_sum": kl.detach() * len(loss)}

@@ -1,5 +1,7 @@
 """One optimizer step: the step's micro-batches in, the updated weights and the step's sums out.
 
+    start     the objective's start_step, when it has one (KTO estimates its KL reference point
+              over the whole step before any loss is computed)
     count     each micro-batch's normaliser (objectives.py), summed over the step on all processes
     forward   the objective's loss module on each micro-batch; backward of loss_sum / count, plus
               aux_loss / micro-batches when the module returns one (a per-forward mean such as a
@@ -44,6 +46,9 @@ def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *,
     objective's module as replicated or sharded; `stepper`: optimizer_in_backward's hooks, which
     have already updated the weights by the end of backward. `stop_requested()`: whether a stop
     signal reached this process, asked after the backward passes, when the step's sums are reduced."""
+    start = getattr(objective, "start_step", None)
+    if start is not None:  # what the objective needs from the whole step first (KTO: its KL reference point)
+        start(wrapper, batches, processes, autocast)
     # The loss of every micro-batch is divided by the count of the whole step on all processes;
     # DDP and FSDP then average gradients over processes, hence the world factor.
     local = torch.tensor([sum(objective.count(batch) for batch in batches)], dtype=torch.float64)
