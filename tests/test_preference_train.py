@@ -24,6 +24,8 @@ from tiny_models import save_tiny_llama
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 PAIRS = [{"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(16)]
+KTO = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
+       for i in range(16)]
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +101,13 @@ def test_packed_pairs_train_like_padded_ones(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["fsdp=false", "fsdp=true"])
-def test_two_processes_equal_one(model_dir, tmp_path, sharding):
+@pytest.mark.parametrize("sharding, objective", [("fsdp=false", "dpo"), ("fsdp=true", "dpo"), ("fsdp=false", "kto")])
+def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
+    data = PAIRS if objective == "dpo" else KTO
     records = tmp_path / "pairs.json"
-    records.write_text(json.dumps(PAIRS))
+    records.write_text(json.dumps(data))
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
-    common = ["objective=dpo", "max_length=48", "max_steps=2", "logging_steps=1", "learning_rate=1e-2", "warmup_steps=0",
+    common = [f"objective={objective}", "shuffle=false", "max_length=48", "max_steps=2", "logging_steps=1", "learning_rate=1e-2", "warmup_steps=0",
               "seed=3", "lr_scheduler_type=constant", "max_grad_norm=null", f"cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -112,7 +115,8 @@ def test_two_processes_equal_one(model_dir, tmp_path, sharding):
                           str(tmp_path / "two"), *common, "per_device_train_batch_size=4", "optimizer=sgd", sharding],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    train(config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS, optimizer=sgd)
+    train(config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective), train_dataset=data,
+          optimizer=sgd)
     assert_close_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
 
 
@@ -146,9 +150,6 @@ def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkey
     assert "resumed from" in out and "read from the store" in out
     assert_close_weights(tmp_path / "resumed", tmp_path / "reference")
 
-
-KTO = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
-       for i in range(16)]
 
 
 def test_kto_trains_and_logs(model_dir, tmp_path):
