@@ -387,3 +387,72 @@ def test_a_tokenizer_that_cannot_be_sent_to_workers_prepares_in_one_process():
         examples = prepare_examples(pairs(), tokenizer, SETTINGS, skip_invalid_records=True, use_cache=False, workers=2)
     expected, stats = reference(pairs(), char_tokenizer())
     assert_same(examples, expected, stats)
+
+
+ORPHANS = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import sftlab.data.workers as workers
+    from sftlab import prepare_examples
+    from tiny import char_tokenizer
+
+    merge = workers._Merge.__init__
+    def started_then_stuck(self, writer):  # the workers are started: the parent stops here, to be killed
+        merge(self, writer)
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    workers._Merge.__init__ = started_then_stuck
+    prepare_examples({data!r}, char_tokenizer(), use_cache=False, workers=2)
+""")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found.update(int(child) for child in handle.read().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_preparation_workers_die_when_their_parent_is_killed(tmp_path):
+    # `sftlab prepare` SIGKILLed (or OOM-killed) while its workers wait for chunks: the workers
+    # must not live on as orphans, each holding a tokenizer.
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "data.jsonl", pairs(200))
+    marker = tmp_path / "started"
+    script = ORPHANS.format(tests=os.path.dirname(__file__), data=data, marker=str(marker))
+    # Output to a file, not a pipe: orphaned workers would hold a pipe open, and reading it would hang.
+    log = open(tmp_path / "log", "w")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert parent.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < deadline, "the workers did not start within 120 s"
+            time.sleep(0.05)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        time.sleep(1)  # let the workers finish starting: they are then blocked on the task queue
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        log.close()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # do not leave them behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == [], "workers outlived their killed parent"
