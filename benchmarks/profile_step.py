@@ -71,9 +71,11 @@ def main() -> None:
     from real_models import prepare_model
     from sftlab import TargetSettings, prepare_examples
     from sftlab.models import load_model, load_tokenizer
-    from sftlab.training.loop import StepPlan, pad_token_id, setup_optimizer
+    from sftlab.training.batching import StepPlan
+    from sftlab.data.special_tokens import pad_token_id
+    from sftlab.training.setup import setup_optimizer
     from sftlab.training.loss import SupervisedLoss, head_loss, split_model
-    from sftlab.data.examples import IGNORE
+    from sftlab.data.container import IGNORE
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -101,7 +101,7 @@ def child_sftlab(spec: dict) -> dict:
         every step: the scheduler steps once per optimizer step, whatever the optimizer options."""
 
         def __init__(self, optimizer):
-            from sftlab.training.loop import setup_scheduler
+            from sftlab.training.setup import setup_scheduler
 
             self.inner = setup_scheduler(optimizer, config.lr_scheduler_type, config.max_steps,
                                          math.ceil(config.warmup_ratio * config.max_steps))

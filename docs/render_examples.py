@@ -98,7 +98,7 @@ def as_served(tokenizer) -> dict[str, str]:
 
     from sftlab import TargetSettings, prepare_examples
     from sftlab.data.chat import ChatRenderer
-    from sftlab.data.formats import validate_records
+    from sftlab.data.formats import RecordValidator
     from sftlab.data.sources import load_records
 
     templates = os.path.join(HERE, "..", "examples", "templates")
@@ -125,7 +125,7 @@ def as_served(tokenizer) -> dict[str, str]:
             served.add_special_tokens({"additional_special_tokens": added})
         served.chat_template = template
         record = {"messages": chat, "tools": [weather]}
-        messages = validate_records(load_records([record])).records[0].messages
+        messages = RecordValidator().validate(load_records([record]))[0].messages
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         planned = ChatRenderer(served, template).conversation_examples(messages, turns, tools=[weather])
         stats = prepare_examples([record], served, TargetSettings(max_length=None), use_cache=False).stats["chat"]

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_models import tiny_model  # noqa: E402
 
-from sftlab.data.examples import IGNORE  # noqa: E402
-from sftlab.training import sharding  # noqa: E402
+from sftlab.data.container import IGNORE  # noqa: E402
+from sftlab.training import distributed, parallelize  # noqa: E402
 from sftlab.training.loss import SupervisedLoss  # noqa: E402
 
 VOCAB = 96
@@ -73,7 +73,7 @@ def check_heads(processes, variant: str) -> dict:
     (dense["loss_sum"] / total).backward()
 
     model = build(variant)
-    sharded = sharding.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    sharded = parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
     rows = slice(2 * processes.rank, 2 * processes.rank + 2)
     out = sharded(input_ids=data["input_ids"][rows], targets=data["targets"][rows])
     # As the loop does: divided by the step's count over both processes, times the world (FSDP averages).
@@ -101,7 +101,7 @@ def check_bf16(processes) -> dict:
     data = batch()
     reference = SupervisedLoss(build("plain"), "dense")(**data)
     model = build("plain")
-    sharded = sharding.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=True)
+    sharded = parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=True)
     rows = slice(2 * processes.rank, 2 * processes.rank + 2)
     out = sharded(input_ids=data["input_ids"][rows], targets=data["targets"][rows])
     out["loss_sum"].backward()
@@ -114,7 +114,7 @@ def check_bf16(processes) -> dict:
 def check_shards(processes) -> dict:
     model = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
     whole = {name: p.detach().clone() for name, p in model.named_parameters()}
-    sharding.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
     shapes = {}
     for name, p in model.named_parameters():
         assert type(p).__name__ == "DTensor", f"{name} is not sharded"
@@ -131,8 +131,8 @@ def check_shards(processes) -> dict:
 def check_export(processes, folder: str) -> dict:
     reference = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
     model = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
-    sharding.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
-    state = sharding.full_state_dict(model, processes)
+    parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    state = parallelize.full_state_dict(model, processes)
     same = None
     if processes.is_main:
         model.save_pretrained(os.path.join(folder, "sharded"), state_dict=state, safe_serialization=True)
@@ -145,7 +145,7 @@ def check_export(processes, folder: str) -> dict:
 
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
-    processes = sharding.start_processes(fsdp=True)
+    processes = distributed.start_processes(fsdp=True)
     assert processes.world == 2, "run under torchrun --nproc_per_node 2"
     results = {"shards": check_shards(processes)}
     results["bf16"] = check_bf16(processes)

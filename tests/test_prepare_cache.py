@@ -222,14 +222,14 @@ def test_unwritable_cache_dir_does_not_stop_preparation(tmp_path):
 
 
 def test_file_fingerprint_is_the_loaded_records_fingerprint(tmp_path):
-    # A cache entry keyed before parsing (source_fingerprint) must be found again by a caller that
+    # A cache entry keyed before parsing (the file stream's hash) must be found again by a caller that
     # passes the loaded Records, and the other way round.
-    from sftlab.data.sources import load_records, source_fingerprint
+    from sftlab.data.sources import load_records, open_records
 
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     for spec in (str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)):
-        assert source_fingerprint(spec) == load_records(spec).fingerprint()
+        assert open_records(spec).content_hash == load_records(spec).fingerprint()
     cache = str(tmp_path / "cache")
     prepare_examples(str(tmp_path / "a.jsonl"), char_tokenizer(), cache_dir=cache)
     assert prepare_examples(load_records(str(tmp_path / "a.jsonl")), char_tokenizer(), cache_dir=cache).stats["cached"] is True

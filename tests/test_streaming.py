@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.examples import IGNORE, build_examples
-from sftlab.data.formats import validate_records
+from sftlab.data.container import IGNORE, Examples
+from sftlab.data.examples import ExampleBuilder
+from sftlab.data.formats import RecordValidator
 from tiny import char_tokenizer
 
 CHATML = (
@@ -47,15 +48,19 @@ def chats(n: int = 23, invalid: bool = True) -> list[dict]:
 
 def reference(records: list[dict], tokenizer, settings=SETTINGS):
     """The whole list in memory, in one chunk: what streaming must give exactly."""
-    validated = validate_records(load_records(records), skip_invalid=True, vocab_size=len(tokenizer))
-    examples = build_examples(validated.records, tokenizer, settings, chunk_size=10**6, skip_invalid=True)
-    built = examples.stats
+    validator = RecordValidator(skip_invalid=True, vocab_size=len(tokenizer))
+    loaded = load_records(records)
+    valid = validator.validate(loaded)
+    validator.finish(loaded.name)
+    builder = ExampleBuilder(tokenizer, settings, skip_invalid=True)
+    examples = Examples.concatenate(list(builder.build([valid])))
+    built = builder.stats()
     lengths = examples.lengths
     stats = {
         "records": len(records),
-        "formats": dict(validated.formats),
+        "formats": dict(validator.formats),
         "examples": len(examples),
-        "skipped_invalid": dict(Counter(validated.skipped) + Counter(built["skipped_invalid"])),
+        "skipped_invalid": dict(Counter(validator.skipped) + Counter(built["skipped_invalid"])),
         "truncated": built["truncated"],
         "dropped": built["dropped"],
         "tokens": int(lengths.sum()),

@@ -1,4 +1,5 @@
-"""Tokenizers and models the tests build themselves: no download, ids computable by hand.
+"""Tokenizers the tests build themselves (no download, ids computable by hand), and the records
+the training tests share.
 
 `char_tokenizer()` is a BPE over single characters with a few explicit merges and no
 pre-tokenizer, so merges can cross spaces and prompt/completion boundaries:
@@ -81,6 +82,24 @@ def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: boo
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def fused_tokenizer(**kwargs):
+    """char_tokenizer(**kwargs) with a decoder that joins tokens as they are (its bare BPE decoder would
+    put a space between every two, "hell o"), so decoded replies read as the text they encode."""
+    from tokenizers import decoders
+
+    tokenizer = char_tokenizer(**kwargs)
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def qa_records(n: int = 16, exclaim=lambda i: 0) -> list[dict]:
+    """The training tests' prompt/completion records: record i has the prompt "Q{i}: " and 1 to 12 letters
+    of "xyz", the completion " hello ok" 1 to 3 times then exclaim(i) "!". Their lengths vary with i, so
+    padding, packing and the normalisation by supervised tokens all have work to do."""
+    return [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3) + "!" * exclaim(i)}
+            for i in range(n)]
 
 
 def ids(text: str) -> list[int]:

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from sftlab.config import SFTConfig, load_config  # noqa: E402
 from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
-from sftlab.data.examples import IGNORE, Examples, TargetSettings  # noqa: E402
+from sftlab.data.container import IGNORE, Examples  # noqa: E402
+from sftlab.data.examples import TargetSettings  # noqa: E402
 from sftlab.data.prepare import prepare_examples  # noqa: E402
 from sftlab.data.sources import load_records  # noqa: E402
 

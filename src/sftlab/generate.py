@@ -10,7 +10,8 @@
 LoRA adapter folder written by `sftlab train` with use_peft=true (its base model is loaded first).
 The prompt is rendered by the same template and tokenized the same way as training examples
 (sftlab.data.chat, no extra special tokens), so a fine-tuned model sees at inference exactly the
-prefix it was trained to continue.
+prefix it was trained to continue. A reply stops where the template ends an assistant turn (and at
+EOS): the same stop ids as training's evaluation by generation (sftlab.data.special_tokens).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from dataclasses import dataclass
 import yaml
 
 from sftlab.data.chat import ChatRenderer, resolve_chat_template
+from sftlab.data.special_tokens import pad_token_id, reply_stop_ids
 from sftlab.errors import ConfigError
 from sftlab.models import load_model, load_tokenizer, resolve_model_path
-
-# End-of-turn markers of common chat templates: generation stops at any of them, as well as at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 def load_for_generation(model_dir: str, trust_remote_code: bool = False):
@@ -79,16 +78,6 @@ def _sftlab_config(folder: str) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """EOS of tokenizer and model, plus every end-of-turn marker the tokenizer knows as one token."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    return sorted(ids)
-
-
 def render_prompts(tokenizer, template: str, prompts: list[str], system: str | None = None,
                    template_kwargs: dict | None = None) -> list[str]:
     renderer = ChatRenderer(tokenizer, template, template_kwargs=template_kwargs)
@@ -105,8 +94,8 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     """
     template = template or resolve_chat_template(tokenizer, None)
     texts = render_prompts(tokenizer, template, prompts, system, template_kwargs)
-    stops = stop_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    stops = reply_stop_ids(tokenizer, ChatRenderer(tokenizer, template, template_kwargs=template_kwargs))
+    pad = pad_token_id(tokenizer)
     replies: list[str] = []
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]

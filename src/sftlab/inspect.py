@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 
 # Whitespace that would otherwise be invisible or break the layout. A newline keeps its line
 # break after the marker so the rendered example keeps its shape.

@@ -11,10 +11,10 @@ can be plotted while it trains or long after. matplotlib is an optional dependen
 
 from __future__ import annotations
 
-import json
 import os
 
 from sftlab.errors import SftlabError
+from sftlab.training.progress import read_records
 
 
 class PlotError(SftlabError):
@@ -26,25 +26,18 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     the log, so a step logged twice keeps its last record."""
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                # The last line of a log being written (or of a killed run) may be incomplete.
-                continue
-            if record.get("type") == "train" and "loss" in record and "step" in record:
-                train[int(record["step"])] = record
-            elif record.get("type") == "eval" and "eval_loss" in record and "step" in record:
-                evals[int(record["step"])] = record
+    records, _ = read_records(path)  # the last line of a log being written (or of a killed run) may be incomplete
+    for record in records:
+        if record.get("type") == "train" and "loss" in record and "step" in record:
+            train[int(record["step"])] = record
+        elif record.get("type") == "eval" and "eval_loss" in record and "step" in record:
+            evals[int(record["step"])] = record
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
 def generation_scores(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """eval_generate_<metric> -> [(step, score)] from the eval records (training/evaluation.py)."""
-    from sftlab.training.evaluation import COUNT_KEYS
+    from sftlab.config import COUNT_KEYS
 
     scores: dict[str, list[tuple[int, float]]] = {}
     for record in evals:

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
-from sftlab.errors import DataError
+from sftlab.config import CHAT_EXAMPLES
+from sftlab.errors import DataError, TurnError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
 CHATML = (
@@ -57,9 +58,7 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 # How the turns of a conversation become examples.
-AS_SERVED = "as_served"
-FINAL_RENDER = "final_render"
-CHAT_EXAMPLES = (AS_SERVED, FINAL_RENDER)
+AS_SERVED, FINAL_RENDER = CHAT_EXAMPLES  # declared in config.py
 
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
@@ -97,14 +96,6 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
             fix="set chat_template: chatml (built in) or a path to a Jinja template file",
         )
     return template, tool_template
-
-
-class TurnError(Exception):
-    """A turn the template cannot serve, or whose trained text fails the self-check."""
-
-    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
-        super().__init__(problem)
-        self.turn, self.problem, self.found, self.fix = turn, problem, found, fix
 
 
 @dataclass
@@ -168,13 +159,6 @@ class ChatRenderer:
             # The template's own Python-level failure on this record's data (a string plus the dict of a tool
             # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
             raise TemplateError(f"{type(error).__name__}: {error}") from error
-
-    def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
-        from transformers.utils.chat_template_utils import _render_with_assistant_indices
-
-        text, spans = _render_with_assistant_indices(self.template, messages, None, None, False, **self.variables)
-        return text, [tuple(s) for s in spans]
 
     # --- turns as served ----------------------------------------------------------------------
 

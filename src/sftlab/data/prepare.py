@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from sftlab import __version__
-from sftlab.data.examples import CHAT_STATS, Examples, TargetSettings
+from sftlab.data.container import Examples
+from sftlab.data.examples import CHAT_STATS, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.sources import open_records
 from sftlab.data.store import built_entry
 from sftlab.data.workers import Counts, Recipe, build_store
+from sftlab.files import cache_root
 
 # 2: conversations as served (several examples per record, chat statistics)
 # 3: streamed into the entry (field maps and the Alpaca layout in the key)
@@ -32,8 +34,7 @@ CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return os.path.join(root, "prepared")
+    return os.path.join(cache_root(), "prepared")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from sftlab.config import DataSource, SFTConfig
-from sftlab.data.examples import Examples, TargetSettings
+from sftlab.data.container import Examples
+from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts
@@ -25,39 +25,21 @@ def target_settings(config: SFTConfig) -> TargetSettings:
         chat_template=config.chat_template,
         train_on_roles=tuple(config.train_on_roles),
         chat_examples=config.chat_examples,
-        tools=dataset_tools(config.tools),
+        tools=config.tools,  # parsed by the config (a .json file or JSON text becomes the list)
         chat_template_kwargs=config.chat_template_kwargs,
     )
-
-
-def dataset_tools(tools: list | str | None) -> list | None:
-    """The config's `tools`: a list as given, or read from a .json file or from JSON text."""
-    if tools is None or isinstance(tools, list):
-        return tools
-    text = tools
-    if os.path.isfile(tools):
-        with open(tools, encoding="utf-8") as handle:
-            text = handle.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError("tools is neither a .json file nor JSON text", field="tools", found=f"{error.msg} in {tools[:60]!r}",
-                          expected="a list of function schemas, a path to a .json file holding one, or its JSON text") from None
-    if isinstance(value, dict) and isinstance(value.get("tools"), list):
-        value = value["tools"]
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ConfigError("tools must be a list of function schemas", field="tools", found=type(value).__name__,
-                          expected='[{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]')
-    return value
 
 
 def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
     """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
     config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
     if source is None:
-        source = config.eval_data if eval else config.train_data
+        name = "eval_data" if eval else "train_data"
+        source = getattr(config, name)
         if source is None:
-            raise ConfigError("eval_data is not set", field="eval_data")
+            raise ConfigError(f"{name} is not set", field=name,
+                              fix=f"set {name}: to a data file, a folder or a list of sources"
+                                  + (", or pass train_dataset= to train()" if not eval else ""))
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
         return prepare_mixture(config, tokenizer, source)
     return prepare_examples(

@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
+from sftlab.files import publish_directory, temporary_sibling
 
 ARRAYS = {"input_ids": np.int32, "targets": np.int32, "offsets": np.int64, "record_index": np.int64}
 _COPY = 8 << 20  # bytes per read when shards are merged
@@ -90,7 +91,6 @@ class StoreWriter:
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        self.folder = folder
         self.files = {name: ArrayFile(os.path.join(folder, name + ".npy"), dtype) for name, dtype in ARRAYS.items()}
         self.files["offsets"].append(np.zeros(1, np.int64))
         self.examples = 0
@@ -121,12 +121,9 @@ class StoreWriter:
         for array in self.files.values():
             array.flush()
 
-    def close(self, stats: dict | None = None) -> None:
+    def close(self) -> None:
         for array in self.files.values():
             array.close()
-        if stats is not None:
-            with open(os.path.join(self.folder, "stats.json"), "w") as handle:
-                json.dump(stats, handle)
 
 
 def read_entry(folder: str) -> Examples | None:
@@ -164,7 +161,11 @@ def built_entry(root: str | None, key: str, build: Callable[[str], None], waitin
                 except OSError:  # the cache is an optimisation: an unwritable one must not stop training
                     return _cached(read_built(None, key, build), False), None
                 _write(tmp, build)
-                publish(tmp, folder)
+                try:
+                    # An entry that failed to load (unreadable) is replaced.
+                    publish_directory(tmp, folder)
+                except OSError:  # another process stored the same entry first
+                    pass
                 examples = read_entry(folder)
                 if examples is None:  # pragma: no cover - renamed into place just before
                     raise AssertionError(f"cannot read the cache entry {folder} just written")
@@ -207,19 +208,9 @@ def read_detached(folder: str) -> Examples:
 
 def new_folder(parent: str | None, key: str) -> str:
     """A fresh temporary folder for building entry `key` (under `parent`, or the system's)."""
-    if parent is not None:
-        os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
-
-
-def publish(tmp: str, folder: str) -> None:
-    """Rename a finished temporary folder into place; the first of two processes wins."""
-    if os.path.isdir(folder):  # an entry that failed to load: unreadable, so replace it
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process stored the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if parent is None:
+        return tempfile.mkdtemp(prefix=f".tmp-{key}-")
+    return temporary_sibling(os.path.join(parent, key), unique=True)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.data.examples import IGNORE, Examples, ExampleBuilder, TargetSettings
+from sftlab.data.container import IGNORE, Examples
+from sftlab.data.examples import ExampleBuilder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator, require_valid
 from sftlab.data.sources import Records, RecordStream

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.
@@ -217,3 +217,44 @@ def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_mu
         position_ids[r, cursor:] = torch.arange(length - cursor)
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
             "record_index": [] if masked else record_index, "real_tokens": 0 if masked else sum(row_lengths)}
+
+
+class StepPlan:
+    """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
+
+    def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
+                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
+        self.examples = examples
+        self.packing = packing
+        lengths = examples.lengths
+        if packing:
+            self.items = best_fit_decreasing(lengths, max_length)
+            self.item_lengths = np.array([int(lengths[row].sum()) for row in self.items], dtype=np.int64)
+        else:
+            self.items = None
+            self.item_lengths = lengths
+        self.accumulation = accumulation
+        self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
+                           group_by_length=group_by_length and not packing, shuffle=shuffle)
+        self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
+        self._epoch, self._steps = None, None
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This process's micro-batches (item indices) for optimizer step `step`."""
+        epoch = step // self.steps_per_epoch
+        if epoch != self._epoch:
+            self._epoch, self._steps = epoch, plan_epoch(self.item_lengths, epoch=epoch, **self.kwargs)
+        slots = self._steps[step % self.steps_per_epoch]
+        return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
+
+    def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+        if self.packing:
+            return pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
+        return pad_batch(self.examples, items, pad_id, pad_to_multiple_of)
+
+
+def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps when given (> 0), else the epochs' worth, at least one."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch))

@@ -43,22 +43,11 @@ from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, Hu
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from sftlab.errors import TrainingError
+from sftlab.files import publish_directory, remove_directory, temporary_name, temporary_sibling
+from sftlab.training.identity import blocking, describe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -90,12 +79,11 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
     with the partial folder removed and earlier checkpoints untouched."""
     root = os.path.join(folder, "checkpoints")
     final = os.path.join(root, f"step-{step}")
-    tmp = os.path.join(root, f".tmp-step-{step}")
+    tmp = temporary_name(final)  # every process writes its shard there
 
     def start():
         if processes.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp, exist_ok=True)
+            temporary_sibling(final)
 
     def write_shards():
         tensors, plain = _checkpoint_values(model, optimizer)
@@ -115,13 +103,7 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
 
     def publish():
         if processes.is_main:
-            for name in os.listdir(tmp):
-                with open(os.path.join(tmp, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            if os.path.exists(final):
-                _remove_step_dir(root, step)
-            os.rename(tmp, final)
-            _fsync_dir(root)
+            publish_directory(tmp, final, fsync=True)
 
     for part in (start, write_shards, publish):
         failure = None
@@ -172,12 +154,9 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
 
 
 def _remove_step_dir(root: str, step: int) -> None:
-    # Renamed out of the step-N namespace first: a run killed mid-delete must not leave a step-N
-    # folder that still has its state.json but has lost its weights.
-    doomed = os.path.join(root, f".tmp-delete-step-{step}")
-    shutil.rmtree(doomed, ignore_errors=True)  # left by a run killed while deleting
-    os.rename(os.path.join(root, f"step-{step}"), doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    # Renamed out of the step-N namespace first (remove_directory): a run killed mid-delete must not
+    # leave a step-N folder that still has its state.json but has lost its weights.
+    remove_directory(os.path.join(root, f"step-{step}"))
 
 
 def list_checkpoints(folder: str) -> list[int]:
@@ -192,15 +171,43 @@ def list_checkpoints(folder: str) -> list[int]:
     return sorted(steps)
 
 
-def find_checkpoint(output_dir: str, spec: str) -> str | None:
-    """The folder to resume from: `spec` itself, or with 'auto' the newest complete one (None if none)."""
+def find_checkpoint(output_dir: str, spec: str, identity: dict) -> tuple[str | None, dict | None]:
+    """(folder, the identity it was written with) to resume from: `spec` itself, or with 'auto'
+    the newest complete checkpoint in output_dir; (None, None) when 'auto' finds none. A
+    checkpoint of another run (identity.py) is refused, never resumed: with 'auto', any in the folder.
+    Checkpoints written before run identities carry none (None) and are not checked."""
     if spec == "auto":
-        steps = list_checkpoints(output_dir)
-        return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
+        found = [os.path.join(output_dir, "checkpoints", f"step-{step}") for step in list_checkpoints(output_dir)]
+        for path in reversed(found):
+            _refuse_another_run(path, identity, auto=True)
+        return (found[-1], _written_identity(found[-1])) if found else (None, None)
     if not os.path.isfile(os.path.join(spec, "state.json")):
         raise TrainingError("not a complete sftlab checkpoint", source=spec, expected="a checkpoints/step-N folder with state.json",
                             fix="use resume_from_checkpoint=auto to pick the newest complete one")
-    return spec
+    _refuse_another_run(spec, identity, auto=False)
+    return spec, _written_identity(spec)
+
+
+def _written_identity(path: str) -> dict | None:
+    return _read(os.path.join(path, "state.json"), _load_json).get("run")
+
+
+def _refuse_another_run(path: str, identity: dict, auto: bool) -> None:
+    written = _written_identity(path)
+    if written is None:
+        return
+    found = blocking(written, identity)
+    if not found:
+        return
+    more = f" (and {len(found) - 1} more: {', '.join(name for name, _, _ in found[1:])})" if len(found) > 1 else ""
+    if auto:
+        raise TrainingError("output_dir holds a checkpoint of another run, which resume_from_checkpoint=auto will not continue",
+                            source=path, found=describe(found[0]) + more,
+                            fix="resume with the settings that run had; start this run in a new output_dir; or set "
+                                "overwrite_output_dir: true (without resume_from_checkpoint) to delete that run's checkpoints and final model")
+    raise TrainingError("the checkpoint was written by another run", source=path, found=describe(found[0]) + more,
+                        fix="resume with the settings it was written with (its state.json 'run'), or train from the start "
+                            "without resume_from_checkpoint")
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per_step: int) -> dict:

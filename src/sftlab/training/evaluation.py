@@ -31,17 +31,21 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 
-from sftlab.errors import ConfigError, TrainingError
+import torch
 
-# Keys of the eval record that describe an evaluation by generation rather than score it (the
-# scores are eval_generate_<metric>); `sftlab plot` draws the others.
-COUNT_KEYS = ("eval_generate_samples", "eval_generate_unfinished", "eval_generate_new_tokens", "eval_generate_seconds")
-USER_METRIC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+from sftlab.data.special_tokens import pad_token_id
+
+from sftlab.config import BUILTIN_METRIC_NAMES, SFTConfig, metric_key
+from sftlab.data.container import Examples
+from sftlab.data.splits import prepare_generation_prompts
+from sftlab.errors import ConfigError, TrainingError
+from sftlab.training import batching
+from sftlab.training.objectives import stacked_sums
+from sftlab.training.progress import keep_records_through
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -74,32 +78,9 @@ def contains(prediction: str, reference: str) -> float:
     return float(reference.strip() in prediction)
 
 
-BUILTIN_METRICS = {"exact_match": exact_match, "json_exact_match": json_exact_match, "contains": contains}
-
-
-def check_metric_names(names: list[str]) -> list[str]:
-    """The config's check, before anything is imported: built-in names or module:function."""
-    for position, name in enumerate(names):
-        if name not in BUILTIN_METRICS and not (isinstance(name, str) and USER_METRIC.match(name)):
-            raise ConfigError("unknown generation metric", field=f"eval_generate_metrics[{position}]", found=repr(name),
-                              expected=f"one of {sorted(BUILTIN_METRICS)}, or module:function for a function of your own",
-                              fix="e.g. eval_generate_metrics: [exact_match] or [my_metrics:score] "
-                                  "(score(prediction, reference) -> float in my_metrics.py)")
-    keys = [metric_key(name) for name in names]
-    for position, key in enumerate(keys):
-        if key in COUNT_KEYS:
-            raise ConfigError("a generation metric would be logged under the name of a count", field=f"eval_generate_metrics[{position}]",
-                              found=f"{names[position]!r} logs {key}", fix="rename the function")
-        if key in keys[:position]:
-            raise ConfigError("two generation metrics would be logged under one name", field=f"eval_generate_metrics[{position}]",
-                              found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
-                              fix="keep one, or rename one of the functions")
-    return names
-
-
-def metric_key(name: str) -> str:
-    """What a metric is logged as: eval_generate_exact_match, eval_generate_<function> for module:function."""
-    return "eval_generate_" + name.rsplit(":", 1)[-1]
+# The names are declared in config.py (which checks them without importing this module); each
+# names the function of the same name above.
+BUILTIN_METRICS = {name: globals()[name] for name in BUILTIN_METRIC_NAMES}
 
 
 def resolve_metrics(names: list[str]) -> list[tuple[str, object]]:
@@ -156,7 +137,7 @@ class GenerationEval:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.stop_ids = prompts.stop_token_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_ids[0] if self.stop_ids else 0)
+        self.pad_id = pad_token_id(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.sharded = sharded
         self.log_samples = log_samples
@@ -266,10 +247,7 @@ def _start_samples(path: str, append: bool, resumed_at: int) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         open(path, "w").close()
         return
-    with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+    keep_records_through(path, resumed_at)  # a torn last line (a killed run's) is dropped with the rest
 
 
 def _gathered(local: list[Scored], processes) -> list[Scored]:
@@ -280,3 +258,44 @@ def _gathered(local: list[Scored], processes) -> list[Scored]:
     everyone: list[list[Scored] | None] = [None] * processes.world
     dist.all_gather_object(everyone, local)
     return [s for part in everyone for s in part]
+
+
+def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
+    """Evaluation by generation (py): the user's metric functions imported now, so a
+    wrong name stops the run before its first step, and the prompts built once."""
+    metrics = resolve_metrics(config.eval_generate_metrics)
+    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
+    unusable = sum(prompts.unusable.values())
+    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
+                  f"{prompts.records_read} eval records, "
+                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
+                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
+    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
+                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
+    return GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
+                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
+                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
+                                     resumed_at=start_step, write=processes.is_main)
+
+
+@torch.no_grad()
+def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
+    """The objective's sums over the whole eval set, as its eval record (SFT: eval loss, perplexity,
+    token accuracy). Padded batches, longest first."""
+    was_training = loss_module.training
+    loss_module.eval()
+    order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    sums = torch.zeros(len(objective.sums), dtype=torch.float64)
+    # Every process runs the same number of forwards (a sharded model gathers weights in each);
+    # a process out of batches runs a fully masked one, which adds nothing.
+    for round_start in range(0, len(batches), processes.world):
+        index = round_start + processes.rank
+        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
+        inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
+        with autocast:
+            out = loss_module(**inputs)
+        sums += stacked_sums(objective, out).cpu()
+    sums = processes.sum(sums)
+    loss_module.train(was_training)
+    return objective.eval_record(dict(zip(objective.sums, sums.tolist())))

@@ -1,14 +1,14 @@
 """The training loop: one readable pass from config to final model.
 
-    setup: processes -> tokenizer -> examples -> model (+LoRA) -> step plan -> loss mode
-           -> replicate (DDP) or shard (FSDP2) -> optimizer -> resume
-    loop:  for each optimizer step:
-             count the step's supervised tokens on every process (one all-reduce)
-             for each micro-batch: loss = sum of CE / that count; backward (DDP: no sync until the last)
-             sum the step's metrics (and any stop signal) over processes; clip, optimizer step,
-             scheduler step; log, evaluate, checkpoint; on SIGTERM/SIGUSR1 checkpoint and return
+    setup: processes -> tokenizer -> examples -> model (+LoRA) -> step plan -> objective (loss mode)
+           -> replicate (DDP) or shard (FSDP2) -> optimizer -> resume        (_setup, setup.py)
+    loop:  for each optimizer step: train_step (step.py: count, forward/backward per micro-batch,
+           sums over processes, clip, optimizer and scheduler step); log, evaluate, checkpoint;
+           on SIGTERM/SIGUSR1 checkpoint and return
     end:   save_pretrained to output_dir/final (safetensors + tokenizer + chat template + config),
-           full tensors gathered on the main process when sharded
+           full tensors gathered on the main process when sharded              (export.py)
+
+What is optimised is the objective's business (objectives.py): the loop never looks inside a batch.
 
 Features and their trade-offs:
 - sparse loss (default): the LM head runs on supervised rows only, in chunks; large saving in
@@ -25,34 +25,33 @@ Features and their trade-offs:
   master weights (with fsdp: bf16 compute copies, fp32 reduction; slow on CPUs without native
   bf16). LoRA through PEFT.
 
-Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see sharding.py.
+Distributed: launch with torchrun (or `accelerate launch`, used as a launcher only); see distributed.py and parallelize.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import signal
-import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import yaml
+from torch import nn
 
-from sftlab.training import batching, evaluation, sharding
-from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.config import SFTConfig
-from sftlab.data.splits import prepare_generation_prompts, prepare_split
-from sftlab.errors import ConfigError, DataError, TrainingError
-from sftlab.data.examples import IGNORE, Examples
-from sftlab.training.loss import SupervisedLoss, choose_loss_mode
-from sftlab.training.optimizer import AdamWBF16States, StepInBackward
-from sftlab.models import load_model, load_tokenizer, resolve_model_path
-from sftlab.training.progress import Reporter
+from sftlab.data.container import Examples
+from sftlab.data.special_tokens import pad_token_id
+from sftlab.data.splits import prepare_split
+from sftlab.errors import ConfigError, DataError
+from sftlab.models import load_tokenizer, resolve_model_path
+from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
+from sftlab.training.architecture import packing_isolation
+from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sftlab.training.identity import CHANGEABLE, differences, run_identity
+from sftlab.training.loss import choose_loss_mode
+from sftlab.training.objectives import Objective, SupervisedObjective
+from sftlab.training.optimizer import StepInBackward
+from sftlab.training.progress import MetricsWindow, Reporter
+from sftlab.training.step import train_step
 
 
 @dataclass
@@ -64,200 +63,129 @@ class TrainResult:
     stopped_by: str | None = None  # 'SIGTERM' / 'SIGUSR1' when a signal stopped the run after a checkpoint
 
 
-# --- setup ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything setup builds, for the loop to use."""
 
-
-def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None,
-                quantization=None):
-    model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization)
-    model.config.use_cache = False
-    if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Norms and the head back in fp32 and input gradients on, so LoRA on frozen 4-bit layers
-        # gets gradients; checkpointing is turned on below (as for any model), not here.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        model = apply_lora(model, **lora)
-    return model
-
-
-def lora_settings(config: SFTConfig) -> dict | None:
-    if not config.use_peft:
-        return None
-    return dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
-                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init)
-
-
-def quantization_settings(config: SFTConfig):
-    """BitsAndBytesConfig for load_in_4bit (QLoRA), after checking bitsandbytes can run here."""
-    if not config.load_in_4bit:
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("load_in_4bit needs the bitsandbytes package", field="load_in_4bit",
-                          fix="pip install bitsandbytes (0.45 or newer also runs 4-bit layers on the CPU), or train LoRA without load_in_4bit") from None
-    except Exception as error:  # its native library fails to load on this machine
-        raise ConfigError("bitsandbytes is installed but cannot run on this machine", field="load_in_4bit",
-                          found=str(error).splitlines()[0][:200], fix="install a bitsandbytes build for this hardware, or train LoRA without load_in_4bit") from None
-    from transformers import BitsAndBytesConfig
-
-    # Compute in the dtype training computes in: the 4-bit weights are dequantized to it per matmul.
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float32)
-
-
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "default"):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'") from None
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
-                                            use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
-                                            init_lora_weights=True if init == "default" else init))
-
-
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer in place (as torchtitan does), before FSDP wraps them.
-    Per layer rather than the whole trunk: the trunk's mask building and cache logic break
-    graphs, a layer does not, and layers of one class share one compiled graph. The embedding,
-    final norm and the sparse head stay eager (the head is already one matmul per chunk)."""
-    layers = sharding.decoder_layers(model, purpose="torch_compile")
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
-def converts_base(config: SFTConfig) -> bool:
-    """PiSSA and OLoRA move part of each base weight into the adapter's initial value (the base
-    keeps the residual), so their adapter applies to that residual, not to the model users have."""
-    return config.use_peft and config.lora_init.startswith(("pissa", "olora"))
-
-
-def save_initial_adapter(model, output_dir: str) -> str:
-    """The adapter as initialised, marked as a plain (zero-effect) LoRA: what PEFT needs to turn the
-    trained adapter into one that applies to the original base weights (see export_final)."""
-    folder = os.path.join(output_dir, "lora-initial")
-    adapter = model.peft_config["default"]
-    init, adapter.init_lora_weights = adapter.init_lora_weights, True
-    try:
-        model.save_pretrained(folder, safe_serialization=True)
-    finally:
-        adapter.init_lora_weights = init
-    return folder
-
-
-def setup_optimizer(model, *, learning_rate: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    state_dtype: str = "float32"):
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if state_dtype == "bfloat16":
-        return AdamWBF16States([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
-    # fused: one kernel for the whole update; on CPU 1.0-1.8 s -> 0.23 s per step for 135M weights (benchmarks/).
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, fused=fused)
-
-
-def setup_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
-    from transformers import get_scheduler
-
-    return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-
-class StepPlan:
-    """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
-
-    def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
-        self.examples = examples
-        self.packing = packing
-        lengths = examples.lengths
-        if packing:
-            self.items = batching.best_fit_decreasing(lengths, max_length)
-            self.item_lengths = np.array([int(lengths[row].sum()) for row in self.items], dtype=np.int64)
-        else:
-            self.items = None
-            self.item_lengths = lengths
-        self.accumulation = accumulation
-        self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
-                           group_by_length=group_by_length and not packing, shuffle=shuffle)
-        self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
-        self._epoch, self._steps = None, None
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """This process's micro-batches (item indices) for optimizer step `step`."""
-        epoch = step // self.steps_per_epoch
-        if epoch != self._epoch:
-            self._epoch, self._steps = epoch, batching.plan_epoch(self.item_lengths, epoch=epoch, **self.kwargs)
-        slots = self._steps[step % self.steps_per_epoch]
-        return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
-
-    def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
-        if self.packing:
-            return batching.pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
-        return batching.pad_batch(self.examples, items, pad_id, pad_to_multiple_of)
-
-
-def total_steps(config: SFTConfig, steps_per_epoch: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-
-
-def pad_token_id(tokenizer) -> int:
-    # Pads are never attended to and never targets, so any id works when the tokenizer has no pad token.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    reporter: Reporter
+    tokenizer: object
+    model: nn.Module  # the causal LM (a PEFT model with LoRA); under fsdp its parameters are shards
+    plan: batching.StepPlan
+    steps: int
+    objective: Objective
+    wrapper: nn.Module  # the objective's module as replicated (DDP) or sharded (FSDP2)
+    autocast: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    parameters: list[torch.Tensor]  # the trained ones, for clipping
+    stepper: StepInBackward | None
+    pad_id: int
+    eval_examples: Examples | None
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (identity.py)
+    generation: evaluation.GenerationEval | None = None
+    start_step: int = 0
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train(
-    config: SFTConfig,
-    *,
-    model=None,
-    tokenizer=None,
-    train_dataset=None,
-    eval_dataset=None,
-    optimizer=None,
-    lr_scheduler=None,
-) -> TrainResult:
+def train(config: SFTConfig, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, optimizer=None,
+          lr_scheduler=None) -> TrainResult:
     """Train as `config` says. `model`/`tokenizer` objects and any data source accepted by
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
-    bf16 = sharding.launcher_precision(config.bf16)
-    processes = sharding.start_processes(config.fsdp)
+    bf16 = distributed.launcher_precision(config.bf16)
+    processes = distributed.start_processes(config.fsdp)
     try:
-        with Preemption() as preemption:
-            return _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler)
+        with distributed.Preemption() as preemption:
+            run = _setup(config, processes, bf16, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            return _fit(config, run, processes, preemption)
     finally:
         processes.close()
 
 
-def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler) -> TrainResult:
-    if config.fsdp and config.use_peft and config.merge_lora:
-        raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
-                          field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
-    sharding.seed_everything(config.seed)
-    _check_output_dir(config.output_dir, processes.is_main)
+def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
+    reporter, plan = run.reporter, run.plan
+    reporter.start(total=run.steps, done=run.start_step)
+    window = MetricsWindow(run.objective)
+    for step in range(run.start_step, run.steps):
+        micro = plan.micro_batches(step, processes.rank)
+        batches = [plan.collate(items, run.pad_id, config.pad_to_multiple_of) for items in micro]
+        result = train_step(run.wrapper, run.objective, batches, processes=processes, optimizer=run.optimizer,
+                            lr_scheduler=run.lr_scheduler, parameters=run.parameters, max_grad_norm=config.max_grad_norm,
+                            autocast=run.autocast, stop_requested=lambda: preemption.received, stepper=run.stepper,
+                            skip_nonfinite=config.skip_nonfinite_steps, step=step)
+        if result.skipped:
+            reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {result.records[:20]})")
+        window.add(result.sums, result.grad_norm, result.skipped)
+        done = step + 1
+        reporter.advance(done)
+        stopping = result.stop and done < run.steps
+        if done % config.logging_steps == 0 or done == run.steps or stopping:
+            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=result.learning_rate))
+        if stopping:
+            path = _checkpoint(config, run, processes, done)
+            # A process the signal did not reach stops too: another one got it.
+            signal_name = preemption.name or "a stop signal to another process"
+            reporter.line(f"{signal_name} received: stopped after step {done} of {run.steps}, checkpoint {path}; "
+                          f"resume with resume_from_checkpoint=auto")
+            reporter.finish()
+            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
+        if run.eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == run.steps):
+            evaluating = time.perf_counter()
+            reporter.log(_evaluate(config, run, processes, done))
+            window.pause(time.perf_counter() - evaluating)  # tokens/s measures training, not evaluation
+        if config.save_steps and done % config.save_steps == 0 and done < run.steps:
+            _checkpoint(config, run, processes, done)
+    # Gathered on the main process when sharded (a collective: every process takes part).
+    state = parallelize.full_state_dict(run.model, processes) if config.fsdp else None
+    final_dir = None
+    if processes.is_main:
+        final_dir = export.export_final(run.model, run.tokenizer, config, state)
+        reporter.line(f"saved {final_dir}")
+    reporter.finish()
+    processes.barrier()
+    return TrainResult(config.output_dir, final_dir, run.steps, reporter.history)
+
+
+def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
+    record = evaluation.evaluate(parallelize.unwrap(run.wrapper), run.objective, run.eval_examples,
+                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast)
+    if run.generation is not None:
+        record.update(run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done))
+    record.update(type="eval", step=done)
+    return record
+
+
+def _checkpoint(config: SFTConfig, run: Run, processes, done: int) -> str:
+    state = {"epoch": done / run.plan.steps_per_epoch, "items_per_step": _items_per_step(config, processes),
+             "processes": processes.world, "run": run.identity}
+    path = save_checkpoint(config.output_dir, done, run.model, run.optimizer, run.lr_scheduler, state, processes)
+    if processes.is_main:
+        prune_checkpoints(config.output_dir, config.save_total_limit)
+    return path
+
+
+def _items_per_step(config: SFTConfig, processes) -> int:
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * processes.world
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer,
+           lr_scheduler) -> Run:
+    """The recipe's setup, in the order it happens; each step is a small function of its own."""
+    distributed.seed_everything(config.seed)
+    export.check_output_dir(config.output_dir, processes.is_main)
+    replaced = []
+    if not config.resume_from_checkpoint:  # before the new run's log replaces the old one's
+        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
     reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
                         report_to=config.report_to, run_config=config.model_dump())
-    rank, world = processes.rank, processes.world
-
+    if replaced:
+        reporter.line(f"overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}")
     model_path = None
     if model is None or tokenizer is None:
         if not config.model:
@@ -266,7 +194,59 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
+    train_examples, eval_examples = _setup_data(config, tokenizer, train_dataset, eval_dataset, reporter)
+    if model is None:
+        model = setup.setup_model(model_path, attn_implementation=config.attn_implementation,
+                                  trust_remote_code=config.trust_remote_code, gradient_checkpointing=config.gradient_checkpointing,
+                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config))
+        if setup.converts_base(config) and processes.is_main:
+            setup.save_initial_adapter(model, config.output_dir)
+        reporter.line(f"attention: {model.config._attn_implementation}")
+    if config.router_aux_loss_coef is not None:
+        setup.set_router_aux_loss(model, config.router_aux_loss_coef)
+    model.train()
 
+    packing = config.packing and _packing_isolated(model, train_examples, reporter)
+    plan = batching.StepPlan(train_examples, packing=packing, max_length=config.max_length,
+                             batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
+                             world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
+                             shuffle=config.shuffle)
+    steps = batching.total_steps(config.max_steps, config.num_train_epochs, plan.steps_per_epoch)
+    pad_id = pad_token_id(tokenizer)
+    objective = _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter)
+    if config.torch_compile:
+        layers = setup.compile_layers(model)
+        reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
+    if config.fsdp:
+        wrapper = parallelize.shard_model(objective.module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
+                                          cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
+        reporter.line(f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over "
+                      f"{processes.world} processes")
+    else:
+        wrapper = parallelize.replicate_model(objective.module, processes)
+    # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
+    autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
+
+    # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
+    optimizer = setup.training_optimizer(optimizer, model, fsdp=config.fsdp, learning_rate=config.learning_rate,
+                                         weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
+                                         eps=config.adam_epsilon, state_dtype=config.optimizer_state_dtype)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
+    lr_scheduler = setup.training_scheduler(lr_scheduler, optimizer, config.lr_scheduler_type, steps, warmup)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    stepper = None
+    if config.optimizer_in_backward:
+        setup.check_optimizer_in_backward(processes.world)
+        stepper = StepInBackward(parameters, optimizer)
+    run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
+              stepper, pad_id, eval_examples, identity=run_identity(config, model, tokenizer, train_examples))
+    run.start_step = _resume(config, run, processes)
+    if config.eval_generate_samples:
+        run.generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, run.start_step)
+    return run
+
+
+def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter) -> tuple[Examples, Examples | None]:
     # No barrier around preparation: the process that takes a cache entry's lock builds it while
     # the others wait on the lock (no collective timeout), then every process maps the same entry.
     train_examples = prepare_split(config, tokenizer, source=train_dataset)
@@ -280,333 +260,49 @@ def _train(config, processes, preemption, bf16, model, tokenizer, train_dataset,
         raise DataError("no training examples left", source=train_examples.stats.get("source"),
                         found=f"dropped: {train_examples.stats.get('dropped')}",
                         fix="raise max_length, use truncation=right, or check which tokens are supervised with `sftlab inspect`")
+    return train_examples, eval_examples
 
-    if model is None:
-        model = setup_model(model_path, attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
-                            gradient_checkpointing=config.gradient_checkpointing, lora=lora_settings(config),
-                            quantization=quantization_settings(config))
-        if converts_base(config) and processes.is_main:
-            save_initial_adapter(model, config.output_dir)
-    model.train()
 
-    plan = StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
-                    batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
-                    world_size=world, seed=config.seed, group_by_length=config.group_by_length, shuffle=config.shuffle)
-    steps = total_steps(config, plan.steps_per_epoch)
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
-    pad_id = pad_token_id(tokenizer)
-    items_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
-
+def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, reporter) -> Objective:
     # The loss mode is chosen on the whole model, before it is sharded (the check runs no collective).
-    first = plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None)
-    mode, why = choose_loss_mode(model, first, config.loss_implementation)
-    reporter.line(f"loss: {mode} ({why})" + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
-    loss_module = SupervisedLoss(model, mode, config.loss_type, config.neftune_noise_alpha)
-    if config.torch_compile:
-        layers = compile_layers(model)
-        reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
-    if config.fsdp:
-        wrapper = sharding.shard_model(loss_module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
-                                       cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
-        reporter.line(f"fsdp: {len(sharding.decoder_layers(model))} decoder layers and the root sharded over {world} processes")
-    else:
-        wrapper = sharding.replicate_model(loss_module, processes)
-    # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
-    autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
-
-    # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
-    if optimizer is None:
-        optimizer = setup_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                    betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                    state_dtype=config.optimizer_state_dtype)
-    elif isinstance(optimizer, torch.optim.Optimizer) and config.fsdp:
-        raise ConfigError("fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
-                          "would step the old ones", field="optimizer", fix="pass a function params -> optimizer instead")
-    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
-    if lr_scheduler is None:
-        lr_scheduler = setup_scheduler(optimizer, config.lr_scheduler_type, steps, warmup)
-    elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
-        lr_scheduler = lr_scheduler(optimizer)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    stepper = None
-    if config.optimizer_in_backward:
-        _check_optimizer_in_backward(config, world)
-        stepper = StepInBackward(parameters, optimizer)
-
-    start_step = 0
-    if config.resume_from_checkpoint:
-        checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        if checkpoint is not None:
-            written = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, processes, items_per_step)
-            start_step = written["step"]
-            by = written.get("processes", 1)
-            reporter.line(f"resumed from {checkpoint} at step {start_step}" + (f" (written by {by} processes, now {world})" if by != world else ""))
-            reporter.forget_after(start_step)
-        else:
-            reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0")
-
-    generation = None
-    if config.eval_generate_samples:
-        generation = setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, start_step)
-
-    def checkpoint_at(done: int) -> str:
-        state = {"epoch": done / plan.steps_per_epoch, "items_per_step": items_per_step, "processes": world}
-        path = save_checkpoint(config.output_dir, done, model, optimizer, lr_scheduler, state, processes)
-        if processes.is_main:
-            prune_checkpoints(config.output_dir, config.save_total_limit)
-        return path
-
-    reporter.start(total=steps, done=start_step)
-    window = _Window()
-    for step in range(start_step, steps):
-        micro = plan.micro_batches(step, rank)
-        batches = [plan.collate(items, pad_id, config.pad_to_multiple_of) for items in micro]
-        # The loss of every micro-batch is divided by the supervised tokens of the whole step on
-        # all processes; DDP and FSDP then average gradients over processes, hence the world factor.
-        local = torch.tensor([float((b["targets"] != IGNORE).sum()) for b in batches]).sum()
-        step_count = float(processes.sum(local))
-        normalizer = max(step_count, 1.0) / world
-        lr = lr_scheduler.get_last_lr()[0]
-        parts = []  # per micro-batch: loss_sum, supervised, correct, tokens, empty, nll_sum; one device sync per step
-        for j, batch in enumerate(batches):
-            inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
-            with sharding.accumulating(wrapper, last=j == len(batches) - 1):
-                with autocast:
-                    out = wrapper(**inputs)
-                (out["loss_sum"] / normalizer).backward()
-            count = out["count"].double()
-            parts.append(torch.stack([out["loss_sum"].detach().double(), count, out["correct"].double(),
-                                      count.new_tensor(batch["real_tokens"]), (count == 0).double(), out["nll_sum"].double()]))
-        # A stop signal travels with the step's sums, so every process sees it at the same step.
-        sums = processes.sum(torch.cat([torch.stack(parts).sum(0), torch.tensor([float(preemption.received)], dtype=torch.float64,
-                                                                                 device=parts[0].device)]))
-        sums, stop = sums[:6], bool(sums[6] > 0)
-        grad_norm = stepper.take_grad_norm() if stepper else sharding.clip_gradients(parameters, config.max_grad_norm)
-        if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
-            records = sorted({i for b in batches for i in b["record_index"]})
-            if not config.skip_nonfinite_steps:
-                raise TrainingError(
-                    f"non-finite loss at step {step + 1}",
-                    found=f"loss sum {float(sums[0])}, grad norm {grad_norm}; records in this step on process {rank}: {records[:20]}",
-                    fix="inspect those records; lower learning_rate; or set skip_nonfinite_steps=true to skip such steps",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            window.skipped += 1
-            reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {records[:20]})")
-        elif stepper is None:  # with optimizer_in_backward the parameters were updated in backward
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        window.add(sums, grad_norm)
-        done = step + 1
-        reporter.advance(done)
-        if done % config.logging_steps == 0 or done == steps or (stop and done < steps):
-            reporter.log(window.flush(step=done, epoch=done / plan.steps_per_epoch, lr=lr, nll=config.loss_type != "nll"))
-        if stop and done < steps:
-            path = checkpoint_at(done)
-            # A process the signal did not reach stops too: another one got it.
-            signal_name = preemption.name or "a stop signal to another process"
-            reporter.line(f"{signal_name} received: stopped after step {done} of {steps}, checkpoint {path}; "
-                          f"resume with resume_from_checkpoint=auto")
-            reporter.finish()
-            return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
-        if eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == steps):
-            evaluating = time.perf_counter()
-            record = evaluate(sharding.unwrap(wrapper), eval_examples, config.per_device_eval_batch_size, pad_id, processes, autocast)
-            if generation is not None:
-                record.update(generation.run(model, wrapper if config.fsdp else None, processes, autocast, step=done))
-            record.update(type="eval", step=done)
-            reporter.log(record)
-            window.started += time.perf_counter() - evaluating  # tokens/s measures training, not evaluation
-        if config.save_steps and done % config.save_steps == 0 and done < steps:
-            checkpoint_at(done)
-    reporter.finish()
-
-    # Gathered on the main process when sharded (a collective: every process takes part).
-    state = sharding.full_state_dict(model, processes) if config.fsdp else None
-    final_dir = None
-    if processes.is_main:
-        final_dir = export_final(model, tokenizer, config, state)
-        reporter.line(f"saved {final_dir}")
-    processes.barrier()
-    return TrainResult(config.output_dir, final_dir, steps, reporter.history)
+    mode, why = choose_loss_mode(model, first_batch, config.loss_implementation)
+    reporter.line(f"loss: {mode} ({why})"
+                  + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
+    return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
 
 
-def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
-    """Evaluation by generation (evaluation.py): the user's metric functions imported now, so a
-    wrong name stops the run before its first step, and the prompts built once."""
-    metrics = evaluation.resolve_metrics(config.eval_generate_metrics)
-    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
-    unusable = sum(prompts.unusable.values())
-    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
-                  f"{prompts.records_read} eval records, "
-                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
-                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
-    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
-                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
-    return evaluation.GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
-                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
-                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
-                                     resumed_at=start_step, write=processes.is_main)
+def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:
+    """Packing stays on only where the model keeps packed examples apart (architecture.py's probe);
+    elsewhere (Mamba2, linear attention, convolutions on this device) padded rows, said once."""
+    check = packing_isolation(model, examples[0][0].tolist())
+    if check.isolated:
+        reporter.line(f"packing: checked, {check.why} (max difference {check.max_difference:.1e})")
+        return True
+    reporter.line(f"packing: off for this model, padded rows instead: {check.why}")
+    return False
 
 
-def _check_optimizer_in_backward(config: SFTConfig, world: int) -> None:
-    # Each parameter is updated the moment its gradient is complete: whatever needs every
-    # gradient of the step first (their global norm, the next micro-batch, the other processes'
-    # gradients, a decision to skip the step) cannot be honoured, so it is refused, not approximated.
-    needs = [("max_grad_norm", config.max_grad_norm is not None, "null (clipping needs the norm of every gradient before any update)"),
-             ("gradient_accumulation_steps", config.gradient_accumulation_steps != 1, "1"),
-             ("skip_nonfinite_steps", config.skip_nonfinite_steps, "false (the update is made before the loss is known to be finite)"),
-             ("fsdp", config.fsdp or world > 1, "false, and one process")]
-    for name, conflict, wanted in needs:
-        if conflict:
-            raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
-                              found=str(getattr(config, name)) + (f" with {world} processes" if name == "fsdp" else ""),
-                              fix=f"set {name} accordingly, or optimizer_in_backward: false")
-
-
-class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) set a flag
-    instead of killing the process: the loop finishes the optimizer step, writes a checkpoint and
-    returns, and `sftlab train` exits with EXIT_PREEMPTED. The previous handlers come back after."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received = False
-        self.name = None
-        self._previous = {}
-
-    def _handle(self, number, frame):
-        self.received = True
-        self.name = signal.Signals(number).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python installs handlers only there
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        return False
-
-
-class _Window:
-    """Sums over the steps since the last log line; loss = summed CE / summed supervised tokens."""
-
-    def __init__(self):
-        self.sums = torch.zeros(6, dtype=torch.float64)
-        self.grad_norm = 0.0
-        self.steps = 0
-        self.skipped = 0
-        self.started = time.perf_counter()
-
-    def add(self, sums: torch.Tensor, grad_norm: float) -> None:
-        self.sums += sums
-        self.grad_norm = grad_norm
-        self.steps += 1
-
-    def flush(self, step: int, epoch: float, lr: float, nll: bool = False) -> dict:
-        loss_sum, supervised, correct, tokens, empty, nll_sum = (float(x) for x in self.sums)
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        record = {
-            "type": "train",
-            "step": step,
-            "epoch": round(epoch, 4),
-            "loss": loss_sum / supervised if supervised else 0.0,
-            **({"nll": nll_sum / supervised if supervised else 0.0} if nll else {}),
-            "token_accuracy": correct / supervised if supervised else 0.0,
-            "learning_rate": lr,
-            "grad_norm": self.grad_norm,
-            "supervised_tokens": int(supervised),
-            "tokens": int(tokens),
-            "tokens_per_second": tokens / seconds,
-            "supervised_tokens_per_second": supervised / seconds,
-            "empty_micro_batches": int(empty),
-            "skipped_steps": self.skipped,
-            "seconds": seconds,
-        }
-        self.__init__()
-        return record
-
-
-@torch.no_grad()
-def evaluate(loss_module, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
-    """Eval loss (summed CE / supervised tokens over the whole set), perplexity, token accuracy.
-    Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
-    was_training = loss_module.training
-    loss_module.eval()
-    order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    sums = torch.zeros(3, dtype=torch.float64)
-    # Every process runs the same number of forwards (a sharded model gathers weights in each);
-    # a process out of batches runs a fully masked one, which adds nothing.
-    for round_start in range(0, len(batches), processes.world):
-        index = round_start + processes.rank
-        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
-        inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
-        with autocast:
-            out = loss_module(**inputs)
-        sums += torch.tensor([float(out["nll_sum"]), float(out["count"]), float(out["correct"])], dtype=torch.float64)
-    sums = processes.sum(sums)
-    loss_module.train(was_training)
-    loss_sum, count, correct = (float(x) for x in sums)
-    loss = loss_sum / count if count else 0.0
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count if count else 0.0,
-            "eval_supervised_tokens": int(count)}
-
-
-# --- output -----------------------------------------------------------------------------------
-
-
-def _check_output_dir(path: str, is_main: bool) -> None:
-    if not is_main:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".sftlab-write-test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise ConfigError("output_dir is not writable", source=path, field="output_dir",
-                          found=error.strerror or str(error), fix="choose a folder you can write to") from None
-
-
-def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = None) -> str:
-    """output_dir/final: save_pretrained (safetensors), tokenizer + chat template, the config used;
-    with LoRA the adapter, and on request the merged model in final/merged. Written under a
-    temporary name and renamed, so `final/` is always complete. `state_dict`: the full weights
-    gathered from a sharded model (the model object itself then holds only this process's shards)."""
-    final = os.path.join(config.output_dir, "final")
-    tmp = os.path.join(config.output_dir, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        initial = os.path.join(config.output_dir, "lora-initial")
-        if converts_base(config) and os.path.isdir(initial):
-            # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model users have.
-            # PEFT's conversion loads the initial adapter beside the trained one and then warns that
-            # PiSSA/OLoRA should be converted: the very thing it is doing.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
-                model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
-            yaml.safe_dump(config.model_dump(), handle, sort_keys=False)
-        if config.use_peft and config.merge_lora and hasattr(model, "merge_and_unload"):
-            merged = os.path.join(tmp, "merged")
-            model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
-            tokenizer.save_pretrained(merged)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError("cannot write the final model", source=final, found=error.strerror or str(error),
-                            fix="free disk space or make output_dir writable") from None
-    return final
+def _resume(config: SFTConfig, run: Run, processes) -> int:
+    """The step to start from: 0, or the step of the checkpoint resume_from_checkpoint names. Only
+    a checkpoint of this run (its identity, identity.py) is resumed; another run's is refused."""
+    if not config.resume_from_checkpoint:
+        return 0
+    checkpoint, written = find_checkpoint(config.output_dir, config.resume_from_checkpoint, run.identity)
+    if checkpoint is None:
+        # Nothing of this run to continue: a fresh start, which must not replace a finished run's model.
+        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
+        run.reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0"
+                          + (f"; overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}" if replaced else ""))
+        return 0
+    if written is None:
+        run.reporter.line(f"{checkpoint} was written before checkpoints recorded their run: its settings are not checked")
+    for name, then, now in differences(written or {}, run.identity, CHANGEABLE):
+        run.reporter.line(f"{name} was {then} when {checkpoint} was written, is {now} now: "
+                          f"the learning-rate schedule follows the new total of {run.steps} steps")
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler, processes, _items_per_step(config, processes))
+    start_step = state["step"]
+    by = state.get("processes", 1)
+    run.reporter.line(f"resumed from {checkpoint} at step {start_step}"
+                      + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
+    run.reporter.forget_after(start_step)
+    return start_step

@@ -11,6 +11,8 @@ import importlib.util
 import sys
 import time
 
+from sftlab.errors import TrainingError
+
 
 class Reporter:
     def __init__(self, output_dir: str, enabled: bool = True, append: bool = False, report_to: list[str] = (),
@@ -98,14 +100,14 @@ class Reporter:
 
     def forget_after(self, step: int) -> None:
         """Drop logged steps after `step` from metrics.jsonl: a killed run logged them after its last
-        checkpoint, and the resumed run logs them again."""
+        checkpoint, and the resumed run logs them again. A torn last line (what SIGKILL, an OOM kill
+        or a full disk leaves) is dropped too, and said."""
         if not self.enabled:
             return
         self.handle.close()
-        with open(self.path, encoding="utf-8") as handle:
-            kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
+        torn = keep_records_through(self.path, step)
+        if torn:
+            self.line(f"{self.path}: dropped an incomplete last line (the interrupted run was killed while writing it)")
         self.handle = open(self.path, "a", encoding="utf-8")
 
     def _write(self, record: dict) -> None:
@@ -176,7 +178,7 @@ def _generation_summary(record: dict) -> str:
     """The scores of an evaluation by generation (training/evaluation.py), and what it cost."""
     if "eval_generate_samples" not in record:
         return ""
-    from sftlab.training.evaluation import COUNT_KEYS
+    from sftlab.config import COUNT_KEYS
 
     scores = "  ".join(f"{key[len('eval_generate_'):]} {value:.3f}" for key, value in record.items()
                        if key.startswith("eval_generate_") and key not in COUNT_KEYS)
@@ -201,3 +203,84 @@ def _chat_summary(chat: dict | None) -> str:
     if chat.get("turns_not_served"):
         text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
     return text
+
+
+class MetricsWindow:
+    """Sums over the steps since the last log line; the objective turns them into its metrics
+    (SFT: loss = summed loss / summed supervised tokens), the engine adds rates and counts."""
+
+    def __init__(self, objective):
+        self.objective = objective
+        self.sums: dict[str, float] = {}
+        self.grad_norm = 0.0
+        self.steps = 0
+        self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, sums: dict[str, float], grad_norm: float, skipped: bool = False) -> None:
+        for name, value in sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.grad_norm = grad_norm
+        self.steps += 1
+        self.skipped += int(skipped)
+
+    def pause(self, seconds: float) -> None:
+        """Leave out time spent on something else (evaluation): tokens/s measures training."""
+        self.started += seconds
+
+    def flush(self, step: int, epoch: float, lr: float) -> dict:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        tokens = self.sums.get("tokens", 0.0)
+        record = {
+            "type": "train",
+            "step": step,
+            "epoch": round(epoch, 4),
+            **self.objective.train_record(self.sums, seconds),
+            "learning_rate": lr,
+            "grad_norm": self.grad_norm,
+            "tokens": int(tokens),
+            "tokens_per_second": tokens / seconds,
+            "empty_micro_batches": int(self.sums.get("empty_micro_batches", 0)),
+            "skipped_steps": self.skipped,
+            "seconds": seconds,
+        }
+        self.__init__(self.objective)
+        return record
+
+
+def read_records(path: str) -> tuple[list[dict], int]:
+    """(records, torn) of a JSON-lines log. Writers append whole lines and flush, so only the
+    last line can be incomplete: it is skipped and counted (torn = 1). A broken line anywhere
+    else is damage that no kill explains, and is an error naming the file and the line."""
+    lines, torn = _parsed_lines(path)
+    return [record for _, record in lines], torn
+
+
+def keep_records_through(path: str, step: int) -> int:
+    """Rewrite a JSON-lines log keeping the lines of steps <= `step`, as they were written (a
+    resumed run writes the later ones again); returns how many torn last lines were dropped (0 or 1)."""
+    lines, torn = _parsed_lines(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(line if line.endswith("\n") else line + "\n" for line, record in lines if record.get("step", 0) <= step)
+    return torn
+
+
+def _parsed_lines(path: str) -> tuple[list[tuple[str, dict]], int]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = list(handle)
+    parsed, torn = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):  # a torn '{"step": 12' cannot parse, but a torn '12' can
+                raise json.JSONDecodeError("not a record", line, 0)
+            parsed.append((line, record))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                torn = 1
+                continue
+            raise TrainingError("a log line cannot be read", source=f"{path}:{number}", found=line[:120].rstrip(),
+                                fix="remove or repair that line (it is not the last, so no interrupted write made it)") from None
+    return parsed, torn

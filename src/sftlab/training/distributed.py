@@ -1,0 +1,151 @@
+"""The processes of a run: the process group a launcher describes (torchrun, `accelerate launch`,
+srun + torchrun) or one process, the seeds, and the stop signals a scheduler sends.
+
+    start_processes     one process, or the group the launcher set up
+    launcher_precision  the config's bf16, or the launcher's mixed-precision setting
+    seed_everything     Python, numpy and torch seeds
+    Preemption          SIGTERM/SIGUSR1 -> finish the step, checkpoint, exit 75
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sftlab.errors import ConfigError
+
+
+@dataclass
+class Processes:
+    """This process's place in the run. `started_group`: train() created the process group (a
+    run without a launcher that asked for FSDP) and destroys it when it ends."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (on the device the backend needs), returned on the CPU."""
+        if not self.distributed:
+            return tensor.cpu()
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu()
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.sum(torch.tensor([float(flag)]))[0] > 0)
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """The first process of each machine goes first (preparing the data cache), the others then
+        find its result; with a cache on a shared filesystem `sftlab prepare` does it once ahead."""
+        if self.local_rank != 0:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.local_rank == 0:
+                self.barrier()
+
+    def close(self) -> None:
+        if self.started_group and self.distributed:
+            dist.destroy_process_group()
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def start_processes(fsdp: bool) -> Processes:
+    """Join the process group a launcher describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ... as torchrun and `accelerate launch` set them), or run as one process. FSDP
+    needs a process group even alone, so a single process asking for it gets a group of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(local_rank)
+    if dist.is_initialized():  # the caller set up its own group
+        return Processes(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    # nccl for CUDA tensors, gloo for the CPU ones (RNG states, flags) in the same group.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if world > 1:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        return Processes(rank, world, local_rank, device, started_group=True)
+    if fsdp:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Processes(0, 1, 0, device, started_group=True)
+    return Processes(0, 1, 0, device)
+
+
+def launcher_precision(bf16: bool) -> bool:
+    """The config's bf16, or `accelerate launch --mixed_precision bf16`. Accelerate's own engines
+    are not used by sftlab: a launch asking for them is stopped rather than silently run as DDP."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch asks for DeepSpeed, which sftlab does not run (it has never been tested here)",
+                          field="fsdp", fix="launch without a DeepSpeed config and set fsdp: true (FSDP2 shards like ZeRO-3)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError("accelerate launch asks for Accelerate's FSDP; sftlab runs FSDP2 itself and would not read those settings",
+                          field="fsdp", fix="launch without an FSDP config and set fsdp: true (and fsdp_* options) in the sftlab config")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"accelerate launch asks for mixed precision '{precision}', which sftlab does not offer",
+                          field="bf16", fix="use bf16: true (fp16 needs loss scaling, which sftlab does not do)")
+    return bf16 or precision == "bf16"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) set a flag
+    instead of killing the process: the loop finishes the optimizer step, writes a checkpoint and
+    returns, and `sftlab train` exits with EXIT_PREEMPTED. The previous handlers come back after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = False
+        self.name = None
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        self.received = True
+        self.name = signal.Signals(number).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python installs handlers only there
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        return False

@@ -1,0 +1,98 @@
+"""Objectives: what a training step optimises. The seam between the engine and the maths.
+
+The engine (step.py, loop.py) does not know what it optimises. For every optimizer step it
+  1. asks the objective for each micro-batch's `count` before any forward pass, and sums it over
+     the step's micro-batches and all processes (one all-reduce): the number the loss is a mean over;
+  2. runs the objective's loss `module` on each micro-batch (the model's forward and the loss in one
+     nn.Module, so DDP's and FSDP's hooks see it), which returns {"loss_sum": ..., and one tensor per
+     name in `sums`}, and back-propagates loss_sum / that count (times the processes, which DDP and
+     FSDP average over), so 8x1, 2x4 and 2 processes x 4 give the same update;
+  3. sums the module's `sums` over micro-batches, processes and the steps of a log window, and asks
+     the objective to turn them into the logged record (`train_record`) or the eval record (`eval_record`).
+
+Adding an objective (e.g. preference tuning) is a new loss module and a new Objective here, the config
+fields it needs and its docs; step.py and loop.py stay as they are. Its tests: the loss and a gradient
+by hand on a tiny head, and the split invariance (8x1 == 2x4 == 2 processes), as SFT's have.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from sftlab.data.container import IGNORE
+from sftlab.training.loss import SupervisedLoss
+
+
+class Objective(Protocol):
+    """The interface the engine calls. `sums` names what the loss module returns besides loss_sum
+    (loss_sum itself is summed too, under its own name); every one is a sum, never a mean, so that
+    adding over micro-batches, processes and steps stays exact."""
+
+    name: str
+    sums: tuple[str, ...]
+    module: nn.Module
+
+    def count(self, batch: dict) -> float:
+        """What this micro-batch adds to the step's normaliser (known before the forward pass)."""
+        ...
+
+    def train_record(self, sums: dict[str, float], seconds: float) -> dict:
+        """The objective's part of a logged training record, from the sums of a log window."""
+        ...
+
+    def eval_record(self, sums: dict[str, float]) -> dict:
+        """The eval record, from the sums over the whole eval set."""
+        ...
+
+
+class SupervisedObjective:
+    """SFT: the loss (nll, or dft's probability-weighted cross-entropy) over supervised tokens,
+    normalised by the supervised tokens of the whole optimizer step. A micro-batch with nothing
+    supervised adds 0 to the loss and 0 to the count: never NaN, never a hidden 0 loss."""
+
+    name = "sft"
+    sums = ("loss_sum", "nll_sum", "correct", "count")
+
+    def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
+        self.loss_type = loss_type
+        self.module = SupervisedLoss(model, mode, loss_type, neftune_alpha)
+        # A mixture-of-experts model returning router logits adds its load-balancing loss
+        # (loss.py), logged as aux_loss: its mean over the forwards of the window.
+        self.routed = _returns_router_loss(model)
+        if self.routed:
+            self.sums = SupervisedObjective.sums + ("aux_loss",)
+
+    def count(self, batch: dict) -> float:
+        return float((batch["targets"] != IGNORE).sum())
+
+    def train_record(self, sums: dict[str, float], seconds: float) -> dict:
+        supervised = sums["count"]
+        record = {"loss": sums["loss_sum"] / supervised if supervised else 0.0}
+        if self.loss_type != "nll":  # the objective's loss is not the cross-entropy: show that too
+            record["nll"] = sums["nll_sum"] / supervised if supervised else 0.0
+        if self.routed:
+            record["aux_loss"] = sums["aux_loss"] / sums["forwards"] if sums.get("forwards") else 0.0
+        record.update(token_accuracy=sums["correct"] / supervised if supervised else 0.0, supervised_tokens=int(supervised),
+                      supervised_tokens_per_second=supervised / seconds)
+        return record
+
+    def eval_record(self, sums: dict[str, float]) -> dict:
+        """Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
+        count = sums["count"]
+        loss = sums["nll_sum"] / count if count else 0.0
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                "eval_token_accuracy": sums["correct"] / count if count else 0.0, "eval_supervised_tokens": int(count)}
+
+
+def stacked_sums(objective: Objective, out: dict) -> torch.Tensor:
+    """The module's outputs named by `objective.sums`, detached, as one float64 vector (one device sync per step)."""
+    return torch.stack([out[name].detach().double() for name in objective.sums])
+
+
+def _returns_router_loss(model: nn.Module) -> bool:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(causal_lm, "config", None), "output_router_logits", False))
