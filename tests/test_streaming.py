@@ -156,7 +156,8 @@ def test_the_entry_is_read_memory_mapped(tmp_path):
         array = getattr(examples, name)
         assert isinstance(array, np.memmap) and not array.flags.writeable, name
     (entry,) = [name for name in os.listdir(tmp_path) if not name.startswith(".")]
-    assert sorted(os.listdir(tmp_path / entry)) == sorted([name + ".npy" for name in ARRAYS] + ["stats.json"])
+    files = [name + ".npy" for name in ARRAYS] + ["stats.json", "checksums.json"]
+    assert sorted(os.listdir(tmp_path / entry)) == sorted(files)
 
 
 def test_without_cache_nothing_is_left_on_disk(tmp_path, monkeypatch):
