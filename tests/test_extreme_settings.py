@@ -55,14 +55,14 @@ def test_pad_to_multiple_of_beyond_max_length_is_refused_naming_both():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"max_grad_norm": 0}, "greater than 0"),  # clipping to 0 zeroes every update; a negative norm reverses it
-    ({"max_grad_norm": -1.0}, "greater than 0"),
+    ({"max_grad_norm": -1.0}, "greater than or equal to 0"),  # a negative norm reverses every update
     ({"seed": -1}, "greater than or equal to 0"),  # numpy's generators refuse negative seeds
     ({"seed": 2**64}, "less than 18446744073709551616"),  # torch.manual_seed's range
 ])
 def test_numbers_that_cannot_work_are_refused(values, message):
     (key,) = values
     assert f"invalid value for '{key}'" in str(refused(values)) and message in str(refused(values))
+    assert make_config({**BASE, "max_grad_norm": 0}).max_grad_norm == 0  # off, as in transformers' Trainer
 
 
 # --- the packer: its cost follows the data, not max_length ----------------------------------------

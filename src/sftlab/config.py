@@ -251,7 +251,7 @@ class SFTConfig(BaseModel):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip the gradient norm to this (null: no clipping).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
     seed: int = Field(42, ge=0, lt=2**64, description="Seed for model init, data order and dropout.")
