@@ -108,3 +108,40 @@ def test_a_preempted_moe_run_resumes_to_the_same_weights(moe_dir, tmp_path, monk
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     losses = lambda result: {r["step"]: (r["loss"], r["aux_loss"]) for r in result.history if r["type"] == "train"}  # noqa: E731
     assert {**losses(stopped), **losses(resumed)} == losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["fsdp=true", "fsdp=false"])
+def test_two_processes_train_a_moe_model_like_one(moe_dir, tmp_path, sharding):
+    """FSDP2 (each MoE decoder layer sharded, fused experts included) and DDP on 2 processes x 1
+    micro-batch of 2 equal 1 process x 2 micro-batches of 2: the same forwards, so the router loss,
+    a mean over the step's forwards, is the same too."""
+    import json
+    import subprocess
+    import sys
+
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps(qa_records(16)))
+    common = ["max_length=32", "max_steps=3", "logging_steps=1", "learning_rate=5e-3", "warmup_steps=0", "seed=3",
+              "per_device_train_batch_size=2"]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, moe_dir, str(records),
+                          str(tmp_path / "two"), *common, sharding], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    one = subprocess.run([sys.executable, script, moe_dir, str(records), str(tmp_path / "one"), *common,
+                          "gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    def logged(name):
+        with open(tmp_path / name / "metrics.jsonl") as handle:
+            return [r for r in map(json.loads, handle) if r["type"] == "train"]
+
+    for a, b in zip(logged("one"), logged("two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["aux_loss"] == pytest.approx(b["aux_loss"], abs=1e-6)
+    ours, theirs = load_file(str(tmp_path / "two" / "final" / "model.safetensors")), load_file(
+        str(tmp_path / "one" / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5, msg=key)

@@ -31,6 +31,10 @@ AlpacaLayout = Literal["alpaca", "chat"]
 ALPACA_LAYOUTS = get_args(AlpacaLayout)
 LossType = Literal["nll", "dft"]
 LOSS_TYPES = get_args(LossType)
+Objective = Literal["sft", "dpo", "simpo", "orpo"]
+OBJECTIVES = get_args(Objective)
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+DPO_LOSS_TYPES = get_args(DPOLossType)
 
 # Field names a field map may give (sftlab's name -> the source's name): record fields, and the
 # keys of a message inside a conversation.
@@ -256,7 +260,13 @@ class SFTConfig(BaseModel):
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
     seed: int = Field(42, ge=0, lt=2**64, description="Seed for model init, data order and dropout.")
     loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
-    loss_type: LossType = Field("nll", description="'nll': cross-entropy on every supervised token. 'dft' (Dynamic Fine-Tuning): each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy.")
+    objective: Objective = Field("sft", description="What training optimises: 'sft' (supervised fine-tuning on examples), or preference tuning on prompt/chosen/rejected pairs: 'dpo' (with loss_type sigmoid, ipo, hinge or robust), 'simpo', 'orpo' (reference-free). docs/preference.md.")
+    loss_type: LossType | DPOLossType = Field("nll", description="sft: 'nll' (cross-entropy on every supervised token) or 'dft' (Dynamic Fine-Tuning: each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy). dpo: 'sigmoid' (DPO; the default for dpo), 'ipo', 'hinge', 'robust' (rDPO, with label_smoothing).")
+    beta: float = Field(0.1, gt=0, description="Preference tuning: dpo's temperature of the implicit reward (TRL's beta); simpo's reward scale; orpo's weight of the odds-ratio term (TRL's ORPO beta, the paper's lambda).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid (conservative DPO) and robust, simpo: the assumed probability that a pair's preference label is flipped.")
+    rpo_alpha: float | None = Field(None, gt=0, description="dpo: add rpo_alpha x the chosen completion's NLL per token (RPO); null: off.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma (TRL's CPOConfig simpo_gamma).")
+    shared_prompt: bool = Field(True, description="Preference tuning: chosen and rejected in one row [prompt | chosen | rejected], the prompt computed once, where a start-of-run probe finds the log-probs exact (else two rows per pair, said in the log); false: always two rows per pair, as other trainers do.")
     router_aux_loss_coef: float | None = Field(None, ge=0, description="Mixture-of-experts models: add the router's load-balancing loss times this coefficient, exactly as the model's own loss adds it (turns on output_router_logits; null keeps the model's config: its own coefficient when it returns router logits, else none). Averaged over the forward passes of each optimizer step and logged as aux_loss.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: in training only, add uniform noise of bound alpha / sqrt(length x hidden) to the input embeddings, length being each example's own (also in packed rows). 5 is the paper's usual value; null: off. Never applied at evaluation or generation.")
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss, skip that optimizer step and go on (default: stop with the step and examples named).")
@@ -385,6 +395,20 @@ class SFTConfig(BaseModel):
                 raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
                                   found=str(getattr(self, name)),
                                   fix=f"set {name} accordingly, or optimizer_in_backward: false")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_loss_type(self) -> "SFTConfig":
+        if self.objective == "dpo" and "loss_type" not in self.model_fields_set:
+            object.__setattr__(self, "loss_type", "sigmoid")  # DPO's default; assignment would validate again
+        allowed = {"sft": LOSS_TYPES, "dpo": DPO_LOSS_TYPES}.get(self.objective, ("nll",))
+        if self.loss_type not in allowed:
+            raise ConfigError(f"loss_type {self.loss_type} is not a loss of objective {self.objective}", field="loss_type",
+                              found=self.loss_type, expected=f"one of {', '.join(allowed)}" if self.objective in ("sft", "dpo")
+                              else f"none: {self.objective} has one loss", fix="set loss_type accordingly (or remove it)")
+        if self.objective != "dpo" and self.rpo_alpha is not None:
+            raise ConfigError("rpo_alpha adds an NLL term to DPO", field="rpo_alpha", found=f"objective {self.objective}",
+                              fix="use objective: dpo, or remove rpo_alpha")
         return self
 
     @field_validator("max_steps")

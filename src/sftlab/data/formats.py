@@ -3,7 +3,8 @@
 Formats:
   text                  {"text": str}  (field name configurable)
   prompt_completion     {"prompt": str, "completion": str}
-  conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted)
+  conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted;
+                        content a string or a list of "text"/"thinking" parts)
   chat_prompt_completion {"prompt": [messages], "completion": [messages]}
                         both chat formats may carry "tools" (function schemas, or their JSON text)
                         and "chat_template_kwargs"; messages may carry OpenAI-style "tool_calls",
@@ -198,7 +199,8 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
     As transformers' apply_chat_template does: keys whose value is None are dropped (OpenAI exports
     write `"tool_calls": null`), and reasoning under any of its names is also given as
     `reasoning_content` and `thinking` (gpt-oss templates read the latter). Tool-call arguments
-    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates.
+    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates
+    (the renderer gives a template that joins them as text their JSON text again).
     """
     if not isinstance(value, list):
         raise RecordError("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
@@ -247,13 +249,43 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
             content = message["content"] = json.dumps(content, ensure_ascii=False)  # a tool result given as JSON
         if role == "assistant" and content is None and ("tool_calls" in message or reasoning):
             content = message["content"] = ""  # templates read content even on a tool-call turn
-        if not isinstance(content, str):
+        if isinstance(content, list):
+            text = _content_parts(content, content_field)
+        elif not isinstance(content, str):
             raise RecordError("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
-        if role == "assistant" and not content.strip() and "tool_calls" not in message and not (reasoning or "").strip():
+        else:
+            text = content
+        if role == "assistant" and not text.strip() and "tool_calls" not in message and not (reasoning or "").strip():
             raise RecordError("assistant message is empty", field=content_field, found=repr(content),
                            expected="the text the model should learn to write (or tool_calls)")
         messages.append(message)
     return messages, (flags if any(f is not None for f in flags) else None)
+
+
+# Content parts sftlab trains on (OpenAI's text part, Mistral's thinking part), and the key holding each one's text.
+CONTENT_PARTS = {"text": "text", "thinking": "thinking"}
+
+
+def _content_parts(parts: list, where: str) -> str:
+    """Checks content given as a list of parts (kept as given: the renderer decides what the template gets) and
+    returns their text, joined. A part sftlab cannot represent as text (an image, audio) is refused."""
+    texts = []
+    for position, part in enumerate(parts):
+        here = f"{where}[{position}]"
+        if not isinstance(part, dict):
+            raise RecordError("must be a content part", field=here, found=describe(part),
+                           expected="{'type': 'text', 'text': ...}")
+        kind = part.get("type")
+        if kind not in CONTENT_PARTS:
+            raise RecordError(f"a {kind!r} content part cannot be trained on: sftlab trains on text", field=f"{here}.type",
+                           found=describe(kind), expected=f"one of {sorted(CONTENT_PARTS)}",
+                           fix="remove the part (or the record), or describe what it holds in a text part")
+        value = part.get(CONTENT_PARTS[kind])
+        if not isinstance(value, str):
+            raise RecordError("must be a string", field=f"{here}.{CONTENT_PARTS[kind]}", found=describe(value),
+                           expected=f"the {kind} as text")
+        texts.append(value)
+    return "".join(texts)
 
 
 def _tool_calls(value: Any, where: str) -> list[dict]:

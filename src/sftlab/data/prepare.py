@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sftlab import __version__
+from sftlab.data.chat import stop_tokens_of
 from sftlab.data.container import Examples
 from sftlab.data.examples import CHAT_STATS, TargetSettings
 from sftlab.data.fields import FieldMap
@@ -170,6 +171,10 @@ def _cache_key(data: str, recipe: Recipe) -> str:
         parts["fields"] = recipe.field_map.fields
     if recipe.field_map.alpaca_layout != "alpaca":
         parts["alpaca_layout"] = recipe.field_map.alpaca_layout
+    stops, eos = sorted(stop_tokens_of(recipe.tokenizer)), recipe.tokenizer.eos_token
+    if stops != ([str(eos)] if eos else []):
+        # The generation config's stop tokens close turns of templates that write no end marker (GLM).
+        parts["stop_tokens"] = stops
     if settings.chat_template and os.path.isfile(settings.chat_template):
         # A template given as a file: its text, not its path, shapes the examples.
         with open(settings.chat_template, "rb") as handle:

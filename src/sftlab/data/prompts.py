@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import ChatRenderer, resolve_chat_templates
+from sftlab.data.chat import PART_SEPARATOR, ChatRenderer, resolve_chat_templates
 from sftlab.data.examples import SegmentEncoder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator
@@ -93,6 +93,8 @@ def generation_prompts(
                     renderer = _renderer(tokenizer, settings)
                 last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
                 reference = record.messages[last].get("content") or ""
+                if isinstance(reference, list):  # content parts: the reply's text parts
+                    reference = PART_SEPARATOR.join(p["text"] for p in reference if p.get("type") == "text")
                 if not reference.strip():
                     result.unusable["last assistant turn has no text (tool calls only)"] += 1
                     continue

@@ -71,7 +71,13 @@ def _marker_after_probe(renderer: ChatRenderer, messages: list[dict]) -> str | N
     # The earliest marker, the longest at one position: "<|im_end|>" rather than a "<|" it starts with.
     found = [(text.find(token, after), -len(token), token) for token in renderer.end_markers]
     found = [candidate for candidate in found if candidate[0] >= 0]
-    return min(found)[2] if found else None
+    if found:
+        return min(found)[2]
+    # A template that writes no marker after the last reply (GLM, Apertus): the stop token the next
+    # message begins with, found as training finds it (ChatRenderer.closing_marker).
+    reply_at = text.rfind(_PROBE)
+    closing = renderer.closing_marker(messages, len(messages) - 1, renderer.render, text, text[reply_at:])
+    return closing.strip() or None
 
 
 def pad_token_id(tokenizer) -> int:

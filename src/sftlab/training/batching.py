@@ -227,12 +227,15 @@ def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_mu
 
 
 class StepPlan:
-    """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
+    """Which items each optimizer step trains on; items are examples, or packed rows of examples.
+    `collate(examples, indices, pad_id, pad_to_multiple_of)`: how an objective other than SFT makes
+    a batch of its items (preference pairs); anything with `lengths` can then be planned."""
 
     def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
+                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True, collate=None):
         self.examples = examples
         self.packing = packing
+        self.collate_items = collate
         lengths = examples.lengths
         if packing:
             self.items = best_fit_decreasing(lengths, max_length)
@@ -255,6 +258,9 @@ class StepPlan:
         return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
 
     def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+        if self.collate_items is not None:  # packed: the rows' items; else one item per row
+            rows = [self.items[i] for i in items] if self.packing else items
+            return self.collate_items(self.examples, rows, pad_id, pad_to_multiple_of)
         if self.packing:
             return pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
         return pad_batch(self.examples, items, pad_id, pad_to_multiple_of)

@@ -279,9 +279,10 @@ def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes,
 
 
 @torch.no_grad()
-def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
+def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast,
+             collate=batching.pad_batch) -> dict:
     """The objective's sums over the whole eval set, as its eval record (SFT: eval loss, perplexity,
-    token accuracy). Padded batches, longest first."""
+    token accuracy). Padded batches (`collate`: the objective's, for items other than examples), longest first."""
     was_training = loss_module.training
     loss_module.eval()
     order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
@@ -291,7 +292,7 @@ def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id
     # a process out of batches runs a fully masked one, which adds nothing.
     for round_start in range(0, len(batches), processes.world):
         index = round_start + processes.rank
-        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
+        batch = collate(examples, batches[index] if index < len(batches) else [], pad_id)
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:
             out = loss_module(**inputs)

@@ -31,25 +31,29 @@ Distributed: launch with torchrun (or `accelerate launch`, used as a launcher on
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from sftlab.config import SFTConfig
-from sftlab.data.container import Examples
+from sftlab.data.container import Examples, Pairs
 from sftlab.data.special_tokens import pad_token_id
 from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
+from sftlab.files import cache_root
 from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
 from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
-from sftlab.training.objectives import Objective, SupervisedObjective
+from sftlab.training.objectives import Objective, PreferenceObjective, SupervisedObjective
 from sftlab.training.optimizer import StepInBackward
+from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
 from sftlab.training.progress import MetricsWindow, Reporter
 from sftlab.training.step import train_step
 
@@ -150,8 +154,9 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
 
 
 def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
+    collate = run.objective.collate("eval") if hasattr(run.objective, "collate") else batching.pad_batch
     record = evaluation.evaluate(parallelize.unwrap(run.wrapper), run.objective, run.eval_examples,
-                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast)
+                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast, collate=collate)
     if run.generation is not None:
         record.update(run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done))
     record.update(type="eval", step=done)
@@ -206,14 +211,23 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
         setup.set_router_aux_loss(model, config.router_aux_loss_coef)
     model.train()
 
-    packing = config.packing and _packing_isolated(model, train_examples, reporter)
-    plan = batching.StepPlan(train_examples, packing=packing, max_length=config.max_length,
+    pad_id = pad_token_id(tokenizer)
+    preference = None
+    if config.objective != "sft":  # before the plan: the objective brings the collate function of its pairs
+        preference = _setup_preference(config, model, train_examples, eval_examples, pad_id, processes, reporter)
+    if preference is None:
+        packing, capacity = config.packing and _packing_isolated(model, train_examples, reporter), config.max_length
+    else:  # pairs pack by their mask, where the shared row is exact; P + C and P + R each fit max_length
+        packing, capacity = config.packing and preference.shared_prompt, 2 * config.max_length
+        if config.packing and not packing:
+            reporter.line("packing: off for this model, a row per pair (see the preference line above)")
+    plan = batching.StepPlan(train_examples, packing=packing, max_length=capacity,
                              batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
                              world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
-                             shuffle=config.shuffle)
+                             shuffle=config.shuffle, collate=preference.collate("train") if preference else None)
     steps = batching.total_steps(config.max_steps, config.num_train_epochs, plan.steps_per_epoch)
-    pad_id = pad_token_id(tokenizer)
-    objective = _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter)
+    objective = preference or _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None),
+                                               reporter)
     if config.torch_compile:
         layers = setup.compile_layers(model)
         reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
@@ -249,10 +263,14 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
 def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter) -> tuple[Examples, Examples | None]:
     # No barrier around preparation: the process that takes a cache entry's lock builds it while
     # the others wait on the lock (no collective timeout), then every process maps the same entry.
-    train_examples = prepare_split(config, tokenizer, source=train_dataset)
+    if config.objective == "sft":
+        prepare = prepare_split
+    else:
+        from sftlab.data.splits import prepare_preference_split as prepare
+    train_examples = prepare(config, tokenizer, source=train_dataset)
     eval_examples = None
     if eval_dataset is not None or config.eval_data:
-        eval_examples = prepare_split(config, tokenizer, eval=True, source=eval_dataset)
+        eval_examples = prepare(config, tokenizer, eval=True, source=eval_dataset)
     reporter.data_summary("train", train_examples.stats)
     if eval_examples is not None:
         reporter.data_summary("eval", eval_examples.stats)
@@ -269,6 +287,34 @@ def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, rep
     reporter.line(f"loss: {mode} ({why})"
                   + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
     return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
+
+
+def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, eval_pairs: Pairs | None, pad_id: int,
+                      processes, reporter) -> PreferenceObjective:
+    """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
+    train and eval pairs under the model before training (computed once, stored, reused): training
+    holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
+    shared, sparse, why = choose_layout(model, train_pairs, pad_id, shared_prompt=config.shared_prompt,
+                                        loss_implementation=config.loss_implementation)
+    reporter.line(f"preference: {config.objective}" + (f" ({config.loss_type})" if config.objective == "dpo" else "")
+                  + f", beta {config.beta}; {why}")
+    references = {}
+    if config.objective not in REFERENCE_FREE:
+        folder = os.path.join(config.cache_dir or os.path.join(cache_root(), "prepared"), "reference")
+        for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+            if pairs is None:
+                continue
+            started = time.perf_counter()
+            references[split], stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared)
+            accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
+            reporter.line(f"reference log-probs of {len(pairs)} {split} pairs: "
+                          + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
+                          + f" ({folder}); the reference prefers the chosen completion in {accuracy:.1%}")
+            if split == "eval":
+                reporter.log({"type": "eval", "step": 0, "eval_reference_accuracy": accuracy})
+    return PreferenceObjective(model, config.loss_type if config.objective == "dpo" else config.objective, beta=config.beta,
+                               label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma, rpo_alpha=config.rpo_alpha,
+                               shared_prompt=shared, sparse=sparse, references=references)
 
 
 def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:

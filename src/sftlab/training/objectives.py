@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from sftlab.data.container import IGNORE
 from sftlab.training.loss import SupervisedLoss
+from sftlab.training.preference import PreferenceLoss, collate_pairs
 
 
 class Objective(Protocol):
@@ -96,3 +98,53 @@ def stacked_sums(objective: Objective, out: dict) -> torch.Tensor:
 def _returns_router_loss(model: nn.Module) -> bool:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(getattr(causal_lm, "config", None), "output_router_logits", False))
+
+
+class PreferenceObjective:
+    """Preference tuning (training/preference.py): the loss is a mean over the pairs of the whole
+    step; the reference log-probs (computed once, before training) travel with each batch."""
+
+    name = "preference"
+    sums = ("loss_sum", "pairs", "correct", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected", "nll_chosen")
+
+    def __init__(self, model: nn.Module, loss_type: str, *, beta: float, label_smoothing: float, simpo_gamma: float,
+                 rpo_alpha: float | None, shared_prompt: bool, sparse: bool, references: dict[str, np.ndarray]):
+        self.module = PreferenceLoss(model, loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                                     rpo_alpha=rpo_alpha, sparse=sparse)
+        self.shared_prompt = shared_prompt
+        self.references = references  # split -> [pairs, 2] summed log-probs of chosen and rejected
+
+    def count(self, batch: dict) -> float:
+        return float(batch["pair_count"])
+
+    def collate(self, split: str):
+        """The collate function of `split`'s pairs, with their reference log-probs."""
+        reference = self.references.get(split)
+
+        def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
+            batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=self.shared_prompt)
+            if reference is not None:
+                order = batch["pair_index"].numpy()
+                batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
+                batch["ref_rejected"] = torch.from_numpy(reference[order, 1]).float()
+            return batch
+
+        return collate
+
+    def train_record(self, sums: dict[str, float], seconds: float) -> dict:
+        pairs = sums["pairs"]
+        return {"loss": sums["loss_sum"] / pairs if pairs else 0.0, **_pair_means(sums, ""), "pairs": int(pairs),
+                "pairs_per_second": pairs / seconds}
+
+    def eval_record(self, sums: dict[str, float]) -> dict:
+        pairs = sums["pairs"]
+        return {"eval_loss": sums["loss_sum"] / pairs if pairs else 0.0, **_pair_means(sums, "eval_"), "eval_pairs": int(pairs)}
+
+
+def _pair_means(sums: dict[str, float], prefix: str) -> dict:
+    pairs = sums["pairs"] or 1.0
+    return {f"{prefix}rewards/chosen": sums["reward_chosen"] / pairs, f"{prefix}rewards/rejected": sums["reward_rejected"] / pairs,
+            f"{prefix}rewards/accuracy": sums["correct"] / pairs,
+            f"{prefix}rewards/margin": (sums["reward_chosen"] - sums["reward_rejected"]) / pairs,
+            f"{prefix}logps/chosen": sums["logps_chosen"] / pairs, f"{prefix}logps/rejected": sums["logps_rejected"] / pairs,
+            f"{prefix}nll": sums["nll_chosen"] / pairs}
