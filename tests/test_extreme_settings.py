@@ -23,7 +23,8 @@ def refused(values: dict) -> ConfigError:
 
 
 @pytest.mark.parametrize("key", ["learning_rate", "num_train_epochs", "weight_decay", "adam_epsilon", "max_grad_norm",
-                                 "lora_alpha", "neftune_noise_alpha", "router_aux_loss_coef", "warmup_ratio"])
+                                 "lora_alpha", "neftune_noise_alpha", "router_aux_loss_coef", "warmup_ratio", "beta",
+                                 "simpo_gamma", "rpo_alpha"])
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_infinite_or_nan_floats_are_refused_naming_the_key(key, value):
     error = refused({key: value})
