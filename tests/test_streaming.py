@@ -462,3 +462,46 @@ def test_preparation_workers_die_when_their_parent_is_killed(tmp_path):
     for pid in survivors:  # do not leave them behind, even when the test fails
         os.kill(pid, signal.SIGKILL)
     assert survivors == [], "workers outlived their killed parent"
+
+
+WATCHED = textwrap.dedent("""
+    import os, sys, time
+    import sftlab.data.workers as workers
+
+    child = os.fork()
+    if child == 0:
+        sys.platform = "darwin"  # no prctl: the thread that polls the parent id alone
+        workers._die_with_parent(os.getppid())
+        time.sleep(600)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/stat"), reason="forks, reads /proc")
+def test_where_the_kernel_cannot_the_polling_thread_ends_a_worker_with_its_parent(tmp_path):
+    import signal
+    import time
+
+    log = tmp_path / "log"
+    with open(log, "w") as handle:
+        parent = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not log.read_text().strip():
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        child = int(log.read_text().split()[0])
+        time.sleep(0.5)
+        assert _alive(child)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survived = _alive(child)
+    if survived:
+        os.kill(child, signal.SIGKILL)
+    assert not survived, "the worker outlived its killed parent"
