@@ -340,3 +340,26 @@ def test_an_entry_is_checksummed_once_per_machine(tmp_path, monkeypatch):
     read.clear()
     assert prepare_examples(PAIRS, char_tokenizer(), cache_dir=str(cache)).stats["cached"] is True
     assert read == []
+
+
+def test_every_flipped_bit_of_an_array_header_is_a_damaged_entry_not_a_crash(tmp_path):
+    # numpy parses the header with Python's tokenizer: a flipped byte there raised SyntaxError or
+    # tokenize.TokenError out of the load, where any damage must mean "prepare it again".
+    from sftlab.data import store
+
+    cache = tmp_path / "cache"
+    prepare_examples(MANY_PAIRS, char_tokenizer(), cache_dir=str(cache))
+    (entry,) = entries(cache)
+    folder = str(cache / entry)
+    for name in ARRAYS:
+        path = cache / entry / f"{name}.npy"
+        original = path.read_bytes()
+        for position in range(npy_data_start(path)):
+            for bit in range(8):
+                flip_bit(path, position, bit)
+                examples, problem = store._open_entry(folder, None)
+                if examples is not None:
+                    problem = store._content_problem(folder)
+                assert problem is not None, (name, position, bit)
+                path.unlink()
+                path.write_bytes(original)
