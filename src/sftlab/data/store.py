@@ -150,7 +150,7 @@ def _open_entry(folder: str, max_length: int | None) -> tuple[Examples | None, s
         with open(os.path.join(folder, "stats.json")) as handle:
             stats = json.load(handle)
         arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
-    except Exception as error:  # noqa: BLE001 - a damaged file is a miss, whatever numpy's parser raises for it
+    except Exception as error:  # a damaged file is a miss, whatever numpy's parser raises for it
         # OSError, ValueError, EOFError (an empty .npy), and from a flipped header byte also
         # SyntaxError and tokenize.TokenError (numpy reads the header with Python's tokenizer).
         return None, f"cannot read it ({type(error).__name__}: {error})"
