@@ -8,7 +8,7 @@
     checksums.json the size and CRC-32 of each file above, written when the entry is built
 
 Entries are checked before they are trusted: the arrays' shapes and offsets on every load
-(`structure_problem`), their content against checksums.json once per machine (`_content_problem`:
+(`structure_problem`), their content against checksums.json once per cache folder (`_content_problem`:
 a marker next to the entry remembers the files it verified, by size, mtime and inode, so a
 changed file is verified again). A damaged entry is prepared again, with a line saying so;
 training never runs on it.
@@ -236,7 +236,7 @@ def seal_entry(tmp: str, folder: str) -> None:
 
 
 def _content_problem(folder: str) -> str | None:
-    """What in the entry's files differs from its checksums.json, or None. Read once per machine:
+    """What in the entry's files differs from its checksums.json, or None. Read once per cache folder:
     the marker says when this entry's files, as they are now, were verified already."""
     try:
         with open(os.path.join(folder, CHECKSUMS)) as handle:
