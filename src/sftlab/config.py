@@ -38,7 +38,7 @@ DPO_LOSS_TYPES = get_args(DPOLossType)
 
 # Field names a field map may give (sftlab's name -> the source's name): record fields, and the
 # keys of a message inside a conversation.
-RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
+RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "chosen", "rejected")
 MESSAGE_KEYS = ("role", "content")
 
 # Evaluation by generation: the built-in metrics (training/evaluation.py holds their functions),
@@ -220,6 +220,9 @@ class SFTConfig(BaseModel):
     text_field: str = Field("text", description="Field holding raw text for language-modeling records.")
     max_length: int = Field(1024, gt=0, description="Longest example in tokens; longer ones follow `truncation`.")
     truncation: Truncation = Field("right", description="'right' keeps the first max_length tokens; 'drop' drops longer examples. Both are counted.")
+    max_prompt_length: int | None = Field(None, gt=0, description=(
+        "Preference pairs: when P + the longer reply exceed max_length, 'right' first cuts the prompt from its "
+        "start down to this many tokens, then the replies at their end. Default: max_length // 2."))
     completion_only_loss: bool = Field(True, description="Prompt/completion data: train on the completion only (false: on prompt and completion).")
     assistant_only_loss: bool = Field(True, description="Conversations: train on assistant turns only (false: on every token of the rendered chat).")
     last_assistant_only: bool = Field(False, description="Conversations: train on the last assistant turn only.")

@@ -6,6 +6,7 @@
     formats.py   detect each record's format and validate it, naming the record and field
     chat.py      render conversations with a chat template; find what each assistant turn writes
     examples.py  tokenize records into aligned input_ids / targets (shifted once, here)
+    preference.py  preference records -> Pairs (prompt, chosen, rejected), through examples.py's rules
     container.py the Examples those become (flat numpy arrays) and IGNORE; numpy only, for the later stages
     workers.py   one pass over the chunks (validate, tokenize, append), here or in spawned workers
     store.py     the cache entry on disk: arrays appended as they are made, read back memory-mapped

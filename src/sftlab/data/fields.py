@@ -34,7 +34,9 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 # A record with these is not Alpaca, whatever else it holds.
-_OTHER_FORMATS = ("prompt", "completion", "messages", "conversations", "input_ids")
+_OTHER_FORMATS = ("prompt", "completion", "messages", "conversations", "input_ids", "chosen", "rejected")
+# Fields that may hold message lists, whose role/content keys a field map renames.
+_MESSAGE_LISTS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class FieldMap:
             raw = self._renamed(raw, renames)
         keys = {key: source for key, source in self.fields.items() if key in MESSAGE_KEYS and source != key}
         if keys:
-            raw = {name: self._message_keys(value, keys) if name in ("messages", "conversations", "prompt", "completion") else value
+            raw = {name: self._message_keys(value, keys) if name in _MESSAGE_LISTS else value
                    for name, value in raw.items()}
         if ("instruction" in raw or "output" in raw) and not any(name in raw for name in _OTHER_FORMATS):
             for name in ("instruction", "output"):

@@ -441,6 +441,12 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
     return record
 
 
+def validate_record(raw: dict, index: int, text_field: str = "text", vocab_size: int | None = None) -> Record:
+    """One record detected and validated on its own (RecordError when it is not valid): for callers
+    that build SFT records themselves, as preference pairs do for each reply."""
+    return _VALIDATORS[detect_format(raw, text_field)](raw, index, text_field, vocab_size)
+
+
 _VALIDATORS = {
     TEXT: _text,
     PROMPT_COMPLETION: _prompt_completion,

@@ -6,9 +6,10 @@ import os
 import time
 
 from sftlab.config import DataSource, SFTConfig
-from sftlab.data.container import Examples
+from sftlab.data.container import Examples, Pairs
 from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
+from sftlab.data.preference import looks_like_pairs, prepare_pairs
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts
 from sftlab.data.store import built_entry
@@ -30,9 +31,7 @@ def target_settings(config: SFTConfig) -> TargetSettings:
     )
 
 
-def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
-    """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
-    config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
+def _split_source(config: SFTConfig, eval: bool, source):
     if source is None:
         name = "eval_data" if eval else "train_data"
         source = getattr(config, name)
@@ -40,12 +39,53 @@ def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None)
             raise ConfigError(f"{name} is not set", field=name,
                               fix=f"set {name}: to a data file, a folder or a list of sources"
                                   + (", or pass train_dataset= to train()" if not eval else ""))
+    return source
+
+
+def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
+    """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
+    config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
+    source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
         return prepare_mixture(config, tokenizer, source)
     return prepare_examples(
         source,
         tokenizer,
         target_settings(config),
+        split=config.eval_split if eval else config.train_split,
+        text_field=config.text_field,
+        skip_invalid_records=config.skip_invalid_records,
+        cache_dir=config.cache_dir,
+        use_cache=config.use_cache,
+        fields=config.fields,
+        alpaca_layout=config.alpaca_layout,
+        workers=config.preprocessing_workers,
+    )
+
+
+def is_preference_split(config: SFTConfig, eval: bool = False, source=None) -> bool:
+    """Whether train_data (or eval_data, or `source`) holds preference pairs: its first record has
+    `chosen` or `rejected` (after the field map). A mixture of sources is SFT data."""
+    source = _split_source(config, eval, source)
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        return False
+    split = config.eval_split if eval else config.train_split
+    return looks_like_pairs(source, split, config.fields, config.alpaca_layout)
+
+
+def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Pairs:
+    """Preference pairs for train_data (or eval_data), with the config's settings (max_length,
+    truncation, max_prompt_length, the chat settings); `source` overrides the config's data."""
+    source = _split_source(config, eval, source)
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        raise ConfigError("preference data cannot be mixed from several sources yet",
+                          field="eval_data" if eval else "train_data", found=f"{len(source)} sources",
+                          fix="give one source (concatenate the files into one)")
+    return prepare_pairs(
+        source,
+        tokenizer,
+        target_settings(config),
+        max_prompt_length=config.max_prompt_length,
         split=config.eval_split if eval else config.train_split,
         text_field=config.text_field,
         skip_invalid_records=config.skip_invalid_records,
