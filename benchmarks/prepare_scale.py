@@ -147,7 +147,7 @@ def child_sftlab(spec: dict) -> dict:
         if os.path.exists(store._verified_marker(folder)):
             os.remove(store._verified_marker(folder))
         started = time.perf_counter()
-        problem = store._content_problem(folder)
+        problem = store.content_problem(folder)
         result.update(verify_seconds=time.perf_counter() - started, verify_problem=problem, seal_seconds=sum(sealing),
                       entry_bytes=sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)))
     return result

@@ -359,7 +359,55 @@ def test_every_flipped_bit_of_an_array_header_is_a_damaged_entry_not_a_crash(tmp
                 flip_bit(path, position, bit)
                 examples, problem = store._open_entry(folder, None)
                 if examples is not None:
-                    problem = store._content_problem(folder)
+                    problem = store.content_problem(folder)
                 assert problem is not None, (name, position, bit)
                 path.unlink()
                 path.write_bytes(original)
+
+
+PAIR_RECORDS = [{"prompt": f"Q{i}: " + "x" * (i % 5), "chosen": "y" * (1 + i % 4), "rejected": "n" * (1 + i % 3)}
+                for i in range(12)]
+PAIR_ARRAYS = ("prompt_ids", "prompt_offsets", "chosen_ids", "chosen_offsets", "rejected_ids", "rejected_offsets",
+               "record_index")
+
+
+@pytest.mark.parametrize("name", [f"{array}.npy" for array in PAIR_ARRAYS] + ["stats.json"])
+def test_a_flipped_bit_in_a_preference_pairs_entry_rebuilds_it(tmp_path, capsys, name):
+    # The pairs' entry is a cache entry too: the same checks, the same rebuild.
+    from sftlab.data.preference import prepare_pairs
+
+    cache = tmp_path / "cache"
+    prepare_pairs(PAIR_RECORDS, char_tokenizer(), cache_dir=str(cache))
+    clean = prepare_pairs(PAIR_RECORDS, char_tokenizer(), use_cache=False)
+    (entry,) = entries(cache)
+    path = cache / entry / name
+    if name == "stats.json":
+        position = path.read_bytes().index(b'"pairs": 12') + len('"pairs": 1')  # 12 -> 13
+    else:
+        position = npy_data_start(path) + 3 * (8 if "offsets" in name or name == "record_index.npy" else 4)
+    flip_bit(path, position)
+    capsys.readouterr()
+    again = prepare_pairs(PAIR_RECORDS, char_tokenizer(), cache_dir=str(cache))
+    assert again.stats["cached"] is False
+    assert f"the cache entry {cache / entry} is damaged: {name} does not match its checksum" in capsys.readouterr().err
+    for array in PAIR_ARRAYS:
+        np.testing.assert_array_equal(getattr(again, array), getattr(clean, array))
+    assert prepare_pairs(PAIR_RECORDS, char_tokenizer(), cache_dir=str(cache)).stats["cached"] is True
+
+
+def test_preference_offsets_that_cannot_be_are_caught_even_after_verification(tmp_path, capsys):
+    from sftlab.data.preference import prepare_pairs
+
+    cache = tmp_path / "cache"
+    prepare_pairs(PAIR_RECORDS, char_tokenizer(), cache_dir=str(cache))
+    (entry,) = entries(cache)
+    path = cache / entry / "chosen_offsets.npy"
+    before = os.stat(path)
+    with open(path, "r+b") as handle:  # in place, mtime put back: the marker still says verified
+        handle.seek(npy_data_start(path) + 5 * 8)
+        handle.write(np.int64(10**6).tobytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    capsys.readouterr()
+    again = prepare_pairs(PAIR_RECORDS, char_tokenizer(), cache_dir=str(cache))
+    assert again.stats["cached"] is False
+    assert "chosen_offsets.npy decreases: pair 5 ends before it starts" in capsys.readouterr().err

@@ -8,7 +8,7 @@
     checksums.json the size and CRC-32 of each file above, written when the entry is built
 
 Entries are checked before they are trusted: the arrays' shapes and offsets on every load
-(`structure_problem`), their content against checksums.json once per cache folder (`_content_problem`:
+(`structure_problem`), their content against checksums.json once per cache folder (`content_problem`:
 a marker next to the entry remembers the files it verified, by size, mtime and inode, so a
 changed file is verified again). A damaged entry is prepared again, with a line saying so;
 training never runs on it.
@@ -138,7 +138,7 @@ class StoreWriter:
 
 def read_entry(folder: str, max_length: int | None = None) -> Examples | None:
     """The entry's examples, memory-mapped; None when it is missing or damaged (a miss).
-    Its structure is checked (`structure_problem`), not its content (`_content_problem`)."""
+    Its structure is checked (`structure_problem`), not its content (`content_problem`)."""
     return _open_entry(folder, max_length)[0]
 
 
@@ -172,13 +172,21 @@ def structure_problem(arrays: dict[str, np.ndarray], max_length: int | None = No
         return f"offsets.npy has {len(offsets)} values for {len(arrays['record_index'])} examples"
     if len(arrays["targets"]) != tokens:
         return f"targets.npy has {len(arrays['targets'])} values for {tokens} tokens"
-    if int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
-        return f"offsets.npy runs from {int(offsets[0])} to {int(offsets[-1])}, not from 0 to the {tokens} tokens"
+    return offsets_problem(offsets, tokens, "offsets.npy", "example", max_length)
+
+
+def offsets_problem(offsets: np.ndarray, tokens: int, name: str, item: str, max_length: int | None = None) -> str | None:
+    """What makes `offsets` (file `name`) no boundaries of `item`s in `tokens` tokens, or None:
+    they start at 0, never decrease and end at the token count (and no item is longer than
+    `max_length`). Also for the other entries of the cache (preference pairs)."""
+    if len(offsets) == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
+        ends = f"{int(offsets[0])} to {int(offsets[-1])}" if len(offsets) else "nothing"
+        return f"{name} runs from {ends}, not from 0 to the {tokens} tokens"
     lengths = np.diff(offsets)
     if len(lengths) and int(lengths.min()) < 0:
-        return f"offsets.npy decreases: example {int(np.argmin(lengths))} ends before it starts"
+        return f"{name} decreases: {item} {int(np.argmin(lengths))} ends before it starts"
     if max_length is not None and len(lengths) and int(lengths.max()) > max_length:
-        return f"example {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than max_length={max_length}"
+        return f"{item} {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than max_length={max_length}"
     return None
 
 
@@ -235,7 +243,7 @@ def seal_entry(tmp: str, folder: str) -> None:
     _remember_verified(folder, tmp, names)
 
 
-def _content_problem(folder: str) -> str | None:
+def content_problem(folder: str) -> str | None:
     """What in the entry's files differs from its checksums.json, or None. Read once per cache folder:
     the marker says when this entry's files, as they are now, were verified already."""
     try:
@@ -275,7 +283,7 @@ def built_entry(root: str | None, key: str, build: Callable[[str], None], waitin
     def checked() -> Examples | None:
         examples, problem = _open_entry(folder, max_length)
         if examples is not None:
-            problem = _content_problem(folder)
+            problem = content_problem(folder)
             examples = examples if problem is None else None
         if problem is not None and not reported:
             reported.append(problem)
