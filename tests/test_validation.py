@@ -310,10 +310,11 @@ def test_tools_are_read_and_parsed_at_config_time(tmp_path, monkeypatch):
     assert make_config({"model": "m", "train_data": "d.jsonl", "tools": str(tmp_path / "tools.json")}).tools == tools
     assert make_config({"model": "m", "train_data": "d.jsonl", "tools": json.dumps(tools)}).tools == tools
     expected = "expected a list of function schemas, a path to a .json file holding one, or its JSON text"
-    missing = config_error({"tools": "tools.json"})
+    missing = config_error({"tools": "tools.json"})  # a path that names no file: said so, not "invalid JSON"
     assert missing.field == "tools"
-    assert str(missing) == ("run.yaml, field 'tools': tools is neither a .json file nor JSON text; "
-                            f"found Expecting value in 'tools.json'; {expected}")
+    assert str(missing) == ("run.yaml, field 'tools': tools file not found; found 'tools.json'; "
+                            f"{expected}; fix: check the path (relative paths start from the working directory)")
+    assert config_error({"tools": "configs/tools.json"}).problem == "tools file not found"
     (tmp_path / "bad.json").write_text('[{"type": "function",]')
     monkeypatch.chdir(tmp_path)
     bad = config_error({"tools": "bad.json"})
@@ -375,3 +376,18 @@ def test_the_config_imports_nothing_of_sftlab_but_errors():
             "print(sorted(name for name in sys.modules if name.startswith('sftlab')))")
     loaded = subprocess.run([sys.executable, "-c", code, package], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['sftlab', 'sftlab.config', 'sftlab.errors']"
+
+
+def test_an_assistant_turn_with_no_content_and_empty_tool_calls_is_named_as_empty():
+    # tool_calls [] is dropped as no calls at all; the turn then says nothing, and the error says
+    # that of the turn, not "content must be a string; found None".
+    record = {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": []}]}
+    with pytest.raises(DataError) as caught:
+        validate_records(load_records([record]))
+    assert (caught.value.index, caught.value.field) == (0, "messages[1]")
+    assert caught.value.problem == "assistant message is empty"
+    assert caught.value.found == "no content, and tool_calls []"
+    skipped = validate_records(load_records([record, {"messages": [USER, ASSISTANT]}]), skip_invalid=True)
+    assert len(skipped.records) == 1 and sum(skipped.skipped.values()) == 1
+    with_text = {"messages": [USER, {"role": "assistant", "content": "Yo", "tool_calls": []}]}
+    assert len(validate_records(load_records([with_text])).records) == 1  # text and no calls: fine as before

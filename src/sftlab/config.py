@@ -87,6 +87,11 @@ def parse_tools(tools: list | str | None) -> list | None:
     if os.path.isfile(tools):
         with open(tools, encoding="utf-8") as handle:
             text = handle.read()
+    elif not tools.lstrip().startswith(("[", "{")) and (tools.strip().endswith(".json") or os.sep in tools):
+        # a path, not JSON text (which starts with a list or a mapping): say it is missing
+        raise ConfigError("tools file not found", field="tools", found=repr(tools),
+                          expected="a list of function schemas, a path to a .json file holding one, or its JSON text",
+                          fix="check the path (relative paths start from the working directory)")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -121,7 +126,7 @@ class DataSource(BaseModel):
     """One source of a mixture (a list in train_data or eval_data). A plain path is a source
     with every key at its default."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a glob, a folder of them, or a folder written by datasets' save_to_disk.")
     split: str | None = Field(None, description="Split of a saved DatasetDict (default: train).")
@@ -196,7 +201,7 @@ LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
 class SFTConfig(BaseModel):
     """Everything a training run needs. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     # --- model -------------------------------------------------------------------------------
     model: str = Field(description="Model: a local Hugging Face folder, a .gguf file, or a short name such as smollm2-135m-instruct.")
@@ -253,10 +258,10 @@ class SFTConfig(BaseModel):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this (null: no clipping).")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip the gradient norm to this (null: no clipping).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 means derive from num_train_epochs.")
-    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**64, description="Seed for model init, data order and dropout.")
     loss_implementation: Literal["auto", "sparse", "dense"] = Field("auto", description="'sparse' runs the LM head on supervised rows only, in chunks; 'dense' is plain model logits; 'auto' checks sparse against dense once and picks.")
     objective: Objective = Field("sft", description="What training optimises: 'sft' (supervised fine-tuning on examples), or preference tuning on prompt/chosen/rejected pairs: 'dpo' (with loss_type sigmoid, ipo, hinge or robust), 'simpo', 'orpo' (reference-free); or 'kto' on unpaired prompt/completion/label records. docs/preference.md.")
     loss_type: LossType | DPOLossType = Field("nll", description="sft: 'nll' (cross-entropy on every supervised token) or 'dft' (Dynamic Fine-Tuning: each token's cross-entropy scaled by the model's own probability of it, held constant; the log then shows the plain cross-entropy as 'nll' beside it, and eval_loss stays cross-entropy). dpo: 'sigmoid' (DPO; the default for dpo), 'ipo', 'hinge', 'robust' (rDPO, with label_smoothing).")
@@ -428,6 +433,20 @@ class SFTConfig(BaseModel):
         if self.eval_generate_samples and not self.eval_generate_metrics:
             raise ConfigError("eval_generate_samples is set but no metric scores the replies", field="eval_generate_metrics",
                               found="[]", fix="e.g. eval_generate_metrics: [exact_match], or eval_generate_samples: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_that_can_work(self) -> "SFTConfig":
+        # Ranges that need another field (the single-field ones are in the Field declarations, and
+        # allow_inf_nan=False refuses inf and NaN for every float). A pad_to_multiple_of beyond
+        # max_length pads every batch past its longest possible row: at 1e9 the run was killed
+        # for memory without a word.
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of > self.max_length:
+            raise ConfigError("pad_to_multiple_of is larger than max_length: every batch would be padded past "
+                              "the longest row", field="pad_to_multiple_of",
+                              found=f"pad_to_multiple_of {self.pad_to_multiple_of}, max_length {self.max_length}",
+                              expected="at most max_length",
+                              fix="e.g. pad_to_multiple_of: 8, or max_length itself for one compiled shape")
         return self
 
 

@@ -234,6 +234,10 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
             message["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
             if not message["tool_calls"]:
                 del message["tool_calls"]
+                if message.get("content") is None and not any(message.get(key) for key in REASONING_FIELDS):
+                    # Else "content must be a string; found None", which hides that the turn says nothing.
+                    raise RecordError("assistant message is empty", field=where, found="no content, and tool_calls []",
+                                      expected="the text the model should learn to write, or at least one tool call")
         reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
         if reasoning is not None:
             if not isinstance(reasoning, str):

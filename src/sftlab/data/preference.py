@@ -43,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, replace
@@ -58,7 +59,7 @@ from sftlab.data.fields import FieldMap
 from sftlab.data.formats import Record, require_valid, validate_record
 from sftlab.data.prepare import default_cache_dir, tokenizer_fingerprint
 from sftlab.data.sources import Records, open_records
-from sftlab.data.store import entry_lock, new_folder
+from sftlab.data.store import content_problem, entry_lock, new_folder, offsets_problem, seal_entry
 from sftlab.errors import DataError, RecordError, describe
 from sftlab.files import publish_directory
 
@@ -478,7 +479,8 @@ def _summarize(counts: dict, pairs: Pairs, source: str) -> dict:
 
 # --- the cache -----------------------------------------------------------------------------------
 
-PAIRS_CACHE_FORMAT = 1
+# 2: checksums.json in every entry (store.seal_entry)
+PAIRS_CACHE_FORMAT = 2
 _ARRAYS = {"prompt_ids": np.int32, "prompt_offsets": np.int64, "chosen_ids": np.int32, "chosen_offsets": np.int64,
            "rejected_ids": np.int32, "rejected_offsets": np.int64, "record_index": np.int64}
 
@@ -500,12 +502,21 @@ def _cached_pairs(root: str, key: str, build) -> Pairs:
     """Entry `key`: read when it is there, else built, written under a temporary name and renamed
     into place under the entry's lock (a process that finds it taken waits, then reads it)."""
     folder = os.path.join(root, key)
-    pairs = _read_pairs(folder)
+    reported = []
+
+    def checked() -> Pairs | None:  # a damaged entry is said once, then built again (store.built_entry)
+        pairs, problem = _read_pairs(folder)
+        if problem is not None and not reported:
+            reported.append(problem)
+            print(f"the cache entry {folder} is damaged: {problem}; preparing it again", file=sys.stderr, flush=True)
+        return pairs
+
+    pairs = checked()
     if pairs is not None:
         pairs.stats.update(cached=True, cache_entry=folder)
         return pairs
     with entry_lock(root, key):
-        pairs = _read_pairs(folder)  # written by another process while this one waited
+        pairs = checked()  # written by another process while this one waited
         if pairs is not None:
             pairs.stats.update(cached=True, cache_entry=folder)
             return pairs
@@ -520,34 +531,46 @@ def _cached_pairs(root: str, key: str, build) -> Pairs:
                 np.save(os.path.join(tmp, name + ".npy"), getattr(pairs, name))
             with open(os.path.join(tmp, "stats.json"), "w") as handle:
                 json.dump(pairs.stats, handle)
+            seal_entry(tmp, folder)
             publish_directory(tmp, folder)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             pairs.stats["cached"] = False
             return pairs
-    stored = _read_pairs(folder)
+    stored, _ = _read_pairs(folder)
     if stored is None:  # pragma: no cover - renamed into place just before
         raise AssertionError(f"cannot read the cache entry {folder} just written")
     stored.stats.update(cached=False, cache_entry=folder)
     return stored
 
 
-def _read_pairs(folder: str) -> Pairs | None:
-    """The entry's pairs, memory-mapped; None when it is missing or damaged (a miss)."""
+def _read_pairs(folder: str) -> tuple[Pairs | None, str | None]:
+    """The entry's pairs, memory-mapped, or None and what is wrong with the entry (None too when
+    there is none): the structure is checked on every load, the content against checksums.json
+    once per cache folder, as for examples (store.py)."""
+    if not os.path.isdir(folder):
+        return None, None
     try:
         with open(os.path.join(folder, "stats.json")) as handle:
             stats = json.load(handle)
         arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in _ARRAYS}
-    except (OSError, ValueError, EOFError):
-        return None
+    except Exception as error:  # a damaged file is a miss, whatever numpy's header parser raises for it
+        return None, f"cannot read it ({type(error).__name__}: {error})"
     pairs = len(arrays["record_index"])
-    if any(arrays[name].ndim != 1 or arrays[name].dtype != dtype for name, dtype in _ARRAYS.items()):
-        return None
+    for name, dtype in _ARRAYS.items():
+        if arrays[name].ndim != 1 or arrays[name].dtype != dtype:
+            return None, f"{name}.npy is not a 1-D {np.dtype(dtype).name} array"
     for part in ("prompt", "chosen", "rejected"):
         offsets = arrays[f"{part}_offsets"]
-        if len(offsets) != pairs + 1 or int(offsets[-1]) != len(arrays[f"{part}_ids"]):
-            return None
-    return Pairs(**arrays, stats=stats)
+        if len(offsets) != pairs + 1:
+            return None, f"{part}_offsets.npy has {len(offsets)} values for {pairs} pairs"
+        problem = offsets_problem(offsets, len(arrays[f"{part}_ids"]), f"{part}_offsets.npy", "pair")
+        if problem is not None:
+            return None, problem
+    problem = content_problem(folder)
+    if problem is not None:
+        return None, problem
+    return Pairs(**arrays, stats=stats), None
 
 
 # --- unpaired (KTO) ----------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from sftlab.files import cache_root
 
 # 2: conversations as served (several examples per record, chat statistics)
 # 3: streamed into the entry (field maps and the Alpaca layout in the key)
-CACHE_FORMAT = 3
+# 4: checksums.json in every entry (entries without one would be rebuilt as damaged anyway)
+CACHE_FORMAT = 4
 
 
 def default_cache_dir() -> str:
@@ -98,7 +99,7 @@ def prepare_examples(
     # Files and datasets are identified without parsing them, so a hit reads no record.
     key = _cache_key(stream.fingerprint(), recipe) if use_cache else "uncached"
     root = (cache_dir or default_cache_dir()) if use_cache else None
-    examples, folder = built_entry(root, key, build, waiting=_waiting)
+    examples, folder = built_entry(root, key, build, waiting=_waiting, max_length=settings.max_length)
     examples.stats["seconds"] = time.perf_counter() - started
     if folder is not None:
         examples.stats["cache_entry"] = folder

@@ -37,6 +37,13 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     ordered = lengths[order]
     if ordered[0] > capacity:
         raise ValueError(f"example {int(order[0])} has {int(ordered[0])} tokens, more than the bin capacity {capacity}")
+    if int(ordered.sum()) <= capacity:
+        # The first bin always has room for everything left, so best-fit never opens a second: one
+        # bin, in processing order, as the loop below would give. Said here rather than run, since
+        # the loop's cost grows with the capacity (the rooms' bit mask is `capacity` bits wide:
+        # max_length 1e9 took 44 s and ~1 GB for one row), and past this point capacity < the
+        # data's token count, so the packer's cost is bounded by the data, not by max_length.
+        return [order.tolist()]
     rooms = _Rooms()
     placed = np.empty(len(order), dtype=np.int64)  # bin of the k-th example in processing order
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
