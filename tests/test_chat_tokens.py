@@ -1,0 +1,327 @@
+"""A base model becomes a chat model (add_chat_tokens): the template's markers are added as special
+tokens with exact ids, the model gets rows for them at the mean of the existing rows, training moves
+the rows it should (full: every row the data reaches; LoRA: only the new rows of the base embedding
+and head, through PEFT's trainable tokens), every ChatML turn is trained through the new <|im_end|>,
+and the saved model loads in transformers and stops there. Resume and two processes see the same
+resized vocabulary.
+
+The base tokenizer here is tiny.py's character BPE without its chat specials: four specials
+(<pad> <s> </s> <unk> = 0..3), then the characters (id 4 + index in CHARS), then the merges, 105 ids in
+all; so ChatML's markers are added as 105 and 106.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import sftlab.training.progress
+from sftlab import SFTConfig, train
+from sftlab.cli import EXIT_PREEMPTED, main
+from sftlab.data.chat_tokens import add_chat_tokens, template_markers
+from sftlab.data.examples import TargetSettings
+from sftlab.data.prepare import prepare_examples
+from sftlab.errors import DataError
+from sftlab.training.setup import add_token_rows
+from tiny import CHARS, MERGED, MERGES, SPECIALS
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+BASE_SIZE = 4 + len(CHARS) + len(MERGED)  # 105
+IM_START, IM_END = BASE_SIZE, BASE_SIZE + 1
+EOS = 2  # </s>
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def base_tokenizer():
+    """tiny.py's character BPE with only <pad> <s> </s> <unk>: a base model's tokenizer, no chat markers, no pad
+    set, a decoder that joins tokens as they are (so replies decode to their text)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS[:4])}
+    for piece in CHARS + MERGED:
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
+    backend.add_special_tokens(SPECIALS[:4])
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def char(c: str) -> int:
+    return 4 + CHARS.index(c)
+
+
+def chars(text: str) -> list[int]:
+    return [char(c) for c in text]
+
+
+def chats(n: int = 8) -> list[dict]:
+    """Conversations the tiny model can learn in a few dozen steps: "hi" -> "yes", "no?" -> "no"."""
+    return [{"messages": [{"role": "user", "content": "hi" if i % 2 == 0 else "no?"},
+                          {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny untied Llama with the base tokenizer, saved: the base model."""
+    folder = str(tmp_path_factory.mktemp("base"))
+    tokenizer = base_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=0, attn="sdpa")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_config(base_dir, output_dir, **fields) -> SFTConfig:
+    values = dict(chat_template="chatml", add_chat_tokens=True, max_length=64, per_device_train_batch_size=4,
+                  learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1, seed=3,
+                  max_steps=1, use_cache=False)
+    return SFTConfig(model=base_dir, output_dir=str(output_dir), **{**values, **fields})
+
+
+def resized_base(base_dir):
+    """The base model as the run starts it: resized by add_token_rows for the ChatML markers."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = base_tokenizer()
+    added = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    add_token_rows(model, added)
+    return model
+
+
+# --- the tokenizer -----------------------------------------------------------------------------------
+
+
+def test_chatml_markers_are_added_with_exact_ids_and_roles():
+    tokenizer = base_tokenizer()
+    assert len(tokenizer) == BASE_SIZE and tokenizer.pad_token is None
+    added = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=["<tool>"])
+    assert added.tokens == ["<|im_start|>", "<|im_end|>", "<tool>"] and added.ids == [105, 106, 107]
+    assert added.vocab_size == len(tokenizer) == 108 and added.kept == []
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == IM_END
+    assert tokenizer.pad_token == "</s>" and added.eos_ids == [IM_END, EOS]
+    # One token each, never split, in running text.
+    assert tokenizer("<|im_start|>hi<|im_end|>")["input_ids"] == [IM_START, *chars("hi"), IM_END]
+    assert tokenizer.decode([char("h"), IM_END], skip_special_tokens=True) == "h"
+    assert "chat tokens added: <|im_start|> = 105, <|im_end|> = 106, <tool> = 107 (vocabulary 108)" in added.lines()
+    # Again on the same tokenizer (a resumed run, `sftlab prepare` then train): nothing new, the same ids.
+    again = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=["<tool>"])
+    assert again.tokens == [] and again.kept == ["<|im_start|>", "<|im_end|>", "<tool>"] and len(tokenizer) == 108
+
+
+def test_markers_are_the_templates_bar_literals_and_a_folders_special_tokens(tmp_path):
+    llama3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role']"
+              " + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{{ '<|' + 'x' + '|>' }}")
+    assert template_markers(llama3) == ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    # A Gemma-style template in another tokenizer's folder: its markers are that tokenizer's special tokens.
+    from tiny import char_tokenizer
+
+    gemma = ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>assistant\n' }}{% endif %}")
+    char_tokenizer(chat_template=gemma).save_pretrained(str(tmp_path / "gemma"))
+    tokenizer = base_tokenizer()
+    added = add_chat_tokens(tokenizer, chat_template=str(tmp_path / "gemma"), add_markers=True, special_tokens=None)
+    assert added.tokens == ["<start_of_turn>", "<end_of_turn>"] and added.ids == [105, 106]
+    assert tokenizer.eos_token == "<end_of_turn>" and tokenizer.chat_template == gemma
+
+
+def test_without_the_option_the_refusal_names_it(base_dir, tmp_path):
+    with pytest.raises(DataError) as refused:
+        train(run_config(base_dir, tmp_path / "run", add_chat_tokens=False), train_dataset=chats())
+    message = str(refused.value)
+    assert "does not end with an end-of-turn token" in message and "set add_chat_tokens: true" in message
+
+
+def test_each_chatml_turn_is_trained_through_the_new_im_end():
+    tokenizer = base_tokenizer()
+    add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+                           {"role": "user", "content": "no?"}, {"role": "assistant", "content": "no"}]}
+    examples = prepare_examples([record], tokenizer, TargetSettings(chat_template="chatml"), use_cache=False)
+    input_ids, targets = (list(map(int, a)) for a in examples[0])
+    turn = lambda role, text: [IM_START, *chars(role + "\n"), *chars(text), IM_END, char("\n")]  # noqa: E731
+    assert input_ids == turn("user", "hi") + turn("assistant", "yes") + turn("user", "no?") + turn("assistant", "no")
+    # Trained: each reply and its <|im_end|> (targets shifted by one), nothing else.
+    expected = [-100] * len(input_ids)
+    opening = [IM_START, *chars("assistant\n")]
+    first = len(turn("user", "hi")) + len(opening)
+    second = len(turn("user", "hi") + turn("assistant", "yes") + turn("user", "no?")) + len(opening)
+    for start in (first, second):
+        reply_end = input_ids.index(IM_END, start)
+        for t in range(start - 1, reply_end):
+            expected[t] = input_ids[t + 1]
+    assert targets == expected
+    assert [t for t in targets if t != -100] == [*chars("yes"), IM_END, *chars("no"), IM_END]
+
+
+# --- the model's rows ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_new_rows_are_the_mean_of_the_old_rows(tie):
+    tokenizer = base_tokenizer()
+    added = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
+    model = tiny_model("llama", vocab_size=BASE_SIZE, seed=1, tie=tie)
+    before = {"embed": model.get_input_embeddings().weight.detach().clone(),
+              "head": model.get_output_embeddings().weight.detach().clone()}
+    add_token_rows(model, added)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embed.shape == head.shape == (107, 64) and model.config.vocab_size == 107
+    assert (head is embed) == tie
+    for name, weight in (("embed", embed), ("head", head)):
+        assert torch.equal(weight[:BASE_SIZE], before[name])
+        mean = before[name].double().mean(0).float()
+        assert torch.equal(weight[IM_START], mean) and torch.equal(weight[IM_END], mean)
+    assert model.config.eos_token_id == IM_END and model.generation_config.eos_token_id == [IM_END, EOS]
+
+
+def test_full_fine_tuning_trains_the_new_rows_and_the_old_ones_the_data_reaches(base_dir, tmp_path):
+    records = chats()
+    train(run_config(base_dir, tmp_path / "full", per_device_train_batch_size=8), train_dataset=records)
+    start = resized_base(base_dir).state_dict()
+    final = load_file(os.path.join(tmp_path / "full", "final", "model.safetensors"))
+    embed, head = final["model.embed_tokens.weight"], final["lm_head.weight"]
+    assert embed.shape == (107, 64)
+    moved = (embed - start["model.embed_tokens.weight"]).abs().amax(1) > 0
+    tokenizer = base_tokenizer()
+    add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
+    read = {i for r in records
+            for i in tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]}
+    # AdamW (no weight decay) moves exactly the embedding rows with a gradient: the tokens the one step read.
+    assert {IM_START, IM_END} <= read and set(torch.nonzero(moved).flatten().tolist()) == read
+    assert bool(((head - start["lm_head.weight"]).abs().amax(1) > 0).all())  # softmax reaches every head row
+
+
+def test_lora_trains_only_the_new_rows_of_the_base_embedding_and_head(base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train(run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+          train_dataset=chats())
+    # The adapter holds the new rows as trainable tokens (2 rows per layer), not whole embedding matrices.
+    saved = load_file(os.path.join(tmp_path / "lora", "final", "adapter_model.safetensors"))
+    tokens = {key: value.shape for key, value in saved.items() if "trainable_tokens" in key}
+    assert sorted(tokens.values()) == [(2, 64), (2, 64)] and {"embed_tokens" in k for k in tokens} == {True, False}
+    assert not any(key.endswith(("embed_tokens.weight", "lm_head.weight")) for key in saved)
+    # As documented: the original base, resized to the tokenizer saved in final/, then the adapter.
+    final = os.path.join(tmp_path / "lora", "final")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(base_tokenizer()) + 2, mean_resizing=False)
+    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
+    start = resized_base(base_dir)
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        ours, theirs = getattr(merged, get)().weight, getattr(start, get)().weight
+        assert torch.equal(ours[:BASE_SIZE], theirs[:BASE_SIZE]), get  # the old rows: not trained
+        assert bool(((ours[BASE_SIZE:] - theirs[BASE_SIZE:]).abs().amax(1) > 0).all()), get  # both new rows moved
+
+
+def test_the_saved_model_loads_in_transformers_and_generation_stops_at_im_end(base_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.generate import generate_batch, load_for_generation
+
+    output = tmp_path / "chat"
+    train(run_config(base_dir, output, max_steps=40, learning_rate=3e-3, seed=0), train_dataset=chats())
+    final = str(output / "final")
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert len(tokenizer) == 107 and tokenizer.convert_tokens_to_ids("<|im_end|>") == IM_END
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    assert model.get_input_embeddings().weight.shape[0] == 107
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=10, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert out == [*chars("yes"), IM_END]  # transformers stops on the saved eos
+    model, tokenizer = load_for_generation(final)
+    [reply] = generate_batch(model, [prompt["input_ids"][0].tolist()], stop_ids=[IM_END], pad_id=EOS, max_new_tokens=10)
+    assert reply.stopped and reply.token_ids == chars("yes")
+    capsys.readouterr()
+    assert main(["generate", final, "no?", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.strip() == "no"  # stopped at <|im_end|>, not run on to 10 tokens
+
+
+# --- resume and processes ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.json"
+    path.write_text(json.dumps(chats(16)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_config(base_dir, chat_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "config.yaml"
+    path.write_text(yaml.safe_dump(dict(
+        model=base_dir, train_data=chat_file, chat_template="chatml", add_chat_tokens=True, max_length=64,
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=1, max_steps=4,
+        save_steps=2, logging_steps=1, seed=7, use_cache=False)))
+    return str(path)
+
+
+def cli_args(config, output_dir, *extra):
+    return ["train", config, f"output_dir={output_dir}", *extra]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_preempted_run_resumes_exactly_after_the_resize(chat_config, tmp_path, monkeypatch, lora):
+    extra = ["use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0"] if lora else []
+    weights_file = "adapter_model.safetensors" if lora else "model.safetensors"
+    clean = str(tmp_path / "clean")
+    assert main(cli_args(chat_config, clean, *extra)) == 0
+    stopped = str(tmp_path / "stopped")
+    real_advance = sftlab.training.progress.Reporter.advance
+
+    def advance(self, done):
+        real_advance(self, done)
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sftlab.training.progress.Reporter, "advance", advance)
+        assert main(cli_args(chat_config, stopped, *extra)) == EXIT_PREEMPTED
+    assert main(cli_args(chat_config, stopped, *extra, "resume_from_checkpoint=auto")) == 0
+    ours = load_file(os.path.join(stopped, "final", weights_file))
+    theirs = load_file(os.path.join(clean, "final", weights_file))
+    assert ours.keys() == theirs.keys()
+    assert any("embed_tokens" in key for key in theirs)  # the new rows (LoRA: the trainable tokens) are in it
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_equal_one_after_the_resize(base_dir, chat_file, tmp_path, fsdp):
+    """2 processes x batch 2 == 1 process x batch 4, with the sparse head on the resized vocabulary."""
+    script = os.path.join(os.path.dirname(__file__), "run_training.py")
+    pairs = ["chat_template=chatml", "add_chat_tokens=true", "max_length=64", "max_steps=2", "learning_rate=1e-2",
+             "lr_scheduler_type=constant", "warmup_ratio=0", "logging_steps=1", "seed=5", "loss_implementation=sparse",
+             f"fsdp={str(fsdp).lower()}"]
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, script, base_dir, chat_file, str(one), *pairs,
+                           "per_device_train_batch_size=4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = tmp_path / "two"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, base_dir, chat_file, str(two),
+                           *pairs, "per_device_train_batch_size=2"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ours = load_file(os.path.join(two, "final", "model.safetensors"))
+    theirs = load_file(os.path.join(one, "final", "model.safetensors"))
+    assert ours.keys() == theirs.keys() and ours["model.embed_tokens.weight"].shape == (107, 64)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    start = resized_base(base_dir).state_dict()["model.embed_tokens.weight"]
+    assert bool((theirs["model.embed_tokens.weight"][BASE_SIZE:] != start[BASE_SIZE:]).all())  # the new rows trained
