@@ -71,15 +71,18 @@ def chats(n: int = 8) -> list[dict]:
                           {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]} for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny untied Llama with the base tokenizer, saved: the base model."""
-    folder = str(tmp_path_factory.mktemp("base"))
+def save_base(folder: str, tie: bool = False) -> str:
     tokenizer = base_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), seed=0, attn="sdpa")
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=0, attn="sdpa", tie=tie)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny untied Llama with the base tokenizer, saved: the base model."""
+    return save_base(str(tmp_path_factory.mktemp("base")))
 
 
 def run_config(base_dir, output_dir, **fields) -> SFTConfig:
@@ -224,6 +227,42 @@ def test_lora_trains_only_the_new_rows_of_the_base_embedding_and_head(base_dir, 
         ours, theirs = getattr(merged, get)().weight, getattr(start, get)().weight
         assert torch.equal(ours[:BASE_SIZE], theirs[:BASE_SIZE]), get  # the old rows: not trained
         assert bool(((ours[BASE_SIZE:] - theirs[BASE_SIZE:]).abs().amax(1) > 0).all()), get  # both new rows moved
+
+
+def test_lora_with_tied_embeddings_trains_the_new_rows_once(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_base(str(tmp_path / "tied"), tie=True)
+    train(run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+          train_dataset=chats())
+    saved = load_file(os.path.join(tmp_path / "lora", "final", "adapter_model.safetensors"))
+    tokens = {key: value.shape for key, value in saved.items() if "trainable_tokens" in key}
+    assert list(tokens.values()) == [(2, 64)] and "embed_tokens" in next(iter(tokens))  # one tensor: the head follows it
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(BASE_SIZE + 2, mean_resizing=False)
+    merged = PeftModel.from_pretrained(base, os.path.join(tmp_path / "lora", "final")).merge_and_unload()
+    start = resized_base(base_dir).get_input_embeddings().weight
+    embed, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert torch.equal(embed, head)
+    assert torch.equal(embed[:BASE_SIZE], start[:BASE_SIZE])
+    assert bool(((embed[BASE_SIZE:] - start[BASE_SIZE:]).abs().amax(1) > 0).all())
+
+
+def test_inspect_shows_the_added_tokens_and_their_ids(base_dir, tmp_path, capsys):
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(chats(2)))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(model=base_dir, train_data=str(data), chat_template="chatml",
+                                          add_chat_tokens=True, use_cache=False)))
+    assert main(["inspect", str(config), "-n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "chat tokens added: <|im_start|> = 105, <|im_end|> = 106 (vocabulary 107)" in shown
+    assert "eos_token: <|im_end|>" in shown
+    assert main(["inspect", str(config), "--json", "-n", "1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["added_tokens"] == {"<|im_start|>": IM_START, "<|im_end|>": IM_END}
+    assert [t["id"] for t in shown["examples"][0]["tokens"]][:1] == [IM_START]
 
 
 def test_the_saved_model_loads_in_transformers_and_generation_stops_at_im_end(base_dir, tmp_path, capsys):
