@@ -27,8 +27,9 @@ VOCAB, HIDDEN, NEW = 262144, 640, 2
 def build(tie: bool):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2048, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, tie_word_embeddings=tie)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2048,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                      tie_word_embeddings=tie)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
 
@@ -56,7 +57,8 @@ def measure(way: str, tie: bool) -> dict:
     optimizer.step()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, save_embedding_layers=False)
         adapter = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
@@ -71,7 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(way, not args.untied) for way in ("trainable_tokens", "modules_to_save")]
-    print(f"vocabulary {VOCAB} + {NEW}, hidden {HIDDEN}, {'untied' if args.untied else 'tied'} head, LoRA r 16 all-linear")
+    head = "untied" if args.untied else "tied"
+    print(f"vocabulary {VOCAB} + {NEW}, hidden {HIDDEN}, {head} head, LoRA r 16 all-linear")
     for row in rows:
         print("  " + ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()))
 
