@@ -43,7 +43,8 @@ def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool,
 
 def add_token_rows(model, added: AddedChatTokens) -> None:
     """Rows for the tokens add_chat_tokens added (data/chat_tokens.py): the embedding (and an untied
-    head) grows to the tokenizer's size, and each new token's row is the mean of the rows of the tokens
+    head) grows to the tokenizer's size (a model with spare rows past its tokenizer's ids, as Qwen's, uses
+    those without growing), and each new token's row is the mean of the rows of the tokens
     the tokenizer had before (ids below the first new one), computed in float64. No random draw (unlike
     transformers' mean_resizing, which samples around the mean), so every process and every resumed run
     builds the same rows bitwise. A tied head is the same tensor and is set once. Generation stops on the
