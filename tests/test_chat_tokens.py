@@ -189,6 +189,17 @@ def test_new_rows_are_the_mean_of_the_old_rows(tie):
     assert model.config.eos_token_id == IM_END and model.generation_config.eos_token_id == [IM_END, EOS]
 
 
+def test_a_model_with_spare_rows_uses_them_without_growing():
+    tokenizer = base_tokenizer()
+    added = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
+    model = tiny_model("llama", vocab_size=128, seed=1)  # rows 105..127 belong to no token of the base tokenizer
+    before = model.get_input_embeddings().weight.detach().clone()
+    add_token_rows(model, added)
+    embed = model.get_input_embeddings().weight
+    assert embed.shape == (128, 64) and torch.equal(embed[107:], before[107:])
+    assert torch.equal(embed[IM_START], before[:BASE_SIZE].double().mean(0).float())
+
+
 def test_full_fine_tuning_trains_the_new_rows_and_the_old_ones_the_data_reaches(base_dir, tmp_path):
     records = chats()
     train(run_config(base_dir, tmp_path / "full", per_device_train_batch_size=8), train_dataset=records)
