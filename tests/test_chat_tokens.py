@@ -388,3 +388,20 @@ def test_two_processes_equal_one_after_the_resize(base_dir, chat_file, tmp_path,
         assert ours["model.embed_tokens.weight"].shape == (107, 64)
         embed = "model.embed_tokens.weight"
         assert bool((theirs[embed][BASE_SIZE:] != start[embed][BASE_SIZE:]).all())
+
+
+# --- the config ------------------------------------------------------------------------------------------
+
+
+def test_the_config_checks_the_new_settings():
+    from sftlab.config import load_config
+    from sftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="special_tokens.*without surrounding spaces"):
+        load_config(None, {"model": "m", "special_tokens": ["<a>", " <b>"]})
+    with pytest.raises(ConfigError, match="add_chat_tokens is not available with load_in_4bit"):
+        load_config(None, {"model": "m", "add_chat_tokens": True, "use_peft": True, "load_in_4bit": True})
+    assert load_config(None, {"model": "m", "special_tokens": ["<a>", "<a>"]}).special_tokens == ["<a>"]
+    from sftlab.training.identity import RESUME_SETTINGS
+
+    assert {"add_chat_tokens", "special_tokens"} <= set(RESUME_SETTINGS)

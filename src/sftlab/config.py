@@ -366,7 +366,7 @@ class SFTConfig(BaseModel):
         return list(dict.fromkeys(value)) if value else value
 
     @model_validator(mode="after")
-    def _chat_tokens(self) -> "SFTConfig":
+    def _chat_tokens(self) -> SFTConfig:
         if self.add_chat_tokens and self.load_in_4bit:
             # Untried: the rows are added before prepare_model_for_kbit_training would run, on a
             # quantized model; refused rather than shipped unproven.
