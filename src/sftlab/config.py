@@ -210,6 +210,16 @@ class SFTConfig(BaseModel):
     attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field("auto", description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); the log says which. A kernel the model does not support is an error naming the ones it does.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run. Off unless you trust its author.")
 
+    # --- a base model becomes a chat model: the template's markers as new tokens (issue 24) --
+    add_chat_tokens: bool = Field(False, description=(
+        "Add the markers the chat template writes (its <|...|> literals; docs/training.md) that the tokenizer "
+        "lacks as special tokens, make the end-of-turn marker the EOS, and give the model new embedding (and "
+        "head) rows at the mean of the existing ones, trained with the run (LoRA: only the new rows)."))
+    special_tokens: list[str] | None = Field(None, description=(
+        "More special tokens to add (after the template's markers with add_chat_tokens), e.g. Gemma's "
+        "[<start_of_turn>, <end_of_turn>] whose markers are not <|...|> literals; tokens the tokenizer "
+        "has already are kept as they are."))
+
     # --- data --------------------------------------------------------------------------------
     # Optional here because train(config, train_dataset=...) may be given the data as an object;
     # without either, preparation (data/splits.py) stops with a ConfigError naming train_data.
@@ -355,6 +365,25 @@ class SFTConfig(BaseModel):
         if value in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
             return value
         raise ValueError(f"must be one of {', '.join(LORA_INITS)} or pissa_niter_<n> (e.g. pissa_niter_4)")
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _special_tokens(cls, value: list[str] | None) -> list[str] | None:
+        # A blank token would match everywhere, one with spaces around it is a different string
+        # from the one the template writes: both are mistakes, refused before anything loads.
+        for position, token in enumerate(value or ()):
+            if not token or token != token.strip():
+                raise ValueError(f"entry {position} ({token!r}) must be a token's text, without surrounding spaces")
+        return list(dict.fromkeys(value)) if value else value
+
+    @model_validator(mode="after")
+    def _chat_tokens(self) -> SFTConfig:
+        if self.add_chat_tokens and self.load_in_4bit:
+            # Untried: the rows are added before prepare_model_for_kbit_training would run, on a
+            # quantized model; refused rather than shipped unproven.
+            raise ConfigError("add_chat_tokens is not available with load_in_4bit yet", field="add_chat_tokens",
+                              fix="train LoRA without load_in_4bit, or start from a tokenizer that has the markers")
+        return self
 
     @model_validator(mode="after")
     def _peft_options(self) -> "SFTConfig":

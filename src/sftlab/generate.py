@@ -54,7 +54,12 @@ def _load_adapter(folder: str, trust_remote_code: bool):
     except ImportError:
         raise ConfigError("this folder holds a LoRA adapter, which needs the peft package", source=folder,
                           fix="pip install 'sftlab[peft]'") from None
-    model = PeftModel.from_pretrained(load_model(resolve_model_path(base), trust_remote_code=trust_remote_code), folder)
+    base_model = load_model(resolve_model_path(base), trust_remote_code=trust_remote_code)
+    vocab_size = len(load_tokenizer(folder, trust_remote_code))
+    if vocab_size > base_model.get_input_embeddings().weight.shape[0]:
+        # Trained with add_chat_tokens: the adapter holds the new tokens' rows, for a base resized to the tokenizer.
+        base_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model = PeftModel.from_pretrained(base_model, folder)
     # Generation never trains the adapter, so it is folded into the weights: the same function,
     # without the extra LoRA matmuls in every layer at every decoding step.
     model = model.merge_and_unload()

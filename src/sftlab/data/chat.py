@@ -85,13 +85,16 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
         if os.path.isfile(chat_template):
             with open(chat_template, encoding="utf-8") as handle:
                 return handle.read(), None
+        if os.path.isdir(chat_template):
+            return folder_chat_template(chat_template), None
         if "{%" in chat_template or "{{" in chat_template:
             return chat_template, None
         raise DataError(
             "chat_template is neither a built-in name, a file nor a Jinja template",
             field="chat_template",
             found=repr(chat_template[:60]),
-            expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, or the template text",
+            expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, a tokenizer folder, "
+                     "or the template text",
         )
     template = getattr(tokenizer, "chat_template", None)
     tool_template = None
@@ -105,6 +108,28 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
             fix="set chat_template: chatml (built in) or a path to a Jinja template file",
         )
     return template, tool_template
+
+
+def folder_chat_template(folder: str) -> str:
+    """The chat template of another tokenizer's folder (save_pretrained writes chat_template.jinja, older
+    versions the "chat_template" of tokenizer_config.json), read as text: its tokenizer is not loaded."""
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as handle:
+            return handle.read()
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as handle:
+            template = json.load(handle).get("chat_template")
+    except (OSError, ValueError):
+        template = None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template:
+        raise DataError("the folder given as chat_template holds no chat template", source=folder,
+                        field="chat_template",
+                        expected="chat_template.jinja, or a chat_template in tokenizer_config.json",
+                        fix="point chat_template at a tokenizer folder that has one, a .jinja file, or 'chatml'")
+    return template
 
 
 @dataclass
@@ -511,6 +536,8 @@ class ChatRenderer:
             raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
                                         "would never learn to stop", found=f"it ends {text[-40:]!r}",
                             fix="use a chat template that ends each turn with a special token such as eos_token; "
+                                "for a base model whose tokenizer lacks the template's markers (chat_template: chatml "
+                                "on a base model), set add_chat_tokens: true to add them as tokens; "
                                 "for a template that ends a reply where the next message begins (GLM), a tokenizer "
                                 "folder whose generation_config.json lists the token that begins it in eos_token_id")
 

@@ -65,7 +65,10 @@ def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None)
 
 def is_preference_split(config: SFTConfig, eval: bool = False, source=None) -> bool:
     """Whether train_data (or eval_data, or `source`) holds preference pairs: its first record has
-    `chosen` or `rejected` (after the field map). A mixture of sources is SFT data."""
+    `chosen` or `rejected` (after the field map), or the config's objective is KTO (unpaired
+    examples, prepared through the same path). A mixture of sources is SFT data."""
+    if config.objective == "kto":
+        return True
     source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
         return False

@@ -47,7 +47,10 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
                     warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
                     model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
             else:
-                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                # An adapter after add_chat_tokens holds the new rows as trainable tokens; PEFT would also save
+                # the whole resized embedding and head. They apply to the original base, resized (docs/training.md).
+                peft = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **peft)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
                 yaml.safe_dump(config.model_dump(), handle, sort_keys=False)

@@ -31,7 +31,7 @@ RESUME_SETTINGS = (
     "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "loss_type",
     "neftune_noise_alpha", "bf16", "optimizer_state_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "lora_target_parameters", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
-    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "add_chat_tokens", "special_tokens",
 )
 CHANGEABLE = ("max_steps", "num_train_epochs")
 _CHUNK = 1 << 22  # values per hashing chunk: 32 MB as int64

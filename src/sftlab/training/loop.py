@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from sftlab.config import SFTConfig
+from sftlab.data.chat_tokens import add_chat_tokens
 from sftlab.data.container import Examples, Pairs
 from sftlab.data.special_tokens import pad_token_id
 from sftlab.data.splits import prepare_split
@@ -199,14 +200,21 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
+    added = add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
+                            special_tokens=config.special_tokens)  # before the data: it tokenizes with them
+    for line in added.lines() if added else ():
+        reporter.line(line)
     train_examples, eval_examples = _setup_data(config, tokenizer, train_dataset, eval_dataset, reporter)
     if model is None:
         model = setup.setup_model(model_path, attn_implementation=config.attn_implementation,
                                   trust_remote_code=config.trust_remote_code, gradient_checkpointing=config.gradient_checkpointing,
-                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config))
+                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config),
+                                  added_tokens=added)
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
         reporter.line(f"attention: {model.config._attn_implementation}")
+    elif added:
+        setup.add_token_rows(model, added)
     if config.router_aux_loss_coef is not None:
         setup.set_router_aux_loss(model, config.router_aux_loss_coef)
     model.train()

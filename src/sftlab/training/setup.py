@@ -10,6 +10,7 @@ import os
 import torch
 
 from sftlab.config import SFTConfig
+from sftlab.data.chat_tokens import AddedChatTokens
 from sftlab.errors import ConfigError
 from sftlab.models import load_model
 from sftlab.training import parallelize
@@ -17,9 +18,13 @@ from sftlab.training.optimizer import AdamWBF16States
 
 
 def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None,
-                quantization=None):
+                quantization=None, added_tokens: AddedChatTokens | None = None):
     model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization)
     model.config.use_cache = False
+    if added_tokens is not None:  # before LoRA: the adapter is built on the resized embeddings
+        add_token_rows(model, added_tokens)
+        if lora is not None and added_tokens.ids:
+            lora = dict(lora, trainable_tokens=new_token_layers(model, added_tokens.ids, lora.get("modules_to_save")))
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -34,6 +39,44 @@ def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool,
     if lora is not None:
         model = apply_lora(model, **lora)
     return model
+
+
+def add_token_rows(model, added: AddedChatTokens) -> None:
+    """Rows for the tokens add_chat_tokens added (data/chat_tokens.py): the embedding (and an untied
+    head) grows to the tokenizer's size (a model with spare rows past its tokenizer's ids, as Qwen's, uses
+    those without growing), and each new token's row is the mean of the rows of the tokens
+    the tokenizer had before (ids below the first new one), computed in float64. No random draw (unlike
+    transformers' mean_resizing, which samples around the mean), so every process and every resumed run
+    builds the same rows bitwise. A tied head is the same tensor and is set once. Generation stops on the
+    new EOS (the template's end-of-turn marker) and on the old one."""
+    embedding = model.get_input_embeddings()
+    if added.vocab_size > embedding.weight.shape[0]:
+        model.resize_token_embeddings(added.vocab_size, mean_resizing=False)
+    if added.ids:
+        first_new, rows = min(added.ids), torch.tensor(added.ids)
+        layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+        with torch.no_grad():
+            for layer in {id(layer.weight): layer for layer in layers if layer is not None}.values():
+                for tensor in (layer.weight, getattr(layer, "bias", None)):
+                    if tensor is not None:
+                        tensor[rows] = tensor[:first_new].double().mean(0).to(tensor.dtype)
+    if added.eos_ids:
+        model.config.eos_token_id = added.eos_ids[0]
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = list(added.eos_ids)
+
+
+def new_token_layers(model, ids: list[int], modules_to_save: list[str] | None) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices for LoRA after adding tokens: the new rows of the embedding and of
+    an untied head, trained on top of the adapter (a tied head follows its embedding: PEFT ties them). A
+    layer already in lora_modules_to_save is trained whole, and PEFT refuses both on one layer."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = [model.get_input_embeddings()]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not layers[0].weight:
+        layers.append(head)
+    saved = set(modules_to_save or ())
+    return {names[id(layer)]: list(ids) for layer in layers if names[id(layer)].rsplit(".", 1)[-1] not in saved}
 
 
 def lora_settings(config: SFTConfig) -> dict | None:
@@ -65,7 +108,8 @@ def quantization_settings(config: SFTConfig):
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "default", target_parameters: list[str] | None = None):
+               modules_to_save: list[str] | None = None, init: str = "default",
+               target_parameters: list[str] | None = None, trainable_tokens: dict[str, list[int]] | None = None):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -73,7 +117,9 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
                                             use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
                                             init_lora_weights=True if init == "default" else init,
-                                            **({"target_parameters": target_parameters} if target_parameters else {})))
+                                            **({"target_parameters": target_parameters} if target_parameters else {}),
+                                            **({"trainable_token_indices": trainable_tokens}
+                                               if trainable_tokens else {})))
 
 
 def compile_layers(model) -> int:
