@@ -728,3 +728,36 @@ def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
     assert cli_main(["inspect", str(config), "--json", "-n", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["stats"]["chat"]["turns_trained"] == 9 and printed["stats"]["examples"] == 9
+
+
+# ---------------------------------------------------------------- per-message weight
+
+
+def test_a_message_weight_is_the_train_flag_as_0_or_1():
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["weight"] = 0
+    assert examples_of([{"messages": chat}], CHATML)[0] == expected_examples(chatml_marked(3))
+    chat[1]["weight"], chat[2]["weight"] = 1.0, 1
+    assert examples_of([{"messages": chat}], CHATML)[0] == expected_examples(chatml_marked(1, 2, 3))
+    # Qwen3: a greeting of weight 0 is context; the turns after it are trained as served.
+    agent = agent_chat()
+    agent[2]["weight"] = 0
+    pairs, examples = examples_of([{"messages": agent, "tools": [TEMP_TOOL]}], QWEN3)
+    assert pairs == examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[0][:2]
+    assert examples.stats["chat"]["turns_trained"] == 2
+
+
+@pytest.mark.parametrize("weight, train, problem", [
+    (0.5, None, r"fractional message weights are not supported; found float 0\.5.*fix: give 0 or 1"),
+    (2, None, r"must be 0 or 1; found int 2"),
+    ("1", None, r"must be 0 or 1; found str '1'"),
+    (True, None, r"must be 0 or 1; found bool True"),
+    (0, True, r"contradicts the message's \"train\" flag"),
+])
+def test_a_weight_other_than_0_or_1_is_refused_naming_the_record_and_field(weight, train, problem):
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["weight"] = weight
+    if train is not None:
+        chat[1]["train"] = train
+    with pytest.raises(DataError, match=rf"record 1, field 'messages\[1\]\.weight': {problem}"):
+        examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
