@@ -730,6 +730,157 @@ def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
     assert printed["stats"]["chat"]["turns_trained"] == 9 and printed["stats"]["examples"] == 9
 
 
+# ---------------------------------------------------------------- reasoning the data lacks (reasoning_when_missing)
+
+PLAIN_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+# Qwen3-style with a generation prompt that opens the thinking, as thinking-only models' templates have it.
+QWEN3_OPENS = QWEN3.replace("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
+                            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}")
+# ... and a think block only for a reasoning that is not empty (MiniMax-M2 style) or that is given at all.
+QWEN3_OPENS_NONEMPTY = QWEN3_OPENS.replace("(loop.last or reasoning)", "reasoning")
+QWEN3_OPENS_GIVEN = QWEN3_OPENS.replace("(loop.last or reasoning)", "m.reasoning_content is defined")
+
+
+def test_qwen3_style_opened_thinking_and_a_plain_reply():
+    assert QWEN3_OPENS != QWEN3 and QWEN3_OPENS_NONEMPTY != QWEN3_OPENS != QWEN3_OPENS_GIVEN
+    head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    history = head + "Yo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    want = expected_examples(history + "<think>\n⟦\n</think>\n\n4<|im_end|>⟧\n",
+                             head + "<think>\n⟦\n</think>\n\nYo<|im_end|>⟧\n")
+    # A template that writes the empty think block of a last reply continues its own opening: served as is.
+    assert examples_of([{"messages": PLAIN_CHAT}], QWEN3_OPENS)[0] == want
+    for template in (QWEN3_OPENS_NONEMPTY, QWEN3_OPENS_GIVEN):
+        # Its render of a plain reply does not continue "<think>\n": refused, naming the option.
+        with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>\\n'.*"
+                                            r"reasoning_when_missing: empty"):
+            examples_of([{"messages": PLAIN_CHAT}], template)
+        # empty: the model closes the opened thinking at once, with the text the template writes after a reasoning.
+        pairs, examples = examples_of([{"messages": PLAIN_CHAT}], template, reasoning_when_missing="empty")
+        assert pairs == want
+        assert examples.stats["chat"]["turns_empty_reasoning"] == 2
+        row = ("  turns closing an opened thinking at once (reasoning_when_missing=empty)", "2")
+        assert row in stats_rows(examples.stats)
+        assert_every_turn_trained_once_as_served({"messages": PLAIN_CHAT}, template, reasoning_when_missing="empty")
+    # A reply with its reasoning is trained as before, and not counted.
+    thought = [*PLAIN_CHAT[:3], {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    pairs, examples = examples_of([{"messages": thought}], QWEN3_OPENS_NONEMPTY, reasoning_when_missing="empty")
+    assert pairs[0] == expected_examples(history + "<think>\n⟦add\n</think>\n\n4<|im_end|>⟧\n")[0]
+    assert examples.stats["chat"]["turns_empty_reasoning"] == 1
+
+
+def test_v31_thinking_on_plain_replies_close_the_thinking_with_the_templates_own_closing():
+    record = {"messages": PLAIN_CHAT, "chat_template_kwargs": THINKING}
+    with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>'.*"
+                                        r"reasoning_when_missing: empty"):
+        examples_of([record], V31)
+    # The template renders a reply as "</think>" + answer: that closing follows the prompt's "<think>".
+    pairs, examples = examples_of([record], V31, reasoning_when_missing="empty")
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>⟦</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>⟦</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["turns_empty_reasoning"] == 2
+    assert_every_turn_trained_once_as_served(record, V31, reasoning_when_missing="empty")
+    # Thinking off: the generation prompt opens nothing, so the option changes nothing.
+    plain = examples_of([{"messages": PLAIN_CHAT}], V31, reasoning_when_missing="empty")
+    assert plain[0] == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+    assert plain[1].stats["chat"]["turns_empty_reasoning"] == 0
+
+
+def test_a_template_that_writes_no_closing_for_an_empty_reasoning_is_refused_even_with_empty():
+    # R1 cuts the thinking from every reply and never reads reasoning_content: no render of it closes "<think>\n".
+    with pytest.raises(DataError, match=r"messages\[1\].*writes no text that closes it for an empty reasoning.*"
+                                        r"fix: write the reply in content as the model writes it after '<think>\\n'"):
+        examples_of([{"messages": PLAIN_CHAT}], R1, reasoning_when_missing="empty")
+    # The way out the fix names: the empty reasoning written inline.
+    inline = [{**m, "content": "<think>\n\n</think>\n\n" + m["content"]} if m["role"] == "assistant" else m
+              for m in PLAIN_CHAT]
+    want = expected_examples("<s><|User|>Hi<|Assistant|><think>\n⟦\n</think>\n\nYo</s>⟧")[0]
+    assert examples_of([{"messages": inline}], R1)[0][1] == want
+
+
+# ---------------------------------------------------------------- reasoning the template drops (reasoning_when_dropped)
+
+# Kimi-K2-Thinking style: a final answer's reasoning rendered as an empty "<think></think>"; a tool call keeps it.
+DROPS_FINAL_REASONING = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' %}"
+    "{{- '<think>' + (m.reasoning_content if m.tool_calls else '') + '</think>' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_reasoning_the_template_drops_is_refused_or_trained_as_rendered():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning.*chat_template.*"
+                                        r"reasoning_when_dropped: as_rendered"):
+        examples_of([{"messages": chat}], DROPS_FINAL_REASONING)
+    pairs, examples = examples_of([{"messages": chat}], DROPS_FINAL_REASONING, reasoning_when_dropped="as_rendered")
+    assert pairs == expected_examples(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think></think>Yo<|im_end|>⟧\n")
+    assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
+    # DeepSeek-V3.1 with thinking off drops it too; the answer and the end marker are still checked.
+    in_field = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    pairs, examples = examples_of([{"messages": in_field}], V31, reasoning_when_dropped="as_rendered")
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧")
+    assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its content"):
+        examples_of([{"messages": [chat[0], {**chat[1], "content": "Yo"}]}], DROPS_FINAL_REASONING.replace(
+            "m.content + '<|im_end|>", "(m.content if m.role != 'assistant' else '') + '<|im_end|>"),
+            reasoning_when_dropped="as_rendered")
+
+
+# ---------------------------------------------------------------- train_on_reasoning: false
+
+
+def test_qwen3_reasoning_as_context_inside_each_turn():
+    pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, train_on_reasoning=False)
+    head = ("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n")
+    call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    # Each reasoning's text is context; its tags, the answer, the tool call and <|im_end|> are trained.
+    assert pairs == expected_examples(
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        + call + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\n⟧read it⟦\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        "⟦<think>\n\n</think>\n\n" + call + "⟧\n",
+        head + "<|im_start|>assistant\n⟦<think>\n⟧greet⟦\n</think>\n\nYo<|im_end|>⟧\n",
+    )
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["turns_reasoning_context"], chat["reasoning_tokens_context"]) == (3, 2, 12)
+    rows = dict(stats_rows(examples.stats))
+    assert rows["  turns whose reasoning is context (train_on_reasoning=false)"] == "2"
+    assert rows["  reasoning tokens, context not targets"] == "12"
+    assert "the reasoning of 2 turns as context (12 tokens)" in _chat_summary(chat)
+    # The same inputs as with the reasoning trained: only targets change.
+    trained, _ = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)
+    assert [ids for ids, _ in pairs] == [ids for ids, _ in trained]
+    trained_examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[1]
+    assert trained_examples.stats["chat"]["turns_reasoning_context"] == 0
+
+
+def test_v31_inline_reasoning_as_context_trains_its_closing_the_answer_and_eos():
+    record = {"messages": V31_CHAT, "chat_template_kwargs": THINKING}
+    pairs, examples = examples_of([record], V31, train_on_reasoning=False)
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>add⟦</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>greet⟦</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["reasoning_tokens_context"] == len("add") + len("greet")
+
+
+def test_reasoning_tokens_cut_by_truncation_are_not_counted():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    # The example cut 2 tokens into "greet": the 2 kept are counted.
+    cut = len(hand_ids("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", True)) + 2
+    _, examples = examples_of([{"messages": chat}], QWEN3, train_on_reasoning=False, max_length=cut)
+    assert examples.stats["chat"]["reasoning_tokens_context"] == 2 and examples.stats["truncated"] == 1
+
+
 # ---------------------------------------------------------------- per-message weight
 
 
@@ -761,3 +912,28 @@ def test_a_weight_other_than_0_or_1_is_refused_naming_the_record_and_field(weigh
         chat[1]["train"] = train
     with pytest.raises(DataError, match=rf"record 1, field 'messages\[1\]\.weight': {problem}"):
         examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
+
+
+# ---------------------------------------------------------------- the options in the config and the cache key
+
+
+def test_the_reasoning_options_are_config_fields_in_the_cache_key():
+    from sftlab import SFTConfig
+    from sftlab.data.prepare import _cache_key
+    from sftlab.data.splits import target_settings
+    from sftlab.data.workers import Recipe
+    from sftlab.errors import ConfigError
+    from pydantic import ValidationError
+
+    options = {"reasoning_when_missing": "empty", "reasoning_when_dropped": "as_rendered", "train_on_reasoning": False}
+    settings = target_settings(SFTConfig(model="m", **options))
+    assert {name: getattr(settings, name) for name in options} == options
+    tokenizer = char_tokenizer(chat_template=QWEN3, chat_tokens=True)
+    keys = {_cache_key("data", Recipe(tokenizer, TargetSettings(**dict([item])))) for item in options.items()}
+    assert len(keys | {_cache_key("data", Recipe(tokenizer, TargetSettings()))}) == 4
+    with pytest.raises(ValidationError, match="reasoning_when_missing"):  # the CLI prints it as a ConfigError
+        SFTConfig(model="m", reasoning_when_missing="guess")
+    with pytest.raises(ConfigError, match="train_on_reasoning: false needs the turns"):
+        SFTConfig(model="m", train_on_reasoning=False, assistant_only_loss=False)
+    with pytest.raises(DataError, match="unknown reasoning_when_dropped"):
+        examples_of([{"messages": CHATML_CHAT}], CHATML, reasoning_when_dropped="drop")
