@@ -873,6 +873,35 @@ def test_v31_inline_reasoning_as_context_trains_its_closing_the_answer_and_eos()
     assert examples.stats["chat"]["reasoning_tokens_context"] == len("add") + len("greet")
 
 
+# The reasoning follows "think: " without a tag: tiny.py's merge " "+"a" makes a token that straddles its start.
+THOUGHT_AFTER_SPACE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.reasoning_content %}{{- 'think: ' + m.reasoning_content + '\\n' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_token_across_the_reasoning_edge_is_context_and_the_ids_are_the_turns_own():
+    from sftlab.data.examples import shift_labels
+    from tiny import CHARS, MERGED, SPECIALS
+
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    space_a = len(SPECIALS) + len(CHARS) + MERGED.index(" a")
+    prompt = hand_ids("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", True)
+    # The turn is tokenized as one text: "think:", " a" (the merge), "dd", "\n4<|im_end|>"; then the tail "\n".
+    think, reasoning = hand_ids("think:", True), [space_a] + hand_ids("dd", True)
+    answer = hand_ids("\n4<|im_end|>", True)
+    input_ids = prompt + think + reasoning + answer + hand_ids("\n", True)
+    labels = [X] * len(prompt) + think + [X] * len(reasoning) + answer + [X]
+    pairs, examples = examples_of([{"messages": chat}], THOUGHT_AFTER_SPACE, train_on_reasoning=False)
+    assert pairs == [(input_ids, shift_labels(labels))]
+    assert examples.stats["chat"]["reasoning_tokens_context"] == 3
+    # With the reasoning trained the ids are the same: only the targets differ.
+    assert examples_of([{"messages": chat}], THOUGHT_AFTER_SPACE)[0] == [
+        (input_ids, shift_labels([X] * len(prompt) + think + reasoning + answer + [X]))]
+
+
 def test_reasoning_tokens_cut_by_truncation_are_not_counted():
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
     # The example cut 2 tokens into "greet": the 2 kept are counted.

@@ -48,7 +48,8 @@ Reasoning, three choices (config.py; all off by default, each counted):
 - `reasoning_when_dropped: as_rendered`: a turn whose render lacks the reasoning the record gives it
   (Kimi K2 Thinking's "<think></think>" for a final answer) is trained as rendered, not refused.
 - `train_on_reasoning: false`: the reasoning's text, found in the trained turn as the self-check finds
-  it, is context inside the turn; its tags, the answer, tool calls and the end marker stay trained.
+  it, is context inside the turn (examples.py: the tokens holding any of it); its tags, the answer, tool
+  calls and the end marker stay trained.
 
 Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
 names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
@@ -140,15 +141,6 @@ class Turn:
     def span(self) -> tuple[int, int]:
         return len(self.context), len(self.context) + len(self.text)
 
-    def trained_spans(self, reasoning: bool = True) -> list[tuple[int, int]]:
-        """The turn's trained spans in its example: the whole turn, or without its reasoning's text."""
-        start, end = self.span()
-        spans, cursor = [], start
-        for a, b in ([] if reasoning else self.reasoning):
-            spans.append((cursor, start + a))
-            cursor = start + b
-        return [(a, b) for a, b in spans + [(cursor, end)] if a < b]
-
     def reasoning_spans(self) -> list[tuple[int, int]]:
         start = len(self.context)
         return [(start + a, start + b) for a, b in self.reasoning]
@@ -161,7 +153,7 @@ class ConversationExamples:
     examples: list[tuple[str, list[tuple[int, int]]]]
     counts: Counter = field(default_factory=Counter)
     turns: list[list[int]] = field(default_factory=list)  # the message index of each example's spans
-    # per example: the reasoning inside its trained turns left as context (train_on_reasoning: false)
+    # per example: the reasoning inside its trained spans, to be left as context (train_on_reasoning: false)
     reasoning: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
@@ -282,7 +274,7 @@ class ChatRenderer:
                               kwargs: dict | None = None, mode: str = AS_SERVED,
                               train_reasoning: bool = True) -> ConversationExamples:
         """The examples that train `turns` (message indices, ascending) as served; with `train_reasoning`
-        false, each turn's reasoning is context inside it (see Turn.trained_spans)."""
+        false, each also lists the reasoning inside its trained spans, which stays context."""
         render = lambda part, prompt=False: self.render(part, prompt, tools, kwargs)  # noqa: E731
         full = render(messages)
         counts: Counter = Counter()
@@ -296,11 +288,12 @@ class ChatRenderer:
                 counts["turns_not_served"] += 1  # the final render cannot hold a turn that has no served form
         for turn in served:
             counts[f"rule_{turn.rule}"] += 1
-            counts["turns_empty_reasoning"] += turn.empty_reasoning
-            counts["turns_reasoning_dropped"] += turn.dropped_reasoning
+            if turn.empty_reasoning or turn.dropped_reasoning:  # rare: most turns pay one test
+                counts["turns_empty_reasoning"] += turn.empty_reasoning
+                counts["turns_reasoning_dropped"] += turn.dropped_reasoning
 
         def spans(inside: list[Turn]) -> list[tuple[int, int]]:
-            return [s for t in inside for s in t.trained_spans(train_reasoning)]
+            return [t.span() for t in inside]
 
         def reasoning(inside: list[Turn]) -> list[tuple[int, int]]:  # kept as context, counted
             if train_reasoning:

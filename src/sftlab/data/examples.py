@@ -104,6 +104,22 @@ class SegmentEncoder:
             if labels is not None:
                 labels.insert(0, IGNORE)
 
+    def holding(self, text: str, continuation: bool, ranges: list[tuple[int, int]], count: int) -> list[bool]:
+        """For each of the `count` tokens `encode` gives `text`, whether it holds a character of `ranges`: the
+        tokens of a reasoning kept as context. A token that straddles an edge (Qwen's ".\\n" ending a reasoning
+        before "</think>") holds reasoning, so the trained tokens hold none of it."""
+        if self.backend is None:
+            raise DataError("train_on_reasoning: false needs a fast tokenizer, to find the reasoning's tokens",
+                            field="train_on_reasoning", found=type(self.tokenizer).__name__,
+                            fix="use the model's fast tokenizer (tokenizer.json), or train_on_reasoning: true")
+        shift = 1 if continuation and self.anchor_ids is not None else 0  # encoded behind a newline, as in encode
+        offsets = self.backend.encode("\n" * shift + text, add_special_tokens=False).offsets
+        offsets = offsets[len(self.anchor_ids):] if shift else offsets
+        if len(offsets) != count:
+            raise RuntimeError(f"the tokenizer encodes {text[:40]!r} as {len(offsets)} tokens with offsets and {count} "
+                               "without")
+        return [any(start - shift < b and a < end - shift for a, b in ranges) for start, end in offsets]
+
     def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
         """Token ids of each text; `continuation[i]` marks texts that follow other text in an example."""
         if self.anchor_ids is None:
@@ -130,10 +146,11 @@ def trained_turns(record: Record, settings: TargetSettings) -> list[int]:
 
 
 def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRenderer | None,
-                     counts: Counter) -> list[list[tuple[str, bool | None]]]:
+                     counts: Counter) -> list[list[tuple[str, bool | list[tuple[int, int]]]]]:
     """The record's examples, each as (text, supervised) pieces in order. One example, except for a
-    conversation whose template cannot serve every turn in one render (see chat.py). supervised is
-    None for a trained turn's reasoning kept as context (train_on_reasoning: false): not trained, counted."""
+    conversation whose template cannot serve every turn in one render (see chat.py). A trained piece
+    holding reasoning that stays context (train_on_reasoning: false) has, for supervised, the character
+    ranges of that reasoning in its text."""
     if record.format == formats.TEXT:
         return [[(record.text, True)]]
     if record.format == formats.PROMPT_COMPLETION:
@@ -150,12 +167,14 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
     counts.update(planned.counts)
     examples = []
     for position, (text, spans) in enumerate(planned.examples):
-        marked = sorted([(a, b, True) for a, b in spans]
-                        + [(a, b, None) for a, b in (planned.reasoning[position] if planned.reasoning else ())])
+        reasoning = planned.reasoning[position] if planned.reasoning else ()
         pieces, cursor = [], 0
-        for start, end, supervised in marked:
+        for start, end in spans:
             pieces.append((text[cursor:start], False))
-            pieces.append((text[start:end], supervised))
+            # The turn stays one piece, tokenized as one text as the model writes it: its reasoning's tokens
+            # are found after encoding (SegmentEncoder.holding), so no token is split at the reasoning's edges.
+            inside = [(a - start, b - start) for a, b in reasoning if start <= a and b <= end]
+            pieces.append((text[start:end], inside or True))
             cursor = end
         pieces.append((text[cursor:], False))
         examples.append([(t, supervised) for t, supervised in pieces if t])
@@ -252,12 +271,15 @@ class ExampleBuilder:
                     ids, labels = _pretokenized_labels(record)
                 else:
                     ids, labels, reasoning = [], [], []
-                    for _, supervised in segments:
+                    for at, (text, supervised) in enumerate(segments):
                         piece = next(encoded)
-                        if supervised is None:  # a trained turn's reasoning kept as context: counted below
-                            reasoning.append((len(ids), len(ids) + len(piece)))
+                        if isinstance(supervised, list):  # a trained turn whose reasoning stays context
+                            context = encoder.holding(text, at > 0, supervised, len(piece))
+                            reasoning.extend(len(ids) + t for t, inside in enumerate(context) if inside)
+                            labels.extend(IGNORE if inside else token for token, inside in zip(piece, context))
+                        else:
+                            labels.extend(piece if supervised else [IGNORE] * len(piece))
                         ids.extend(piece)
-                        labels.extend(piece if supervised else [IGNORE] * len(piece))
                     if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
                         encoder.insert_bos(ids, labels)
                         if ids[-1:] != [encoder.eos_id]:
@@ -280,7 +302,7 @@ class ExampleBuilder:
                 if position:
                     chat["extra_tokens"] += len(ids)
                 if segments is not None and reasoning:  # the tokens kept, after truncation
-                    chat["reasoning_tokens_context"] += sum(max(0, min(b, len(ids)) - a) for a, b in reasoning)
+                    chat["reasoning_tokens_context"] += sum(t < len(ids) for t in reasoning)
                 pairs.append((ids, targets))
                 kept_index.append(record.index)
         return Examples.from_lists(pairs, kept_index)
