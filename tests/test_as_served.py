@@ -432,6 +432,21 @@ def test_the_docs_example_of_a_template_without_end_marker_still_renders():
     assert "21C and sunny.<|user|>⟧" in block and "</tool_call><|observation|>⟧" in block
 
 
+def test_the_docs_examples_of_the_reasoning_options_still_render():
+    # docs/render_examples.py renders them with SmolLM2's tokenizer; here with the tiny one (one token per character).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
+                                                                                  "render_examples.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    blocks = module.reasoning(char_tokenizer(chat_template=CHATML))
+    assert "<|Assistant|><think>⟦</think>⟧⟦4⟧⟦</s>⟧" in blocks["reasoning_when_missing"]
+    assert "<|Assistant|></think>⟦4⟧⟦</s>⟧" in blocks["reasoning_when_dropped"]
+    assert "⟦<think>⟧⟦↵\n⟧Add·them.⟦↵\n⟧⟦</think>⟧" in blocks["train_on_reasoning"]  # · a token of spaces
+    assert "assistant↵\n5<|im_end|>" in blocks["message_weight"] and "⟦4⟧⟦.⟧⟦<|im_end|>⟧" in blocks["message_weight"]
+
+
 def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
     tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
     pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)

@@ -292,15 +292,6 @@ class ChatRenderer:
                 counts["turns_empty_reasoning"] += turn.empty_reasoning
                 counts["turns_reasoning_dropped"] += turn.dropped_reasoning
 
-        def spans(inside: list[Turn]) -> list[tuple[int, int]]:
-            return [t.span() for t in inside]
-
-        def reasoning(inside: list[Turn]) -> list[tuple[int, int]]:  # kept as context, counted
-            if train_reasoning:
-                return []
-            counts["turns_reasoning_context"] += sum(bool(t.reasoning) for t in inside)
-            return [s for t in inside for s in t.reasoning_spans()]
-
         last = served[-1] if served else None
         if last is not None and last.index == len(messages) - 1 and last.tail == "" \
                 and (last.context + last.text).startswith(full) and len(last.context + last.text) > len(full):
@@ -311,8 +302,8 @@ class ChatRenderer:
             counts["turns_not_served"] += len(served) - len(inside)
             if not inside:
                 return ConversationExamples([], counts)
-            return ConversationExamples([(full, spans(inside))], counts, [[t.index for t in inside]],
-                                        [reasoning(inside)])
+            return ConversationExamples([(full, [t.span() for t in inside])], counts, [[t.index for t in inside]],
+                                        [] if train_reasoning else [_reasoning_spans(inside, counts)])
         counts["turns_trained"] += len(served)
         examples, placed_turns, placed_reasoning = [], [], []
         remaining = served
@@ -322,9 +313,10 @@ class ChatRenderer:
             latest = remaining[-1]
             text = full if latest.served_by(full) else latest.context + latest.text + latest.tail
             inside = [t for t in remaining if t.served_by(text)]
-            examples.append((text, spans(inside)))
+            examples.append((text, [t.span() for t in inside]))
             placed_turns.append([t.index for t in inside])
-            placed_reasoning.append(reasoning(inside))
+            if not train_reasoning:
+                placed_reasoning.append(_reasoning_spans(inside, counts))
             remaining = [t for t in remaining if t.index not in placed_turns[-1]]
         return ConversationExamples(examples, counts, placed_turns, placed_reasoning)
 
@@ -602,7 +594,7 @@ class ChatRenderer:
                                        "turn as the template renders it" if what == "reasoning" else ""))
         # The reasoning's text in the trained turn, found as above (train_on_reasoning: false makes it context).
         cursor, found = 0, []
-        for piece in (piece for what, piece in pieces if what == "reasoning" and piece in text):
+        for piece in [piece for what, piece in pieces if what == "reasoning" and piece in text]:
             at = text.find(piece, cursor)
             at = text.find(piece) if at < 0 else at
             found.append((at, at + len(piece)))
@@ -682,6 +674,12 @@ def _as_string_content(message: dict) -> dict:
     if thinking and "reasoning_content" not in message:
         converted.update(thinking=thinking, reasoning_content=thinking)
     return converted
+
+
+def _reasoning_spans(turns: list[Turn], counts: Counter) -> list[tuple[int, int]]:
+    """The reasoning in the trained spans of `turns`, which stays context (train_on_reasoning: false); counted."""
+    counts["turns_reasoning_context"] += sum(bool(t.reasoning) for t in turns)
+    return [span for t in turns for span in t.reasoning_spans()]
 
 
 def _lacks_reasoning(message: dict) -> bool:

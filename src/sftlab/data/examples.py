@@ -173,7 +173,7 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
             pieces.append((text[cursor:start], False))
             # The turn stays one piece, tokenized as one text as the model writes it: its reasoning's tokens
             # are found after encoding (SegmentEncoder.holding), so no token is split at the reasoning's edges.
-            inside = [(a - start, b - start) for a, b in reasoning if start <= a and b <= end]
+            inside = [(a - start, b - start) for a, b in reasoning if start <= a and b <= end] if reasoning else None
             pieces.append((text[start:end], inside or True))
             cursor = end
         pieces.append((text[cursor:], False))
