@@ -962,12 +962,13 @@ def test_a_weight_other_than_0_or_1_is_refused_naming_the_record_and_field(weigh
 
 
 def test_the_reasoning_options_are_config_fields_in_the_cache_key():
+    from pydantic import ValidationError
+
     from sftlab import SFTConfig
     from sftlab.data.prepare import _cache_key
     from sftlab.data.splits import target_settings
     from sftlab.data.workers import Recipe
     from sftlab.errors import ConfigError
-    from pydantic import ValidationError
 
     options = {"reasoning_when_missing": "empty", "reasoning_when_dropped": "as_rendered", "train_on_reasoning": False}
     settings = target_settings(SFTConfig(model="m", **options))

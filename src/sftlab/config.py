@@ -346,7 +346,7 @@ class SFTConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _reasoning(self) -> "SFTConfig":
+    def _reasoning(self) -> SFTConfig:
         # With assistant_only_loss false every token of the render is trained: there is no turn to take reasoning from.
         if not self.train_on_reasoning and not self.assistant_only_loss:
             raise ConfigError("train_on_reasoning: false needs the turns of each conversation, and "
