@@ -191,11 +191,68 @@ def no_end_marker(tokenizer) -> dict[str, str]:
         f"{stats['chat']['records_split']} record split (SmolLM2 tokenizer with the GLM tokens added).\n")}
 
 
+def reasoning(tokenizer) -> dict[str, str]:
+    """The reasoning options and a message's weight, through the templates of examples/templates/ (token views)."""
+    import copy
+
+    from sftlab import TargetSettings, prepare_examples
+
+    templates = os.path.join(HERE, "..", "examples", "templates")
+
+    def served(name: str, added: list[str]):
+        with open(os.path.join(templates, name), encoding="utf-8") as handle:
+            template = handle.read()
+        copied = copy.deepcopy(tokenizer)
+        if added:  # SmolLM2 has no such tokens: added as special tokens, as the model's own tokenizer has them
+            copied.add_special_tokens({"additional_special_tokens": added})
+        copied.chat_template = template
+        return copied
+
+    def view(records, served_tokenizer, **settings) -> tuple[str, dict]:
+        examples = prepare_examples(records, served_tokenizer, TargetSettings(max_length=None, **settings),
+                                    use_cache=False)
+        return token_view(examples, served_tokenizer, len(examples)), examples.stats["chat"]
+
+    v31 = served("deepseek_v31_style.jinja", ["<|User|>", "<|Assistant|>", "<think>", "</think>"])
+    plain = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    empty, counts = view([{"messages": plain, "chat_template_kwargs": {"thinking": True}}], v31,
+                         reasoning_when_missing="empty")
+    out = {"reasoning_when_missing": (
+        "A reply without reasoning through the DeepSeek-V3.1-style template of "
+        "`examples/templates/deepseek_v31_style.jinja` with `thinking: true` and `reasoning_when_missing: empty` "
+        "(SmolLM2's tokenizer, whose bos and eos are `<|im_start|>` and `<|im_end|>`, with the DeepSeek tokens added; "
+        "⟦…⟧ = a target):\n\n```\n" + empty + "\n```\n\n"
+        f"`sftlab inspect` counts it: {counts['turns_empty_reasoning']} turn closing an opened thinking at once.\n")}
+    dropped_chat = [plain[0], {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]
+    dropped, counts = view([{"messages": dropped_chat}], v31, reasoning_when_dropped="as_rendered")
+    out["reasoning_when_dropped"] = (
+        "A reply with `reasoning_content` through the same template with thinking off (it renders no reasoning) "
+        "and `reasoning_when_dropped: as_rendered`:\n\n```\n" + dropped + "\n```\n\n"
+        f"`sftlab inspect` counts it: {counts['turns_reasoning_dropped']} turn without the reasoning the "
+        "template drops.\n")
+    qwen3 = served("qwen3_style.jinja", [])
+    qwen3.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3's tokenizer
+    thought = [{"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]
+    context, counts = view([{"messages": thought}], qwen3, train_on_reasoning=False)
+    out["train_on_reasoning"] = (
+        "A reply with reasoning through the Qwen3-style template of `examples/templates/qwen3_style.jinja` with "
+        "`train_on_reasoning: false`:\n\n```\n" + context + "\n```\n\n"
+        f"`sftlab inspect` counts it: the reasoning of {counts['turns_reasoning_context']} turn as context, "
+        f"{counts['reasoning_tokens_context']} tokens.\n")
+    weighted = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5", "weight": 0},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Sorry: 4."}]
+    out["message_weight"] = (
+        "A chat whose first reply has `\"weight\": 0`, through SmolLM2's ChatML template:\n\n```\n"
+        + view([{"messages": weighted}], tokenizer)[0] + "\n```\n")
+    return out
+
+
 def main() -> int:
     from sftlab.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    blocks = {**render(tokenizer), **no_end_marker(tokenizer)}
+    blocks = {**render(tokenizer), **no_end_marker(tokenizer), **reasoning(tokenizer)}
     stale = []
     for name in sorted(os.listdir(HERE)):
         if not name.endswith(".md"):

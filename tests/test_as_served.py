@@ -432,6 +432,21 @@ def test_the_docs_example_of_a_template_without_end_marker_still_renders():
     assert "21C and sunny.<|user|>⟧" in block and "</tool_call><|observation|>⟧" in block
 
 
+def test_the_docs_examples_of_the_reasoning_options_still_render():
+    # docs/render_examples.py renders them with SmolLM2's tokenizer; here with the tiny one (one token per character).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
+                                                                                  "render_examples.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    blocks = module.reasoning(char_tokenizer(chat_template=CHATML))
+    assert "<|Assistant|><think>⟦</think>⟧⟦4⟧⟦</s>⟧" in blocks["reasoning_when_missing"]
+    assert "<|Assistant|></think>⟦4⟧⟦</s>⟧" in blocks["reasoning_when_dropped"]
+    assert "⟦<think>⟧⟦↵\n⟧Add·them.⟦↵\n⟧⟦</think>⟧" in blocks["train_on_reasoning"]  # · a token of spaces
+    assert "assistant↵\n5<|im_end|>" in blocks["message_weight"] and "⟦4⟧⟦.⟧⟦<|im_end|>⟧" in blocks["message_weight"]
+
+
 def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
     tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
     pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)
@@ -728,3 +743,242 @@ def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
     assert cli_main(["inspect", str(config), "--json", "-n", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["stats"]["chat"]["turns_trained"] == 9 and printed["stats"]["examples"] == 9
+
+
+# ---------------------------------------------------------------- reasoning the data lacks (reasoning_when_missing)
+
+PLAIN_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+# Qwen3-style with a generation prompt that opens the thinking, as thinking-only models' templates have it.
+QWEN3_OPENS = QWEN3.replace("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
+                            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}")
+# ... and a think block only for a reasoning that is not empty (MiniMax-M2 style) or that is given at all.
+QWEN3_OPENS_NONEMPTY = QWEN3_OPENS.replace("(loop.last or reasoning)", "reasoning")
+QWEN3_OPENS_GIVEN = QWEN3_OPENS.replace("(loop.last or reasoning)", "m.reasoning_content is defined")
+
+
+def test_qwen3_style_opened_thinking_and_a_plain_reply():
+    assert QWEN3_OPENS != QWEN3 and QWEN3_OPENS_NONEMPTY != QWEN3_OPENS != QWEN3_OPENS_GIVEN
+    head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    history = head + "Yo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    want = expected_examples(history + "<think>\n⟦\n</think>\n\n4<|im_end|>⟧\n",
+                             head + "<think>\n⟦\n</think>\n\nYo<|im_end|>⟧\n")
+    # A template that writes the empty think block of a last reply continues its own opening: served as is.
+    assert examples_of([{"messages": PLAIN_CHAT}], QWEN3_OPENS)[0] == want
+    for template in (QWEN3_OPENS_NONEMPTY, QWEN3_OPENS_GIVEN):
+        # Its render of a plain reply does not continue "<think>\n": refused, naming the option.
+        with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>\\n'.*"
+                                            r"reasoning_when_missing: empty"):
+            examples_of([{"messages": PLAIN_CHAT}], template)
+        # empty: the model closes the opened thinking at once, with the text the template writes after a reasoning.
+        pairs, examples = examples_of([{"messages": PLAIN_CHAT}], template, reasoning_when_missing="empty")
+        assert pairs == want
+        assert examples.stats["chat"]["turns_empty_reasoning"] == 2
+        row = ("  turns closing an opened thinking at once (reasoning_when_missing=empty)", "2")
+        assert row in stats_rows(examples.stats)
+        assert_every_turn_trained_once_as_served({"messages": PLAIN_CHAT}, template, reasoning_when_missing="empty")
+    # A reply with its reasoning is trained as before, and not counted.
+    thought = [*PLAIN_CHAT[:3], {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    pairs, examples = examples_of([{"messages": thought}], QWEN3_OPENS_NONEMPTY, reasoning_when_missing="empty")
+    assert pairs[0] == expected_examples(history + "<think>\n⟦add\n</think>\n\n4<|im_end|>⟧\n")[0]
+    assert examples.stats["chat"]["turns_empty_reasoning"] == 1
+
+
+def test_v31_thinking_on_plain_replies_close_the_thinking_with_the_templates_own_closing():
+    record = {"messages": PLAIN_CHAT, "chat_template_kwargs": THINKING}
+    with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>'.*"
+                                        r"reasoning_when_missing: empty"):
+        examples_of([record], V31)
+    # The template renders a reply as "</think>" + answer: that closing follows the prompt's "<think>".
+    pairs, examples = examples_of([record], V31, reasoning_when_missing="empty")
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>⟦</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>⟦</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["turns_empty_reasoning"] == 2
+    assert_every_turn_trained_once_as_served(record, V31, reasoning_when_missing="empty")
+    # Thinking off: the generation prompt opens nothing, so the option changes nothing.
+    plain = examples_of([{"messages": PLAIN_CHAT}], V31, reasoning_when_missing="empty")
+    assert plain[0] == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+    assert plain[1].stats["chat"]["turns_empty_reasoning"] == 0
+
+
+def test_a_template_that_writes_no_closing_for_an_empty_reasoning_is_refused_even_with_empty():
+    # R1 cuts the thinking from every reply and never reads reasoning_content: no render of it closes "<think>\n".
+    with pytest.raises(DataError, match=r"messages\[1\].*writes no text that closes it for an empty reasoning.*"
+                                        r"fix: write the reply in content as the model writes it after '<think>\\n'"):
+        examples_of([{"messages": PLAIN_CHAT}], R1, reasoning_when_missing="empty")
+    # The way out the fix names: the empty reasoning written inline.
+    inline = [{**m, "content": "<think>\n\n</think>\n\n" + m["content"]} if m["role"] == "assistant" else m
+              for m in PLAIN_CHAT]
+    want = expected_examples("<s><|User|>Hi<|Assistant|><think>\n⟦\n</think>\n\nYo</s>⟧")[0]
+    assert examples_of([{"messages": inline}], R1)[0][1] == want
+
+
+# ---------------------------------------------------------------- reasoning the template drops (reasoning_when_dropped)
+
+# Kimi-K2-Thinking style: a final answer's reasoning rendered as an empty "<think></think>"; a tool call keeps it.
+DROPS_FINAL_REASONING = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' %}"
+    "{{- '<think>' + (m.reasoning_content if m.tool_calls else '') + '</think>' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_reasoning_the_template_drops_is_refused_or_trained_as_rendered():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning.*chat_template.*"
+                                        r"reasoning_when_dropped: as_rendered"):
+        examples_of([{"messages": chat}], DROPS_FINAL_REASONING)
+    pairs, examples = examples_of([{"messages": chat}], DROPS_FINAL_REASONING, reasoning_when_dropped="as_rendered")
+    assert pairs == expected_examples(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think></think>Yo<|im_end|>⟧\n")
+    assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
+    # DeepSeek-V3.1 with thinking off drops it too; the answer and the end marker are still checked.
+    in_field = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    pairs, examples = examples_of([{"messages": in_field}], V31, reasoning_when_dropped="as_rendered")
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧")
+    assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its content"):
+        examples_of([{"messages": [chat[0], {**chat[1], "content": "Yo"}]}], DROPS_FINAL_REASONING.replace(
+            "m.content + '<|im_end|>", "(m.content if m.role != 'assistant' else '') + '<|im_end|>"),
+            reasoning_when_dropped="as_rendered")
+
+
+# ---------------------------------------------------------------- train_on_reasoning: false
+
+
+def test_qwen3_reasoning_as_context_inside_each_turn():
+    pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, train_on_reasoning=False)
+    head = ("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n")
+    call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    # Each reasoning's text is context; its tags, the answer, the tool call and <|im_end|> are trained.
+    assert pairs == expected_examples(
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        + call + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\n⟧read it⟦\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
+        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        "⟦<think>\n\n</think>\n\n" + call + "⟧\n",
+        head + "<|im_start|>assistant\n⟦<think>\n⟧greet⟦\n</think>\n\nYo<|im_end|>⟧\n",
+    )
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["turns_reasoning_context"], chat["reasoning_tokens_context"]) == (3, 2, 12)
+    rows = dict(stats_rows(examples.stats))
+    assert rows["  turns whose reasoning is context (train_on_reasoning=false)"] == "2"
+    assert rows["  reasoning tokens, context not targets"] == "12"
+    assert "the reasoning of 2 turns as context (12 tokens)" in _chat_summary(chat)
+    # The same inputs as with the reasoning trained: only targets change.
+    trained, _ = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)
+    assert [ids for ids, _ in pairs] == [ids for ids, _ in trained]
+    trained_examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[1]
+    assert trained_examples.stats["chat"]["turns_reasoning_context"] == 0
+
+
+def test_v31_inline_reasoning_as_context_trains_its_closing_the_answer_and_eos():
+    record = {"messages": V31_CHAT, "chat_template_kwargs": THINKING}
+    pairs, examples = examples_of([record], V31, train_on_reasoning=False)
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>add⟦</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>greet⟦</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["reasoning_tokens_context"] == len("add") + len("greet")
+
+
+# The reasoning follows "think: " without a tag: tiny.py's merge " "+"a" makes a token that straddles its start.
+THOUGHT_AFTER_SPACE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.reasoning_content %}{{- 'think: ' + m.reasoning_content + '\\n' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_token_across_the_reasoning_edge_is_context_and_the_ids_are_the_turns_own():
+    from sftlab.data.examples import shift_labels
+    from tiny import CHARS, MERGED, SPECIALS
+
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    space_a = len(SPECIALS) + len(CHARS) + MERGED.index(" a")
+    prompt = hand_ids("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", True)
+    # The turn is tokenized as one text: "think:", " a" (the merge), "dd", "\n4<|im_end|>"; then the tail "\n".
+    think, reasoning = hand_ids("think:", True), [space_a] + hand_ids("dd", True)
+    answer = hand_ids("\n4<|im_end|>", True)
+    input_ids = prompt + think + reasoning + answer + hand_ids("\n", True)
+    labels = [X] * len(prompt) + think + [X] * len(reasoning) + answer + [X]
+    pairs, examples = examples_of([{"messages": chat}], THOUGHT_AFTER_SPACE, train_on_reasoning=False)
+    assert pairs == [(input_ids, shift_labels(labels))]
+    assert examples.stats["chat"]["reasoning_tokens_context"] == 3
+    # With the reasoning trained the ids are the same: only the targets differ.
+    assert examples_of([{"messages": chat}], THOUGHT_AFTER_SPACE)[0] == [
+        (input_ids, shift_labels([X] * len(prompt) + think + reasoning + answer + [X]))]
+
+
+def test_reasoning_tokens_cut_by_truncation_are_not_counted():
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    # The example cut 2 tokens into "greet": the 2 kept are counted.
+    cut = len(hand_ids("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", True)) + 2
+    _, examples = examples_of([{"messages": chat}], QWEN3, train_on_reasoning=False, max_length=cut)
+    assert examples.stats["chat"]["reasoning_tokens_context"] == 2 and examples.stats["truncated"] == 1
+
+
+# ---------------------------------------------------------------- per-message weight
+
+
+def test_a_message_weight_is_the_train_flag_as_0_or_1():
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["weight"] = 0
+    assert examples_of([{"messages": chat}], CHATML)[0] == expected_examples(chatml_marked(3))
+    chat[1]["weight"], chat[2]["weight"] = 1.0, 1
+    assert examples_of([{"messages": chat}], CHATML)[0] == expected_examples(chatml_marked(1, 2, 3))
+    # Qwen3: a greeting of weight 0 is context; the turns after it are trained as served.
+    agent = agent_chat()
+    agent[2]["weight"] = 0
+    pairs, examples = examples_of([{"messages": agent, "tools": [TEMP_TOOL]}], QWEN3)
+    assert pairs == examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[0][:2]
+    assert examples.stats["chat"]["turns_trained"] == 2
+
+
+@pytest.mark.parametrize("weight, train, problem", [
+    (0.5, None, r"fractional message weights are not supported; found float 0\.5.*fix: give 0 or 1"),
+    (2, None, r"must be 0 or 1; found int 2"),
+    ("1", None, r"must be 0 or 1; found str '1'"),
+    (True, None, r"must be 0 or 1; found bool True"),
+    (0, True, r"contradicts the message's \"train\" flag"),
+])
+def test_a_weight_other_than_0_or_1_is_refused_naming_the_record_and_field(weight, train, problem):
+    chat = [dict(m) for m in CHATML_CHAT]
+    chat[1]["weight"] = weight
+    if train is not None:
+        chat[1]["train"] = train
+    with pytest.raises(DataError, match=rf"record 1, field 'messages\[1\]\.weight': {problem}"):
+        examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
+
+
+# ---------------------------------------------------------------- the options in the config and the cache key
+
+
+def test_the_reasoning_options_are_config_fields_in_the_cache_key():
+    from pydantic import ValidationError
+
+    from sftlab import SFTConfig
+    from sftlab.data.prepare import _cache_key
+    from sftlab.data.splits import target_settings
+    from sftlab.data.workers import Recipe
+    from sftlab.errors import ConfigError
+
+    options = {"reasoning_when_missing": "empty", "reasoning_when_dropped": "as_rendered", "train_on_reasoning": False}
+    settings = target_settings(SFTConfig(model="m", **options))
+    assert {name: getattr(settings, name) for name in options} == options
+    tokenizer = char_tokenizer(chat_template=QWEN3, chat_tokens=True)
+    keys = {_cache_key("data", Recipe(tokenizer, TargetSettings(**dict([item])))) for item in options.items()}
+    assert len(keys | {_cache_key("data", Recipe(tokenizer, TargetSettings()))}) == 4
+    with pytest.raises(ValidationError, match="reasoning_when_missing"):  # the CLI prints it as a ConfigError
+        SFTConfig(model="m", reasoning_when_missing="guess")
+    with pytest.raises(ConfigError, match="train_on_reasoning: false needs the turns"):
+        SFTConfig(model="m", train_on_reasoning=False, assistant_only_loss=False)
+    with pytest.raises(DataError, match="unknown reasoning_when_dropped"):
+        examples_of([{"messages": CHATML_CHAT}], CHATML, reasoning_when_dropped="drop")

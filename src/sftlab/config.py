@@ -25,6 +25,10 @@ Truncation = Literal["right", "drop"]
 TRUNCATION_POLICIES = get_args(Truncation)
 ChatExamples = Literal["as_served", "final_render"]
 CHAT_EXAMPLES = get_args(ChatExamples)
+ReasoningWhenMissing = Literal["refuse", "empty"]
+REASONING_WHEN_MISSING = get_args(ReasoningWhenMissing)
+ReasoningWhenDropped = Literal["refuse", "as_rendered"]
+REASONING_WHEN_DROPPED = get_args(ReasoningWhenDropped)
 Role = Literal["system", "developer", "user", "assistant", "tool", "function", "ipython"]
 ROLES = get_args(Role)
 AlpacaLayout = Literal["alpaca", "chat"]
@@ -239,6 +243,17 @@ class SFTConfig(BaseModel):
     train_on_roles: list[Role] = Field(
         default_factory=lambda: ["assistant"], description="Conversations: the roles whose messages are trained; a message's own \"train\": true/false wins.")
     chat_examples: ChatExamples = Field("as_served", description="Conversations: 'as_served' trains every turn after exactly the prompt inference feeds it, adding examples where the template rewrites history (counted); 'final_render' keeps one example per conversation and leaves the turns it cannot serve untrained (counted).")
+    reasoning_when_missing: ReasoningWhenMissing = Field("refuse", description=(
+        "Conversations whose generation prompt opens a thinking block (R1, MiniMax-M2, OLMo-3-Think) and a reply "
+        "with no reasoning: 'refuse' stops naming the record; 'empty' trains the model to close the thinking at "
+        "once, with the closing text the template writes for an empty reasoning (counted)."))
+    reasoning_when_dropped: ReasoningWhenDropped = Field("refuse", description=(
+        "Conversations whose template renders a turn without the reasoning the record gives it (Kimi K2 Thinking's "
+        "empty <think></think>): 'refuse' stops naming the record; 'as_rendered' trains the turn as the template "
+        "renders it, without that reasoning (counted)."))
+    train_on_reasoning: bool = Field(True, description=(
+        "Conversations: false keeps each trained turn's reasoning as context (its tokens are read, not trained) "
+        "and trains the rest of the turn: its tags, answer, tool calls and end marker (counted)."))
     tools: list[dict] | str | None = Field(None, description="Tools (function schemas) for conversations that carry none: a list, a .json file, or JSON text. A record's own 'tools' win.")
     chat_template_kwargs: dict | None = Field(None, description="Arguments for every chat template render (enable_thinking, reasoning_effort, documents, ...); a record's own 'chat_template_kwargs' win.")
     skip_invalid_records: bool = Field(False, description="Count and skip records that fail validation instead of stopping with an error.")
@@ -348,6 +363,16 @@ class SFTConfig(BaseModel):
             if fields and "text" in fields and text_field != "text":
                 raise ConfigError("text_field and fields.text both name the text field", field=where + "fields.text",
                                   found=f"text_field {text_field!r} and fields.text {fields['text']!r}", fix="give one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _reasoning(self) -> SFTConfig:
+        # With assistant_only_loss false every token of the render is trained: there is no turn to take reasoning from.
+        if not self.train_on_reasoning and not self.assistant_only_loss:
+            raise ConfigError("train_on_reasoning: false needs the turns of each conversation, and "
+                              "assistant_only_loss: false trains the whole render", field="train_on_reasoning",
+                              found="false",
+                              fix="set assistant_only_loss: true, or train_on_reasoning: true")
         return self
 
     @field_validator("tools")

@@ -200,6 +200,16 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
         rows.append(("  extra tokens", str(chat.get("extra_tokens", 0))))
         if chat.get("turns_not_served"):
             rows.append(("turns left untrained (chat_examples=final_render)", str(chat["turns_not_served"])))
+        if chat.get("turns_empty_reasoning"):
+            rows.append(("  turns closing an opened thinking at once (reasoning_when_missing=empty)",
+                         str(chat["turns_empty_reasoning"])))
+        if chat.get("turns_reasoning_dropped"):
+            rows.append(("  turns without the reasoning the template drops (reasoning_when_dropped=as_rendered)",
+                         str(chat["turns_reasoning_dropped"])))
+        if chat.get("turns_reasoning_context"):
+            rows.append(("  turns whose reasoning is context (train_on_reasoning=false)",
+                         str(chat["turns_reasoning_context"])))
+            rows.append(("  reasoning tokens, context not targets", str(chat.get("reasoning_tokens_context", 0))))
     rows.append(("truncated", str(stats.get("truncated", 0))))
     dropped = stats.get("dropped", {})
     rows.append(("dropped", str(sum(dropped.values()))))

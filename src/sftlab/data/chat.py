@@ -37,6 +37,20 @@ token that a next message's render writes right after it (`closing_marker`). Con
 list of parts, and tool-call arguments, reach each template in the form it reads, decided once
 per template by probe renders.
 
+Reasoning, three choices (config.py; all off by default, each counted):
+- `reasoning_when_missing: empty`: a reply with no reasoning, after a generation prompt that opens what
+  the turn's render does not continue (R1, MiniMax-M2: "<think>\n"), is trained as the model closing
+  the opened thinking at once, with the text the template writes for an empty reasoning: the turn
+  rendered with reasoning "" (it continues the opening: Qwen3.6; or it writes a closing before the
+  reply where the opening was: DeepSeek-V3.1's "</think>"), else rendered with a probe reasoning that
+  it writes right after the opening, the probe taken out (a template that writes its think block only
+  for a non-empty reasoning). Else refused.
+- `reasoning_when_dropped: as_rendered`: a turn whose render lacks the reasoning the record gives it
+  (Kimi K2 Thinking's "<think></think>" for a final answer) is trained as rendered, not refused.
+- `train_on_reasoning: false`: the reasoning's text, found in the trained turn as the self-check finds
+  it, is context inside the turn (examples.py: the tokens holding any of it); its tags, the answer, tool
+  calls and the end marker stay trained.
+
 Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
 names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
 names the record. Templates run in transformers' sandboxed Jinja environment.
@@ -51,7 +65,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
-from sftlab.config import CHAT_EXAMPLES
+from sftlab.config import CHAT_EXAMPLES, REASONING_WHEN_DROPPED, REASONING_WHEN_MISSING
 from sftlab.errors import DataError, TurnError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
@@ -141,6 +155,9 @@ class Turn:
     text: str  # C_k: what the model must write
     tail: str  # context after the turn in its own example (ChatML's "\n")
     rule: str  # "prefix", "rewritten_history" or "opened_reply": how C_k was found
+    empty_reasoning: bool = False  # trained as closing an opened thinking at once (reasoning_when_missing: empty)
+    dropped_reasoning: bool = False  # the render lacks the record's reasoning (reasoning_when_dropped: as_rendered)
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # the reasoning's text in `text`, as found
 
     def served_by(self, text: str) -> bool:
         """`text` holds this turn as served: exactly its context, then exactly its trained text."""
@@ -148,6 +165,10 @@ class Turn:
 
     def span(self) -> tuple[int, int]:
         return len(self.context), len(self.context) + len(self.text)
+
+    def reasoning_spans(self) -> list[tuple[int, int]]:
+        start = len(self.context)
+        return [(start + a, start + b) for a, b in self.reasoning]
 
 
 @dataclass
@@ -157,13 +178,16 @@ class ConversationExamples:
     examples: list[tuple[str, list[tuple[int, int]]]]
     counts: Counter = field(default_factory=Counter)
     turns: list[list[int]] = field(default_factory=list)  # the message index of each example's spans
+    # per example: the reasoning inside its trained spans, to be left as context (train_on_reasoning: false)
+    reasoning: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 class ChatRenderer:
     """Renders messages with one template, the tokenizer's special tokens and the dataset's defaults."""
 
     def __init__(self, tokenizer, template: str, *, tool_template: str | None = None, tools: list | None = None,
-                 template_kwargs: dict | None = None, stop_tokens: list[str] | None = None):
+                 template_kwargs: dict | None = None, stop_tokens: list[str] | None = None,
+                 reasoning_when_missing: str = "refuse", reasoning_when_dropped: str = "refuse"):
         self.template = _compile(template)
         self.tool_template = _compile(tool_template) if tool_template else None
         self.tools = tools or None
@@ -181,6 +205,11 @@ class ChatRenderer:
         self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
         self._arguments: dict[int, str] = {}  # id of a compiled template -> the form of tool-call arguments it reads
         self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
+        for name, value, allowed in (("reasoning_when_missing", reasoning_when_missing, REASONING_WHEN_MISSING),
+                                     ("reasoning_when_dropped", reasoning_when_dropped, REASONING_WHEN_DROPPED)):
+            if value not in allowed:  # the config checks these too; the renderer is public
+                raise DataError(f"unknown {name}", field=name, found=repr(value), expected=f"one of {allowed}")
+        self.reasoning_when_missing, self.reasoning_when_dropped = reasoning_when_missing, reasoning_when_dropped
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
                kwargs: dict | None = None) -> str:
@@ -267,8 +296,10 @@ class ChatRenderer:
     # --- turns as served ----------------------------------------------------------------------
 
     def conversation_examples(self, messages: list[dict], turns: list[int], *, tools: list | None = None,
-                              kwargs: dict | None = None, mode: str = AS_SERVED) -> ConversationExamples:
-        """The examples that train `turns` (message indices, ascending) as served."""
+                              kwargs: dict | None = None, mode: str = AS_SERVED,
+                              train_reasoning: bool = True) -> ConversationExamples:
+        """The examples that train `turns` (message indices, ascending) as served; with `train_reasoning`
+        false, each also lists the reasoning inside its trained spans, which stays context."""
         render = lambda part, prompt=False: self.render(part, prompt, tools, kwargs)  # noqa: E731
         full = render(messages)
         counts: Counter = Counter()
@@ -282,6 +313,10 @@ class ChatRenderer:
                 counts["turns_not_served"] += 1  # the final render cannot hold a turn that has no served form
         for turn in served:
             counts[f"rule_{turn.rule}"] += 1
+            if turn.empty_reasoning or turn.dropped_reasoning:  # rare: most turns pay one test
+                counts["turns_empty_reasoning"] += turn.empty_reasoning
+                counts["turns_reasoning_dropped"] += turn.dropped_reasoning
+
         last = served[-1] if served else None
         if last is not None and last.index == len(messages) - 1 and last.tail == "" \
                 and (last.context + last.text).startswith(full) and len(last.context + last.text) > len(full):
@@ -290,10 +325,12 @@ class ChatRenderer:
             inside = [t for t in served if t.served_by(full)]
             counts["turns_trained"] += len(inside)
             counts["turns_not_served"] += len(served) - len(inside)
-            return ConversationExamples([(full, [t.span() for t in inside])] if inside else [], counts,
-                                        [[t.index for t in inside]] if inside else [])
+            if not inside:
+                return ConversationExamples([], counts)
+            return ConversationExamples([(full, [t.span() for t in inside])], counts, [[t.index for t in inside]],
+                                        [] if train_reasoning else [_reasoning_spans(inside, counts)])
         counts["turns_trained"] += len(served)
-        examples, placed_turns = [], []
+        examples, placed_turns, placed_reasoning = [], [], []
         remaining = served
         while remaining:
             # The latest turn not yet placed decides the next example: the whole render when it serves
@@ -303,8 +340,10 @@ class ChatRenderer:
             inside = [t for t in remaining if t.served_by(text)]
             examples.append((text, [t.span() for t in inside]))
             placed_turns.append([t.index for t in inside])
+            if not train_reasoning:
+                placed_reasoning.append(_reasoning_spans(inside, counts))
             remaining = [t for t in remaining if t.index not in placed_turns[-1]]
-        return ConversationExamples(examples, counts, placed_turns)
+        return ConversationExamples(examples, counts, placed_turns, placed_reasoning)
 
     def turn(self, messages: list[dict], k: int, full: str, render) -> Turn:
         """Turn k's context and trained text (see the module docstring), checked."""
@@ -314,7 +353,13 @@ class ChatRenderer:
         # from its content to its end marker, after the conversation before it and its header.
         prompt = render(messages[:k], assistant) if k or assistant else ""
         upto = full if k == len(messages) - 1 else render(messages[: k + 1])
-        rule = "prefix"
+        rule, empty = "prefix", False
+        if assistant and not upto.startswith(prompt) and self.reasoning_when_missing == "empty" \
+                and _lacks_reasoning(message):
+            closed = self._closed_at_once(messages, k, prompt, upto, render)
+            if closed is not None:
+                (messages, upto), empty = closed, True
+                message = messages[k]
         if upto.startswith(prompt):
             raw = upto[len(prompt):]
             if not assistant:
@@ -335,9 +380,41 @@ class ChatRenderer:
             closing = self.closing_marker(messages, k, render, upto[: len(upto) - len(raw) + end], text)
             if closing:
                 text, tail = text + closing, ""
-        turn = Turn(k, prompt, text, tail, rule)
+        turn = Turn(k, prompt, text, tail, rule, empty_reasoning=empty)
         self._check(message, turn)
         return turn
+
+    def _closed_at_once(self, messages: list[dict], k: int, prompt: str, upto: str,
+                        render) -> tuple[list[dict], str] | None:
+        """reasoning_when_missing: empty, for reply k that has no reasoning. When the generation prompt ends in an
+        opening that the turn's render does not continue (R1's "<think>\\n"): the messages with turn k's reasoning
+        "", and F_k as the model writes it when it closes the opened thinking at once (it starts with P_k). None
+        when the generation prompt opens nothing: the other rules apply."""
+        history = render(messages[:k])
+        if not prompt.startswith(history) or self._shared_prefix(prompt, upto) < len(history):
+            return None
+        message = messages[k]
+        changed = messages[:k] + [{**message, "reasoning_content": "", "thinking": ""}] + messages[k + 1:]
+        rendered = render(changed[: k + 1])
+        if rendered.startswith(prompt):  # the template continues its opening for an empty reasoning (Qwen3.6)
+            return changed, rendered
+        start, reply = self._shared_prefix(prompt, rendered), _content(message)
+        at = rendered.find(reply, start) if reply else -1
+        if start >= len(history) and at >= 0 and rendered[start:at].strip():
+            # Where the prompt has its opening, the render writes a closing before the reply (DeepSeek-V3.1's
+            # "</think>" + answer): the model writes that closing right after the opening.
+            return changed, prompt + rendered[start:]
+        # A template that writes its think block only for a reasoning that is not empty (MiniMax-M2): the text it
+        # writes after a reasoning, when the reasoning comes right after the opening.
+        probe = render(messages[:k] + [{**message, "reasoning_content": _PROBE, "thinking": _PROBE}])
+        if probe.startswith(prompt + _PROBE):
+            return changed, prompt + probe[len(prompt) + len(_PROBE):]
+        opening = prompt[self._shared_prefix(prompt, upto):]
+        raise TurnError(k, f"the generation prompt ends with {opening!r}, and the template writes no text that "
+                           "closes it for an empty reasoning (reasoning_when_missing: empty)",
+                        found=f"the turn renders as {rendered[start:][:60]!r}",
+                        fix=f"write the reply in content as the model writes it after {opening!r}: an empty reasoning, "
+                            f"its closing tag, then the answer; or {_TEMPLATE_FIX}")
 
     def _rejoin(self, messages: list[dict], k: int, prompt: str, upto: str, render) -> tuple[str, str]:
         """Turn k's raw text (trained text and what follows) when F_k does not start with P_k."""
@@ -393,7 +470,9 @@ class ChatRenderer:
                 k, f"the generation prompt ends with {opening!r}, and the template renders this turn without continuing it",
                 found=f"the turn renders as {rendered[:60]!r}",
                 fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
-                    f"its closing tag, then the answer), or {_TEMPLATE_FIX}")
+                    f"its closing tag, then the answer), or {_TEMPLATE_FIX}"
+                    + ("; or set reasoning_when_missing: empty to train closing the opened thinking at once"
+                       if _lacks_reasoning(message) else ""))
         # The rendered turn is text of the template's own ("</think>" in DeepSeek-V3.1), the end of the reply as
         # written, then the end marker. The marker starts at the special token after the LONGEST stretch of the
         # render that ends the reply as written, and that stretch must hold the reply's answer: the empty stretch
@@ -526,12 +605,30 @@ class ChatRenderer:
         if not text.strip():
             raise TurnError(turn.index, "the turn's trained text is empty", found=f"context ends {turn.context[-60:]!r}",
                             fix=_TEMPLATE_FIX)
-        for what, piece in _reply_pieces(message):
+        pieces = _reply_pieces(message)
+        for what, piece in pieces:
             if piece not in text:
+                if what == "reasoning" and self.reasoning_when_dropped == "as_rendered":
+                    turn.dropped_reasoning = True
+                    continue
                 raise TurnError(turn.index, f"the turn's trained text does not hold its {what}",
                                 found=f"{what} {piece[:40]!r}, trained text {text[:80]!r}",
                                 fix=f"the template does not render the {what} of a turn as it is served: "
-                                    f"remove it from the data, or use a template that renders it")
+                                    f"remove it from the data, or use a template that renders it"
+                                    + (" (chat_template), or set reasoning_when_dropped: as_rendered to train the "
+                                       "turn as the template renders it" if what == "reasoning" else ""))
+        # The reasoning's text in the trained turn, found as above (train_on_reasoning: false makes it context).
+        cursor, found = 0, []
+        for piece in [piece for what, piece in pieces if what == "reasoning" and piece in text]:
+            at = text.find(piece, cursor)
+            at = text.find(piece) if at < 0 else at
+            found.append((at, at + len(piece)))
+            cursor = at + len(piece)
+        for a, b in sorted(found):  # merged: a reasoning given twice (a part and its field) is one span
+            if turn.reasoning and a <= turn.reasoning[-1][1]:
+                turn.reasoning[-1] = (turn.reasoning[-1][0], max(b, turn.reasoning[-1][1]))
+            else:
+                turn.reasoning.append((a, b))
         if not text.endswith(self.end_markers):
             raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
                                         "would never learn to stop", found=f"it ends {text[-40:]!r}",
@@ -604,6 +701,17 @@ def _as_string_content(message: dict) -> dict:
     if thinking and "reasoning_content" not in message:
         converted.update(thinking=thinking, reasoning_content=thinking)
     return converted
+
+
+def _reasoning_spans(turns: list[Turn], counts: Counter) -> list[tuple[int, int]]:
+    """The reasoning in the trained spans of `turns`, which stays context (train_on_reasoning: false); counted."""
+    counts["turns_reasoning_context"] += sum(bool(t.reasoning) for t in turns)
+    return [span for t in turns for span in t.reasoning_spans()]
+
+
+def _lacks_reasoning(message: dict) -> bool:
+    """The reply gives no reasoning, or an empty one (in a field, inline or in a thinking part)."""
+    return not any(what == "reasoning" for what, _ in _reply_pieces(message))
 
 
 def _answer(message: dict) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.config import CHAT_EXAMPLES, TRUNCATION_POLICIES
+from sftlab.config import CHAT_EXAMPLES, REASONING_WHEN_DROPPED, REASONING_WHEN_MISSING, TRUNCATION_POLICIES
 from sftlab.data.chat import AS_SERVED, ChatRenderer, resolve_chat_templates
 from sftlab.data.container import IGNORE, Examples
 from sftlab.data.formats import Record
@@ -46,6 +46,11 @@ class TargetSettings:
     chat_examples: str = AS_SERVED
     tools: list | None = None
     chat_template_kwargs: dict | None = None
+    # Reasoning (see chat.py): a reply without it after a prompt that opens it, a template that drops it,
+    # and whether its text is trained or context.
+    reasoning_when_missing: str = "refuse"
+    reasoning_when_dropped: str = "refuse"
+    train_on_reasoning: bool = True
 
 
 def shift_labels(label_ids: list[int]) -> list[int]:
@@ -99,6 +104,22 @@ class SegmentEncoder:
             if labels is not None:
                 labels.insert(0, IGNORE)
 
+    def holding(self, text: str, continuation: bool, ranges: list[tuple[int, int]], count: int) -> list[bool]:
+        """For each of the `count` tokens `encode` gives `text`, whether it holds a character of `ranges`: the
+        tokens of a reasoning kept as context. A token that straddles an edge (Qwen's ".\\n" ending a reasoning
+        before "</think>") holds reasoning, so the trained tokens hold none of it."""
+        if self.backend is None:
+            raise DataError("train_on_reasoning: false needs a fast tokenizer, to find the reasoning's tokens",
+                            field="train_on_reasoning", found=type(self.tokenizer).__name__,
+                            fix="use the model's fast tokenizer (tokenizer.json), or train_on_reasoning: true")
+        shift = 1 if continuation and self.anchor_ids is not None else 0  # encoded behind a newline, as in encode
+        offsets = self.backend.encode("\n" * shift + text, add_special_tokens=False).offsets
+        offsets = offsets[len(self.anchor_ids):] if shift else offsets
+        if len(offsets) != count:
+            raise RuntimeError(f"the tokenizer encodes {text[:40]!r} as {len(offsets)} tokens with offsets and {count} "
+                               "without")
+        return [any(start - shift < b and a < end - shift for a, b in ranges) for start, end in offsets]
+
     def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
         """Token ids of each text; `continuation[i]` marks texts that follow other text in an example."""
         if self.anchor_ids is None:
@@ -125,9 +146,11 @@ def trained_turns(record: Record, settings: TargetSettings) -> list[int]:
 
 
 def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRenderer | None,
-                     counts: Counter) -> list[list[tuple[str, bool]]]:
+                     counts: Counter) -> list[list[tuple[str, bool | list[tuple[int, int]]]]]:
     """The record's examples, each as (text, supervised) pieces in order. One example, except for a
-    conversation whose template cannot serve every turn in one render (see chat.py)."""
+    conversation whose template cannot serve every turn in one render (see chat.py). A trained piece
+    holding reasoning that stays context (train_on_reasoning: false) has, for supervised, the character
+    ranges of that reasoning in its text."""
     if record.format == formats.TEXT:
         return [[(record.text, True)]]
     if record.format == formats.PROMPT_COMPLETION:
@@ -139,14 +162,19 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
     if all_tokens:
         return [[(renderer.render(messages, tools=record.tools, kwargs=record.template_kwargs), True)]]
     planned = renderer.conversation_examples(messages, trained_turns(record, settings), tools=record.tools,
-                                             kwargs=record.template_kwargs, mode=settings.chat_examples)
+                                             kwargs=record.template_kwargs, mode=settings.chat_examples,
+                                             train_reasoning=settings.train_on_reasoning)
     counts.update(planned.counts)
     examples = []
-    for text, spans in planned.examples:
+    for position, (text, spans) in enumerate(planned.examples):
+        reasoning = planned.reasoning[position] if planned.reasoning else ()
         pieces, cursor = [], 0
         for start, end in spans:
             pieces.append((text[cursor:start], False))
-            pieces.append((text[start:end], True))
+            # The turn stays one piece, tokenized as one text as the model writes it: its reasoning's tokens
+            # are found after encoding (SegmentEncoder.holding), so no token is split at the reasoning's edges.
+            inside = [(a - start, b - start) for a, b in reasoning if start <= a and b <= end] if reasoning else None
+            pieces.append((text[start:end], inside or True))
             cursor = end
         pieces.append((text[cursor:], False))
         examples.append([(t, supervised) for t, supervised in pieces if t])
@@ -164,6 +192,11 @@ class ExampleBuilder:
             raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
         if settings.chat_examples not in CHAT_EXAMPLES:
             raise DataError("unknown chat_examples mode", field="chat_examples", found=repr(settings.chat_examples), expected=f"one of {CHAT_EXAMPLES}")
+        for name, allowed in (("reasoning_when_missing", REASONING_WHEN_MISSING),
+                              ("reasoning_when_dropped", REASONING_WHEN_DROPPED)):
+            if getattr(settings, name) not in allowed:
+                raise DataError(f"unknown {name}", field=name, found=repr(getattr(settings, name)),
+                                expected=f"one of {allowed}")
         self.tokenizer, self.settings, self.skip_invalid = tokenizer, settings, skip_invalid
         self.encoder = SegmentEncoder(tokenizer)
         self.renderer: ChatRenderer | None = None
@@ -185,7 +218,9 @@ class ExampleBuilder:
             template, tool_template = resolve_chat_templates(self.tokenizer, self.settings.chat_template)
             try:
                 self.renderer = ChatRenderer(self.tokenizer, template, tool_template=tool_template, tools=self.settings.tools,
-                                             template_kwargs=self.settings.chat_template_kwargs)
+                                             template_kwargs=self.settings.chat_template_kwargs,
+                                             reasoning_when_missing=self.settings.reasoning_when_missing,
+                                             reasoning_when_dropped=self.settings.reasoning_when_dropped)
             except TemplateError as error:
                 raise _template_error(error, None) from error
         if not self.eos_checked and any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in chunk):
@@ -235,11 +270,16 @@ class ExampleBuilder:
                 if segments is None:
                     ids, labels = _pretokenized_labels(record)
                 else:
-                    ids, labels = [], []
-                    for _, supervised in segments:
+                    ids, labels, reasoning = [], [], []
+                    for at, (text, supervised) in enumerate(segments):
                         piece = next(encoded)
+                        if isinstance(supervised, list):  # a trained turn whose reasoning stays context
+                            context = encoder.holding(text, at > 0, supervised, len(piece))
+                            reasoning.extend(len(ids) + t for t, inside in enumerate(context) if inside)
+                            labels.extend(IGNORE if inside else token for token, inside in zip(piece, context))
+                        else:
+                            labels.extend(piece if supervised else [IGNORE] * len(piece))
                         ids.extend(piece)
-                        labels.extend(piece if supervised else [IGNORE] * len(piece))
                     if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
                         encoder.insert_bos(ids, labels)
                         if ids[-1:] != [encoder.eos_id]:
@@ -261,6 +301,8 @@ class ExampleBuilder:
                     self.truncated += 1
                 if position:
                     chat["extra_tokens"] += len(ids)
+                if segments is not None and reasoning:  # the tokens kept, after truncation
+                    chat["reasoning_tokens_context"] += sum(t < len(ids) for t in reasoning)
                 pairs.append((ids, targets))
                 kept_index.append(record.index)
         return Examples.from_lists(pairs, kept_index)
@@ -291,7 +333,8 @@ class ExampleBuilder:
 
 # How conversations became examples, in the order inspect and the training log show them.
 CHAT_STATS = ("turns_trained", "turns_not_served", "records_split", "extra_examples", "extra_tokens",
-              "rule_prefix", "rule_rewritten_history", "rule_opened_reply")
+              "rule_prefix", "rule_rewritten_history", "rule_opened_reply",
+              "turns_empty_reasoning", "turns_reasoning_dropped", "turns_reasoning_context", "reasoning_tokens_context")
 
 
 def _turn_error(error: TurnError, record: Record) -> DataError:

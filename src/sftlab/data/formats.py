@@ -8,7 +8,8 @@ Formats:
   chat_prompt_completion {"prompt": [messages], "completion": [messages]}
                         both chat formats may carry "tools" (function schemas, or their JSON text)
                         and "chat_template_kwargs"; messages may carry OpenAI-style "tool_calls",
-                        reasoning ("reasoning_content", "thinking" or "reasoning") and "train": bool
+                        reasoning ("reasoning_content", "thinking" or "reasoning"), "train": bool
+                        and "weight": 0 or 1 (the same choice: 0 is context only)
   pretokenized          {"input_ids": [int], "labels"?: [int | -100], "completion_mask"?: [0/1]}
 """
 
@@ -227,6 +228,19 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
         flag = message.pop("train", None)
         if flag is not None and not isinstance(flag, bool):
             raise RecordError("must be true or false", field=f"{where}.train", found=describe(flag), expected="a boolean: whether to train on this message")
+        weight = message.pop("weight", None)
+        if weight is not None:
+            # 0/1 only: a fractional weight would need a weight per token through the store, batching and loss.
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+                fractional = isinstance(weight, float) and 0 < weight < 1
+                raise RecordError("fractional message weights are not supported" if fractional else "must be 0 or 1",
+                                  field=f"{where}.weight", found=describe(weight),
+                                  expected="0 (context only) or 1 (trained), as \"train\": false/true",
+                                  fix="give 0 or 1: sftlab does not scale a message's loss by a fraction" if fractional else None)
+            if flag is not None and flag != bool(weight):
+                raise RecordError("contradicts the message's \"train\" flag", field=f"{where}.weight",
+                                  found=f"weight {describe(weight)} and train {describe(flag)}", fix="give one of them")
+            flag = bool(weight)
         flags.append(flag)
         if "tool_calls" in message:
             if role != "assistant":

@@ -28,6 +28,9 @@ def target_settings(config: SFTConfig) -> TargetSettings:
         chat_examples=config.chat_examples,
         tools=config.tools,  # parsed by the config (a .json file or JSON text becomes the list)
         chat_template_kwargs=config.chat_template_kwargs,
+        reasoning_when_missing=config.reasoning_when_missing,
+        reasoning_when_dropped=config.reasoning_when_dropped,
+        train_on_reasoning=config.train_on_reasoning,
     )
 
 

@@ -207,6 +207,13 @@ def _chat_summary(chat: dict | None) -> str:
                  f"(+{chat['extra_tokens']} tokens)")
     if chat.get("turns_not_served"):
         text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
+    if chat.get("turns_empty_reasoning"):
+        text += f", {chat['turns_empty_reasoning']} turns closing an opened thinking at once"
+    if chat.get("turns_reasoning_dropped"):
+        text += f", {chat['turns_reasoning_dropped']} turns without the reasoning the template drops"
+    if chat.get("turns_reasoning_context"):
+        text += (f", the reasoning of {chat['turns_reasoning_context']} turns as context "
+                 f"({chat.get('reasoning_tokens_context', 0)} tokens)")
     return text
 
 
