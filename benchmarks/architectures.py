@@ -10,7 +10,7 @@ Models, built from a config and a seed with Qwen's BPE cut to 32k ids (common.qw
   moe     Qwen3-MoE-style: 4 layers, hidden 256, 8 experts of width 256, 2 per token, router loss
           on (output_router_logits, router_aux_loss_coef 0.001), as both trainers then add it
   hybrid  Granite-4-style (granitemoehybrid): 4 layers, Mamba2 layers 1-3 and attention in the 4th,
-          4 experts, shared expert
+          4 experts, shared expert; no router loss (TRL 1.16 fails on it: it reads config.num_experts)
 Configurations, each in its own process, alternating, --repeats times (medians):
   sftlab          packing: true as a user would ask; sftlab's probe keeps packing for the MoE and
                   falls back to padded rows for the hybrid (whose Mamba2 layers would leak)
@@ -58,7 +58,7 @@ def build_model(name: str, folder: str, tokenizer) -> str:
         config = transformers.GraniteMoeHybridConfig(
             intermediate_size=512, layer_types=["mamba", "mamba", "mamba", "attention"], mamba_n_heads=8, mamba_d_head=64,
             mamba_expand=2, mamba_n_groups=1, mamba_d_state=64, num_local_experts=4, num_experts_per_tok=2,
-            shared_intermediate_size=256, output_router_logits=True, router_aux_loss_coef=0.001, **sizes)
+            shared_intermediate_size=256, **sizes)  # router loss off: TRL 1.16 reads config.num_experts, which Granite lacks
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     tmp = folder + ".tmp"
@@ -172,7 +172,7 @@ def main() -> None:
     common.write_jsonl(data_path, common.prompt_completion_records(args.records, seed=0))
     runs = []
     for model in args.models.split(","):
-        folder = build_model(model, os.path.join(args.workdir, "models", f"tiny-{model}"), tokenizer)
+        folder = build_model(model, os.path.join(args.workdir, "models", f"tiny-{model}-v2"), tokenizer)
         for repeat in range(args.repeats):
             for config in args.configs.split(","):
                 quiet = common.wait_for_quiet(args.wait_load) if args.wait_load else {"load_at_start": common.loadavg()}
