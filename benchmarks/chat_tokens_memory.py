@@ -27,9 +27,16 @@ VOCAB, HIDDEN, NEW = 262144, 640, 2
 def build(tie: bool):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2048,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                                      tie_word_embeddings=tie)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
 
@@ -57,14 +64,20 @@ def measure(way: str, tie: bool) -> dict:
     optimizer.step()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t))
+    state = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, save_embedding_layers=False)
         adapter = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-    return {"way": way, "trained parameters": sum(p.numel() for p in trained), "gradients MB": grads / 2**20,
-            "AdamW state MB": state / 2**20, "extra weights MB": (weights - base_bytes) / 2**20,
-            "adapter file MB": adapter / 2**20}
+    return {
+        "way": way,
+        "trained parameters": sum(p.numel() for p in trained),
+        "gradients MB": grads / 2**20,
+        "AdamW state MB": state / 2**20,
+        "extra weights MB": (weights - base_bytes) / 2**20,
+        "adapter file MB": adapter / 2**20,
+    }
 
 
 def main() -> None:

@@ -87,7 +87,9 @@ def words_text(rng: random.Random, n_words: int) -> str:
         left -= k
         if rng.random() < 0.05 and left > 20:
             name, factor = rng.choice(WORDS), rng.randint(2, 9)
-            out.append(f"\n\n```python\ndef {name}_{factor}(values):\n    return [v * {factor} for v in values]\n```\n\n")
+            out.append(
+                f"\n\n```python\ndef {name}_{factor}(values):\n    return [v * {factor} for v in values]\n```\n\n"
+            )
             left -= 20
     return " ".join(out)
 
@@ -136,9 +138,17 @@ def tiny_llama_folder(folder: str, tokenizer, *, hidden: int = 256, layers: int 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), max_position_embeddings=4096,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -188,15 +198,23 @@ def run_child(script: str, spec: dict, timeout: float | None = None, python: str
     """Run `script --child JSON` in a fresh interpreter (so its peak RSS is its own) and return
     the JSON it prints on its last line that starts with RESULT."""
     command = [python or sys.executable, script, "--child", json.dumps(spec)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        DISABLE_TQDM="1",
+        PYTHONWARNINGS="ignore",
+    )
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
         raise RuntimeError(f"child {spec.get('name')} failed (exit {done.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["process_seconds"] = time.perf_counter() - started
     return result
 

@@ -34,14 +34,30 @@ def child(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     from sftlab import SFTConfig, train
 
-    config = SFTConfig(model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
-                       cache_dir=os.path.join(spec["workdir"], "cache"), max_length=spec["max_length"], packing=True,
-                       pad_to_multiple_of=spec["max_length"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-                       logging_steps=1, seed=0, loss_implementation="sparse", torch_compile=spec["compiled"])
+    config = SFTConfig(
+        model=spec["model_folder"],
+        train_data=spec["data_path"],
+        output_dir=spec["output_dir"],
+        cache_dir=os.path.join(spec["workdir"], "cache"),
+        max_length=spec["max_length"],
+        packing=True,
+        pad_to_multiple_of=spec["max_length"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        seed=0,
+        loss_implementation="sparse",
+        torch_compile=spec["compiled"],
+    )
     history = [r for r in train(config).history if r.get("type") == "train"]
     seconds = [r["seconds"] for r in history]
-    print("RESULT " + json.dumps({"step_seconds": seconds, "losses": [r["loss"] for r in history],
-                                  "peak_rss_mb": common.peak_rss_mb()}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {"step_seconds": seconds, "losses": [r["loss"] for r in history], "peak_rss_mb": common.peak_rss_mb()}
+        ),
+        flush=True,
+    )
 
 
 def model_folder(name: str, workdir: str) -> str:
@@ -79,36 +95,57 @@ def main() -> None:
             for compiled in (False, True):
                 with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as inductor:
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor  # a cold compile every time
-                    spec = dict(name=f"{name}-{'compiled' if compiled else 'eager'}", model_folder=folder, data_path=data_path,
-                                output_dir=out, workdir=args.workdir, max_length=args.max_length, batch_size=args.batch_size,
-                                steps=args.steps, compiled=compiled, threads=args.threads)
+                    spec = dict(
+                        name=f"{name}-{'compiled' if compiled else 'eager'}",
+                        model_folder=folder,
+                        data_path=data_path,
+                        output_dir=out,
+                        workdir=args.workdir,
+                        max_length=args.max_length,
+                        batch_size=args.batch_size,
+                        steps=args.steps,
+                        compiled=compiled,
+                        threads=args.threads,
+                    )
                     result = common.run_child(__file__, spec)
                 result["load"] = common.loadavg()
                 runs[compiled].append(result)
-                timed = result["step_seconds"][args.warmup_steps:]
-                print(f"{spec['name']} #{repeat + 1}: first step {result['step_seconds'][0]:.1f} s, steady {common.median(timed):.3f} s/step, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB, load {result['load']:.1f}", flush=True)
+                timed = result["step_seconds"][args.warmup_steps :]
+                print(
+                    f"{spec['name']} #{repeat + 1}: first step {result['step_seconds'][0]:.1f} s, steady {common.median(timed):.3f} s/step, "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MB, load {result['load']:.1f}",
+                    flush=True,
+                )
 
         def steady(r):
-            return common.median(r["step_seconds"][args.warmup_steps:])
+            return common.median(r["step_seconds"][args.warmup_steps :])
 
         eager, compiled = (common.median([steady(r) for r in runs[k]]) for k in (False, True))
         first_eager, first_compiled = (common.median([r["step_seconds"][0] for r in runs[k]]) for k in (False, True))
         compile_s = first_compiled - first_eager
         saved = eager - compiled
         summary = {
-            "eager_s_per_step": eager, "compiled_s_per_step": compiled, "speedup": eager / compiled,
-            "first_step_eager_s": first_eager, "first_step_compiled_s": first_compiled, "compile_s": compile_s,
+            "eager_s_per_step": eager,
+            "compiled_s_per_step": compiled,
+            "speedup": eager / compiled,
+            "first_step_eager_s": first_eager,
+            "first_step_compiled_s": first_compiled,
+            "compile_s": compile_s,
             "break_even_steps": compile_s / saved if saved > 0 else None,
-            "peak_rss_mb": {k: common.median([r["peak_rss_mb"] for r in runs[c]]) for k, c in (("eager", False), ("compiled", True))},
+            "peak_rss_mb": {
+                k: common.median([r["peak_rss_mb"] for r in runs[c]]) for k, c in (("eager", False), ("compiled", True))
+            },
             "max_loss_difference": max(abs(a - b) for a, b in zip(runs[False][0]["losses"], runs[True][0]["losses"])),
             "runs": {"eager": runs[False], "compiled": runs[True]},
         }
         report["models"][name] = summary
-        print(f"{name}: eager {eager:.3f} s/step, compiled {compiled:.3f} s/step (x{eager / compiled:.2f}); compilation {compile_s:.0f} s, "
-              f"break-even after {summary['break_even_steps']:.0f} steps" if summary["break_even_steps"] else
-              f"{name}: eager {eager:.3f} s/step, compiled {compiled:.3f} s/step (x{eager / compiled:.2f}): never pays; compilation {compile_s:.0f} s",
-              flush=True)
+        print(
+            f"{name}: eager {eager:.3f} s/step, compiled {compiled:.3f} s/step (x{eager / compiled:.2f}); compilation {compile_s:.0f} s, "
+            f"break-even after {summary['break_even_steps']:.0f} steps"
+            if summary["break_even_steps"]
+            else f"{name}: eager {eager:.3f} s/step, compiled {compiled:.3f} s/step (x{eager / compiled:.2f}): never pays; compilation {compile_s:.0f} s",
+            flush=True,
+        )
         print(f"  max |loss difference| {summary['max_loss_difference']:.2e}", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

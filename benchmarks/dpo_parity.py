@@ -35,8 +35,14 @@ from sftlab.training.preference import PreferenceLoss, collate_pairs, reference_
 def tiny_llama(vocab: int, seed: int):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).float()
@@ -77,15 +83,22 @@ def main() -> int:
             for param in base.parameters():
                 param.add_(torch.randn_like(param) * 0.02)
         ours_model, theirs_model = copy.deepcopy(base), copy.deepcopy(base)
-        ours, our_grads = sftlab_loss_and_grads_with_reference(ours_model, reference_model, pairs, loss_type, args.beta, smoothing)
-        theirs, their_grads = trl_loss_and_grads_with_reference(theirs_model, reference_model, pairs, loss_type, args.beta,
-                                                                smoothing)
+        ours, our_grads = sftlab_loss_and_grads_with_reference(
+            ours_model, reference_model, pairs, loss_type, args.beta, smoothing
+        )
+        theirs, their_grads = trl_loss_and_grads_with_reference(
+            theirs_model, reference_model, pairs, loss_type, args.beta, smoothing
+        )
         largest = max(float(g.abs().max()) for g in their_grads.values())
         difference = max(float((our_grads[n] - their_grads[n]).abs().max()) for n in their_grads)
-        ok = abs(ours - theirs) <= args.tolerance * max(1.0, abs(theirs)) and difference <= args.tolerance * max(1.0, largest)
+        ok = abs(ours - theirs) <= args.tolerance * max(1.0, abs(theirs)) and difference <= args.tolerance * max(
+            1.0, largest
+        )
         failures += not ok
-        print(f"{loss_type:8s} loss sftlab {ours:.8f}  TRL {theirs:.8f}  |diff| {abs(ours - theirs):.2e}   "
-              f"max |grad diff| {difference:.2e} (largest grad {largest:.2e})   {'OK' if ok else 'DIFFERENT'}")
+        print(
+            f"{loss_type:8s} loss sftlab {ours:.8f}  TRL {theirs:.8f}  |diff| {abs(ours - theirs):.2e}   "
+            f"max |grad diff| {difference:.2e} (largest grad {largest:.2e})   {'OK' if ok else 'DIFFERENT'}"
+        )
     return 1 if failures else 0
 
 
@@ -106,22 +119,42 @@ def sftlab_loss_and_grads_with_reference(model, reference_model, pairs, loss_typ
 
 def trl_loss_and_grads_with_reference(model, reference_model, pairs, loss_type, beta, smoothing):
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t2", unk_token="t1")
-    args = DPOConfig(output_dir="/tmp/sftlab-dpo-parity", use_cpu=True, bf16=False, beta=beta, loss_type=[loss_type],
-                     label_smoothing=smoothing, report_to=[], per_device_train_batch_size=len(pairs))
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(reference_model), args=args,
-                         train_dataset=Dataset.from_list([{"prompt": "t3", "chosen": "t4", "rejected": "t5"}]),
-                         processing_class=tokenizer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+        pad_token="t0",
+        eos_token="t2",
+        unk_token="t1",
+    )
+    args = DPOConfig(
+        output_dir="/tmp/sftlab-dpo-parity",
+        use_cpu=True,
+        bf16=False,
+        beta=beta,
+        loss_type=[loss_type],
+        label_smoothing=smoothing,
+        report_to=[],
+        per_device_train_batch_size=len(pairs),
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(reference_model),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "t3", "chosen": "t4", "rejected": "t5"}]),
+        processing_class=tokenizer,
+    )
     collator = DataCollatorForPreference(pad_token_id=0)
-    batch = collator([{"prompt_ids": p.tolist(), "chosen_ids": c.tolist(), "rejected_ids": r.tolist()}
-                      for p, c, r in (pairs[i] for i in range(len(pairs)))])
+    batch = collator(
+        [
+            {"prompt_ids": p.tolist(), "chosen_ids": c.tolist(), "rejected_ids": r.tolist()}
+            for p, c, r in (pairs[i] for i in range(len(pairs)))
+        ]
+    )
     trainer.model.train()
     model.zero_grad()
     loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)

@@ -41,12 +41,30 @@ import common  # noqa: E402
 
 # Qwen2.5 shapes (config.json of the released models); weights are random here, never downloaded.
 MODELS = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 # Dense bf16 peak, TFLOP/s, by the name torch.cuda reports (NVIDIA data sheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -74,8 +92,12 @@ def small_bpe(texts: list[str], vocab_size: int = 512):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer
@@ -88,8 +110,14 @@ def model_folder(name: str, tokenizer, workdir: str, device: str) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **MODELS[name])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=32768,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **MODELS[name],
+    )
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU for 1.5B
         model = Qwen2ForCausalLM(config)
@@ -130,12 +158,20 @@ def child(spec: dict) -> None:
     # Attention work per token from the examples both sides pack (sftlab's tokenization of the records).
     from transformers import AutoConfig
 
-    lengths = prepare_examples(spec["data_path"], tokenizer, TargetSettings(max_length=spec["max_length"]), use_cache=False).lengths
+    lengths = prepare_examples(
+        spec["data_path"], tokenizer, TargetSettings(max_length=spec["max_length"]), use_cache=False
+    ).lengths
     attended = float((lengths.astype("float64") ** 2).sum() / lengths.sum())
     flops = model_flops(AutoConfig.from_pretrained(spec["model_folder"]), timed_tokens, attended)
-    result = {"step_seconds": seconds, "tokens_per_s": timed_tokens / timed, "supervised_per_s": sum(supervised[warm:]) / timed,
-              "step_s": timed / max(1, len(seconds) - warm), "model_tflops_per_s": flops / timed / 1e12,
-              "call_seconds": total, "peak_rss_mb": common.peak_rss_mb()}
+    result = {
+        "step_seconds": seconds,
+        "tokens_per_s": timed_tokens / timed,
+        "supervised_per_s": sum(supervised[warm:]) / timed,
+        "step_s": timed / max(1, len(seconds) - warm),
+        "model_tflops_per_s": flops / timed / 1e12,
+        "call_seconds": total,
+        "peak_rss_mb": common.peak_rss_mb(),
+    }
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         name = torch.cuda.get_device_name()
@@ -147,10 +183,20 @@ def child(spec: dict) -> None:
 def run_sftlab(spec: dict):
     from sftlab import SFTConfig, train
 
-    config = SFTConfig(model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
-                       cache_dir=os.path.join(spec["output_dir"], "cache"), max_length=spec["max_length"], packing=True,
-                       per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
-                       bf16=spec["bf16"], attn_implementation=spec["attn"], seed=0)
+    config = SFTConfig(
+        model=spec["model_folder"],
+        train_data=spec["data_path"],
+        output_dir=spec["output_dir"],
+        cache_dir=os.path.join(spec["output_dir"], "cache"),
+        max_length=spec["max_length"],
+        packing=True,
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        bf16=spec["bf16"],
+        attn_implementation=spec["attn"],
+        seed=0,
+    )
     steps = [r for r in train(config).history if r.get("type") == "train"]
     return [r["seconds"] for r in steps], [r["supervised_tokens"] for r in steps], [r["tokens"] for r in steps]
 
@@ -162,10 +208,22 @@ def run_trl(spec: dict):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=spec["output_dir"], use_cpu=spec["device"] == "cpu", bf16=spec["bf16"], report_to="none", save_strategy="no",
-        per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], max_length=spec["max_length"], seed=0,
-        disable_tqdm=True, logging_steps=1, completion_only_loss=True, packing=True, padding_free=True,
-        gradient_checkpointing=False, use_liger_kernel=spec["device"] == "cuda",  # Liger's kernels are Triton: GPU only
+        output_dir=spec["output_dir"],
+        use_cpu=spec["device"] == "cpu",
+        bf16=spec["bf16"],
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+        completion_only_loss=True,
+        packing=True,
+        padding_free=True,
+        gradient_checkpointing=False,
+        use_liger_kernel=spec["device"] == "cuda",  # Liger's kernels are Triton: GPU only
         model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "bfloat16" if spec["bf16"] else "float32"},
     )
     marks, counts = [], []
@@ -182,8 +240,13 @@ def run_trl(spec: dict):
         def on_step_end(self, *a, **k):
             self._mark()
 
-    trainer = SFTTrainer(model=spec["model_folder"], args=args, train_dataset=Dataset.from_list(common.read_jsonl(spec["data_path"])),
-                         processing_class=AutoTokenizer.from_pretrained(spec["model_folder"]), callbacks=[StepClock()])
+    trainer = SFTTrainer(
+        model=spec["model_folder"],
+        args=args,
+        train_dataset=Dataset.from_list(common.read_jsonl(spec["data_path"])),
+        processing_class=AutoTokenizer.from_pretrained(spec["model_folder"]),
+        callbacks=[StepClock()],
+    )
     collate = trainer.data_collator
 
     def counting_collator(features):
@@ -201,7 +264,9 @@ def run_trl(spec: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, 3 steps: checks the script")
     parser.add_argument("--models", default="qwen2.5-0.5b,qwen2.5-1.5b")
@@ -223,7 +288,14 @@ def main() -> None:
     import torch
 
     if args.dry_run:
-        args.models, args.steps, args.warmup_steps, args.batch_size, args.max_length, args.records = "tiny", 3, 1, 2, 256, 64
+        args.models, args.steps, args.warmup_steps, args.batch_size, args.max_length, args.records = (
+            "tiny",
+            3,
+            1,
+            2,
+            256,
+            64,
+        )
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if device == "cpu" and not args.dry_run:
         sys.exit("no GPU: run with --dry-run to check the script on the CPU")
@@ -243,9 +315,20 @@ def main() -> None:
     for name in args.models.split(","):
         folder = model_folder(name, tokenizer, args.workdir, device)
         for side in sides:
-            spec = dict(side=side, model_folder=folder, data_path=data_path, device=device, bf16=device == "cuda",
-                        attn=attn_implementation(device), steps=args.steps, warmup=args.warmup_steps, batch_size=args.batch_size,
-                        max_length=args.max_length, output_dir=os.path.join(args.workdir, "runs", f"{name}-{side}"), name=f"{name}/{side}")
+            spec = dict(
+                side=side,
+                model_folder=folder,
+                data_path=data_path,
+                device=device,
+                bf16=device == "cuda",
+                attn=attn_implementation(device),
+                steps=args.steps,
+                warmup=args.warmup_steps,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                output_dir=os.path.join(args.workdir, "runs", f"{name}-{side}"),
+                name=f"{name}/{side}",
+            )
             shutil.rmtree(spec["output_dir"], ignore_errors=True)
             try:
                 result = common.run_child(os.path.abspath(__file__), spec, timeout=args.timeout)
@@ -254,19 +337,29 @@ def main() -> None:
             shutil.rmtree(spec["output_dir"], ignore_errors=True)
             result.update(model=name, side=side, attn=spec["attn"])
             runs.append(result)
-            print(f"{spec['name']}: {json.dumps({k: v for k, v in result.items() if k != 'step_seconds'})}", file=sys.stderr, flush=True)
+            print(
+                f"{spec['name']}: {json.dumps({k: v for k, v in result.items() if k != 'step_seconds'})}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(f"\n{device}, {args.batch_size} packed rows x {args.max_length} tokens, {args.steps} steps ({args.warmup_steps} not timed), "
-          f"torch {torch.__version__}")
-    print(f"{'model':<14}{'side':<8}{'attn':<19}{'tok/s':>10}{'sup tok/s':>11}{'s/step':>8}{'peak GPU MB':>13}{'MFU':>7}")
+    print(
+        f"\n{device}, {args.batch_size} packed rows x {args.max_length} tokens, {args.steps} steps ({args.warmup_steps} not timed), "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"{'model':<14}{'side':<8}{'attn':<19}{'tok/s':>10}{'sup tok/s':>11}{'s/step':>8}{'peak GPU MB':>13}{'MFU':>7}"
+    )
     for r in runs:
         if "error" in r:
             print(f"{r['model']:<14}{r['side']:<8}{r['attn']:<19} failed: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         memory = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else f"rss {r['peak_rss_mb']:.0f}"
-        print(f"{r['model']:<14}{r['side']:<8}{r['attn']:<19}{r['tokens_per_s']:>10.0f}{r['supervised_per_s']:>11.0f}"
-              f"{r['step_s']:>8.2f}{memory:>13}{mfu:>7}")
+        print(
+            f"{r['model']:<14}{r['side']:<8}{r['attn']:<19}{r['tokens_per_s']:>10.0f}{r['supervised_per_s']:>11.0f}"
+            f"{r['step_s']:>8.2f}{memory:>13}{mfu:>7}"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": common.machine(), "args": vars(args), "runs": runs}, handle, indent=1)

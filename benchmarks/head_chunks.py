@@ -19,10 +19,14 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vocab", type=int, default=262144)
     parser.add_argument("--hidden", type=int, default=640)
-    parser.add_argument("--tokens", type=int, default=512, help="supervised rows per call (batch 4 x 256 gives ~400-660 here)")
+    parser.add_argument(
+        "--tokens", type=int, default=512, help="supervised rows per call (batch 4 x 256 gives ~400-660 here)"
+    )
     parser.add_argument("--rows-list", default="128,256,512,1024")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -38,7 +42,9 @@ def main() -> None:
     hidden = torch.randn(args.tokens, args.hidden, requires_grad=True)
     targets = torch.randint(0, args.vocab, (args.tokens,))
     reference = None
-    print(f"vocab {args.vocab}, hidden {args.hidden}, {args.tokens} rows; default chunk {chunk_rows(args.vocab)} rows; torch {torch.__version__}")
+    print(
+        f"vocab {args.vocab}, hidden {args.hidden}, {args.tokens} rows; default chunk {chunk_rows(args.vocab)} rows; torch {torch.__version__}"
+    )
     print(f"{'rows/chunk':>10}{'chunks':>8}{'buffer MB':>11}{'CPU s':>8}{'max rel. difference to the first':>34}")
     for rows in [int(r) for r in args.rows_list.split(",")]:
         seconds = []
@@ -53,7 +59,9 @@ def main() -> None:
         # Relative to each tensor's largest value: other chunkings sum in another order.
         difference = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(result, reference))
         median = sorted(seconds[1:])[len(seconds[1:]) // 2]
-        print(f"{rows:>10}{-(-args.tokens // rows):>8}{min(rows, args.tokens) * args.vocab * 4 / 2**20:>11.0f}{median:>8.2f}{difference:>34.1e}")
+        print(
+            f"{rows:>10}{-(-args.tokens // rows):>8}{min(rows, args.tokens) * args.vocab * 4 / 2**20:>11.0f}{median:>8.2f}{difference:>34.1e}"
+        )
 
 
 if __name__ == "__main__":

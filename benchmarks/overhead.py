@@ -46,10 +46,20 @@ def child(spec: dict) -> None:
     if spec["side"] == "sftlab":
         from sftlab import SFTConfig, train
 
-        config = SFTConfig(model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
-                           cache_dir=os.path.join(spec["output_dir"], "cache"), max_length=spec["max_length"],
-                           per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
-                           packing=spec["packing"], bf16=spec["bf16"], seed=spec["seed"], loss_implementation="sparse")
+        config = SFTConfig(
+            model=spec["model_folder"],
+            train_data=spec["data_path"],
+            output_dir=spec["output_dir"],
+            cache_dir=os.path.join(spec["output_dir"], "cache"),
+            max_length=spec["max_length"],
+            per_device_train_batch_size=spec["batch_size"],
+            max_steps=spec["steps"],
+            logging_steps=1,
+            packing=spec["packing"],
+            bf16=spec["bf16"],
+            seed=spec["seed"],
+            loss_implementation="sparse",
+        )
         history = [r for r in train(config).history if r.get("type") == "train"]
         seconds = [r["seconds"] for r in history]
         losses = [r["loss"] for r in history]
@@ -57,8 +67,18 @@ def child(spec: dict) -> None:
         seconds, losses = bare_loop(spec)
     warm = spec["warmup"]
     timed = seconds[warm:]
-    print("RESULT " + json.dumps({"step_seconds": seconds, "losses": losses, "step_s": sum(timed) / len(timed),
-                                  "peak_rss_mb": common.peak_rss_mb()}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "step_seconds": seconds,
+                "losses": losses,
+                "step_s": sum(timed) / len(timed),
+                "peak_rss_mb": common.peak_rss_mb(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
@@ -69,22 +89,34 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
 
     from sftlab import SFTConfig, TargetSettings, prepare_examples
     from sftlab.data.container import IGNORE
-    from sftlab.training.loss import SupervisedLoss
+    from sftlab.data.special_tokens import pad_token_id
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.batching import StepPlan
-    from sftlab.data.special_tokens import pad_token_id
     from sftlab.training.distributed import seed_everything
+    from sftlab.training.loss import SupervisedLoss
 
     seed_everything(spec["seed"])  # as sftlab's train() does, before the model exists
     device = torch.device(spec["device"])
     tokenizer = load_tokenizer(spec["model_folder"])
-    examples = prepare_examples(spec["data_path"], tokenizer, TargetSettings(max_length=spec["max_length"]),
-                                cache_dir=os.path.join(spec["output_dir"], "cache"))
+    examples = prepare_examples(
+        spec["data_path"],
+        tokenizer,
+        TargetSettings(max_length=spec["max_length"]),
+        cache_dir=os.path.join(spec["output_dir"], "cache"),
+    )
     model = load_model(spec["model_folder"]).to(device)
     model.config.use_cache = False
     model.train()
-    plan = StepPlan(examples, packing=spec["packing"], max_length=spec["max_length"], batch_size=spec["batch_size"],
-                    accumulation=1, world_size=1, seed=spec["seed"], group_by_length=False)
+    plan = StepPlan(
+        examples,
+        packing=spec["packing"],
+        max_length=spec["max_length"],
+        batch_size=spec["batch_size"],
+        accumulation=1,
+        world_size=1,
+        seed=spec["seed"],
+        group_by_length=False,
+    )
     pad = pad_token_id(tokenizer)
     batches = []
     for step in range(spec["steps"]):
@@ -95,10 +127,20 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     # sftlab's default optimizer, schedule and clipping, read from its config so they cannot drift
     # apart; fused AdamW as sftlab uses (the unfused one rounds differently: losses ~1 ulp apart).
     d = SFTConfig(model=spec["model_folder"], train_data=spec["data_path"])
-    optimizer = torch.optim.AdamW(params, lr=d.learning_rate, betas=(d.adam_beta1, d.adam_beta2), eps=d.adam_epsilon,
-                                  weight_decay=d.weight_decay, fused=True)
-    scheduler = get_scheduler(d.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(d.warmup_ratio * spec["steps"]),
-                              num_training_steps=spec["steps"])
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=d.learning_rate,
+        betas=(d.adam_beta1, d.adam_beta2),
+        eps=d.adam_epsilon,
+        weight_decay=d.weight_decay,
+        fused=True,
+    )
+    scheduler = get_scheduler(
+        d.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(d.warmup_ratio * spec["steps"]),
+        num_training_steps=spec["steps"],
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
     seconds, losses = [], []
     for batch in batches:
@@ -117,7 +159,9 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny-32k", choices=("tiny-32k", "tiny-151k", "smollm2"))
     parser.add_argument("--packing", default="both", choices=("off", "on", "both"))
@@ -131,7 +175,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"))
-    parser.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for the load average to drop below this")
+    parser.add_argument(
+        "--wait-load", type=float, default=0.0, help="wait (up to 30 min) for the load average to drop below this"
+    )
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args()
     if args.child:
@@ -151,20 +197,38 @@ def main() -> None:
         for packing in packings:
             sides = ["sftlab", "bare"] if repeat % 2 == 0 else ["bare", "sftlab"]
             for side in sides:
-                spec = dict(side=side, name=f"{side}/packing={packing}/{repeat}", model_folder=folder, data_path=data_path,
-                            packing=packing, steps=args.steps, warmup=args.warmup_steps, batch_size=args.batch_size,
-                            max_length=args.max_length, device=args.device, bf16=args.bf16, seed=42, threads=args.threads,
-                            output_dir=os.path.join(args.workdir, "runs", f"overhead-{side}-{packing}-{repeat}"))
+                spec = dict(
+                    side=side,
+                    name=f"{side}/packing={packing}/{repeat}",
+                    model_folder=folder,
+                    data_path=data_path,
+                    packing=packing,
+                    steps=args.steps,
+                    warmup=args.warmup_steps,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    device=args.device,
+                    bf16=args.bf16,
+                    seed=42,
+                    threads=args.threads,
+                    output_dir=os.path.join(args.workdir, "runs", f"overhead-{side}-{packing}-{repeat}"),
+                )
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result = common.run_child(os.path.abspath(__file__), spec)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result.update(side=side, packing=packing, repeat=repeat)
                 runs.append(result)
-                print(f"{spec['name']}: {result['step_s']:.3f} s/step  load {common.loadavg():.2f}", file=sys.stderr, flush=True)
+                print(
+                    f"{spec['name']}: {result['step_s']:.3f} s/step  load {common.loadavg():.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     m = common.machine()
-    print(f"\n{args.model}, batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps ({args.warmup_steps} not timed), "
-          f"median of {args.repeats}; {m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}; load at start {quiet['load_at_start']:.2f}")
+    print(
+        f"\n{args.model}, batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps ({args.warmup_steps} not timed), "
+        f"median of {args.repeats}; {m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}; load at start {quiet['load_at_start']:.2f}"
+    )
     print(f"{'packing':<9}{'sftlab s/step':>15}{'bare s/step':>13}{'sftlab/bare':>13}{'max |loss diff|':>17}")
     summary = {}
     for packing in packings:
@@ -176,7 +240,9 @@ def main() -> None:
         print(f"{str(packing):<9}{s:>15.3f}{b:>13.3f}{s / b:>12.3f}x{diff:>17.2e}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": m, "args": vars(args), "quiet": quiet, "summary": summary, "runs": runs}, handle, indent=1)
+            json.dump(
+                {"machine": m, "args": vars(args), "quiet": quiet, "summary": summary, "runs": runs}, handle, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -105,9 +105,7 @@ def write_data(workdir: str, sizes: list[int]) -> dict[int, str]:
 
 def child_sftlab(spec: dict) -> dict:
     from prepare_speed import qwen_tokenizer
-
     from sftlab import TargetSettings, prepare_examples
-
     from sftlab.data.prepare import tokenizer_fingerprint
 
     tokenizer = qwen_tokenizer()
@@ -131,14 +129,24 @@ def child_sftlab(spec: dict) -> dict:
     before = rss_bytes()
     cpu = cpu_seconds()
     started = time.perf_counter()
-    examples = prepare_examples(spec["path"], tokenizer, TargetSettings(max_length=MAX_LENGTH), cache_dir=spec["cache"], **kwargs)
+    examples = prepare_examples(
+        spec["path"], tokenizer, TargetSettings(max_length=MAX_LENGTH), cache_dir=spec["cache"], **kwargs
+    )
     seconds = time.perf_counter() - started
     cpu = cpu_seconds() - cpu
     call_peak = peak_bytes()
     stats = examples.stats
-    result = {"seconds": seconds, "cpu_seconds": cpu, "cached": stats["cached"], "examples": stats["examples"],
-              "tokens": stats["tokens"], "supervised_tokens": stats["supervised_tokens"], "rss_before": before,
-              "call_peak": call_peak, "rss_after": rss_bytes()}
+    result = {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cached": stats["cached"],
+        "examples": stats["examples"],
+        "tokens": stats["tokens"],
+        "supervised_tokens": stats["supervised_tokens"],
+        "rss_before": before,
+        "call_peak": call_peak,
+        "rss_after": rss_bytes(),
+    }
     if spec.get("verify") and stats.get("cache_entry"):
         # The entry's first load on a machine that has not verified it (the marker removed): every
         # file read and checksummed. Here the files are in the page cache (just written or read);
@@ -148,15 +156,19 @@ def child_sftlab(spec: dict) -> dict:
             os.remove(store._verified_marker(folder))
         started = time.perf_counter()
         problem = store.content_problem(folder)
-        result.update(verify_seconds=time.perf_counter() - started, verify_problem=problem, seal_seconds=sum(sealing),
-                      entry_bytes=sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)))
+        result.update(
+            verify_seconds=time.perf_counter() - started,
+            verify_problem=problem,
+            seal_seconds=sum(sealing),
+            entry_bytes=sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)),
+        )
     return result
 
 
 def child_trl(spec: dict) -> dict:
-    from prepare_speed import qwen_tokenizer, trl_preparer
-
     from datasets import load_dataset
+
+    from prepare_speed import qwen_tokenizer, trl_preparer
 
     tokenizer = qwen_tokenizer()
     prepare = trl_preparer(tokenizer, MAX_LENGTH, None, from_records=False)
@@ -170,24 +182,46 @@ def child_trl(spec: dict) -> dict:
     prepared = prepare(dataset)
     seconds = time.perf_counter() - started
     cpu = cpu_seconds() - cpu
-    return {"seconds": seconds, "cpu_seconds": cpu, "examples": len(prepared), "tokens": None, "rss_before": before,
-            "call_peak": peak_bytes(), "rss_after": rss_bytes()}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "examples": len(prepared),
+        "tokens": None,
+        "rss_before": before,
+        "call_peak": peak_bytes(),
+        "rss_after": rss_bytes(),
+    }
 
 
 def run(spec: dict, python: str | None = None, pythonpath: str | None = None) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="true", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1", PYTHONWARNINGS="ignore",
-               HF_DATASETS_CACHE=spec["cache"] + "-hf")
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="true",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        DISABLE_TQDM="1",
+        PYTHONWARNINGS="ignore",
+        HF_DATASETS_CACHE=spec["cache"] + "-hf",
+    )
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     load_before = loadavg()
     started = time.perf_counter()
-    done = subprocess.run([python or sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [python or sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['name']} failed (exit {done.returncode}):\n" + "\n".join((done.stdout + done.stderr).splitlines()[-30:]))
-    result = json.loads(lines[-1][len("RESULT "):])
-    result.update(name=spec["name"], process_seconds=time.perf_counter() - started, load_before=load_before, load_after=loadavg())
+        raise RuntimeError(
+            f"{spec['name']} failed (exit {done.returncode}):\n"
+            + "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+        )
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result.update(
+        name=spec["name"], process_seconds=time.perf_counter() - started, load_before=load_before, load_after=loadavg()
+    )
     return result
 
 
@@ -207,7 +241,9 @@ def export_commit(commit: str, workdir: str) -> str:
     target = os.path.join(workdir, f"sftlab-{commit}")
     if not os.path.isdir(target):
         os.makedirs(target + ".tmp", exist_ok=True)
-        archive = subprocess.run(["git", "archive", commit, "src"], capture_output=True, check=True, cwd=os.path.dirname(HERE)).stdout
+        archive = subprocess.run(
+            ["git", "archive", commit, "src"], capture_output=True, check=True, cwd=os.path.dirname(HERE)
+        ).stdout
         subprocess.run(["tar", "-x", "-C", target + ".tmp"], input=archive, check=True)
         os.rename(target + ".tmp", target)
     return os.path.join(target, "src")
@@ -225,12 +261,40 @@ def measure(args) -> list[dict]:
             for workers in args.workers:
                 cache = os.path.join(args.workdir, f"cache-{n}-w{workers}")
                 shutil.rmtree(cache, ignore_errors=True)
-                rows.append(dict(run({"kind": "sftlab", "name": f"sftlab cold, {workers} worker(s)", "path": path, "cache": cache,
-                                      "workers": workers, "verify": args.verify}), chats=n, workers=workers))
+                rows.append(
+                    dict(
+                        run(
+                            {
+                                "kind": "sftlab",
+                                "name": f"sftlab cold, {workers} worker(s)",
+                                "path": path,
+                                "cache": cache,
+                                "workers": workers,
+                                "verify": args.verify,
+                            }
+                        ),
+                        chats=n,
+                        workers=workers,
+                    )
+                )
                 print(row_text(rows[-1]), flush=True)
                 if workers == args.workers[0]:
-                    rows.append(dict(run({"kind": "sftlab", "name": "sftlab cached", "path": path, "cache": cache,
-                                          "workers": workers, "verify": args.verify}), chats=n, workers=workers))
+                    rows.append(
+                        dict(
+                            run(
+                                {
+                                    "kind": "sftlab",
+                                    "name": "sftlab cached",
+                                    "path": path,
+                                    "cache": cache,
+                                    "workers": workers,
+                                    "verify": args.verify,
+                                }
+                            ),
+                            chats=n,
+                            workers=workers,
+                        )
+                    )
                     print(row_text(rows[-1]), flush=True)
                 if not args.keep:
                     shutil.rmtree(cache, ignore_errors=True)
@@ -239,15 +303,35 @@ def measure(args) -> list[dict]:
             cache = os.path.join(args.workdir, f"cache-{n}-baseline")
             shutil.rmtree(cache, ignore_errors=True)
             for name in ("cold", "cached"):
-                rows.append(dict(run({"kind": "sftlab", "name": f"sftlab {args.baseline} {name}", "path": path, "cache": cache,
-                                      "workers": 1, "baseline": True}, pythonpath=src), chats=n, workers=1))
+                rows.append(
+                    dict(
+                        run(
+                            {
+                                "kind": "sftlab",
+                                "name": f"sftlab {args.baseline} {name}",
+                                "path": path,
+                                "cache": cache,
+                                "workers": 1,
+                                "baseline": True,
+                            },
+                            pythonpath=src,
+                        ),
+                        chats=n,
+                        workers=1,
+                    )
+                )
                 print(row_text(rows[-1]), flush=True)
             shutil.rmtree(cache, ignore_errors=True)
         if args.only == "trl":
             cache = os.path.join(args.workdir, f"cache-{n}-trl")
             shutil.rmtree(cache, ignore_errors=True)
-            rows.append(dict(run({"kind": "trl", "name": "TRL load_dataset + _prepare_dataset", "path": path, "cache": cache}),
-                             chats=n, workers=1))
+            rows.append(
+                dict(
+                    run({"kind": "trl", "name": "TRL load_dataset + _prepare_dataset", "path": path, "cache": cache}),
+                    chats=n,
+                    workers=1,
+                )
+            )
             print(row_text(rows[-1]), flush=True)
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(cache + "-hf", ignore_errors=True)
@@ -263,26 +347,35 @@ def row_text(row: dict) -> str:
     checks = ""
     if "verify_seconds" in row:
         share = row["seal_seconds"] / row["seconds"]
-        checks = (f"; checksums: {row['seal_seconds']:.2f} s written ({share:.1%} of the call), "
-                  f"{row['verify_seconds']:.2f} s to verify the {row['entry_bytes'] / 1e6:.0f} MB entry"
-                  f"{'' if row['verify_problem'] is None else ' FAILED: ' + row['verify_problem']}")
-    return (f"{row['chats']:>9,} chats  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} chats/s  "
-            f"CPU {row['cpu_seconds']:7.1f} s  "
-            f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}), "
-            f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}"
-            f"{checks}")
+        checks = (
+            f"; checksums: {row['seal_seconds']:.2f} s written ({share:.1%} of the call), "
+            f"{row['verify_seconds']:.2f} s to verify the {row['entry_bytes'] / 1e6:.0f} MB entry"
+            f"{'' if row['verify_problem'] is None else ' FAILED: ' + row['verify_problem']}"
+        )
+    return (
+        f"{row['chats']:>9,} chats  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} chats/s  "
+        f"CPU {row['cpu_seconds']:7.1f} s  "
+        f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}), "
+        f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}"
+        f"{checks}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000,200000", help="chat counts, comma-separated")
     parser.add_argument("--workers", default="1,2", help="worker counts for the cold runs, comma-separated")
-    parser.add_argument("--only", choices=("sftlab", "baseline", "trl"), default=None, help="one side only (default: sftlab)")
+    parser.add_argument(
+        "--only", choices=("sftlab", "baseline", "trl"), default=None, help="one side only (default: sftlab)"
+    )
     parser.add_argument("--baseline", default="34b9236", help="commit of the code to compare with (--only baseline)")
     parser.add_argument("--workdir", default="/tmp/sftlab-bench/scale", help="data files, caches, exported code")
     parser.add_argument("--keep", action="store_true", help="keep the cache entries")
-    parser.add_argument("--verify", action="store_true",
-                        help="also time the entry's checksums: written in the cold run, verified in full after each")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also time the entry's checksums: written in the cold run, verified in full after each",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

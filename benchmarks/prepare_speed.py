@@ -120,7 +120,9 @@ def qwen3_style_conversations(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-QWEN3_STYLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "templates", "qwen3_style.jinja")
+QWEN3_STYLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "examples", "templates", "qwen3_style.jinja"
+)
 
 
 def qwen_tokenizer():
@@ -166,11 +168,24 @@ def trl_preparer(tokenizer, max_length: int, num_proc: int | None, from_records:
     from trl import SFTConfig, SFTTrainer
 
     disable_progress_bar()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+    )
     model = LlamaForCausalLM(config).to(torch.float32)
-    args = SFTConfig(output_dir=os.path.join(tempfile.gettempdir(), "prepare-speed-trl"), use_cpu=True, bf16=False,
-                     report_to="none", assistant_only_loss=True, max_length=max_length, dataset_num_proc=num_proc)
+    args = SFTConfig(
+        output_dir=os.path.join(tempfile.gettempdir(), "prepare-speed-trl"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        assistant_only_loss=True,
+        max_length=max_length,
+        dataset_num_proc=num_proc,
+    )
     two = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(two), processing_class=tokenizer)
     prepare = lambda dataset: trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")  # noqa: E731
@@ -185,8 +200,11 @@ def trl_worker(records_count: int, num_proc: int) -> None:
     timings = Timings()
     dataset = timings.time("trl", lambda: prepare(records))
     labels = dataset["labels"]
-    work = {"examples": len(dataset), "tokens": sum(len(x) for x in labels),
-            "supervised_labels": sum(sum(1 for t in x if t != -100) for x in labels)}
+    work = {
+        "examples": len(dataset),
+        "tokens": sum(len(x) for x in labels),
+        "supervised_labels": sum(sum(1 for t in x if t != -100) for x in labels),
+    }
     print(json.dumps({"wall": timings.wall["trl"], "cpu": timings.cpu["trl"], "work": work}))
 
 
@@ -216,8 +234,12 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
         for repeat in range(repeats):
             for name, source in (("", path), ("_list", records)):
                 cache_dir = os.path.join(folder, f"cache-{repeat}{name}")
-                examples = timings.time("cold" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir))
-                again = timings.time("cached" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir))
+                examples = timings.time(
+                    "cold" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir)
+                )
+                again = timings.time(
+                    "cached" + name, lambda: prepare_examples(source, tokenizer, settings, cache_dir=cache_dir)
+                )
                 assert examples.stats["cached"] is False and again.stats["cached"] is True
                 assert (again.input_ids == examples.input_ids).all() and (again.targets == examples.targets).all()
                 del again
@@ -228,9 +250,13 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
             encoded = None  # freed; not `del`: the lambdas above close over the name (ruff F821)
             # The same encoding, CHUNK texts per call and each call's encodings freed before the next, as
             # sftlab does: on these machines that beats one call over all texts (whose encodings crowd the caches).
-            timings.time("floor_encode_chunked", lambda: [
-                len(backend.encode_batch_fast(texts[i : i + CHUNK], add_special_tokens=False)) for i in range(0, len(texts), CHUNK)
-            ])
+            timings.time(
+                "floor_encode_chunked",
+                lambda: [
+                    len(backend.encode_batch_fast(texts[i : i + CHUNK], add_special_tokens=False))
+                    for i in range(0, len(texts), CHUNK)
+                ],
+            )
             texts = None
             for name, num_proc in trl_runs.items():
                 measured = run_trl(len(records), num_proc)
@@ -243,8 +269,18 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
         table["floor_chunked"] = table["floor_render"] + table["floor_encode_chunked"]
     stats = examples.stats
     chat = stats.get("chat", {})
-    names = ("cold", "cached", "cold_list", "cached_list", "floor", "floor_render", "floor_encode", "floor_chunked",
-             "floor_encode_chunked", "read_ids") + tuple(trl_runs)
+    names = (
+        "cold",
+        "cached",
+        "cold_list",
+        "cached_list",
+        "floor",
+        "floor_render",
+        "floor_encode",
+        "floor_chunked",
+        "floor_encode_chunked",
+        "read_ids",
+    ) + tuple(trl_runs)
     ratios = {}
     if trl_runs:
         ratios = {
@@ -278,7 +314,9 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
         },
         "supervised_tokens": int(stats["supervised_tokens"]),
         "trl_work": trl_work,
-        "as_served": {key: chat.get(key, 0) for key in ("turns_trained", "records_split", "extra_examples", "extra_tokens")},
+        "as_served": {
+            key: chat.get(key, 0) for key in ("turns_trained", "records_split", "extra_examples", "extra_tokens")
+        },
     }
 
 
@@ -344,8 +382,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20000, help="synthetic conversations to prepare")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
-    parser.add_argument("--no-trl", action="store_true", help="skip the TRL columns (they are skipped anyway without trl)")
-    parser.add_argument("--qwen3-style", action="store_true", help="multi-turn chats with reasoning through a history-rewriting template")
+    parser.add_argument(
+        "--no-trl", action="store_true", help="skip the TRL columns (they are skipped anyway without trl)"
+    )
+    parser.add_argument(
+        "--qwen3-style",
+        action="store_true",
+        help="multi-turn chats with reasoning through a history-rewriting template",
+    )
     parser.add_argument("--trl-worker", type=int, default=None, metavar="NUM_PROC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker is not None:

@@ -49,16 +49,22 @@ PHASES = ("data", "trunk fwd", "head", "backward", "clip", "optimizer", "zero_gr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="gemma3-270m", choices=("gemma3-270m", "smollm2"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--records", type=int, default=160)
-    parser.add_argument("--tied-grad", default="in-place", choices=("in-place", "summed"),
-                        help="a tied weight's gradient as sftlab makes it (head's into .grad, sparse lookup gradient added "
-                             "in place) or as before (both returned to autograd and summed)")
+    parser.add_argument(
+        "--tied-grad",
+        default="in-place",
+        choices=("in-place", "summed"),
+        help="a tied weight's gradient as sftlab makes it (head's into .grad, sparse lookup gradient added "
+        "in place) or as before (both returned to autograd and summed)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"))
     parser.add_argument("--trace", help="also write a chrome trace of the last step here")
@@ -70,12 +76,12 @@ def main() -> None:
 
     from real_models import prepare_model
     from sftlab import TargetSettings, prepare_examples
+    from sftlab.data.container import IGNORE
+    from sftlab.data.special_tokens import pad_token_id
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.batching import StepPlan
-    from sftlab.data.special_tokens import pad_token_id
-    from sftlab.training.setup import setup_optimizer
     from sftlab.training.loss import SupervisedLoss, head_loss, split_model
-    from sftlab.data.container import IGNORE
+    from sftlab.training.setup import setup_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,14 +91,27 @@ def main() -> None:
         common.write_jsonl(data_path, common.prompt_completion_records(args.records))
     folder = prepare_model(args.model, args.workdir)
     tokenizer = load_tokenizer(folder)
-    examples = prepare_examples(data_path, tokenizer, TargetSettings(max_length=args.max_length),
-                                cache_dir=os.path.join(args.workdir, "profile-cache"))
+    examples = prepare_examples(
+        data_path,
+        tokenizer,
+        TargetSettings(max_length=args.max_length),
+        cache_dir=os.path.join(args.workdir, "profile-cache"),
+    )
     torch.manual_seed(42)
     model = load_model(folder)
     model.config.use_cache = False
     model.train()
-    plan = StepPlan(examples, packing=False, max_length=args.max_length, batch_size=args.batch_size, accumulation=1,
-                    world_size=1, seed=42, group_by_length=False, shuffle=False)
+    plan = StepPlan(
+        examples,
+        packing=False,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        accumulation=1,
+        world_size=1,
+        seed=42,
+        group_by_length=False,
+        shuffle=False,
+    )
     pad = pad_token_id(tokenizer)
     loss_module = SupervisedLoss(model, "sparse")
     _, trunk, head = split_model(model)
@@ -115,12 +134,21 @@ def main() -> None:
         tick()
         profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True) if step == args.steps - 1 else None
         embedding.sparse = in_place
-        hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = trunk(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
         embedding.sparse = False
         tick()
         keep = batch["targets"] != IGNORE
-        loss_sum, _, _ = head_loss(head, hidden[keep], batch["targets"][keep], loss_module.scale, loss_module.softcap, loss_module.rows,
-                                weight_grad_in_place=in_place)
+        loss_sum, _, _ = head_loss(
+            head,
+            hidden[keep],
+            batch["targets"][keep],
+            loss_module.scale,
+            loss_module.softcap,
+            loss_module.rows,
+            weight_grad_in_place=in_place,
+        )
         tick()
         count = max(int(keep.sum()), 1)
         if profiler is not None:
@@ -135,14 +163,21 @@ def main() -> None:
         tick()
         optimizer.zero_grad(set_to_none=True)
         tick()
-        rows.append(dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:])))) | {"supervised": count, "loss": float(loss_sum.detach()) / count})
+        rows.append(
+            dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:]))))
+            | {"supervised": count, "loss": float(loss_sum.detach()) / count}
+        )
         cpu_rows.append(dict(zip(PHASES, (b - a for a, b in zip(cpu, cpu[1:])))))
-        print(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if k in PHASES), file=sys.stderr, flush=True)
+        print(
+            f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if k in PHASES),
+            file=sys.stderr,
+            flush=True,
+        )
         if profiler is not None:
             backward_ops = profiler
-    timed = rows[args.warmup_steps:]
+    timed = rows[args.warmup_steps :]
     median = {k: common.median([r[k] for r in timed]) for k in PHASES}
-    median_cpu = {k: common.median([r[k] for r in cpu_rows[args.warmup_steps:]]) for k in PHASES}
+    median_cpu = {k: common.median([r[k] for r in cpu_rows[args.warmup_steps :]]) for k in PHASES}
     total, total_cpu = sum(median.values()), sum(median_cpu.values())
 
     # The backward's ops, from the profiler: the embedding gradient and the tied weight's accumulation apart.
@@ -151,32 +186,58 @@ def main() -> None:
     events = backward_ops.key_averages(group_by_input_shape=True)
     for event in events:
         seconds = event.self_cpu_time_total / 1e6
-        if event.key in ("aten::embedding_backward", "aten::embedding_dense_backward", "aten::embedding_sparse_backward"):
+        if event.key in (
+            "aten::embedding_backward",
+            "aten::embedding_dense_backward",
+            "aten::embedding_sparse_backward",
+        ):
             # Inclusive time (its zero-fill and index_add are child ops), counted once, at the outermost op.
             if event.key == "aten::embedding_backward" or not any(e.key == "aten::embedding_backward" for e in events):
                 split["embedding gradient"] += event.cpu_time_total / 1e6
-        elif event.key in ("aten::add", "aten::add_") and any(tuple(s) == vocab_hidden for s in (event.input_shapes or []) if s):
+        elif event.key in ("aten::add", "aten::add_") and any(
+            tuple(s) == vocab_hidden for s in (event.input_shapes or []) if s
+        ):
             split["tied-weight accumulation (vocab x hidden add)"] += seconds
     backward_total = rows[-1]["backward"]
     split["trunk backward (the rest)"] = max(0.0, backward_total - sum(split.values()))
     if args.trace:
         backward_ops.export_chrome_trace(args.trace)
 
-    print(f"\n{args.model} (tied gradient: {args.tied_grad}): batch {args.batch_size}, max_length {args.max_length}, median of {len(timed)} steps; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak RSS {common.peak_rss_mb():.0f} MB; "
-          f"load {common.loadavg():.2f}")
+    print(
+        f"\n{args.model} (tied gradient: {args.tied_grad}): batch {args.batch_size}, max_length {args.max_length}, median of {len(timed)} steps; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak RSS {common.peak_rss_mb():.0f} MB; "
+        f"load {common.loadavg():.2f}"
+    )
     print(f"{'phase':<48}{'wall s':>7}{'%':>7}{'CPU s':>8}{'%':>7}")
     for k in PHASES:
-        print(f"{k:<48}{median[k]:>7.2f}{100 * median[k] / total:>6.1f}%{median_cpu[k]:>8.2f}{100 * median_cpu[k] / total_cpu:>6.1f}%")
+        print(
+            f"{k:<48}{median[k]:>7.2f}{100 * median[k] / total:>6.1f}%{median_cpu[k]:>8.2f}{100 * median_cpu[k] / total_cpu:>6.1f}%"
+        )
         if k == "backward":
             for name, seconds in split.items():
-                print(f"  {name:<46}{seconds:>7.2f}{100 * seconds / backward_total * median[k] / total:>6.1f}%  (last step)")
+                print(
+                    f"  {name:<46}{seconds:>7.2f}{100 * seconds / backward_total * median[k] / total:>6.1f}%  (last step)"
+                )
     print(f"{'step':<48}{total:>7.2f}{'':>7}{total_cpu:>8.2f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "args": vars(args), "median": median, "median_cpu": median_cpu, "cpu_steps": cpu_rows, "backward_split_last_step": split,
-                       "steps": rows, "peak_rss_mb": common.peak_rss_mb(), "load": common.loadavg(),
-                       "threads": torch.get_num_threads(), "machine": common.machine()}, handle, indent=1)
+            json.dump(
+                {
+                    "model": args.model,
+                    "args": vars(args),
+                    "median": median,
+                    "median_cpu": median_cpu,
+                    "cpu_steps": cpu_rows,
+                    "backward_split_last_step": split,
+                    "steps": rows,
+                    "peak_rss_mb": common.peak_rss_mb(),
+                    "load": common.loadavg(),
+                    "threads": torch.get_num_threads(),
+                    "machine": common.machine(),
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

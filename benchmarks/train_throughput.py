@@ -80,11 +80,20 @@ def child_sftlab(spec: dict) -> dict:
     from sftlab import SFTConfig, train
 
     config = SFTConfig(
-        model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
-        cache_dir=os.path.join(spec["output_dir"], "cache"), max_length=spec["max_length"],
-        per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], logging_steps=1,
-        packing=spec["variant"] == "best", bf16=spec["bf16"], seed=spec["seed"], attn_implementation=spec["attn"],
-        gradient_checkpointing=spec["variant"] == "ckpt", shuffle=spec["variant"] == "best",
+        model=spec["model_folder"],
+        train_data=spec["data_path"],
+        output_dir=spec["output_dir"],
+        cache_dir=os.path.join(spec["output_dir"], "cache"),
+        max_length=spec["max_length"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        packing=spec["variant"] == "best",
+        bf16=spec["bf16"],
+        seed=spec["seed"],
+        attn_implementation=spec["attn"],
+        gradient_checkpointing=spec["variant"] == "ckpt",
+        shuffle=spec["variant"] == "best",
     )
     started = time.perf_counter()
     result = train(config)
@@ -94,8 +103,11 @@ def child_sftlab(spec: dict) -> dict:
         "step_seconds": [r["seconds"] for r in steps],
         "step_supervised": [r["supervised_tokens"] for r in steps],
         "step_tokens": [r["tokens"] for r in steps],
-        "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "step_losses": [r["loss"] for r in steps],
-        "call_seconds": total, "threads": torch.get_num_threads(),
+        "loss_first": steps[0]["loss"],
+        "loss_last": steps[-1]["loss"],
+        "step_losses": [r["loss"] for r in steps],
+        "call_seconds": total,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -108,9 +120,17 @@ def child_trl(spec: dict) -> dict:
     records = common.read_jsonl(spec["data_path"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_folder"])
     kwargs = dict(
-        output_dir=spec["output_dir"], use_cpu=spec["device"] == "cpu", bf16=spec["bf16"],
-        per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], max_length=spec["max_length"],
-        report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True, logging_steps=1,  # as sftlab's
+        output_dir=spec["output_dir"],
+        use_cpu=spec["device"] == "cpu",
+        bf16=spec["bf16"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        report_to="none",
+        save_strategy="no",
+        seed=spec["seed"],
+        disable_tqdm=True,
+        logging_steps=1,  # as sftlab's
         train_sampling_strategy="random" if spec["variant"] == "best" else "sequential",
         model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "float32"},
     )
@@ -138,8 +158,13 @@ def child_trl(spec: dict) -> dict:
             self._mark()
 
     clock = StepClock()
-    trainer = SFTTrainer(model=spec["model_folder"], args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tokenizer, callbacks=[clock])
+    trainer = SFTTrainer(
+        model=spec["model_folder"],
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     collate = trainer.data_collator
     counts = []  # (supervised, tokens) of every batch the collator builds, in order
 
@@ -162,10 +187,13 @@ def child_trl(spec: dict) -> dict:
         "step_seconds": seconds,
         "step_supervised": [c[0] for c in counts[:n]],
         "step_tokens": [c[1] for c in counts[:n]],
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else output.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else output.training_loss,
         "step_losses": losses,
-        "call_seconds": total, "threads": torch.get_num_threads(),
-        "gradient_checkpointing": args.gradient_checkpointing, "padding_free": trainer.padding_free,
+        "call_seconds": total,
+        "threads": torch.get_num_threads(),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "padding_free": trainer.padding_free,
     }
 
 
@@ -223,21 +251,29 @@ def ratios(table: dict, model: str) -> dict:
         out[f"{key}: sftlab-best / trl-best"] = get("sftlab-best", key) / get("trl-best", key)
         out[f"{key}: sftlab-default / trl-default"] = get("sftlab-default", key) / get("trl-default", key)
         out[f"{key}: sftlab-best / trl-default"] = get("sftlab-best", key) / get("trl-default", key)
-    out["peak_rss: sftlab-default / trl-default"] = get("sftlab-default", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
+    out["peak_rss: sftlab-default / trl-default"] = get("sftlab-default", "peak_rss_mb") / get(
+        "trl-default", "peak_rss_mb"
+    )
     out["peak_rss: sftlab-best / trl-default"] = get("sftlab-best", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
     out["peak_rss: sftlab-best / trl-best"] = get("sftlab-best", "peak_rss_mb") / get("trl-best", "peak_rss_mb")
     if "sftlab-ckpt" in table[model]:
-        out["supervised_per_s: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "supervised_per_s") / get("trl-default", "supervised_per_s")
-        out["peak_rss: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "peak_rss_mb") / get("trl-default", "peak_rss_mb")
+        out["supervised_per_s: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "supervised_per_s") / get(
+            "trl-default", "supervised_per_s"
+        )
+        out["peak_rss: sftlab-ckpt / trl-default"] = get("sftlab-ckpt", "peak_rss_mb") / get(
+            "trl-default", "peak_rss_mb"
+        )
     return out
 
 
 def print_report(report: dict) -> None:
     m = report["machine"]
-    print(f"\n{m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
-          f"trl {m['versions']['trl']}; device {report['device']}, {'bf16' if report['bf16'] else 'fp32'}, "
-          f"{'chat, assistant-only loss' if report['chat'] else 'prompt/completion, completion-only loss'}; "
-          f"median of {report['repeats']}; load average at start {report['quiet']['load_at_start']:.2f}")
+    print(
+        f"\n{m['cpus']} CPUs ({m['cpu']}), torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"trl {m['versions']['trl']}; device {report['device']}, {'bf16' if report['bf16'] else 'fp32'}, "
+        f"{'chat, assistant-only loss' if report['chat'] else 'prompt/completion, completion-only loss'}; "
+        f"median of {report['repeats']}; load average at start {report['quiet']['load_at_start']:.2f}"
+    )
     header = f"{'model':<10}{'config':<16}{'sup tok/s':>11}{'all tok/s':>11}{'s/step':>9}{'peak MB':>9}{'sup frac':>9}"
     for model, configs in report["table"].items():
         bs, max_length, steps, warm = report["settings"][model]
@@ -247,19 +283,25 @@ def print_report(report: dict) -> None:
             if config not in configs:
                 continue
             r = configs[config]
-            print(f"{model:<10}{config:<16}{r['supervised_per_s']:>11.0f}{r['tokens_per_s']:>11.0f}{r['step_s']:>9.2f}"
-                  f"{r['peak_rss_mb']:>9.0f}{r['supervised_fraction']:>9.2f}")
+            print(
+                f"{model:<10}{config:<16}{r['supervised_per_s']:>11.0f}{r['tokens_per_s']:>11.0f}{r['step_s']:>9.2f}"
+                f"{r['peak_rss_mb']:>9.0f}{r['supervised_fraction']:>9.2f}"
+            )
         losses = report.get("first_loss", {}).get(model, {})
         if all(v is not None for v in losses.values()) and losses:
-            print(f"  step-1 loss, same weights and batch: sftlab-default {losses['sftlab-default']:.6f}, "
-                  f"trl-default {losses['trl-default']:.6f}")
+            print(
+                f"  step-1 loss, same weights and batch: sftlab-default {losses['sftlab-default']:.6f}, "
+                f"trl-default {losses['trl-default']:.6f}"
+            )
         if all(c in configs for c in CONFIGS):
             for key, value in report["ratios"][model].items():
                 print(f"  {key:<45}{value:>7.2f}x")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS + EXTRA_CONFIGS}")
@@ -273,13 +315,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both (GPU; this CPU has no native bf16)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
-                        help="models, data and run outputs (kept between invocations)")
-    parser.add_argument("--wait-load", type=float, default=0.0,
-                        help="before measuring, wait (up to 30 min) until the 1-minute load average is below this")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
+        help="models, data and run outputs (kept between invocations)",
+    )
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0.0,
+        help="before measuring, wait (up to 30 min) until the 1-minute load average is below this",
+    )
     parser.add_argument("--json", help="also write the full report (every run) to this file")
-    parser.add_argument("--from-runs", metavar="RUNS_JSONL",
-                        help="measure nothing: report the runs saved in JSON.runs.jsonl by an earlier (perhaps interrupted) call with the same flags")
+    parser.add_argument(
+        "--from-runs",
+        metavar="RUNS_JSONL",
+        help="measure nothing: report the runs saved in JSON.runs.jsonl by an earlier (perhaps interrupted) call with the same flags",
+    )
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
@@ -295,8 +347,12 @@ def main() -> None:
     settings = {}
     for m in models:
         bs, max_length, steps, warm = MODEL_SETTINGS[m]
-        settings[m] = (args.batch_size or bs, args.max_length or max_length, args.steps or steps,
-                       args.warmup_steps if args.warmup_steps is not None else warm)
+        settings[m] = (
+            args.batch_size or bs,
+            args.max_length or max_length,
+            args.steps or steps,
+            args.warmup_steps if args.warmup_steps is not None else warm,
+        )
 
     if args.from_runs:
         with open(args.from_runs) as handle:
@@ -304,9 +360,21 @@ def main() -> None:
         repeats = 1 + max(r["repeat"] for r in runs)
         models = [m for m in models if any(r["model"] == m for r in runs)]
         configs = [c for c in configs if any(r["config"] == c for r in runs)]
-        return report(runs, models, configs, settings, args, repeats, {"load_at_start": runs[0]["load_after"], "waited_s": 0, "quiet": None})
+        return report(
+            runs,
+            models,
+            configs,
+            settings,
+            args,
+            repeats,
+            {"load_at_start": runs[0]["load_after"], "waited_s": 0, "quiet": None},
+        )
     folders = {m: prepare_model(m, args.workdir) for m in models}
-    quiet = common.wait_for_quiet(args.wait_load) if args.wait_load else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+    quiet = (
+        common.wait_for_quiet(args.wait_load)
+        if args.wait_load
+        else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+    )
     runs = []
     for repeat in range(args.repeats):
         for m in models:
@@ -316,11 +384,24 @@ def main() -> None:
                 order = [order[i ^ 1] if (i ^ 1) < len(order) else order[i] for i in range(len(order))]
             for config in order:
                 framework, variant = config.split("-")
-                spec = dict(name=f"{m}/{config}/{repeat}", framework=framework, variant=variant, model_folder=folders[m],
-                            data_path=data_path, chat=args.chat, steps=steps, warmup=warm, batch_size=bs,
-                            max_length=max_length, device=args.device, bf16=args.bf16, seed=42, threads=args.threads,
-                            attn=attn_implementation(args.device),
-                            output_dir=os.path.join(args.workdir, "runs", f"{kind}-{m}-{config}-{repeat}"))
+                spec = dict(
+                    name=f"{m}/{config}/{repeat}",
+                    framework=framework,
+                    variant=variant,
+                    model_folder=folders[m],
+                    data_path=data_path,
+                    chat=args.chat,
+                    steps=steps,
+                    warmup=warm,
+                    batch_size=bs,
+                    max_length=max_length,
+                    device=args.device,
+                    bf16=args.bf16,
+                    seed=42,
+                    threads=args.threads,
+                    attn=attn_implementation(args.device),
+                    output_dir=os.path.join(args.workdir, "runs", f"{kind}-{m}-{config}-{repeat}"),
+                )
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 result = common.run_child(os.path.abspath(__file__), spec)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
@@ -329,14 +410,20 @@ def main() -> None:
                 if args.json:  # every run as it finishes, so an interrupted session keeps what it measured
                     with open(args.json + ".runs.jsonl", "a") as handle:
                         handle.write(json.dumps(result) + "\n")
-                print(f"{spec['name']}: {result['supervised_per_s']:.0f} sup tok/s, {result['tokens_per_s']:.0f} tok/s, "
-                      f"{result['step_s']:.2f} s/step, peak {result['peak_rss_mb']:.0f} MB, final loss {result['loss_last']:.3f}, "
-                      f"load {result['load_after']:.2f}", file=sys.stderr, flush=True)
+                print(
+                    f"{spec['name']}: {result['supervised_per_s']:.0f} sup tok/s, {result['tokens_per_s']:.0f} tok/s, "
+                    f"{result['step_s']:.2f} s/step, peak {result['peak_rss_mb']:.0f} MB, final loss {result['loss_last']:.3f}, "
+                    f"load {result['load_after']:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     report(runs, models, configs, settings, args, args.repeats, quiet)
 
 
-def report(runs: list[dict], models: list[str], configs: list[str], settings: dict, args, repeats: int, quiet: dict) -> None:
+def report(
+    runs: list[dict], models: list[str], configs: list[str], settings: dict, args, repeats: int, quiet: dict
+) -> None:
     """Median of each configuration's runs, ratios, the printed table and the --json file."""
     table = {}
     for m in models:
@@ -345,14 +432,39 @@ def report(runs: list[dict], models: list[str], configs: list[str], settings: di
             mine = [r for r in runs if r["model"] == m and r["config"] == config]
             if not mine:
                 continue
-            table[m][config] = {key: common.median([r[key] for r in mine])
-                                for key in ("supervised_per_s", "tokens_per_s", "step_s", "peak_rss_mb", "supervised_fraction")}
+            table[m][config] = {
+                key: common.median([r[key] for r in mine])
+                for key in ("supervised_per_s", "tokens_per_s", "step_s", "peak_rss_mb", "supervised_fraction")
+            }
     # Padded runs train on the same batches from the same weights: their first losses must agree.
-    first_loss = {m: {c: next((r["loss_first"] for r in runs if r["model"] == m and r["config"] == c and r.get("loss_first") is not None), None)
-                      for c in ("sftlab-default", "trl-default")} for m in models}
-    result = {"machine": common.machine(), "device": args.device, "bf16": args.bf16, "chat": args.chat,
-              "repeats": repeats, "records": args.records, "quiet": quiet, "settings": settings, "table": table, "first_loss": first_loss,
-              "ratios": {m: ratios(table, m) for m in models if all(c in table[m] for c in CONFIGS)}, "runs": runs}
+    first_loss = {
+        m: {
+            c: next(
+                (
+                    r["loss_first"]
+                    for r in runs
+                    if r["model"] == m and r["config"] == c and r.get("loss_first") is not None
+                ),
+                None,
+            )
+            for c in ("sftlab-default", "trl-default")
+        }
+        for m in models
+    }
+    result = {
+        "machine": common.machine(),
+        "device": args.device,
+        "bf16": args.bf16,
+        "chat": args.chat,
+        "repeats": repeats,
+        "records": args.records,
+        "quiet": quiet,
+        "settings": settings,
+        "table": table,
+        "first_loss": first_loss,
+        "ratios": {m: ratios(table, m) for m in models if all(c in table[m] for c in CONFIGS)},
+        "runs": runs,
+    }
     print_report(result)
     if args.json and not args.from_runs:
         with open(args.json, "w") as handle:

@@ -15,7 +15,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BLOCK = re.compile(r"<!-- generated:(\w+) -->.*?(?=<!-- /generated -->)<!-- /generated -->|<!-- generated:(\w+) -->", re.S)
+BLOCK = re.compile(
+    r"<!-- generated:(\w+) -->.*?(?=<!-- /generated -->)<!-- /generated -->|<!-- generated:(\w+) -->", re.S
+)
 
 
 def token_view(examples, tokenizer, n: int = 1) -> str:
@@ -47,17 +49,22 @@ def render(tokenizer) -> dict[str, str]:
     out = {}
     pc = prepare_examples([{"prompt": "The capital of France is", "completion": " Paris."}], tokenizer, use_cache=False)
     out["prompt_completion"] = (
-        "The arrays sftlab builds for `{\"prompt\": \"The capital of France is\", \"completion\": \" Paris.\"}` (SmolLM2 tokenizer; `sftlab inspect --json` shows the same per token):\n\n"
+        'The arrays sftlab builds for `{"prompt": "The capital of France is", "completion": " Paris."}` (SmolLM2 tokenizer; `sftlab inspect --json` shows the same per token):\n\n'
         "```\n" + arrays_view(pc, tokenizer) + "\n```\n\n"
         "Row t reads `input_ids[t]` and is scored against `targets[t]`: the prompt's positions predict "
-        "nothing (-100) except the last, which predicts the first completion token.\n")
-    chat = [{"messages": [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "6"},
-    ]}]
+        "nothing (-100) except the last, which predicts the first completion token.\n"
+    )
+    chat = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        }
+    ]
     conv = prepare_examples(chat, tokenizer, use_cache=False)
     last = prepare_examples(chat, tokenizer, TargetSettings(last_assistant_only=True), use_cache=False)
     out["conversation"] = (
@@ -65,8 +72,11 @@ def render(tokenizer) -> dict[str, str]:
         "```\n" + token_view(conv, tokenizer) + "\n```\n\n"
         "Both replies and their `<|im_end|>` are targets; the system and user turns and the "
         "`assistant` headers are context. With `last_assistant_only: true`:\n\n"
-        "```\n" + token_view(last, tokenizer) + "\n```\n")
-    two = prepare_examples([{"prompt": "Hi", "completion": " there"}, {"prompt": "Yes?", "completion": " No."}], tokenizer, use_cache=False)
+        "```\n" + token_view(last, tokenizer) + "\n```\n"
+    )
+    two = prepare_examples(
+        [{"prompt": "Hi", "completion": " there"}, {"prompt": "Yes?", "completion": " No."}], tokenizer, use_cache=False
+    )
     batch = pack_batch(two, [[0, 1]], pad_id=tokenizer.pad_token_id or 0)
     out["packing"] = (
         "Two prompt/completion examples packed into one row by `sftlab.training.batching.pack_batch`:\n\n"
@@ -77,7 +87,8 @@ def render(tokenizer) -> dict[str, str]:
         "```\n\n"
         "The position ids restart at 0 where the second example begins, which is what keeps its "
         "attention inside itself; the first example's last target is -100, so it is never trained "
-        "to predict the second example's first token.\n")
+        "to predict the second example's first token.\n"
+    )
     out.update(as_served(tokenizer))
     return out
 
@@ -107,16 +118,24 @@ def as_served(tokenizer) -> dict[str, str]:
         {"role": "user", "content": "Hi!"},
         {"role": "assistant", "content": "Hello! How can I help?", "reasoning_content": "A greeting."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "reasoning_content": "Ask the tool.",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Ask the tool.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "name": "get_weather", "content": "21C, sunny"},
         {"role": "assistant", "content": "21C and sunny.", "reasoning_content": "Report it."},
     ]
     out = {}
     for key, name, added, label in (
         ("as_served_qwen3", "qwen3_style.jinja", [], "Qwen3-style"),
-        ("as_served_harmony", "harmony_style.jinja", ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"],
-         "harmony-style (gpt-oss)"),
+        (
+            "as_served_harmony",
+            "harmony_style.jinja",
+            ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"],
+            "harmony-style (gpt-oss)",
+        ),
     ):
         with open(os.path.join(templates, name), encoding="utf-8") as handle:
             template = handle.read()
@@ -129,14 +148,17 @@ def as_served(tokenizer) -> dict[str, str]:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         planned = ChatRenderer(served, template).conversation_examples(messages, turns, tools=[weather])
         stats = prepare_examples([record], served, TargetSettings(max_length=None), use_cache=False).stats["chat"]
-        views = "\n\n".join(f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
-                             for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns)))
+        views = "\n\n".join(
+            f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
+            for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns))
+        )
         out[key] = (
             f"A tool-using chat with reasoning through the {label} template of `examples/templates/{name}` "
             f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
             "```\n" + views + "\n```\n\n"
             f"`sftlab inspect` reports it: {stats['turns_trained']} turns trained, {stats['records_split']} record split, "
-            f"{stats['extra_examples']} extra example(s), {stats['extra_tokens']} extra tokens (SmolLM2 tokenizer).\n")
+            f"{stats['extra_examples']} extra example(s), {stats['extra_tokens']} extra tokens (SmolLM2 tokenizer).\n"
+        )
     return out
 
 
@@ -164,8 +186,12 @@ def no_end_marker(tokenizer) -> dict[str, str]:
         {"role": "user", "content": "Hi!"},
         {"role": "assistant", "content": "Hello! How can I help?", "reasoning_content": "A greeting."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "reasoning_content": "Ask the tool.",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Ask the tool.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "name": "get_weather", "content": "21C, sunny"},
         {"role": "assistant", "content": "21C and sunny.", "reasoning_content": "Report it."},
     ]
@@ -180,15 +206,20 @@ def no_end_marker(tokenizer) -> dict[str, str]:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         planned = ChatRenderer(served, template).conversation_examples(messages, turns)
         stats = prepare_examples([{"messages": chat}], served, TargetSettings(max_length=None), use_cache=False).stats
-    views = "\n\n".join(f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
-                         for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns)))
-    return {"as_served_glm": (
-        "A tool-using chat with reasoning through the GLM-style template of `examples/templates/glm_style.jinja`, "
-        "with `<|user|>` and `<|observation|>` in the generation config's `eos_token_id` "
-        f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
-        "```\n" + views + "\n```\n\n"
-        f"`sftlab inspect` reports it: {stats['chat']['turns_trained']} turns trained, "
-        f"{stats['chat']['records_split']} record split (SmolLM2 tokenizer with the GLM tokens added).\n")}
+    views = "\n\n".join(
+        f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
+        for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns))
+    )
+    return {
+        "as_served_glm": (
+            "A tool-using chat with reasoning through the GLM-style template of `examples/templates/glm_style.jinja`, "
+            "with `<|user|>` and `<|observation|>` in the generation config's `eos_token_id` "
+            f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
+            "```\n" + views + "\n```\n\n"
+            f"`sftlab inspect` reports it: {stats['chat']['turns_trained']} turns trained, "
+            f"{stats['chat']['records_split']} record split (SmolLM2 tokenizer with the GLM tokens added).\n"
+        )
+    }
 
 
 def reasoning(tokenizer) -> dict[str, str]:
@@ -209,42 +240,57 @@ def reasoning(tokenizer) -> dict[str, str]:
         return copied
 
     def view(records, served_tokenizer, **settings) -> tuple[str, dict]:
-        examples = prepare_examples(records, served_tokenizer, TargetSettings(max_length=None, **settings),
-                                    use_cache=False)
+        examples = prepare_examples(
+            records, served_tokenizer, TargetSettings(max_length=None, **settings), use_cache=False
+        )
         return token_view(examples, served_tokenizer, len(examples)), examples.stats["chat"]
 
     v31 = served("deepseek_v31_style.jinja", ["<|User|>", "<|Assistant|>", "<think>", "</think>"])
     plain = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    empty, counts = view([{"messages": plain, "chat_template_kwargs": {"thinking": True}}], v31,
-                         reasoning_when_missing="empty")
-    out = {"reasoning_when_missing": (
-        "A reply without reasoning through the DeepSeek-V3.1-style template of "
-        "`examples/templates/deepseek_v31_style.jinja` with `thinking: true` and `reasoning_when_missing: empty` "
-        "(SmolLM2's tokenizer, whose bos and eos are `<|im_start|>` and `<|im_end|>`, with the DeepSeek tokens added; "
-        "⟦…⟧ = a target):\n\n```\n" + empty + "\n```\n\n"
-        f"`sftlab inspect` counts it: {counts['turns_empty_reasoning']} turn closing an opened thinking at once.\n")}
+    empty, counts = view(
+        [{"messages": plain, "chat_template_kwargs": {"thinking": True}}], v31, reasoning_when_missing="empty"
+    )
+    out = {
+        "reasoning_when_missing": (
+            "A reply without reasoning through the DeepSeek-V3.1-style template of "
+            "`examples/templates/deepseek_v31_style.jinja` with `thinking: true` and `reasoning_when_missing: empty` "
+            "(SmolLM2's tokenizer, whose bos and eos are `<|im_start|>` and `<|im_end|>`, with the DeepSeek tokens added; "
+            "⟦…⟧ = a target):\n\n```\n" + empty + "\n```\n\n"
+            f"`sftlab inspect` counts it: {counts['turns_empty_reasoning']} turn closing an opened thinking at once.\n"
+        )
+    }
     dropped_chat = [plain[0], {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]
     dropped, counts = view([{"messages": dropped_chat}], v31, reasoning_when_dropped="as_rendered")
     out["reasoning_when_dropped"] = (
         "A reply with `reasoning_content` through the same template with thinking off (it renders no reasoning) "
         "and `reasoning_when_dropped: as_rendered`:\n\n```\n" + dropped + "\n```\n\n"
         f"`sftlab inspect` counts it: {counts['turns_reasoning_dropped']} turn without the reasoning the "
-        "template drops.\n")
+        "template drops.\n"
+    )
     qwen3 = served("qwen3_style.jinja", [])
     qwen3.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3's tokenizer
-    thought = [{"role": "user", "content": "2+2?"},
-               {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]
+    thought = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Add them."},
+    ]
     context, counts = view([{"messages": thought}], qwen3, train_on_reasoning=False)
     out["train_on_reasoning"] = (
         "A reply with reasoning through the Qwen3-style template of `examples/templates/qwen3_style.jinja` with "
         "`train_on_reasoning: false`:\n\n```\n" + context + "\n```\n\n"
         f"`sftlab inspect` counts it: the reasoning of {counts['turns_reasoning_context']} turn as context, "
-        f"{counts['reasoning_tokens_context']} tokens.\n")
-    weighted = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5", "weight": 0},
-                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Sorry: 4."}]
+        f"{counts['reasoning_tokens_context']} tokens.\n"
+    )
+    weighted = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "5", "weight": 0},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Sorry: 4."},
+    ]
     out["message_weight"] = (
-        "A chat whose first reply has `\"weight\": 0`, through SmolLM2's ChatML template:\n\n```\n"
-        + view([{"messages": weighted}], tokenizer)[0] + "\n```\n")
+        'A chat whose first reply has `"weight": 0`, through SmolLM2\'s ChatML template:\n\n```\n'
+        + view([{"messages": weighted}], tokenizer)[0]
+        + "\n```\n"
+    )
     return out
 
 

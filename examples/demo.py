@@ -78,14 +78,23 @@ def answer(model_dir: str, prompts: list[str], system: str | None, max_new_token
 
     started = time.perf_counter()
     model, tokenizer = load_for_generation(model_dir)
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, system=system,
-                               template=chat_template_for(model_dir, tokenizer), batch_size=len(prompts))
+    replies = generate_replies(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        system=system,
+        template=chat_template_for(model_dir, tokenizer),
+        batch_size=len(prompts),
+    )
     del model
     gc.collect()
     return replies, time.perf_counter() - started
 
 
-def side_by_side(console, prompts: list[str], before: list[str], after: list[str], expected: list[str], rows: int) -> None:
+def side_by_side(
+    console, prompts: list[str], before: list[str], after: list[str], expected: list[str], rows: int
+) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -94,8 +103,11 @@ def side_by_side(console, prompts: list[str], before: list[str], after: list[str
         shown = " ".join(reply.split())  # multi-line replies on one line
         return Text(mark, style=f"bold {style}") + Text(shown[:160] + ("…" if len(shown) > 160 else ""))
 
-    table = Table(title=f"held-out requests: the first {min(rows, len(prompts))} of {len(prompts)}", show_lines=True,
-                  title_justify="left")
+    table = Table(
+        title=f"held-out requests: the first {min(rows, len(prompts))} of {len(prompts)}",
+        show_lines=True,
+        title_justify="left",
+    )
     table.add_column("request", ratio=3, overflow="fold")
     table.add_column("before fine-tuning", ratio=4, overflow="fold")
     table.add_column("after fine-tuning", ratio=4, overflow="fold")
@@ -108,19 +120,28 @@ def print_curve(console, evals: list[dict], before: float, requests: int) -> Non
     """Exact match of the replies generated during training (the eval records), step by step."""
     from rich.table import Table
 
-    table = Table(title=f"during training: the {evals[0]['eval_generate_samples']} held-out requests answered at each evaluation",
-                  title_justify="left")
+    table = Table(
+        title=f"during training: the {evals[0]['eval_generate_samples']} held-out requests answered at each evaluation",
+        title_justify="left",
+    )
     for column in ("step", "eval loss", "exact match", "JSON exact match", "replies cut at max tokens", "seconds"):
         table.add_column(column, justify="right")
     table.add_row("0", "", f"{before:.0%}", "", "", "", style="dim")  # the model as it ships: section 2's answers
     for r in evals:
-        table.add_row(str(r["step"]), f"{r['eval_loss']:.4f}", f"{r.get('eval_generate_exact_match', 0):.0%}",
-                      f"{r['eval_generate_json_exact_match']:.0%}" if "eval_generate_json_exact_match" in r else "",
-                      str(r["eval_generate_unfinished"]), f"{r['eval_generate_seconds']:.1f}")
+        table.add_row(
+            str(r["step"]),
+            f"{r['eval_loss']:.4f}",
+            f"{r.get('eval_generate_exact_match', 0):.0%}",
+            f"{r['eval_generate_json_exact_match']:.0%}" if "eval_generate_json_exact_match" in r else "",
+            str(r["eval_generate_unfinished"]),
+            f"{r['eval_generate_seconds']:.1f}",
+        )
     console.print(table)
     seconds = [r["eval_generate_seconds"] for r in evals]
-    console.print(f"cost: {sum(seconds) / len(seconds):.1f} s per evaluation by generation ({requests} requests, "
-                  f"{min(seconds):.1f}-{max(seconds):.1f} s), {sum(seconds):.0f} s in all")
+    console.print(
+        f"cost: {sum(seconds) / len(seconds):.1f} s per evaluation by generation ({requests} requests, "
+        f"{min(seconds):.1f}-{max(seconds):.1f} s), {sum(seconds):.0f} s in all"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,8 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     for key in score_before:
-        table.add_row(key if key == "exact match" else f'  field "{key}"', f"{score_before[key]:.0%}", f"{score_after[key]:.0%}",
-                      style="bold" if key == "exact match" else None)
+        table.add_row(
+            key if key == "exact match" else f'  field "{key}"',
+            f"{score_before[key]:.0%}",
+            f"{score_after[key]:.0%}",
+            style="bold" if key == "exact match" else None,
+        )
     console.print(table)
     evals = [r for r in result.history if r.get("type") == "eval"]
     if evals:
@@ -191,14 +216,31 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"curves:       {plot_metrics(config.output_dir)} (loss, generation scores, learning rate)")
     instruction = prompts[0].split("\n", 1)[0]
     console.print(f"model:        {result.final_dir}, try:", soft_wrap=True)
-    console.print(f"  sftlab generate {result.final_dir} --system '{system}' "
-                  f"$'{instruction}\\nTable for two at 8pm on Friday, name Ada Lovelace.'", soft_wrap=True, highlight=False)
+    console.print(
+        f"  sftlab generate {result.final_dir} --system '{system}' "
+        f"$'{instruction}\\nTable for two at 8pm on Friday, name Ada Lovelace.'",
+        soft_wrap=True,
+        highlight=False,
+    )
     console.print(f"total {time.perf_counter() - started:.0f} s, of which training {train_seconds:.0f} s")
     with open(os.path.join(config.output_dir, "demo_results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"before": score_before, "after": score_after, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
-                   "during_training": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")} for r in curve],
-                   "replies": [{"prompt": p, "expected": e, "before": b, "after": a}
-                               for p, e, b, a in zip(prompts, expected, before, after)]}, handle, indent=1)
+        json.dump(
+            {
+                "before": score_before,
+                "after": score_after,
+                "train_seconds": train_seconds,
+                "total_seconds": time.perf_counter() - started,
+                "during_training": [
+                    {k: v for k, v in r.items() if k == "step" or k.startswith("eval_")} for r in curve
+                ],
+                "replies": [
+                    {"prompt": p, "expected": e, "before": b, "after": a}
+                    for p, e, b, a in zip(prompts, expected, before, after)
+                ],
+            },
+            handle,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

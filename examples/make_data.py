@@ -24,27 +24,183 @@ import random
 SYSTEM = "Reply with compact JSON only."
 INSTRUCTION = "To JSON with keys name, guests, day, time (H:MM AM/PM):"
 
-TRAIN_FIRST = ["Maria", "James", "Aisha", "Tom", "Elena", "Kenji", "Sofia", "Liam", "Priya", "Noah", "Chloe",
-               "Mateo", "Hannah", "Omar", "Grace", "Lucas", "Yuki", "Daniel", "Fatima", "Oscar", "Nina", "Felix",
-               "Ines", "Ravi", "Emma", "Jonas", "Leila", "Pablo", "Zoe", "Ahmed", "Anna", "Bruno", "Carmen",
-               "Dmitri", "Eva", "Farid", "Greta", "Hugo", "Ingrid", "Jamal", "Katja", "Luis", "Mina", "Nils",
-               "Olga", "Paolo", "Quinn", "Rahul", "Sara", "Theo", "Uma", "Vera", "Wei", "Ximena", "Yara", "Zane"]
-TRAIN_LAST = ["Lopez", "Smith", "Khan", "Brown", "Rossi", "Tanaka", "Garcia", "Murphy", "Patel", "Weber",
-              "Dubois", "Silva", "Novak", "Haddad", "Kim", "Jensen", "Moreau", "Costa", "Ali", "Fischer",
-              "Nguyen", "Olsen", "Romero", "Berg", "Schmidt", "Ivanova", "Cohen", "Ortiz", "Walsh", "Sato",
-              "Andersson", "Baptiste", "Castillo", "Dimitrov", "Eriksen", "Ferreira", "Gallagher", "Hoffmann",
-              "Iwasaki", "Jovanovic", "Kaplan", "Lindgren", "Mensah", "Nakamura", "Oyelaran", "Papadopoulos",
-              "Quintero", "Rahman", "Szabo", "Takahashi", "Urbanek", "Vasquez", "Wojcik", "Yilmaz", "Zhou"]
+TRAIN_FIRST = [
+    "Maria",
+    "James",
+    "Aisha",
+    "Tom",
+    "Elena",
+    "Kenji",
+    "Sofia",
+    "Liam",
+    "Priya",
+    "Noah",
+    "Chloe",
+    "Mateo",
+    "Hannah",
+    "Omar",
+    "Grace",
+    "Lucas",
+    "Yuki",
+    "Daniel",
+    "Fatima",
+    "Oscar",
+    "Nina",
+    "Felix",
+    "Ines",
+    "Ravi",
+    "Emma",
+    "Jonas",
+    "Leila",
+    "Pablo",
+    "Zoe",
+    "Ahmed",
+    "Anna",
+    "Bruno",
+    "Carmen",
+    "Dmitri",
+    "Eva",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ingrid",
+    "Jamal",
+    "Katja",
+    "Luis",
+    "Mina",
+    "Nils",
+    "Olga",
+    "Paolo",
+    "Quinn",
+    "Rahul",
+    "Sara",
+    "Theo",
+    "Uma",
+    "Vera",
+    "Wei",
+    "Ximena",
+    "Yara",
+    "Zane",
+]
+TRAIN_LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Brown",
+    "Rossi",
+    "Tanaka",
+    "Garcia",
+    "Murphy",
+    "Patel",
+    "Weber",
+    "Dubois",
+    "Silva",
+    "Novak",
+    "Haddad",
+    "Kim",
+    "Jensen",
+    "Moreau",
+    "Costa",
+    "Ali",
+    "Fischer",
+    "Nguyen",
+    "Olsen",
+    "Romero",
+    "Berg",
+    "Schmidt",
+    "Ivanova",
+    "Cohen",
+    "Ortiz",
+    "Walsh",
+    "Sato",
+    "Andersson",
+    "Baptiste",
+    "Castillo",
+    "Dimitrov",
+    "Eriksen",
+    "Ferreira",
+    "Gallagher",
+    "Hoffmann",
+    "Iwasaki",
+    "Jovanovic",
+    "Kaplan",
+    "Lindgren",
+    "Mensah",
+    "Nakamura",
+    "Oyelaran",
+    "Papadopoulos",
+    "Quintero",
+    "Rahman",
+    "Szabo",
+    "Takahashi",
+    "Urbanek",
+    "Vasquez",
+    "Wojcik",
+    "Yilmaz",
+    "Zhou",
+]
 # Held-out names occur nowhere in the training data.
-HELDOUT_FIRST = ["Clara", "Arjun", "Mei", "Victor", "Lena", "Tariq", "Rosa", "Henrik", "Amara", "Diego",
-                 "Beatriz", "Cyrus", "Elif", "Gideon", "Ivo", "Johanna", "Kofi", "Lucia", "Marek", "Nadia"]
-HELDOUT_LAST = ["Lindqvist", "Okafor", "Bianchi", "Kowalski", "Herrera", "Yamamoto", "Fontaine", "Adeyemi",
-                "Larsen", "Petrov", "Abernathy", "Brennan", "Delacroix", "Esposito", "Gruber", "Horvath",
-                "Kuznetsov", "Marchetti", "Nowak", "Sorensen"]
+HELDOUT_FIRST = [
+    "Clara",
+    "Arjun",
+    "Mei",
+    "Victor",
+    "Lena",
+    "Tariq",
+    "Rosa",
+    "Henrik",
+    "Amara",
+    "Diego",
+    "Beatriz",
+    "Cyrus",
+    "Elif",
+    "Gideon",
+    "Ivo",
+    "Johanna",
+    "Kofi",
+    "Lucia",
+    "Marek",
+    "Nadia",
+]
+HELDOUT_LAST = [
+    "Lindqvist",
+    "Okafor",
+    "Bianchi",
+    "Kowalski",
+    "Herrera",
+    "Yamamoto",
+    "Fontaine",
+    "Adeyemi",
+    "Larsen",
+    "Petrov",
+    "Abernathy",
+    "Brennan",
+    "Delacroix",
+    "Esposito",
+    "Gruber",
+    "Horvath",
+    "Kuznetsov",
+    "Marchetti",
+    "Nowak",
+    "Sorensen",
+]
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve"]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 TEMPLATES = [
     "Hi, this is {name}. Could I book a table for {guests} on {day} at {time}?",
@@ -60,8 +216,11 @@ TEMPLATES = [
 
 def guests_text(rng: random.Random, n: int) -> str:
     count = NUMBER_WORDS[n] if rng.random() < 0.5 else str(n)
-    form = rng.choice(["{n}", "{n} person", "{n} guest", "a party of {n}"] if n == 1 else
-                      ["{n}", "{n} people", "{n} guests", "a party of {n}"])
+    form = rng.choice(
+        ["{n}", "{n} person", "{n} guest", "a party of {n}"]
+        if n == 1
+        else ["{n}", "{n} people", "{n} guests", "a party of {n}"]
+    )
     return form.format(n=count)
 
 
@@ -74,8 +233,12 @@ def time_text(rng: random.Random, hour: int, minute: int) -> str:
     """A written form of hour:minute (hour on the 24-hour clock, 11-22) as people type it."""
     h12, suffix = (hour - 12 if hour > 12 else hour), ("pm" if hour >= 12 else "am")
     forms = [f"{h12}{suffix}", f"{h12} {suffix}", f"{h12} {suffix[0]}.m."] if minute == 0 else []
-    forms += [f"{h12}:{minute:02d}{suffix}", f"{h12}:{minute:02d} {suffix}", f"{h12}:{minute:02d} {suffix[0]}.m.",
-              f"{h12}.{minute:02d}{suffix}"]
+    forms += [
+        f"{h12}:{minute:02d}{suffix}",
+        f"{h12}:{minute:02d} {suffix}",
+        f"{h12}:{minute:02d} {suffix[0]}.m.",
+        f"{h12}.{minute:02d}{suffix}",
+    ]
     if hour == 12 and minute == 0:
         forms.append("noon")
     return rng.choice(forms)
@@ -93,11 +256,14 @@ def make_record(rng: random.Random, first_names: list[str], last_names: list[str
     hour, minute = rng.randint(11, 22), rng.choice([0, 0, 15, 30, 45])
     # "We are one" reads wrong: that template needs company.
     templates = TEMPLATES if guests > 1 else [t for t in TEMPLATES if not t.startswith("Hello!")]
-    request = rng.choice(templates).format(
-        name=name, guests=guests_text(rng, guests), day=day_text(rng, day), time=time_text(rng, hour, minute)
-    ).replace("..", ".")  # "at 7 p.m.." where a sentence ends with the time
-    answer = json.dumps({"name": name, "guests": guests, "day": day, "time": time_answer(hour, minute)},
-                        separators=(",", ":"))
+    request = (
+        rng.choice(templates)
+        .format(name=name, guests=guests_text(rng, guests), day=day_text(rng, day), time=time_text(rng, hour, minute))
+        .replace("..", ".")
+    )  # "at 7 p.m.." where a sentence ends with the time
+    answer = json.dumps(
+        {"name": name, "guests": guests, "day": day, "time": time_answer(hour, minute)}, separators=(",", ":")
+    )
     return {
         "messages": [
             {"role": "system", "content": SYSTEM},

@@ -28,11 +28,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_models import tiny_model  # noqa: E402
-
 from sftlab.data.container import IGNORE  # noqa: E402
 from sftlab.training import distributed, parallelize  # noqa: E402
 from sftlab.training.loss import SupervisedLoss  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
 
 VOCAB = 96
 
@@ -73,7 +72,9 @@ def check_heads(processes, variant: str) -> dict:
     (dense["loss_sum"] / total).backward()
 
     model = build(variant)
-    sharded = parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    sharded = parallelize.shard_model(
+        SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False
+    )
     rows = slice(2 * processes.rank, 2 * processes.rank + 2)
     out = sharded(input_ids=data["input_ids"][rows], targets=data["targets"][rows])
     # As the loop does: divided by the step's count over both processes, times the world (FSDP averages).
@@ -92,8 +93,14 @@ def check_heads(processes, variant: str) -> dict:
         grads[name] = error
         worst = max(worst, error)
         moved += int(torch.count_nonzero(expected[name]) > 0)
-    return {"loss": loss, "dense_loss": dense["loss_sum"].item(), "worst_grad_error": worst, "grads": len(grads),
-            "nonzero_reference_grads": moved, "trained": sorted(grads)}
+    return {
+        "loss": loss,
+        "dense_loss": dense["loss_sum"].item(),
+        "worst_grad_error": worst,
+        "grads": len(grads),
+        "nonzero_reference_grads": moved,
+        "trained": sorted(grads),
+    }
 
 
 def check_bf16(processes) -> dict:
@@ -101,20 +108,28 @@ def check_bf16(processes) -> dict:
     data = batch()
     reference = SupervisedLoss(build("plain"), "dense")(**data)
     model = build("plain")
-    sharded = parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=True)
+    sharded = parallelize.shard_model(
+        SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=True
+    )
     rows = slice(2 * processes.rank, 2 * processes.rank + 2)
     out = sharded(input_ids=data["input_ids"][rows], targets=data["targets"][rows])
     out["loss_sum"].backward()
     grads = [p.grad for p in model.parameters()]
-    return {"loss": float(processes.sum(out["loss_sum"].detach().double().reshape(1))[0]), "fp32_loss": reference["loss_sum"].item(),
-            "shard_dtypes": sorted({str(p.dtype) for p in model.parameters()}), "grad_dtypes": sorted({str(g.dtype) for g in grads}),
-            "grads_finite": all(bool(torch.isfinite(g.full_tensor()).all()) for g in grads)}
+    return {
+        "loss": float(processes.sum(out["loss_sum"].detach().double().reshape(1))[0]),
+        "fp32_loss": reference["loss_sum"].item(),
+        "shard_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "grad_dtypes": sorted({str(g.dtype) for g in grads}),
+        "grads_finite": all(bool(torch.isfinite(g.full_tensor()).all()) for g in grads),
+    }
 
 
 def check_shards(processes) -> dict:
     model = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
     whole = {name: p.detach().clone() for name, p in model.named_parameters()}
-    parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    parallelize.shard_model(
+        SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False
+    )
     shapes = {}
     for name, p in model.named_parameters():
         assert type(p).__name__ == "DTensor", f"{name} is not sharded"
@@ -131,14 +146,19 @@ def check_shards(processes) -> dict:
 def check_export(processes, folder: str) -> dict:
     reference = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
     model = tiny_model("llama", vocab_size=VOCAB, tie=True, seed=3)
-    parallelize.shard_model(SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False)
+    parallelize.shard_model(
+        SupervisedLoss(model, "sparse"), processes, reshard_after_forward=True, cpu_offload=False, bf16=False
+    )
     state = parallelize.full_state_dict(model, processes)
     same = None
     if processes.is_main:
         model.save_pretrained(os.path.join(folder, "sharded"), state_dict=state, safe_serialization=True)
         reference.save_pretrained(os.path.join(folder, "whole"), safe_serialization=True)
-        same = {name: open(os.path.join(folder, "sharded", name), "rb").read() == open(os.path.join(folder, "whole", name), "rb").read()
-                for name in sorted(os.listdir(os.path.join(folder, "whole")))}
+        same = {
+            name: open(os.path.join(folder, "sharded", name), "rb").read()
+            == open(os.path.join(folder, "whole", name), "rb").read()
+            for name in sorted(os.listdir(os.path.join(folder, "whole")))
+        }
     processes.barrier()
     return {"same_files": same}
 
@@ -149,7 +169,9 @@ def main(out_path: str) -> None:
     assert processes.world == 2, "run under torchrun --nproc_per_node 2"
     results = {"shards": check_shards(processes)}
     results["bf16"] = check_bf16(processes)
-    results["heads"] = {variant: check_heads(processes, variant) for variant in ("plain", "checkpointing", "lora", "lora-head")}
+    results["heads"] = {
+        variant: check_heads(processes, variant) for variant in ("plain", "checkpointing", "lora", "lora-head")
+    }
     with tempfile.TemporaryDirectory() as folder:
         results["export"] = check_export(processes, folder)
     if processes.is_main:

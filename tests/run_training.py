@@ -23,7 +23,9 @@ from sftlab.training.loop import train
 def main(model_dir: str, records_path: str, output_dir: str, *pairs: str) -> None:
     values = parse_overrides(list(pairs))
     optimizer = values.pop("optimizer", None)
-    config = make_config({"model": model_dir, "train_data": records_path, "output_dir": output_dir, "use_cache": False, **values})
+    config = make_config(
+        {"model": model_dir, "train_data": records_path, "output_dir": output_dir, "use_cache": False, **values}
+    )
     with open(records_path) as handle:
         records = json.load(handle)
     sgd = (lambda params: torch.optim.SGD(params, lr=config.learning_rate)) if optimizer == "sgd" else None

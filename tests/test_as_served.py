@@ -27,9 +27,9 @@ import pathlib
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
+from sftlab.data.chat import CHATML
 from sftlab.inspect import stats_rows
 from sftlab.training.progress import _chat_summary
-from sftlab.data.chat import CHATML
 from tiny import char_tokenizer, hand_ids, marked
 
 X = -100
@@ -37,7 +37,7 @@ X = -100
 # ---------------------------------------------------------------- templates, in each family's style
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
-QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
+QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()  # shared with the docs
 HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
 V31 = pathlib.Path(TEMPLATES, "deepseek_v31_style.jinja").read_text(encoding="utf-8")
 
@@ -99,8 +99,9 @@ def without_reasoning(messages: list[dict]) -> list[dict]:
 
 def examples_of(records, template, skip_invalid_records=False, **settings):
     tokenizer = char_tokenizer(chat_template=template, chat_tokens=True)
-    examples = prepare_examples(records, tokenizer, TargetSettings(**settings), use_cache=False,
-                                skip_invalid_records=skip_invalid_records)
+    examples = prepare_examples(
+        records, tokenizer, TargetSettings(**settings), use_cache=False, skip_invalid_records=skip_invalid_records
+    )
     return [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))], examples
 
 
@@ -135,9 +136,19 @@ def assert_every_turn_trained_once_as_served(record, template, **settings):
             if isinstance(call["function"]["arguments"], str):
                 call["function"]["arguments"] = json.loads(call["function"]["arguments"])
     prompts = sorted(
-        tuple(tokenizer.apply_chat_template(messages[:k], tools=record.get("tools"), add_generation_prompt=True,
-                                            tokenize=True, return_dict=False, **kwargs))
-        for k, m in enumerate(messages) if m["role"] == "assistant")
+        tuple(
+            tokenizer.apply_chat_template(
+                messages[:k],
+                tools=record.get("tools"),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                **kwargs,
+            )
+        )
+        for k, m in enumerate(messages)
+        if m["role"] == "assistant"
+    )
     assert contexts == prompts
 
 
@@ -150,8 +161,10 @@ def test_qwen3_each_turn_gets_the_think_block_it_is_served_with():
     call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
     assert pairs == expected_examples(
         # the whole render serves the last turn only: the greeting lost its thinking, the tool call has no think block
-        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
-        + call + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        head
+        + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        + call
+        + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n⟦<think>\nread it\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
         # the tool call as served: it is the last message, after the last user query, so it opens an empty think block
         head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
@@ -181,18 +194,23 @@ def test_qwen3_turns_after_the_last_query_share_the_whole_render():
 
 def test_qwen3_enable_thinking_false_from_the_record_or_the_config():
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    want = expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦Yo<|im_end|>⟧\n")
+    want = expected_examples(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦Yo<|im_end|>⟧\n"
+    )
     assert examples_of([{"messages": chat, "chat_template_kwargs": {"enable_thinking": False}}], QWEN3)[0] == want
     assert examples_of([{"messages": chat, "chat_template_kwargs": '{"enable_thinking": false}'}], QWEN3)[0] == want
     assert examples_of([{"messages": chat}], QWEN3, chat_template_kwargs={"enable_thinking": False})[0] == want
     # the record's own arguments win over the dataset's
     thinking = {"messages": chat, "chat_template_kwargs": {"enable_thinking": True}}
     assert examples_of([thinking], QWEN3, chat_template_kwargs={"enable_thinking": False})[0] == expected_examples(
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nYo<|im_end|>⟧\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nYo<|im_end|>⟧\n"
+    )
 
 
 def test_final_render_mode_keeps_one_example_and_counts_what_it_leaves_untrained():
-    pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, chat_examples="final_render")
+    pairs, examples = examples_of(
+        [{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, chat_examples="final_render"
+    )
     assert pairs == examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3)[0][:1]
     chat = examples.stats["chat"]
     assert (chat["turns_trained"], chat["turns_not_served"], chat["records_split"]) == (1, 2, 0)
@@ -205,16 +223,21 @@ def test_final_render_mode_keeps_one_example_and_counts_what_it_leaves_untrained
 def test_harmony_trains_its_stop_tokens_and_the_analysis_it_is_served_with():
     pairs, examples = examples_of([{"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}], HARMONY)
     head = "<|start|>system<|message|>Reasoning: medium<|end|><|start|>developer<|message|># Tools\nget_temp<|end|><|start|>user<|message|>Hi<|end|>"
-    tool_call = ('<|channel|>analysis<|message|>use it<|end|>'
-                 '<|start|>assistant to=functions.get_temp<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>')
+    tool_call = (
+        "<|channel|>analysis<|message|>use it<|end|>"
+        '<|start|>assistant to=functions.get_temp<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>'
+    )
     assert pairs == expected_examples(
         # Inference for the final answer feeds the tool call WITH its analysis (no final answer follows it yet);
         # the whole render drops that analysis, so this example is P_6 + C_6, and it serves the tool call too.
         head + "<|start|>assistant<|channel|>final<|message|>Yo<|end|><|start|>user<|message|>Temp in Oslo?<|end|>"
-        "<|start|>assistant⟦" + tool_call + "⟧<|start|>functions.get_temp to=assistant<|channel|>commentary<|message|>7C<|end|>"
+        "<|start|>assistant⟦"
+        + tool_call
+        + "⟧<|start|>functions.get_temp to=assistant<|channel|>commentary<|message|>7C<|end|>"
         "<|start|>assistant⟦<|channel|>analysis<|message|>read it<|end|><|start|>assistant<|channel|>final<|message|>7C in Oslo.<|return|>⟧",
         # the greeting ends with <|return|> when served, <|end|> in history
-        head + "<|start|>assistant⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧",
+        head
+        + "<|start|>assistant⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧",
     )
     chat = examples.stats["chat"]
     assert (chat["rule_rewritten_history"], chat["rule_prefix"], chat["extra_examples"]) == (1, 2, 1)
@@ -222,11 +245,15 @@ def test_harmony_trains_its_stop_tokens_and_the_analysis_it_is_served_with():
 
 def test_harmony_template_arguments_and_reasoning_under_any_name():
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "thinking": "greet"}]
-    want = expected_examples("<|start|>system<|message|>Reasoning: high<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
-                             "⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧")
+    want = expected_examples(
+        "<|start|>system<|message|>Reasoning: high<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
+        "⟦<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>⟧"
+    )
     for name in ("thinking", "reasoning_content", "reasoning"):
-        record = {"messages": [chat[0], {"role": "assistant", "content": "Yo", name: "greet"}],
-                  "chat_template_kwargs": {"reasoning_effort": "high"}}
+        record = {
+            "messages": [chat[0], {"role": "assistant", "content": "Yo", name: "greet"}],
+            "chat_template_kwargs": {"reasoning_effort": "high"},
+        }
         assert examples_of([record], HARMONY)[0] == want, name
 
 
@@ -234,8 +261,12 @@ def test_harmony_template_arguments_and_reasoning_under_any_name():
 
 
 def test_a_generation_prompt_that_opens_thinking_is_the_context_of_every_turn():
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "add"},
+    ]
     pairs, _ = examples_of([{"messages": chat}], OPENS_THINK)
     # Before: the first reply was trained as "Yo<|im_end|>" after "<|im_start|>assistant\n", a prompt inference never feeds.
     assert pairs == expected_examples(
@@ -246,8 +277,12 @@ def test_a_generation_prompt_that_opens_thinking_is_the_context_of_every_turn():
 
 
 def test_r1_reply_written_with_its_thinking_continues_the_generation_prompt():
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+    ]
     pairs, examples = examples_of([{"messages": chat}], R1)
     assert pairs == expected_examples(
         "<s><|User|>Hi<|Assistant|>\n\nYo</s><|User|>2+2?<|Assistant|><think>\n⟦add\n</think>\n\n4</s>⟧",
@@ -258,14 +293,21 @@ def test_r1_reply_written_with_its_thinking_continues_the_generation_prompt():
 
 def test_r1_reply_without_its_thinking_is_refused_naming_file_line_record_and_turn(tmp_path):
     data = tmp_path / "chats.jsonl"
-    good = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]}
+    good = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+        ]
+    }
     bad = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     tokenizer = char_tokenizer(chat_template=R1, chat_tokens=True)
     with pytest.raises(DataError) as error:
         prepare_examples(str(data), tokenizer, use_cache=False)
     message = str(error.value)
-    assert message.startswith(f"{data}:2, record 1, field 'messages[1]': the chat template cannot serve assistant turn messages[1]")
+    assert message.startswith(
+        f"{data}:2, record 1, field 'messages[1]': the chat template cannot serve assistant turn messages[1]"
+    )
     assert "the generation prompt ends with '<think>\\n'" in message and "fix:" in message
     skipped = prepare_examples(str(data), tokenizer, skip_invalid_records=True, use_cache=False)
     assert len(skipped) == 1 and sum(skipped.stats["skipped_invalid"].values()) == 1
@@ -273,8 +315,12 @@ def test_r1_reply_without_its_thinking_is_refused_naming_file_line_record_and_tu
 
 # DeepSeek-V3.1 style: thinking switched by a template argument; every rendered reply is "</think>" + answer.
 THINKING = {"thinking": True}
-V31_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Yo"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]
+V31_CHAT = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "<think>greet</think>Yo"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "<think>add</think>4"},
+]
 
 
 def test_v31_thinking_on_reasoning_inline_trains_the_answer_and_its_closing_tag_once():
@@ -318,7 +364,9 @@ def test_v31_thinking_on_with_reasoning_in_reasoning_content_is_refused():
 def test_v31_thinking_off_is_prefix_stable_and_refuses_reasoning_it_would_drop():
     plain = [{**m, "content": m["content"].split("</think>")[-1]} for m in V31_CHAT]
     pairs, examples = examples_of([{"messages": plain}], V31)
-    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧"
+    )
     assert examples.stats["chat"]["rule_prefix"] == 2
     assert examples_of([{"messages": plain, "chat_template_kwargs": {"thinking": False}}], V31)[0] == pairs
     inline = {"messages": V31_CHAT}
@@ -370,8 +418,12 @@ def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_messa
     without = [char_tokenizer(chat_template=GLM, chat_tokens=True) for _ in range(2)]
     keys = [_cache_key("data", Recipe(t, TargetSettings())) for t in [tokenizer, *without]]
     assert keys[0] != keys[1] == keys[2]
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "add"},
+    ]
     pairs, examples = pairs_of([{"messages": chat}], tokenizer)
     # Each reply is trained through the <|user|> the model writes to stop; the first reply loses its reasoning in
     # history (and once a message follows it), so it is served in an example of its own.
@@ -382,18 +434,25 @@ def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_messa
     )
     # Reasoning tags that are plain text: the rewritten turn is found by its answer in the render that follows it.
     plain_tags = GLM.replace("<think>", "[t]").replace("</think>", "[/t]")
-    pairs, _ = pairs_of([{"messages": chat[:2]}], tokenizer_with_stops(tmp_path / "plain", plain_tags,
-                                                                         ["</s>", "<|user|>", "<|observation|>"]))
+    pairs, _ = pairs_of(
+        [{"messages": chat[:2]}],
+        tokenizer_with_stops(tmp_path / "plain", plain_tags, ["</s>", "<|user|>", "<|observation|>"]),
+    )
     assert pairs == expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n[t]greet[/t]\nYo<|user|>⟧")
     # A tool call is closed by <|observation|>, the final answer by <|user|>; the render serves both in one example.
-    tools = [{"role": "user", "content": "Temp?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-             {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]
+    tools = [
+        {"role": "user", "content": "Temp?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "name": "get_temp", "content": "7C"},
+        {"role": "assistant", "content": "7C."},
+    ]
     pairs, examples = pairs_of([{"messages": tools}], tokenizer)
     assert pairs == expected_examples(
         "[gMASK]<sop><|user|>\nTemp?<|assistant|>"
         "⟦\n<think></think>\n<tool_call>get_temp\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>"
         "<|observation|>⟧"
-        "\n<tool_response>7C</tool_response><|assistant|>⟦\n<think></think>\n7C.<|user|>⟧")
+        "\n<tool_response>7C</tool_response><|assistant|>⟦\n<think></think>\n7C.<|user|>⟧"
+    )
     assert examples.stats["chat"]["turns_trained"] == 2
 
 
@@ -403,15 +462,23 @@ def test_glm_style_generation_prompts_stop_on_the_token_training_ends_replies_wi
 
     tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
     # A reply ends where <|user|> begins, a tool call where <|observation|> does (the stop rule probes both).
-    assert reply_stop_ids(tokenizer, ChatRenderer(tokenizer, GLM)) == sorted(hand_ids("</s><|user|><|observation|>", True))
+    assert reply_stop_ids(tokenizer, ChatRenderer(tokenizer, GLM)) == sorted(
+        hand_ids("</s><|user|><|observation|>", True)
+    )
 
 
 def test_final_render_mode_trains_the_last_reply_through_the_token_a_next_message_writes(tmp_path):
     tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    want = expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think></think>\nYo<|user|>⟧\n2+2?"
-                             "<|assistant|>⟦\n<think></think>\n4<|user|>⟧")
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    want = expected_examples(
+        "[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think></think>\nYo<|user|>⟧\n2+2?"
+        "<|assistant|>⟦\n<think></think>\n4<|user|>⟧"
+    )
     for mode in ("as_served", "final_render"):
         settings = TargetSettings(chat_examples=mode)
         examples = prepare_examples([{"messages": chat}], tokenizer, settings, use_cache=False)
@@ -423,8 +490,9 @@ def test_the_docs_example_of_a_template_without_end_marker_still_renders():
     # docs/render_examples.py renders it with SmolLM2's tokenizer (not installed in CI); here with the tiny one.
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
-                                                                                  "render_examples.py"))
+    spec = importlib.util.spec_from_file_location(
+        "render_examples", os.path.join(TEMPLATES, "..", "..", "docs", "render_examples.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     block = module.no_end_marker(char_tokenizer(chat_template=CHATML))["as_served_glm"]
@@ -436,8 +504,9 @@ def test_the_docs_examples_of_the_reasoning_options_still_render():
     # docs/render_examples.py renders them with SmolLM2's tokenizer; here with the tiny one (one token per character).
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
-                                                                                  "render_examples.py"))
+    spec = importlib.util.spec_from_file_location(
+        "render_examples", os.path.join(TEMPLATES, "..", "..", "docs", "render_examples.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     blocks = module.reasoning(char_tokenizer(chat_template=CHATML))
@@ -450,8 +519,10 @@ def test_the_docs_examples_of_the_reasoning_options_still_render():
 def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
     tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
     pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)
-    assert pairs == expected_examples("<|user_start|>Hi<|user_end|><|assistant_start|>⟦Yo<|assistant_end|>⟧"
-                                      "<|user_start|>2+2?<|user_end|><|assistant_start|>⟦4<|assistant_end|>⟧")
+    assert pairs == expected_examples(
+        "<|user_start|>Hi<|user_end|><|assistant_start|>⟦Yo<|assistant_end|>⟧"
+        "<|user_start|>2+2?<|user_end|><|assistant_start|>⟦4<|assistant_end|>⟧"
+    )
 
 
 def test_a_next_message_token_that_does_not_stop_generation_is_not_trained():
@@ -495,13 +566,16 @@ def test_parts_reach_a_template_that_reads_them_with_their_thinking():
     # A template that reads strings gets the thinking as the message's reasoning (Qwen3 renders it in <think>).
     pairs, _ = examples_of([record], QWEN3)
     assert pairs == expected_examples(
-        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nadd\n</think>\n\n4<|im_end|>⟧\n")
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nadd\n</think>\n\n4<|im_end|>⟧\n"
+    )
 
 
 def test_a_thinking_part_the_template_drops_is_refused():
     # reads text parts, skips every other part
-    text_only = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | selectattr('type', "
-                               "'equalto', 'text') | map(attribute='text') | join) + '<|im_end|>'")
+    text_only = CHATML.replace(
+        "message['content'] + '<|im_end|>'",
+        "(message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join) + '<|im_end|>'",
+    )
     thinks = [{"type": "thinking", "thinking": "add"}, {"type": "text", "text": "4"}]
     chat = [{"role": "user", "content": text("2+2?")}, {"role": "assistant", "content": thinks}]
     with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
@@ -511,8 +585,11 @@ def test_a_thinking_part_the_template_drops_is_refused():
 def test_a_part_that_is_not_text_is_refused_naming_the_record_and_the_part():
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     chat = [{"role": "user", "content": text("What is it?") + [image]}, {"role": "assistant", "content": "A cat."}]
-    with pytest.raises(DataError, match=r"record 1, field 'messages\[0\]\.content\[1\]\.type': a 'image_url' "
-                                        r"content part cannot be trained on"):
+    with pytest.raises(
+        DataError,
+        match=r"record 1, field 'messages\[0\]\.content\[1\]\.type': a 'image_url' "
+        r"content part cannot be trained on",
+    ):
         examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
     with pytest.raises(DataError, match=r"field 'messages\[1\]\.content\[0\]\.text': must be a string"):
         examples_of([{"messages": [chat[1], {"role": "assistant", "content": [{"type": "text", "text": 4}]}]}], CHATML)
@@ -522,24 +599,37 @@ def test_a_part_that_is_not_text_is_refused_naming_the_record_and_the_part():
 
 
 def tool_records(**extra):
-    messages = [{"role": "user", "content": "Temp in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
-                {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]
+    messages = [
+        {"role": "user", "content": "Temp in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "name": "get_temp", "content": "7C"},
+        {"role": "assistant", "content": "7C."},
+    ]
     return {"messages": messages, **extra}
 
 
 LLAMA_EXPECTED = (
     "<s><|start_header_id|>user<|end_header_id|>\n\nFunctions:\n" + json.dumps(TEMP_TOOL) + "\nTemp in Oslo?<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦" + json.dumps({"name": "get_temp", "arguments": {"city": "Oslo"}}) + "<|eot_id|>⟧"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦"
+    + json.dumps({"name": "get_temp", "arguments": {"city": "Oslo"}})
+    + "<|eot_id|>⟧"
     "<|start_header_id|>tool<|end_header_id|>\n\n7C<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n⟦7C.<|eot_id|>⟧"
 )
 
 
-@pytest.mark.parametrize("record, settings", [
-    (tool_records(tools=[TEMP_TOOL]), {}),
-    (tool_records(tools=json.dumps([TEMP_TOOL])), {}),                         # tools as JSON text (datasets store them so)
-    (tool_records(), {"tools": [TEMP_TOOL]}),                                  # dataset-wide tools
-    (tool_records(tools=[TEMP_TOOL]), {"tools": [{"type": "function", "function": {"name": "other"}}]}),  # the record's win
-], ids=["list", "json-text", "config", "record-wins"])
+@pytest.mark.parametrize(
+    "record, settings",
+    [
+        (tool_records(tools=[TEMP_TOOL]), {}),
+        (tool_records(tools=json.dumps([TEMP_TOOL])), {}),  # tools as JSON text (datasets store them so)
+        (tool_records(), {"tools": [TEMP_TOOL]}),  # dataset-wide tools
+        (
+            tool_records(tools=[TEMP_TOOL]),
+            {"tools": [{"type": "function", "function": {"name": "other"}}]},
+        ),  # the record's win
+    ],
+    ids=["list", "json-text", "config", "record-wins"],
+)
 def test_tools_are_rendered_into_the_prompt(record, settings):
     pairs, _ = examples_of([record], LLAMA_TOOLS, **settings)
     assert pairs == expected_examples(LLAMA_EXPECTED)
@@ -549,9 +639,16 @@ def test_tools_are_rendered_into_the_prompt(record, settings):
 def test_tool_call_arguments_as_object_or_text_and_empty_content_are_one_thing():
     as_text = tool_records(tools=[TEMP_TOOL])
     as_object = json.loads(json.dumps(as_text))
-    as_object["messages"][1] = {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "function": {"name": "get_temp", "arguments": {"city": "Oslo"}}}]}
-    assert examples_of([as_text], LLAMA_TOOLS)[0] == examples_of([as_object], LLAMA_TOOLS)[0] == expected_examples(LLAMA_EXPECTED)
+    as_object["messages"][1] = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_1", "function": {"name": "get_temp", "arguments": {"city": "Oslo"}}}],
+    }
+    assert (
+        examples_of([as_text], LLAMA_TOOLS)[0]
+        == examples_of([as_object], LLAMA_TOOLS)[0]
+        == expected_examples(LLAMA_EXPECTED)
+    )
 
 
 # DeepSeek style: a tool call's arguments joined to the text as they are, so the template reads JSON text.
@@ -563,14 +660,18 @@ JOINS_TEXT = (
     "{%- endfor %}{{- eos_token }}{%- elif m.role == 'tool' %}{{- '<tool_response>' + m.content + '</tool_response>' }}"
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|Assistant|>' }}{%- endif %}"
 )
-JOINS_EXPECTED = ('<|User|>Temp in Oslo?<|Assistant|>⟦<tool_call>get_temp\n{"city": "Oslo"}</tool_call></s>⟧'
-                  "<tool_response>7C</tool_response><|Assistant|>⟦7C.</s>⟧")
+JOINS_EXPECTED = (
+    '<|User|>Temp in Oslo?<|Assistant|>⟦<tool_call>get_temp\n{"city": "Oslo"}</tool_call></s>⟧'
+    "<tool_response>7C</tool_response><|Assistant|>⟦7C.</s>⟧"
+)
 
 
-@pytest.mark.parametrize("arguments", ['{"city": "Oslo"}', '{"city":"Oslo"}', {"city": "Oslo"}],
-                         ids=["text", "compact-text", "object"])
-@pytest.mark.parametrize("template, want", [(LLAMA_TOOLS, LLAMA_EXPECTED), (JOINS_TEXT, JOINS_EXPECTED)],
-                         ids=["reads-objects", "joins-text"])
+@pytest.mark.parametrize(
+    "arguments", ['{"city": "Oslo"}', '{"city":"Oslo"}', {"city": "Oslo"}], ids=["text", "compact-text", "object"]
+)
+@pytest.mark.parametrize(
+    "template, want", [(LLAMA_TOOLS, LLAMA_EXPECTED), (JOINS_TEXT, JOINS_EXPECTED)], ids=["reads-objects", "joins-text"]
+)
 def test_tool_call_arguments_in_the_form_the_template_reads(template, want, arguments):
     # A probe call rendered both ways decides: Llama's tojson gets an object, DeepSeek's join gets JSON text;
     # either way the arguments are written as JSON once (never a Python dict, never JSON inside a JSON string).
@@ -582,18 +683,28 @@ def test_tool_call_arguments_in_the_form_the_template_reads(template, want, argu
 
 def test_a_template_that_writes_arguments_wrongly_either_way_is_refused():
     twice = JOINS_TEXT.replace("c.function.arguments", "(c.function.arguments | tojson | tojson)")
-    with pytest.raises(DataError, match=r"record 0, field 'chat_template': .*renders tool-call arguments neither from "
-                                        r"an object nor from JSON text as JSON once"):
+    with pytest.raises(
+        DataError,
+        match=r"record 0, field 'chat_template': .*renders tool-call arguments neither from "
+        r"an object nor from JSON text as JSON once",
+    ):
         examples_of([tool_records()], twice)
 
 
 def test_bad_tool_calls_are_named():
     record = tool_records()
-    record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "get_temp", "arguments": "{city: Oslo}"}}]
-    with pytest.raises(DataError, match=r"record 0, field 'messages\[1\]\.tool_calls\[0\]\.function\.arguments': arguments are not valid JSON"):
+    record["messages"][1]["tool_calls"] = [
+        {"type": "function", "function": {"name": "get_temp", "arguments": "{city: Oslo}"}}
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"record 0, field 'messages\[1\]\.tool_calls\[0\]\.function\.arguments': arguments are not valid JSON",
+    ):
         examples_of([record], LLAMA_TOOLS)
     record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"arguments": {}}}]
-    with pytest.raises(DataError, match=r"field 'messages\[1\]\.tool_calls\[0\]\.function\.name': a tool call needs a function name"):
+    with pytest.raises(
+        DataError, match=r"field 'messages\[1\]\.tool_calls\[0\]\.function\.name': a tool call needs a function name"
+    ):
         examples_of([record], LLAMA_TOOLS)
     with pytest.raises(DataError, match=r"field 'tools': is not valid JSON"):
         examples_of([tool_records(tools="[{")], LLAMA_TOOLS)
@@ -602,19 +713,28 @@ def test_bad_tool_calls_are_named():
 def test_a_template_failing_on_a_record_in_python_is_a_clear_error():
     # Adds a number to text whatever form the arguments come in (a template joining them as text, as DeepSeek's
     # do, now gets them as text: see test_tool_call_arguments_in_the_form_the_template_reads).
-    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
-             "{{ '<|call|>' + c.function.arguments | length }}"
-             "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}")
-    with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
-                                        r"found TemplateError: TypeError: can only concatenate str"):
+    joins = (
+        "{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
+        "{{ '<|call|>' + c.function.arguments | length }}"
+        "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"record 0, field 'chat_template': the chat template failed on this record; "
+        r"found TemplateError: TypeError: can only concatenate str",
+    ):
         examples_of([tool_records()], joins)
 
 
 # ---------------------------------------------------------------- which messages are trained
 
 
-CHATML_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-               {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+CHATML_CHAT = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Yo"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 CHATML_TEXT = "<|im_start|>user\n{0}Hi{1}\n<|im_start|>assistant\n{2}Yo<|im_end|>{3}\n<|im_start|>user\n{4}2+2?{5}\n<|im_start|>assistant\n{6}4<|im_end|>{7}\n"
 
 
@@ -635,11 +755,15 @@ def test_a_message_marked_train_false_is_context_only():
 
 
 def test_train_on_roles_and_a_user_message_marked_train_true():
-    pairs, _ = examples_of([{"messages": CHATML_CHAT}], None, chat_template="chatml", train_on_roles=("assistant", "user"))
+    pairs, _ = examples_of(
+        [{"messages": CHATML_CHAT}], None, chat_template="chatml", train_on_roles=("assistant", "user")
+    )
     assert pairs == expected_examples(chatml_marked(0, 1, 2, 3))
     chat = [dict(m) for m in CHATML_CHAT]
     chat[2]["train"] = True
-    assert examples_of([{"messages": chat}], None, chat_template="chatml")[0] == expected_examples(chatml_marked(1, 2, 3))
+    assert examples_of([{"messages": chat}], None, chat_template="chatml")[0] == expected_examples(
+        chatml_marked(1, 2, 3)
+    )
 
 
 def test_train_flag_must_be_a_boolean():
@@ -652,40 +776,63 @@ def test_train_flag_must_be_a_boolean():
 # ---------------------------------------------------------------- the self-check
 
 
-DROPS_REASONING = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+DROPS_REASONING = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
-@pytest.mark.parametrize("template, problem", [
-    # renders the reply only when another message follows: the last turn's span holds no reply
-    ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if not loop.last %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}"
-     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "does not hold its content"),
-    # writes only the header for a last reply (Qwen3's multi-turn bug had this shape): the span is empty
-    ("{% for m in messages %}{% if loop.last and m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-     "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "the turn's trained text is empty"),
-    # writes the reply but nothing after it: the model would never learn to stop
-    ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
-     "does not end with an end-of-turn token"),
-    (DROPS_REASONING, "does not hold its reasoning"),
-], ids=["reply-missing", "empty-span", "no-end-marker", "reasoning-dropped"])
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        # renders the reply only when another message follows: the last turn's span holds no reply
+        (
+            "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if not loop.last %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+            "does not hold its content",
+        ),
+        # writes only the header for a last reply (Qwen3's multi-turn bug had this shape): the span is empty
+        (
+            "{% for m in messages %}{% if loop.last and m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+            "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+            "the turn's trained text is empty",
+        ),
+        # writes the reply but nothing after it: the model would never learn to stop
+        (
+            "{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+            "does not end with an end-of-turn token",
+        ),
+        (DROPS_REASONING, "does not hold its reasoning"),
+    ],
+    ids=["reply-missing", "empty-span", "no-end-marker", "reasoning-dropped"],
+)
 def test_the_self_check_refuses_a_turn_that_would_train_wrongly(template, problem):
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
     if "reasoning" in problem:
         record["messages"][1]["reasoning_content"] = "greet"
-    with pytest.raises(DataError, match=rf"^list\(1 records\), record 0, field 'messages\[1\]': the chat template cannot serve assistant turn messages\[1\] "
-                                        rf"as written: .*{problem}"):
+    with pytest.raises(
+        DataError,
+        match=rf"^list\(1 records\), record 0, field 'messages\[1\]': the chat template cannot serve assistant turn messages\[1\] "
+        rf"as written: .*{problem}",
+    ):
         examples_of([record], template)
 
 
 def test_a_turn_that_fails_the_self_check_is_counted_and_skipped_on_request():
-    with_reasoning = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]}
+    with_reasoning = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+        ]
+    }
     plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
     pairs, examples = examples_of([with_reasoning, plain], DROPS_REASONING, skip_invalid_records=True)
     assert pairs == expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo<|im_end|>⟧\n")
     assert examples.record_index.tolist() == [1]
     assert examples.stats["skipped_invalid"] == {
-        "chat template cannot serve messages[]: the turn's trained text does not hold its reasoning": 1}
+        "chat template cannot serve messages[]: the turn's trained text does not hold its reasoning": 1
+    }
 
 
 # ---------------------------------------------------------------- reported where users look
@@ -699,23 +846,56 @@ def test_inspect_and_the_training_log_report_the_split():
     assert rows["  extra examples"] == "2"
     assert rows["  extra tokens"] == str(examples.stats["chat"]["extra_tokens"])
     assert _chat_summary(examples.stats["chat"]) == (
-        f"; 3 conversation turns trained, 1 records split as served into 2 extra examples (+{examples.stats['chat']['extra_tokens']} tokens)")
+        f"; 3 conversation turns trained, 1 records split as served into 2 extra examples (+{examples.stats['chat']['extra_tokens']} tokens)"
+    )
 
 
 # ---------------------------------------------------------------- the rule, checked against transformers' renders
 
 
-@pytest.mark.parametrize("template, record", [
-    (QWEN3, {"messages": agent_chat(), "tools": [TEMP_TOOL]}),
-    (QWEN3, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
-    (QWEN3, {"messages": without_reasoning(agent_chat()), "chat_template_kwargs": {"enable_thinking": False}, "tools": [TEMP_TOOL]}),
-    (HARMONY, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
-    (HARMONY, {"messages": agent_chat(), "tools": [TEMP_TOOL], "chat_template_kwargs": {"reasoning_effort": "low"}}),
-    (OPENS_THINK, {"messages": [m for m in agent_chat() if not m.get("tool_calls") and m["role"] != "tool"][1:]}),
-    (R1, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
-                       {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]}),
-    (LLAMA_TOOLS, tool_records(tools=[TEMP_TOOL])),
-], ids=["qwen3", "qwen3-tool-reasoning", "qwen3-no-thinking", "harmony", "harmony-low", "opens-think", "r1", "llama-tools"])
+@pytest.mark.parametrize(
+    "template, record",
+    [
+        (QWEN3, {"messages": agent_chat(), "tools": [TEMP_TOOL]}),
+        (QWEN3, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
+        (
+            QWEN3,
+            {
+                "messages": without_reasoning(agent_chat()),
+                "chat_template_kwargs": {"enable_thinking": False},
+                "tools": [TEMP_TOOL],
+            },
+        ),
+        (HARMONY, {"messages": agent_chat(tool_reasoning="use it"), "tools": [TEMP_TOOL]}),
+        (
+            HARMONY,
+            {"messages": agent_chat(), "tools": [TEMP_TOOL], "chat_template_kwargs": {"reasoning_effort": "low"}},
+        ),
+        (OPENS_THINK, {"messages": [m for m in agent_chat() if not m.get("tool_calls") and m["role"] != "tool"][1:]}),
+        (
+            R1,
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nYo"},
+                    {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+                ]
+            },
+        ),
+        (LLAMA_TOOLS, tool_records(tools=[TEMP_TOOL])),
+    ],
+    ids=[
+        "qwen3",
+        "qwen3-tool-reasoning",
+        "qwen3-no-thinking",
+        "harmony",
+        "harmony-low",
+        "opens-think",
+        "r1",
+        "llama-tools",
+    ],
+)
 def test_every_assistant_turn_is_trained_once_after_exactly_what_inference_feeds(template, record):
     assert_every_turn_trained_once_as_served(record, template)
 
@@ -732,8 +912,17 @@ def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
     model = save_tiny_llama(str(tmp_path / "model"), tokenizer)
     data = tmp_path / "agent.jsonl"
     data.write_text("".join(json.dumps({"messages": agent_chat(), "tools": [TEMP_TOOL]}) + "\n" for _ in range(3)))
-    result = train(SFTConfig(model=model, train_data=str(data), output_dir=str(tmp_path / "run"), max_steps=2,
-                             per_device_train_batch_size=3, logging_steps=1, use_cache=False))
+    result = train(
+        SFTConfig(
+            model=model,
+            train_data=str(data),
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            per_device_train_batch_size=3,
+            logging_steps=1,
+            use_cache=False,
+        )
+    )
     summary = [r for r in result.history if r["type"] == "data"][0]
     assert summary["examples"] == 9 and summary["chat"]["records_split"] == 3 and summary["chat"]["extra_examples"] == 6
     assert all(r["supervised_tokens"] > 0 for r in result.history if r["type"] == "train")
@@ -747,11 +936,17 @@ def test_train_and_inspect_on_a_history_rewriting_template(tmp_path, capsys):
 
 # ---------------------------------------------------------------- reasoning the data lacks (reasoning_when_missing)
 
-PLAIN_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+PLAIN_CHAT = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Yo"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 # Qwen3-style with a generation prompt that opens the thinking, as thinking-only models' templates have it.
-QWEN3_OPENS = QWEN3.replace("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
-                            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}")
+QWEN3_OPENS = QWEN3.replace(
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}",
+)
 # ... and a think block only for a reasoning that is not empty (MiniMax-M2 style) or that is given at all.
 QWEN3_OPENS_NONEMPTY = QWEN3_OPENS.replace("(loop.last or reasoning)", "reasoning")
 QWEN3_OPENS_GIVEN = QWEN3_OPENS.replace("(loop.last or reasoning)", "m.reasoning_content is defined")
@@ -761,14 +956,18 @@ def test_qwen3_style_opened_thinking_and_a_plain_reply():
     assert QWEN3_OPENS != QWEN3 and QWEN3_OPENS_NONEMPTY != QWEN3_OPENS != QWEN3_OPENS_GIVEN
     head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     history = head + "Yo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
-    want = expected_examples(history + "<think>\n⟦\n</think>\n\n4<|im_end|>⟧\n",
-                             head + "<think>\n⟦\n</think>\n\nYo<|im_end|>⟧\n")
+    want = expected_examples(
+        history + "<think>\n⟦\n</think>\n\n4<|im_end|>⟧\n", head + "<think>\n⟦\n</think>\n\nYo<|im_end|>⟧\n"
+    )
     # A template that writes the empty think block of a last reply continues its own opening: served as is.
     assert examples_of([{"messages": PLAIN_CHAT}], QWEN3_OPENS)[0] == want
     for template in (QWEN3_OPENS_NONEMPTY, QWEN3_OPENS_GIVEN):
         # Its render of a plain reply does not continue "<think>\n": refused, naming the option.
-        with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>\\n'.*"
-                                            r"reasoning_when_missing: empty"):
+        with pytest.raises(
+            DataError,
+            match=r"messages\[1\].*the generation prompt ends with '<think>\\n'.*"
+            r"reasoning_when_missing: empty",
+        ):
             examples_of([{"messages": PLAIN_CHAT}], template)
         # empty: the model closes the opened thinking at once, with the text the template writes after a reasoning.
         pairs, examples = examples_of([{"messages": PLAIN_CHAT}], template, reasoning_when_missing="empty")
@@ -786,8 +985,11 @@ def test_qwen3_style_opened_thinking_and_a_plain_reply():
 
 def test_v31_thinking_on_plain_replies_close_the_thinking_with_the_templates_own_closing():
     record = {"messages": PLAIN_CHAT, "chat_template_kwargs": THINKING}
-    with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>'.*"
-                                        r"reasoning_when_missing: empty"):
+    with pytest.raises(
+        DataError,
+        match=r"messages\[1\].*the generation prompt ends with '<think>'.*"
+        r"reasoning_when_missing: empty",
+    ):
         examples_of([record], V31)
     # The template renders a reply as "</think>" + answer: that closing follows the prompt's "<think>".
     pairs, examples = examples_of([record], V31, reasoning_when_missing="empty")
@@ -800,18 +1002,24 @@ def test_v31_thinking_on_plain_replies_close_the_thinking_with_the_templates_own
     # Thinking off: the generation prompt opens nothing, so the option changes nothing.
     plain = examples_of([{"messages": PLAIN_CHAT}], V31, reasoning_when_missing="empty")
     assert plain[0] == expected_examples(
-        "<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+        "<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧"
+    )
     assert plain[1].stats["chat"]["turns_empty_reasoning"] == 0
 
 
 def test_a_template_that_writes_no_closing_for_an_empty_reasoning_is_refused_even_with_empty():
     # R1 cuts the thinking from every reply and never reads reasoning_content: no render of it closes "<think>\n".
-    with pytest.raises(DataError, match=r"messages\[1\].*writes no text that closes it for an empty reasoning.*"
-                                        r"fix: write the reply in content as the model writes it after '<think>\\n'"):
+    with pytest.raises(
+        DataError,
+        match=r"messages\[1\].*writes no text that closes it for an empty reasoning.*"
+        r"fix: write the reply in content as the model writes it after '<think>\\n'",
+    ):
         examples_of([{"messages": PLAIN_CHAT}], R1, reasoning_when_missing="empty")
     # The way out the fix names: the empty reasoning written inline.
-    inline = [{**m, "content": "<think>\n\n</think>\n\n" + m["content"]} if m["role"] == "assistant" else m
-              for m in PLAIN_CHAT]
+    inline = [
+        {**m, "content": "<think>\n\n</think>\n\n" + m["content"]} if m["role"] == "assistant" else m
+        for m in PLAIN_CHAT
+    ]
     want = expected_examples("<s><|User|>Hi<|Assistant|><think>\n⟦\n</think>\n\nYo</s>⟧")[0]
     assert examples_of([{"messages": inline}], R1)[0][1] == want
 
@@ -830,12 +1038,16 @@ DROPS_FINAL_REASONING = (
 
 def test_reasoning_the_template_drops_is_refused_or_trained_as_rendered():
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
-    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning.*chat_template.*"
-                                        r"reasoning_when_dropped: as_rendered"):
+    with pytest.raises(
+        DataError,
+        match=r"messages\[1\].*does not hold its reasoning.*chat_template.*"
+        r"reasoning_when_dropped: as_rendered",
+    ):
         examples_of([{"messages": chat}], DROPS_FINAL_REASONING)
     pairs, examples = examples_of([{"messages": chat}], DROPS_FINAL_REASONING, reasoning_when_dropped="as_rendered")
     assert pairs == expected_examples(
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think></think>Yo<|im_end|>⟧\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦<think></think>Yo<|im_end|>⟧\n"
+    )
     assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
     # DeepSeek-V3.1 with thinking off drops it too; the answer and the end marker are still checked.
     in_field = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
@@ -843,9 +1055,13 @@ def test_reasoning_the_template_drops_is_refused_or_trained_as_rendered():
     assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧")
     assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
     with pytest.raises(DataError, match=r"messages\[1\].*does not hold its content"):
-        examples_of([{"messages": [chat[0], {**chat[1], "content": "Yo"}]}], DROPS_FINAL_REASONING.replace(
-            "m.content + '<|im_end|>", "(m.content if m.role != 'assistant' else '') + '<|im_end|>"),
-            reasoning_when_dropped="as_rendered")
+        examples_of(
+            [{"messages": [chat[0], {**chat[1], "content": "Yo"}]}],
+            DROPS_FINAL_REASONING.replace(
+                "m.content + '<|im_end|>", "(m.content if m.role != 'assistant' else '') + '<|im_end|>"
+            ),
+            reasoning_when_dropped="as_rendered",
+        )
 
 
 # ---------------------------------------------------------------- train_on_reasoning: false
@@ -853,13 +1069,17 @@ def test_reasoning_the_template_drops_is_refused_or_trained_as_rendered():
 
 def test_qwen3_reasoning_as_context_inside_each_turn():
     pairs, examples = examples_of([{"messages": agent_chat(), "tools": [TEMP_TOOL]}], QWEN3, train_on_reasoning=False)
-    head = ("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
-            "<|im_start|>user\nHi<|im_end|>\n")
+    head = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+    )
     call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
     # Each reasoning's text is context; its tags, the answer, the tool call and <|im_end|> are trained.
     assert pairs == expected_examples(
-        head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
-        + call + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
+        head
+        + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        + call
+        + "\n<|im_start|>user\n<tool_response>\n7C\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n⟦<think>\n⟧read it⟦\n</think>\n\n7C in Oslo.<|im_end|>⟧\n",
         head + "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
         "⟦<think>\n\n</think>\n\n" + call + "⟧\n",
@@ -914,7 +1134,8 @@ def test_a_token_across_the_reasoning_edge_is_context_and_the_ids_are_the_turns_
     assert examples.stats["chat"]["reasoning_tokens_context"] == 3
     # With the reasoning trained the ids are the same: only the targets differ.
     assert examples_of([{"messages": chat}], THOUGHT_AFTER_SPACE)[0] == [
-        (input_ids, shift_labels([X] * len(prompt) + think + reasoning + answer + [X]))]
+        (input_ids, shift_labels([X] * len(prompt) + think + reasoning + answer + [X]))
+    ]
 
 
 def test_reasoning_tokens_cut_by_truncation_are_not_counted():
@@ -942,13 +1163,16 @@ def test_a_message_weight_is_the_train_flag_as_0_or_1():
     assert examples.stats["chat"]["turns_trained"] == 2
 
 
-@pytest.mark.parametrize("weight, train, problem", [
-    (0.5, None, r"fractional message weights are not supported; found float 0\.5.*fix: give 0 or 1"),
-    (2, None, r"must be 0 or 1; found int 2"),
-    ("1", None, r"must be 0 or 1; found str '1'"),
-    (True, None, r"must be 0 or 1; found bool True"),
-    (0, True, r"contradicts the message's \"train\" flag"),
-])
+@pytest.mark.parametrize(
+    "weight, train, problem",
+    [
+        (0.5, None, r"fractional message weights are not supported; found float 0\.5.*fix: give 0 or 1"),
+        (2, None, r"must be 0 or 1; found int 2"),
+        ("1", None, r"must be 0 or 1; found str '1'"),
+        (True, None, r"must be 0 or 1; found bool True"),
+        (0, True, r"contradicts the message's \"train\" flag"),
+    ],
+)
 def test_a_weight_other_than_0_or_1_is_refused_naming_the_record_and_field(weight, train, problem):
     chat = [dict(m) for m in CHATML_CHAT]
     chat[1]["weight"] = weight

@@ -20,8 +20,8 @@ from collections import Counter
 import pytest
 import yaml
 
-from sftlab.data.chat import CHATML
 from sftlab.cli import main
+from sftlab.data.chat import CHATML
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
 
@@ -36,7 +36,13 @@ def places(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_inputs")
     model = save_tiny_llama(str(root / "model"), char_tokenizer(CHATML))
     damaged = {}
-    for name in ("model_no_weights", "model_truncated_weights", "model_empty_weights", "model_no_config", "model_bad_config"):
+    for name in (
+        "model_no_weights",
+        "model_truncated_weights",
+        "model_empty_weights",
+        "model_no_config",
+        "model_bad_config",
+    ):
         damaged[name] = shutil.copytree(model, str(root / name))
     os.remove(os.path.join(damaged["model_no_weights"], "model.safetensors"))
     weights = os.path.join(damaged["model_truncated_weights"], "model.safetensors")
@@ -139,8 +145,18 @@ def test_bad_input(case, places, tmp_path, capsys):
 
 def test_counted_skip_names_the_reasons(places, tmp_path, capsys):
     """A skip is counted per reason, so a user can see which problem to fix first."""
-    argv = fill(["inspect", "{configs}/base.yaml", "model={model}", "train_data={data}/some_invalid.jsonl",
-                 "skip_invalid_records=true", "--json"], places, str(tmp_path))
+    argv = fill(
+        [
+            "inspect",
+            "{configs}/base.yaml",
+            "model={model}",
+            "train_data={data}/some_invalid.jsonl",
+            "skip_invalid_records=true",
+            "--json",
+        ],
+        places,
+        str(tmp_path),
+    )
     assert main(argv) == 0
     skipped = json.loads(capsys.readouterr().out)["stats"]["skipped_invalid"]
     assert skipped == {
@@ -153,7 +169,11 @@ def test_counted_skip_names_the_reasons(places, tmp_path, capsys):
 def test_debug_raises_the_error_itself(places, tmp_path):
     from sftlab.errors import DataError
 
-    argv = fill(["--debug", "inspect", "{configs}/base.yaml", "model={model}", "train_data={data}/text_none.jsonl"], places, str(tmp_path))
+    argv = fill(
+        ["--debug", "inspect", "{configs}/base.yaml", "model={model}", "train_data={data}/text_none.jsonl"],
+        places,
+        str(tmp_path),
+    )
     with pytest.raises(DataError, match="record 1, field 'text'"):
         main(argv)
 

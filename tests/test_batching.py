@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sftlab.training.batching import best_fit_decreasing, pack_batch, pad_batch, plan_epoch
 from sftlab.data.container import IGNORE, Examples
+from sftlab.training.batching import best_fit_decreasing, pack_batch, pad_batch, plan_epoch
 
 X = IGNORE
 
@@ -109,7 +109,10 @@ def test_best_fit_gives_the_bins_of_the_reference(seed):
             lengths = rng.integers(1, max(2, capacity // 3), size=n)
         else:
             lengths = rng.choice([0, 1, min(2, capacity), max(1, capacity // 2), capacity], size=n)
-        assert best_fit_decreasing(lengths, capacity) == reference_best_fit_decreasing(lengths, capacity), (capacity, lengths.tolist())
+        assert best_fit_decreasing(lengths, capacity) == reference_best_fit_decreasing(lengths, capacity), (
+            capacity,
+            lengths.tolist(),
+        )
 
 
 def test_best_fit_at_scale_matches_the_reference():
@@ -182,10 +185,20 @@ def test_plan_group_by_length_keeps_similar_lengths_together():
 def test_plan_without_shuffle_keeps_the_data_order():
     plan = plan_epoch(np.arange(1, 12), batch_size=2, accumulation=2, world_size=1, seed=0, epoch=0, shuffle=False)
     assert plan == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9], [10]]]
-    assert plan == plan_epoch(np.arange(1, 12), batch_size=2, accumulation=2, world_size=1, seed=9, epoch=3, shuffle=False)
+    assert plan == plan_epoch(
+        np.arange(1, 12), batch_size=2, accumulation=2, world_size=1, seed=9, epoch=3, shuffle=False
+    )
     # Grouping by length still sorts inside the mega-batch, and the steps stay in that order.
-    grouped = plan_epoch(np.array([3, 9, 1, 7]), batch_size=2, accumulation=1, world_size=1, seed=0, epoch=0,
-                         group_by_length=True, shuffle=False)
+    grouped = plan_epoch(
+        np.array([3, 9, 1, 7]),
+        batch_size=2,
+        accumulation=1,
+        world_size=1,
+        seed=0,
+        epoch=0,
+        group_by_length=True,
+        shuffle=False,
+    )
     assert grouped == [[[1, 3]], [[0, 2]]]
 
 

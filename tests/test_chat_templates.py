@@ -8,7 +8,6 @@ special token); the texts avoid the merges he / ll / ok / " a" except where a te
 
 from __future__ import annotations
 
-
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
@@ -28,7 +27,9 @@ def generation_spans(tokenizer, template: str, messages: list[dict]) -> tuple[st
     from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
 
     special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    text, spans = _render_with_assistant_indices(_compile_jinja_template(template), messages, None, None, False, **special)
+    text, spans = _render_with_assistant_indices(
+        _compile_jinja_template(template), messages, None, None, False, **special
+    )
     return text, [tuple(s) for s in spans]
 
 
@@ -39,8 +40,9 @@ def _reply(body: str, tags: bool) -> str:
 def chatml(tags: bool) -> str:
     return (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{% if message['role'] == 'assistant' %}" + _reply("{{ message['content'] + '<|im_end|>' }}", tags) +
-        "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if message['role'] == 'assistant' %}"
+        + _reply("{{ message['content'] + '<|im_end|>' }}", tags)
+        + "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
 
@@ -50,8 +52,9 @@ def llama3(tags: bool) -> str:
     return (
         "{{ bos_token }}{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-        "{% if message['role'] == 'assistant' %}" + _reply("{{ message['content'] | trim }}{{ '<|eot_id|>' }}", tags) +
-        "{% else %}{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{% if message['role'] == 'assistant' %}"
+        + _reply("{{ message['content'] | trim }}{{ '<|eot_id|>' }}", tags)
+        + "{% else %}{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     )
 
@@ -74,7 +77,9 @@ def gemma(tags: bool) -> str:
         "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
         "{% set loop_messages = messages[1:] %}{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
         "{% for message in loop_messages %}{% if message['role'] == 'assistant' %}"
-        "{{ '<start_of_turn>model\n' }}" + _reply("{{ message['content'] | trim }}{{ '<end_of_turn>' }}", tags) + "{{ '\n' }}"
+        "{{ '<start_of_turn>model\n' }}"
+        + _reply("{{ message['content'] | trim }}{{ '<end_of_turn>' }}", tags)
+        + "{{ '\n' }}"
         "{% else %}{{ '<start_of_turn>user\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     )
@@ -85,7 +90,8 @@ def phi3(tags: bool) -> str:
     # prompt follows: text that closes the conversation and belongs to no turn.
     return (
         "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
-        + _reply("{{ message['content'] + '<|end|>' }}", tags) + "{{ '\n' }}"
+        + _reply("{{ message['content'] + '<|end|>' }}", tags)
+        + "{{ '\n' }}"
         "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
     )
@@ -139,6 +145,7 @@ FAMILIES = {
 
 
 # ---------------------------------------------------------------- hand tokenization of the expected renders
+
 
 def expected(text: str) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
     """(rendered text, input_ids, targets, supervised character spans) of a render marked with ⟦ ⟧."""
@@ -194,7 +201,9 @@ def test_supervised_text_agrees_with_the_generation_tags(family):
     assert generation_spans(char_tokenizer(), template(True), MULTI_TURN) == (text, spans)
     # sftlab does not read the tags: it finds the same spans by rendering prefixes.
     assert renderer.conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
-    assert ChatRenderer(char_tokenizer(), template(False)).conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
+    assert ChatRenderer(char_tokenizer(), template(False)).conversation_examples(MULTI_TURN, [2, 4]).examples == [
+        (text, spans)
+    ]
 
 
 @families
@@ -212,7 +221,9 @@ def test_assistant_only_loss_off_trains_on_everything(family, tags):
     template, marked, _ = FAMILIES[family]
     _, input_ids, _, _ = expected(marked)
     tokenizer = char_tokenizer(chat_template=template(tags))
-    assert prepare([{"messages": MULTI_TURN}], tokenizer, assistant_only_loss=False) == [(input_ids, input_ids[1:] + [X])]
+    assert prepare([{"messages": MULTI_TURN}], tokenizer, assistant_only_loss=False) == [
+        (input_ids, input_ids[1:] + [X])
+    ]
 
 
 @families
@@ -224,7 +235,9 @@ def test_prompt_tokens_are_what_inference_feeds(family):
     starts = [t + 1 for t in range(len(targets)) if targets[t] != X and (t == 0 or targets[t - 1] == X)]
     assert len(starts) == 2
     for start, turn in zip(starts, [2, 4]):
-        fed = tokenizer.apply_chat_template(MULTI_TURN[:turn], add_generation_prompt=True, tokenize=True, return_dict=False)
+        fed = tokenizer.apply_chat_template(
+            MULTI_TURN[:turn], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert input_ids[:start] == fed
 
 
@@ -268,7 +281,9 @@ def test_no_double_bos_when_the_template_writes_bos(family):
 def test_chat_adds_no_bos_the_template_does_not_write():
     # Same as apply_chat_template: the template alone decides the special tokens of a conversation.
     _, input_ids, targets, _ = expected(FAMILIES["chatml"][2])
-    assert prepare([{"messages": SINGLE_TURN}], char_tokenizer(chat_template=chatml(False), bos=True)) == [(input_ids, targets)]
+    assert prepare([{"messages": SINGLE_TURN}], char_tokenizer(chat_template=chatml(False), bos=True)) == [
+        (input_ids, targets)
+    ]
 
 
 def test_reply_with_merges_is_supervised_whole():
@@ -285,7 +300,9 @@ def test_reply_with_merges_is_supervised_whole():
 def test_truncation_inside_the_last_reply():
     _, input_ids, targets, _ = expected(FAMILIES["chatml"][2])  # ... assistant\n Yo <|im_end|> \n
     examples = prepare_examples(
-        [{"messages": SINGLE_TURN}], char_tokenizer(chat_template=chatml(False)), TargetSettings(max_length=len(input_ids) - 2),
+        [{"messages": SINGLE_TURN}],
+        char_tokenizer(chat_template=chatml(False)),
+        TargetSettings(max_length=len(input_ids) - 2),
         use_cache=False,
     )
     # Cut after "Y": the last position cannot see the "o" that was cut, so its target is -100 too.
@@ -324,7 +341,11 @@ ECHO = [
 @pytest.mark.parametrize(
     "messages, main, extra",
     [
-        (MULTI_TURN, "<s>[INST] Hi [/INST]Yo</s>[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧", "<s>[INST] Be brief.\n\nHi [/INST]⟦Yo</s>⟧"),
+        (
+            MULTI_TURN,
+            "<s>[INST] Hi [/INST]Yo</s>[INST] Be brief.\n\n2+2? [/INST]⟦4</s>⟧",
+            "<s>[INST] Be brief.\n\nHi [/INST]⟦Yo</s>⟧",
+        ),
         (ECHO, "<s>[INST] Say 4 [/INST]4</s>[INST] S\n\n4? [/INST]⟦4</s>⟧", "<s>[INST] S\n\nSay 4 [/INST]⟦4</s>⟧"),
     ],
     ids=["multi-turn", "reply-echoes-user"],
@@ -344,7 +365,9 @@ def test_template_that_moves_the_system_prompt(messages, main, extra, tags):
     tokenizer = char_tokenizer(chat_template=mistral_system_last(tags))
     examples = prepare_examples([{"messages": messages}], tokenizer, TargetSettings(), use_cache=False)
     assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == [
-        expected(main)[1:3], expected(extra)[1:3]]
+        expected(main)[1:3],
+        expected(extra)[1:3],
+    ]
     assert examples.record_index.tolist() == [0, 0]
     chat = examples.stats["chat"]
     assert (chat["turns_trained"], chat["records_split"], chat["extra_examples"]) == (2, 1, 1)

@@ -67,8 +67,15 @@ def chars(text: str) -> list[int]:
 
 def chats(n: int = 8) -> list[dict]:
     """Conversations the tiny model can learn in a few dozen steps: "hi" -> "yes", "no?" -> "no"."""
-    return [{"messages": [{"role": "user", "content": "hi" if i % 2 == 0 else "no?"},
-                          {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": "hi" if i % 2 == 0 else "no?"},
+                {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def save_base(folder: str, tie: bool = False) -> str:
@@ -86,9 +93,19 @@ def base_dir(tmp_path_factory):
 
 
 def run_config(base_dir, output_dir, **fields) -> SFTConfig:
-    values = dict(chat_template="chatml", add_chat_tokens=True, max_length=64, per_device_train_batch_size=4,
-                  learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1, seed=3,
-                  max_steps=1, use_cache=False)
+    values = dict(
+        chat_template="chatml",
+        add_chat_tokens=True,
+        max_length=64,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        seed=3,
+        max_steps=1,
+        use_cache=False,
+    )
     return SFTConfig(model=base_dir, output_dir=str(output_dir), **{**values, **fields})
 
 
@@ -124,14 +141,18 @@ def test_chatml_markers_are_added_with_exact_ids_and_roles():
 
 
 def test_markers_are_the_templates_bar_literals_and_a_folders_special_tokens(tmp_path):
-    llama3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role']"
-              " + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{{ '<|' + 'x' + '|>' }}")
+    llama3 = (
+        "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role']"
+        " + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{{ '<|' + 'x' + '|>' }}"
+    )
     assert template_markers(llama3) == ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     # A Gemma-style template in another tokenizer's folder: its markers are that tokenizer's special tokens.
     from tiny import char_tokenizer
 
-    gemma = ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}"
-             "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>assistant\n' }}{% endif %}")
+    gemma = (
+        "{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>assistant\n' }}{% endif %}"
+    )
     char_tokenizer(chat_template=gemma).save_pretrained(str(tmp_path / "gemma"))
     tokenizer = base_tokenizer()
     added = add_chat_tokens(tokenizer, chat_template=str(tmp_path / "gemma"), add_markers=True, special_tokens=None)
@@ -149,8 +170,14 @@ def test_without_the_option_the_refusal_names_it(base_dir, tmp_path):
 def test_each_chatml_turn_is_trained_through_the_new_im_end():
     tokenizer = base_tokenizer()
     add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
-    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
-                           {"role": "user", "content": "no?"}, {"role": "assistant", "content": "no"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "no?"},
+            {"role": "assistant", "content": "no"},
+        ]
+    }
     examples = prepare_examples([record], tokenizer, TargetSettings(chat_template="chatml"), use_cache=False)
     input_ids, targets = (list(map(int, a)) for a in examples[0])
     turn = lambda role, text: [IM_START, *chars(role + "\n"), *chars(text), IM_END, char("\n")]  # noqa: E731
@@ -176,8 +203,10 @@ def test_new_rows_are_the_mean_of_the_old_rows(tie):
     tokenizer = base_tokenizer()
     added = add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
     model = tiny_model("llama", vocab_size=BASE_SIZE, seed=1, tie=tie)
-    before = {"embed": model.get_input_embeddings().weight.detach().clone(),
-              "head": model.get_output_embeddings().weight.detach().clone()}
+    before = {
+        "embed": model.get_input_embeddings().weight.detach().clone(),
+        "head": model.get_output_embeddings().weight.detach().clone(),
+    }
     add_token_rows(model, added)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert embed.shape == head.shape == (107, 64) and model.config.vocab_size == 107
@@ -210,8 +239,11 @@ def test_full_fine_tuning_trains_the_new_rows_and_the_old_ones_the_data_reaches(
     moved = (embed - start["model.embed_tokens.weight"]).abs().amax(1) > 0
     tokenizer = base_tokenizer()
     add_chat_tokens(tokenizer, chat_template="chatml", add_markers=True, special_tokens=None)
-    read = {i for r in records
-            for i in tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]}
+    read = {
+        i
+        for r in records
+        for i in tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]
+    }
     # AdamW (no weight decay) moves exactly the embedding rows with a gradient: the tokens the one step read.
     assert {IM_START, IM_END} <= read and set(torch.nonzero(moved).flatten().tolist()) == read
     assert bool(((head - start["lm_head.weight"]).abs().amax(1) > 0).all())  # softmax reaches every head row
@@ -221,8 +253,10 @@ def test_lora_trains_only_the_new_rows_of_the_base_embedding_and_head(base_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    train(run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-          train_dataset=chats())
+    train(
+        run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+        train_dataset=chats(),
+    )
     # The adapter holds the new rows as trainable tokens (2 rows per layer), not whole embedding matrices.
     saved = load_file(os.path.join(tmp_path / "lora", "final", "adapter_model.safetensors"))
     tokens = {key: value.shape for key, value in saved.items() if "trainable_tokens" in key}
@@ -245,8 +279,10 @@ def test_lora_with_tied_embeddings_trains_the_new_rows_once(tmp_path):
     from transformers import AutoModelForCausalLM
 
     base_dir = save_base(str(tmp_path / "tied"), tie=True)
-    train(run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-          train_dataset=chats())
+    train(
+        run_config(base_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+        train_dataset=chats(),
+    )
     saved = load_file(os.path.join(tmp_path / "lora", "final", "adapter_model.safetensors"))
     tokens = {key: value.shape for key, value in saved.items() if "trainable_tokens" in key}
     # One tensor, the embedding's: the tied head follows it.
@@ -265,8 +301,11 @@ def test_inspect_shows_the_added_tokens_and_their_ids(base_dir, tmp_path, capsys
     data = tmp_path / "chats.json"
     data.write_text(json.dumps(chats(2)))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(dict(model=base_dir, train_data=str(data), chat_template="chatml",
-                                          add_chat_tokens=True, use_cache=False)))
+    config.write_text(
+        yaml.safe_dump(
+            dict(model=base_dir, train_data=str(data), chat_template="chatml", add_chat_tokens=True, use_cache=False)
+        )
+    )
     assert main(["inspect", str(config), "-n", "1"]) == 0
     shown = capsys.readouterr().out
     assert "chat tokens added: <|im_start|> = 105, <|im_end|> = 106 (vocabulary 107)" in shown
@@ -290,9 +329,10 @@ def test_the_saved_model_loads_in_transformers_and_generation_stops_at_im_end(ba
     assert len(tokenizer) == 107 and tokenizer.convert_tokens_to_ids("<|im_end|>") == IM_END
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
     assert model.get_input_embeddings().weight.shape[0] == 107
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    out = model.generate(**prompt, max_new_tokens=10, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**prompt, max_new_tokens=10, do_sample=False)[0, prompt["input_ids"].shape[1] :].tolist()
     assert out == [*chars("yes"), IM_END]  # transformers stops on the saved eos
     model, tokenizer = load_for_generation(final)
     [reply] = generate_batch(model, [prompt["input_ids"][0].tolist()], stop_ids=[IM_END], pad_id=EOS, max_new_tokens=10)
@@ -315,10 +355,26 @@ def chat_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_config(base_dir, chat_file, tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "config.yaml"
-    path.write_text(yaml.safe_dump(dict(
-        model=base_dir, train_data=chat_file, chat_template="chatml", add_chat_tokens=True, max_length=64,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=1, max_steps=4,
-        save_steps=2, logging_steps=1, seed=7, use_cache=False)))
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                model=base_dir,
+                train_data=chat_file,
+                chat_template="chatml",
+                add_chat_tokens=True,
+                max_length=64,
+                per_device_train_batch_size=2,
+                gradient_accumulation_steps=2,
+                learning_rate=1e-2,
+                warmup_steps=1,
+                max_steps=4,
+                save_steps=2,
+                logging_steps=1,
+                seed=7,
+                use_cache=False,
+            )
+        )
+    )
     return str(path)
 
 
@@ -357,20 +413,49 @@ def test_two_processes_equal_one_after_the_resize(base_dir, chat_file, tmp_path,
     """2 processes x batch 2 == 1 process x batch 4, with the sparse head on the resized vocabulary
     (LoRA: the adapter and the trainable tokens, under FSDP2)."""
     script = os.path.join(os.path.dirname(__file__), "run_training.py")
-    pairs = ["chat_template=chatml", "add_chat_tokens=true", "max_length=64", "max_steps=2", "learning_rate=1e-2",
-             "lr_scheduler_type=constant", "warmup_ratio=0", "logging_steps=1", "seed=5", "loss_implementation=sparse",
-             f"fsdp={str(fsdp).lower()}"]
+    pairs = [
+        "chat_template=chatml",
+        "add_chat_tokens=true",
+        "max_length=64",
+        "max_steps=2",
+        "learning_rate=1e-2",
+        "lr_scheduler_type=constant",
+        "warmup_ratio=0",
+        "logging_steps=1",
+        "seed=5",
+        "loss_implementation=sparse",
+        f"fsdp={str(fsdp).lower()}",
+    ]
     pairs += ["use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0"] if lora else []
     weights_file = "adapter_model.safetensors" if lora else "model.safetensors"
     one = tmp_path / "one"
-    done = subprocess.run([sys.executable, script, base_dir, chat_file, str(one), *pairs,
-                           "per_device_train_batch_size=4"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, script, base_dir, chat_file, str(one), *pairs, "per_device_train_batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = tmp_path / "two"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, base_dir, chat_file, str(two),
-                           *pairs, "per_device_train_batch_size=2"], capture_output=True, text=True, timeout=300,
-                          env=env)
+    done = subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            base_dir,
+            chat_file,
+            str(two),
+            *pairs,
+            "per_device_train_batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ours = load_file(os.path.join(two, "final", weights_file))
     theirs = load_file(os.path.join(one, "final", weights_file))

@@ -37,8 +37,15 @@ def records_file(tmp_path_factory):
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(max_steps=1, learning_rate=1.0, lr_scheduler_type="constant", warmup_ratio=0.0, max_grad_norm=None,
-                  logging_steps=1, seed=5)
+    values = dict(
+        max_steps=1,
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        max_grad_norm=None,
+        logging_steps=1,
+        seed=5,
+    )
     return list_config(model_dir, output_dir, **{**values, **overrides})
 
 
@@ -103,7 +110,9 @@ def test_adamw_batch_8_equals_2_x_accumulation_4(model_dir, tmp_path):
     start = load_file(os.path.join(model_dir, "model.safetensors"))
     for name in a:
         assert relative_difference(a[name], b[name]) < 1e-6, name
-    assert max(float((a[n] - start[n]).abs().max()) for n in a) == pytest.approx(1e-2, rel=1e-3)  # the step moved weights
+    assert max(float((a[n] - start[n]).abs().max()) for n in a) == pytest.approx(
+        1e-2, rel=1e-3
+    )  # the step moved weights
 
 
 def test_packed_batch_8_equals_2_x_accumulation_4(model_dir, tmp_path, start_weights):
@@ -118,7 +127,9 @@ def test_dft_batch_8_equals_2_x_accumulation_4_and_differs_from_nll(model_dir, t
     # DFT scales each token's CE by its probability, but the step is normalised the same way: by
     # the step's supervised tokens, so any split of the step gives the same update.
     a, history_a = run(model_dir, tmp_path / "a", per_device_train_batch_size=8, loss_type="dft")
-    b, history_b = run(model_dir, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, loss_type="dft")
+    b, history_b = run(
+        model_dir, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, loss_type="dft"
+    )
     assert_same_update(b, a, start_weights)
     log_a, log_b = ([r for r in h if r["type"] == "train"][0] for h in (history_a, history_b))
     assert log_a["loss"] == pytest.approx(log_b["loss"], rel=1e-6)
@@ -140,7 +151,9 @@ def test_empty_micro_batches_contribute_nothing(model_dir, tmp_path, start_weigh
     records = RECORDS + [{"prompt": "Q8: z", "completion": " ok"}]
     kwargs = dict(records=records, max_steps=2, learning_rate=0.1)
     a, history_a = run(model_dir, tmp_path / "a", per_device_train_batch_size=8, **kwargs)
-    b, history_b = run(model_dir, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, **kwargs)
+    b, history_b = run(
+        model_dir, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, **kwargs
+    )
     steps_b = [r for r in history_b if r["type"] == "train"]
     assert [r["empty_micro_batches"] for r in steps_b] == [0, 3]
     assert all(torch.isfinite(t).all() for t in b.values())
@@ -156,8 +169,17 @@ def test_empty_micro_batches_with_a_lora_head(model_dir, tmp_path):
     # which must still give a loss that backward accepts when a micro-batch has no supervised rows.
     pytest.importorskip("peft")
     records = RECORDS + [{"prompt": "Q8: z", "completion": " ok"}]
-    settings = config(model_dir, tmp_path, max_steps=2, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                      use_peft=True, lora_r=4, lora_target_modules=["q_proj", "lm_head"])
+    settings = config(
+        model_dir,
+        tmp_path,
+        max_steps=2,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        use_peft=True,
+        lora_r=4,
+        lora_target_modules=["q_proj", "lm_head"],
+    )
     steps = [r for r in train(settings, train_dataset=records).history if r["type"] == "train"]
     assert [r["empty_micro_batches"] for r in steps] == [0, 3]
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in steps)
@@ -168,11 +190,25 @@ def test_empty_micro_batches_with_a_lora_head(model_dir, tmp_path):
 def test_two_processes_x_4_equal_batch_8(model_dir, records_file, tmp_path, one_by_eight, start_weights):
     output = tmp_path / "dist"
     script = os.path.join(os.path.dirname(__file__), "run_training.py")
-    pairs = ["optimizer=sgd", "per_device_train_batch_size=4", "max_steps=1", "learning_rate=1.0", "lr_scheduler_type=constant",
-             "warmup_ratio=0", "max_grad_norm=null", "logging_steps=1", "seed=5"]
+    pairs = [
+        "optimizer=sgd",
+        "per_device_train_batch_size=4",
+        "max_steps=1",
+        "learning_rate=1.0",
+        "lr_scheduler_type=constant",
+        "warmup_ratio=0",
+        "max_grad_norm=null",
+        "logging_steps=1",
+        "seed=5",
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, model_dir, records_file, str(output), *pairs],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", script, model_dir, records_file, str(output), *pairs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_update(final_weights(output), one_by_eight[0], start_weights)
     logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

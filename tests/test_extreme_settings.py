@@ -22,9 +22,23 @@ def refused(values: dict) -> ConfigError:
     return caught.value
 
 
-@pytest.mark.parametrize("key", ["learning_rate", "num_train_epochs", "weight_decay", "adam_epsilon", "max_grad_norm",
-                                 "lora_alpha", "neftune_noise_alpha", "router_aux_loss_coef", "warmup_ratio", "beta",
-                                 "simpo_gamma", "rpo_alpha"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "learning_rate",
+        "num_train_epochs",
+        "weight_decay",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lora_alpha",
+        "neftune_noise_alpha",
+        "router_aux_loss_coef",
+        "warmup_ratio",
+        "beta",
+        "simpo_gamma",
+        "rpo_alpha",
+    ],
+)
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_infinite_or_nan_floats_are_refused_naming_the_key(key, value):
     error = refused({key: value})
@@ -38,8 +52,9 @@ def test_an_infinite_mixture_weight_is_refused_naming_the_source(tmp_path):
     config.write_text("model: m\ntrain_data:\n  - {path: a.jsonl, weight: 1}\n  - {path: b.jsonl, weight: .inf}\n")
     with pytest.raises(ConfigError) as caught:
         load_config(str(config))
-    assert str(caught.value).startswith(f"{config}, field 'train_data[1].weight': invalid value: "
-                                        "Input should be a finite number; found inf")
+    assert str(caught.value).startswith(
+        f"{config}, field 'train_data[1].weight': invalid value: Input should be a finite number; found inf"
+    )
     for key in ("weight", "epochs"):
         with pytest.raises(ConfigError, match=rf"train_data\[0\]\.{key}': invalid value: Input should be a finite"):
             make_config({**BASE, "train_data": [{"path": "a.jsonl", key: math.nan}]})
@@ -51,15 +66,19 @@ def test_pad_to_multiple_of_beyond_max_length_is_refused_naming_both():
     assert str(error) == (
         "run.yaml, field 'pad_to_multiple_of': pad_to_multiple_of is larger than max_length: every batch would be "
         "padded past the longest row; found pad_to_multiple_of 1000000000, max_length 512; expected at most "
-        "max_length; fix: e.g. pad_to_multiple_of: 8, or max_length itself for one compiled shape")
+        "max_length; fix: e.g. pad_to_multiple_of: 8, or max_length itself for one compiled shape"
+    )
     assert make_config({**BASE, "pad_to_multiple_of": 512, "max_length": 512}).pad_to_multiple_of == 512
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"max_grad_norm": -1.0}, "greater than or equal to 0"),  # a negative norm reverses every update
-    ({"seed": -1}, "greater than or equal to 0"),  # numpy's generators refuse negative seeds
-    ({"seed": 2**64}, "less than 18446744073709551616"),  # torch.manual_seed's range
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"max_grad_norm": -1.0}, "greater than or equal to 0"),  # a negative norm reverses every update
+        ({"seed": -1}, "greater than or equal to 0"),  # numpy's generators refuse negative seeds
+        ({"seed": 2**64}, "less than 18446744073709551616"),  # torch.manual_seed's range
+    ],
+)
 def test_numbers_that_cannot_work_are_refused(values, message):
     (key,) = values
     assert f"invalid value for '{key}'" in str(refused(values)) and message in str(refused(values))
@@ -79,7 +98,9 @@ def test_capacities_at_and_past_the_data_give_the_reference_bins(seed):
             if capacity < 1:
                 continue
             assert best_fit_decreasing(lengths, capacity) == reference_best_fit_decreasing(lengths, capacity), (
-                capacity, lengths.tolist())
+                capacity,
+                lengths.tolist(),
+            )
 
 
 def test_a_huge_max_length_packs_as_one_row_without_a_structure_of_its_size():

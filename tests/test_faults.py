@@ -22,8 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sftlab.training.checkpoint import list_checkpoints
 from sftlab.cli import main
+from sftlab.training.checkpoint import list_checkpoints
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
 
@@ -103,12 +103,24 @@ def setup(tmp_path_factory) -> dict:
         for i in range(16):  # 4 optimizer steps per epoch: the 6 steps cross an epoch boundary
             handle.write(json.dumps({"prompt": f"add {i} and 1", "completion": f" {i + 1}"}) + "\n")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": model, "train_data": str(data), "max_length": 32,
-        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-        "learning_rate": 1e-3, "warmup_steps": 2, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS,
-        "logging_steps": 1, "seed": 7, "cache_dir": str(root / "cache"),
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": model,
+                "train_data": str(data),
+                "max_length": 32,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+                "learning_rate": 1e-3,
+                "warmup_steps": 2,
+                "max_steps": MAX_STEPS,
+                "save_steps": SAVE_STEPS,
+                "logging_steps": 1,
+                "seed": 7,
+                "cache_dir": str(root / "cache"),
+            }
+        )
+    )
     return {"root": root, "config": str(config)}
 
 
@@ -144,8 +156,9 @@ def train_losses(output_dir: str) -> dict[int, float]:
 def run_and_kill(setup: dict, output_dir: str, point: str, step: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SFTLAB_CACHE": str(setup["root"] / "cache")}
     argv = train_argv(setup, output_dir, "resume_from_checkpoint=auto")
-    result = subprocess.run([sys.executable, "-c", DRIVER, point, str(step), *argv],
-                            capture_output=True, text=True, env=env, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, point, str(step), *argv], capture_output=True, text=True, env=env, timeout=180
+    )
     assert result.returncode == -9, result.stderr[-3000:]  # killed by SIGKILL, not finished or crashed
     return result
 
@@ -230,18 +243,26 @@ def _no_space(*args, **kwargs):
 
 
 @pytest.mark.parametrize("writer", ["shards", "torch.save"])
-def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_earlier_one(setup, reference, writer, monkeypatch, capsys):
+def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_earlier_one(
+    setup, reference, writer, monkeypatch, capsys
+):
     output_dir = str(setup["root"] / f"disk-full-{writer}")
     if writer == "shards":  # the weight and optimizer shards, written by torch.distributed.checkpoint
         from torch.distributed.checkpoint.filesystem import FileSystem
 
         real = FileSystem.create_stream
-        monkeypatch.setattr(FileSystem, "create_stream",
-                            lambda self, path, mode: _no_space() if ".tmp-step-4" in str(path) else real(self, path, mode))
+        monkeypatch.setattr(
+            FileSystem,
+            "create_stream",
+            lambda self, path, mode: _no_space() if ".tmp-step-4" in str(path) else real(self, path, mode),
+        )
     else:
         real = torch.save
-        monkeypatch.setattr(torch, "save",
-                            lambda obj, path, *a, **k: _no_space() if ".tmp-step-4" in str(path) else real(obj, path, *a, **k))
+        monkeypatch.setattr(
+            torch,
+            "save",
+            lambda obj, path, *a, **k: _no_space() if ".tmp-step-4" in str(path) else real(obj, path, *a, **k),
+        )
 
     assert main(train_argv(setup, output_dir)) == 2
     error = error_line(capsys.readouterr().err)
@@ -260,8 +281,12 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(setup, capsys):
     (output_dir / "checkpoints").write_text("not a folder")
     assert main(train_argv(setup, output_dir)) == 2
     error = error_line(capsys.readouterr().err)
-    assert error.startswith(f"error: {output_dir / 'checkpoints' / 'step-2'}: cannot write the checkpoint for step 2; found ")
-    assert error.endswith("NotADirectoryError: Not a directory; fix: free disk space or make output_dir writable; earlier checkpoints are intact")
+    assert error.startswith(
+        f"error: {output_dir / 'checkpoints' / 'step-2'}: cannot write the checkpoint for step 2; found "
+    )
+    assert error.endswith(
+        "NotADirectoryError: Not a directory; fix: free disk space or make output_dir writable; earlier checkpoints are intact"
+    )
 
 
 def test_disk_full_during_the_final_export_is_a_clear_error(setup, reference, monkeypatch, capsys):
@@ -269,9 +294,13 @@ def test_disk_full_during_the_final_export_is_a_clear_error(setup, reference, mo
     monkeypatch.setattr(yaml, "safe_dump", _no_space)  # writing final/sftlab_config.yaml
     assert main(train_argv(setup, output_dir)) == 2
     error = error_line(capsys.readouterr().err)
-    assert error == (f"error: {os.path.join(output_dir, 'final')}: cannot write the final model; found No space left on device; "
-                     "fix: free disk space or make output_dir writable")
-    assert not os.path.exists(os.path.join(output_dir, "final")) and not os.path.exists(os.path.join(output_dir, ".tmp-final"))
+    assert error == (
+        f"error: {os.path.join(output_dir, 'final')}: cannot write the final model; found No space left on device; "
+        "fix: free disk space or make output_dir writable"
+    )
+    assert not os.path.exists(os.path.join(output_dir, "final")) and not os.path.exists(
+        os.path.join(output_dir, ".tmp-final")
+    )
     assert list_checkpoints(output_dir) == [2, 4]  # a resume can still finish the run
 
 
@@ -284,7 +313,9 @@ def test_a_stop_signal_checkpoints_after_the_step_and_resumes_to_identical_weigh
     output_dir = str(setup["root"] / "signalled")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SFTLAB_CACHE": str(setup["root"] / "cache")}
     argv = train_argv(setup, output_dir, "resume_from_checkpoint=auto")
-    result = subprocess.run([sys.executable, "-c", DRIVER, "sigusr1-self", "2", *argv], capture_output=True, text=True, env=env, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, "sigusr1-self", "2", *argv], capture_output=True, text=True, env=env, timeout=180
+    )
     assert result.returncode == EXIT_PREEMPTED == 75, result.stderr[-3000:]
     checkpoint = os.path.join(output_dir, "checkpoints", "step-3")
     assert f"SIGUSR1 received: stopped after step 3 of {MAX_STEPS}, checkpoint {checkpoint}" in result.stdout

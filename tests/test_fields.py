@@ -27,7 +27,9 @@ def as_lists(examples):
 
 
 def test_prompt_and_completion_under_other_names():
-    mapped = prepare([{"question": "Q: 1+1=", "answer": "2", "id": 7}], fields={"prompt": "question", "completion": "answer"})
+    mapped = prepare(
+        [{"question": "Q: 1+1=", "answer": "2", "id": 7}], fields={"prompt": "question", "completion": "answer"}
+    )
     plain = prepare([{"prompt": "Q: 1+1=", "completion": "2"}])
     assert as_lists(mapped) == as_lists(plain) == [(ids("Q: 1+1=2") + [EOS], [X] * 6 + ids("2") + [EOS, X])]
     assert mapped.stats["formats"] == {"prompt_completion": 1}
@@ -52,7 +54,9 @@ def test_errors_name_the_sources_own_fields():
     bad = [{"dialog": [{"speaker": "user", "text": "Hi"}, {"speaker": "robot", "text": "beep"}]}]
     with pytest.raises(DataError) as error:
         prepare(bad, fields=fields)
-    assert str(error.value).startswith("list(1 records), record 0, field 'dialog[1].speaker': unknown role; found str 'robot'")
+    assert str(error.value).startswith(
+        "list(1 records), record 0, field 'dialog[1].speaker': unknown role; found str 'robot'"
+    )
     good = [{"dialog": [{"speaker": "user", "text": "Hi"}, {"speaker": "assistant", "text": "Yo"}]}]
     skipped = prepare(bad + good, fields=fields, skip_invalid_records=True)
     assert skipped.stats["skipped_invalid"] == {"invalid dialog[].speaker: unknown role": 1}
@@ -61,7 +65,9 @@ def test_errors_name_the_sources_own_fields():
 
 def test_a_mapped_field_next_to_a_field_of_the_same_name_is_an_error():
     with pytest.raises(DataError) as error:
-        prepare([{"question": "Q", "prompt": "other", "answer": "A"}], fields={"prompt": "question", "completion": "answer"})
+        prepare(
+            [{"question": "Q", "prompt": "other", "answer": "A"}], fields={"prompt": "question", "completion": "answer"}
+        )
     assert "the record has 'prompt' and a field mapped to it" in str(error.value)
 
 
@@ -80,15 +86,23 @@ def encode(text):
 
 
 def test_alpaca_is_trained_on_the_output_after_the_documented_layout():
-    examples = prepare([{"instruction": "Add 2 and 2.", "input": "", "output": "4"},
-                        {"instruction": "Add.", "input": "2 2", "output": "4"}])
+    examples = prepare(
+        [
+            {"instruction": "Add 2 and 2.", "input": "", "output": "4"},
+            {"instruction": "Add.", "input": "2 2", "output": "4"},
+        ]
+    )
     assert ALPACA_PROMPT.format(instruction="Add 2 and 2.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd 2 and 2.\n\n### Response:\n")
-    for (input_ids, targets), prompt in zip(as_lists(examples), [
-        ALPACA_PROMPT.format(instruction="Add 2 and 2."),
-        ALPACA_PROMPT_WITH_INPUT.format(instruction="Add.", input="2 2"),
-    ]):
+        "### Instruction:\nAdd 2 and 2.\n\n### Response:\n"
+    )
+    for (input_ids, targets), prompt in zip(
+        as_lists(examples),
+        [
+            ALPACA_PROMPT.format(instruction="Add 2 and 2."),
+            ALPACA_PROMPT_WITH_INPUT.format(instruction="Add.", input="2 2"),
+        ],
+    ):
         prompt_ids = encode(prompt)
         assert input_ids == prompt_ids + ids("4") + [EOS]
         # Only the output and EOS are targets: the last prompt token predicts "4", "4" predicts EOS.
@@ -124,6 +138,8 @@ def test_changing_the_field_map_or_the_layout_misses_the_cache(tmp_path):
     # The same records read two ways: as text, or (mapped) as prompt/completion.
     records = [{"text": "abc", "question": "Q", "answer": "A"}]
     as_text = prepare_examples(records, tokenizer, cache_dir=cache)
-    mapped = prepare_examples(records, tokenizer, cache_dir=cache, fields={"prompt": "question", "completion": "answer"})
+    mapped = prepare_examples(
+        records, tokenizer, cache_dir=cache, fields={"prompt": "question", "completion": "answer"}
+    )
     assert mapped.stats["cached"] is False
     assert (as_text.stats["formats"], mapped.stats["formats"]) == ({"text": 1}, {"prompt_completion": 1})

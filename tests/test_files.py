@@ -113,8 +113,14 @@ def test_gguf_conversion_publishes_a_whole_folder_once(tmp_path, monkeypatch):
 
     def load_model(folder, gguf_file, dtype):
         loads.append(gguf_file)
-        config = LlamaConfig(vocab_size=130, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1)
+        config = LlamaConfig(
+            vocab_size=130,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
         return LlamaForCausalLM(config)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_model)

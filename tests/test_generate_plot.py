@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.cli import main
+from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.errors import DataError, SftlabError
 from sftlab.generate import generate, generate_replies, load_for_generation, render_prompts
 from sftlab.plot import PlotError, plot_metrics, read_metrics
@@ -28,8 +28,17 @@ TAUGHT = {"hi": "hello", "ok?": "ok!"}
 def _tiny_llama(vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -82,8 +91,12 @@ def test_batched_replies_equal_one_at_a_time(taught_dir):
     # Left padding must not change what a prompt gets: "hi" is padded to the length of "ok?".
     model, tokenizer = load_for_generation(taught_dir)
     prompts = ["hi", "ok?", "hi"]
-    together = generate_replies(model, tokenizer, prompts, max_new_tokens=20, system=SYSTEM, template=CHATML, batch_size=3)
-    alone = [generate_replies(model, tokenizer, [p], max_new_tokens=20, system=SYSTEM, template=CHATML)[0] for p in prompts]
+    together = generate_replies(
+        model, tokenizer, prompts, max_new_tokens=20, system=SYSTEM, template=CHATML, batch_size=3
+    )
+    alone = [
+        generate_replies(model, tokenizer, [p], max_new_tokens=20, system=SYSTEM, template=CHATML)[0] for p in prompts
+    ]
     assert together == alone == ["hello", "ok!", "hello"]
 
 
@@ -99,8 +112,12 @@ def test_prompt_is_rendered_with_the_system_message_and_generation_prompt():
     ]
     assert render_prompts(tokenizer, CHATML, ["hi"]) == ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
     # template arguments a run was trained with shape the served prompt too
-    thinking_off = "{{ messages[0].content }}{% if add_generation_prompt and not enable_thinking %}<think></think>{% endif %}"
-    assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": False}) == ["hi<think></think>"]
+    thinking_off = (
+        "{{ messages[0].content }}{% if add_generation_prompt and not enable_thinking %}<think></think>{% endif %}"
+    )
+    assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": False}) == [
+        "hi<think></think>"
+    ]
     assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": True}) == ["hi"]
 
 
@@ -110,7 +127,9 @@ def test_lora_adapter_folder_loads_its_base_model(taught_dir, tmp_path):
 
     model, _ = load_for_generation(taught_dir)
     # A fresh adapter (B = 0) leaves the model's function unchanged, so the taught reply survives.
-    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapter = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     adapter.save_pretrained(str(tmp_path))
     _tokenizer(chat_template=CHATML).save_pretrained(str(tmp_path))
     assert json.load(open(tmp_path / "adapter_config.json"))["base_model_name_or_path"] == taught_dir
@@ -123,7 +142,9 @@ def test_lora_adapter_whose_base_folder_is_gone_falls_back_to_the_training_confi
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_for_generation(taught_dir)
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(str(tmp_path))
+    get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    ).save_pretrained(str(tmp_path))
     _tokenizer(chat_template=CHATML).save_pretrained(str(tmp_path))
     adapter_config = json.load(open(tmp_path / "adapter_config.json"))
     adapter_config["base_model_name_or_path"] = str(tmp_path / "cleared-cache")
@@ -166,21 +187,29 @@ def _train(step, loss, lr=1e-4):
 
 def test_read_metrics_keeps_the_last_record_of_a_step_and_skips_a_cut_line(tmp_path):
     # A resumed run appends to the log and logs its first steps again; a killed run may leave half a line.
-    _write_metrics(tmp_path, [
-        {"type": "data", "split": "train", "records": 3},
-        _train(1, 2.0), _train(2, 1.5),
-        {"type": "eval", "step": 2, "eval_loss": 1.7},
-        _train(2, 1.4), _train(3, 1.0),
-        '{"type": "train", "step": 4, "lo',
-    ])
+    _write_metrics(
+        tmp_path,
+        [
+            {"type": "data", "split": "train", "records": 3},
+            _train(1, 2.0),
+            _train(2, 1.5),
+            {"type": "eval", "step": 2, "eval_loss": 1.7},
+            _train(2, 1.4),
+            _train(3, 1.0),
+            '{"type": "train", "step": 4, "lo',
+        ],
+    )
     train, evals = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [(r["step"], r["loss"]) for r in train] == [(1, 2.0), (2, 1.4), (3, 1.0)]
     assert [(r["step"], r["eval_loss"]) for r in evals] == [(2, 1.7)]
 
 
 def test_plot_writes_a_png_next_to_the_metrics(tmp_path):
-    _write_metrics(tmp_path, [_train(s, 2.0 / s, 1e-4 * s / 10) for s in range(1, 11)]
-                   + [{"type": "eval", "step": 5, "eval_loss": 0.5}, {"type": "eval", "step": 10, "eval_loss": 0.3}])
+    _write_metrics(
+        tmp_path,
+        [_train(s, 2.0 / s, 1e-4 * s / 10) for s in range(1, 11)]
+        + [{"type": "eval", "step": 5, "eval_loss": 0.5}, {"type": "eval", "step": 10, "eval_loss": 0.3}],
+    )
     path = plot_metrics(str(tmp_path))
     assert path == os.path.join(str(tmp_path), "loss.png")
     with open(path, "rb") as handle:

@@ -26,8 +26,8 @@ from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.generate import generate_replies
 from sftlab.plot import generation_scores, plot_metrics, read_metrics
-from sftlab.training.evaluation import GenerationEval, contains, exact_match, json_exact_match, resolve_metrics
 from sftlab.training.distributed import Processes
+from sftlab.training.evaluation import GenerationEval, contains, exact_match, json_exact_match, resolve_metrics
 from tiny import char_tokenizer, fused_tokenizer, special_id
 from tiny_models import tiny_model
 
@@ -43,8 +43,16 @@ def write_jsonl(path, records) -> str:
 
 
 def chats(n: int, offset: int = 0) -> list[dict]:
-    return [{"messages": [{"role": "system", "content": "json only"}, {"role": "user", "content": f"n{(i + offset) % 5}"},
-                          {"role": "assistant", "content": f'{{"v": {(i + offset) % 5}}}'}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "json only"},
+                {"role": "user", "content": f"n{(i + offset) % 5}"},
+                {"role": "assistant", "content": f'{{"v": {(i + offset) % 5}}}'},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -57,7 +65,9 @@ def test_exact_match_ignores_only_the_whitespace_at_the_ends():
 
 
 def test_json_exact_match_compares_values_not_text():
-    assert json_exact_match('{"b": 2, "a": [1, {"c": null}]}', '{"a":[1,{"c":null}],\n "b":2}') == 1.0  # key order, spacing
+    assert (
+        json_exact_match('{"b": 2, "a": [1, {"c": null}]}', '{"a":[1,{"c":null}],\n "b":2}') == 1.0
+    )  # key order, spacing
     assert json_exact_match('{"a": 1}', '{"a": 1.0}') == 1.0  # one JSON number
     assert json_exact_match('{"a": true}', '{"a": 1}') == 0.0  # Python's True == 1 is not JSON's
     assert json_exact_match('{"a": 1}', '{"a": true}') == 0.0
@@ -95,8 +105,9 @@ def test_metric_names_are_checked_by_the_config_without_importing(tmp_path, monk
 
 
 def test_a_user_metric_is_imported_when_named_and_errors_name_the_field(tmp_path, monkeypatch):
-    (tmp_path / "my_metrics.py").write_text("def length_ratio(prediction, reference):\n"
-                                            "    return len(prediction) / len(reference)\nnot_a_function = 3\n")
+    (tmp_path / "my_metrics.py").write_text(
+        "def length_ratio(prediction, reference):\n    return len(prediction) / len(reference)\nnot_a_function = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_metrics", raising=False)
     [(name, function)] = resolve_metrics(["my_metrics:length_ratio"])
@@ -139,26 +150,46 @@ def test_prompt_completion_prompt_ids_are_the_examples_context_with_bos():
     records = [{"prompt": "say hello", "completion": " hello ok"}, {"prompt": "a b", "completion": "c"}]
     contexts, prompts = contexts_and_prompts(records, tokenizer)
     assert [p.input_ids for p in prompts.prompts] == contexts
-    assert prompts.prompts[1].input_ids[0] == special_id("<s>") and [p.reference for p in prompts.prompts] == [" hello ok", "c"]
+    assert prompts.prompts[1].input_ids[0] == special_id("<s>") and [p.reference for p in prompts.prompts] == [
+        " hello ok",
+        "c",
+    ]
     assert prompts.stop_token_ids == [special_id("</s>")]  # what a completion is trained to end with
 
 
 def test_chat_prompt_ids_are_the_last_turns_context_as_served():
     tokenizer = char_tokenizer(chat_template=CHATML)
-    records = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
-                             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-                             {"role": "assistant", "content": "a2"}]},
-               {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ok"}]}]
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ok"}]},
+    ]
     contexts, prompts = contexts_and_prompts(records, tokenizer)
     assert [p.input_ids for p in prompts.prompts] == contexts
-    rendered = "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n" \
-               "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    rendered = (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prompts.prompts[0].input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert [p.reference for p in prompts.prompts] == ["a2", "ok"]
     # chat prompt/completion: the prompt messages, and the completion's messages before its last assistant turn
-    split = [{"prompt": [{"role": "user", "content": "p"}],
-              "completion": [{"role": "assistant", "content": "c1"}, {"role": "user", "content": "more"},
-                             {"role": "assistant", "content": "c2"}]}]
+    split = [
+        {
+            "prompt": [{"role": "user", "content": "p"}],
+            "completion": [
+                {"role": "assistant", "content": "c1"},
+                {"role": "user", "content": "more"},
+                {"role": "assistant", "content": "c2"},
+            ],
+        }
+    ]
     contexts, prompts = contexts_and_prompts(split, tokenizer)
     assert [p.input_ids for p in prompts.prompts] == contexts and prompts.prompts[0].reference == "c2"
     # ChatML ends a turn with <|im_end|>, which is not this tokenizer's EOS (</s>): both stop a reply
@@ -178,22 +209,35 @@ def test_chat_with_tools_system_and_template_arguments_prompt_ids_are_the_exampl
     tokenizer = fused_tokenizer(chat_template=TOOLS_TEMPLATE)
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
     records = [
-        {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "find x"},
-                      {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "lookup", "arguments": {}}}]},
-                      {"role": "tool", "content": "x=1"}, {"role": "assistant", "content": "x is 1"}],
-         "tools": [tool], "chat_template_kwargs": {"mode": "fast"}},
+        {
+            "messages": [
+                {"role": "system", "content": "be terse"},
+                {"role": "user", "content": "find x"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "lookup", "arguments": {}}}]},
+                {"role": "tool", "content": "x=1"},
+                {"role": "assistant", "content": "x is 1"},
+            ],
+            "tools": [tool],
+            "chat_template_kwargs": {"mode": "fast"},
+        },
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]},  # the config's tools
     ]
-    settings = TargetSettings(max_length=512, tools=[{"type": "function", "function": {"name": "default"}}],
-                              chat_template_kwargs={"mode": "slow"})
+    settings = TargetSettings(
+        max_length=512,
+        tools=[{"type": "function", "function": {"name": "default"}}],
+        chat_template_kwargs={"mode": "slow"},
+    )
     contexts, prompts = contexts_and_prompts(records, tokenizer, settings)
     assert [p.input_ids for p in prompts.prompts] == contexts
     decoded = [tokenizer.decode(p.input_ids) for p in prompts.prompts]
-    assert decoded[0] == ("<|im_start|>system\ntools: lookup mode=fast<|im_end|>\n<|im_start|>system\nbe terse<|im_end|>\n"
-                          "<|im_start|>user\nfind x<|im_end|>\n<|im_start|>assistant\ncall lookup<|im_end|>\n"
-                          "<|im_start|>tool\nx=1<|im_end|>\n<|im_start|>assistant\n")
-    assert decoded[1] == ("<|im_start|>system\ntools: default mode=slow<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
-                          "<|im_start|>assistant\n")
+    assert decoded[0] == (
+        "<|im_start|>system\ntools: lookup mode=fast<|im_end|>\n<|im_start|>system\nbe terse<|im_end|>\n"
+        "<|im_start|>user\nfind x<|im_end|>\n<|im_start|>assistant\ncall lookup<|im_end|>\n"
+        "<|im_start|>tool\nx=1<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert decoded[1] == (
+        "<|im_start|>system\ntools: default mode=slow<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert [p.reference for p in prompts.prompts] == ["x is 1", "r"]
 
 
@@ -212,10 +256,16 @@ def test_records_without_a_prompt_reply_pair_are_counted_by_reason():
     tokenizer = char_tokenizer(chat_template=CHATML)
     records = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
-                                                          "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+            ]
+        },
         {"messages": [{"role": "user", "content": "q" * 40}, {"role": "assistant", "content": "r"}]},
-        {"messages": [{"role": "user", "content": "q"}]},  # invalid: no assistant turn (skipped, with skip_invalid_records)
+        {
+            "messages": [{"role": "user", "content": "q"}]
+        },  # invalid: no assistant turn (skipped, with skip_invalid_records)
         {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "r2"}]},
     ]
     prompts = generation_prompts(records, tokenizer, TargetSettings(max_length=40), limit=10, skip_invalid_records=True)
@@ -226,30 +276,57 @@ def test_records_without_a_prompt_reply_pair_are_counted_by_reason():
         "skipped, invalid messages: a conversation needs at least two messages": 1,
     }
     # reading stops at the limit: the same first prompts at every evaluation
-    assert [p.record_index for p in generation_prompts(records, tokenizer, TargetSettings(max_length=40), limit=1,
-                                                       skip_invalid_records=True).prompts] == [0]
+    assert [
+        p.record_index
+        for p in generation_prompts(
+            records, tokenizer, TargetSettings(max_length=40), limit=1, skip_invalid_records=True
+        ).prompts
+    ] == [0]
 
 
 def test_the_sources_of_an_eval_mixture_take_turns_each_with_its_own_field_map(tmp_path):
     tokenizer = char_tokenizer(chat_template=CHATML)
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
     talks = write_jsonl(tmp_path / "c.jsonl", chats(2))
-    config = make_config({"model": "m", "train_data": "t", "eval_generate_samples": 4, "eval_data": [
-        {"path": questions, "name": "qa", "fields": {"prompt": "question", "completion": "answer"}}, {"path": talks, "name": "chat"}]})
+    config = make_config(
+        {
+            "model": "m",
+            "train_data": "t",
+            "eval_generate_samples": 4,
+            "eval_data": [
+                {"path": questions, "name": "qa", "fields": {"prompt": "question", "completion": "answer"}},
+                {"path": talks, "name": "chat"},
+            ],
+        }
+    )
     prompts = prepare_generation_prompts(config, tokenizer)
     assert [(p.source, p.record_index, p.reference) for p in prompts.prompts] == [
-        ("qa", 0, "a0"), ("chat", 0, '{"v": 0}'), ("qa", 1, "a1"), ("chat", 1, '{"v": 1}')]
+        ("qa", 0, "a0"),
+        ("chat", 0, '{"v": 0}'),
+        ("qa", 1, "a1"),
+        ("chat", 1, '{"v": 1}'),
+    ]
     assert prompts.records_read == 5 and prompts.usable == 5
     assert prompts.prompts[0].input_ids == tokenizer("q0", add_special_tokens=False)["input_ids"]
 
 
 def test_text_only_eval_data_is_a_config_error(tmp_path):
     tokenizer = char_tokenizer()
-    config = make_config({"model": "m", "train_data": "t", "eval_data": write_jsonl(tmp_path / "e.jsonl", [{"text": "abc"}] * 3),
-                          "eval_generate_samples": 2})
+    config = make_config(
+        {
+            "model": "m",
+            "train_data": "t",
+            "eval_data": write_jsonl(tmp_path / "e.jsonl", [{"text": "abc"}] * 3),
+            "eval_generate_samples": 2,
+        }
+    )
     with pytest.raises(ConfigError) as error:
         prepare_generation_prompts(config, tokenizer)
-    assert error.value.field == "eval_generate_samples" and "text record" in error.value.found and "eval_generate_samples: 0" in error.value.fix
+    assert (
+        error.value.field == "eval_generate_samples"
+        and "text record" in error.value.found
+        and "eval_generate_samples: 0" in error.value.fix
+    )
     no_eval = make_config({"model": "m", "train_data": "t", "eval_generate_samples": 2})
     with pytest.raises(ConfigError) as error:
         prepare_generation_prompts(no_eval, tokenizer)
@@ -265,7 +342,9 @@ def model_dir(tmp_path_factory):
     replies vary from prompt to prompt and in length; at the default 0.02 it writes "\n" for ever."""
     folder = str(tmp_path_factory.mktemp("model"))
     tokenizer = fused_tokenizer(chat_template=CHATML)
-    tiny_model("llama", vocab_size=len(tokenizer), seed=0, attn="sdpa", tie=True, initializer_range=0.2).save_pretrained(folder)
+    tiny_model(
+        "llama", vocab_size=len(tokenizer), seed=0, attn="sdpa", tie=True, initializer_range=0.2
+    ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -284,14 +363,30 @@ def test_scores_are_exact_on_a_model_whose_replies_are_known(model_dir, tmp_path
     users = ["n0", "n1", "n2", "n3"]
     replies = own_replies(model_dir, users, max_new_tokens=6)
     references = replies[:3] + [replies[3] + "!"]
-    records = [{"messages": [{"role": "system", "content": "json only"}, {"role": "user", "content": u},
-                             {"role": "assistant", "content": r}]} for u, r in zip(users, references)]
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "json only"},
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": r},
+            ]
+        }
+        for u, r in zip(users, references)
+    ]
     from sftlab.generate import load_for_generation
 
     model, tokenizer = load_for_generation(model_dir)
     prompts = generation_prompts(records, tokenizer, TargetSettings(), limit=4)
-    evaluation = GenerationEval(prompts, tokenizer, resolve_metrics(["exact_match", "contains"]), max_new_tokens=6, batch_size=3,
-                                log_samples=4, output_dir=str(tmp_path), sharded=False)
+    evaluation = GenerationEval(
+        prompts,
+        tokenizer,
+        resolve_metrics(["exact_match", "contains"]),
+        max_new_tokens=6,
+        batch_size=3,
+        log_samples=4,
+        output_dir=str(tmp_path),
+        sharded=False,
+    )
     model.train()
     seen = []
     hook = model.register_forward_pre_hook(lambda module, args: seen.append((module.training, torch.is_grad_enabled())))
@@ -304,7 +399,8 @@ def test_scores_are_exact_on_a_model_whose_replies_are_known(model_dir, tmp_path
     assert all(p.grad is None for p in model.parameters())
     pairs = [json.loads(line) for line in open(tmp_path / "generations.jsonl")]
     assert [(p["step"], p["record"], p["prediction"], p["reference"], p["exact_match"]) for p in pairs] == [
-        (7, i, replies[i], references[i], float(i < 3)) for i in range(4)]
+        (7, i, replies[i], references[i], float(i < 3)) for i in range(4)
+    ]
 
 
 def test_a_metric_that_fails_or_returns_no_number_names_itself_and_the_record(model_dir, tmp_path):
@@ -313,15 +409,32 @@ def test_a_metric_that_fails_or_returns_no_number_names_itself_and_the_record(mo
     model, tokenizer = load_for_generation(model_dir)
     prompts = generation_prompts(chats(2), tokenizer, TargetSettings(), limit=2)
     for function, problem in ((lambda p, r: 1 / 0, "failed"), (lambda p, r: "yes", "did not return a finite number")):
-        evaluation = GenerationEval(prompts, tokenizer, [("m:f", function)], max_new_tokens=2, batch_size=2, log_samples=0,
-                                    output_dir=str(tmp_path), sharded=False)
+        evaluation = GenerationEval(
+            prompts,
+            tokenizer,
+            [("m:f", function)],
+            max_new_tokens=2,
+            batch_size=2,
+            log_samples=0,
+            output_dir=str(tmp_path),
+            sharded=False,
+        )
         with pytest.raises(TrainingError) as error:
             evaluation.run(model, None, Processes(), torch.autocast("cpu", enabled=False), step=1)
         assert problem in error.value.problem and "m:f" in error.value.problem and error.value.index == 0
-    with pytest.raises(ConfigError) as error:  # json_exact_match on references that are not JSON: said before the first step
-        GenerationEval(generation_prompts([{"prompt": "a", "completion": "b"}], tokenizer, limit=1), tokenizer,
-                       resolve_metrics(["json_exact_match"]), max_new_tokens=2, batch_size=1, log_samples=0,
-                       output_dir=str(tmp_path), sharded=False)
+    with pytest.raises(
+        ConfigError
+    ) as error:  # json_exact_match on references that are not JSON: said before the first step
+        GenerationEval(
+            generation_prompts([{"prompt": "a", "completion": "b"}], tokenizer, limit=1),
+            tokenizer,
+            resolve_metrics(["json_exact_match"]),
+            max_new_tokens=2,
+            batch_size=1,
+            log_samples=0,
+            output_dir=str(tmp_path),
+            sharded=False,
+        )
     assert error.value.index == 0 and "exact_match" in error.value.fix
 
 
@@ -329,36 +442,75 @@ def test_a_metric_that_fails_or_returns_no_number_names_itself_and_the_record(mo
 
 
 def run_config(model_dir, tmp_path, **overrides) -> dict:
-    return {"model": model_dir, "train_data": write_jsonl(tmp_path / "train.jsonl", chats(8)),
-            "eval_data": write_jsonl(tmp_path / "eval.jsonl", chats(5, offset=1)), "chat_template": "chatml",
-            "max_steps": 4, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2,
-            "per_device_eval_batch_size": 2, "learning_rate": 3e-3, "use_cache": False, "eval_generate_samples": 5,
-            "eval_generate_max_new_tokens": 8, "eval_generate_log_samples": 5, "output_dir": str(tmp_path / "run"), **overrides}
+    return {
+        "model": model_dir,
+        "train_data": write_jsonl(tmp_path / "train.jsonl", chats(8)),
+        "eval_data": write_jsonl(tmp_path / "eval.jsonl", chats(5, offset=1)),
+        "chat_template": "chatml",
+        "max_steps": 4,
+        "eval_steps": 2,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 3e-3,
+        "use_cache": False,
+        "eval_generate_samples": 5,
+        "eval_generate_max_new_tokens": 8,
+        "eval_generate_log_samples": 5,
+        "output_dir": str(tmp_path / "run"),
+        **overrides,
+    }
 
 
 def generation_records(output_dir) -> list[dict]:
     _, evals = read_metrics(os.path.join(output_dir, "metrics.jsonl"))
-    return [{k: v for k, v in r.items() if k.startswith("eval_generate_") and k != "eval_generate_seconds"} | {"step": r["step"]}
-            for r in evals]
+    return [
+        {k: v for k, v in r.items() if k.startswith("eval_generate_") and k != "eval_generate_seconds"}
+        | {"step": r["step"]}
+        for r in evals
+    ]
 
 
-def test_sftlab_train_logs_generation_scores_at_the_eval_steps_writes_pairs_and_plots_them(model_dir, tmp_path, monkeypatch, capsys):
-    (tmp_path / "lengths.py").write_text("def reply_length(prediction, reference):\n    return float(len(prediction))\n")
+def test_sftlab_train_logs_generation_scores_at_the_eval_steps_writes_pairs_and_plots_them(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "lengths.py").write_text(
+        "def reply_length(prediction, reference):\n    return float(len(prediction))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    values = run_config(model_dir, tmp_path, eval_generate_metrics=["exact_match", "json_exact_match", "lengths:reply_length"])
+    values = run_config(
+        model_dir, tmp_path, eval_generate_metrics=["exact_match", "json_exact_match", "lengths:reply_length"]
+    )
     config_path = tmp_path / "config.yaml"
     import yaml
 
     config_path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "eval_generate_metrics"}))
-    assert main(["train", str(config_path), "eval_generate_metrics=[exact_match, json_exact_match, lengths:reply_length]"]) == 0
+    assert (
+        main(["train", str(config_path), "eval_generate_metrics=[exact_match, json_exact_match, lengths:reply_length]"])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "eval generation: 5 prompts, the first of 5 usable in the first 5 eval records" in out and "every record usable" in out
+    assert (
+        "eval generation: 5 prompts, the first of 5 usable in the first 5 eval records" in out
+        and "every record usable" in out
+    )
     assert out.count("|  generated 5: exact_match") == 2
     run = values["output_dir"]
     records = generation_records(run)
     assert [r["step"] for r in records] == [2, 4]
-    assert all(set(r) == {"step", "eval_generate_exact_match", "eval_generate_json_exact_match", "eval_generate_reply_length",
-                          "eval_generate_samples", "eval_generate_unfinished", "eval_generate_new_tokens"} for r in records)
+    assert all(
+        set(r)
+        == {
+            "step",
+            "eval_generate_exact_match",
+            "eval_generate_json_exact_match",
+            "eval_generate_reply_length",
+            "eval_generate_samples",
+            "eval_generate_unfinished",
+            "eval_generate_new_tokens",
+        }
+        for r in records
+    )
     pairs = [json.loads(line) for line in open(os.path.join(run, "generations.jsonl"))]
     assert [p["step"] for p in pairs] == [2] * 5 + [4] * 5
     for r in records:  # the logged means are the means of the pairs written (all 5 of them)
@@ -369,10 +521,15 @@ def test_sftlab_train_logs_generation_scores_at_the_eval_steps_writes_pairs_and_
     assert {p["reference"] for p in pairs} == {f'{{"v": {i}}}' for i in range(5)}
     # the plot gets a third panel: 800 px high instead of 600 (8 in against 6 in at 100 dpi)
     assert set(generation_scores(read_metrics(os.path.join(run, "metrics.jsonl"))[1])) == {
-        "eval_generate_exact_match", "eval_generate_json_exact_match", "eval_generate_reply_length"}
+        "eval_generate_exact_match",
+        "eval_generate_json_exact_match",
+        "eval_generate_reply_length",
+    }
     assert png_height(plot_metrics(run)) == 800
     assert main(["train", str(config_path), f"output_dir={tmp_path / 'off'}", "eval_generate_samples=0"]) == 0
-    assert png_height(plot_metrics(str(tmp_path / "off"))) == 600 and not os.path.exists(tmp_path / "off" / "generations.jsonl")
+    assert png_height(plot_metrics(str(tmp_path / "off"))) == 600 and not os.path.exists(
+        tmp_path / "off" / "generations.jsonl"
+    )
 
 
 def test_a_resumed_run_keeps_the_pairs_up_to_its_checkpoint(tmp_path):
@@ -396,12 +553,24 @@ def test_python_api_with_datasets_passed_in_and_a_model_that_does_not_learn(mode
     # SGD with lr 0 leaves the weights as saved: the model answers as before training, at every step.
     users = ["n1", "n2", "n3", "n4"]
     replies = own_replies(model_dir, users, max_new_tokens=6)
-    evals = [{"messages": [{"role": "system", "content": "json only"}, {"role": "user", "content": u},
-                           {"role": "assistant", "content": r}]} for u, r in zip(users, replies[:2] + ["x", "y"])]
+    evals = [
+        {
+            "messages": [
+                {"role": "system", "content": "json only"},
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": r},
+            ]
+        }
+        for u, r in zip(users, replies[:2] + ["x", "y"])
+    ]
     values = run_config(model_dir, tmp_path, eval_generate_max_new_tokens=6, eval_generate_samples=4)
     values.pop("eval_data")
-    result = train(make_config(values), train_dataset=chats(8), eval_dataset=evals,
-                   optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    result = train(
+        make_config(values),
+        train_dataset=chats(8),
+        eval_dataset=evals,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+    )
     scores = [(r["step"], r["eval_generate_exact_match"]) for r in result.history if r.get("type") == "eval"]
     assert scores == [(2, 0.5), (4, 0.5)]
 
@@ -411,14 +580,25 @@ def test_lora_with_dropout_answers_at_the_last_evaluation_as_the_exported_model_
     # runs on the final weights, so its replies are those of final/ loaded for inference (merged).
     from sftlab.generate import generate_batch, load_for_generation
 
-    values = run_config(model_dir, tmp_path, use_peft=True, lora_r=4, lora_dropout=0.5, lora_target_modules=["q_proj", "v_proj"],
-                        learning_rate=1e-2)
+    values = run_config(
+        model_dir,
+        tmp_path,
+        use_peft=True,
+        lora_r=4,
+        lora_dropout=0.5,
+        lora_target_modules=["q_proj", "v_proj"],
+        learning_rate=1e-2,
+    )
     result = train(make_config(values))
     last = [json.loads(line) for line in open(os.path.join(values["output_dir"], "generations.jsonl"))][-5:]
     model, tokenizer = load_for_generation(result.final_dir)
     prompts = generation_prompts(values["eval_data"], tokenizer, limit=5)
-    replies = generate_batch(model, [p.input_ids for p in prompts.prompts], stop_ids=prompts.stop_token_ids, pad_id=0, max_new_tokens=8)
-    assert [p["prediction"] for p in last] == [tokenizer.decode(r.token_ids, skip_special_tokens=True).strip() for r in replies]
+    replies = generate_batch(
+        model, [p.input_ids for p in prompts.prompts], stop_ids=prompts.stop_token_ids, pad_id=0, max_new_tokens=8
+    )
+    assert [p["prediction"] for p in last] == [
+        tokenizer.decode(r.token_ids, skip_special_tokens=True).strip() for r in replies
+    ]
     assert [p["step"] for p in last] == [4] * 5
 
 
@@ -426,8 +606,15 @@ def test_lora_with_dropout_answers_at_the_last_evaluation_as_the_exported_model_
 
 
 def varied_chats(n: int, offset: int = 0) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"n{(i + offset) % 5}"},
-                          {"role": "assistant", "content": "y" * (1 + 2 * ((i + offset) % 5))}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"n{(i + offset) % 5}"},
+                {"role": "assistant", "content": "y" * (1 + 2 * ((i + offset) % 5))},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -451,18 +638,32 @@ def test_two_processes_score_what_one_does(half_taught_dir, tmp_path, engine):
 
     # A learning rate this small keeps the weights of runs that split the steps differently (equal
     # within 1e-5 at 3e-3) far from any greedy tie, so the replies compare exactly.
-    values = run_config(half_taught_dir, tmp_path, fsdp=engine == "fsdp", per_device_train_batch_size=1, learning_rate=1e-6,
-                        eval_generate_max_new_tokens=12, eval_generate_metrics=["exact_match", "contains"])
+    values = run_config(
+        half_taught_dir,
+        tmp_path,
+        fsdp=engine == "fsdp",
+        per_device_train_batch_size=1,
+        learning_rate=1e-6,
+        eval_generate_max_new_tokens=12,
+        eval_generate_metrics=["exact_match", "contains"],
+    )
     values["eval_data"] = write_jsonl(tmp_path / "eval.jsonl", varied_chats(5, offset=1))
     one = {**values, "output_dir": str(tmp_path / "one"), "per_device_train_batch_size": 2, "fsdp": False}
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**values, "output_dir": str(tmp_path / "two")}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     assert main(["train", str(tmp_path / "one.yaml")]) == 0
-    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sftlab.cli", "train", str(tmp_path / "two.yaml")],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sftlab.cli", "train", str(tmp_path / "two.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    pairs = {name: [json.loads(line) for line in open(tmp_path / name / "generations.jsonl")] for name in ("one", "two")}
+    pairs = {
+        name: [json.loads(line) for line in open(tmp_path / name / "generations.jsonl")] for name in ("one", "two")
+    }
     assert pairs["two"] == pairs["one"]
     assert generation_records(tmp_path / "two") == generation_records(tmp_path / "one")
     assert {p["stopped"] for p in pairs["one"]} == {True}

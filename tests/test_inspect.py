@@ -258,7 +258,7 @@ def test_print_stats_of_prepared_data_counts_truncation_and_cache(tmp_path):
 
 def test_html_escapes_tokens_and_marks_targets(tmp_path):
     tokenizer = char_tokenizer(CHATML)
-    messages = [{"role": "user", "content": "<b>&\"x\""}, {"role": "assistant", "content": "ok"}]
+    messages = [{"role": "user", "content": '<b>&"x"'}, {"role": "assistant", "content": "ok"}]
     examples = prepare([{"messages": messages}], tokenizer)
     path = tmp_path / "view.html"
     write_html(str(path), examples, tokenizer, 3)
@@ -266,7 +266,9 @@ def test_html_escapes_tokens_and_marks_targets(tmp_path):
     assert page == render_html(examples, tokenizer, 3)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<script" not in page and "http" not in page  # self-contained
-    spans = re.findall(r'<span class="tok (target|context)( odd)?" title="id (\d+) \((target|context)\)">(.*?)</span>', page, re.S)
+    spans = re.findall(
+        r'<span class="tok (target|context)( odd)?" title="id (\d+) \((target|context)\)">(.*?)</span>', page, re.S
+    )
     assert len(spans) == len(examples[0][0])
     assert [(kind, int(token_id), text) for kind, _, token_id, _, text in spans if kind == "target"] == [
         ("target", merged_id("ok"), "ok"),
@@ -279,14 +281,18 @@ def test_html_escapes_tokens_and_marks_targets(tmp_path):
     assert texts[5] == "↵\n"  # newline shown, line break kept
     assert all(kind == title_kind for kind, _, _, title_kind, _ in spans)
     assert [odd for _, odd, *_ in spans[:3]] == ["", " odd", ""]
-    assert '<td>supervised fraction</td><td>' in page
+    assert "<td>supervised fraction</td><td>" in page
     assert '<td class="detail">format conversational</td><td>1</td>' in page
 
 
 def test_html_escapes_statistics(tmp_path):
     tokenizer = char_tokenizer()
-    examples = prepare_examples([{"prompt": "a<b", "completion": "ok"}, {"prompt": "<x>"}], tokenizer,
-                                skip_invalid_records=True, use_cache=False)
+    examples = prepare_examples(
+        [{"prompt": "a<b", "completion": "ok"}, {"prompt": "<x>"}],
+        tokenizer,
+        skip_invalid_records=True,
+        use_cache=False,
+    )
     page = render_html(examples, tokenizer, 1)
     assert "invalid prompt: record fits no known format (a &#x27;prompt&#x27; without a &#x27;completion&#x27;)" in page
     assert ">&lt;</span>" in page and "a<b" not in page
@@ -309,7 +315,13 @@ def inspect_config(tmp_path):
     data = tmp_path / "train.jsonl"
     records = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
-        {"messages": [{"role": "system", "content": "be"}, {"role": "user", "content": "go"}, {"role": "assistant", "content": "hello"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "be"},
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "x"}]},  # invalid: ends on a user turn
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -328,7 +340,10 @@ def test_cli_inspect_json(inspect_config, capsys):
     (row,) = out["examples"]
     assert row["record_index"] == 0
     assert [t["id"] for t in row["tokens"]][:2] == [IM_START, char_id("u")]
-    assert [(t["id"], t["text"]) for t in row["tokens"] if t["target"]] == [(merged_id("ok"), "ok"), (IM_END, "<|im_end|>")]
+    assert [(t["id"], t["text"]) for t in row["tokens"] if t["target"]] == [
+        (merged_id("ok"), "ok"),
+        (IM_END, "<|im_end|>"),
+    ]
     stats = out["stats"]
     assert stats["records"] == 3
     assert stats["examples"] == 2
@@ -375,5 +390,7 @@ def test_the_docs_token_views_still_render():
     blocks = module.render(tokenizer)
     assert sorted(blocks) == ["as_served_harmony", "as_served_qwen3", "conversation", "packing", "prompt_completion"]
     assert all("targets" in block or "trained" in block for block in blocks.values())
-    assert "# example 1: trains messages [3, 5]" in blocks["as_served_harmony"]  # the tool call rides with the final answer
+    assert (
+        "# example 1: trains messages [3, 5]" in blocks["as_served_harmony"]
+    )  # the tool call rides with the final answer
     assert "# example 2: trains messages [1]" in blocks["as_served_qwen3"]

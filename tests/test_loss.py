@@ -57,7 +57,9 @@ def assert_same(sparse, dense):
     for name in grads_d:
         assert grads_s[name] is not None, name
         floor = 1e-5 * float(grads_d[name].abs().max())
-        torch.testing.assert_close(grads_s[name], grads_d[name], rtol=GRAD_RTOL, atol=floor, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_s[name], grads_d[name], rtol=GRAD_RTOL, atol=floor, msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,9 @@ def test_tied_models_share_the_head_weight(model):
 
 def test_logit_transform_is_read_from_the_config(model, batch):
     scale, softcap = logit_transform(model.config)
-    expected = {"gemma2": (1.0, 0.2), "cohere": (0.25, None), "granite": (0.25, None)}.get(model.config.model_type, (1.0, None))
+    expected = {"gemma2": (1.0, 0.2), "cohere": (0.25, None), "granite": (0.25, None)}.get(
+        model.config.model_type, (1.0, None)
+    )
     assert (scale, softcap) == expected
     if expected != (1.0, None):
         # Control: without the transform the sparse loss is off by far more than the tolerance above,
@@ -116,8 +120,12 @@ def test_lora_head_takes_the_checkpointed_path_and_equals_dense(batch):
     peft = pytest.importorskip("peft")
     base = tiny_model("llama", VOCAB, seed=1)
     # init_lora_weights=False: random A and B, so the adapters change the logits, not only the gradients.
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                      target_modules=["q_proj", "v_proj", "lm_head"]))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj", "v_proj", "lm_head"]
+        ),
+    )
     head = split_model(model)[2]
     assert type(head) is not nn.Linear and "lora" in type(head).__module__
     for rows in (None, 7):
@@ -131,8 +139,12 @@ def test_lora_head_takes_the_checkpointed_path_and_equals_dense(batch):
 
 def lora_llama():
     peft = pytest.importorskip("peft")
-    return peft.get_peft_model(tiny_model("llama", VOCAB), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj", "lm_head"]))
+    return peft.get_peft_model(
+        tiny_model("llama", VOCAB),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj", "lm_head"]
+        ),
+    )
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
@@ -178,7 +190,9 @@ def hand_ce(scale: float = 1.0, softcap: float | None = None) -> float:
 
 def test_hand_computed_cross_entropy():
     # Row 0: log(e^1 + e^2.5 + e^2.75) - 2.75; row 1: log(1 + e^-0.5 + e^-1.25) + 0.5.
-    expected = math.log(math.e + math.exp(2.5) + math.exp(2.75)) - 2.75 + math.log(1 + math.exp(-0.5) + math.exp(-1.25)) + 0.5
+    expected = (
+        math.log(math.e + math.exp(2.5) + math.exp(2.75)) - 2.75 + math.log(1 + math.exp(-0.5) + math.exp(-1.25)) + 0.5
+    )
     assert expected == pytest.approx(hand_ce(), rel=1e-12)
     loss, correct, _ = head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -257,7 +271,9 @@ def test_head_loss_gradient_scales_with_the_upstream_gradient_and_runs_once():
     reference = tiny_head()
     h = torch.tensor(HIDDEN, requires_grad=True)
     (torch.nn.functional.cross_entropy(reference(h), torch.tensor(TARGETS), reduction="sum") * 0.25).backward()
-    for a, b in zip([hidden.grad, head.weight.grad, head.bias.grad], [h.grad, reference.weight.grad, reference.bias.grad]):
+    for a, b in zip(
+        [hidden.grad, head.weight.grad, head.bias.grad], [h.grad, reference.weight.grad, reference.bias.grad]
+    ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # Gradients are scaled in place in backward, so a second backward must refuse, not double-scale.
     loss, _, _ = head_loss(head, torch.tensor(HIDDEN, requires_grad=True), torch.tensor(TARGETS))
@@ -301,8 +317,9 @@ def test_dft_loss_and_gradient_by_hand(wrapped):
     # Row 0: p = e^2.75 / (e + e^2.5 + e^2.75) = 0.51214, CE = 0.66915; row 1: p = e^-.5 / (1 + e^-.5 + e^-1.25) = 0.32040, CE = 1.13818.
     assert expected_loss == pytest.approx(0.51214 * 0.66915 + 0.32040 * 1.13818, rel=1e-4)
     head = tiny_head()
-    loss, correct, nll = head_loss(WrappedHead(head) if wrapped else head, torch.tensor(HIDDEN), torch.tensor(TARGETS),
-                                   rows=1, loss_type="dft")
+    loss, correct, nll = head_loss(
+        WrappedHead(head) if wrapped else head, torch.tensor(HIDDEN), torch.tensor(TARGETS), rows=1, loss_type="dft"
+    )
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
     assert nll.item() == pytest.approx(expected_ce, rel=1e-6)  # the plain CE is reported next to it
     assert int(correct) == 1
@@ -340,6 +357,8 @@ def loss_and_grads_typed(model, mode: str, batch: dict, loss_type: str):
 def test_an_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
         head_loss(tiny_head(), torch.tensor(HIDDEN), torch.tensor(TARGETS), loss_type="focal")
+
+
 # --- a tied head's gradient: one buffer, added in place -------------------------------------------
 
 

@@ -28,7 +28,14 @@ def part(n: int, **option) -> MixturePart:
 
 
 def test_counts_follow_weights_max_samples_and_epochs():
-    parts = [part(10, weight=1), part(4, weight=3), part(6), part(5, epochs=1.5), part(8, max_samples=3), part(3, epochs=0.5)]
+    parts = [
+        part(10, weight=1),
+        part(4, weight=3),
+        part(6),
+        part(5, epochs=1.5),
+        part(8, max_samples=3),
+        part(3, epochs=0.5),
+    ]
     # Weighted: A (10) and B (4) share N = 14 as 1 : 3, i.e. 3.5 and 10.5: floors 3 and 10, and the one
     # example left goes to the larger remainder, a tie (0.5, 0.5) that the earlier source wins: 4 and 10.
     # C has no option: all 6. D: 1.5 x 5 = 7.5, half up: 8. E: min(3, 8) = 3. F: 0.5 x 3 = 1.5 -> 2.
@@ -43,7 +50,8 @@ def test_counts_follow_weights_max_samples_and_epochs():
 def test_which_examples_are_drawn():
     # All examples q times, then the rest drawn without replacement by default_rng([seed, position]), sorted.
     assert drawn(4, 10, seed=3, position=1).tolist() == [0, 1, 2, 3, 0, 1, 2, 3] + sorted(
-        np.random.default_rng([3, 1]).choice(4, size=2, replace=False).tolist())
+        np.random.default_rng([3, 1]).choice(4, size=2, replace=False).tolist()
+    )
     subset = drawn(10, 4, seed=3, position=0)
     assert subset.tolist() == sorted(np.random.default_rng([3, 0]).choice(10, size=4, replace=False).tolist())
     assert len(set(subset.tolist())) == 4
@@ -55,7 +63,9 @@ def test_which_examples_are_drawn():
 
 
 def write_pairs(path, n, prefix):
-    path.write_text("".join(json.dumps({"prompt": f"{prefix}{i}:", "completion": " ok" * (1 + i % 3)}) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{prefix}{i}:", "completion": " ok" * (1 + i % 3)}) + "\n" for i in range(n))
+    )
     return str(path)
 
 
@@ -69,12 +79,19 @@ def sources(tmp_path):
 
 
 def mixture_config(tmp_path, sources, seed=5, **extra) -> SFTConfig:
-    return make_config({
-        "model": "unused", "seed": seed, "cache_dir": str(tmp_path / "cache"), "train_data": [
-            {"path": sources["a"], "weight": 1, "name": "A"},
-            {"path": sources["b"], "weight": 3},
-            {"path": sources["c"], "epochs": 0.5},
-        ], **extra})
+    return make_config(
+        {
+            "model": "unused",
+            "seed": seed,
+            "cache_dir": str(tmp_path / "cache"),
+            "train_data": [
+                {"path": sources["a"], "weight": 1, "name": "A"},
+                {"path": sources["b"], "weight": 3},
+                {"path": sources["c"], "epochs": 0.5},
+            ],
+            **extra,
+        }
+    )
 
 
 def test_a_mixture_holds_the_drawn_examples_of_each_source(tmp_path, sources):
@@ -82,11 +99,17 @@ def test_a_mixture_holds_the_drawn_examples_of_each_source(tmp_path, sources):
     mixed = prepare_split(mixture_config(tmp_path, sources), tokenizer)
     # Counts: A, B weighted 1 : 3 over 14 -> 4, 10 (see above); C: 0.5 x 6 = 3.
     rows = mixed.stats["sources"]
-    assert [(s["name"], s["examples_available"], s["examples"]) for s in rows] == [("A", 10, 4), (sources["b"], 4, 10), (sources["c"], 6, 3)]
+    assert [(s["name"], s["examples_available"], s["examples"]) for s in rows] == [
+        ("A", 10, 4),
+        (sources["b"], 4, 10),
+        (sources["c"], 6, 3),
+    ]
     assert [s.get("weight", s.get("epochs")) for s in rows] == [1.0, 3.0, 0.5]
     expected = np.concatenate([drawn(10, 4, 5, 0), drawn(4, 10, 5, 1), drawn(6, 3, 5, 2)])
     assert mixed.record_index.tolist() == expected.tolist()  # one example per record here
-    alone = {name: prepare_split(mixture_config(tmp_path, sources), tokenizer, source=path) for name, path in sources.items()}
+    alone = {
+        name: prepare_split(mixture_config(tmp_path, sources), tokenizer, source=path) for name, path in sources.items()
+    }
     position = 0
     for name, row, chosen in zip("abc", rows, (drawn(10, 4, 5, 0), drawn(4, 10, 5, 1), drawn(6, 3, 5, 2))):
         for index in chosen:  # the mixture's examples are the sources' own, token for token
@@ -106,25 +129,46 @@ def test_a_mixture_holds_the_drawn_examples_of_each_source(tmp_path, sources):
 def test_each_source_has_its_own_field_map(tmp_path, sources):
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
     (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "Do.", "output": "Done"}) + "\n")
-    config = make_config({"model": "unused", "use_cache": False, "train_data": [
-        sources["a"],
-        {"path": str(tmp_path / "qa.jsonl"), "fields": {"prompt": "question", "completion": "answer"}},
-        {"path": str(tmp_path / "alpaca.jsonl"), "alpaca_layout": "chat"},
-    ], "chat_template": "chatml"})
+    config = make_config(
+        {
+            "model": "unused",
+            "use_cache": False,
+            "train_data": [
+                sources["a"],
+                {"path": str(tmp_path / "qa.jsonl"), "fields": {"prompt": "question", "completion": "answer"}},
+                {"path": str(tmp_path / "alpaca.jsonl"), "alpaca_layout": "chat"},
+            ],
+            "chat_template": "chatml",
+        }
+    )
     mixed = prepare_split(config, char_tokenizer())
     assert [s["examples"] for s in mixed.stats["sources"]] == [10, 1, 1]
     assert mixed.stats["formats"] == {"prompt_completion": 11, "alpaca": 1}
 
 
-@pytest.mark.parametrize("value, field, message", [
-    ([{"path": "a.jsonl", "wieght": 2}], "train_data[0].wieght", "unknown key 'wieght' in a data source; fix: did you mean 'weight'?"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": 0}], "train_data[1].weight", "invalid value: Input should be greater than 0"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": 1, "max_samples": 3}], "train_data[1].max_samples",
-     "weight, max_samples and epochs are alternatives"),
-    ([{"weight": 1}], "train_data[0].path", "invalid value: Field required"),
-    ([{"path": "a.jsonl", "fields": {"promt": "q"}}], "train_data[0].fields.promt", "unknown field 'promt'"),
-    ([], "train_data", "train_data is an empty list"),
-])
+@pytest.mark.parametrize(
+    "value, field, message",
+    [
+        (
+            [{"path": "a.jsonl", "wieght": 2}],
+            "train_data[0].wieght",
+            "unknown key 'wieght' in a data source; fix: did you mean 'weight'?",
+        ),
+        (
+            ["a.jsonl", {"path": "b.jsonl", "weight": 0}],
+            "train_data[1].weight",
+            "invalid value: Input should be greater than 0",
+        ),
+        (
+            ["a.jsonl", {"path": "b.jsonl", "weight": 1, "max_samples": 3}],
+            "train_data[1].max_samples",
+            "weight, max_samples and epochs are alternatives",
+        ),
+        ([{"weight": 1}], "train_data[0].path", "invalid value: Field required"),
+        ([{"path": "a.jsonl", "fields": {"promt": "q"}}], "train_data[0].fields.promt", "unknown field 'promt'"),
+        ([], "train_data", "train_data is an empty list"),
+    ],
+)
 def test_config_errors_name_the_source_and_the_key(tmp_path, value, field, message):
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps({"model": "m", "train_data": value}))
@@ -143,12 +187,26 @@ def test_a_single_source_keeps_the_plain_form():
 
 
 def train_config(model_dir, tmp_path, sources, output, cache="cache", **extra) -> SFTConfig:
-    return make_config({
-        "model": model_dir, "output_dir": str(output), "cache_dir": str(tmp_path / cache), "seed": 1,
-        "per_device_train_batch_size": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 1,
-        "max_steps": 6, "save_steps": 3, "train_data": [
-            {"path": sources["a"], "weight": 1}, {"path": sources["b"], "weight": 3}, {"path": sources["c"], "epochs": 0.5}],
-        **extra})
+    return make_config(
+        {
+            "model": model_dir,
+            "output_dir": str(output),
+            "cache_dir": str(tmp_path / cache),
+            "seed": 1,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "max_steps": 6,
+            "save_steps": 3,
+            "train_data": [
+                {"path": sources["a"], "weight": 1},
+                {"path": sources["b"], "weight": 3},
+                {"path": sources["c"], "epochs": 0.5},
+            ],
+            **extra,
+        }
+    )
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -161,21 +219,35 @@ def test_resuming_a_mixture_trains_on_the_same_examples(model_dir, tmp_path, sou
     # steps 4-6 exactly as the whole run did.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-3", resumed_dir / "checkpoints" / "step-3")
-    resumed = train(train_config(model_dir, tmp_path, sources, resumed_dir, cache="other-cache", resume_from_checkpoint="auto"))
+    resumed = train(
+        train_config(model_dir, tmp_path, sources, resumed_dir, cache="other-cache", resume_from_checkpoint="auto")
+    )
     assert [r["cached"] for r in resumed.history if r["type"] == "data"] == [False]
     steps = lambda result: [(r["step"], r["loss"]) for r in result.history if r["type"] == "train"]  # noqa: E731
     assert steps(resumed) == steps(whole)[3:]
-    final, expected = load_file(str(resumed_dir / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    final, expected = (
+        load_file(str(resumed_dir / "final" / "model.safetensors")),
+        load_file(str(tmp_path / "whole" / "final" / "model.safetensors")),
+    )
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_sftlab_prepare_then_train_starts_from_the_cache(model_dir, tmp_path, sources, capsys):
     config = tmp_path / "mix.yaml"
-    config.write_text(json.dumps({
-        "model": model_dir, "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "max_steps": 1,
-        "per_device_train_batch_size": 2, "train_data": [{"path": sources["a"], "weight": 1, "name": "A"}, sources["b"]],
-        "eval_data": sources["c"]}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": model_dir,
+                "output_dir": str(tmp_path / "run"),
+                "cache_dir": str(tmp_path / "cache"),
+                "max_steps": 1,
+                "per_device_train_batch_size": 2,
+                "train_data": [{"path": sources["a"], "weight": 1, "name": "A"}, sources["b"]],
+                "eval_data": sources["c"],
+            }
+        )
+    )
     assert main(["prepare", str(config), "--json"]) == 0
     prepared = json.loads(capsys.readouterr().out)
     assert prepared["train"]["cached"] is False and prepared["eval"]["cached"] is False

@@ -16,10 +16,10 @@ from sftlab.data.container import IGNORE
 from sftlab.errors import ConfigError
 from sftlab.models import choose_attention, load_model
 from sftlab.training.architecture import packing_isolation
+from sftlab.training.distributed import Processes
 from sftlab.training.loss import SupervisedLoss
 from sftlab.training.objectives import SupervisedObjective
 from sftlab.training.step import train_step
-from sftlab.training.distributed import Processes
 from tiny import char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -32,15 +32,31 @@ def build(name: str, **overrides):
         "llama": lambda: transformers.LlamaConfig(intermediate_size=128, **SIZES),
         # Granite 4: one Mamba2 layer and one attention layer; Mamba heads x head dim = expand x hidden.
         "granite4": lambda: transformers.GraniteMoeHybridConfig(
-            intermediate_size=128, layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16, mamba_expand=2,
-            mamba_n_groups=1, mamba_d_state=16, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
-            **SIZES),
+            intermediate_size=128,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=8,
+            mamba_d_head=16,
+            mamba_expand=2,
+            mamba_n_groups=1,
+            mamba_d_state=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=64,
+            **SIZES,
+        ),
         "lfm2": lambda: transformers.Lfm2Config(intermediate_size=128, layer_types=["conv", "full_attention"], **SIZES),
-        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
-                                                         num_experts_per_tok=2, head_dim=16, **SIZES),
-        "gpt_oss": lambda: transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                                                     head_dim=16, layer_types=["sliding_attention", "full_attention"],
-                                                     sliding_window=8, **SIZES),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16, **SIZES
+        ),
+        "gpt_oss": lambda: transformers.GptOssConfig(
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            **SIZES,
+        ),
     }
     config = configs[name]()
     for key, value in overrides.items():
@@ -74,8 +90,9 @@ def test_the_probe_compares_the_second_example_with_itself_alone():
     ids = list(range(1, 17))
     with torch.no_grad():
         b_alone = model(input_ids=torch.tensor([ids[9:]]), use_cache=False).logits.log_softmax(-1)
-        row = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([list(range(9)) + list(range(7))]),
-                    use_cache=False).logits.log_softmax(-1)
+        row = model(
+            input_ids=torch.tensor([ids]), position_ids=torch.tensor([list(range(9)) + list(range(7))]), use_cache=False
+        ).logits.log_softmax(-1)
     expected = float((row[0, 9:] - b_alone[0]).abs().max())
     assert packing_isolation(model, ids).max_difference == pytest.approx(expected, rel=1e-6) and expected > 1e-4
 
@@ -85,8 +102,18 @@ def records(n=12):
 
 
 def run(model, tmp_path, name, **overrides):
-    config = SFTConfig(model="(object)", output_dir=str(tmp_path / name), max_length=32, per_device_train_batch_size=4,
-                       max_steps=2, logging_steps=1, learning_rate=1e-3, shuffle=False, use_cache=False, **overrides)
+    config = SFTConfig(
+        model="(object)",
+        output_dir=str(tmp_path / name),
+        max_length=32,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        shuffle=False,
+        use_cache=False,
+        **overrides,
+    )
     return train(config, model=model, tokenizer=char_tokenizer(), train_dataset=records())
 
 
@@ -157,9 +184,17 @@ def test_the_router_loss_is_a_mean_over_the_steps_forwards():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     import contextlib
 
-    result = train_step(objective.module, objective, [first, second], processes=Processes(), optimizer=optimizer,
-                        lr_scheduler=scheduler, parameters=list(model.parameters()), max_grad_norm=None,
-                        autocast=contextlib.nullcontext())
+    result = train_step(
+        objective.module,
+        objective,
+        [first, second],
+        processes=Processes(),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        parameters=list(model.parameters()),
+        max_grad_norm=None,
+        autocast=contextlib.nullcontext(),
+    )
     loss_module = SupervisedLoss(reference, "sparse")
     outs = [loss_module(**{k: v for k, v in b.items() if torch.is_tensor(v)}) for b in (first, second)]
     tokens = sum(o["count"] for o in outs)
@@ -171,7 +206,9 @@ def test_the_router_loss_is_a_mean_over_the_steps_forwards():
                 p -= p.grad
     for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
-    assert result.sums["forwards"] == 2.0 and result.sums["aux_loss"] == pytest.approx(float(sum(o["aux_loss"] for o in outs)))
+    assert result.sums["forwards"] == 2.0 and result.sums["aux_loss"] == pytest.approx(
+        float(sum(o["aux_loss"] for o in outs))
+    )
 
 
 def test_router_aux_loss_coef_turns_the_router_loss_on_and_is_logged(tmp_path):
@@ -210,5 +247,8 @@ def test_an_unsupported_attention_is_an_error_naming_the_supported_ones(saved):
     with pytest.raises(ConfigError) as error:
         load_model(saved["gpt_oss"], attn_implementation="sdpa")
     message = str(error.value)
-    assert "GptOssForCausalLM does not support attn_implementation 'sdpa'" in message and "one of eager, flex_attention" in message
+    assert (
+        "GptOssForCausalLM does not support attn_implementation 'sdpa'" in message
+        and "one of eager, flex_attention" in message
+    )
     assert "corrupt" not in message

@@ -90,8 +90,11 @@ def test_the_noise_added_is_bounded_by_each_examples_own_scale(layout):
     torch.manual_seed(0)
     if layout == "packed":
         batch = pack_batch(examples, ROWS, pad_id=0)
-        places = [(r, start, LENGTHS[i]) for r, row in enumerate(ROWS)
-                  for i, start in zip(row, [sum(LENGTHS[j] for j in row[:k]) for k in range(len(row))])]
+        places = [
+            (r, start, LENGTHS[i])
+            for r, row in enumerate(ROWS)
+            for i, start in zip(row, [sum(LENGTHS[j] for j in row[:k]) for k in range(len(row))])
+        ]
     else:
         batch = pad_batch(examples, list(range(len(LENGTHS))), pad_id=0)
         places = [(i, 0, n) for i, n in enumerate(LENGTHS)]
@@ -137,11 +140,22 @@ def test_training_with_neftune_end_to_end(tmp_path):
     model_dir = save_tiny_llama(str(tmp_path / "model"), char_tokenizer())
 
     def run(name, **overrides):
-        config = SFTConfig(model=model_dir, output_dir=str(tmp_path / name), use_cache=False,
-                           per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, max_steps=2,
-                           seed=0, **overrides)
+        config = SFTConfig(
+            model=model_dir,
+            output_dir=str(tmp_path / name),
+            use_cache=False,
+            per_device_train_batch_size=4,
+            learning_rate=3e-3,
+            warmup_ratio=0.0,
+            logging_steps=1,
+            max_steps=2,
+            seed=0,
+            **overrides,
+        )
         history = train(config, train_dataset=RECORDS, eval_dataset=RECORDS[:4]).history
-        return [r["loss"] for r in history if r["type"] == "train"], [r["eval_loss"] for r in history if r["type"] == "eval"]
+        return [r["loss"] for r in history if r["type"] == "train"], [
+            r["eval_loss"] for r in history if r["type"] == "eval"
+        ]
 
     plain, _ = run("plain")
     noisy, noisy_eval = run("noisy", neftune_noise_alpha=5.0)
@@ -164,4 +178,6 @@ def test_a_tied_model_with_neftune_gets_the_dense_paths_gradients():
         SupervisedLoss(model, mode, neftune_alpha=5.0).train()(**inputs)["loss_sum"].backward()
         grads[mode] = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
     for name, dense in grads["dense"].items():
-        torch.testing.assert_close(grads["sparse"][name], dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads["sparse"][name], dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()), msg=lambda m: f"{name}: {m}"
+        )

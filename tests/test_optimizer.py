@@ -16,8 +16,16 @@ from tiny import char_tokenizer, qa_records
 from tiny_models import list_config, save_tiny_llama, tiny_model
 
 RECORDS = qa_records()
-BASE = dict(per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, seed=0, max_steps=3,
-            max_grad_norm=None, weight_decay=0.1)
+BASE = dict(
+    per_device_train_batch_size=4,
+    learning_rate=3e-3,
+    warmup_ratio=0.0,
+    logging_steps=1,
+    seed=0,
+    max_steps=3,
+    max_grad_norm=None,
+    weight_decay=0.1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +55,14 @@ def test_optimizer_in_backward_gives_the_same_losses_and_weights(tied_model_dir,
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(max_grad_norm=1.0), "max_grad_norm"),
-    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
-    (dict(skip_nonfinite_steps=True), "skip_nonfinite_steps"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(max_grad_norm=1.0), "max_grad_norm"),
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+        (dict(skip_nonfinite_steps=True), "skip_nonfinite_steps"),
+    ],
+)
 def test_optimizer_in_backward_refuses_what_needs_every_gradient_first(tied_model_dir, tmp_path, overrides, field):
     with pytest.raises(ConfigError) as error:
         run(tied_model_dir, tmp_path / "refused", optimizer_in_backward=True, **overrides)
@@ -78,15 +89,19 @@ def test_stochastic_bf16_rounding_is_unbiased():
     rounded = _stochastic_bf16(x, torch.Generator().manual_seed(0)).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
     assert float((rounded > 1).double().mean()) == pytest.approx(0.25, abs=0.005)
-    assert float(_stochastic_bf16(-x, torch.Generator().manual_seed(0)).float().mean()) == pytest.approx(-(1.0 + 2.0**-9), abs=2e-5)
+    assert float(_stochastic_bf16(-x, torch.Generator().manual_seed(0)).float().mean()) == pytest.approx(
+        -(1.0 + 2.0**-9), abs=2e-5
+    )
 
 
 def test_bf16_states_track_fp32_adamw():
     torch.manual_seed(0)
     target = torch.randn(300, 40)
     weights = {name: torch.nn.Parameter(torch.zeros(300, 40)) for name in ("fp32", "bf16")}
-    optimizers = {"fp32": torch.optim.AdamW([weights["fp32"]], lr=1e-2, weight_decay=0.1),
-                  "bf16": AdamWBF16States([weights["bf16"]], lr=1e-2, weight_decay=0.1)}
+    optimizers = {
+        "fp32": torch.optim.AdamW([weights["fp32"]], lr=1e-2, weight_decay=0.1),
+        "bf16": AdamWBF16States([weights["bf16"]], lr=1e-2, weight_decay=0.1),
+    }
     for _ in range(50):
         noise = 0.1 * torch.randn(300, 40)  # the same gradients for both
         for name, w in weights.items():

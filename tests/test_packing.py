@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sftlab.training.batching import pack_batch
 from sftlab.data.container import IGNORE, Examples
+from sftlab.training.batching import pack_batch
 from sftlab.training.loss import SupervisedLoss
 from tiny_models import tiny_model
 
@@ -110,7 +110,9 @@ def test_negative_control_attention_leaks_without_position_resets(model, example
     logits = model(**kwargs).logits
     (first, s0, e0), (second, s1, e1) = list(spans(examples, ROWS[0]))[:2]
     # The first example sees nothing before it either way...
-    torch.testing.assert_close(logits[0, s0:e0], model(input_ids=alone(examples, first)[0]).logits[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        logits[0, s0:e0], model(input_ids=alone(examples, first)[0]).logits[0], rtol=1e-5, atol=1e-6
+    )
     # ...the second one now attends to the first: far outside the tolerance used above.
     difference = (logits[0, s1:e1] - model(input_ids=alone(examples, second)[0]).logits[0]).abs().max()
     assert difference > 1e-2

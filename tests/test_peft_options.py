@@ -25,8 +25,18 @@ from tiny import qa_records
 from tiny_models import list_config
 
 RECORDS = qa_records()
-BASE = dict(per_device_train_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1, seed=0, max_steps=3,
-            use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+BASE = dict(
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    warmup_ratio=0.0,
+    logging_steps=1,
+    seed=0,
+    max_steps=3,
+    use_peft=True,
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+)
 PROBE = torch.tensor([[5, 9, 14, 20, 3, 7, 11, 2]])
 
 
@@ -79,7 +89,11 @@ def test_rslora_scales_by_alpha_over_sqrt_r(model_dir, tmp_path):
     result = run(model_dir, tmp_path / "rs", use_rslora=True, max_steps=1)
     assert adapter_config(result.final_dir)["use_rslora"] is True
     model = adapter_on_base(model_dir, result.final_dir)
-    scalings = {float(m.scaling["default"]) for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and m.scaling}
+    scalings = {
+        float(m.scaling["default"])
+        for m in model.modules()
+        if hasattr(m, "scaling") and isinstance(m.scaling, dict) and m.scaling
+    }
     assert scalings == {8 / math.sqrt(4)}  # 4.0; plain LoRA: 8 / 4 = 2.0
 
 
@@ -136,8 +150,9 @@ def test_qlora_trains_adapters_on_a_4bit_base(model_dir, tmp_path):
         seen["dtypes"] = {p.dtype for p in model}
         return torch.optim.AdamW(model, lr=1e-2)
 
-    config = SFTConfig(model=model_dir, output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2},
-                       load_in_4bit=True)
+    config = SFTConfig(
+        model=model_dir, output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2}, load_in_4bit=True
+    )
     result = train(config, train_dataset=RECORDS, optimizer=spy)
     assert seen["dtypes"] == {torch.float32}  # only the adapters train; the 4-bit weights are frozen
     # NF4 rounds every base weight to one of 16 levels: the first loss is close to, not equal to, fp32's.
@@ -154,8 +169,19 @@ def test_the_new_training_options_from_the_command_line(model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     config_file = tmp_path / "config.yaml"
     config_file.write_text(f"model: {model_dir}\ntrain_data: {data}\noutput_dir: {tmp_path / 'cli'}\n")
-    args = ["train", str(config_file), "max_steps=2", "use_cache=false", "logging_steps=1", "loss_type=dft", "neftune_noise_alpha=5", "use_peft=true", "use_dora=true",
-            "use_rslora=true", "lora_init=pissa"]
+    args = [
+        "train",
+        str(config_file),
+        "max_steps=2",
+        "use_cache=false",
+        "logging_steps=1",
+        "loss_type=dft",
+        "neftune_noise_alpha=5",
+        "use_peft=true",
+        "use_dora=true",
+        "use_rslora=true",
+        "lora_init=pissa",
+    ]
     assert cli_main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["type"] == "train"]

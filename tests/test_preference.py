@@ -49,10 +49,25 @@ BETA = 0.5
 
 def losses_of(loss_type, **options):
     tensors = [torch.tensor(v, requires_grad=True) for v in (PI_C, PI_R)]
-    loss, reward_c, reward_r = preference_losses(loss_type, tensors[0], tensors[1], torch.tensor(LEN_C), torch.tensor(LEN_R),
-                                                 torch.tensor(REF_C), torch.tensor(REF_R), beta=BETA, **options)
+    loss, reward_c, reward_r = preference_losses(
+        loss_type,
+        tensors[0],
+        tensors[1],
+        torch.tensor(LEN_C),
+        torch.tensor(LEN_R),
+        torch.tensor(REF_C),
+        torch.tensor(REF_R),
+        beta=BETA,
+        **options,
+    )
     loss.sum().backward()
-    return loss.detach().tolist(), tensors[0].grad.tolist(), tensors[1].grad.tolist(), reward_c.tolist(), reward_r.tolist()
+    return (
+        loss.detach().tolist(),
+        tensors[0].grad.tolist(),
+        tensors[1].grad.tolist(),
+        reward_c.tolist(),
+        reward_r.tolist(),
+    )
 
 
 def test_dpo_sigmoid_by_hand():
@@ -72,9 +87,12 @@ def test_conservative_and_robust_dpo_by_hand():
     assert loss == pytest.approx([-(1 - ls) * logsig(BETA * v) - ls * logsig(-BETA * v) for v in z], rel=1e-6)
     assert grad_c == pytest.approx([-(1 - ls) * BETA * sig(-BETA * v) + ls * BETA * sig(BETA * v) for v in z], rel=1e-6)
     loss, grad_c, _, _, _ = losses_of("robust", label_smoothing=ls)
-    assert loss == pytest.approx([(-(1 - ls) * logsig(BETA * v) + ls * logsig(-BETA * v)) / (1 - 2 * ls) for v in z], rel=1e-6)
-    assert grad_c == pytest.approx([(-(1 - ls) * BETA * sig(-BETA * v) - ls * BETA * sig(BETA * v)) / (1 - 2 * ls) for v in z],
-                                   rel=1e-6)
+    assert loss == pytest.approx(
+        [(-(1 - ls) * logsig(BETA * v) + ls * logsig(-BETA * v)) / (1 - 2 * ls) for v in z], rel=1e-6
+    )
+    assert grad_c == pytest.approx(
+        [(-(1 - ls) * BETA * sig(-BETA * v) - ls * BETA * sig(BETA * v)) / (1 - 2 * ls) for v in z], rel=1e-6
+    )
 
 
 def test_hinge_by_hand():
@@ -158,8 +176,14 @@ def llama(attn="sdpa", seed=0):
     return AutoModelForCausalLM.from_config(config).float()
 
 
-PAIRS = Pairs.from_lists([([5, 6, 7, 8], [9, 10, 11], [12, 13]), ([20, 21], [22], [23, 24, 25, 26]),
-                          ([30, 31, 32], [33, 34], [35, 36]), ([40], [41, 42, 43], [44])])
+PAIRS = Pairs.from_lists(
+    [
+        ([5, 6, 7, 8], [9, 10, 11], [12, 13]),
+        ([20, 21], [22], [23, 24, 25, 26]),
+        ([30, 31, 32], [33, 34], [35, 36]),
+        ([40], [41, 42, 43], [44]),
+    ]
+)
 
 
 def tensors(batch):
@@ -185,7 +209,9 @@ def test_shared_prompt_equals_separate_sequences_and_sparse_equals_dense(attn):
     indices = [0, 1, 2, 3]
     with torch.no_grad():
         shared = completion_log_probs(model, tensors(collate_pairs(PAIRS, indices, 0)))
-        separate = completion_log_probs(model, tensors(collate_pairs(PAIRS, indices, 0, shared_prompt=False)), sparse=False)
+        separate = completion_log_probs(
+            model, tensors(collate_pairs(PAIRS, indices, 0, shared_prompt=False)), sparse=False
+        )
         # Each completion alone, as any trainer would score it: the plain model on P + C.
         alone = []
         for i in indices:
@@ -215,14 +241,32 @@ def test_a_model_whose_layers_carry_state_gets_separate_rows():
 def run_steps(split: list[list[int]], loss_type="sigmoid", **options):
     model = llama()
     references = {"train": reference_log_probs(copy.deepcopy(model), PAIRS, 0, Processes())}
-    objective = PreferenceObjective(model, loss_type, beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None,
-                                    shared_prompt=True, sparse=True, references=references, **options)
+    objective = PreferenceObjective(
+        model,
+        loss_type,
+        beta=0.5,
+        label_smoothing=0.0,
+        simpo_gamma=0.5,
+        rpo_alpha=None,
+        shared_prompt=True,
+        sparse=True,
+        references=references,
+        **options,
+    )
     collate = objective.collate("train")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    result = train_step(objective.module, objective, [collate(PAIRS, items, 0) for items in split], processes=Processes(),
-                        optimizer=optimizer, lr_scheduler=scheduler, parameters=list(model.parameters()), max_grad_norm=None,
-                        autocast=contextlib.nullcontext())
+    result = train_step(
+        objective.module,
+        objective,
+        [collate(PAIRS, items, 0) for items in split],
+        processes=Processes(),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        parameters=list(model.parameters()),
+        max_grad_norm=None,
+        autocast=contextlib.nullcontext(),
+    )
     return model, result
 
 
@@ -295,18 +339,30 @@ def test_kto_losses_by_hand():
     reference = torch.tensor([-5.0, -6.0, -3.5])
     desirable = torch.tensor([True, False, False])
     kl = torch.tensor(0.2)
-    loss, reward = kto_losses(log_probs, reference, desirable, kl, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    loss, reward = kto_losses(
+        log_probs, reference, desirable, kl, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5
+    )
     # r = 1, -1, 0.5; desirable: 2 (1 - sig(0.5 (1 - 0.2))); undesirable: 0.5 (1 - sig(0.5 (0.2 - r)))
     expected = [2 * (1 - sig(0.4)), 0.5 * (1 - sig(0.5 * 1.2)), 0.5 * (1 - sig(0.5 * -0.3))]
     assert loss.tolist() == pytest.approx(expected, rel=1e-6) and reward.tolist() == pytest.approx([0.5, -0.5, 0.25])
     loss.sum().backward()
     # d/dr of 2 (1 - sig(b (r - z))) = -2 b sig' ; of 0.5 (1 - sig(b (z - r))) = +0.5 b sig'
-    grads = [-2 * 0.5 * sig(0.4) * (1 - sig(0.4)), 0.5 * 0.5 * sig(0.6) * (1 - sig(0.6)), 0.5 * 0.5 * sig(-0.15) * (1 - sig(-0.15))]
+    grads = [
+        -2 * 0.5 * sig(0.4) * (1 - sig(0.4)),
+        0.5 * 0.5 * sig(0.6) * (1 - sig(0.6)),
+        0.5 * 0.5 * sig(-0.15) * (1 - sig(-0.15)),
+    ]
     assert log_probs.grad.tolist() == pytest.approx(grads, rel=1e-5)
 
 
-EXAMPLES = Pairs.from_lists([([5, 6, 7, 8], [9, 10, 11], [20]), ([20, 21], [22], [9, 10, 11]),
-                             ([30, 31, 32], [33, 34], [22]), ([40], [41, 42, 43], [33, 34])])
+EXAMPLES = Pairs.from_lists(
+    [
+        ([5, 6, 7, 8], [9, 10, 11], [20]),
+        ([20, 21], [22], [9, 10, 11]),
+        ([30, 31, 32], [33, 34], [22]),
+        ([40], [41, 42, 43], [33, 34]),
+    ]
+)
 EXAMPLES.desirable = np.array([True, False, True, False])
 
 
@@ -316,14 +372,24 @@ def run_kto(split, references=None):
     model = llama()
     if references is None:
         references = {"train": reference_log_probs(copy.deepcopy(model), EXAMPLES, 0, Processes())}
-    objective = KTOObjective(model, beta=0.5, desirable_weight=1.0, undesirable_weight=1.0, sparse=True, references=references)
+    objective = KTOObjective(
+        model, beta=0.5, desirable_weight=1.0, undesirable_weight=1.0, sparse=True, references=references
+    )
     collate = objective.collate("train")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batches = [collate(EXAMPLES, items, 0) for items in split]
-    result = train_step(objective.module, objective, batches, processes=Processes(), optimizer=optimizer,
-                        lr_scheduler=scheduler, parameters=list(model.parameters()), max_grad_norm=None,
-                        autocast=contextlib.nullcontext())
+    result = train_step(
+        objective.module,
+        objective,
+        batches,
+        processes=Processes(),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        parameters=list(model.parameters()),
+        max_grad_norm=None,
+        autocast=contextlib.nullcontext(),
+    )
     return model, result, batches
 
 

@@ -81,8 +81,11 @@ def test_standard_pairs_are_prompt_then_each_completion_and_eos():
 
 def test_conversational_pairs_end_at_the_end_marker_not_the_newline_after_it():
     tokenizer = char_tokenizer(CHATML)
-    record = {"prompt": [{"role": "system", "content": "Be brief."}, user("Hi")],
-              "chosen": [assistant("Yo")], "rejected": [assistant("No.")]}
+    record = {
+        "prompt": [{"role": "system", "content": "Be brief."}, user("Hi")],
+        "chosen": [assistant("Yo")],
+        "rejected": [assistant("No.")],
+    }
     got, pairs = pairs_of([record], tokenizer)
     prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     # The "\n" ChatML writes after <|im_end|> is not generated, so it is in neither reply.
@@ -95,30 +98,45 @@ def test_implicit_prompt_is_the_shared_start_of_both_conversations():
     tokenizer = char_tokenizer(CHATML)
     history = [user("Hi"), assistant("Yo"), user("2+2?")]
     got, pairs = pairs_of([{"chosen": history + [assistant("4")], "rejected": history + [assistant("5")]}], tokenizer)
-    prompt = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-              "<|im_start|>assistant\n")
+    prompt = (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert got == [(hand_ids(prompt), hand_ids("4<|im_end|>"), hand_ids("5<|im_end|>"))]
     assert pairs.stats["formats"] == {"implicit_prompt": 1}
     explicit, _ = pairs_of([{"prompt": history, "chosen": [assistant("4")], "rejected": [assistant("5")]}], tokenizer)
     assert explicit == got
 
 
-@pytest.mark.parametrize("chosen, rejected, shared", [
-    ([user("a"), assistant("x")], [user("a"), assistant("y")], 1),
-    # the first difference is a user message: back to the assistant message before it
-    ([user("a"), assistant("x"), user("b"), assistant("y")], [user("a"), assistant("x"), user("c"), assistant("z")], 1),
-    # identical up to a tool result: the replies start at the assistant message after it
-    ([user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "7"}, assistant("x")],
-     [user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "7"}, assistant("y")], 3),
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, shared",
+    [
+        ([user("a"), assistant("x")], [user("a"), assistant("y")], 1),
+        # the first difference is a user message: back to the assistant message before it
+        (
+            [user("a"), assistant("x"), user("b"), assistant("y")],
+            [user("a"), assistant("x"), user("c"), assistant("z")],
+            1,
+        ),
+        # identical up to a tool result: the replies start at the assistant message after it
+        (
+            [user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "7"}, assistant("x")],
+            [user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "7"}, assistant("y")],
+            3,
+        ),
+    ],
+)
 def test_shared_prompt_ends_right_before_an_assistant_message(chosen, rejected, shared):
     assert shared_prompt(chosen, rejected) == shared
 
 
-@pytest.mark.parametrize("chosen, rejected", [
-    ([user("a"), assistant("x")], [user("b"), assistant("x")]),            # nothing shared
-    ([assistant("x"), user("a")], [assistant("y"), user("a")]),            # shared part is empty before an assistant
-])
+@pytest.mark.parametrize(
+    "chosen, rejected",
+    [
+        ([user("a"), assistant("x")], [user("b"), assistant("x")]),  # nothing shared
+        ([assistant("x"), user("a")], [assistant("y"), user("a")]),  # shared part is empty before an assistant
+    ],
+)
 def test_no_shared_prompt_is_refused(chosen, rejected):
     with pytest.raises(RecordError, match="share no prompt"):
         shared_prompt(chosen, rejected)
@@ -126,11 +144,17 @@ def test_no_shared_prompt_is_refused(chosen, rejected):
 
 def test_tools_reach_the_prompt_and_a_tool_call_is_a_reply_qwen3_style():
     tokenizer = char_tokenizer(QWEN3, chat_tokens=True)
-    record = {"prompt": [{"role": "system", "content": "Be brief."}, user("Temp in Oslo?")],
-              "chosen": [assistant(None, tool_calls=[CALL])], "rejected": [assistant("No idea.")], "tools": [TEMP_TOOL]}
+    record = {
+        "prompt": [{"role": "system", "content": "Be brief."}, user("Temp in Oslo?")],
+        "chosen": [assistant(None, tool_calls=[CALL])],
+        "rejected": [assistant("No idea.")],
+        "tools": [TEMP_TOOL],
+    }
     got, _ = pairs_of([record], tokenizer)
-    prompt = ("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
-              "<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\nget_temp\n</tools><|im_end|>\n"
+        "<|im_start|>user\nTemp in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+    )
     call = '<tool_call>\n{"name": "get_temp", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
     # The last reply after the last user query opens a think block, empty without reasoning.
     empty_think = "<think>\n\n</think>\n\n"
@@ -140,20 +164,30 @@ def test_tools_reach_the_prompt_and_a_tool_call_is_a_reply_qwen3_style():
 def test_qwen3_style_prompt_history_loses_its_thinking_and_the_reply_keeps_its_own():
     tokenizer = char_tokenizer(QWEN3, chat_tokens=True)
     prompt_messages = [user("Hi"), assistant("Yo", reasoning_content="greet"), user("2+2?")]
-    record = {"prompt": prompt_messages, "chosen": [assistant("4", reasoning_content="add")],
-              "rejected": [assistant("5")]}
+    record = {
+        "prompt": prompt_messages,
+        "chosen": [assistant("4", reasoning_content="add")],
+        "rejected": [assistant("5")],
+    }
     got, _ = pairs_of([record], tokenizer)
     # "greet" is history once the user spoke again: the template strips it, so inference never feeds it.
-    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n" \
-             "<|im_start|>assistant\n"
-    assert got == [(chat(prompt), chat("<think>\nadd\n</think>\n\n4<|im_end|>"),
-                    chat("<think>\n\n</think>\n\n5<|im_end|>"))]
+    prompt = (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert got == [
+        (chat(prompt), chat("<think>\nadd\n</think>\n\n4<|im_end|>"), chat("<think>\n\n</think>\n\n5<|im_end|>"))
+    ]
 
 
 def test_qwen3_style_enable_thinking_false_puts_the_empty_think_block_in_the_prompt():
     tokenizer = char_tokenizer(QWEN3, chat_tokens=True)
-    record = {"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")],
-              "chat_template_kwargs": {"enable_thinking": False}}
+    record = {
+        "prompt": HI,
+        "chosen": [assistant("Yo")],
+        "rejected": [assistant("No")],
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     got, _ = pairs_of([record], tokenizer)
     prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert got == [(chat(prompt), chat("Yo<|im_end|>"), chat("No<|im_end|>"))]
@@ -161,8 +195,12 @@ def test_qwen3_style_enable_thinking_false_puts_the_empty_think_block_in_the_pro
 
 def test_harmony_style_replies_carry_their_analysis_and_end_with_return():
     tokenizer = char_tokenizer(HARMONY, chat_tokens=True)
-    record = {"prompt": HI, "chosen": [assistant("Yo", thinking="greet")], "rejected": [assistant("No")],
-              "chat_template_kwargs": {"reasoning_effort": "low"}}
+    record = {
+        "prompt": HI,
+        "chosen": [assistant("Yo", thinking="greet")],
+        "rejected": [assistant("No")],
+        "chat_template_kwargs": {"reasoning_effort": "low"},
+    }
     got, _ = pairs_of([record], tokenizer)
     prompt = "<|start|>system<|message|>Reasoning: low<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
     chosen = "<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>"
@@ -193,16 +231,24 @@ def test_bos_is_written_once_and_never_starts_a_reply():
     got, _ = pairs_of([{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}], char_tokenizer(bos=True))
     assert got == [([BOS] + ids("Q: 2+2?"), ids(" 4") + [EOS], ids(" 5") + [EOS])]
     # A template that writes BOS, with a tokenizer that adds one to every call: still one.
-    got, _ = pairs_of([{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}],
-                      char_tokenizer(WITH_BOS, bos=True))
-    assert got == [(hand_ids("<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
-                    hand_ids("Yo<|im_end|>"), hand_ids("No<|im_end|>"))]
+    got, _ = pairs_of(
+        [{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}], char_tokenizer(WITH_BOS, bos=True)
+    )
+    assert got == [
+        (
+            hand_ids("<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+            hand_ids("Yo<|im_end|>"),
+            hand_ids("No<|im_end|>"),
+        )
+    ]
 
 
 def test_eos_is_not_appended_after_the_templates_own_end_marker():
     # eos_token is <|im_end|>, the marker ChatML ends a turn with: it ends each reply once, not twice.
-    got, _ = pairs_of([{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}],
-                      char_tokenizer(CHATML, eos="<|im_end|>"))
+    got, _ = pairs_of(
+        [{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}],
+        char_tokenizer(CHATML, eos="<|im_end|>"),
+    )
     assert got[0][1:] == (hand_ids("Yo<|im_end|>"), hand_ids("No<|im_end|>"))
     assert got[0][1][-2:] != [IM_END, IM_END]
     # A text completion that already ends with EOS gets no second one.
@@ -211,8 +257,9 @@ def test_eos_is_not_appended_after_the_templates_own_end_marker():
 
 
 def test_a_default_system_prompt_is_in_the_prompt_and_never_in_a_reply():
-    got, _ = pairs_of([{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}],
-                      char_tokenizer(DEFAULT_SYSTEM))
+    got, _ = pairs_of(
+        [{"prompt": HI, "chosen": [assistant("Yo")], "rejected": [assistant("No")]}], char_tokenizer(DEFAULT_SYSTEM)
+    )
     prompt = "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert got == [(hand_ids(prompt), hand_ids("Yo<|im_end|>"), hand_ids("No<|im_end|>"))]
 
@@ -222,16 +269,21 @@ def test_thinking_is_in_a_reply_only_as_the_template_serves_it():
     # the reply is trained from there, with its thinking, as the model writes it after that prompt.
     tokenizer = char_tokenizer(R1, chat_tokens=True)
     history = [user("Hi"), assistant("<think>\ngreet\n</think>\n\nYo"), user("2+2?")]
-    record = {"prompt": history, "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
-              "rejected": [assistant("<think>\nguess\n</think>\n\n5")]}
+    record = {
+        "prompt": history,
+        "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
+        "rejected": [assistant("<think>\nguess\n</think>\n\n5")],
+    }
     got, _ = pairs_of([record], tokenizer)
     # The history's thinking is cut (inference feeds it so); each reply keeps its own.
     prompt = "<s><|User|>Hi<|Assistant|>\n\nYo</s><|User|>2+2?<|Assistant|><think>\n"
     assert got == [(chat(prompt), chat("add\n</think>\n\n4</s>"), chat("guess\n</think>\n\n5</s>"))]
     # A template that never renders reasoning: the reply is refused, not trained with thinking nobody serves.
     with pytest.raises(DataError, match="does not hold its reasoning"):
-        pairs_of([{"prompt": HI, "chosen": [assistant("Yo", reasoning_content="greet")],
-                   "rejected": [assistant("No")]}], char_tokenizer(CHATML))
+        pairs_of(
+            [{"prompt": HI, "chosen": [assistant("Yo", reasoning_content="greet")], "rejected": [assistant("No")]}],
+            char_tokenizer(CHATML),
+        )
 
 
 # ---------------------------------------------------------------- truncation
@@ -239,9 +291,9 @@ def test_thinking_is_in_a_reply_only_as_the_template_serves_it():
 
 def test_right_truncation_keeps_the_end_of_the_prompt_then_cuts_the_replies():
     records = [
-        {"prompt": "0123456789", "chosen": "AB", "rejected": "CDE"},     # 10 + 4 > 12: prompt cut to its last 5
-        {"prompt": "012", "chosen": "ABCDEFGHIJ", "rejected": "X"},      # 3 + 11 > 12: the chosen reply cut
-        {"prompt": "01", "chosen": "A", "rejected": "B"},                # fits
+        {"prompt": "0123456789", "chosen": "AB", "rejected": "CDE"},  # 10 + 4 > 12: prompt cut to its last 5
+        {"prompt": "012", "chosen": "ABCDEFGHIJ", "rejected": "X"},  # 3 + 11 > 12: the chosen reply cut
+        {"prompt": "01", "chosen": "A", "rejected": "B"},  # fits
     ]
     got, pairs = pairs_of(records, char_tokenizer(), max_length=12, max_prompt_length=5)
     assert got == [
@@ -262,8 +314,10 @@ def test_the_default_prompt_budget_is_half_of_max_length():
 
 
 def test_drop_truncation_drops_the_pair_and_counts_it():
-    records = [{"prompt": "0123456789", "chosen": "AB", "rejected": "C"},
-               {"prompt": "01", "chosen": "A", "rejected": "B"}]
+    records = [
+        {"prompt": "0123456789", "chosen": "AB", "rejected": "C"},
+        {"prompt": "01", "chosen": "A", "rejected": "B"},
+    ]
     got, pairs = pairs_of(records, char_tokenizer(), max_length=12, truncation="drop")
     assert got == [(ids("01"), ids("A") + [EOS], ids("B") + [EOS])]
     assert pairs.record_index.tolist() == [1]
@@ -287,13 +341,21 @@ def write_jsonl(path, records):
 GOOD = {"prompt": "Q", "chosen": "A", "rejected": "B"}
 
 
-@pytest.mark.parametrize("bad, field, problem", [
-    ({"prompt": "Q", "chosen": "A"}, "rejected", "a preference record needs 'rejected'"),
-    ({"prompt": "Q", "chosen": ["A"], "rejected": "B"}, "chosen", "must be a string, as the prompt is"),
-    ({"prompt": "Q", "chosen": "", "rejected": "B"}, "chosen", "is empty"),
-    ({"chosen": "A", "rejected": "B"}, "chosen", "without a prompt, chosen and rejected must be whole conversations"),
-    ({"prompt": 3, "chosen": "A", "rejected": "B"}, "prompt", "must be text or a list of messages"),
-], ids=["missing", "type", "empty", "no-prompt", "prompt-type"])
+@pytest.mark.parametrize(
+    "bad, field, problem",
+    [
+        ({"prompt": "Q", "chosen": "A"}, "rejected", "a preference record needs 'rejected'"),
+        ({"prompt": "Q", "chosen": ["A"], "rejected": "B"}, "chosen", "must be a string, as the prompt is"),
+        ({"prompt": "Q", "chosen": "", "rejected": "B"}, "chosen", "is empty"),
+        (
+            {"chosen": "A", "rejected": "B"},
+            "chosen",
+            "without a prompt, chosen and rejected must be whole conversations",
+        ),
+        ({"prompt": 3, "chosen": "A", "rejected": "B"}, "prompt", "must be text or a list of messages"),
+    ],
+    ids=["missing", "type", "empty", "no-prompt", "prompt-type"],
+)
 def test_bad_records_are_named_by_file_line_record_and_field(tmp_path, bad, field, problem):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, bad])
     with pytest.raises(DataError) as error:
@@ -319,14 +381,18 @@ def test_a_bad_message_of_a_reply_is_named_in_the_records_own_terms(tmp_path):
 def test_a_reply_the_template_cannot_serve_is_named_as_its_turn_in_the_record(tmp_path):
     # R1 style: a reply without the thinking its generation prompt opens cannot continue it.
     tokenizer = char_tokenizer(R1, chat_tokens=True)
-    good = {"prompt": [user("2+2?")], "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
-            "rejected": [assistant("<think>\nx\n</think>\n\n5")]}
+    good = {
+        "prompt": [user("2+2?")],
+        "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
+        "rejected": [assistant("<think>\nx\n</think>\n\n5")],
+    }
     bad = {**good, "rejected": [assistant("5")]}
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, bad])
     with pytest.raises(DataError) as error:
         prepare_pairs(path, tokenizer, use_cache=False)
-    assert str(error.value).startswith(f"{path}:2, record 1, field 'rejected[0]': the chat template cannot serve "
-                                       "assistant turn rejected[0]")
+    assert str(error.value).startswith(
+        f"{path}:2, record 1, field 'rejected[0]': the chat template cannot serve assistant turn rejected[0]"
+    )
     skipped = prepare_pairs(path, tokenizer, skip_invalid_records=True, use_cache=False)
     assert len(skipped) == 1 and skipped.record_index.tolist() == [0]
     reasons = {"invalid rejected: the rejected reply was skipped or has no trained token": 1}
@@ -338,8 +404,11 @@ def test_a_reply_the_template_cannot_serve_is_named_as_its_turn_in_the_record(tm
 def test_a_reply_left_untrained_is_refused_not_dropped(tmp_path):
     untrained = {"prompt": [user("Hi")], "chosen": [assistant("Yo", train=False)], "rejected": [assistant("No")]}
     path = write_jsonl(tmp_path / "pairs.jsonl", [untrained])
-    with pytest.raises(DataError, match=r"pairs.jsonl:1, record 0, field 'chosen': the chosen reply was skipped or has "
-                                        r"no trained token"):
+    with pytest.raises(
+        DataError,
+        match=r"pairs.jsonl:1, record 0, field 'chosen': the chosen reply was skipped or has "
+        r"no trained token",
+    ):
         prepare_pairs(path, char_tokenizer(CHATML), use_cache=False)
 
 
@@ -348,12 +417,16 @@ def test_mixed_formats_are_refused_and_invalid_records_skipped_on_request(tmp_pa
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, conversational])
     with pytest.raises(DataError, match="mixed formats in one dataset"):
         prepare_pairs(path, char_tokenizer(CHATML), use_cache=False)
-    path = write_jsonl(tmp_path / "skip.jsonl", [GOOD, {"prompt": "Q", "chosen": "A"}, {"prompt": "Q", "chosen": 1,
-                                                                                      "rejected": "B"}, GOOD])
+    path = write_jsonl(
+        tmp_path / "skip.jsonl",
+        [GOOD, {"prompt": "Q", "chosen": "A"}, {"prompt": "Q", "chosen": 1, "rejected": "B"}, GOOD],
+    )
     pairs = prepare_pairs(path, char_tokenizer(), skip_invalid_records=True, use_cache=False)
     assert pairs.record_index.tolist() == [0, 3]
-    assert pairs.stats["skipped_invalid"] == {"invalid rejected: a preference record needs 'rejected'": 1,
-                                              "invalid chosen: must be a string, as the prompt is": 1}
+    assert pairs.stats["skipped_invalid"] == {
+        "invalid rejected: a preference record needs 'rejected'": 1,
+        "invalid chosen: must be a string, as the prompt is": 1,
+    }
     with pytest.raises(DataError, match="no valid records"):
         prepare_pairs([{"prompt": "Q", "chosen": "A"}], char_tokenizer(), skip_invalid_records=True, use_cache=False)
 
@@ -381,8 +454,11 @@ def test_a_pair_whose_replies_follow_different_prompts_is_refused_naming_it(tmp_
 
     monkeypatch.setattr(preference, "reply_of", second_prompt_differs)
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
-    with pytest.raises(DataError, match=r"pairs.jsonl:1, record 0, field 'prompt': the chat template renders the "
-                                        r"prompt differently before the chosen and the rejected reply"):
+    with pytest.raises(
+        DataError,
+        match=r"pairs.jsonl:1, record 0, field 'prompt': the chat template renders the "
+        r"prompt differently before the chosen and the rejected reply",
+    ):
         prepare_pairs(path, char_tokenizer(), use_cache=False)
 
 
@@ -406,10 +482,13 @@ def pair_config(tmp_path):
     model = tmp_path / "model"
     tokenizer = char_tokenizer(CHATML)
     tokenizer.save_pretrained(model)
-    LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=64).save_pretrained(model)
-    records = [{"prompt": [user("Hi")], "chosen": [assistant("Yo")], "rejected": [assistant("No!")]},
-               {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}]
+    LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(model)
+    records = [
+        {"prompt": [user("Hi")], "chosen": [assistant("Yo")], "rejected": [assistant("No!")]},
+        {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]},
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     config = tmp_path / "cfg.yaml"
     config.write_text(f"model: {model}\ntrain_data: {data}\ncache_dir: {tmp_path / 'cache'}\n")
@@ -473,8 +552,11 @@ def test_pairs_stream_over_chunks_and_a_late_bad_reply_is_named_by_its_line(tmp_
     # More records than one chunk (2048): the pairs of both chunks are joined in order, and a reply the
     # template refuses in the second chunk is traced back to its own line.
     tokenizer = char_tokenizer(R1, chat_tokens=True)
-    good = {"prompt": [user("2+2?")], "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
-            "rejected": [assistant("<think>\nx\n</think>\n\n5")]}
+    good = {
+        "prompt": [user("2+2?")],
+        "chosen": [assistant("<think>\nadd\n</think>\n\n4")],
+        "rejected": [assistant("<think>\nx\n</think>\n\n5")],
+    }
     records = [good] * 2100
     pairs = prepare_pairs(records, tokenizer, use_cache=False)
     assert len(pairs) == 2100 and pairs.record_index.tolist() == list(range(2100))
@@ -491,24 +573,31 @@ def test_pairs_stream_over_chunks_and_a_late_bad_reply_is_named_by_its_line(tmp_
 def test_unpaired_examples_carry_the_record_befores_completion_for_the_kl_estimate():
     from sftlab.data.preference import prepare_unpaired
 
-    records = [{"prompt": "Q: 1?", "completion": "7", "label": True},
-               {"prompt": "Q: 2?", "completion": "88", "label": False},
-               {"prompt": "Q: 3?", "completion": "9", "label": True}]
+    records = [
+        {"prompt": "Q: 1?", "completion": "7", "label": True},
+        {"prompt": "Q: 2?", "completion": "88", "label": False},
+        {"prompt": "Q: 3?", "completion": "9", "label": True},
+    ]
     pairs = prepare_unpaired(records, char_tokenizer(), TargetSettings(), use_cache=False)
     got = [tuple(part.tolist() for part in pairs[i]) for i in range(len(pairs))]
     # Each prompt with its own completion, and with the completion of the record before (the first: the last's).
-    assert got == [(ids("Q: 1?"), ids("7") + [EOS], ids("9") + [EOS]),
-                   (ids("Q: 2?"), ids("88") + [EOS], ids("7") + [EOS]),
-                   (ids("Q: 3?"), ids("9") + [EOS], ids("88") + [EOS])]
+    assert got == [
+        (ids("Q: 1?"), ids("7") + [EOS], ids("9") + [EOS]),
+        (ids("Q: 2?"), ids("88") + [EOS], ids("7") + [EOS]),
+        (ids("Q: 3?"), ids("9") + [EOS], ids("88") + [EOS]),
+    ]
     assert pairs.desirable.tolist() == [True, False, True]
     assert (pairs.stats["desirable"], pairs.stats["undesirable"]) == (2, 1)
 
 
-@pytest.mark.parametrize("record, field, problem", [
-    ({"prompt": "Q", "completion": " a"}, "label", "an unpaired (KTO) record needs 'label'"),
-    ({"prompt": "Q", "completion": " a", "label": "yes"}, "label", "must be true or false"),
-    ({"prompt": "Q", "label": True}, "completion", "an unpaired (KTO) record needs 'completion'"),
-])
+@pytest.mark.parametrize(
+    "record, field, problem",
+    [
+        ({"prompt": "Q", "completion": " a"}, "label", "an unpaired (KTO) record needs 'label'"),
+        ({"prompt": "Q", "completion": " a", "label": "yes"}, "label", "must be true or false"),
+        ({"prompt": "Q", "label": True}, "completion", "an unpaired (KTO) record needs 'completion'"),
+    ],
+)
 def test_bad_unpaired_records_are_named(tmp_path, record, field, problem):
     from sftlab.data.preference import prepare_unpaired
 

@@ -23,9 +23,13 @@ from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-PAIRS = [{"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(16)]
-KTO = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
-       for i in range(16)]
+PAIRS = [
+    {"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(16)
+]
+KTO = [
+    {"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
+    for i in range(16)
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +38,22 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(model=model_dir, output_dir=str(output_dir), objective="dpo", max_length=48, per_device_train_batch_size=8,
-                  shuffle=False,
-                  max_steps=2, logging_steps=1, learning_rate=1e-2, warmup_steps=0, seed=3, lr_scheduler_type="constant",
-                  max_grad_norm=None, cache_dir=str(output_dir) + "-cache")
+    values = dict(
+        model=model_dir,
+        output_dir=str(output_dir),
+        objective="dpo",
+        max_length=48,
+        per_device_train_batch_size=8,
+        shuffle=False,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        seed=3,
+        lr_scheduler_type="constant",
+        max_grad_norm=None,
+        cache_dir=str(output_dir) + "-cache",
+    )
     return SFTConfig(**{**values, **overrides})
 
 
@@ -58,8 +74,16 @@ def test_each_objective_trains_and_logs(model_dir, tmp_path, objective, loss_typ
     result = train(config(model_dir, tmp_path / "out", **overrides), train_dataset=PAIRS, eval_dataset=PAIRS[:4])
     logged = [r for r in result.history if r["type"] == "train"]
     assert len(logged) == 2 and all(r["pairs"] == 8 for r in logged)
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
-                "logps/rejected", "nll"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracy",
+        "rewards/margin",
+        "logps/chosen",
+        "logps/rejected",
+        "nll",
+    ):
         assert all(isinstance(r[key], float) for r in logged), key
     evals = [r for r in result.history if r["type"] == "eval"]
     assert evals[-1]["eval_pairs"] == 4 and "eval_rewards/accuracy" in evals[-1]
@@ -85,18 +109,29 @@ def sgd(params):
 
 def test_a_step_is_the_same_however_it_is_split(model_dir, tmp_path):
     one = train(config(model_dir, tmp_path / "8x1"), train_dataset=PAIRS, optimizer=sgd)
-    four = train(config(model_dir, tmp_path / "2x4", per_device_train_batch_size=2, gradient_accumulation_steps=4),
-                 train_dataset=PAIRS, optimizer=sgd)
+    four = train(
+        config(model_dir, tmp_path / "2x4", per_device_train_batch_size=2, gradient_accumulation_steps=4),
+        train_dataset=PAIRS,
+        optimizer=sgd,
+    )
     losses = [[r["loss"] for r in result.history if r["type"] == "train"] for result in (one, four)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert_close_weights(tmp_path / "8x1", tmp_path / "2x4", atol=1e-6)
 
 
 def test_packed_pairs_train_like_padded_ones(model_dir, tmp_path):
-    train(config(model_dir, tmp_path / "packed", packing=True, shuffle=False, per_device_train_batch_size=16, max_steps=1),
-          train_dataset=PAIRS, optimizer=sgd)
-    train(config(model_dir, tmp_path / "padded16", shuffle=False, per_device_train_batch_size=16, max_steps=1),
-          train_dataset=PAIRS, optimizer=sgd)
+    train(
+        config(
+            model_dir, tmp_path / "packed", packing=True, shuffle=False, per_device_train_batch_size=16, max_steps=1
+        ),
+        train_dataset=PAIRS,
+        optimizer=sgd,
+    )
+    train(
+        config(model_dir, tmp_path / "padded16", shuffle=False, per_device_train_batch_size=16, max_steps=1),
+        train_dataset=PAIRS,
+        optimizer=sgd,
+    )
     assert_close_weights(tmp_path / "packed", tmp_path / "padded16", atol=1e-6)
 
 
@@ -107,16 +142,47 @@ def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
     records = tmp_path / "pairs.json"
     records.write_text(json.dumps(data))
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
-    common = [f"objective={objective}", "shuffle=false", "max_length=48", "max_steps=2", "logging_steps=1", "learning_rate=1e-2", "warmup_steps=0",
-              "seed=3", "lr_scheduler_type=constant", "max_grad_norm=null", f"cache_dir={tmp_path / 'cache'}"]
+    common = [
+        f"objective={objective}",
+        "shuffle=false",
+        "max_length=48",
+        "max_steps=2",
+        "logging_steps=1",
+        "learning_rate=1e-2",
+        "warmup_steps=0",
+        "seed=3",
+        "lr_scheduler_type=constant",
+        "max_grad_norm=null",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, model_dir, str(records),
-                          str(tmp_path / "two"), *common, "per_device_train_batch_size=4", "optimizer=sgd", sharding],
-                         capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            model_dir,
+            str(records),
+            str(tmp_path / "two"),
+            *common,
+            "per_device_train_batch_size=4",
+            "optimizer=sgd",
+            sharding,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    train(config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective), train_dataset=data,
-          optimizer=sgd)
+    train(
+        config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective),
+        train_dataset=data,
+        optimizer=sgd,
+    )
     assert_close_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
 
 
@@ -136,10 +202,24 @@ def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkey
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
     settings = tmp_path / "config.yaml"
-    settings.write_text(yaml.safe_dump({
-        "model": model_dir, "train_data": str(data), "objective": "dpo", "max_length": 48, "per_device_train_batch_size": 4,
-        "max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2, "warmup_steps": 1, "seed": 3,
-        "cache_dir": str(tmp_path / "cache")}))
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "model": model_dir,
+                "train_data": str(data),
+                "objective": "dpo",
+                "max_length": 48,
+                "per_device_train_batch_size": 4,
+                "max_steps": 6,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "learning_rate": 1e-2,
+                "warmup_steps": 1,
+                "seed": 3,
+                "cache_dir": str(tmp_path / "cache"),
+            }
+        )
+    )
     assert main(["train", str(settings), f"output_dir={tmp_path / 'reference'}"]) == 0
     with monkeypatch.context() as patch:
         stop_after(patch, 2)
@@ -151,10 +231,12 @@ def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkey
     assert_close_weights(tmp_path / "resumed", tmp_path / "reference")
 
 
-
 def test_kto_trains_and_logs(model_dir, tmp_path):
-    result = train(config(model_dir, tmp_path / "kto", objective="kto", desirable_weight=1.0, undesirable_weight=2.0),
-                   train_dataset=KTO, eval_dataset=KTO[:6])
+    result = train(
+        config(model_dir, tmp_path / "kto", objective="kto", desirable_weight=1.0, undesirable_weight=2.0),
+        train_dataset=KTO,
+        eval_dataset=KTO[:6],
+    )
     logged = [r for r in result.history if r["type"] == "train"]
     assert len(logged) == 2 and all(r["examples"] == 8 for r in logged)
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference, so the KL is 0
@@ -168,8 +250,18 @@ def test_kto_trains_and_logs(model_dir, tmp_path):
 
 def test_kto_step_is_the_same_however_it_is_split(model_dir, tmp_path):
     one = train(config(model_dir, tmp_path / "kto8", objective="kto"), train_dataset=KTO, optimizer=sgd)
-    four = train(config(model_dir, tmp_path / "kto2x4", objective="kto", per_device_train_batch_size=2,
-                        gradient_accumulation_steps=4), train_dataset=KTO, optimizer=sgd)
+    four = train(
+        config(
+            model_dir,
+            tmp_path / "kto2x4",
+            objective="kto",
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+        ),
+        train_dataset=KTO,
+        optimizer=sgd,
+    )
     assert [r["loss"] for r in one.history if r["type"] == "train"] == pytest.approx(
-        [r["loss"] for r in four.history if r["type"] == "train"], abs=1e-6)
+        [r["loss"] for r in four.history if r["type"] == "train"], abs=1e-6
+    )
     assert_close_weights(tmp_path / "kto8", tmp_path / "kto2x4", atol=1e-6)

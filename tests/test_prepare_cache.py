@@ -18,8 +18,14 @@ CHATML = (
 )
 PAIRS = [{"prompt": "Q: 1+1=", "completion": "2"}, {"prompt": "Q: 2+2=", "completion": "4"}]
 CHATS = [
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                  {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 ARRAYS = ("input_ids", "targets", "offsets", "record_index")
 
@@ -232,7 +238,10 @@ def test_file_fingerprint_is_the_loaded_records_fingerprint(tmp_path):
         assert open_records(spec).content_hash == load_records(spec).fingerprint()
     cache = str(tmp_path / "cache")
     prepare_examples(str(tmp_path / "a.jsonl"), char_tokenizer(), cache_dir=cache)
-    assert prepare_examples(load_records(str(tmp_path / "a.jsonl")), char_tokenizer(), cache_dir=cache).stats["cached"] is True
+    assert (
+        prepare_examples(load_records(str(tmp_path / "a.jsonl")), char_tokenizer(), cache_dir=cache).stats["cached"]
+        is True
+    )
 
 
 # --- damaged entries: structure checked on every load, content against checksums.json -----------
@@ -256,11 +265,16 @@ def npy_data_start(path) -> int:
         return handle.tell()
 
 
-@pytest.mark.parametrize("name, element", [
-    ("input_ids.npy", 17), ("targets.npy", 23), ("record_index.npy", 5),
-    ("offsets.npy", 12),  # a middle offset +1: still increasing, still ends at the token count
-    ("stats.json", None),
-])
+@pytest.mark.parametrize(
+    "name, element",
+    [
+        ("input_ids.npy", 17),
+        ("targets.npy", 23),
+        ("record_index.npy", 5),
+        ("offsets.npy", 12),  # a middle offset +1: still increasing, still ends at the token count
+        ("stats.json", None),
+    ],
+)
 def test_a_flipped_bit_in_any_file_of_an_entry_rebuilds_it(tmp_path, capsys, name, element):
     cache = tmp_path / "cache"
     first = prepare_examples(MANY_PAIRS, char_tokenizer(), cache_dir=str(cache))
@@ -287,11 +301,14 @@ def test_a_flipped_bit_in_any_file_of_an_entry_rebuilds_it(tmp_path, capsys, nam
     assert_same_examples(third, clean)
 
 
-@pytest.mark.parametrize("index, value, problem", [
-    (4, lambda offsets: offsets[3] + 100, "offsets.npy decreases: example 4 ends before it starts"),
-    (0, lambda offsets: 5, "offsets.npy runs from 5 to"),
-    (-1, lambda offsets: offsets[-1] + 64, "offsets.npy runs from 0 to"),
-])
+@pytest.mark.parametrize(
+    "index, value, problem",
+    [
+        (4, lambda offsets: offsets[3] + 100, "offsets.npy decreases: example 4 ends before it starts"),
+        (0, lambda offsets: 5, "offsets.npy runs from 5 to"),
+        (-1, lambda offsets: offsets[-1] + 64, "offsets.npy runs from 0 to"),
+    ],
+)
 def test_damaged_offsets_are_caught_on_every_load_even_after_verification(tmp_path, capsys, index, value, problem):
     # A bit flipped by the disk after the entry was verified changes no size, mtime or inode, so
     # the checksums are not read again: the structure check still refuses offsets that cannot be.
@@ -315,8 +332,12 @@ def test_damaged_offsets_are_caught_on_every_load_even_after_verification(tmp_pa
 def test_an_example_longer_than_max_length_is_a_damaged_entry(tmp_path):
     from sftlab.data.store import structure_problem
 
-    arrays = {"input_ids": np.zeros(10, np.int32), "targets": np.zeros(10, np.int32),
-              "offsets": np.array([0, 3, 10]), "record_index": np.array([0, 1])}
+    arrays = {
+        "input_ids": np.zeros(10, np.int32),
+        "targets": np.zeros(10, np.int32),
+        "offsets": np.array([0, 3, 10]),
+        "record_index": np.array([0, 1]),
+    }
     assert structure_problem(arrays, max_length=7) is None
     assert structure_problem(arrays, max_length=6) == "example 1 has 7 tokens, more than max_length=6"
 
@@ -365,10 +386,18 @@ def test_every_flipped_bit_of_an_array_header_is_a_damaged_entry_not_a_crash(tmp
                 path.write_bytes(original)
 
 
-PAIR_RECORDS = [{"prompt": f"Q{i}: " + "x" * (i % 5), "chosen": "y" * (1 + i % 4), "rejected": "n" * (1 + i % 3)}
-                for i in range(12)]
-PAIR_ARRAYS = ("prompt_ids", "prompt_offsets", "chosen_ids", "chosen_offsets", "rejected_ids", "rejected_offsets",
-               "record_index")
+PAIR_RECORDS = [
+    {"prompt": f"Q{i}: " + "x" * (i % 5), "chosen": "y" * (1 + i % 4), "rejected": "n" * (1 + i % 3)} for i in range(12)
+]
+PAIR_ARRAYS = (
+    "prompt_ids",
+    "prompt_offsets",
+    "chosen_ids",
+    "chosen_offsets",
+    "rejected_ids",
+    "rejected_offsets",
+    "record_index",
+)
 
 
 @pytest.mark.parametrize("name", [f"{array}.npy" for array in PAIR_ARRAYS] + ["stats.json"])

@@ -39,11 +39,24 @@ def setup(tmp_path_factory) -> dict:
         for i in range(16):
             handle.write(json.dumps({"prompt": f"add {i} and 1", "completion": f" {i + 1}"}) + "\n")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": model, "train_data": str(data), "max_length": 32, "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "warmup_steps": 2, "max_steps": MAX_STEPS,
-        "save_steps": 2, "logging_steps": 1, "seed": 7, "cache_dir": str(root / "cache"),
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": model,
+                "train_data": str(data),
+                "max_length": 32,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+                "learning_rate": 1e-3,
+                "warmup_steps": 2,
+                "max_steps": MAX_STEPS,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "seed": 7,
+                "cache_dir": str(root / "cache"),
+            }
+        )
+    )
     return {"root": root, "config": str(config)}
 
 
@@ -134,14 +147,18 @@ def test_an_explicit_checkpoint_of_another_run_is_refused(setup, earlier, tmp_pa
 
 def test_other_data_is_another_run(setup, earlier, tmp_path, capsys):
     data = tmp_path / "other.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"add {i} and 2", "completion": f" {i + 2}"}) + "\n" for i in range(16)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"add {i} and 2", "completion": f" {i + 2}"}) + "\n" for i in range(16))
+    )
     folder = copy_run(earlier, str(tmp_path / "reused"))
     assert main(argv(setup, folder, f"train_data={data}", "resume_from_checkpoint=auto")) != 0
     assert "data differs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_overwrite_then_preempted_then_resumed_equals_a_clean_run(setup, earlier, clean_other, tmp_path, monkeypatch, capsys):
+def test_overwrite_then_preempted_then_resumed_equals_a_clean_run(
+    setup, earlier, clean_other, tmp_path, monkeypatch, capsys
+):
     """overwrite_output_dir deletes the earlier run's work; the new run, stopped after step 3 and
     resumed with auto, continues from its own step 3 (not the earlier run's step 4) to the clean run's weights."""
     folder = copy_run(earlier, str(tmp_path / "reused"))
@@ -184,7 +201,9 @@ def test_more_steps_on_resume_is_allowed_and_said(setup, tmp_path, monkeypatch, 
     capsys.readouterr()
     assert main(argv(setup, folder, "max_steps=8", "resume_from_checkpoint=auto")) == 0
     out = capsys.readouterr().out
-    assert "max_steps was 6 when" in out and "is 8 now: the learning-rate schedule follows the new total of 8 steps" in out
+    assert (
+        "max_steps was 6 when" in out and "is 8 now: the learning-rate schedule follows the new total of 8 steps" in out
+    )
 
 
 def test_log_readers_skip_and_count_only_a_torn_last_line(tmp_path):

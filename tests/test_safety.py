@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 import sftlab
 from sftlab import TargetSettings, prepare_examples
-from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.cli import main
 from sftlab.config import SFTConfig
+from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.errors import ConfigError, DataError
 from sftlab.models import load_model
 from tiny import char_tokenizer
@@ -53,8 +53,16 @@ def run(tmp_path_factory) -> dict:
     model = save_tiny_llama(str(root / "model"), char_tokenizer(CHATML))
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(4)))
-    argv = ["train", "/dev/null", f"model={model}", f"train_data={data}", "max_steps=2", "save_steps=1",
-            "per_device_train_batch_size=2", f"cache_dir={root / 'cache'}"]
+    argv = [
+        "train",
+        "/dev/null",
+        f"model={model}",
+        f"train_data={data}",
+        "max_steps=2",
+        "save_steps=1",
+        "per_device_train_batch_size=2",
+        f"cache_dir={root / 'cache'}",
+    ]
     assert main([*argv, f"output_dir={root / 'out'}"]) == 0
     return {"root": root, "model": model, "argv": argv, "checkpoint": str(root / "out" / "checkpoints" / "step-1")}
 
@@ -78,7 +86,10 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_not_run(run, name, tmp
         f"error: {os.path.join(checkpoint, name)}: checkpoint file holds objects other than tensors and plain values; "
         "refused to load it (nothing in it was run); found " + error[0].split("; found ", 1)[1]
     ]
-    assert "found Unsupported global: GLOBAL exec;" in error[0] and "fix: resume only from checkpoints sftlab wrote" in error[0]
+    assert (
+        "found Unsupported global: GLOBAL exec;" in error[0]
+        and "fix: resume only from checkpoints sftlab wrote" in error[0]
+    )
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values(run):
@@ -91,7 +102,12 @@ def test_checkpoints_hold_only_tensors_and_plain_values(run):
     assert any(k.startswith("model.") for k in shard) and any(k.startswith("optimizer.state.") for k in shard)
     assert json.loads((checkpoint / "optimizer.json").read_text())
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "optimizer.json", "rng-0.pt", "scheduler.pt", "shard-00001-model-00001-of-00001.safetensors", "state.json"]
+        "optimizer.json",
+        "rng-0.pt",
+        "scheduler.pt",
+        "shard-00001-model-00001-of-00001.safetensors",
+        "state.json",
+    ]
     final = run["root"] / "out" / "final"
     assert (final / "model.safetensors").is_file()
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
@@ -103,7 +119,9 @@ def test_a_pickled_dcp_index_in_a_checkpoint_is_never_read(run, tmp_path, capsys
     checkpoint = str(tmp_path / "step-1")
     shutil.copytree(run["checkpoint"], checkpoint)
     marker = str(tmp_path / "payload-ran")
-    with open(os.path.join(checkpoint, ".metadata"), "wb") as handle:  # as DCP's FileSystemWriter writes it: pickle.dump
+    with open(
+        os.path.join(checkpoint, ".metadata"), "wb"
+    ) as handle:  # as DCP's FileSystemWriter writes it: pickle.dump
         pickle.dump(Payload(marker), handle)
     code = main([*run["argv"], f"output_dir={tmp_path / 'out'}", f"resume_from_checkpoint={checkpoint}"])
     assert code == 0 and "resumed from" in capsys.readouterr().out
@@ -144,7 +162,9 @@ def test_pickled_bin_weights_are_refused_not_run(run, tmp_path):
     os.remove(folder / "model.safetensors")
     marker = str(tmp_path / "payload-ran")
     torch.save({**weights, "payload": Payload(marker)}, folder / "pytorch_model.bin")
-    with pytest.raises(ConfigError, match=r"pickled objects other than tensors; refused to load them \(nothing in them was run\)"):
+    with pytest.raises(
+        ConfigError, match=r"pickled objects other than tensors; refused to load them \(nothing in them was run\)"
+    ):
         load_model(str(folder))
     assert not os.path.exists(marker)
 
@@ -164,7 +184,9 @@ def test_code_in_a_model_folder_does_not_run(run, model_type, tmp_path, capsys):
     folder = shutil.copytree(run["model"], tmp_path / "model")
     marker = tmp_path / "code-ran"
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type=model_type, auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    config.update(
+        model_type=model_type, auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
 
@@ -211,8 +233,11 @@ def test_an_unsafe_attribute_renders_as_nothing():
 def test_a_sandbox_violation_in_the_data_stage_is_a_clear_error():
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
     settings = TargetSettings(chat_template="{{ ''.__class__.__mro__ }}")
-    with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
-                                        r"found SecurityError: access to attribute '__class__' of 'str' object is unsafe"):
+    with pytest.raises(
+        DataError,
+        match=r"record 0, field 'chat_template': the chat template failed on this record; "
+        r"found SecurityError: access to attribute '__class__' of 'str' object is unsafe",
+    ):
         prepare_examples([record], char_tokenizer(), settings, use_cache=False)
 
 
@@ -243,7 +268,9 @@ def test_sharded_checkpoints_are_read_through_safetensors_only():
     assert loads, "expected the checkpoint loader"
     for module, call in loads:
         options = {k.arg: ast.unparse(k.value) for k in call.keywords}
-        assert options.get("storage_reader", "").startswith("HuggingFaceStorageReader("), f"{module}: {ast.unparse(call)}"
+        assert options.get("storage_reader", "").startswith("HuggingFaceStorageReader("), (
+            f"{module}: {ast.unparse(call)}"
+        )
     for path in SOURCE.rglob("*.py"):
         assert "FileSystemReader" not in path.read_text(), path.name
 

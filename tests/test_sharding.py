@@ -46,16 +46,36 @@ def setup(tmp_path_factory) -> dict:
     data = root / "train.jsonl"
     with open(data, "w") as handle:
         for i in range(24):  # 6 steps of 4: one epoch
-            handle.write(json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n")
+            handle.write(
+                json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n"
+            )
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": model, "train_data": str(data), "max_length": 48, "learning_rate": 3e-3, "warmup_steps": 1,
-        "max_steps": MAX_STEPS, "save_steps": 2, "logging_steps": 1, "seed": 3, "cache_dir": str(root / "cache"),
-    }))
-    return {"root": root, "config": str(config), "env": {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": model,
+                "train_data": str(data),
+                "max_length": 48,
+                "learning_rate": 3e-3,
+                "warmup_steps": 1,
+                "max_steps": MAX_STEPS,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "seed": 3,
+                "cache_dir": str(root / "cache"),
+            }
+        )
+    )
+    return {
+        "root": root,
+        "config": str(config),
+        "env": {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    }
 
 
-def torchrun(setup, output_dir, *overrides, driver: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    setup, output_dir, *overrides, driver: tuple[str, ...] = (), env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`sftlab train` on 2 processes; with `driver`, through test_faults.DRIVER (a kill or a signal at a chosen point)."""
     if driver:
         script = setup["root"] / "driver.py"
@@ -64,8 +84,13 @@ def torchrun(setup, output_dir, *overrides, driver: tuple[str, ...] = (), env: d
     else:
         program = ["-m", "sftlab.cli"]
     argv = ["train", setup["config"], f"output_dir={output_dir}", *overrides]
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *program, *argv], capture_output=True, text=True,
-                          timeout=300, env={**setup["env"], **(env or {})})
+    return subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", *program, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**setup["env"], **(env or {})},
+    )
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -97,7 +122,9 @@ def assert_equal_weights(ours: dict, theirs: dict) -> None:
 def resume_from(setup, source_dir, step: int, name: str) -> str:
     """A fresh output folder holding only checkpoint `step` of `source_dir`."""
     output_dir = setup["root"] / name
-    shutil.copytree(os.path.join(source_dir, "checkpoints", f"step-{step}"), output_dir / "checkpoints" / f"step-{step}")
+    shutil.copytree(
+        os.path.join(source_dir, "checkpoints", f"step-{step}"), output_dir / "checkpoints" / f"step-{step}"
+    )
     return str(output_dir)
 
 
@@ -117,8 +144,13 @@ def fsdp_run(setup) -> dict:
 
 def test_fsdp_shards_and_the_sparse_tied_head_matches_the_dense_reference(setup):
     out = setup["root"] / "checks.json"
-    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", CHECKS, str(out)], capture_output=True, text=True,
-                            timeout=300, env=setup["env"])
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", CHECKS, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=setup["env"],
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checks = json.loads(out.read_text())
     # Each process holds half the rows of every weight: the layers' and the root's (tied embeddings/head).
@@ -139,13 +171,19 @@ def test_fsdp_shards_and_the_sparse_tied_head_matches_the_dense_reference(setup)
     assert bf16["loss"] != bf16["fp32_loss"] and bf16["loss"] == pytest.approx(bf16["fp32_loss"], rel=2e-2)
     assert bf16["shard_dtypes"] == bf16["grad_dtypes"] == ["torch.float32"] and bf16["grads_finite"]
     # The export gathered from the shards is, file for file, what the unsharded model saves.
-    assert checks["export"]["same_files"] == {"config.json": True, "generation_config.json": True, "model.safetensors": True}
+    assert checks["export"]["same_files"] == {
+        "config.json": True,
+        "generation_config.json": True,
+        "model.safetensors": True,
+    }
 
 
 def test_fsdp_on_2_processes_x_2_equals_1_process_x_4(setup, one_process, fsdp_run):
     assert "fsdp: 2 decoder layers and the root sharded over 2 processes" in fsdp_run["stdout"]
     assert_close_weights(final(fsdp_run["dir"]), final(one_process))
-    assert set(final(one_process)) == set(final(fsdp_run["dir"])) and "lm_head.weight" not in final(one_process)  # the tie, saved once
+    assert set(final(one_process)) == set(final(fsdp_run["dir"])) and "lm_head.weight" not in final(
+        one_process
+    )  # the tie, saved once
     ours, theirs = losses(fsdp_run["dir"]), losses(one_process)
     assert list(ours) == list(theirs) == list(range(1, MAX_STEPS + 1))
     assert list(ours.values()) == pytest.approx(list(theirs.values()), rel=1e-6)
@@ -156,8 +194,13 @@ def test_fsdp_on_2_processes_x_2_equals_1_process_x_4(setup, one_process, fsdp_r
         with safe_open(os.path.join(step, f"shard-0000{rank}-model-00001-of-00001.safetensors"), "pt") as handle:
             offsets = json.loads(handle.metadata()["DCP_SHARDING_INFO"])
             name = "model.model.layers.0.mlp.gate_proj.weight"
-            halves.append((handle.get_slice(name).get_shape(), offsets[name]["saved_offsets"],
-                           handle.get_slice(f"optimizer.state.{name[6:]}.exp_avg").get_shape()))
+            halves.append(
+                (
+                    handle.get_slice(name).get_shape(),
+                    offsets[name]["saved_offsets"],
+                    handle.get_slice(f"optimizer.state.{name[6:]}.exp_avg").get_shape(),
+                )
+            )
     assert halves == [([64, 64], [0, 0], [64, 64]), ([64, 64], [64, 0], [64, 64])]
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +210,9 @@ def test_fsdp_on_2_processes_x_2_equals_1_process_x_4(setup, one_process, fsdp_r
 
 def test_an_fsdp_checkpoint_resumes_on_one_process(setup, one_process, fsdp_run, capsys):
     output_dir = resume_from(setup, fsdp_run["dir"], 2, "fsdp-to-one")
-    assert main(["train", setup["config"], f"output_dir={output_dir}", "resume_from_checkpoint=auto", *ONE_PROCESS]) == 0
+    assert (
+        main(["train", setup["config"], f"output_dir={output_dir}", "resume_from_checkpoint=auto", *ONE_PROCESS]) == 0
+    )
     assert "at step 2 (written by 2 processes, now 1)" in capsys.readouterr().out
     assert_close_weights(final(output_dir), final(one_process))
     assert list(losses(output_dir)) == list(range(3, MAX_STEPS + 1))
@@ -214,7 +259,9 @@ def test_sigterm_to_torchrun_checkpoints_exits_75_and_resumes_exactly(setup, fsd
     stopped = torchrun(setup, output_dir, *FSDP, driver=("sigterm-launcher", "1"))
     assert stopped.returncode != 0, stopped.stdout[-2000:]  # torchrun reports the signal it got
     for rank in (0, 1):  # both workers stopped on their own, with the documented code
-        assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, (
+            stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        )
     (line,) = [line for line in stopped.stdout.splitlines() if "SIGTERM received: stopped after step" in line]
     step = int(line.split("stopped after step ")[1].split(" ")[0])
     assert 1 < step < MAX_STEPS and step in list_checkpoints(output_dir)
@@ -231,6 +278,8 @@ def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(setup):
     stopped = torchrun(setup, output_dir, *FSDP, driver=("sigusr1-self", "1"), env={"SIGNAL_RANK": "1"})
     assert stopped.returncode != 0  # torchrun reports workers that exited 75 as failed
     for rank in (0, 1):
-        assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        assert f"sftlab exit code {EXIT_PREEMPTED} on rank {rank}" in stopped.stdout, (
+            stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        )
     assert "a stop signal to another process received: stopped after step 2 of 6" in stopped.stdout  # rank 0's own line
     assert list_checkpoints(output_dir) == [2] and not os.path.exists(os.path.join(output_dir, "final"))

@@ -395,7 +395,10 @@ def test_chunks_of_a_glob_name_file_line_and_row_of_every_record(tmp_path):
     middle = chunks[1]
     assert middle.parts == [(str(tmp_path / "a.jsonl"), 2), (str(tmp_path / "b.jsonl"), 1)]
     assert [middle.locate(i) for i in range(3)] == [
-        (f"{tmp_path / 'a.jsonl'}:4", 3), (f"{tmp_path / 'a.jsonl'}:5", 4), (f"{tmp_path / 'b.jsonl'}:2", 0)]
+        (f"{tmp_path / 'a.jsonl'}:4", 3),
+        (f"{tmp_path / 'a.jsonl'}:5", 4),
+        (f"{tmp_path / 'b.jsonl'}:2", 0),
+    ]
     assert chunks[2].locate(0) == (f"{tmp_path / 'b.jsonl'}:4", 1)
     assert [r for c in chunks for r in c.records] == load_records(str(tmp_path / "*.jsonl")).records
 
@@ -437,12 +440,15 @@ def test_json_array_read_element_by_element_through_a_small_window(tmp_path, mon
     assert load_records(wrapped).records == records
 
 
-@pytest.mark.parametrize("text, line, found", [
-    ('[\n  {"text": "one"},\n  {"text": "two"}\n  {"text": "three"}\n]\n', 4, "Expecting ',' delimiter"),
-    ('[\n  {"text": "one"},\n]\n', 3, "Expecting value"),
-    ('[\n  {"text": "one"}\n]\n]\n', 4, "Extra data"),
-    ('{"rows": [{"text": "one"}], "more": 1}', None, None),
-])
+@pytest.mark.parametrize(
+    "text, line, found",
+    [
+        ('[\n  {"text": "one"},\n  {"text": "two"}\n  {"text": "three"}\n]\n', 4, "Expecting ',' delimiter"),
+        ('[\n  {"text": "one"},\n]\n', 3, "Expecting value"),
+        ('[\n  {"text": "one"}\n]\n]\n', 4, "Extra data"),
+        ('{"rows": [{"text": "one"}], "more": 1}', None, None),
+    ],
+)
 def test_json_array_syntax_errors_name_the_line(tmp_path, monkeypatch, text, line, found):
     monkeypatch.setattr("sftlab.data.jsonstream._BLOCK", 5)
     path = tmp_path / "data.json"

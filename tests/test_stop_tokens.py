@@ -21,7 +21,7 @@ from sftlab.data.prompts import generation_prompts
 from sftlab.data.special_tokens import pad_token_id
 from sftlab.generate import Reply, generate_batch, generate_replies
 from sftlab.training.evaluation import GenerationEval, exact_match
-from tiny import chat_token_id, char_tokenizer, hand_ids, ids, special_id
+from tiny import char_tokenizer, chat_token_id, hand_ids, ids, special_id
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
 QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()
@@ -54,22 +54,31 @@ def deepseek_id(token: str) -> int:
 # name -> (tokenizer, expected stop ids, expected pad id)
 CASES = {
     # A reply ends "<|im_end|>"; a tool call "</tool_call><|im_end|>" (</tool_call> is not special).
-    "qwen3": (lambda: char_tokenizer(chat_template=QWEN3, chat_tokens=True),
-              sorted([special_id("</s>"), special_id("<|im_end|>")]), special_id("<pad>")),
+    "qwen3": (
+        lambda: char_tokenizer(chat_template=QWEN3, chat_tokens=True),
+        sorted([special_id("</s>"), special_id("<|im_end|>")]),
+        special_id("<pad>"),
+    ),
     # The last reply ends "<|return|>", a tool call "<|call|>". <|end|> (after the analysis channel, and
     # after a final answer once it is history) is never a stop.
-    "harmony": (lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True),
-                sorted([special_id("</s>"), chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
-                special_id("<pad>")),
+    "harmony": (
+        lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True),
+        sorted([special_id("</s>"), chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
+        special_id("<pad>"),
+    ),
     # gpt-oss's own tokenizer has <|return|> as EOS and no other pad: pads fall back to EOS.
-    "harmony, EOS <|return|>": (lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True, eos="<|return|>",
-                                                       pad=False),
-                                sorted([chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
-                                chat_token_id("<|return|>")),
+    "harmony, EOS <|return|>": (
+        lambda: char_tokenizer(chat_template=HARMONY, chat_tokens=True, eos="<|return|>", pad=False),
+        sorted([chat_token_id("<|return|>"), chat_token_id("<|call|>")]),
+        chat_token_id("<|return|>"),
+    ),
     "deepseek": (deepseek_tokenizer, [deepseek_id(EOS)], special_id("<pad>")),
     # ChatML writes no tool calls: the reply's "<|im_end|>" and EOS.
-    "chatml": (lambda: char_tokenizer(chat_template=CHATML), sorted([special_id("</s>"), special_id("<|im_end|>")]),
-               special_id("<pad>")),
+    "chatml": (
+        lambda: char_tokenizer(chat_template=CHATML),
+        sorted([special_id("</s>"), special_id("<|im_end|>")]),
+        special_id("<pad>"),
+    ),
 }
 
 
@@ -90,8 +99,17 @@ def evaluation_settings(tokenizer, tmp_path) -> tuple[list[int], int]:
     """The stop ids and pad id of training's evaluation by generation on a chat eval set."""
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     prompts = generation_prompts([record], tokenizer, TargetSettings(), limit=1)
-    evaluation = GenerationEval(prompts, tokenizer, [("exact_match", exact_match)], max_new_tokens=4, batch_size=1,
-                                log_samples=0, output_dir=str(tmp_path), sharded=False, write=False)
+    evaluation = GenerationEval(
+        prompts,
+        tokenizer,
+        [("exact_match", exact_match)],
+        max_new_tokens=4,
+        batch_size=1,
+        log_samples=0,
+        output_dir=str(tmp_path),
+        sharded=False,
+        write=False,
+    )
     return evaluation.stop_ids, evaluation.pad_id
 
 
@@ -126,15 +144,30 @@ class Scripted(torch.nn.Module):
 
 # name -> (what the model writes after the generation prompt, the reply kept: through the final answer)
 WRITTEN = {
-    "harmony": (hand_ids("<|channel|>analysis<|message|>2+2 is 4.<|end|><|start|>assistant<|channel|>final<|message|>4"
-                         "<|return|>", chat_tokens=True) + ids("junk"),
-                hand_ids("<|channel|>analysis<|message|>2+2 is 4.<|end|><|start|>assistant<|channel|>final<|message|>4",
-                         chat_tokens=True)),
-    "qwen3": (hand_ids("<think>\n2+2 is 4.\n</think>\n\n4<|im_end|>\n", chat_tokens=True) + ids("junk"),
-              hand_ids("<think>\n2+2 is 4.\n</think>\n\n4", chat_tokens=True)),
-    "deepseek": ([chat_token_id("<think>")] + ids("\n2+2 is 4.\n") + [chat_token_id("</think>")] + ids("\n\n4")
-                 + [deepseek_id(EOS)] + ids("junk"),
-                 [chat_token_id("<think>")] + ids("\n2+2 is 4.\n") + [chat_token_id("</think>")] + ids("\n\n4")),
+    "harmony": (
+        hand_ids(
+            "<|channel|>analysis<|message|>2+2 is 4.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>",
+            chat_tokens=True,
+        )
+        + ids("junk"),
+        hand_ids(
+            "<|channel|>analysis<|message|>2+2 is 4.<|end|><|start|>assistant<|channel|>final<|message|>4",
+            chat_tokens=True,
+        ),
+    ),
+    "qwen3": (
+        hand_ids("<think>\n2+2 is 4.\n</think>\n\n4<|im_end|>\n", chat_tokens=True) + ids("junk"),
+        hand_ids("<think>\n2+2 is 4.\n</think>\n\n4", chat_tokens=True),
+    ),
+    "deepseek": (
+        [chat_token_id("<think>")]
+        + ids("\n2+2 is 4.\n")
+        + [chat_token_id("</think>")]
+        + ids("\n\n4")
+        + [deepseek_id(EOS)]
+        + ids("junk"),
+        [chat_token_id("<think>")] + ids("\n2+2 is 4.\n") + [chat_token_id("</think>")] + ids("\n\n4"),
+    ),
 }
 
 

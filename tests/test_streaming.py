@@ -31,7 +31,10 @@ SETTINGS = TargetSettings(max_length=24)  # cuts the longer records: truncation 
 
 def pairs(n: int = 23) -> list[dict]:
     """Prompt/completion records of growing length; every 7th has an empty completion (invalid)."""
-    return [{"prompt": "Q" * (1 + i % 9) + str(i), "completion": "" if i % 7 == 3 else "ab" * (1 + i % 11)} for i in range(n)]
+    return [
+        {"prompt": "Q" * (1 + i % 9) + str(i), "completion": "" if i % 7 == 3 else "ab" * (1 + i % 11)}
+        for i in range(n)
+    ]
 
 
 def chats(n: int = 23, invalid: bool = True) -> list[dict]:
@@ -143,11 +146,14 @@ def test_streaming_equals_the_in_memory_result_for_every_source_kind(tmp_path, m
     for kind, source in sources_of(records, tmp_path, flat=data == "pairs").items():
         want, want_stats = (expected, expected_stats) if kind != "glob" else reference(glob_records, tokenizer)
         for cached in (False, True):  # the built entry, then the same entry read back
-            streamed = prepare_examples(source, tokenizer, SETTINGS, skip_invalid_records=True,
-                                        cache_dir=str(tmp_path / "cache" / kind))
+            streamed = prepare_examples(
+                source, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "cache" / kind)
+            )
             assert streamed.stats["cached"] is cached, kind
             assert_same(streamed, want, want_stats)
-        assert_same(prepare_examples(source, tokenizer, SETTINGS, skip_invalid_records=True, use_cache=False), want, want_stats)
+        assert_same(
+            prepare_examples(source, tokenizer, SETTINGS, skip_invalid_records=True, use_cache=False), want, want_stats
+        )
 
 
 def test_the_entry_is_read_memory_mapped(tmp_path):
@@ -194,7 +200,9 @@ def test_a_record_the_template_refuses_is_named_by_file_line(tmp_path, monkeypat
     path = write_jsonl(tmp_path / "chats.jsonl", records)
     with pytest.raises(DataError) as error:
         prepare_examples(path, char_tokenizer(chat_template=CHATML), skip_invalid_records=True, use_cache=False)
-    assert str(error.value).startswith(f"{path}:23, record 22, field 'chat_template': the chat template failed on this record")
+    assert str(error.value).startswith(
+        f"{path}:23, record 22, field 'chat_template': the chat template failed on this record"
+    )
     assert "boom is refused" in str(error.value)
 
 
@@ -273,10 +281,14 @@ def test_a_second_process_waits_for_the_entry_and_reads_it(tmp_path):
     import time
 
     data = write_jsonl(tmp_path / "data.jsonl", pairs())
-    script = WAITER.format(tests=os.path.dirname(__file__), markers=str(tmp_path), data=data, cache=str(tmp_path / "cache"))
+    script = WAITER.format(
+        tests=os.path.dirname(__file__), markers=str(tmp_path), data=data, cache=str(tmp_path / "cache")
+    )
 
     def start():
-        return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def wait_for(name, process):
         deadline = time.monotonic() + 120
@@ -308,7 +320,9 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
     tokenizer = char_tokenizer(chat_template=CHATML)
     path = write_jsonl(tmp_path / "chats.jsonl", chats())
     prepare_examples(path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "one"), workers=1)
-    two = prepare_examples(path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "two"), workers=2)
+    two = prepare_examples(
+        path, tokenizer, SETTINGS, skip_invalid_records=True, cache_dir=str(tmp_path / "two"), workers=2
+    )
     (entry,) = [name for name in os.listdir(tmp_path / "one") if not name.startswith(".")]
     for name in [a + ".npy" for a in ARRAYS] + ["stats.json"]:
         mine, theirs = (tmp_path / "one" / entry / name).read_bytes(), (tmp_path / "two" / entry / name).read_bytes()
@@ -320,10 +334,13 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "two" / entry) == os.listdir(tmp_path / "one" / entry)  # no shard left behind
 
 
-@pytest.mark.parametrize("bad, first", [
-    ({9: "boom", 30: "robot"}, 9),  # chunk 2: a template error in the builder; chunk 7: a validation error
-    ({21: "boom", 14: "robot"}, 14),  # the validation error comes first
-])
+@pytest.mark.parametrize(
+    "bad, first",
+    [
+        ({9: "boom", 30: "robot"}, 9),  # chunk 2: a template error in the builder; chunk 7: a validation error
+        ({21: "boom", 14: "robot"}, 14),  # the validation error comes first
+    ],
+)
 def test_with_workers_the_first_bad_record_is_the_one_reported(tmp_path, monkeypatch, bad, first):
     monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 4)
     records = chats(40, invalid=False)
@@ -336,7 +353,9 @@ def test_with_workers_the_first_bad_record_is_the_one_reported(tmp_path, monkeyp
     messages = []
     for workers in (1, 2):
         with pytest.raises(DataError) as error:
-            prepare_examples(path, char_tokenizer(chat_template=CHATML), cache_dir=str(tmp_path / f"cache{workers}"), workers=workers)
+            prepare_examples(
+                path, char_tokenizer(chat_template=CHATML), cache_dir=str(tmp_path / f"cache{workers}"), workers=workers
+            )
         messages.append(str(error.value))
     assert messages[0] == messages[1]
     assert messages[0].startswith(f"{path}:{first + 1}, record {first}, field ")
@@ -365,13 +384,16 @@ def test_with_workers_a_bad_record_before_an_unreadable_line_is_reported_first(t
         assert str(error.value).startswith(f"{path}:6, record 5, field 'messages[1].role': unknown role"), workers
 
 
-@pytest.mark.parametrize("cores, size, length, expected", [
-    (16, 80_000_000, None, 8),  # a large file on 16 cores: one worker per two cores
-    (16, None, 50_000, 8),  # a list of 50k records
-    (16, 10_000_000, None, 1),  # small data: starting workers costs more than it saves
-    (16, None, None, 1),  # a stream of unknown size
-    (2, 80_000_000, None, 1),  # 2 cores: one process keeps both busy already
-])
+@pytest.mark.parametrize(
+    "cores, size, length, expected",
+    [
+        (16, 80_000_000, None, 8),  # a large file on 16 cores: one worker per two cores
+        (16, None, 50_000, 8),  # a list of 50k records
+        (16, 10_000_000, None, 1),  # small data: starting workers costs more than it saves
+        (16, None, None, 1),  # a stream of unknown size
+        (2, 80_000_000, None, 1),  # 2 cores: one process keeps both busy already
+    ],
+)
 def test_default_workers(monkeypatch, cores, size, length, expected):
     from sftlab.data.prepare import default_workers
     from sftlab.data.sources import RecordStream

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.container import IGNORE
-from sftlab.data.container import Examples
+from sftlab.data.container import IGNORE, Examples
 from sftlab.data.examples import ExampleBuilder
 from sftlab.data.formats import RecordValidator
 from tiny import char_id, char_tokenizer, ids, merged_id, special_id
@@ -85,7 +84,9 @@ def test_no_bos_when_the_tokenizer_adds_none():
 
 
 def test_text_field_is_configurable():
-    examples = prepare_examples([{"body": "abc"}], char_tokenizer(), TargetSettings(), text_field="body", use_cache=False)
+    examples = prepare_examples(
+        [{"body": "abc"}], char_tokenizer(), TargetSettings(), text_field="body", use_cache=False
+    )
     assert only(examples) == (ids("abc") + [EOS], ids("bc") + [EOS, X])
 
 
@@ -249,10 +250,20 @@ DATASETS = {
     "prompt_completion": [{"prompt": "he", "completion": "llo"}, {"prompt": "Q: ", "completion": "abc"}],
     "chat": [
         {"messages": [{"role": "user", "content": "he"}, {"role": "assistant", "content": "llo"}]},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"},
-                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
     ],
-    "pretokenized": [{"input_ids": [20, 21, 22, 23], "labels": [X, 21, X, 23]}, {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}],
+    "pretokenized": [
+        {"input_ids": [20, 21, 22, 23], "labels": [X, 21, X, 23]},
+        {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]},
+    ],
 }
 
 
@@ -279,11 +290,14 @@ def test_targets_are_the_next_token_or_ignored(kind, cut, bos):
 
 
 def test_chunking_does_not_change_the_examples():
-    records = RecordValidator().validate(load_records([{"prompt": "Q" * (i + 1), "completion": "ab" * (i + 1)} for i in range(5)]))
+    records = RecordValidator().validate(
+        load_records([{"prompt": "Q" * (i + 1), "completion": "ab" * (i + 1)} for i in range(5)])
+    )
     settings = TargetSettings()
     one_chunk = Examples.concatenate(list(ExampleBuilder(char_tokenizer(), settings).build([records])))
-    chunks_of_two = Examples.concatenate(list(ExampleBuilder(char_tokenizer(), settings).build(
-        [records[i : i + 2] for i in range(0, len(records), 2)])))
+    chunks_of_two = Examples.concatenate(
+        list(ExampleBuilder(char_tokenizer(), settings).build([records[i : i + 2] for i in range(0, len(records), 2)]))
+    )
     assert as_lists(chunks_of_two) == as_lists(one_chunk)
     assert one_chunk.record_index.tolist() == chunks_of_two.record_index.tolist() == [0, 1, 2, 3, 4]
     # example 3: prompt QQQQ, completion abababab

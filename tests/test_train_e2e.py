@@ -23,9 +23,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, TrainingError, train
+from sftlab.cli import main as cli_main
 from sftlab.training.batching import plan_epoch
 from sftlab.training.checkpoint import find_checkpoint, list_checkpoints
-from sftlab.cli import main as cli_main
 from tiny import char_id, char_tokenizer, qa_records
 from tiny_models import list_config
 
@@ -59,7 +59,14 @@ def read_metrics(output_dir) -> list[dict]:
 # Any change in targets, batching, loss normalisation or the optimizer step moves them by far
 # more than the tolerance.
 PINNED_PADDED = {  # batch 4, 6 steps (1.5 epochs of 4 steps), eval on the first 6 records at the end
-    "loss": [4.759079256924716, 4.268753967285156, 3.950993177625868, 3.6904093424479165, 3.522065507604721, 3.450376643690952],
+    "loss": [
+        4.759079256924716,
+        4.268753967285156,
+        3.950993177625868,
+        3.6904093424479165,
+        3.522065507604721,
+        3.450376643690952,
+    ],
     "supervised_tokens": [55, 50, 45, 51, 47, 43],  # steps 1-4 are one epoch: 201 supervised tokens in all
     "eval_loss": 3.4081979048879525,
     "eval_supervised_tokens": 76,
@@ -86,8 +93,10 @@ def test_pinned_losses_padded(model_dir, tmp_path):
 
 
 def test_pinned_losses_packed(model_dir, tmp_path):
-    result = train(config(model_dir, tmp_path, max_steps=4, packing=True, max_length=64, per_device_train_batch_size=1),
-                   train_dataset=RECORDS)
+    result = train(
+        config(model_dir, tmp_path, max_steps=4, packing=True, max_length=64, per_device_train_batch_size=1),
+        train_dataset=RECORDS,
+    )
     steps = logged(result.history)
     assert [r["loss"] for r in steps] == pytest.approx(PINNED_PACKED["loss"], rel=1e-6)
     assert [r["supervised_tokens"] for r in steps] == PINNED_PACKED["supervised_tokens"]
@@ -99,7 +108,13 @@ def test_pinned_losses_packed(model_dir, tmp_path):
 
 def test_auto_ignores_half_written_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
-    for name, complete in [("step-2", True), ("step-4", True), ("step-6", False), (".tmp-step-8", True), ("notes", True)]:
+    for name, complete in [
+        ("step-2", True),
+        ("step-4", True),
+        ("step-6", False),
+        (".tmp-step-8", True),
+        ("notes", True),
+    ]:
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / "state.json").write_text("{}")
@@ -125,8 +140,11 @@ def test_killed_run_resumes_exactly(model_dir, tmp_path, capsys):
     pairs = [f"{key}={value}" for key, value in {**BASE, **settings}.items()]
     log = tmp_path / "killed.log"
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, SCRIPT, model_dir, str(records), str(output), *pairs],
-                                   stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, model_dir, str(records), str(output), *pairs],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
     try:
         while not list_checkpoints(str(output)):
@@ -167,11 +185,22 @@ def test_sftlab_train_command(model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "model": model_dir, "train_data": str(data), "eval_data": str(data), "output_dir": str(tmp_path / "run"),
-        "max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2, "eval_steps": 2,
-        "use_cache": False,
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": model_dir,
+                "train_data": str(data),
+                "eval_data": str(data),
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 4,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "eval_steps": 2,
+                "use_cache": False,
+            }
+        )
+    )
     assert cli_main(["train", str(config_file), "learning_rate=3e-3", "packing=true", "max_length=64"]) == 0
     run = tmp_path / "run"
     metrics = read_metrics(run)
@@ -181,7 +210,12 @@ def test_sftlab_train_command(model_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["learning_rate"] <= 3e-3 for r in metrics if r["type"] == "train")
     assert list_checkpoints(str(run)) == [2]  # the last step is the final model, not a checkpoint
     assert sorted(os.listdir(run / "checkpoints" / "step-2")) == [
-        "optimizer.json", "rng-0.pt", "scheduler.pt", "shard-00001-model-00001-of-00001.safetensors", "state.json"]
+        "optimizer.json",
+        "rng-0.pt",
+        "scheduler.pt",
+        "shard-00001-model-00001-of-00001.safetensors",
+        "state.json",
+    ]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,7 +267,9 @@ def test_nonfinite_loss_stops_naming_the_step(model_dir, tmp_path, poisoned):
 def test_skip_nonfinite_steps_skips_and_logs(model_dir, tmp_path, poisoned):
     records, victim, model = poisoned
     trained = model()
-    result = train(config(model_dir, tmp_path, max_steps=4, skip_nonfinite_steps=True), model=trained, train_dataset=records)
+    result = train(
+        config(model_dir, tmp_path, max_steps=4, skip_nonfinite_steps=True), model=trained, train_dataset=records
+    )
     steps = logged(result.history)
     assert [r["skipped_steps"] for r in steps] == [0, 1, 0, 0]
     assert math.isnan(steps[1]["loss"])

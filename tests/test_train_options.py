@@ -60,8 +60,9 @@ def test_lora_saves_the_adapter_and_the_merged_model(model_dir, tmp_path):
 def test_group_by_length_keeps_similar_lengths_together(model_dir, tmp_path):
     result = run(model_dir, tmp_path / "grouped", group_by_length=True, max_steps=4)
     # Same data either way; every example is still seen exactly once per epoch (4 steps x 4).
-    assert sum(r["supervised_tokens"] for r in result.history if r["type"] == "train") == \
-        sum(r["supervised_tokens"] for r in run(model_dir, tmp_path / "plain", max_steps=4).history if r["type"] == "train")
+    assert sum(r["supervised_tokens"] for r in result.history if r["type"] == "train") == sum(
+        r["supervised_tokens"] for r in run(model_dir, tmp_path / "plain", max_steps=4).history if r["type"] == "train"
+    )
 
 
 def test_shuffle_false_trains_on_the_records_in_order(model_dir, tmp_path):
@@ -70,11 +71,18 @@ def test_shuffle_false_trains_on_the_records_in_order(model_dir, tmp_path):
     result = run(model_dir, tmp_path / "ordered", shuffle=False, max_steps=4)
     steps = [r["supervised_tokens"] for r in result.history if r["type"] == "train"]
     # Step k holds records 4k..4k+3, whatever the seed.
-    expected = [prepare_examples(RECORDS[k * 4 : k * 4 + 4], char_tokenizer(), TargetSettings(), use_cache=False).stats["supervised_tokens"]
-                for k in range(4)]
+    expected = [
+        prepare_examples(RECORDS[k * 4 : k * 4 + 4], char_tokenizer(), TargetSettings(), use_cache=False).stats[
+            "supervised_tokens"
+        ]
+        for k in range(4)
+    ]
     assert steps == expected and len(set(expected)) > 1  # the steps differ, so the order is what is checked
-    assert steps == [r["supervised_tokens"] for r in run(model_dir, tmp_path / "seed", shuffle=False, max_steps=4, seed=9).history
-                     if r["type"] == "train"]
+    assert steps == [
+        r["supervised_tokens"]
+        for r in run(model_dir, tmp_path / "seed", shuffle=False, max_steps=4, seed=9).history
+        if r["type"] == "train"
+    ]
 
 
 def test_the_python_api_takes_an_optimizer_factory_and_a_scheduler_factory(model_dir, tmp_path):
@@ -89,7 +97,10 @@ def test_the_python_api_takes_an_optimizer_factory_and_a_scheduler_factory(model
 
     result = train(
         SFTConfig(model=model_dir, output_dir=str(tmp_path / "sgd"), use_cache=False, **BASE),
-        train_dataset=RECORDS, optimizer=make_optimizer, lr_scheduler=make_scheduler)
+        train_dataset=RECORDS,
+        optimizer=make_optimizer,
+        lr_scheduler=make_scheduler,
+    )
     assert isinstance(seen["optimizer"], torch.optim.SGD)
     assert [r["learning_rate"] for r in result.history if r["type"] == "train"] == pytest.approx([0.5, 0.25, 0.5 / 3])
 
@@ -101,8 +112,11 @@ def test_fsdp_in_one_process_trains_like_plain_training_and_leaves_no_process_gr
     import torch.distributed as dist
 
     plain = run(model_dir, tmp_path / "plain")
-    variants = {"fsdp": dict(fsdp=True), "offload": dict(fsdp=True, fsdp_cpu_offload=True),
-                "no-reshard": dict(fsdp=True, fsdp_reshard_after_forward=False)}
+    variants = {
+        "fsdp": dict(fsdp=True),
+        "offload": dict(fsdp=True, fsdp_cpu_offload=True),
+        "no-reshard": dict(fsdp=True, fsdp_reshard_after_forward=False),
+    }
     expected = load_file(os.path.join(plain.final_dir, "model.safetensors"))
     for name, options in variants.items():
         sharded = run(model_dir, tmp_path / name, **options)
@@ -111,7 +125,9 @@ def test_fsdp_in_one_process_trains_like_plain_training_and_leaves_no_process_gr
         weights = load_file(os.path.join(sharded.final_dir, "model.safetensors"))
         assert weights.keys() == expected.keys()
         for key in expected:
-            torch.testing.assert_close(weights[key], expected[key], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} {key}: {m}")
+            torch.testing.assert_close(
+                weights[key], expected[key], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} {key}: {m}"
+            )
 
 
 def test_fsdp_bf16_policy_trains_close_to_fp32(model_dir, tmp_path):
@@ -120,12 +136,17 @@ def test_fsdp_bf16_policy_trains_close_to_fp32(model_dir, tmp_path):
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # bf16 weights in compute: ~3 digits
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("ACCELERATE_USE_DEEPSPEED", "true", "accelerate launch asks for DeepSpeed, which sftlab does not run"),
-    ("ACCELERATE_USE_FSDP", "true", "accelerate launch asks for Accelerate's FSDP"),
-    ("ACCELERATE_MIXED_PRECISION", "fp16", "accelerate launch asks for mixed precision 'fp16'"),
-])
-def test_accelerate_engines_that_sftlab_does_not_run_are_refused(model_dir, tmp_path, monkeypatch, variable, value, message):
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("ACCELERATE_USE_DEEPSPEED", "true", "accelerate launch asks for DeepSpeed, which sftlab does not run"),
+        ("ACCELERATE_USE_FSDP", "true", "accelerate launch asks for Accelerate's FSDP"),
+        ("ACCELERATE_MIXED_PRECISION", "fp16", "accelerate launch asks for mixed precision 'fp16'"),
+    ],
+)
+def test_accelerate_engines_that_sftlab_does_not_run_are_refused(
+    model_dir, tmp_path, monkeypatch, variable, value, message
+):
     from sftlab import ConfigError
 
     monkeypatch.setenv(variable, value)
@@ -144,8 +165,11 @@ def test_fsdp_refuses_what_it_cannot_honour(model_dir, tmp_path):
 
     params = torch.nn.Linear(2, 2).parameters()
     with pytest.raises(ConfigError, match="pass a function params -> optimizer instead"):
-        train(SFTConfig(model=model_dir, output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
-              train_dataset=RECORDS, optimizer=torch.optim.SGD(params, lr=0.1))
+        train(
+            SFTConfig(model=model_dir, output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
+            train_dataset=RECORDS,
+            optimizer=torch.optim.SGD(params, lr=0.1),
+        )
     with pytest.raises(ConfigError, match="merge_lora is not available with fsdp"):
         run(model_dir, tmp_path / "b", fsdp=True, use_peft=True, merge_lora=True)
 
@@ -154,7 +178,9 @@ def test_resuming_with_another_global_batch_is_refused(model_dir, tmp_path):
     from sftlab import TrainingError
 
     run(model_dir, tmp_path, max_steps=4, save_steps=2)
-    with pytest.raises(TrainingError, match=r"found 4 per step then \(1 processes\), 2 now; fix: make per_device_train_batch_size"):
+    with pytest.raises(
+        TrainingError, match=r"found 4 per step then \(1 processes\), 2 now; fix: make per_device_train_batch_size"
+    ):
         run(model_dir, tmp_path, max_steps=4, resume_from_checkpoint="auto", per_device_train_batch_size=2)
 
 
@@ -194,11 +220,15 @@ def test_report_to_sends_every_logged_number_to_tensorboard_and_wandb(model_dir,
 
     module("tensorboard")
     module("torch.utils.tensorboard", SummaryWriter=SummaryWriter)
-    module("wandb", init=lambda project, dir, config: calls.append(("wandb", project, config["learning_rate"])) or Run())
+    module(
+        "wandb", init=lambda project, dir, config: calls.append(("wandb", project, config["learning_rate"])) or Run()
+    )
     result = run(model_dir, tmp_path, max_steps=2, report_to=["tensorboard", "wandb"])
     steps = [r for r in result.history if r["type"] == "train"]
     assert ("tensorboard", os.path.join(str(tmp_path), "tensorboard")) in calls and ("wandb", "sftlab", 3e-3) in calls
-    assert [c[1:] for c in calls if c[0] == "scalar" and c[1] == "train/loss"] == [("train/loss", r["loss"], r["step"]) for r in steps]
+    assert [c[1:] for c in calls if c[0] == "scalar" and c[1] == "train/loss"] == [
+        ("train/loss", r["loss"], r["step"]) for r in steps
+    ]
     logged = [c for c in calls if c[0] == "wandb log"]
     assert [c[1] for c in logged] == [1, 2] and logged[0][2]["train/loss"] == steps[0]["loss"]
     assert calls[-2:] == [("tensorboard closed",), ("wandb finished",)]
@@ -214,7 +244,9 @@ def test_lora_with_fsdp_saves_the_same_adapter_and_resumes(model_dir, tmp_path):
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
     # The checkpoint holds the adapters only (frozen base weights come from the model folder) and resumes.
-    shard = load_file(os.path.join(tmp_path, "fsdp", "checkpoints", "step-2", "shard-00001-model-00001-of-00001.safetensors"))
+    shard = load_file(
+        os.path.join(tmp_path, "fsdp", "checkpoints", "step-2", "shard-00001-model-00001-of-00001.safetensors")
+    )
     weights = [key for key in shard if key.startswith("model.")]
     assert weights and all("lora_" in key for key in weights)
     resumed = run(model_dir, tmp_path / "fsdp", fsdp=True, resume_from_checkpoint="auto", **lora)

@@ -14,12 +14,24 @@ import re
 import string
 
 SPECIALS = [
-    "<pad>", "<s>", "</s>", "<unk>",
-    "<|im_start|>", "<|im_end|>",                                   # ChatML
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",  # Llama 3
-    "[INST]", "[/INST]",                                            # Mistral
-    "<start_of_turn>", "<end_of_turn>",                             # Gemma
-    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",          # Phi-3
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",  # ChatML
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",  # Llama 3
+    "[INST]",
+    "[/INST]",  # Mistral
+    "<start_of_turn>",
+    "<end_of_turn>",  # Gemma
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",  # Phi-3
 ]
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII, space and "\n"
 FIRST_CHAR_ID = len(SPECIALS)
@@ -27,12 +39,31 @@ MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("o", "k"), (" ", "a")]
 MERGED = ["he", "ll", "hell", "ok", " a"]
 # Tokens of reasoning and tool-using templates, for char_tokenizer(chat_tokens=True). Their ids come
 # after every id above, so the tokenizer everyone else uses (and the pinned losses) is unchanged.
-CHAT_SPECIALS = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",  # harmony (with <|end|>)
-                 "<|User|>", "<|Assistant|>"]                                          # DeepSeek-R1
-CHAT_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # Qwen: not special
+CHAT_SPECIALS = [
+    "<|start|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|call|>",  # harmony (with <|end|>)
+    "<|User|>",
+    "<|Assistant|>",
+]  # DeepSeek-R1
+CHAT_ADDED = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]  # Qwen: not special
 # Turn tokens of templates that write no end-of-turn marker after the last reply (special; ids after all above).
-TURN_SPECIALS = ["<|observation|>",                                                    # GLM-4.5 (with <|user|>)
-                 "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]  # Apertus
+TURN_SPECIALS = [
+    "<|observation|>",  # GLM-4.5 (with <|user|>)
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+]  # Apertus
 
 
 def special_id(token: str) -> int:
@@ -52,8 +83,9 @@ def chat_token_id(token: str) -> int:
     return FIRST_CHAR_ID + len(CHARS) + len(MERGED) + (CHAT_SPECIALS + CHAT_ADDED + TURN_SPECIALS).index(token)
 
 
-def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = True, eos: str = "</s>",
-                   chat_tokens: bool = False):
+def char_tokenizer(
+    chat_template: str | None = None, bos: bool = False, pad: bool = True, eos: str = "</s>", chat_tokens: bool = False
+):
     """A fast tokenizer whose ids the tests can compute by hand (see module docstring); with
     `chat_tokens`, also the harmony / R1 / GLM / Apertus special tokens and Qwen's added (not special) tokens."""
     from tokenizers import AddedToken, Tokenizer, models, processors
@@ -101,8 +133,13 @@ def qa_records(n: int = 16, exclaim=lambda i: 0) -> list[dict]:
     """The training tests' prompt/completion records: record i has the prompt "Q{i}: " and 1 to 12 letters
     of "xyz", the completion " hello ok" 1 to 3 times then exclaim(i) "!". Their lengths vary with i, so
     padding, packing and the normalisation by supervised tokens all have work to do."""
-    return [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3) + "!" * exclaim(i)}
-            for i in range(n)]
+    return [
+        {
+            "prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4),
+            "completion": " hello ok" * (1 + i % 3) + "!" * exclaim(i),
+        }
+        for i in range(n)
+    ]
 
 
 def ids(text: str) -> list[int]:

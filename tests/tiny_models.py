@@ -10,8 +10,9 @@ import torch
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def tiny_model(arch: str = "llama", vocab_size: int = 128, *, seed: int = 0, tie: bool = False,
-               attn: str = "eager", **overrides):
+def tiny_model(
+    arch: str = "llama", vocab_size: int = 128, *, seed: int = 0, tie: bool = False, attn: str = "eager", **overrides
+):
     """A tiny fp32 `arch` model ('llama', 'qwen2', 'gemma2', 'cohere', 'granite'); `overrides` go to its config."""
     import transformers
 

@@ -3,12 +3,12 @@
 __version__ = "0.1.0"
 
 from sftlab.config import SFTConfig, load_config  # noqa: E402
-from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
 from sftlab.data.container import IGNORE, Examples, Pairs  # noqa: E402
 from sftlab.data.examples import TargetSettings  # noqa: E402
 from sftlab.data.preference import prepare_pairs, prepare_unpaired  # noqa: E402
 from sftlab.data.prepare import prepare_examples  # noqa: E402
 from sftlab.data.sources import load_records  # noqa: E402
+from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
 
 __all__ = [
     "ConfigError",

@@ -25,12 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 packing=true")
 
-    prepare = commands.add_parser("prepare", help="tokenize train_data (and eval_data) into the cache ahead of training, and print the statistics")
+    prepare = commands.add_parser(
+        "prepare", help="tokenize train_data (and eval_data) into the cache ahead of training, and print the statistics"
+    )
     prepare.add_argument("config", help="YAML config file (the same one `sftlab train` takes)")
     prepare.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preprocessing_workers=8")
     prepare.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
-    inspect = commands.add_parser("inspect", help="show examples token by token, supervised tokens highlighted, and dataset statistics")
+    inspect = commands.add_parser(
+        "inspect", help="show examples token by token, supervised tokens highlighted, and dataset statistics"
+    )
     inspect.add_argument("config")
     inspect.add_argument("overrides", nargs="*")
     inspect.add_argument("-n", "--num-examples", type=int, default=3, help="examples to show")
@@ -131,8 +135,12 @@ def _prepare(args) -> int:
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
-    add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
-                    special_tokens=config.special_tokens)  # as train does, so train finds this cache entry
+    add_chat_tokens(
+        tokenizer,
+        chat_template=config.chat_template,
+        add_markers=config.add_chat_tokens,
+        special_tokens=config.special_tokens,
+    )  # as train does, so train finds this cache entry
 
     def prepared(eval: bool) -> dict:
         pairs = is_preference_split(config, eval=eval)  # the first record has chosen/rejected
@@ -163,8 +171,12 @@ def _inspect(args) -> int:
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
-    added = add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
-                            special_tokens=config.special_tokens)
+    added = add_chat_tokens(
+        tokenizer,
+        chat_template=config.chat_template,
+        add_markers=config.add_chat_tokens,
+        special_tokens=config.special_tokens,
+    )
     if is_preference_split(config, eval=args.eval):  # the first record has chosen/rejected
         return _inspect_pairs(args, config, tokenizer)
     examples = prepare_split(config, tokenizer, eval=args.eval)
@@ -172,8 +184,13 @@ def _inspect(args) -> int:
         try:
             view.write_html(args.html, examples, tokenizer, args.num_examples)
         except OSError as error:
-            raise ConfigError("cannot write the HTML page", source=args.html, field="--html",
-                              found=error.strerror or str(error), fix="choose a path in a folder you can write to") from None
+            raise ConfigError(
+                "cannot write the HTML page",
+                source=args.html,
+                field="--html",
+                found=error.strerror or str(error),
+                fix="choose a path in a folder you can write to",
+            ) from None
     if args.json:
         shown = {"examples": view.examples_json(examples, tokenizer, args.num_examples), "stats": examples.stats}
         if added:
@@ -196,8 +213,11 @@ def _inspect_pairs(args, config, tokenizer) -> int:
     from sftlab.errors import ConfigError
 
     if args.html:
-        raise ConfigError("the HTML view does not show preference pairs yet", field="--html",
-                          fix="use the terminal view or --json for preference data")
+        raise ConfigError(
+            "the HTML view does not show preference pairs yet",
+            field="--html",
+            fix="use the terminal view or --json for preference data",
+        )
     pairs = prepare_preference_split(config, tokenizer, eval=args.eval)
     if args.json:
         rows = view.pairs_json(pairs, tokenizer, args.num_examples)

@@ -30,7 +30,9 @@ from sftlab.models import load_model, load_tokenizer, resolve_model_path
 
 def load_for_generation(model_dir: str, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer) for a model folder, GGUF, short name or LoRA adapter folder."""
-    if os.path.isfile(os.path.join(model_dir, "adapter_config.json")) and not os.path.isfile(os.path.join(model_dir, "config.json")):
+    if os.path.isfile(os.path.join(model_dir, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(model_dir, "config.json")
+    ):
         return _load_adapter(model_dir, trust_remote_code), load_tokenizer(model_dir, trust_remote_code)
     path = resolve_model_path(model_dir)
     model = load_model(path, trust_remote_code=trust_remote_code)
@@ -47,13 +49,20 @@ def _load_adapter(folder: str, trust_remote_code: bool):
     if trained_from and not (base and os.path.isdir(base)):
         base = trained_from
     if not base:
-        raise ConfigError("LoRA adapter does not name its base model", source=folder, field="base_model_name_or_path",
-                          fix="load the base model and the adapter with peft yourself, or use final/merged (merge_lora=true)")
+        raise ConfigError(
+            "LoRA adapter does not name its base model",
+            source=folder,
+            field="base_model_name_or_path",
+            fix="load the base model and the adapter with peft yourself, or use final/merged (merge_lora=true)",
+        )
     try:
         from peft import PeftModel
     except ImportError:
-        raise ConfigError("this folder holds a LoRA adapter, which needs the peft package", source=folder,
-                          fix="pip install 'sftlab[peft]'") from None
+        raise ConfigError(
+            "this folder holds a LoRA adapter, which needs the peft package",
+            source=folder,
+            fix="pip install 'sftlab[peft]'",
+        ) from None
     base_model = load_model(resolve_model_path(base), trust_remote_code=trust_remote_code)
     vocab_size = len(load_tokenizer(folder, trust_remote_code))
     if vocab_size > base_model.get_input_embeddings().weight.shape[0]:
@@ -83,15 +92,25 @@ def _sftlab_config(folder: str) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def render_prompts(tokenizer, template: str, prompts: list[str], system: str | None = None,
-                   template_kwargs: dict | None = None) -> list[str]:
+def render_prompts(
+    tokenizer, template: str, prompts: list[str], system: str | None = None, template_kwargs: dict | None = None
+) -> list[str]:
     renderer = ChatRenderer(tokenizer, template, template_kwargs=template_kwargs)
     head = [{"role": "system", "content": system}] if system is not None else []
     return [renderer.render(head + [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
-def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, system: str | None = None,
-                     template: str | None = None, batch_size: int = 16, template_kwargs: dict | None = None) -> list[str]:
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 128,
+    system: str | None = None,
+    template: str | None = None,
+    batch_size: int = 16,
+    template_kwargs: dict | None = None,
+) -> list[str]:
     """Greedy replies to `prompts`, decoded without special tokens and stripped.
 
     Prompts are batched with left padding (the attention mask hides the pads and position ids
@@ -115,8 +134,15 @@ class Reply:
     stopped: bool  # a stop token ended it (False: max_new_tokens did)
 
 
-def generate_batch(model, prompt_ids: list[list[int]], *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                   synced_processes: bool = False) -> list[Reply]:
+def generate_batch(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    synced_processes: bool = False,
+) -> list[Reply]:
     """Greedy continuations of token-id prompts in one left-padded batch, with the KV cache.
 
     `synced_processes`: every process of a sharded (FSDP) model calls this together, and each
@@ -126,15 +152,21 @@ def generate_batch(model, prompt_ids: list[list[int]], *, stop_ids: list[int], p
     import torch
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids or None,
-                              pad_token_id=pad_id, use_cache=True)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
     device = next(model.parameters()).device
     width = max(len(ids) for ids in prompt_ids)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
     with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                synced_gpus=synced_processes)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_processes
+        )
     replies = []
     stops = set(stop_ids)
     for row in output[:, width:].tolist():
@@ -150,5 +182,12 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system: str
     template = chat_template_for(model_dir, tokenizer)
     # Served as it was trained: the run's chat_template_kwargs (enable_thinking, ...) shape the prompt too.
     kwargs = _sftlab_config(model_dir).get("chat_template_kwargs")
-    return generate_replies(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, system=system, template=template,
-                            template_kwargs=kwargs)[0]
+    return generate_replies(
+        model,
+        tokenizer,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        system=system,
+        template=template,
+        template_kwargs=kwargs,
+    )[0]

@@ -60,8 +60,9 @@ def pairs_json(pairs: Pairs, tokenizer, n: int) -> list[dict]:
         row = {"record_index": int(pairs.record_index[i])}
         for part, part_ids, trained in zip(("prompt", "chosen", "rejected"), pairs[i], (False, True, True)):
             ids = [int(t) for t in part_ids]
-            row[part] = [{"id": token, "text": text, "target": trained}
-                         for token, text in zip(ids, token_texts(tokenizer, ids))]
+            row[part] = [
+                {"id": token, "text": text, "target": trained} for token, text in zip(ids, token_texts(tokenizer, ids))
+            ]
         row["counts"] = {part: len(row[part]) for part in ("prompt", "chosen", "rejected")}
         rows.append(row)
     return rows
@@ -124,8 +125,13 @@ def print_pairs(pairs: Pairs, tokenizer, n: int, console=None) -> None:
     console.print(legend)
     for i, row in enumerate(rows):
         counts = row["counts"]
-        console.print(Rule(f"pair {i} (record {row['record_index']}): prompt {counts['prompt']}, "
-                           f"chosen {counts['chosen']}, rejected {counts['rejected']} tokens", align="left"))
+        console.print(
+            Rule(
+                f"pair {i} (record {row['record_index']}): prompt {counts['prompt']}, "
+                f"chosen {counts['chosen']}, rejected {counts['rejected']} tokens",
+                align="left",
+            )
+        )
         for part in ("prompt", "chosen", "rejected"):
             text = Text(f"{part}: ", style="bold")
             for position, token in enumerate(row[part]):
@@ -175,8 +181,13 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
         rows.append(("source", str(stats["source"])))
     for source in stats.get("sources", ()):  # a mixture: what each source gave
         option = next((f", {key} {source[key]}" for key in ("weight", "max_samples", "epochs") if key in source), "")
-        rows.append((f"  {source['name']}", f"{source['examples']} of {source['examples_available']} examples{option}; "
-                     f"{source['tokens']} tokens, {source['supervised_tokens']} supervised"))
+        rows.append(
+            (
+                f"  {source['name']}",
+                f"{source['examples']} of {source['examples_available']} examples{option}; "
+                f"{source['tokens']} tokens, {source['supervised_tokens']} supervised",
+            )
+        )
     rows.append(("records", str(stats.get("records", 0))))
     for name, count in sorted(stats.get("formats", {}).items()):
         rows.append((f"  format {name}", str(count)))
@@ -201,14 +212,23 @@ def stats_rows(stats: dict) -> list[tuple[str, str]]:
         if chat.get("turns_not_served"):
             rows.append(("turns left untrained (chat_examples=final_render)", str(chat["turns_not_served"])))
         if chat.get("turns_empty_reasoning"):
-            rows.append(("  turns closing an opened thinking at once (reasoning_when_missing=empty)",
-                         str(chat["turns_empty_reasoning"])))
+            rows.append(
+                (
+                    "  turns closing an opened thinking at once (reasoning_when_missing=empty)",
+                    str(chat["turns_empty_reasoning"]),
+                )
+            )
         if chat.get("turns_reasoning_dropped"):
-            rows.append(("  turns without the reasoning the template drops (reasoning_when_dropped=as_rendered)",
-                         str(chat["turns_reasoning_dropped"])))
+            rows.append(
+                (
+                    "  turns without the reasoning the template drops (reasoning_when_dropped=as_rendered)",
+                    str(chat["turns_reasoning_dropped"]),
+                )
+            )
         if chat.get("turns_reasoning_context"):
-            rows.append(("  turns whose reasoning is context (train_on_reasoning=false)",
-                         str(chat["turns_reasoning_context"])))
+            rows.append(
+                ("  turns whose reasoning is context (train_on_reasoning=false)", str(chat["turns_reasoning_context"]))
+            )
             rows.append(("  reasoning tokens, context not targets", str(chat.get("reasoning_tokens_context", 0))))
     rows.append(("truncated", str(stats.get("truncated", 0))))
     dropped = stats.get("dropped", {})

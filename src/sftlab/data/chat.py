@@ -108,7 +108,7 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
             field="chat_template",
             found=repr(chat_template[:60]),
             expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, a tokenizer folder, "
-                     "or the template text",
+            "or the template text",
         )
     template = getattr(tokenizer, "chat_template", None)
     tool_template = None
@@ -139,10 +139,13 @@ def folder_chat_template(folder: str) -> str:
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str) or not template:
-        raise DataError("the folder given as chat_template holds no chat template", source=folder,
-                        field="chat_template",
-                        expected="chat_template.jinja, or a chat_template in tokenizer_config.json",
-                        fix="point chat_template at a tokenizer folder that has one, a .jinja file, or 'chatml'")
+        raise DataError(
+            "the folder given as chat_template holds no chat template",
+            source=folder,
+            field="chat_template",
+            expected="chat_template.jinja, or a chat_template in tokenizer_config.json",
+            fix="point chat_template at a tokenizer folder that has one, a .jinja file, or 'chatml'",
+        )
     return template
 
 
@@ -185,9 +188,18 @@ class ConversationExamples:
 class ChatRenderer:
     """Renders messages with one template, the tokenizer's special tokens and the dataset's defaults."""
 
-    def __init__(self, tokenizer, template: str, *, tool_template: str | None = None, tools: list | None = None,
-                 template_kwargs: dict | None = None, stop_tokens: list[str] | None = None,
-                 reasoning_when_missing: str = "refuse", reasoning_when_dropped: str = "refuse"):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        *,
+        tool_template: str | None = None,
+        tools: list | None = None,
+        template_kwargs: dict | None = None,
+        stop_tokens: list[str] | None = None,
+        reasoning_when_missing: str = "refuse",
+        reasoning_when_dropped: str = "refuse",
+    ):
         self.template = _compile(template)
         self.tool_template = _compile(tool_template) if tool_template else None
         self.tools = tools or None
@@ -198,26 +210,43 @@ class ChatRenderer:
         self.special_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
         # A trained turn must end with one of these, or the model never learns to stop.
         decoder = getattr(tokenizer, "added_tokens_decoder", {})
-        self.end_markers = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
-                                        | {str(t) for t in tokenizer.all_special_tokens}, key=len, reverse=True))
+        self.end_markers = tuple(
+            sorted(
+                {t.content for t in decoder.values() if getattr(t, "special", False)}
+                | {str(t) for t in tokenizer.all_special_tokens},
+                key=len,
+                reverse=True,
+            )
+        )
         self._closer: str | None = None
         self._tokenizer = tokenizer
         self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
         self._arguments: dict[int, str] = {}  # id of a compiled template -> the form of tool-call arguments it reads
         self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
-        for name, value, allowed in (("reasoning_when_missing", reasoning_when_missing, REASONING_WHEN_MISSING),
-                                     ("reasoning_when_dropped", reasoning_when_dropped, REASONING_WHEN_DROPPED)):
+        for name, value, allowed in (
+            ("reasoning_when_missing", reasoning_when_missing, REASONING_WHEN_MISSING),
+            ("reasoning_when_dropped", reasoning_when_dropped, REASONING_WHEN_DROPPED),
+        ):
             if value not in allowed:  # the config checks these too; the renderer is public
                 raise DataError(f"unknown {name}", field=name, found=repr(value), expected=f"one of {allowed}")
         self.reasoning_when_missing, self.reasoning_when_dropped = reasoning_when_missing, reasoning_when_dropped
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
-               kwargs: dict | None = None) -> str:
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tools: list | None = None,
+        kwargs: dict | None = None,
+    ) -> str:
         tools = tools if tools is not None else self.tools
         template = self.tool_template if tools and self.tool_template is not None else self.template
         if any(isinstance(m.get("content"), list) for m in messages):
-            messages = [m if not isinstance(m.get("content"), list) or self._reads_parts(template, m["role"])
-                        else _as_string_content(m) for m in messages]
+            messages = [
+                m
+                if not isinstance(m.get("content"), list) or self._reads_parts(template, m["role"])
+                else _as_string_content(m)
+                for m in messages
+            ]
         if any("tool_calls" in m for m in messages) and self._arguments_form(template) == "text":
             messages = [_with_text_arguments(m) if "tool_calls" in m else m for m in messages]
         variables = {**self.variables, **kwargs} if kwargs else self.variables
@@ -225,8 +254,13 @@ class ChatRenderer:
         if documents is not None:
             variables = {k: v for k, v in variables.items() if k != "documents"}
         try:
-            return template.render(messages=messages, tools=tools, documents=documents,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            return template.render(
+                messages=messages,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
             # The template's own Python-level failure on this record's data (a string plus the dict of a tool
             # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
@@ -239,11 +273,22 @@ class ChatRenderer:
         key = (id(template), role)
         if key not in self._parts:
             parts = [{"type": "text", "text": _PROBE}]
-            probe = {"user": [{"role": "user", "content": parts}, {"role": "assistant", "content": "x"}],
-                     "assistant": [{"role": "user", "content": "x"}, {"role": "assistant", "content": parts}]}.get(role)
+            probe = {
+                "user": [{"role": "user", "content": parts}, {"role": "assistant", "content": "x"}],
+                "assistant": [{"role": "user", "content": "x"}, {"role": "assistant", "content": parts}],
+            }.get(role)
             try:
-                text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
-                                       **{k: v for k, v in self.variables.items() if k != "documents"}) if probe else ""
+                text = (
+                    template.render(
+                        messages=probe,
+                        tools=None,
+                        documents=None,
+                        add_generation_prompt=False,
+                        **{k: v for k, v in self.variables.items() if k != "documents"},
+                    )
+                    if probe
+                    else ""
+                )
             except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
                 text = ""  # a template that cannot read parts fails on them, in Jinja or in Python
             self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
@@ -263,13 +308,18 @@ class ChatRenderer:
                 call = {"type": "function", "id": "call_0", "function": {"name": "probe", "arguments": arguments}}
                 probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
                 try:
-                    text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
-                                           **{k: v for k, v in self.variables.items() if k != "documents"})
+                    text = template.render(
+                        messages=probe,
+                        tools=None,
+                        documents=None,
+                        add_generation_prompt=False,
+                        **{k: v for k, v in self.variables.items() if k != "documents"},
+                    )
                 except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
                     outcomes[form] = "fails"  # this form makes the template fail, in Jinja or in Python
                     continue
                 renders.add(text)
-                (name, value), = _PROBE_ARGUMENTS.items()
+                ((name, value),) = _PROBE_ARGUMENTS.items()
                 once = text.count(name) == 1 and text.count(value) == 1
                 garbled = '\\"' + name in text or repr(name) in text  # JSON-encoded twice, or a Python dict
                 outcomes[form] = "works" if once and not garbled else f"writes {text[-80:]!r}"
@@ -278,12 +328,15 @@ class ChatRenderer:
             elif set(outcomes.values()) == {"fails"} or len(renders) == 1 and "fails" not in outcomes.values():
                 self._arguments[key] = "object"  # the template's own error names the record; or it writes no arguments
             else:
-                self._arguments[key] = "neither: as an object it " + outcomes["object"] + "; as JSON text it " + \
-                    outcomes["text"]
+                self._arguments[key] = (
+                    "neither: as an object it " + outcomes["object"] + "; as JSON text it " + outcomes["text"]
+                )
         form = self._arguments[key]
         if form.startswith("neither"):
-            raise TemplateError("the template renders tool-call arguments neither from an object nor from JSON text "
-                                f"as JSON once ({form[len('neither: '):]})")
+            raise TemplateError(
+                "the template renders tool-call arguments neither from an object nor from JSON text "
+                f"as JSON once ({form[len('neither: ') :]})"
+            )
         return form
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -295,9 +348,16 @@ class ChatRenderer:
 
     # --- turns as served ----------------------------------------------------------------------
 
-    def conversation_examples(self, messages: list[dict], turns: list[int], *, tools: list | None = None,
-                              kwargs: dict | None = None, mode: str = AS_SERVED,
-                              train_reasoning: bool = True) -> ConversationExamples:
+    def conversation_examples(
+        self,
+        messages: list[dict],
+        turns: list[int],
+        *,
+        tools: list | None = None,
+        kwargs: dict | None = None,
+        mode: str = AS_SERVED,
+        train_reasoning: bool = True,
+    ) -> ConversationExamples:
         """The examples that train `turns` (message indices, ascending) as served; with `train_reasoning`
         false, each also lists the reasoning inside its trained spans, which stays context."""
         render = lambda part, prompt=False: self.render(part, prompt, tools, kwargs)  # noqa: E731
@@ -318,8 +378,13 @@ class ChatRenderer:
                 counts["turns_reasoning_dropped"] += turn.dropped_reasoning
 
         last = served[-1] if served else None
-        if last is not None and last.index == len(messages) - 1 and last.tail == "" \
-                and (last.context + last.text).startswith(full) and len(last.context + last.text) > len(full):
+        if (
+            last is not None
+            and last.index == len(messages) - 1
+            and last.tail == ""
+            and (last.context + last.text).startswith(full)
+            and len(last.context + last.text) > len(full)
+        ):
             full = last.context + last.text  # the whole render, closed by the stop token a next message writes (GLM)
         if mode == FINAL_RENDER:
             inside = [t for t in served if t.served_by(full)]
@@ -327,8 +392,12 @@ class ChatRenderer:
             counts["turns_not_served"] += len(served) - len(inside)
             if not inside:
                 return ConversationExamples([], counts)
-            return ConversationExamples([(full, [t.span() for t in inside])], counts, [[t.index for t in inside]],
-                                        [] if train_reasoning else [_reasoning_spans(inside, counts)])
+            return ConversationExamples(
+                [(full, [t.span() for t in inside])],
+                counts,
+                [[t.index for t in inside]],
+                [] if train_reasoning else [_reasoning_spans(inside, counts)],
+            )
         counts["turns_trained"] += len(served)
         examples, placed_turns, placed_reasoning = [], [], []
         remaining = served
@@ -354,23 +423,34 @@ class ChatRenderer:
         prompt = render(messages[:k], assistant) if k or assistant else ""
         upto = full if k == len(messages) - 1 else render(messages[: k + 1])
         rule, empty = "prefix", False
-        if assistant and not upto.startswith(prompt) and self.reasoning_when_missing == "empty" \
-                and _lacks_reasoning(message):
+        if (
+            assistant
+            and not upto.startswith(prompt)
+            and self.reasoning_when_missing == "empty"
+            and _lacks_reasoning(message)
+        ):
             closed = self._closed_at_once(messages, k, prompt, upto, render)
             if closed is not None:
                 (messages, upto), empty = closed, True
                 message = messages[k]
         if upto.startswith(prompt):
-            raw = upto[len(prompt):]
+            raw = upto[len(prompt) :]
             if not assistant:
                 start = raw.find(_content(message).strip()) if _content(message).strip() else -1
                 if start < 0:
-                    raise TurnError(k, f"the template does not render this {message['role']} message's content verbatim",
-                                    fix="train assistant turns only, or use a template that renders the message as written")
+                    raise TurnError(
+                        k,
+                        f"the template does not render this {message['role']} message's content verbatim",
+                        fix="train assistant turns only, or use a template that renders the message as written",
+                    )
                 prompt, raw = prompt + raw[:start], raw[start:]
         elif not assistant:
-            raise TurnError(k, "the template rewrites the conversation before this message",
-                            found=_divergence(prompt, upto), fix="train assistant turns only (train_on_roles: [assistant])")
+            raise TurnError(
+                k,
+                "the template rewrites the conversation before this message",
+                found=_divergence(prompt, upto),
+                fix="train assistant turns only (train_on_roles: [assistant])",
+            )
         else:
             raw, rule = self._rejoin(messages, k, prompt, upto, render)
         end = self._turn_end(raw, message)
@@ -384,8 +464,9 @@ class ChatRenderer:
         self._check(message, turn)
         return turn
 
-    def _closed_at_once(self, messages: list[dict], k: int, prompt: str, upto: str,
-                        render) -> tuple[list[dict], str] | None:
+    def _closed_at_once(
+        self, messages: list[dict], k: int, prompt: str, upto: str, render
+    ) -> tuple[list[dict], str] | None:
         """reasoning_when_missing: empty, for reply k that has no reasoning. When the generation prompt ends in an
         opening that the turn's render does not continue (R1's "<think>\\n"): the messages with turn k's reasoning
         "", and F_k as the model writes it when it closes the opened thinking at once (it starts with P_k). None
@@ -394,7 +475,7 @@ class ChatRenderer:
         if not prompt.startswith(history) or self._shared_prefix(prompt, upto) < len(history):
             return None
         message = messages[k]
-        changed = messages[:k] + [{**message, "reasoning_content": "", "thinking": ""}] + messages[k + 1:]
+        changed = messages[:k] + [{**message, "reasoning_content": "", "thinking": ""}] + messages[k + 1 :]
         rendered = render(changed[: k + 1])
         if rendered.startswith(prompt):  # the template continues its opening for an empty reasoning (Qwen3.6)
             return changed, rendered
@@ -408,21 +489,28 @@ class ChatRenderer:
         # writes after a reasoning, when the reasoning comes right after the opening.
         probe = render(messages[:k] + [{**message, "reasoning_content": _PROBE, "thinking": _PROBE}])
         if probe.startswith(prompt + _PROBE):
-            return changed, prompt + probe[len(prompt) + len(_PROBE):]
-        opening = prompt[self._shared_prefix(prompt, upto):]
-        raise TurnError(k, f"the generation prompt ends with {opening!r}, and the template writes no text that "
-                           "closes it for an empty reasoning (reasoning_when_missing: empty)",
-                        found=f"the turn renders as {rendered[start:][:60]!r}",
-                        fix=f"write the reply in content as the model writes it after {opening!r}: an empty reasoning, "
-                            f"its closing tag, then the answer; or {_TEMPLATE_FIX}")
+            return changed, prompt + probe[len(prompt) + len(_PROBE) :]
+        opening = prompt[self._shared_prefix(prompt, upto) :]
+        raise TurnError(
+            k,
+            f"the generation prompt ends with {opening!r}, and the template writes no text that "
+            "closes it for an empty reasoning (reasoning_when_missing: empty)",
+            found=f"the turn renders as {rendered[start:][:60]!r}",
+            fix=f"write the reply in content as the model writes it after {opening!r}: an empty reasoning, "
+            f"its closing tag, then the answer; or {_TEMPLATE_FIX}",
+        )
 
     def _rejoin(self, messages: list[dict], k: int, prompt: str, upto: str, render) -> tuple[str, str]:
         """Turn k's raw text (trained text and what follows) when F_k does not start with P_k."""
         history = render(messages[:k])
         if not prompt.startswith(history):
-            raise TurnError(k, "the template's generation prompt rewrites the conversation instead of extending it",
-                            found=_divergence(history, prompt), fix=_TEMPLATE_FIX)
-        opening = prompt[len(history):]
+            raise TurnError(
+                k,
+                "the template's generation prompt rewrites the conversation instead of extending it",
+                found=_divergence(history, prompt),
+                fix=_TEMPLATE_FIX,
+            )
+        opening = prompt[len(history) :]
         shared = self._shared_prefix(prompt, upto)
         if shared >= len(history):
             return self._opened_reply(messages[k], k, prompt, upto), "opened_reply"
@@ -439,9 +527,13 @@ class ChatRenderer:
             if best >= 0:
                 break
         if best < 0 or tie:
-            raise TurnError(k, "the template renders this turn's conversation differently from the prompt inference feeds, "
-                               "and the turn cannot be told apart from the rewritten history",
-                            found=_divergence(prompt, upto), fix=_TEMPLATE_FIX)
+            raise TurnError(
+                k,
+                "the template renders this turn's conversation differently from the prompt inference feeds, "
+                "and the turn cannot be told apart from the rewritten history",
+                found=_divergence(prompt, upto),
+                fix=_TEMPLATE_FIX,
+            )
         return upto[best:], "rewritten_history"
 
     @staticmethod
@@ -467,12 +559,17 @@ class ChatRenderer:
         reply = _content(message)
         if not opening or not reply.startswith(opening):
             raise TurnError(
-                k, f"the generation prompt ends with {opening!r}, and the template renders this turn without continuing it",
+                k,
+                f"the generation prompt ends with {opening!r}, and the template renders this turn without continuing it",
                 found=f"the turn renders as {rendered[:60]!r}",
                 fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
-                    f"its closing tag, then the answer), or {_TEMPLATE_FIX}"
-                    + ("; or set reasoning_when_missing: empty to train closing the opened thinking at once"
-                       if _lacks_reasoning(message) else ""))
+                f"its closing tag, then the answer), or {_TEMPLATE_FIX}"
+                + (
+                    "; or set reasoning_when_missing: empty to train closing the opened thinking at once"
+                    if _lacks_reasoning(message)
+                    else ""
+                ),
+            )
         # The rendered turn is text of the template's own ("</think>" in DeepSeek-V3.1), the end of the reply as
         # written, then the end marker. The marker starts at the special token after the LONGEST stretch of the
         # render that ends the reply as written, and that stretch must hold the reply's answer: the empty stretch
@@ -485,13 +582,21 @@ class ChatRenderer:
                 for token in self.special_tokens:
                     taken = taken.replace(token, "")
                 if answer and answer in taken:
-                    raise TurnError(k, "the template writes this turn's answer again after the reply, so training the "
-                                       "reply as written would train the answer twice", found=repr(rendered[-60:]),
-                                    fix=_TEMPLATE_FIX)
-                return reply[len(opening):] + rendered[token_start:]
-        raise TurnError(k, "cannot find the end of the reply as written in the template's render of the turn, so "
-                           "its end-of-turn marker cannot be placed", found=f"the turn renders as {rendered[-60:]!r}",
-                        fix=f"write the reply as the template renders its end (same whitespace), or {_TEMPLATE_FIX}")
+                    raise TurnError(
+                        k,
+                        "the template writes this turn's answer again after the reply, so training the "
+                        "reply as written would train the answer twice",
+                        found=repr(rendered[-60:]),
+                        fix=_TEMPLATE_FIX,
+                    )
+                return reply[len(opening) :] + rendered[token_start:]
+        raise TurnError(
+            k,
+            "cannot find the end of the reply as written in the template's render of the turn, so "
+            "its end-of-turn marker cannot be placed",
+            found=f"the turn renders as {rendered[-60:]!r}",
+            fix=f"write the reply as the template renders its end (same whitespace), or {_TEMPLATE_FIX}",
+        )
 
     def closing_marker(self, messages: list[dict], k: int, render, rendered: str, text: str) -> str:
         """What closes turn k when its own render does not (GLM-4.5 ends a reply where the next <|user|> or
@@ -582,7 +687,7 @@ class ChatRenderer:
                 ended, going_on = self.render(probe), self.render(probe, add_generation_prompt=True)
             except Exception:  # a template that refuses such a probe closes nothing we can see
                 ended = going_on = ""
-            self._closer = ended[self._shared_prefix(ended, going_on):].strip()
+            self._closer = ended[self._shared_prefix(ended, going_on) :].strip()
         return self._closer
 
     def _shared_prefix(self, a: str, b: str) -> int:
@@ -603,20 +708,31 @@ class ChatRenderer:
         """The self-check every trained turn passes: non-empty, holds its reply, ends with a marker."""
         text = turn.text
         if not text.strip():
-            raise TurnError(turn.index, "the turn's trained text is empty", found=f"context ends {turn.context[-60:]!r}",
-                            fix=_TEMPLATE_FIX)
+            raise TurnError(
+                turn.index,
+                "the turn's trained text is empty",
+                found=f"context ends {turn.context[-60:]!r}",
+                fix=_TEMPLATE_FIX,
+            )
         pieces = _reply_pieces(message)
         for what, piece in pieces:
             if piece not in text:
                 if what == "reasoning" and self.reasoning_when_dropped == "as_rendered":
                     turn.dropped_reasoning = True
                     continue
-                raise TurnError(turn.index, f"the turn's trained text does not hold its {what}",
-                                found=f"{what} {piece[:40]!r}, trained text {text[:80]!r}",
-                                fix=f"the template does not render the {what} of a turn as it is served: "
-                                    f"remove it from the data, or use a template that renders it"
-                                    + (" (chat_template), or set reasoning_when_dropped: as_rendered to train the "
-                                       "turn as the template renders it" if what == "reasoning" else ""))
+                raise TurnError(
+                    turn.index,
+                    f"the turn's trained text does not hold its {what}",
+                    found=f"{what} {piece[:40]!r}, trained text {text[:80]!r}",
+                    fix=f"the template does not render the {what} of a turn as it is served: "
+                    f"remove it from the data, or use a template that renders it"
+                    + (
+                        " (chat_template), or set reasoning_when_dropped: as_rendered to train the "
+                        "turn as the template renders it"
+                        if what == "reasoning"
+                        else ""
+                    ),
+                )
         # The reasoning's text in the trained turn, found as above (train_on_reasoning: false makes it context).
         cursor, found = 0, []
         for piece in [piece for what, piece in pieces if what == "reasoning" and piece in text]:
@@ -630,13 +746,17 @@ class ChatRenderer:
             else:
                 turn.reasoning.append((a, b))
         if not text.endswith(self.end_markers):
-            raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
-                                        "would never learn to stop", found=f"it ends {text[-40:]!r}",
-                            fix="use a chat template that ends each turn with a special token such as eos_token; "
-                                "for a base model whose tokenizer lacks the template's markers (chat_template: chatml "
-                                "on a base model), set add_chat_tokens: true to add them as tokens; "
-                                "for a template that ends a reply where the next message begins (GLM), a tokenizer "
-                                "folder whose generation_config.json lists the token that begins it in eos_token_id")
+            raise TurnError(
+                turn.index,
+                "the turn's trained text does not end with an end-of-turn token, so the model "
+                "would never learn to stop",
+                found=f"it ends {text[-40:]!r}",
+                fix="use a chat template that ends each turn with a special token such as eos_token; "
+                "for a base model whose tokenizer lacks the template's markers (chat_template: chatml "
+                "on a base model), set add_chat_tokens: true to add them as tokens; "
+                "for a template that ends a reply where the next message begins (GLM), a tokenizer "
+                "folder whose generation_config.json lists the token that begins it in eos_token_id",
+            )
 
 
 _TEMPLATE_FIX = "set chat_template to a training template that renders each turn as the model writes it"
@@ -746,9 +866,18 @@ def _reply_pieces(message: dict) -> list[tuple[str, str]]:
 
 def _with_text_arguments(message: dict) -> dict:
     """`message` with its tool calls' arguments as JSON text, for a template that joins them as text."""
-    calls = [{**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"],
-                                                                            ensure_ascii=False)}}
-             if not isinstance(call["function"].get("arguments"), str) else call for call in message["tool_calls"]]
+    calls = [
+        {
+            **call,
+            "function": {
+                **call["function"],
+                "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False),
+            },
+        }
+        if not isinstance(call["function"].get("arguments"), str)
+        else call
+        for call in message["tool_calls"]
+    ]
     return {**message, "tool_calls": calls}
 
 
@@ -758,4 +887,4 @@ def _common_suffix(a: str, b: str) -> int:
 
 def _divergence(expected: str, got: str) -> str:
     at = len(os.path.commonprefix([expected, got]))
-    return f"after {expected[max(0, at - 30):at]!r} inference has {expected[at:at + 30]!r}, the render has {got[at:at + 30]!r}"
+    return f"after {expected[max(0, at - 30) : at]!r} inference has {expected[at : at + 30]!r}, the render has {got[at : at + 30]!r}"

@@ -79,8 +79,9 @@ def folder_special_tokens(folder: str, template: str) -> list[str]:
     return sorted(tokens, key=template.find)
 
 
-def add_chat_tokens(tokenizer, *, chat_template: str | None, add_markers: bool,
-                    special_tokens: list[str] | None) -> AddedChatTokens | None:
+def add_chat_tokens(
+    tokenizer, *, chat_template: str | None, add_markers: bool, special_tokens: list[str] | None
+) -> AddedChatTokens | None:
     """Add the chat template's markers (with `add_markers`) and `special_tokens` to `tokenizer`, in
     place, as the module docstring says; None when neither is asked for."""
     if not add_markers and not special_tokens:
@@ -99,8 +100,9 @@ def add_chat_tokens(tokenizer, *, chat_template: str | None, add_markers: bool,
     new = [token for token in wanted if token not in vocab]
     old_eos = tokenizer.eos_token
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in new], special_tokens=True)
-    added = AddedChatTokens(tokens=new, ids=[tokenizer.convert_tokens_to_ids(token) for token in new],
-                            vocab_size=len(tokenizer), kept=kept)
+    added = AddedChatTokens(
+        tokens=new, ids=[tokenizer.convert_tokens_to_ids(token) for token in new], vocab_size=len(tokenizer), kept=kept
+    )
     if template is None:
         return added
     tokenizer.chat_template = template

@@ -40,17 +40,22 @@ class Examples:
         return np.diff(self.offsets)
 
     @classmethod
-    def concatenate(cls, parts: list["Examples"], stats: dict | None = None) -> "Examples":
+    def concatenate(cls, parts: list[Examples], stats: dict | None = None) -> Examples:
         """The examples of `parts` one after another (in memory)."""
         if not parts:
             return cls.from_lists([], stats=stats)
         starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
         offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + start for p, start in zip(parts, starts)])
-        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.targets for p in parts]),
-                   offsets.astype(np.int64), np.concatenate([p.record_index for p in parts]).astype(np.int64), stats or {})
+        return cls(
+            np.concatenate([p.input_ids for p in parts]),
+            np.concatenate([p.targets for p in parts]),
+            offsets.astype(np.int64),
+            np.concatenate([p.record_index for p in parts]).astype(np.int64),
+            stats or {},
+        )
 
     @classmethod
-    def from_lists(cls, pairs: list[tuple[list[int], list[int]]], record_index=None, stats=None) -> "Examples":
+    def from_lists(cls, pairs: list[tuple[list[int], list[int]]], record_index=None, stats=None) -> Examples:
         lengths = [len(ids) for ids, _ in pairs]
         offsets = np.zeros(len(pairs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -84,9 +89,11 @@ class Pairs:
         return len(self.prompt_offsets) - 1
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return (self.prompt_ids[self.prompt_offsets[i] : self.prompt_offsets[i + 1]],
-                self.chosen_ids[self.chosen_offsets[i] : self.chosen_offsets[i + 1]],
-                self.rejected_ids[self.rejected_offsets[i] : self.rejected_offsets[i + 1]])
+        return (
+            self.prompt_ids[self.prompt_offsets[i] : self.prompt_offsets[i + 1]],
+            self.chosen_ids[self.chosen_offsets[i] : self.chosen_offsets[i + 1]],
+            self.rejected_ids[self.rejected_offsets[i] : self.rejected_offsets[i + 1]],
+        )
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -94,13 +101,15 @@ class Pairs:
         return np.diff(self.prompt_offsets) + np.diff(self.chosen_offsets) + np.diff(self.rejected_offsets)
 
     @classmethod
-    def from_lists(cls, triples: list[tuple[list[int], list[int], list[int]]], record_index=None, stats=None) -> "Pairs":
+    def from_lists(cls, triples: list[tuple[list[int], list[int], list[int]]], record_index=None, stats=None) -> Pairs:
         arrays = []
         for part in range(3):
             lengths = [len(triple[part]) for triple in triples]
             offsets = np.zeros(len(triples) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            ids = np.fromiter(chain.from_iterable(triple[part] for triple in triples), dtype=np.int32, count=int(offsets[-1]))
+            ids = np.fromiter(
+                chain.from_iterable(triple[part] for triple in triples), dtype=np.int32, count=int(offsets[-1])
+            )
             arrays += [ids, offsets]
         index = np.arange(len(triples)) if record_index is None else np.asarray(record_index, dtype=np.int64)
         return cls(*arrays, index, stats or {})

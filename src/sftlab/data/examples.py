@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from sftlab.data import formats
 from sftlab.config import CHAT_EXAMPLES, REASONING_WHEN_DROPPED, REASONING_WHEN_MISSING, TRUNCATION_POLICIES
+from sftlab.data import formats
 from sftlab.data.chat import AS_SERVED, ChatRenderer, resolve_chat_templates
 from sftlab.data.container import IGNORE, Examples
 from sftlab.data.formats import Record
 from sftlab.errors import DataError, TurnError
-
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,19 @@ class SegmentEncoder:
         tokens of a reasoning kept as context. A token that straddles an edge (Qwen's ".\\n" ending a reasoning
         before "</think>") holds reasoning, so the trained tokens hold none of it."""
         if self.backend is None:
-            raise DataError("train_on_reasoning: false needs a fast tokenizer, to find the reasoning's tokens",
-                            field="train_on_reasoning", found=type(self.tokenizer).__name__,
-                            fix="use the model's fast tokenizer (tokenizer.json), or train_on_reasoning: true")
+            raise DataError(
+                "train_on_reasoning: false needs a fast tokenizer, to find the reasoning's tokens",
+                field="train_on_reasoning",
+                found=type(self.tokenizer).__name__,
+                fix="use the model's fast tokenizer (tokenizer.json), or train_on_reasoning: true",
+            )
         shift = 1 if continuation and self.anchor_ids is not None else 0  # encoded behind a newline, as in encode
         offsets = self.backend.encode("\n" * shift + text, add_special_tokens=False).offsets
-        offsets = offsets[len(self.anchor_ids):] if shift else offsets
+        offsets = offsets[len(self.anchor_ids) :] if shift else offsets
         if len(offsets) != count:
-            raise RuntimeError(f"the tokenizer encodes {text[:40]!r} as {len(offsets)} tokens with offsets and {count} "
-                               "without")
+            raise RuntimeError(
+                f"the tokenizer encodes {text[:40]!r} as {len(offsets)} tokens with offsets and {count} without"
+            )
         return [any(start - shift < b and a < end - shift for a, b in ranges) for start, end in offsets]
 
     def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
@@ -145,8 +148,9 @@ def trained_turns(record: Record, settings: TargetSettings) -> list[int]:
     return turns
 
 
-def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRenderer | None,
-                     counts: Counter) -> list[list[tuple[str, bool | list[tuple[int, int]]]]]:
+def _record_examples(
+    record: Record, settings: TargetSettings, renderer: ChatRenderer | None, counts: Counter
+) -> list[list[tuple[str, bool | list[tuple[int, int]]]]]:
     """The record's examples, each as (text, supervised) pieces in order. One example, except for a
     conversation whose template cannot serve every turn in one render (see chat.py). A trained piece
     holding reasoning that stays context (train_on_reasoning: false) has, for supervised, the character
@@ -161,9 +165,14 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
         all_tokens = not settings.completion_only_loss
     if all_tokens:
         return [[(renderer.render(messages, tools=record.tools, kwargs=record.template_kwargs), True)]]
-    planned = renderer.conversation_examples(messages, trained_turns(record, settings), tools=record.tools,
-                                             kwargs=record.template_kwargs, mode=settings.chat_examples,
-                                             train_reasoning=settings.train_on_reasoning)
+    planned = renderer.conversation_examples(
+        messages,
+        trained_turns(record, settings),
+        tools=record.tools,
+        kwargs=record.template_kwargs,
+        mode=settings.chat_examples,
+        train_reasoning=settings.train_on_reasoning,
+    )
     counts.update(planned.counts)
     examples = []
     for position, (text, spans) in enumerate(planned.examples):
@@ -189,14 +198,27 @@ class ExampleBuilder:
     def __init__(self, tokenizer, settings: TargetSettings, skip_invalid: bool = False):
         # The config checks these too; TargetSettings is public and may be built without one.
         if settings.truncation not in TRUNCATION_POLICIES:
-            raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
+            raise DataError(
+                "unknown truncation policy",
+                field="truncation",
+                found=repr(settings.truncation),
+                expected=f"one of {TRUNCATION_POLICIES}",
+            )
         if settings.chat_examples not in CHAT_EXAMPLES:
-            raise DataError("unknown chat_examples mode", field="chat_examples", found=repr(settings.chat_examples), expected=f"one of {CHAT_EXAMPLES}")
-        for name, allowed in (("reasoning_when_missing", REASONING_WHEN_MISSING),
-                              ("reasoning_when_dropped", REASONING_WHEN_DROPPED)):
+            raise DataError(
+                "unknown chat_examples mode",
+                field="chat_examples",
+                found=repr(settings.chat_examples),
+                expected=f"one of {CHAT_EXAMPLES}",
+            )
+        for name, allowed in (
+            ("reasoning_when_missing", REASONING_WHEN_MISSING),
+            ("reasoning_when_dropped", REASONING_WHEN_DROPPED),
+        ):
             if getattr(settings, name) not in allowed:
-                raise DataError(f"unknown {name}", field=name, found=repr(getattr(settings, name)),
-                                expected=f"one of {allowed}")
+                raise DataError(
+                    f"unknown {name}", field=name, found=repr(getattr(settings, name)), expected=f"one of {allowed}"
+                )
         self.tokenizer, self.settings, self.skip_invalid = tokenizer, settings, skip_invalid
         self.encoder = SegmentEncoder(tokenizer)
         self.renderer: ChatRenderer | None = None
@@ -214,13 +236,20 @@ class ExampleBuilder:
 
     def _prepare_for(self, chunk: list[Record]) -> None:
         """What the first conversation (or text) of the pass needs: the compiled template (or EOS)."""
-        if self.renderer is None and any(r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in chunk):
+        if self.renderer is None and any(
+            r.format in (formats.CONVERSATIONAL, formats.CHAT_PROMPT_COMPLETION) for r in chunk
+        ):
             template, tool_template = resolve_chat_templates(self.tokenizer, self.settings.chat_template)
             try:
-                self.renderer = ChatRenderer(self.tokenizer, template, tool_template=tool_template, tools=self.settings.tools,
-                                             template_kwargs=self.settings.chat_template_kwargs,
-                                             reasoning_when_missing=self.settings.reasoning_when_missing,
-                                             reasoning_when_dropped=self.settings.reasoning_when_dropped)
+                self.renderer = ChatRenderer(
+                    self.tokenizer,
+                    template,
+                    tool_template=tool_template,
+                    tools=self.settings.tools,
+                    template_kwargs=self.settings.chat_template_kwargs,
+                    reasoning_when_missing=self.settings.reasoning_when_missing,
+                    reasoning_when_dropped=self.settings.reasoning_when_dropped,
+                )
             except TemplateError as error:
                 raise _template_error(error, None) from error
         if not self.eos_checked and any(r.format in (formats.TEXT, formats.PROMPT_COMPLETION) for r in chunk):
@@ -260,7 +289,7 @@ class ExampleBuilder:
                     continuation.append(position > 0)
         return per_record, texts, continuation
 
-    def _assemble(self, chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> "Examples":
+    def _assemble(self, chunk: list[Record], per_record, encoded_ids: list[list[int]]) -> Examples:
         settings, encoder, chat = self.settings, self.encoder, self.chat
         pairs: list[tuple[list[int], list[int]]] = []
         kept_index: list[int] = []
@@ -307,7 +336,7 @@ class ExampleBuilder:
                 kept_index.append(record.index)
         return Examples.from_lists(pairs, kept_index)
 
-    def build(self, chunks: Iterable[list[Record]]) -> Iterator["Examples"]:
+    def build(self, chunks: Iterable[list[Record]]) -> Iterator[Examples]:
         """Each chunk's examples (record_index: the records' own indices), in the chunks' order."""
         # A pipeline: the fast tokenizer encodes chunk k in a worker thread (it releases the GIL)
         # while Python renders chunk k+1 and assembles chunk k-1. The garbage collector is paused:
@@ -332,9 +361,20 @@ class ExampleBuilder:
 
 
 # How conversations became examples, in the order inspect and the training log show them.
-CHAT_STATS = ("turns_trained", "turns_not_served", "records_split", "extra_examples", "extra_tokens",
-              "rule_prefix", "rule_rewritten_history", "rule_opened_reply",
-              "turns_empty_reasoning", "turns_reasoning_dropped", "turns_reasoning_context", "reasoning_tokens_context")
+CHAT_STATS = (
+    "turns_trained",
+    "turns_not_served",
+    "records_split",
+    "extra_examples",
+    "extra_tokens",
+    "rule_prefix",
+    "rule_rewritten_history",
+    "rule_opened_reply",
+    "turns_empty_reasoning",
+    "turns_reasoning_dropped",
+    "turns_reasoning_context",
+    "reasoning_tokens_context",
+)
 
 
 def _turn_error(error: TurnError, record: Record) -> DataError:

@@ -62,14 +62,20 @@ class FieldMap:
             raw = self._renamed(raw, renames)
         keys = {key: source for key, source in self.fields.items() if key in MESSAGE_KEYS and source != key}
         if keys:
-            raw = {name: self._message_keys(value, keys) if name in _MESSAGE_LISTS else value
-                   for name, value in raw.items()}
+            raw = {
+                name: self._message_keys(value, keys) if name in _MESSAGE_LISTS else value
+                for name, value in raw.items()
+            }
         if ("instruction" in raw or "output" in raw) and not any(name in raw for name in _OTHER_FORMATS):
             for name in ("instruction", "output"):
                 if name not in raw:
-                    raise RecordError("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
-                                   found=f"fields {sorted(raw)}", expected="instruction, input (optional) and output",
-                                   fix="add the field, or map yours to it with fields: {" + name + ": your_field}")
+                    raise RecordError(
+                        "an Alpaca record needs 'instruction' and 'output'",
+                        field=self.source_field(name),
+                        found=f"fields {sorted(raw)}",
+                        expected="instruction, input (optional) and output",
+                        fix="add the field, or map yours to it with fields: {" + name + ": your_field}",
+                    )
             return self._alpaca(raw), "alpaca"
         return raw, None
 
@@ -79,16 +85,23 @@ class FieldMap:
             target = renames.get(name)
             if target is None:
                 if name in record:
-                    raise RecordError(f"the record has '{name}' and a field mapped to it",
-                                   field=self.source_field(name), found=f"fields {sorted(raw)}",
-                                   fix="map another field, or drop one of the two")
+                    raise RecordError(
+                        f"the record has '{name}' and a field mapped to it",
+                        field=self.source_field(name),
+                        found=f"fields {sorted(raw)}",
+                        fix="map another field, or drop one of the two",
+                    )
                 record[name] = value
                 continue
             if target == "messages" and _sharegpt(value):
                 target = "conversations"  # from/value: converted by the ShareGPT rules, as without a mapping
             if target in record:
-                raise RecordError(f"the record has '{target}' and a field mapped to it", field=name,
-                               found=f"fields {sorted(raw)}", fix="map another field, or drop one of the two")
+                raise RecordError(
+                    f"the record has '{target}' and a field mapped to it",
+                    field=name,
+                    found=f"fields {sorted(raw)}",
+                    fix="map another field, or drop one of the two",
+                )
             record[target] = value
         return record
 
@@ -97,14 +110,20 @@ class FieldMap:
         if not isinstance(messages, list):
             return messages
         sources = {source: key for key, source in keys.items()}
-        return [{sources.get(name, name): value for name, value in message.items()} if isinstance(message, dict) else message
-                for message in messages]
+        return [
+            {sources.get(name, name): value for name, value in message.items()}
+            if isinstance(message, dict)
+            else message
+            for message in messages
+        ]
 
     def _alpaca(self, raw: dict) -> dict:
         instruction = _text(raw, "instruction", "the task, as text")
         extra = raw.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise RecordError("must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty")
+            raise RecordError(
+                "must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty"
+            )
         output = _text(raw, "output", "the response the model should learn")
         extra = (extra or "").strip() and extra
         if self.alpaca_layout == "chat":
@@ -122,7 +141,7 @@ class FieldMap:
 
         def one(part: str) -> str:
             head = re.match(r"[^.\[]*", part).group(0)
-            rest = part[len(head):]
+            rest = part[len(head) :]
             for key, source in keys.items():
                 rest = re.sub(rf"(\]\.){key}\b", rf"\g<1>{source}", rest)
             return back.get(head, head) + rest
@@ -135,10 +154,21 @@ def _text(raw: dict, name: str, expected: str) -> str:
     if not isinstance(value, str):
         raise RecordError("must be a string", field=name, found=describe(value), expected=expected)
     if not value.strip():
-        raise RecordError("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+        raise RecordError(
+            "is empty",
+            field=name,
+            found=repr(value),
+            expected="non-empty text",
+            fix="remove the record or fill in the text",
+        )
     return value
 
 
 def _sharegpt(messages) -> bool:
-    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict) \
-        and "from" in messages[0] and "role" not in messages[0]
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[0], dict)
+        and "from" in messages[0]
+        and "role" not in messages[0]
+    )

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftlab.config import ROLES
-from sftlab.errors import DataError, RecordError, describe
 from sftlab.data.sources import Records
+from sftlab.errors import DataError, RecordError, describe
 
 TEXT = "text"
 PROMPT_COMPLETION = "prompt_completion"
@@ -103,8 +103,16 @@ class RecordValidator:
     pass found first: the format, and the index of the first valid record (before it, records
     are checked as if no format were fixed yet, exactly as in one pass)."""
 
-    def __init__(self, *, text_field: str = "text", skip_invalid: bool = False, vocab_size: int | None = None,
-                 normalize=None, expected: str | None = None, expected_from: int = 0):
+    def __init__(
+        self,
+        *,
+        text_field: str = "text",
+        skip_invalid: bool = False,
+        vocab_size: int | None = None,
+        normalize=None,
+        expected: str | None = None,
+        expected_from: int = 0,
+    ):
         self.text_field, self.skip_invalid, self.vocab_size = text_field, skip_invalid, vocab_size
         self.normalize = normalize
         self.expected_format, self.expected_from = expected, expected_from
@@ -153,7 +161,8 @@ class RecordValidator:
                     field=where,
                     found=bad.found,
                     expected=bad.expected,
-                    fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records",
+                    fix=bad.fix
+                    or "correct the record, or set skip_invalid_records=true to count and skip such records",
                 ) from None
         return valid
 
@@ -178,7 +187,13 @@ def _string(raw: dict, name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise RecordError("must be a string", field=name, found=describe(value), expected="a string")
     if not allow_empty and not value.strip():
-        raise RecordError("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+        raise RecordError(
+            "is empty",
+            field=name,
+            found=repr(value),
+            expected="non-empty text",
+            fix="remove the record or fill in the text",
+        )
     return value
 
 
@@ -204,18 +219,32 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
     (the renderer gives a template that joins them as text their JSON text again).
     """
     if not isinstance(value, list):
-        raise RecordError("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
+        raise RecordError(
+            "must be a list of messages",
+            field=name,
+            found=describe(value),
+            expected="[{'role': ..., 'content': ...}, ...]",
+        )
     if not value:
-        raise RecordError("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
+        raise RecordError(
+            "is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message"
+        )
     messages, flags = [], []
     for position, message in enumerate(value):
         where = f"{name}[{position}]"
         if not isinstance(message, dict):
-            raise RecordError("must be a message dict", field=where, found=describe(message), expected="{'role': ..., 'content': ...}")
+            raise RecordError(
+                "must be a message dict", field=where, found=describe(message), expected="{'role': ..., 'content': ...}"
+            )
         if sharegpt and "from" in message:
             speaker = message.get("from")
             if speaker not in SHAREGPT_ROLES:
-                raise RecordError("unknown speaker", field=f"{where}.from", found=describe(speaker), expected=f"one of {sorted(SHAREGPT_ROLES)}")
+                raise RecordError(
+                    "unknown speaker",
+                    field=f"{where}.from",
+                    found=describe(speaker),
+                    expected=f"one of {sorted(SHAREGPT_ROLES)}",
+                )
             rest = {k: v for k, v in message.items() if k not in ("from", "value")}
             message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value"), **rest}
             content_field = f"{where}.value"
@@ -224,39 +253,64 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
         message = {k: v for k, v in message.items() if v is not None}
         role = message.get("role")
         if role not in ROLES:
-            raise RecordError("unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}")
+            raise RecordError(
+                "unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}"
+            )
         flag = message.pop("train", None)
         if flag is not None and not isinstance(flag, bool):
-            raise RecordError("must be true or false", field=f"{where}.train", found=describe(flag), expected="a boolean: whether to train on this message")
+            raise RecordError(
+                "must be true or false",
+                field=f"{where}.train",
+                found=describe(flag),
+                expected="a boolean: whether to train on this message",
+            )
         weight = message.pop("weight", None)
         if weight is not None:
             # 0/1 only: a fractional weight would need a weight per token through the store, batching and loss.
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
                 fractional = isinstance(weight, float) and 0 < weight < 1
-                raise RecordError("fractional message weights are not supported" if fractional else "must be 0 or 1",
-                                  field=f"{where}.weight", found=describe(weight),
-                                  expected="0 (context only) or 1 (trained), as \"train\": false/true",
-                                  fix="give 0 or 1: sftlab does not scale a message's loss by a fraction" if fractional else None)
+                raise RecordError(
+                    "fractional message weights are not supported" if fractional else "must be 0 or 1",
+                    field=f"{where}.weight",
+                    found=describe(weight),
+                    expected='0 (context only) or 1 (trained), as "train": false/true',
+                    fix="give 0 or 1: sftlab does not scale a message's loss by a fraction" if fractional else None,
+                )
             if flag is not None and flag != bool(weight):
-                raise RecordError("contradicts the message's \"train\" flag", field=f"{where}.weight",
-                                  found=f"weight {describe(weight)} and train {describe(flag)}", fix="give one of them")
+                raise RecordError(
+                    'contradicts the message\'s "train" flag',
+                    field=f"{where}.weight",
+                    found=f"weight {describe(weight)} and train {describe(flag)}",
+                    fix="give one of them",
+                )
             flag = bool(weight)
         flags.append(flag)
         if "tool_calls" in message:
             if role != "assistant":
-                raise RecordError("only assistant messages make tool calls", field=f"{where}.tool_calls", found=f"role {role!r}")
+                raise RecordError(
+                    "only assistant messages make tool calls", field=f"{where}.tool_calls", found=f"role {role!r}"
+                )
             message["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
             if not message["tool_calls"]:
                 del message["tool_calls"]
                 if message.get("content") is None and not any(message.get(key) for key in REASONING_FIELDS):
                     # Else "content must be a string; found None", which hides that the turn says nothing.
-                    raise RecordError("assistant message is empty", field=where, found="no content, and tool_calls []",
-                                      expected="the text the model should learn to write, or at least one tool call")
+                    raise RecordError(
+                        "assistant message is empty",
+                        field=where,
+                        found="no content, and tool_calls []",
+                        expected="the text the model should learn to write, or at least one tool call",
+                    )
         reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
         if reasoning is not None:
             if not isinstance(reasoning, str):
                 field_name = next(key for key in REASONING_FIELDS if key in message)
-                raise RecordError("must be a string", field=f"{where}.{field_name}", found=describe(reasoning), expected="the reasoning text")
+                raise RecordError(
+                    "must be a string",
+                    field=f"{where}.{field_name}",
+                    found=describe(reasoning),
+                    expected="the reasoning text",
+                )
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         content = message.get("content")
         if role == "tool" and isinstance(content, (dict, list)):
@@ -266,12 +320,21 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
         if isinstance(content, list):
             text = _content_parts(content, content_field)
         elif not isinstance(content, str):
-            raise RecordError("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
+            raise RecordError(
+                "must be a string",
+                field=content_field,
+                found=describe(content),
+                expected="the message text as a string",
+            )
         else:
             text = content
         if role == "assistant" and not text.strip() and "tool_calls" not in message and not (reasoning or "").strip():
-            raise RecordError("assistant message is empty", field=content_field, found=repr(content),
-                           expected="the text the model should learn to write (or tool_calls)")
+            raise RecordError(
+                "assistant message is empty",
+                field=content_field,
+                found=repr(content),
+                expected="the text the model should learn to write (or tool_calls)",
+            )
         messages.append(message)
     return messages, (flags if any(f is not None for f in flags) else None)
 
@@ -287,17 +350,26 @@ def _content_parts(parts: list, where: str) -> str:
     for position, part in enumerate(parts):
         here = f"{where}[{position}]"
         if not isinstance(part, dict):
-            raise RecordError("must be a content part", field=here, found=describe(part),
-                           expected="{'type': 'text', 'text': ...}")
+            raise RecordError(
+                "must be a content part", field=here, found=describe(part), expected="{'type': 'text', 'text': ...}"
+            )
         kind = part.get("type")
         if kind not in CONTENT_PARTS:
-            raise RecordError(f"a {kind!r} content part cannot be trained on: sftlab trains on text", field=f"{here}.type",
-                           found=describe(kind), expected=f"one of {sorted(CONTENT_PARTS)}",
-                           fix="remove the part (or the record), or describe what it holds in a text part")
+            raise RecordError(
+                f"a {kind!r} content part cannot be trained on: sftlab trains on text",
+                field=f"{here}.type",
+                found=describe(kind),
+                expected=f"one of {sorted(CONTENT_PARTS)}",
+                fix="remove the part (or the record), or describe what it holds in a text part",
+            )
         value = part.get(CONTENT_PARTS[kind])
         if not isinstance(value, str):
-            raise RecordError("must be a string", field=f"{here}.{CONTENT_PARTS[kind]}", found=describe(value),
-                           expected=f"the {kind} as text")
+            raise RecordError(
+                "must be a string",
+                field=f"{here}.{CONTENT_PARTS[kind]}",
+                found=describe(value),
+                expected=f"the {kind} as text",
+            )
         texts.append(value)
     return "".join(texts)
 
@@ -305,30 +377,55 @@ def _content_parts(parts: list, where: str) -> str:
 def _tool_calls(value: Any, where: str) -> list[dict]:
     """OpenAI-shaped tool calls: [{"type": "function", "function": {"name", "arguments": {...}}, "id"?}]."""
     if not isinstance(value, list):
-        raise RecordError("must be a list of tool calls", field=where, found=describe(value),
-                       expected='[{"type": "function", "function": {"name": ..., "arguments": {...}}}]')
+        raise RecordError(
+            "must be a list of tool calls",
+            field=where,
+            found=describe(value),
+            expected='[{"type": "function", "function": {"name": ..., "arguments": {...}}}]',
+        )
     calls = []
     for position, call in enumerate(value):
         here = f"{where}[{position}]"
         if not isinstance(call, dict):
-            raise RecordError("must be a tool call dict", field=here, found=describe(call), expected='{"function": {"name": ..., "arguments": ...}}')
+            raise RecordError(
+                "must be a tool call dict",
+                field=here,
+                found=describe(call),
+                expected='{"function": {"name": ..., "arguments": ...}}',
+            )
         function = call.get("function", call)  # {"name", "arguments"} without the "function" wrapper is accepted too
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RecordError("a tool call needs a function name", field=f"{here}.function.name",
-                           found=describe(function.get("name") if isinstance(function, dict) else function), expected="the function's name")
+            raise RecordError(
+                "a tool call needs a function name",
+                field=f"{here}.function.name",
+                found=describe(function.get("name") if isinstance(function, dict) else function),
+                expected="the function's name",
+            )
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as error:
-                raise RecordError("arguments are not valid JSON", field=f"{here}.function.arguments",
-                               found=f"{error.msg} in {arguments[:40]!r}", expected="a JSON object, as text or as an object") from None
+                raise RecordError(
+                    "arguments are not valid JSON",
+                    field=f"{here}.function.arguments",
+                    found=f"{error.msg} in {arguments[:40]!r}",
+                    expected="a JSON object, as text or as an object",
+                ) from None
         if not isinstance(arguments, dict):
-            raise RecordError("arguments must be a JSON object", field=f"{here}.function.arguments", found=describe(arguments),
-                           expected="an object of argument names to values")
+            raise RecordError(
+                "arguments must be a JSON object",
+                field=f"{here}.function.arguments",
+                found=describe(arguments),
+                expected="an object of argument names to values",
+            )
         normal = {k: v for k, v in call.items() if k != "function" and v is not None and k not in ("name", "arguments")}
         normal["type"] = call.get("type") or "function"
-        normal["function"] = {**{k: v for k, v in function.items() if v is not None}, "name": function["name"], "arguments": arguments}
+        normal["function"] = {
+            **{k: v for k, v in function.items() if v is not None},
+            "name": function["name"],
+            "arguments": arguments,
+        }
         calls.append(normal)
     return calls
 
@@ -342,7 +439,9 @@ def _json_field(raw: dict, name: str, kind: type, expected: str) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise RecordError("is not valid JSON", field=name, found=f"{error.msg} in {value[:40]!r}", expected=expected) from None
+            raise RecordError(
+                "is not valid JSON", field=name, found=f"{error.msg} in {value[:40]!r}", expected=expected
+            ) from None
     if not isinstance(value, kind):
         raise RecordError(f"must be {expected}", field=name, found=describe(value), expected=expected)
     return value
@@ -352,8 +451,12 @@ def _chat_extras(raw: dict) -> dict:
     tools = _json_field(raw, "tools", list, "a list of function schemas (or their JSON text)")
     for position, tool in enumerate(tools or ()):
         if not isinstance(tool, dict):
-            raise RecordError("must be a function schema", field=f"tools[{position}]", found=describe(tool),
-                           expected='{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+            raise RecordError(
+                "must be a function schema",
+                field=f"tools[{position}]",
+                found=describe(tool),
+                expected='{"type": "function", "function": {"name": ..., "parameters": {...}}}',
+            )
     kwargs = _json_field(raw, "chat_template_kwargs", dict, "a mapping of template arguments (or its JSON text)")
     return {"tools": tools or None, "template_kwargs": kwargs or None}
 
@@ -374,7 +477,9 @@ def _check_conversation(messages: list[dict], name: str) -> None:
             expected="a prompt (user turn) and an assistant reply",
         )
     if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("conversation has no assistant message", field=name, expected="at least one assistant turn to learn from")
+        raise RecordError(
+            "conversation has no assistant message", field=name, expected="at least one assistant turn to learn from"
+        )
     if messages[-1]["role"] != "assistant":
         raise RecordError(
             "conversation ends on a non-assistant turn",
@@ -389,23 +494,30 @@ def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: 
     prompt, prompt_flags = _messages(raw["prompt"], "prompt", sharegpt=False)
     completion, completion_flags = _messages(raw["completion"], "completion", sharegpt=False)
     if not any(m["role"] == "assistant" for m in completion):
-        raise RecordError("completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]")
+        raise RecordError(
+            "completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]"
+        )
     messages = prompt + completion
     _check_conversation(messages, "prompt+completion")
     flags = None
     if prompt_flags or completion_flags:
         flags = (prompt_flags or [None] * len(prompt)) + (completion_flags or [None] * len(completion))
-    return Record(index, CHAT_PROMPT_COMPLETION, messages=messages, completion_start=len(prompt), train=flags,
-                  **_chat_extras(raw))
+    return Record(
+        index, CHAT_PROMPT_COMPLETION, messages=messages, completion_start=len(prompt), train=flags, **_chat_extras(raw)
+    )
 
 
 def _int_list(raw: dict, name: str, vocab_size: int | None, allow: tuple[int, ...] = ()) -> list[int]:
     value = raw.get(name)
     if not isinstance(value, list) or not value:
-        raise RecordError("must be a non-empty list of integers", field=name, found=describe(value), expected="[int, ...]")
+        raise RecordError(
+            "must be a non-empty list of integers", field=name, found=describe(value), expected="[int, ...]"
+        )
     for position, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int):
-            raise RecordError("must hold integers", field=f"{name}[{position}]", found=describe(item), expected="an integer token id")
+            raise RecordError(
+                "must hold integers", field=f"{name}[{position}]", found=describe(item), expected="an integer token id"
+            )
         if item in allow:
             continue
         if item < 0 or (vocab_size is not None and item >= vocab_size):

@@ -87,8 +87,12 @@ class JsonText:
         self._raise(json.JSONDecodeError(message, self.text, self.pos))
 
     def _raise(self, error: json.JSONDecodeError) -> None:
-        raise DataError("invalid JSON", source=f"{self.path}:{self.line_base + error.lineno - 1}", found=error.msg,
-                        fix="fix the JSON syntax at that line") from None
+        raise DataError(
+            "invalid JSON",
+            source=f"{self.path}:{self.line_base + error.lineno - 1}",
+            found=error.msg,
+            fix="fix the JSON syntax at that line",
+        ) from None
 
     def expect_end(self) -> None:
         self.skip_space()

@@ -61,9 +61,12 @@ def mixture_counts(parts: list[MixturePart]) -> list[int]:
     weighted = [i for i, part in enumerate(parts) if part.weight is not None]
     for i in weighted:
         if len(parts[i].examples) == 0:
-            raise DataError("a weighted source has no examples to draw from", source=parts[i].name,
-                            found=f"dropped: {parts[i].examples.stats.get('dropped')}",
-                            fix="check the source with `sftlab inspect`, or remove it from the mixture")
+            raise DataError(
+                "a weighted source has no examples to draw from",
+                source=parts[i].name,
+                found=f"dropped: {parts[i].examples.stats.get('dropped')}",
+                fix="check the source with `sftlab inspect`, or remove it from the mixture",
+            )
     if weighted:
         total = sum(len(parts[i].examples) for i in weighted)
         weights = {i: Fraction(parts[i].weight) for i in weighted}  # exact: no float rounding in the shares
@@ -93,8 +96,10 @@ def mixture_key(parts: list[MixturePart], seed: int, source_keys: list[str]) -> 
     description = {
         "mixture": 1,
         "seed": seed,
-        "sources": [{"entry": key, "weight": p.weight, "max_samples": p.max_samples, "epochs": p.epochs}
-                    for key, p in zip(source_keys, parts)],
+        "sources": [
+            {"entry": key, "weight": p.weight, "max_samples": p.max_samples, "epochs": p.epochs}
+            for key, p in zip(source_keys, parts)
+        ],
     }
     return "mix-" + hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:28]
 
@@ -111,9 +116,19 @@ def write_mixture(parts: list[MixturePart], seed: int, folder: str) -> None:
             writer.append(batch)
             tokens += len(batch.input_ids)
             supervised += int((batch.targets != IGNORE).sum())
-        option = {key: getattr(part, key) for key in ("weight", "max_samples", "epochs") if getattr(part, key) is not None}
-        sources.append({"name": part.name, **option, "examples_available": len(part.examples), "examples": int(count),
-                        "tokens": tokens, "supervised_tokens": supervised})
+        option = {
+            key: getattr(part, key) for key in ("weight", "max_samples", "epochs") if getattr(part, key) is not None
+        }
+        sources.append(
+            {
+                "name": part.name,
+                **option,
+                "examples_available": len(part.examples),
+                "examples": int(count),
+                "tokens": tokens,
+                "supervised_tokens": supervised,
+            }
+        )
     writer.close()
     lengths = np.diff(np.load(f"{folder}/offsets.npy", mmap_mode="r"))
     with open(f"{folder}/stats.json", "w") as handle:
@@ -128,12 +143,17 @@ def _gathered(examples: Examples, indices: np.ndarray) -> Examples:
     np.cumsum(lengths, out=offsets[1:])
     # Token positions of every chosen example, one after another.
     positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
-    return Examples(np.asarray(examples.input_ids[positions]), np.asarray(examples.targets[positions]), offsets,
-                    np.asarray(examples.record_index[indices], dtype=np.int64))
+    return Examples(
+        np.asarray(examples.input_ids[positions]),
+        np.asarray(examples.targets[positions]),
+        offsets,
+        np.asarray(examples.record_index[indices], dtype=np.int64),
+    )
 
 
 def mixture_stats(parts: list[MixturePart], sources: list[dict], lengths: np.ndarray) -> dict:
     """What the sources' preparations counted, added up, and what the mixture holds, per source."""
+
     def summed(key):
         total: dict = {}
         for part in parts:
@@ -153,7 +173,9 @@ def mixture_stats(parts: list[MixturePart], sources: list[dict], lengths: np.nda
         "tokens": tokens,
         "supervised_tokens": supervised,
         "supervised_fraction": supervised / tokens if tokens else 0.0,
-        "length": {f"p{q}": int(np.percentile(lengths, q, method="nearest")) for q in (0, 50, 90, 99, 100)} if len(lengths) else {},
+        "length": {f"p{q}": int(np.percentile(lengths, q, method="nearest")) for q in (0, 50, 90, 99, 100)}
+        if len(lengths)
+        else {},
     }
     chats = [p.examples.stats["chat"] for p in parts if "chat" in p.examples.stats]
     if chats:

@@ -74,8 +74,9 @@ def is_pair_record(raw: Any) -> bool:
     return isinstance(raw, dict) and ("chosen" in raw or "rejected" in raw)
 
 
-def looks_like_pairs(source: Any, split: str | None = None, fields: dict | None = None,
-                     alpaca_layout: str = "alpaca") -> bool:
+def looks_like_pairs(
+    source: Any, split: str | None = None, fields: dict | None = None, alpaca_layout: str = "alpaca"
+) -> bool:
     """Whether `source` holds preference data, from its first record's fields (after the field map):
     how `sftlab inspect` chooses its view. Reads one chunk."""
     field_map = FieldMap(dict(fields or {}), alpaca_layout)
@@ -104,44 +105,76 @@ def pair_records(raw: dict) -> PairRecords:
     record is no preference record)."""
     for side in SIDES:
         if raw.get(side) is None:
-            raise RecordError(f"a preference record needs '{side}'", field=side, found=f"fields {sorted(raw)}",
-                              expected="prompt (optional when chosen/rejected are conversations), chosen and rejected",
-                              fix=f"add '{side}', or map your field to it with fields: {{{side}: your_field}}")
+            raise RecordError(
+                f"a preference record needs '{side}'",
+                field=side,
+                found=f"fields {sorted(raw)}",
+                expected="prompt (optional when chosen/rejected are conversations), chosen and rejected",
+                fix=f"add '{side}', or map your field to it with fields: {{{side}: your_field}}",
+            )
     extras = {name: raw[name] for name in ("tools", "chat_template_kwargs") if raw.get(name) is not None}
     prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
     if prompt is None:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             side = "chosen" if not isinstance(chosen, list) else "rejected"
-            raise RecordError("without a prompt, chosen and rejected must be whole conversations", field=side,
-                              found=describe(raw[side]), expected="a list of messages that starts with the prompt",
-                              fix="add the 'prompt' field, or give chosen and rejected as message lists")
+            raise RecordError(
+                "without a prompt, chosen and rejected must be whole conversations",
+                field=side,
+                found=describe(raw[side]),
+                expected="a list of messages that starts with the prompt",
+                fix="add the 'prompt' field, or give chosen and rejected as message lists",
+            )
         shared = shared_prompt(chosen, rejected)
-        return PairRecords(IMPLICIT_PROMPT, {"prompt": chosen[:shared], "completion": chosen[shared:], **extras},
-                           {"prompt": rejected[:shared], "completion": rejected[shared:], **extras}, shared)
+        return PairRecords(
+            IMPLICIT_PROMPT,
+            {"prompt": chosen[:shared], "completion": chosen[shared:], **extras},
+            {"prompt": rejected[:shared], "completion": rejected[shared:], **extras},
+            shared,
+        )
     if isinstance(prompt, str):
         for side in SIDES:
             if not isinstance(raw[side], str):
-                raise RecordError("must be a string, as the prompt is", field=side, found=describe(raw[side]),
-                                  expected="the reply text", fix="give prompt, chosen and rejected all as text, "
-                                  "or all as message lists")
-        return PairRecords(STANDARD, {"prompt": prompt, "completion": chosen},
-                           {"prompt": prompt, "completion": rejected})
+                raise RecordError(
+                    "must be a string, as the prompt is",
+                    field=side,
+                    found=describe(raw[side]),
+                    expected="the reply text",
+                    fix="give prompt, chosen and rejected all as text, or all as message lists",
+                )
+        return PairRecords(
+            STANDARD, {"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected}
+        )
     if isinstance(prompt, list):
         for side in SIDES:
             if not isinstance(raw[side], list):
-                raise RecordError("must be a list of messages, as the prompt is", field=side, found=describe(raw[side]),
-                                  expected='[{"role": "assistant", "content": ...}]',
-                                  fix="give prompt, chosen and rejected all as text, or all as message lists")
+                raise RecordError(
+                    "must be a list of messages, as the prompt is",
+                    field=side,
+                    found=describe(raw[side]),
+                    expected='[{"role": "assistant", "content": ...}]',
+                    fix="give prompt, chosen and rejected all as text, or all as message lists",
+                )
             first = raw[side][0] if raw[side] else None
             if isinstance(first, dict) and first.get("role") != "assistant":
                 # A reply that opened with a user or tool message would move that message into its P.
-                raise RecordError("a reply starts with an assistant message", field=f"{side}[0].role",
-                                  found=describe(first.get("role")), expected="'assistant'",
-                                  fix="move the messages before the reply into the prompt")
-        return PairRecords(CONVERSATIONAL, {"prompt": prompt, "completion": chosen, **extras},
-                           {"prompt": prompt, "completion": rejected, **extras})
-    raise RecordError("must be text or a list of messages", field="prompt", found=describe(prompt),
-                      expected="a string, or [{'role': ..., 'content': ...}, ...]")
+                raise RecordError(
+                    "a reply starts with an assistant message",
+                    field=f"{side}[0].role",
+                    found=describe(first.get("role")),
+                    expected="'assistant'",
+                    fix="move the messages before the reply into the prompt",
+                )
+        return PairRecords(
+            CONVERSATIONAL,
+            {"prompt": prompt, "completion": chosen, **extras},
+            {"prompt": prompt, "completion": rejected, **extras},
+        )
+    raise RecordError(
+        "must be text or a list of messages",
+        field="prompt",
+        found=describe(prompt),
+        expected="a string, or [{'role': ..., 'content': ...}, ...]",
+    )
 
 
 def shared_prompt(chosen: list, rejected: list) -> int:
@@ -150,16 +183,26 @@ def shared_prompt(chosen: list, rejected: list) -> int:
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    while shared > 0 and not (shared < len(chosen) and _role(chosen[shared]) == "assistant"
-                              and shared < len(rejected) and _role(rejected[shared]) == "assistant"):
+    while shared > 0 and not (
+        shared < len(chosen)
+        and _role(chosen[shared]) == "assistant"
+        and shared < len(rejected)
+        and _role(rejected[shared]) == "assistant"
+    ):
         shared -= 1
     if shared == 0:
-        found = ("different first messages" if chosen[:1] != rejected[:1]
-                 else "no assistant message right after the shared ones")
-        raise RecordError("chosen and rejected share no prompt", field="chosen,rejected", found=found,
-                          expected="two conversations that start with the same messages, then differ from an "
-                                   "assistant message on",
-                          fix="give the prompt as its own 'prompt' field, or repeat it at the start of both")
+        found = (
+            "different first messages"
+            if chosen[:1] != rejected[:1]
+            else "no assistant message right after the shared ones"
+        )
+        raise RecordError(
+            "chosen and rejected share no prompt",
+            field="chosen,rejected",
+            found=found,
+            expected="two conversations that start with the same messages, then differ from an assistant message on",
+            fix="give the prompt as its own 'prompt' field, or repeat it at the start of both",
+        )
     return shared
 
 
@@ -179,8 +222,9 @@ def record_field(field: str | None, side: str, pair: PairRecords, prompt_message
         if indexed:
             name, position, rest = indexed.group(1), int(indexed.group(2)), indexed.group(3)
             if name == "messages":  # a turn of the whole conversation, prompt then reply
-                name, position = ("prompt", position) if position < prompt_messages else \
-                    ("completion", position - prompt_messages)
+                name, position = (
+                    ("prompt", position) if position < prompt_messages else ("completion", position - prompt_messages)
+                )
             if name == "completion":
                 return f"{side}[{position + pair.shared}]{rest}"
             return f"{side if implicit else 'prompt'}[{position}]{rest}"
@@ -214,36 +258,60 @@ def check_same_prompt(chosen_prompt: list[int], rejected_prompt: list[int], toke
         return
     at = first_difference(chosen_prompt, rejected_prompt)
     pieces = [tokenizer.decode(p[at : at + 8]) for p in (chosen_prompt, rejected_prompt)]
-    raise RecordError("the chat template renders the prompt differently before the chosen and the rejected reply",
-                      field="prompt", found=f"from prompt token {at}: {pieces[0]!r} before chosen, {pieces[1]!r} "
-                                            "before rejected",
-                      expected="one prompt, as inference feeds it, for both replies",
-                      fix="give both replies the same conversation before them (same tools and chat_template_kwargs)")
+    raise RecordError(
+        "the chat template renders the prompt differently before the chosen and the rejected reply",
+        field="prompt",
+        found=f"from prompt token {at}: {pieces[0]!r} before chosen, {pieces[1]!r} before rejected",
+        expected="one prompt, as inference feeds it, for both replies",
+        fix="give both replies the same conversation before them (same tools and chat_template_kwargs)",
+    )
 
 
 class PairBuilder:
     """One pass over a stream of preference records: each chunk validated into the SFT records of
     its replies, tokenized by SFT's ExampleBuilder, and cut into pairs; counts as it goes."""
 
-    def __init__(self, tokenizer, settings: TargetSettings, *, max_prompt_length: int | None = None,
-                 skip_invalid: bool = False, text_field: str = "text", field_map: FieldMap | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        settings: TargetSettings,
+        *,
+        max_prompt_length: int | None = None,
+        skip_invalid: bool = False,
+        text_field: str = "text",
+        field_map: FieldMap | None = None,
+    ):
         if settings.truncation not in TRUNCATION_POLICIES:
-            raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation),
-                            expected=f"one of {TRUNCATION_POLICIES}")
+            raise DataError(
+                "unknown truncation policy",
+                field="truncation",
+                found=repr(settings.truncation),
+                expected=f"one of {TRUNCATION_POLICIES}",
+            )
         max_length = settings.max_length
         if max_prompt_length is None and max_length is not None:
             max_prompt_length = max_length // 2
         too_long = max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length
         if max_prompt_length is not None and (max_prompt_length < 1 or too_long):
-            raise DataError("max_prompt_length must leave room for the replies", field="max_prompt_length",
-                            found=str(max_prompt_length), expected=f"1 <= max_prompt_length < max_length={max_length}",
-                            fix="lower max_prompt_length (default: max_length // 2)")
+            raise DataError(
+                "max_prompt_length must leave room for the replies",
+                field="max_prompt_length",
+                found=str(max_prompt_length),
+                expected=f"1 <= max_prompt_length < max_length={max_length}",
+                fix="lower max_prompt_length (default: max_length // 2)",
+            )
         self.tokenizer, self.skip_invalid, self.text_field = tokenizer, skip_invalid, text_field
         self.max_length, self.max_prompt_length, self.truncation = max_length, max_prompt_length, settings.truncation
         self.field_map = field_map or FieldMap()
         # Each reply is SFT data with its assistant turns trained and no truncation (a pair is cut as one).
-        reply_settings = replace(settings, max_length=None, completion_only_loss=True, assistant_only_loss=True,
-                                 last_assistant_only=False, train_on_roles=("assistant",))
+        reply_settings = replace(
+            settings,
+            max_length=None,
+            completion_only_loss=True,
+            assistant_only_loss=True,
+            last_assistant_only=False,
+            train_on_roles=("assistant",),
+        )
         self.examples = ExampleBuilder(tokenizer, reply_settings, skip_invalid=skip_invalid)
         self.vocab_size = len(tokenizer)
         self.format: str | None = None
@@ -267,18 +335,26 @@ class PairBuilder:
                 raw, _ = self.field_map.apply(raw)
                 pair = pair_records(raw)
                 if self.format is not None and pair.format != self.format:
-                    raise RecordError("mixed formats in one dataset", field=",".join(sorted(raw)),
-                                      found=f"a {pair.format} pair",
-                                      expected=f"{self.format} like the first valid record",
-                                      fix="split the data into one file per format, or convert the records to one")
+                    raise RecordError(
+                        "mixed formats in one dataset",
+                        field=",".join(sorted(raw)),
+                        found=f"a {pair.format} pair",
+                        expected=f"{self.format} like the first valid record",
+                        fix="split the data into one file per format, or convert the records to one",
+                    )
                 built = []
                 for number, (side, sft) in enumerate(zip(SIDES, (pair.chosen, pair.rejected))):
                     try:
                         built.append(validate_record(sft, 2 * index + number, self.text_field, self.vocab_size))
                     except RecordError as bad:
                         prompt_messages = len(sft["prompt"]) if isinstance(sft["prompt"], list) else 0
-                        raise RecordError(bad.problem, field=record_field(bad.field, side, pair, prompt_messages),
-                                          found=bad.found, expected=bad.expected, fix=bad.fix) from None
+                        raise RecordError(
+                            bad.problem,
+                            field=record_field(bad.field, side, pair, prompt_messages),
+                            found=bad.found,
+                            expected=bad.expected,
+                            fix=bad.fix,
+                        ) from None
             except RecordError as bad:
                 self._refuse(bad, chunk, offset)
                 continue
@@ -295,9 +371,15 @@ class PairBuilder:
             self.skipped[f"invalid {reason}: {bad.problem}"] += 1
             return
         source, row = chunk.locate(offset)
-        raise DataError(bad.problem, source=source, index=row, field=where, found=bad.found, expected=bad.expected,
-                        fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such "
-                                       "records")
+        raise DataError(
+            bad.problem,
+            source=source,
+            index=row,
+            field=where,
+            found=bad.found,
+            expected=bad.expected,
+            fix=bad.fix or "correct the record, or set skip_invalid_records=true to count and skip such records",
+        )
 
     # --- pairs --------------------------------------------------------------------------------
 
@@ -332,11 +414,20 @@ class PairBuilder:
                     source, row = chunk.locate(index - chunk.start)
                     field = record_field(error.field, SIDES[number], pair, reply.completion_start)
                     where = self.field_map.source_field(field) if field else field
-                    problem = re.sub(r"messages\[\d+\]", lambda m: record_field(m.group(0), SIDES[number], pair,
-                                                                                 reply.completion_start), error.problem)
-                    return DataError(problem,
-                                     source=source, index=row, field=where, found=error.found,
-                                     expected=error.expected, fix=error.fix)
+                    problem = re.sub(
+                        r"messages\[\d+\]",
+                        lambda m: record_field(m.group(0), SIDES[number], pair, reply.completion_start),
+                        error.problem,
+                    )
+                    return DataError(
+                        problem,
+                        source=source,
+                        index=row,
+                        field=where,
+                        found=error.found,
+                        expected=error.expected,
+                        fix=error.fix,
+                    )
         return error
 
     def _pairs(self, chunk: Records, valid, examples) -> Pairs:
@@ -352,16 +443,21 @@ class PairBuilder:
                     if not found:
                         # The example builder skipped the reply (skip_invalid_records: it counts why
                         # under skipped_replies) or found nothing trained in it; the pair is counted here.
-                        raise RecordError(f"the {side} reply was skipped or has no trained token", field=side,
-                                          expected="an assistant reply the template serves",
-                                          fix="check the reply's messages (a 'train': false flag, or "
-                                              "chat_examples: final_render, can leave it untrained)")
+                        raise RecordError(
+                            f"the {side} reply was skipped or has no trained token",
+                            field=side,
+                            expected="an assistant reply the template serves",
+                            fix="check the reply's messages (a 'train': false flag, or "
+                            "chat_examples: final_render, can leave it untrained)",
+                        )
                     if len(found) > 1:
-                        raise RecordError(f"the chat template does not serve the {side} reply in one render",
-                                          field=side, found=f"{len(found)} examples as SFT data (it rewrites the "
-                                                            "reply's earlier turns)",
-                                          expected="a reply the template renders as one continuation of the prompt",
-                                          fix="give the reply as one assistant message, or end the prompt later")
+                        raise RecordError(
+                            f"the chat template does not serve the {side} reply in one render",
+                            field=side,
+                            found=f"{len(found)} examples as SFT data (it rewrites the reply's earlier turns)",
+                            expected="a reply the template renders as one continuation of the prompt",
+                            fix="give the reply as one assistant message, or end the prompt later",
+                        )
                     sides.append(reply_of(*examples[found[0]]))
                 (prompt, chosen), (rejected_prompt, rejected) = sides
                 check_same_prompt(prompt, rejected_prompt, self.tokenizer)
@@ -398,10 +494,16 @@ class PairBuilder:
         built = self.examples.stats()
         # Pairs are counted once in skipped_invalid; why the example builder skipped a reply (the
         # template cannot serve it) is told by skipped_replies, one count per reply.
-        stats = dict(records=self.records, formats=dict(self.formats), skipped_invalid=dict(self.skipped),
-                     skipped_replies=built["skipped_invalid"], truncated=self.truncated,
-                     truncated_prompt=self.truncated_prompt, truncated_completion=self.truncated_completion,
-                     dropped=dict(self.dropped))
+        stats = dict(
+            records=self.records,
+            formats=dict(self.formats),
+            skipped_invalid=dict(self.skipped),
+            skipped_replies=built["skipped_invalid"],
+            truncated=self.truncated,
+            truncated_prompt=self.truncated_prompt,
+            truncated_completion=self.truncated_completion,
+            dropped=dict(self.dropped),
+        )
         if "chat" in built:
             stats["chat"] = {key: int(built["chat"][key]) for key in CHAT_STATS}
         return stats
@@ -412,11 +514,15 @@ def concatenate(parts: list[Pairs]) -> Pairs:
     if not parts:
         return Pairs.from_lists([])
     arrays = []
-    for ids_name, offsets_name in (("prompt_ids", "prompt_offsets"), ("chosen_ids", "chosen_offsets"),
-                                   ("rejected_ids", "rejected_offsets")):
+    for ids_name, offsets_name in (
+        ("prompt_ids", "prompt_offsets"),
+        ("chosen_ids", "chosen_offsets"),
+        ("rejected_ids", "rejected_offsets"),
+    ):
         starts = np.cumsum([0] + [int(getattr(p, offsets_name)[-1]) for p in parts[:-1]])
-        offsets = np.concatenate([np.zeros(1, np.int64)]
-                                 + [getattr(p, offsets_name)[1:] + start for p, start in zip(parts, starts)])
+        offsets = np.concatenate(
+            [np.zeros(1, np.int64)] + [getattr(p, offsets_name)[1:] + start for p, start in zip(parts, starts)]
+        )
         arrays += [np.concatenate([getattr(p, ids_name) for p in parts]).astype(np.int32), offsets.astype(np.int64)]
     return Pairs(*arrays, np.concatenate([p.record_index for p in parts]).astype(np.int64))
 
@@ -446,8 +552,14 @@ def prepare_pairs(
     stream = open_records(source, split)
     field_map = FieldMap(dict(fields or {}), alpaca_layout)
     # Checked before the cache is looked at, so a bad setting is refused even when an entry exists.
-    builder = PairBuilder(tokenizer, settings, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid_records,
-                          text_field=text_field, field_map=field_map)
+    builder = PairBuilder(
+        tokenizer,
+        settings,
+        max_prompt_length=max_prompt_length,
+        skip_invalid=skip_invalid_records,
+        text_field=text_field,
+        field_map=field_map,
+    )
 
     def build() -> Pairs:
         pairs = builder.build(stream.chunks())
@@ -459,8 +571,15 @@ def prepare_pairs(
         pairs = build()
         pairs.stats["cached"] = False
     else:
-        key = "pairs-" + _cache_key(stream.fingerprint(), tokenizer, settings, builder.max_prompt_length, text_field,
-                                    skip_invalid_records, field_map)
+        key = "pairs-" + _cache_key(
+            stream.fingerprint(),
+            tokenizer,
+            settings,
+            builder.max_prompt_length,
+            text_field,
+            skip_invalid_records,
+            field_map,
+        )
         pairs = _cached_pairs(cache_dir or default_cache_dir(), key, build)
     pairs.stats["seconds"] = time.perf_counter() - started
     return pairs
@@ -472,25 +591,54 @@ def _summarize(counts: dict, pairs: Pairs, source: str) -> dict:
     if len(lengths):
         for q in (0, 50, 90, 99, 100):
             percentiles[f"p{q}"] = int(np.percentile(lengths, q, method="nearest"))
-    return {**counts, "source": source, "pairs": len(pairs), "prompt_tokens": len(pairs.prompt_ids),
-            "chosen_tokens": len(pairs.chosen_ids), "rejected_tokens": len(pairs.rejected_ids),
-            "tokens": int(lengths.sum()) if len(lengths) else 0, "length": percentiles}
+    return {
+        **counts,
+        "source": source,
+        "pairs": len(pairs),
+        "prompt_tokens": len(pairs.prompt_ids),
+        "chosen_tokens": len(pairs.chosen_ids),
+        "rejected_tokens": len(pairs.rejected_ids),
+        "tokens": int(lengths.sum()) if len(lengths) else 0,
+        "length": percentiles,
+    }
 
 
 # --- the cache -----------------------------------------------------------------------------------
 
 # 2: checksums.json in every entry (store.seal_entry)
 PAIRS_CACHE_FORMAT = 2
-_ARRAYS = {"prompt_ids": np.int32, "prompt_offsets": np.int64, "chosen_ids": np.int32, "chosen_offsets": np.int64,
-           "rejected_ids": np.int32, "rejected_offsets": np.int64, "record_index": np.int64}
+_ARRAYS = {
+    "prompt_ids": np.int32,
+    "prompt_offsets": np.int64,
+    "chosen_ids": np.int32,
+    "chosen_offsets": np.int64,
+    "rejected_ids": np.int32,
+    "rejected_offsets": np.int64,
+    "record_index": np.int64,
+}
 
 
-def _cache_key(data: str, tokenizer, settings: TargetSettings, max_prompt_length: int | None, text_field: str,
-               skip_invalid: bool, field_map: FieldMap) -> str:
-    parts = {"format": PAIRS_CACHE_FORMAT, "version": __version__, "data": data,
-             "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings),
-             "max_prompt_length": max_prompt_length, "text_field": text_field, "skip_invalid_records": skip_invalid,
-             "fields": field_map.fields, "alpaca_layout": field_map.alpaca_layout}
+def _cache_key(
+    data: str,
+    tokenizer,
+    settings: TargetSettings,
+    max_prompt_length: int | None,
+    text_field: str,
+    skip_invalid: bool,
+    field_map: FieldMap,
+) -> str:
+    parts = {
+        "format": PAIRS_CACHE_FORMAT,
+        "version": __version__,
+        "data": data,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": asdict(settings),
+        "max_prompt_length": max_prompt_length,
+        "text_field": text_field,
+        "skip_invalid_records": skip_invalid,
+        "fields": field_map.fields,
+        "alpaca_layout": field_map.alpaca_layout,
+    }
     if settings.chat_template and os.path.isfile(settings.chat_template):
         # A template given as a file: its text, not its path, shapes the pairs.
         with open(settings.chat_template, "rb") as handle:
@@ -576,8 +724,16 @@ def _read_pairs(folder: str) -> tuple[Pairs | None, str | None]:
 # --- unpaired (KTO) ----------------------------------------------------------------------------
 
 
-def prepare_unpaired(source: Any, tokenizer, settings: TargetSettings = TargetSettings(), *, split: str | None = None,
-                     fields: dict[str, str] | None = None, alpaca_layout: str = "alpaca", **options) -> Pairs:
+def prepare_unpaired(
+    source: Any,
+    tokenizer,
+    settings: TargetSettings = TargetSettings(),
+    *,
+    split: str | None = None,
+    fields: dict[str, str] | None = None,
+    alpaca_layout: str = "alpaca",
+    **options,
+) -> Pairs:
     """KTO's unpaired records (`prompt`, `completion`, `label`: true where the completion is
     desirable) as Pairs whose chosen part is the completion and whose rejected part is the
     completion of the record before (the first record takes the last one's): the mismatched
@@ -594,26 +750,56 @@ def prepare_unpaired(source: Any, tokenizer, settings: TargetSettings = TargetSe
                 raw, _ = field_map.apply(raw)
                 for name in ("prompt", "completion", "label"):
                     if name not in raw:
-                        raise RecordError(f"an unpaired (KTO) record needs '{name}'", field=name, found=f"fields {sorted(raw)}",
-                                          expected="prompt, completion and label (true: desirable)",
-                                          fix=f"add '{name}', or map your field to it with fields: {{{name}: your_field}}")
+                        raise RecordError(
+                            f"an unpaired (KTO) record needs '{name}'",
+                            field=name,
+                            found=f"fields {sorted(raw)}",
+                            expected="prompt, completion and label (true: desirable)",
+                            fix=f"add '{name}', or map your field to it with fields: {{{name}: your_field}}",
+                        )
                 if not isinstance(raw["label"], bool):
-                    raise RecordError("must be true or false", field="label", found=describe(raw["label"]),
-                                      expected="true (the completion is desirable) or false")
+                    raise RecordError(
+                        "must be true or false",
+                        field="label",
+                        found=describe(raw["label"]),
+                        expected="true (the completion is desirable) or false",
+                    )
             except RecordError as bad:
                 where, row = chunk.locate(offset)
-                raise DataError(bad.problem, source=where, index=row, field=bad.field, found=bad.found,
-                                expected=bad.expected, fix=bad.fix) from None
+                raise DataError(
+                    bad.problem,
+                    source=where,
+                    index=row,
+                    field=bad.field,
+                    found=bad.found,
+                    expected=bad.expected,
+                    fix=bad.fix,
+                ) from None
             records.append(raw)
             labels.append(raw["label"])
-    pseudo = [{**{k: v for k, v in raw.items() if k not in ("completion", "label")}, "chosen": raw["completion"],
-               "rejected": records[i - 1]["completion"]} for i, raw in enumerate(records)]
+    pseudo = [
+        {
+            **{k: v for k, v in raw.items() if k not in ("completion", "label")},
+            "chosen": raw["completion"],
+            "rejected": records[i - 1]["completion"],
+        }
+        for i, raw in enumerate(records)
+    ]
     try:
         pairs = prepare_pairs(pseudo, tokenizer, settings, **options)
     except DataError as error:  # named in the unpaired record's own terms
         field = (error.field or "").replace("rejected", "completion of the record before (KL pairing)")
-        raise DataError(error.problem, source=stream.name, index=error.index, field=field.replace("chosen", "completion"),
-                        found=error.found, expected=error.expected, fix=error.fix) from None
+        raise DataError(
+            error.problem,
+            source=stream.name,
+            index=error.index,
+            field=field.replace("chosen", "completion"),
+            found=error.found,
+            expected=error.expected,
+            fix=error.fix,
+        ) from None
     pairs.desirable = np.asarray(labels, dtype=bool)[pairs.record_index]
-    pairs.stats.update(source=stream.name, desirable=int(pairs.desirable.sum()), undesirable=int((~pairs.desirable).sum()))
+    pairs.stats.update(
+        source=stream.name, desirable=int(pairs.desirable.sum()), undesirable=int((~pairs.desirable).sum())
+    )
     return pairs

@@ -70,8 +70,12 @@ def generation_prompts(
     """The first `limit` prompts of `source` (in record order, so every evaluation of a run, and
     every run on the same data, scores the same prompts)."""
     stream = open_records(source, split)
-    validator = RecordValidator(text_field=text_field, skip_invalid=skip_invalid_records, vocab_size=len(tokenizer),
-                                normalize=FieldMap(dict(fields or {}), alpaca_layout))
+    validator = RecordValidator(
+        text_field=text_field,
+        skip_invalid=skip_invalid_records,
+        vocab_size=len(tokenizer),
+        normalize=FieldMap(dict(fields or {}), alpaca_layout),
+    )
     encoder = SegmentEncoder(tokenizer)
     result = GenerationPrompts()
     renderer = None
@@ -99,13 +103,22 @@ def generation_prompts(
                     result.unusable["last assistant turn has no text (tool calls only)"] += 1
                     continue
                 try:
-                    context = renderer.render(record.messages[:last], add_generation_prompt=True, tools=record.tools,
-                                              kwargs=record.template_kwargs)
+                    context = renderer.render(
+                        record.messages[:last],
+                        add_generation_prompt=True,
+                        tools=record.tools,
+                        kwargs=record.template_kwargs,
+                    )
                 except TemplateError as error:
                     source_name, row = chunk.locate(record.index - chunk.start)
-                    raise DataError("the chat template failed on this record", source=source_name, index=row,
-                                    field="chat_template", found=f"{type(error).__name__}: {error}",
-                                    fix="fix the template, or the record the template rejects") from error
+                    raise DataError(
+                        "the chat template failed on this record",
+                        source=source_name,
+                        index=row,
+                        field="chat_template",
+                        found=f"{type(error).__name__}: {error}",
+                        fix="fix the template, or the record the template rejects",
+                    ) from error
                 ids = encoder.encode([context], [False])[0]
             if settings.max_length is not None and len(ids) >= settings.max_length:
                 # Its example would keep no trained token (truncation cuts the reply): training never saw it either.
@@ -126,5 +139,10 @@ def generation_prompts(
 
 def _renderer(tokenizer, settings: TargetSettings) -> ChatRenderer:
     template, tool_template = resolve_chat_templates(tokenizer, settings.chat_template)
-    return ChatRenderer(tokenizer, template, tool_template=tool_template, tools=settings.tools,
-                        template_kwargs=settings.chat_template_kwargs)
+    return ChatRenderer(
+        tokenizer,
+        template,
+        tool_template=tool_template,
+        tools=settings.tools,
+        template_kwargs=settings.chat_template_kwargs,
+    )

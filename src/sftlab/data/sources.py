@@ -86,8 +86,16 @@ Part = tuple[str | None, Iterator[tuple[dict, int | None]]]
 class RecordStream:
     """A source's records, read chunk by chunk each time `chunks` is iterated."""
 
-    def __init__(self, name: str, parts: Callable[[], Iterator[Part]], *, spec: str | None = None,
-                 content_hash: str | None = None, length: int | None = None, size: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        parts: Callable[[], Iterator[Part]],
+        *,
+        spec: str | None = None,
+        content_hash: str | None = None,
+        length: int | None = None,
+        size: int | None = None,
+    ):
         self.name = name
         self._parts = parts
         self._spec = spec or name
@@ -123,12 +131,19 @@ class RecordStream:
             yield self._chunk(records, lines, parts, start, first_row)
             start += len(records)
         if start == 0:
-            raise DataError("no records found", source=self._spec, fix="the file(s) are empty: add records or point at another file")
+            raise DataError(
+                "no records found", source=self._spec, fix="the file(s) are empty: add records or point at another file"
+            )
 
     def _chunk(self, records, lines, parts, start, first_row) -> Records:
-        return Records(records, name=self.name, parts=[(name, count) for name, count in parts],
-                       lines=lines if any(line is not None for line in lines) else None,
-                       start=start, first_row=first_row)
+        return Records(
+            records,
+            name=self.name,
+            parts=[(name, count) for name, count in parts],
+            lines=lines if any(line is not None for line in lines) else None,
+            start=start,
+            first_row=first_row,
+        )
 
     def fingerprint(self) -> str:
         """The content hash: known ahead for files and datasets, else one pass over the records."""
@@ -160,8 +175,13 @@ def load_records(source: Any, split: str | None = None) -> Records:
                 parts[-1] = (name, parts[-1][1] + count)
             else:
                 parts.append((name, count))
-    return Records(records, name=stream.name, parts=parts, content_hash=stream.content_hash,
-                   lines=lines if any(line is not None for line in lines) else None)
+    return Records(
+        records,
+        name=stream.name,
+        parts=parts,
+        content_hash=stream.content_hash,
+        lines=lines if any(line is not None for line in lines) else None,
+    )
 
 
 def open_records(source: Any, split: str | None = None) -> RecordStream:
@@ -176,15 +196,22 @@ def open_records(source: Any, split: str | None = None) -> RecordStream:
     if kind in ("datasets.DatasetDict", "datasets.IterableDatasetDict"):
         return open_records(_split_of(source, split))
     if kind == "datasets.Dataset":
-        return RecordStream(f"Dataset({len(source)} rows)", lambda: iter([(None, _dataset_rows(source))]),
-                            content_hash=_hash_text(source._fingerprint), length=len(source))
+        return RecordStream(
+            f"Dataset({len(source)} rows)",
+            lambda: iter([(None, _dataset_rows(source))]),
+            content_hash=_hash_text(source._fingerprint),
+            length=len(source),
+        )
     if kind == "datasets.IterableDataset":
         return RecordStream("IterableDataset", lambda: iter([(None, ((_plain(row), None) for row in source))]))
     if kind == "pandas.DataFrame":
-        return RecordStream(f"DataFrame({len(source)} rows)", lambda: iter([(None, _frame_rows(source))]), length=len(source))
+        return RecordStream(
+            f"DataFrame({len(source)} rows)", lambda: iter([(None, _frame_rows(source))]), length=len(source)
+        )
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        return RecordStream(f"list({len(source)} records)", lambda: iter([(None, _dict_rows(source, "list"))]),
-                            length=len(source))
+        return RecordStream(
+            f"list({len(source)} records)", lambda: iter([(None, _dict_rows(source, "list"))]), length=len(source)
+        )
     if _is_torch_dataset(source):
         try:
             length = len(source)
@@ -196,8 +223,9 @@ def open_records(source: Any, split: str | None = None) -> RecordStream:
                 fix="implement __len__, or pass list(your_dataset)",
             ) from None
         name = type(source).__name__
-        return RecordStream(name, lambda: iter([(None, _dict_rows((source[i] for i in range(length)), name))]),
-                            length=length)
+        return RecordStream(
+            name, lambda: iter([(None, _dict_rows((source[i] for i in range(length)), name))]), length=length
+        )
     raise DataError(
         "cannot load records from this object",
         found=type(source).__name__,
@@ -307,7 +335,8 @@ def _saved_dataset(spec: str) -> bool:
     """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
     return os.path.isdir(spec) and (
         os.path.isfile(os.path.join(spec, "dataset_dict.json"))
-        or os.path.isfile(os.path.join(spec, "state.json")) and os.path.isfile(os.path.join(spec, "dataset_info.json"))
+        or os.path.isfile(os.path.join(spec, "state.json"))
+        and os.path.isfile(os.path.join(spec, "dataset_info.json"))
     )
 
 
@@ -320,8 +349,12 @@ def _data_files(spec: str) -> list[str]:
             if name.endswith(FILE_SUFFIXES)
         )
         if not files:
-            raise DataError("folder holds no data files", source=spec, expected=f"files ending in {FILE_SUFFIXES}",
-                            fix="point train_data at the data file, or put .jsonl/.json/.parquet/.csv files in the folder")
+            raise DataError(
+                "folder holds no data files",
+                source=spec,
+                expected=f"files ending in {FILE_SUFFIXES}",
+                fix="point train_data at the data file, or put .jsonl/.json/.parquet/.csv files in the folder",
+            )
         return files
     if any(ch in spec for ch in "*?["):
         files = sorted(glob.glob(spec, recursive=True))
@@ -329,7 +362,9 @@ def _data_files(spec: str) -> list[str]:
             raise DataError("glob matches no files", source=spec, fix="check the pattern and the working directory")
         return files
     if not os.path.exists(spec):
-        raise DataError("file not found", source=spec, fix="check the path (relative paths start from the working directory)")
+        raise DataError(
+            "file not found", source=spec, fix="check the path (relative paths start from the working directory)"
+        )
     return [spec]
 
 
@@ -345,8 +380,13 @@ def _path_stream(spec: str, split: str | None) -> RecordStream:
         for path in files:
             yield path, _file_rows(path)
 
-    return RecordStream(name, parts, spec=spec, content_hash=_files_fingerprint(files),
-                        size=sum(os.path.getsize(path) for path in files))
+    return RecordStream(
+        name,
+        parts,
+        spec=spec,
+        content_hash=_files_fingerprint(files),
+        size=sum(os.path.getsize(path) for path in files),
+    )
 
 
 def _file_rows(path: str) -> Iterator[tuple[dict, int | None]]:
@@ -360,8 +400,12 @@ def _file_rows(path: str) -> Iterator[tuple[dict, int | None]]:
         return _json_rows(path)
     if suffix == ".csv":
         return _csv_rows(path)
-    raise DataError("unknown file type", source=path, expected=f"a file ending in {FILE_SUFFIXES}",
-                    fix="convert the data to JSON lines ({\"text\": ...} per line) and name the file .jsonl")
+    raise DataError(
+        "unknown file type",
+        source=path,
+        expected=f"a file ending in {FILE_SUFFIXES}",
+        fix='convert the data to JSON lines ({"text": ...} per line) and name the file .jsonl',
+    )
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[dict, None]]:
@@ -391,7 +435,7 @@ def _utf8_error(path: str) -> DataError:
                 return DataError(
                     "file is not valid UTF-8",
                     source=f"{path}:{line_number}",
-                    found=f"byte {raw[error.start:error.start + 1]!r} at offset {offset + error.start}",
+                    found=f"byte {raw[error.start : error.start + 1]!r} at offset {offset + error.start}",
                     fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
                 )
             offset += len(raw)
@@ -436,7 +480,7 @@ def _json_line(path: str, line: str, line_number: int, index: int) -> dict:
             source=f"{path}:{line_number}",
             index=index,
             found=describe(record),
-            expected="an object such as {\"text\": ...}",
+            expected='an object such as {"text": ...}',
             fix="make that line one JSON object, or delete it",
         )
     return record

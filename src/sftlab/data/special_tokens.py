@@ -30,8 +30,14 @@ _PROBE = "sftlab-probe-reply"
 # validated records are rendered in (formats.py: "type" set, arguments as an object, content "").
 _PROBES = (
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "sftlab_probe", "arguments": {"probe": _PROBE}}}]}],
+    [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "sftlab_probe", "arguments": {"probe": _PROBE}}}],
+        },
+    ],
 )
 
 

@@ -39,9 +39,12 @@ def _split_source(config: SFTConfig, eval: bool, source):
         name = "eval_data" if eval else "train_data"
         source = getattr(config, name)
         if source is None:
-            raise ConfigError(f"{name} is not set", field=name,
-                              fix=f"set {name}: to a data file, a folder or a list of sources"
-                                  + (", or pass train_dataset= to train()" if not eval else ""))
+            raise ConfigError(
+                f"{name} is not set",
+                field=name,
+                fix=f"set {name}: to a data file, a folder or a list of sources"
+                + (", or pass train_dataset= to train()" if not eval else ""),
+            )
     return source
 
 
@@ -84,9 +87,12 @@ def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, s
     truncation, max_prompt_length, the chat settings); `source` overrides the config's data."""
     source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
-        raise ConfigError("preference data cannot be mixed from several sources yet",
-                          field="eval_data" if eval else "train_data", found=f"{len(source)} sources",
-                          fix="give one source (concatenate the files into one)")
+        raise ConfigError(
+            "preference data cannot be mixed from several sources yet",
+            field="eval_data" if eval else "train_data",
+            found=f"{len(source)} sources",
+            fix="give one source (concatenate the files into one)",
+        )
     prepare = prepare_unpaired if config.objective == "kto" else prepare_pairs
     return prepare(
         source,
@@ -142,15 +148,28 @@ def prepare_generation_prompts(config: SFTConfig, tokenizer, source=None) -> Gen
     examples are made with; a mixture's sources take turns."""
     source = source if source is not None else config.eval_data
     if source is None:
-        raise ConfigError("eval_generate_samples is set but there is no eval data to take prompts from",
-                          field="eval_generate_samples", fix="set eval_data (or pass eval_dataset), or eval_generate_samples: 0")
+        raise ConfigError(
+            "eval_generate_samples is set but there is no eval data to take prompts from",
+            field="eval_generate_samples",
+            fix="set eval_data (or pass eval_dataset), or eval_generate_samples: 0",
+        )
     settings, limit = target_settings(config), config.eval_generate_samples
     common = dict(limit=limit, skip_invalid_records=config.skip_invalid_records)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
-        parts = [generation_prompts(spec.path, tokenizer, settings, split=spec.split, text_field=spec.text_field or config.text_field,
-                                    fields=spec.fields if spec.fields is not None else config.fields,
-                                    alpaca_layout=spec.alpaca_layout or config.alpaca_layout, name=spec.name or spec.path, **common)
-                 for spec in source]
+        parts = [
+            generation_prompts(
+                spec.path,
+                tokenizer,
+                settings,
+                split=spec.split,
+                text_field=spec.text_field or config.text_field,
+                fields=spec.fields if spec.fields is not None else config.fields,
+                alpaca_layout=spec.alpaca_layout or config.alpaca_layout,
+                name=spec.name or spec.path,
+                **common,
+            )
+            for spec in source
+        ]
         result = GenerationPrompts(stop_token_ids=sorted({i for part in parts for i in part.stop_token_ids}))
         for part in parts:
             result.records_read += part.records_read
@@ -160,10 +179,21 @@ def prepare_generation_prompts(config: SFTConfig, tokenizer, source=None) -> Gen
         turns = max(len(part.prompts) for part in parts)
         result.prompts = [part.prompts[i] for i in range(turns) for part in parts if i < len(part.prompts)][:limit]
     else:
-        result = generation_prompts(source, tokenizer, settings, split=config.eval_split, text_field=config.text_field,
-                                    fields=config.fields, alpaca_layout=config.alpaca_layout, **common)
+        result = generation_prompts(
+            source,
+            tokenizer,
+            settings,
+            split=config.eval_split,
+            text_field=config.text_field,
+            fields=config.fields,
+            alpaca_layout=config.alpaca_layout,
+            **common,
+        )
     if not result.prompts:
-        raise ConfigError("eval_generate_samples is set but no eval record has a prompt and a reply to compare with",
-                          field="eval_generate_samples", found=f"{result.records_read} records: {dict(result.unusable)}",
-                          fix="give eval_data as prompt/completion records or conversations, or set eval_generate_samples: 0")
+        raise ConfigError(
+            "eval_generate_samples is set but no eval record has a prompt and a reply to compare with",
+            field="eval_generate_samples",
+            found=f"{result.records_read} records: {dict(result.unusable)}",
+            fix="give eval_data as prompt/completion records or conversations, or set eval_generate_samples: 0",
+        )
     return result

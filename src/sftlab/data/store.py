@@ -48,7 +48,8 @@ _COPY = 8 << 20  # bytes per read when shards are merged, and when files are che
 def _header(dtype, count: int) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)})
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)}
+    )
     return buffer.getvalue()
 
 
@@ -175,7 +176,9 @@ def structure_problem(arrays: dict[str, np.ndarray], max_length: int | None = No
     return offsets_problem(offsets, tokens, "offsets.npy", "example", max_length)
 
 
-def offsets_problem(offsets: np.ndarray, tokens: int, name: str, item: str, max_length: int | None = None) -> str | None:
+def offsets_problem(
+    offsets: np.ndarray, tokens: int, name: str, item: str, max_length: int | None = None
+) -> str | None:
     """What makes `offsets` (file `name`) no boundaries of `item`s in `tokens` tokens, or None:
     they start at 0, never decrease and end at the token count (and no item is longer than
     `max_length`). Also for the other entries of the cache (preference pairs)."""
@@ -266,8 +269,9 @@ def content_problem(folder: str) -> str | None:
     return None
 
 
-def built_entry(root: str | None, key: str, build: Callable[[str], None], waiting=None,
-                max_length: int | None = None) -> tuple[Examples, str | None]:
+def built_entry(
+    root: str | None, key: str, build: Callable[[str], None], waiting=None, max_length: int | None = None
+) -> tuple[Examples, str | None]:
     """Entry `key` of the cache in `root`, and its folder: read when it is there, else written by
     `build(folder)` into a temporary folder that is renamed into place, under the entry's lock
     (a process that finds the lock taken waits, then reads what the holder wrote). `stats["cached"]`

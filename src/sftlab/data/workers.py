@@ -83,7 +83,7 @@ class Counts:
             for key in built["chat"]:  # Counter addition drops zeros; the statistics list every key
                 self.chat.setdefault(key, 0)
 
-    def merge(self, other: "Counts") -> None:
+    def merge(self, other: Counts) -> None:
         for name in ("records", "examples", "tokens", "supervised", "truncated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.formats += other.formats
@@ -102,8 +102,12 @@ class ChunkPass:
     `failed` is the tag of the chunk an error was found in (whatever `run` was given with it)."""
 
     def __init__(self, recipe: Recipe):
-        self.validator = RecordValidator(text_field=recipe.text_field, skip_invalid=recipe.skip_invalid,
-                                         vocab_size=len(recipe.tokenizer), normalize=recipe.field_map)
+        self.validator = RecordValidator(
+            text_field=recipe.text_field,
+            skip_invalid=recipe.skip_invalid,
+            vocab_size=len(recipe.tokenizer),
+            normalize=recipe.field_map,
+        )
         self.builder = ExampleBuilder(recipe.tokenizer, recipe.settings, skip_invalid=recipe.skip_invalid)
         self.failed: Any = None
 
@@ -136,8 +140,15 @@ def located(error: DataError, records: Records) -> DataError:
     if error.index is None or error.source is not None:
         return error
     source, row = records.locate(error.index - records.start)
-    return type(error)(error.problem, source=source, index=row, field=error.field, found=error.found,
-                       expected=error.expected, fix=error.fix)
+    return type(error)(
+        error.problem,
+        source=source,
+        index=row,
+        field=error.field,
+        found=error.found,
+        expected=error.expected,
+        fix=error.fix,
+    )
 
 
 def build_store(stream: RecordStream, recipe: Recipe, folder: str, workers: int = 1) -> Counts:
@@ -236,8 +247,10 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
     tasks = context.Queue(maxsize=2 * workers)  # read ahead of the workers by a little only
     results = context.Queue()
     shards = [os.path.join(folder, f"shard-{w}") for w in range(workers)]
-    processes = [context.Process(target=_worker, args=(recipe, shard, tasks, results, os.getpid()), daemon=True)
-                 for shard in shards]
+    processes = [
+        context.Process(target=_worker, args=(recipe, shard, tasks, results, os.getpid()), daemon=True)
+        for shard in shards
+    ]
     try:
         for process in processes:
             process.start()  # sends the recipe, tokenizer included, to the new process
@@ -246,11 +259,14 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
             if process.is_alive():
                 process.terminate()
                 process.join()
-        warnings.warn(f"preparing in one process: the tokenizer cannot be sent to worker processes ({error})", stacklevel=3)
+        warnings.warn(
+            f"preparing in one process: the tokenizer cannot be sent to worker processes ({error})", stacklevel=3
+        )
         return build_store(stream, recipe, folder, workers=1)
     merge = _Merge(StoreWriter(folder))
-    probe = RecordValidator(text_field=recipe.text_field, skip_invalid=True, vocab_size=len(recipe.tokenizer),
-                            normalize=recipe.field_map)
+    probe = RecordValidator(
+        text_field=recipe.text_field, skip_invalid=True, vocab_size=len(recipe.tokenizer), normalize=recipe.field_map
+    )
     try:
         sent = 0
         unreadable = None  # an error in the data's own syntax (a bad JSON line), met while reading ahead
@@ -318,7 +334,9 @@ class _Merge:
                 message = results.get(timeout=0.5) if block else results.get_nowait()
             except queue.Empty:
                 if block and not any(p.is_alive() for p in processes) and results.empty():
-                    raise RuntimeError("preparation workers exited without finishing (killed, or out of memory?)") from None
+                    raise RuntimeError(
+                        "preparation workers exited without finishing (killed, or out of memory?)"
+                    ) from None
                 return
             self._take(message)
             block = False  # then take whatever else is there without waiting

@@ -58,9 +58,13 @@ def packing_isolation(model: nn.Module, token_ids: list[int] | None = None) -> P
     if difference <= ISOLATION_TOLERANCE:
         return PackingCheck(True, difference, "each example of a packed row sees only itself")
     layers = sorted(_stateful_layer_kinds(model))
-    return PackingCheck(False, difference, f"a packed row of two examples gives the second one other log-probabilities than "
-                        f"alone (max difference {difference:.2e})"
-                        + (f": its {', '.join(layers)} layers carry state from one example into the next" if layers else ""))
+    return PackingCheck(
+        False,
+        difference,
+        f"a packed row of two examples gives the second one other log-probabilities than "
+        f"alone (max difference {difference:.2e})"
+        + (f": its {', '.join(layers)} layers carry state from one example into the next" if layers else ""),
+    )
 
 
 def _log_probs(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from sftlab.data.container import IGNORE, Examples
 
+
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.
 
@@ -158,9 +159,16 @@ def plan_epoch(
     if group_by_length:
         # Sort inside mega-batches of 50 steps: similar lengths share a micro-batch, order stays random.
         mega = per_step * 50
-        order = np.concatenate([
-            chunk[np.argsort(-item_lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, math.ceil(len(order) / mega)))
-        ]) if len(order) else order
+        order = (
+            np.concatenate(
+                [
+                    chunk[np.argsort(-item_lengths[chunk], kind="stable")]
+                    for chunk in np.array_split(order, max(1, math.ceil(len(order) / mega)))
+                ]
+            )
+            if len(order)
+            else order
+        )
     slots = accumulation * world_size
     steps = []
     for start in range(0, len(order), per_step):
@@ -190,9 +198,13 @@ def pad_batch(examples: Examples, indices: list[int], pad_id: int, pad_to_multip
         if not masked:
             targets[row, : len(ids)] = torch.from_numpy(tgt.astype(np.int64))
         attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask,
-            "record_index": [] if masked else [int(examples.record_index[i]) for i in indices],
-            "real_tokens": 0 if masked else int(attention_mask.sum())}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "attention_mask": attention_mask,
+        "record_index": [] if masked else [int(examples.record_index[i]) for i in indices],
+        "real_tokens": 0 if masked else int(attention_mask.sum()),
+    }
 
 
 def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
@@ -222,8 +234,13 @@ def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_mu
             cursor += n
             record_index.append(int(examples.record_index[index]))
         position_ids[r, cursor:] = torch.arange(length - cursor)
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
-            "record_index": [] if masked else record_index, "real_tokens": 0 if masked else sum(row_lengths)}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "position_ids": position_ids,
+        "record_index": [] if masked else record_index,
+        "real_tokens": 0 if masked else sum(row_lengths),
+    }
 
 
 class StepPlan:
@@ -231,8 +248,20 @@ class StepPlan:
     `collate(examples, indices, pad_id, pad_to_multiple_of)`: how an objective other than SFT makes
     a batch of its items (preference pairs); anything with `lengths` can then be planned."""
 
-    def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True, collate=None):
+    def __init__(
+        self,
+        examples: Examples,
+        *,
+        packing: bool,
+        max_length: int,
+        batch_size: int,
+        accumulation: int,
+        world_size: int,
+        seed: int,
+        group_by_length: bool,
+        shuffle: bool = True,
+        collate=None,
+    ):
         self.examples = examples
         self.packing = packing
         self.collate_items = collate
@@ -244,8 +273,14 @@ class StepPlan:
             self.items = None
             self.item_lengths = lengths
         self.accumulation = accumulation
-        self.kwargs = dict(batch_size=batch_size, accumulation=accumulation, world_size=world_size, seed=seed,
-                           group_by_length=group_by_length and not packing, shuffle=shuffle)
+        self.kwargs = dict(
+            batch_size=batch_size,
+            accumulation=accumulation,
+            world_size=world_size,
+            seed=seed,
+            group_by_length=group_by_length and not packing,
+            shuffle=shuffle,
+        )
         self.steps_per_epoch = math.ceil(len(self.item_lengths) / (batch_size * accumulation * world_size))
         self._epoch, self._steps = None, None
 

@@ -117,7 +117,9 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
             raise TrainingError(
                 f"cannot write the checkpoint for step {step}",
                 source=final,
-                found=f"{type(failure).__name__}: {failure.strerror or failure}" if failure else "the write failed on another process",
+                found=f"{type(failure).__name__}: {failure.strerror or failure}"
+                if failure
+                else "the write failed on another process",
                 fix="free disk space or make output_dir writable; earlier checkpoints are intact",
             ) from None
     return final
@@ -182,8 +184,12 @@ def find_checkpoint(output_dir: str, spec: str, identity: dict) -> tuple[str | N
             _refuse_another_run(path, identity, auto=True)
         return (found[-1], _written_identity(found[-1])) if found else (None, None)
     if not os.path.isfile(os.path.join(spec, "state.json")):
-        raise TrainingError("not a complete sftlab checkpoint", source=spec, expected="a checkpoints/step-N folder with state.json",
-                            fix="use resume_from_checkpoint=auto to pick the newest complete one")
+        raise TrainingError(
+            "not a complete sftlab checkpoint",
+            source=spec,
+            expected="a checkpoints/step-N folder with state.json",
+            fix="use resume_from_checkpoint=auto to pick the newest complete one",
+        )
     _refuse_another_run(spec, identity, auto=False)
     return spec, _written_identity(spec)
 
@@ -201,13 +207,20 @@ def _refuse_another_run(path: str, identity: dict, auto: bool) -> None:
         return
     more = f" (and {len(found) - 1} more: {', '.join(name for name, _, _ in found[1:])})" if len(found) > 1 else ""
     if auto:
-        raise TrainingError("output_dir holds a checkpoint of another run, which resume_from_checkpoint=auto will not continue",
-                            source=path, found=describe(found[0]) + more,
-                            fix="resume with the settings that run had; start this run in a new output_dir; or set "
-                                "overwrite_output_dir: true (without resume_from_checkpoint) to delete that run's checkpoints and final model")
-    raise TrainingError("the checkpoint was written by another run", source=path, found=describe(found[0]) + more,
-                        fix="resume with the settings it was written with (its state.json 'run'), or train from the start "
-                            "without resume_from_checkpoint")
+        raise TrainingError(
+            "output_dir holds a checkpoint of another run, which resume_from_checkpoint=auto will not continue",
+            source=path,
+            found=describe(found[0]) + more,
+            fix="resume with the settings that run had; start this run in a new output_dir; or set "
+            "overwrite_output_dir: true (without resume_from_checkpoint) to delete that run's checkpoints and final model",
+        )
+    raise TrainingError(
+        "the checkpoint was written by another run",
+        source=path,
+        found=describe(found[0]) + more,
+        fix="resume with the settings it was written with (its state.json 'run'), or train from the start "
+        "without resume_from_checkpoint",
+    )
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per_step: int) -> dict:
@@ -218,14 +231,19 @@ def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per
     written = state.get("items_per_step")
     if written is not None and written != items_per_step:
         raise TrainingError(
-            "the checkpoint was written with another number of examples (or packed rows) per optimizer step", source=path,
+            "the checkpoint was written with another number of examples (or packed rows) per optimizer step",
+            source=path,
             found=f"{written} per step then ({state.get('processes', '?')} processes), {items_per_step} now",
             fix=f"make per_device_train_batch_size x gradient_accumulation_steps x processes = {written}, "
-                "so the resumed run takes the steps the interrupted one planned")
+            "so the resumed run takes the steps the interrupted one planned",
+        )
     shards = sorted(name for name in os.listdir(path) if name.startswith("shard-") and name.endswith(".safetensors"))
     if not shards:
-        raise TrainingError("checkpoint has no weight shards (shard-*.safetensors)", source=path,
-                            fix="resume from a checkpoint written by this version of sftlab, or start without resume_from_checkpoint")
+        raise TrainingError(
+            "checkpoint has no weight shards (shard-*.safetensors)",
+            source=path,
+            fix="resume from a checkpoint written by this version of sftlab, or start without resume_from_checkpoint",
+        )
     for name in shards:  # a truncated or corrupt file is named here, before DCP reads any of them
         _read(os.path.join(path, name), _check_safetensors)
     tensors, _ = _checkpoint_values(model, optimizer)  # the values to fill, in this run's layout
@@ -234,17 +252,27 @@ def load_checkpoint(path: str, model, optimizer, scheduler, processes, items_per
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(path))
     except (CheckpointException, RuntimeError) as error:
         missing = re.search(r"Missing key in checkpoint state_dict: ([\w.]+)", str(error))
-        raise TrainingError("checkpoint does not match the model and optimizer", source=path,
-                            found=f"nothing saved for {missing.group(1)}" if missing else str(error).strip().splitlines()[-1][:200],
-                            fix="resume with the model, LoRA and optimizer settings the checkpoint was written with") from None
+        raise TrainingError(
+            "checkpoint does not match the model and optimizer",
+            source=path,
+            found=f"nothing saved for {missing.group(1)}" if missing else str(error).strip().splitlines()[-1][:200],
+            fix="resume with the model, LoRA and optimizer settings the checkpoint was written with",
+        ) from None
     optimizer_file = os.path.join(path, "optimizer.json")
     plain = _read(optimizer_file, _load_json)
-    restored = {**{key[len("optimizer."):]: value for key, value in tensors.items() if key.startswith("optimizer.")}, **plain}
+    restored = {
+        **{key[len("optimizer.") :]: value for key, value in tensors.items() if key.startswith("optimizer.")},
+        **plain,
+    }
     try:
         set_optimizer_state_dict(model, optimizer, restored, options=_FLAT)
     except (ValueError, KeyError, RuntimeError) as error:
-        raise TrainingError("checkpoint does not match the optimizer", source=optimizer_file, found=str(error)[:200],
-                            fix="resume with the optimizer and LoRA settings the checkpoint was written with") from None
+        raise TrainingError(
+            "checkpoint does not match the optimizer",
+            source=optimizer_file,
+            found=str(error)[:200],
+            fix="resume with the optimizer and LoRA settings the checkpoint was written with",
+        ) from None
     if scheduler is not None and os.path.exists(os.path.join(path, "scheduler.pt")):
         scheduler.load_state_dict(_read(os.path.join(path, "scheduler.pt"), _load_tensors))
     # A run resumed on more processes than wrote the checkpoint keeps its seeded RNG on the new
@@ -293,13 +321,15 @@ def _read(file: str, loader):
     except pickle.UnpicklingError as error:
         raise TrainingError(
             "checkpoint file holds objects other than tensors and plain values; refused to load it (nothing in it was run)",
-            source=file, found=_unpickler_complaint(str(error)),
+            source=file,
+            found=_unpickler_complaint(str(error)),
             fix="resume only from checkpoints sftlab wrote; delete this checkpoint folder to resume from an earlier one",
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as error:
         detail = str(error).strip().splitlines()
         raise TrainingError(
-            "cannot read the checkpoint file (missing, truncated or corrupt)", source=file,
+            "cannot read the checkpoint file (missing, truncated or corrupt)",
+            source=file,
             found=f"{type(error).__name__}: {detail[0][:200]}" if detail else type(error).__name__,
             fix="delete this checkpoint folder to resume from an earlier one, or start without resume_from_checkpoint",
         ) from None

@@ -105,15 +105,24 @@ def launcher_precision(bf16: bool) -> bool:
     """The config's bf16, or `accelerate launch --mixed_precision bf16`. Accelerate's own engines
     are not used by sftlab: a launch asking for them is stopped rather than silently run as DDP."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError("accelerate launch asks for DeepSpeed, which sftlab does not run (it has never been tested here)",
-                          field="fsdp", fix="launch without a DeepSpeed config and set fsdp: true (FSDP2 shards like ZeRO-3)")
+        raise ConfigError(
+            "accelerate launch asks for DeepSpeed, which sftlab does not run (it has never been tested here)",
+            field="fsdp",
+            fix="launch without a DeepSpeed config and set fsdp: true (FSDP2 shards like ZeRO-3)",
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise ConfigError("accelerate launch asks for Accelerate's FSDP; sftlab runs FSDP2 itself and would not read those settings",
-                          field="fsdp", fix="launch without an FSDP config and set fsdp: true (and fsdp_* options) in the sftlab config")
+        raise ConfigError(
+            "accelerate launch asks for Accelerate's FSDP; sftlab runs FSDP2 itself and would not read those settings",
+            field="fsdp",
+            fix="launch without an FSDP config and set fsdp: true (and fsdp_* options) in the sftlab config",
+        )
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in ("no", "bf16"):
-        raise ConfigError(f"accelerate launch asks for mixed precision '{precision}', which sftlab does not offer",
-                          field="bf16", fix="use bf16: true (fp16 needs loss scaling, which sftlab does not do)")
+        raise ConfigError(
+            f"accelerate launch asks for mixed precision '{precision}', which sftlab does not offer",
+            field="bf16",
+            fix="use bf16: true (fp16 needs loss scaling, which sftlab does not do)",
+        )
     return bf16 or precision == "bf16"
 
 

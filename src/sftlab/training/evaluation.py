@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sftlab.data.special_tokens import pad_token_id
-
 from sftlab.config import BUILTIN_METRIC_NAMES, SFTConfig, metric_key
 from sftlab.data.container import Examples
+from sftlab.data.special_tokens import pad_token_id
 from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
@@ -95,10 +94,13 @@ def resolve_metrics(names: list[str]) -> list[tuple[str, object]]:
         module = _import(module_name, where)
         function = getattr(module, function_name, None)
         if function is None or not callable(function):
-            raise ConfigError(f"module {module_name} has no function {function_name}", field=where,
-                              found=f"{os.path.basename(getattr(module, '__file__', '') or module_name)}: "
-                                    + ("nothing by that name" if function is None else f"a {type(function).__name__}"),
-                              fix=f"define {function_name}(prediction: str, reference: str) -> float in it, or name another function")
+            raise ConfigError(
+                f"module {module_name} has no function {function_name}",
+                field=where,
+                found=f"{os.path.basename(getattr(module, '__file__', '') or module_name)}: "
+                + ("nothing by that name" if function is None else f"a {type(function).__name__}"),
+                fix=f"define {function_name}(prediction: str, reference: str) -> float in it, or name another function",
+            )
         resolved.append((name, function))
     return resolved
 
@@ -113,9 +115,13 @@ def _import(module_name: str, where: str):
     except ModuleNotFoundError as error:
         if error.name is None or not (module_name == error.name or module_name.startswith(error.name + ".")):
             raise  # the metric's module exists and itself imports something missing: its own problem, shown whole
-        raise ConfigError(f"cannot import the metric's module {module_name}", field=where, found=str(error),
-                          fix=f"put {module_name.replace('.', '/')}.py in the working directory or on PYTHONPATH, "
-                              "or fix the name (module:function)") from None
+        raise ConfigError(
+            f"cannot import the metric's module {module_name}",
+            field=where,
+            found=str(error),
+            fix=f"put {module_name.replace('.', '/')}.py in the working directory or on PYTHONPATH, "
+            "or fix the name (module:function)",
+        ) from None
 
 
 @dataclass
@@ -130,9 +136,21 @@ class Scored:
 class GenerationEval:
     """The prompts, metrics and settings of one run's evaluation by generation."""
 
-    def __init__(self, prompts, tokenizer, metrics: list[tuple[str, object]], *, max_new_tokens: int, batch_size: int,
-                 log_samples: int, output_dir: str, sharded: bool, append: bool = False, resumed_at: int = 0,
-                 write: bool = True):
+    def __init__(
+        self,
+        prompts,
+        tokenizer,
+        metrics: list[tuple[str, object]],
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        log_samples: int,
+        output_dir: str,
+        sharded: bool,
+        append: bool = False,
+        resumed_at: int = 0,
+        write: bool = True,
+    ):
         self.prompts = prompts.prompts
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -156,9 +174,14 @@ class GenerationEval:
             try:
                 json.loads(prompt.reference)
             except ValueError as error:
-                raise ConfigError("json_exact_match needs references that are JSON", source=prompt.source, index=prompt.record_index,
-                                  field="eval_generate_metrics", found=f"{error} in {prompt.reference[:60]!r}",
-                                  fix="use exact_match for replies that are not JSON, or fix the record") from None
+                raise ConfigError(
+                    "json_exact_match needs references that are JSON",
+                    source=prompt.source,
+                    index=prompt.record_index,
+                    field="eval_generate_metrics",
+                    found=f"{error} in {prompt.reference[:60]!r}",
+                    fix="use exact_match for replies that are not JSON, or fix the record",
+                ) from None
 
     def run(self, model, root, processes, autocast, step: int) -> dict:
         """The eval record's generation part; every process calls it (a collective under FSDP).
@@ -191,8 +214,14 @@ class GenerationEval:
         record = {}
         for column, (name, _) in enumerate(self.metrics):
             record[metric_key(name)] = sum(s.scores[column] for s in scored) / len(scored) if scored else 0.0
-        record.update({"eval_generate_samples": len(scored), "eval_generate_unfinished": sum(not s.stopped for s in scored),
-                       "eval_generate_new_tokens": sum(s.new_tokens for s in scored), "eval_generate_seconds": seconds})
+        record.update(
+            {
+                "eval_generate_samples": len(scored),
+                "eval_generate_unfinished": sum(not s.stopped for s in scored),
+                "eval_generate_new_tokens": sum(s.new_tokens for s in scored),
+                "eval_generate_seconds": seconds,
+            }
+        )
         if self.write and processes.is_main:
             self._write_samples(scored[: self.log_samples], step)
         return record
@@ -201,15 +230,28 @@ class GenerationEval:
         from sftlab.generate import generate_batch
 
         positions = batch if batch is not None else [0]  # a stand-in batch: same collectives, replies dropped
-        replies = generate_batch(model, [self.prompts[i].input_ids for i in positions], stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                 max_new_tokens=self.max_new_tokens, synced_processes=self.sharded and processes.world > 1)
+        replies = generate_batch(
+            model,
+            [self.prompts[i].input_ids for i in positions],
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            max_new_tokens=self.max_new_tokens,
+            synced_processes=self.sharded and processes.world > 1,
+        )
         if batch is None:
             return []
         scored = []
         for position, reply in zip(positions, replies):
             prediction = self.tokenizer.decode(reply.token_ids, skip_special_tokens=True).strip()
-            scored.append(Scored(position, prediction, self._scores(prediction, self.prompts[position]), reply.stopped,
-                                 len(reply.token_ids)))
+            scored.append(
+                Scored(
+                    position,
+                    prediction,
+                    self._scores(prediction, self.prompts[position]),
+                    reply.stopped,
+                    len(reply.token_ids),
+                )
+            )
         return scored
 
     def _scores(self, prediction: str, prompt) -> list[float]:
@@ -218,12 +260,21 @@ class GenerationEval:
             try:
                 value = function(prediction, prompt.reference)
             except Exception as error:
-                raise TrainingError(f"generation metric {name} failed", source=prompt.source, index=prompt.record_index,
-                                    found=f"{type(error).__name__}: {error} on prediction {prediction[:60]!r}",
-                                    fix="make the metric return a number for any text the model may write") from error
+                raise TrainingError(
+                    f"generation metric {name} failed",
+                    source=prompt.source,
+                    index=prompt.record_index,
+                    found=f"{type(error).__name__}: {error} on prediction {prediction[:60]!r}",
+                    fix="make the metric return a number for any text the model may write",
+                ) from error
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainingError(f"generation metric {name} did not return a finite number", source=prompt.source,
-                                    index=prompt.record_index, found=repr(value)[:60], fix="return a float, e.g. 1.0 or 0.0")
+                raise TrainingError(
+                    f"generation metric {name} did not return a finite number",
+                    source=prompt.source,
+                    index=prompt.record_index,
+                    found=repr(value)[:60],
+                    fix="return a float, e.g. 1.0 or 0.0",
+                )
             scores.append(float(value))
         return scores
 
@@ -231,13 +282,26 @@ class GenerationEval:
         with open(self.samples_path, "a", encoding="utf-8") as handle:
             for s in scored:
                 prompt = self.prompts[s.position]
-                handle.write(json.dumps({
-                    "step": step, "record": prompt.record_index, **({"source": prompt.source} if prompt.source else {}),
-                    "prompt": self.tokenizer.decode(prompt.input_ids, skip_special_tokens=False),
-                    "prediction": s.prediction, "reference": prompt.reference,
-                    **{metric_key(name)[len("eval_generate_"):]: score for (name, _), score in zip(self.metrics, s.scores)},
-                    "stopped": s.stopped, "new_tokens": s.new_tokens,
-                }, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "record": prompt.record_index,
+                            **({"source": prompt.source} if prompt.source else {}),
+                            "prompt": self.tokenizer.decode(prompt.input_ids, skip_special_tokens=False),
+                            "prediction": s.prediction,
+                            "reference": prompt.reference,
+                            **{
+                                metric_key(name)[len("eval_generate_") :]: score
+                                for (name, _), score in zip(self.metrics, s.scores)
+                            },
+                            "stopped": s.stopped,
+                            "new_tokens": s.new_tokens,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
 
 
 def _start_samples(path: str, append: bool, resumed_at: int) -> None:
@@ -266,21 +330,51 @@ def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes,
     metrics = resolve_metrics(config.eval_generate_metrics)
     prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
     unusable = sum(prompts.unusable.values())
-    reporter.line(f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
-                  f"{prompts.records_read} eval records, "
-                  f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
-                  + (f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}" if unusable else "every record usable"))
-    reporter.log({"type": "eval_generate_prompts", "prompts": len(prompts.prompts), "records_read": prompts.records_read,
-                  "usable": prompts.usable, "unusable": dict(prompts.unusable)})
-    return GenerationEval(prompts, tokenizer, metrics, max_new_tokens=config.eval_generate_max_new_tokens,
-                                     batch_size=config.per_device_eval_batch_size, log_samples=config.eval_generate_log_samples,
-                                     output_dir=config.output_dir, sharded=config.fsdp, append=bool(config.resume_from_checkpoint),
-                                     resumed_at=start_step, write=processes.is_main)
+    reporter.line(
+        f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
+        f"{prompts.records_read} eval records, "
+        f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
+        + (
+            f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}"
+            if unusable
+            else "every record usable"
+        )
+    )
+    reporter.log(
+        {
+            "type": "eval_generate_prompts",
+            "prompts": len(prompts.prompts),
+            "records_read": prompts.records_read,
+            "usable": prompts.usable,
+            "unusable": dict(prompts.unusable),
+        }
+    )
+    return GenerationEval(
+        prompts,
+        tokenizer,
+        metrics,
+        max_new_tokens=config.eval_generate_max_new_tokens,
+        batch_size=config.per_device_eval_batch_size,
+        log_samples=config.eval_generate_log_samples,
+        output_dir=config.output_dir,
+        sharded=config.fsdp,
+        append=bool(config.resume_from_checkpoint),
+        resumed_at=start_step,
+        write=processes.is_main,
+    )
 
 
 @torch.no_grad()
-def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast,
-             collate=batching.pad_batch) -> dict:
+def evaluate(
+    loss_module,
+    objective,
+    examples: Examples,
+    batch_size: int,
+    pad_id: int,
+    processes,
+    autocast,
+    collate=batching.pad_batch,
+) -> dict:
     """The objective's sums over the whole eval set, as its eval record (SFT: eval loss, perplexity,
     token accuracy). Padded batches (`collate`: the objective's, for items other than examples), longest first."""
     was_training = loss_module.training
@@ -293,7 +387,9 @@ def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id
     for round_start in range(0, len(batches), processes.world):
         index = round_start + processes.rank
         batch = collate(examples, batches[index] if index < len(batches) else [], pad_id)
-        if hasattr(objective, "start_step"):  # KTO: the KL reference point of this eval batch (every process, every round)
+        if hasattr(
+            objective, "start_step"
+        ):  # KTO: the KL reference point of this eval batch (every process, every round)
             objective.start_step(loss_module, [batch], processes, autocast)
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:

@@ -26,8 +26,13 @@ def check_output_dir(path: str, is_main: bool) -> None:
             handle.write("ok")
         os.remove(probe)
     except OSError as error:
-        raise ConfigError("output_dir is not writable", source=path, field="output_dir",
-                          found=error.strerror or str(error), fix="choose a folder you can write to") from None
+        raise ConfigError(
+            "output_dir is not writable",
+            source=path,
+            field="output_dir",
+            found=error.strerror or str(error),
+            fix="choose a folder you can write to",
+        ) from None
 
 
 def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = None) -> str:
@@ -45,7 +50,9 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
                 # PiSSA/OLoRA should be converted: the very thing it is doing.
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
-                    model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+                    model.save_pretrained(
+                        tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial
+                    )
             else:
                 # An adapter after add_chat_tokens holds the new rows as trainable tokens; PEFT would also save
                 # the whole resized embedding and head. They apply to the original base, resized (docs/training.md).
@@ -59,8 +66,12 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
                 model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
                 tokenizer.save_pretrained(merged)
     except OSError as error:
-        raise TrainingError("cannot write the final model", source=final, found=error.strerror or str(error),
-                            fix="free disk space or make output_dir writable") from None
+        raise TrainingError(
+            "cannot write the final model",
+            source=final,
+            found=error.strerror or str(error),
+            fix="free disk space or make output_dir writable",
+        ) from None
     return final
 
 
@@ -82,9 +93,14 @@ def claim_output_dir(path: str, *, overwrite: bool, is_main: bool) -> list[str]:
         return []
     if not overwrite:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise ConfigError("output_dir holds an earlier run", source=path, field="output_dir", found=shown,
-                          fix="choose a new output_dir; continue that run with resume_from_checkpoint=auto; or set "
-                              "overwrite_output_dir: true to delete its final model, checkpoints and logs first")
+        raise ConfigError(
+            "output_dir holds an earlier run",
+            source=path,
+            field="output_dir",
+            found=shown,
+            fix="choose a new output_dir; continue that run with resume_from_checkpoint=auto; or set "
+            "overwrite_output_dir: true to delete its final model, checkpoints and logs first",
+        )
     if is_main:
         for name in ("final", "checkpoints", "lora-initial"):
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)

@@ -27,11 +27,44 @@ from sftlab.data.container import Examples, Pairs
 from sftlab.data.prepare import tokenizer_fingerprint
 
 RESUME_SETTINGS = (
-    "seed", "objective", "beta", "label_smoothing", "rpo_alpha", "simpo_gamma", "packing", "max_length", "shuffle", "group_by_length", "learning_rate", "lr_scheduler_type", "warmup_ratio",
-    "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "loss_type",
-    "neftune_noise_alpha", "bf16", "optimizer_state_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "lora_target_parameters", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
-    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "add_chat_tokens", "special_tokens",
+    "seed",
+    "objective",
+    "beta",
+    "label_smoothing",
+    "rpo_alpha",
+    "simpo_gamma",
+    "packing",
+    "max_length",
+    "shuffle",
+    "group_by_length",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "loss_type",
+    "neftune_noise_alpha",
+    "bf16",
+    "optimizer_state_dtype",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "use_dora",
+    "use_rslora",
+    "lora_modules_to_save",
+    "lora_init",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "add_chat_tokens",
+    "special_tokens",
 )
 CHANGEABLE = ("max_steps", "num_train_epochs")
 _CHUNK = 1 << 22  # values per hashing chunk: 32 MB as int64
@@ -42,8 +75,11 @@ def run_identity(config, model, tokenizer, examples: Examples) -> dict:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     architecture = base.config.to_dict() if hasattr(base, "config") else {}
     # The dtype a model was loaded in and the library version are not the architecture.
-    architecture = {k: v for k, v in architecture.items() if k not in ("torch_dtype", "dtype", "transformers_version")
-                    and not k.startswith("_")}
+    architecture = {
+        k: v
+        for k, v in architecture.items()
+        if k not in ("torch_dtype", "dtype", "transformers_version") and not k.startswith("_")
+    }
     return {
         "model": config.model or type(base).__name__,
         "architecture": _digest(json.dumps(architecture, sort_keys=True, default=str).encode()),
@@ -57,8 +93,14 @@ def examples_digest(examples: Examples | Pairs) -> str:
     """A hash of what is trained on: boundaries, token ids and targets of SFT examples, or the
     prompts and completions of preference pairs (read once, sequentially)."""
     if isinstance(examples, Pairs):
-        arrays = (examples.prompt_offsets, examples.prompt_ids, examples.chosen_offsets, examples.chosen_ids,
-                  examples.rejected_offsets, examples.rejected_ids)
+        arrays = (
+            examples.prompt_offsets,
+            examples.prompt_ids,
+            examples.chosen_offsets,
+            examples.chosen_ids,
+            examples.rejected_offsets,
+            examples.rejected_ids,
+        )
     else:
         arrays = (examples.offsets, examples.input_ids, examples.targets)
     digest = hashlib.blake2b(digest_size=16)

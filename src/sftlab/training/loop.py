@@ -94,8 +94,16 @@ class Run:
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train(config: SFTConfig, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, optimizer=None,
-          lr_scheduler=None) -> TrainResult:
+def train(
+    config: SFTConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    optimizer=None,
+    lr_scheduler=None,
+) -> TrainResult:
     """Train as `config` says. `model`/`tokenizer` objects and any data source accepted by
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
@@ -103,8 +111,17 @@ def train(config: SFTConfig, *, model=None, tokenizer=None, train_dataset=None, 
     processes = distributed.start_processes(config.fsdp)
     try:
         with distributed.Preemption() as preemption:
-            run = _setup(config, processes, bf16, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            run = _setup(
+                config,
+                processes,
+                bf16,
+                model=model,
+                tokenizer=tokenizer,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+            )
             return _fit(config, run, processes, preemption)
     finally:
         processes.close()
@@ -117,10 +134,21 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
     for step in range(run.start_step, run.steps):
         micro = plan.micro_batches(step, processes.rank)
         batches = [plan.collate(items, run.pad_id, config.pad_to_multiple_of) for items in micro]
-        result = train_step(run.wrapper, run.objective, batches, processes=processes, optimizer=run.optimizer,
-                            lr_scheduler=run.lr_scheduler, parameters=run.parameters, max_grad_norm=config.max_grad_norm,
-                            autocast=run.autocast, stop_requested=lambda: preemption.received, stepper=run.stepper,
-                            skip_nonfinite=config.skip_nonfinite_steps, step=step)
+        result = train_step(
+            run.wrapper,
+            run.objective,
+            batches,
+            processes=processes,
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            parameters=run.parameters,
+            max_grad_norm=config.max_grad_norm,
+            autocast=run.autocast,
+            stop_requested=lambda: preemption.received,
+            stepper=run.stepper,
+            skip_nonfinite=config.skip_nonfinite_steps,
+            step=step,
+        )
         if result.skipped:
             reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {result.records[:20]})")
         window.add(result.sums, result.grad_norm, result.skipped)
@@ -133,11 +161,15 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
             path = _checkpoint(config, run, processes, done)
             # A process the signal did not reach stops too: another one got it.
             signal_name = preemption.name or "a stop signal to another process"
-            reporter.line(f"{signal_name} received: stopped after step {done} of {run.steps}, checkpoint {path}; "
-                          f"resume with resume_from_checkpoint=auto")
+            reporter.line(
+                f"{signal_name} received: stopped after step {done} of {run.steps}, checkpoint {path}; "
+                f"resume with resume_from_checkpoint=auto"
+            )
             reporter.finish()
             return TrainResult(config.output_dir, None, done, reporter.history, stopped_by=signal_name)
-        if run.eval_examples is not None and ((config.eval_steps and done % config.eval_steps == 0) or done == run.steps):
+        if run.eval_examples is not None and (
+            (config.eval_steps and done % config.eval_steps == 0) or done == run.steps
+        ):
             evaluating = time.perf_counter()
             reporter.log(_evaluate(config, run, processes, done))
             window.pause(time.perf_counter() - evaluating)  # tokens/s measures training, not evaluation
@@ -156,17 +188,31 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
 
 def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
     collate = run.objective.collate("eval") if hasattr(run.objective, "collate") else batching.pad_batch
-    record = evaluation.evaluate(parallelize.unwrap(run.wrapper), run.objective, run.eval_examples,
-                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast, collate=collate)
+    record = evaluation.evaluate(
+        parallelize.unwrap(run.wrapper),
+        run.objective,
+        run.eval_examples,
+        config.per_device_eval_batch_size,
+        run.pad_id,
+        processes,
+        run.autocast,
+        collate=collate,
+    )
     if run.generation is not None:
-        record.update(run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done))
+        record.update(
+            run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done)
+        )
     record.update(type="eval", step=done)
     return record
 
 
 def _checkpoint(config: SFTConfig, run: Run, processes, done: int) -> str:
-    state = {"epoch": done / run.plan.steps_per_epoch, "items_per_step": _items_per_step(config, processes),
-             "processes": processes.world, "run": run.identity}
+    state = {
+        "epoch": done / run.plan.steps_per_epoch,
+        "items_per_step": _items_per_step(config, processes),
+        "processes": processes.world,
+        "run": run.identity,
+    }
     path = save_checkpoint(config.output_dir, done, run.model, run.optimizer, run.lr_scheduler, state, processes)
     if processes.is_main:
         prune_checkpoints(config.output_dir, config.save_total_limit)
@@ -180,36 +226,55 @@ def _items_per_step(config: SFTConfig, processes) -> int:
 # --- setup ------------------------------------------------------------------------------------
 
 
-def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer,
-           lr_scheduler) -> Run:
+def _setup(
+    config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer, lr_scheduler
+) -> Run:
     """The recipe's setup, in the order it happens; each step is a small function of its own."""
     distributed.seed_everything(config.seed)
     export.check_output_dir(config.output_dir, processes.is_main)
     replaced = []
     if not config.resume_from_checkpoint:  # before the new run's log replaces the old one's
-        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
-    reporter = Reporter(config.output_dir, enabled=processes.is_main, append=bool(config.resume_from_checkpoint),
-                        report_to=config.report_to, run_config=config.model_dump())
+        replaced = export.claim_output_dir(
+            config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main
+        )
+    reporter = Reporter(
+        config.output_dir,
+        enabled=processes.is_main,
+        append=bool(config.resume_from_checkpoint),
+        report_to=config.report_to,
+        run_config=config.model_dump(),
+    )
     if replaced:
         reporter.line(f"overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}")
     model_path = None
     if model is None or tokenizer is None:
         if not config.model:
-            raise ConfigError("no model given", field="model", fix="set model: to a local folder, a .gguf file or a short name")
+            raise ConfigError(
+                "no model given", field="model", fix="set model: to a local folder, a .gguf file or a short name"
+            )
         with processes.local_main_first():
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
-    added = add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
-                            special_tokens=config.special_tokens)  # before the data: it tokenizes with them
+    added = add_chat_tokens(
+        tokenizer,
+        chat_template=config.chat_template,
+        add_markers=config.add_chat_tokens,
+        special_tokens=config.special_tokens,
+    )  # before the data: it tokenizes with them
     for line in added.lines() if added else ():
         reporter.line(line)
     train_examples, eval_examples = _setup_data(config, tokenizer, train_dataset, eval_dataset, reporter)
     if model is None:
-        model = setup.setup_model(model_path, attn_implementation=config.attn_implementation,
-                                  trust_remote_code=config.trust_remote_code, gradient_checkpointing=config.gradient_checkpointing,
-                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config),
-                                  added_tokens=added)
+        model = setup.setup_model(
+            model_path,
+            attn_implementation=config.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+            gradient_checkpointing=config.gradient_checkpointing,
+            lora=setup.lora_settings(config),
+            quantization=setup.quantization_settings(config),
+            added_tokens=added,
+        )
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
         reporter.line(f"attention: {model.config._attn_implementation}")
@@ -229,30 +294,53 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
         packing, capacity = config.packing and preference.shared_prompt, 2 * config.max_length
         if config.packing and not packing:
             reporter.line("packing: off for this model, a row per pair (see the preference line above)")
-    plan = batching.StepPlan(train_examples, packing=packing, max_length=capacity,
-                             batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
-                             world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
-                             shuffle=config.shuffle, collate=preference.collate("train") if preference else None)
+    plan = batching.StepPlan(
+        train_examples,
+        packing=packing,
+        max_length=capacity,
+        batch_size=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps,
+        world_size=processes.world,
+        seed=config.seed,
+        group_by_length=config.group_by_length,
+        shuffle=config.shuffle,
+        collate=preference.collate("train") if preference else None,
+    )
     steps = batching.total_steps(config.max_steps, config.num_train_epochs, plan.steps_per_epoch)
-    objective = preference or _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None),
-                                               reporter)
+    objective = preference or _setup_objective(
+        config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter
+    )
     if config.torch_compile:
         layers = setup.compile_layers(model)
         reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
     if config.fsdp:
-        wrapper = parallelize.shard_model(objective.module, processes, reshard_after_forward=config.fsdp_reshard_after_forward,
-                                          cpu_offload=config.fsdp_cpu_offload, bf16=bf16)
-        reporter.line(f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over "
-                      f"{processes.world} processes")
+        wrapper = parallelize.shard_model(
+            objective.module,
+            processes,
+            reshard_after_forward=config.fsdp_reshard_after_forward,
+            cpu_offload=config.fsdp_cpu_offload,
+            bf16=bf16,
+        )
+        reporter.line(
+            f"fsdp: {len(parallelize.decoder_layers(model))} decoder layers and the root sharded over "
+            f"{processes.world} processes"
+        )
     else:
         wrapper = parallelize.replicate_model(objective.module, processes)
     # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
 
     # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
-    optimizer = setup.training_optimizer(optimizer, model, fsdp=config.fsdp, learning_rate=config.learning_rate,
-                                         weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
-                                         eps=config.adam_epsilon, state_dtype=config.optimizer_state_dtype)
+    optimizer = setup.training_optimizer(
+        optimizer,
+        model,
+        fsdp=config.fsdp,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        state_dtype=config.optimizer_state_dtype,
+    )
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
     lr_scheduler = setup.training_scheduler(lr_scheduler, optimizer, config.lr_scheduler_type, steps, warmup)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -260,15 +348,34 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
     if config.optimizer_in_backward:
         setup.check_optimizer_in_backward(processes.world)
         stepper = StepInBackward(parameters, optimizer)
-    run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
-              stepper, pad_id, eval_examples, identity=run_identity(config, model, tokenizer, train_examples))
+    run = Run(
+        reporter,
+        tokenizer,
+        model,
+        plan,
+        steps,
+        objective,
+        wrapper,
+        autocast,
+        optimizer,
+        lr_scheduler,
+        parameters,
+        stepper,
+        pad_id,
+        eval_examples,
+        identity=run_identity(config, model, tokenizer, train_examples),
+    )
     run.start_step = _resume(config, run, processes)
     if config.eval_generate_samples:
-        run.generation = evaluation.setup_generation_eval(config, tokenizer, eval_dataset, processes, reporter, run.start_step)
+        run.generation = evaluation.setup_generation_eval(
+            config, tokenizer, eval_dataset, processes, reporter, run.start_step
+        )
     return run
 
 
-def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter) -> tuple[Examples, Examples | None]:
+def _setup_data(
+    config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter
+) -> tuple[Examples, Examples | None]:
     # No barrier around preparation: the process that takes a cache entry's lock builds it while
     # the others wait on the lock (no collective timeout), then every process maps the same entry.
     if config.objective == "sft":
@@ -283,29 +390,39 @@ def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, repor
     if eval_examples is not None:
         reporter.data_summary("eval", eval_examples.stats)
     if len(train_examples) == 0:
-        raise DataError("no training examples left", source=train_examples.stats.get("source"),
-                        found=f"dropped: {train_examples.stats.get('dropped')}",
-                        fix="raise max_length, use truncation=right, or check which tokens are supervised with `sftlab inspect`")
+        raise DataError(
+            "no training examples left",
+            source=train_examples.stats.get("source"),
+            found=f"dropped: {train_examples.stats.get('dropped')}",
+            fix="raise max_length, use truncation=right, or check which tokens are supervised with `sftlab inspect`",
+        )
     return train_examples, eval_examples
 
 
 def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, reporter) -> Objective:
     # The loss mode is chosen on the whole model, before it is sharded (the check runs no collective).
     mode, why = choose_loss_mode(model, first_batch, config.loss_implementation)
-    reporter.line(f"loss: {mode} ({why})"
-                  + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
+    reporter.line(
+        f"loss: {mode} ({why})"
+        + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else "")
+    )
     return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
 
 
-def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, eval_pairs: Pairs | None, pad_id: int,
-                      processes, reporter) -> PreferenceObjective | KTOObjective:
+def _setup_preference(
+    config: SFTConfig, model: nn.Module, train_pairs: Pairs, eval_pairs: Pairs | None, pad_id: int, processes, reporter
+) -> PreferenceObjective | KTOObjective:
     """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
     train and eval pairs under the model before training (computed once, stored, reused): training
     holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
-    shared, sparse, why = choose_layout(model, train_pairs, pad_id, shared_prompt=config.shared_prompt,
-                                        loss_implementation=config.loss_implementation)
-    reporter.line(f"preference: {config.objective}" + (f" ({config.loss_type})" if config.objective == "dpo" else "")
-                  + f", beta {config.beta}; {why}")
+    shared, sparse, why = choose_layout(
+        model, train_pairs, pad_id, shared_prompt=config.shared_prompt, loss_implementation=config.loss_implementation
+    )
+    reporter.line(
+        f"preference: {config.objective}"
+        + (f" ({config.loss_type})" if config.objective == "dpo" else "")
+        + f", beta {config.beta}; {why}"
+    )
     references = {}
     if config.objective not in REFERENCE_FREE:
         folder = os.path.join(config.cache_dir or os.path.join(cache_root(), "prepared"), "reference")
@@ -315,18 +432,38 @@ def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, e
             started = time.perf_counter()
             references[split], stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared)
             accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
-            reporter.line(f"reference log-probs of {len(pairs)} {split} pairs: "
-                          + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
-                          + f" ({folder})" + ("" if config.objective == "kto" else
-                                              f"; the reference prefers the chosen completion in {accuracy:.1%}"))
+            reporter.line(
+                f"reference log-probs of {len(pairs)} {split} pairs: "
+                + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
+                + f" ({folder})"
+                + (
+                    ""
+                    if config.objective == "kto"
+                    else f"; the reference prefers the chosen completion in {accuracy:.1%}"
+                )
+            )
             if split == "eval" and config.objective != "kto":
                 reporter.log({"type": "eval", "step": 0, "eval_reference_accuracy": accuracy})
     if config.objective == "kto":
-        return KTOObjective(model, beta=config.beta, desirable_weight=config.desirable_weight,
-                            undesirable_weight=config.undesirable_weight, sparse=sparse, references=references)
-    return PreferenceObjective(model, config.loss_type if config.objective == "dpo" else config.objective, beta=config.beta,
-                               label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma, rpo_alpha=config.rpo_alpha,
-                               shared_prompt=shared, sparse=sparse, references=references)
+        return KTOObjective(
+            model,
+            beta=config.beta,
+            desirable_weight=config.desirable_weight,
+            undesirable_weight=config.undesirable_weight,
+            sparse=sparse,
+            references=references,
+        )
+    return PreferenceObjective(
+        model,
+        config.loss_type if config.objective == "dpo" else config.objective,
+        beta=config.beta,
+        label_smoothing=config.label_smoothing,
+        simpo_gamma=config.simpo_gamma,
+        rpo_alpha=config.rpo_alpha,
+        shared_prompt=shared,
+        sparse=sparse,
+        references=references,
+    )
 
 
 def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:
@@ -348,19 +485,31 @@ def _resume(config: SFTConfig, run: Run, processes) -> int:
     checkpoint, written = find_checkpoint(config.output_dir, config.resume_from_checkpoint, run.identity)
     if checkpoint is None:
         # Nothing of this run to continue: a fresh start, which must not replace a finished run's model.
-        replaced = export.claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main)
-        run.reporter.line("resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0"
-                          + (f"; overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}" if replaced else ""))
+        replaced = export.claim_output_dir(
+            config.output_dir, overwrite=config.overwrite_output_dir, is_main=processes.is_main
+        )
+        run.reporter.line(
+            "resume_from_checkpoint=auto: no complete checkpoint yet, starting from step 0"
+            + (f"; overwrite_output_dir: deleted the earlier run's {', '.join(replaced)}" if replaced else "")
+        )
         return 0
     if written is None:
-        run.reporter.line(f"{checkpoint} was written before checkpoints recorded their run: its settings are not checked")
+        run.reporter.line(
+            f"{checkpoint} was written before checkpoints recorded their run: its settings are not checked"
+        )
     for name, then, now in differences(written or {}, run.identity, CHANGEABLE):
-        run.reporter.line(f"{name} was {then} when {checkpoint} was written, is {now} now: "
-                          f"the learning-rate schedule follows the new total of {run.steps} steps")
-    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler, processes, _items_per_step(config, processes))
+        run.reporter.line(
+            f"{name} was {then} when {checkpoint} was written, is {now} now: "
+            f"the learning-rate schedule follows the new total of {run.steps} steps"
+        )
+    state = load_checkpoint(
+        checkpoint, run.model, run.optimizer, run.lr_scheduler, processes, _items_per_step(config, processes)
+    )
     start_step = state["step"]
     by = state.get("processes", 1)
-    run.reporter.line(f"resumed from {checkpoint} at step {start_step}"
-                      + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
+    run.reporter.line(
+        f"resumed from {checkpoint} at step {start_step}"
+        + (f" (written by {by} processes, now {processes.world})" if by != processes.world else "")
+    )
     run.reporter.forget_after(start_step)
     return start_step

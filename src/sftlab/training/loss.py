@@ -72,7 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(scores(h W^T + b), t) over rows, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, dft=False, weight_grad_in_place=False):
+    def forward(
+        ctx, hidden, weight, bias, targets, scale, softcap, rows, grad_enabled, dft=False, weight_grad_in_place=False
+    ):
         wants = ctx.needs_input_grad if grad_enabled else (False,) * 3
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -175,8 +177,16 @@ def _module_chunk(head, h, t, scale, softcap, loss_type):
     return loss.sum(), (y.argmax(dim=-1) == t).sum(), ce.detach().sum()
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-              softcap: float | None = None, rows: int | None = None, loss_type: str = "nll", weight_grad_in_place: bool = False):
+def head_loss(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    rows: int | None = None,
+    loss_type: str = "nll",
+    weight_grad_in_place: bool = False,
+):
     """(sum of the loss, number of correct argmax predictions, sum of cross-entropy) over rows of
     `hidden`; the first and the last are the same number for loss_type 'nll'.
     weight_grad_in_place: put the head weight's gradient straight into its .grad (for a tied
@@ -185,8 +195,18 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scal
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
     rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
     if type(head) is nn.Linear:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, softcap, rows, torch.is_grad_enabled(),
-                                         loss_type == "dft", weight_grad_in_place)
+        return _LinearCrossEntropy.apply(
+            hidden,
+            head.weight,
+            head.bias,
+            targets,
+            scale,
+            softcap,
+            rows,
+            torch.is_grad_enabled(),
+            loss_type == "dft",
+            weight_grad_in_place,
+        )
     loss = hidden.new_zeros((), dtype=torch.float32)
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -229,8 +249,10 @@ def router_aux(causal_lm: nn.Module):
     function = getattr(module, "load_balancing_loss_func", None)
     names = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")
     if function is None or not all(hasattr(causal_lm, name) for name in names):
-        raise ValueError(f"{type(causal_lm).__name__} returns router logits, but not through load_balancing_loss_func "
-                         "and num_experts / num_experts_per_tok / router_aux_loss_coef")
+        raise ValueError(
+            f"{type(causal_lm).__name__} returns router logits, but not through load_balancing_loss_func "
+            "and num_experts / num_experts_per_tok / router_aux_loss_coef"
+        )
     return function, causal_lm.num_experts, causal_lm.num_experts_per_tok, float(causal_lm.router_aux_loss_coef)
 
 
@@ -246,7 +268,9 @@ class SupervisedLoss(nn.Module):
     over the step's forward passes (step.py).
     """
 
-    def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
+    def __init__(
+        self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None
+    ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
@@ -264,25 +288,48 @@ class SupervisedLoss(nn.Module):
         if parts is not None:
             causal_lm, _, head = parts
             self.scale, self.softcap = logit_transform(causal_lm.config)
-            self.rows = chunk_rows(causal_lm.config.get_text_config().vocab_size if hasattr(causal_lm.config, "get_text_config") else head.weight.shape[0])
+            self.rows = chunk_rows(
+                causal_lm.config.get_text_config().vocab_size
+                if hasattr(causal_lm.config, "get_text_config")
+                else head.weight.shape[0]
+            )
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
         count = (targets != IGNORE).sum()
         if self.mode == "dense":
             inputs = self._inputs(input_ids, attention_mask, position_ids)
-            loss_sum, correct, nll_sum, aux = dense_loss(self.model, targets=targets, attention_mask=attention_mask,
-                                                         position_ids=position_ids, loss_type=self.loss_type, with_aux=True, **inputs)
-            return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count,
-                    **({"aux_loss": aux} if aux is not None else {})}
+            loss_sum, correct, nll_sum, aux = dense_loss(
+                self.model,
+                targets=targets,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                loss_type=self.loss_type,
+                with_aux=True,
+                **inputs,
+            )
+            return {
+                "loss_sum": loss_sum,
+                "nll_sum": nll_sum,
+                "correct": correct,
+                "count": count,
+                **({"aux_loss": aux} if aux is not None else {}),
+            }
         causal_lm, trunk, head = split_model(self.model)
         embedding = causal_lm.get_input_embeddings()
         # A tied head's gradient goes straight into .grad (see _LinearCrossEntropy.backward) and
         # the lookup's gradient is made sparse (tokens x hidden rows instead of a zero-filled
         # vocab x hidden tensor), so the tied weight's gradient exists once. Only in one plain
         # process: DDP and FSDP own .grad themselves.
-        in_place = (torch.is_grad_enabled() and type(head) is nn.Linear and isinstance(embedding, nn.Embedding)
-                    and head.weight is embedding.weight and head.weight.is_leaf and head.weight.requires_grad
-                    and not torch.distributed.is_initialized() and not torch.compiler.is_compiling())
+        in_place = (
+            torch.is_grad_enabled()
+            and type(head) is nn.Linear
+            and isinstance(embedding, nn.Embedding)
+            and head.weight is embedding.weight
+            and head.weight.is_leaf
+            and head.weight.requires_grad
+            and not torch.distributed.is_initialized()
+            and not torch.compiler.is_compiling()
+        )
         was_sparse = embedding.sparse if in_place else None
         if in_place:
             embedding.sparse = True
@@ -296,8 +343,16 @@ class SupervisedLoss(nn.Module):
                 embedding.sparse = was_sparse
         keep = targets != IGNORE
         rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
-        loss_sum, correct, nll_sum = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, self.loss_type,
-                                               weight_grad_in_place=in_place)
+        loss_sum, correct, nll_sum = head_loss(
+            head,
+            rows,
+            targets[keep],
+            self.scale,
+            self.softcap,
+            self.rows,
+            self.loss_type,
+            weight_grad_in_place=in_place,
+        )
         result = {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
         if self.router:
             function, experts, top_k, coefficient = self.router
@@ -309,7 +364,9 @@ class SupervisedLoss(nn.Module):
         if not (self.training and self.neftune_alpha):
             return {"input_ids": input_ids}
         embeds = self.model.get_input_embeddings()(input_ids)
-        scale = neftune_scale(self.neftune_alpha, embeds.shape[-1], tuple(input_ids.shape), attention_mask, position_ids)
+        scale = neftune_scale(
+            self.neftune_alpha, embeds.shape[-1], tuple(input_ids.shape), attention_mask, position_ids
+        )
         return {"inputs_embeds": embeds + neftune_noise(embeds, scale)}
 
 
@@ -329,7 +386,9 @@ def example_lengths(shape: tuple[int, int], attention_mask=None, position_ids=No
     return sizes.gather(1, run)
 
 
-def neftune_scale(alpha: float, hidden_size: int, shape: tuple[int, int], attention_mask=None, position_ids=None) -> torch.Tensor:
+def neftune_scale(
+    alpha: float, hidden_size: int, shape: tuple[int, int], attention_mask=None, position_ids=None
+) -> torch.Tensor:
     """[batch, length, 1]: NEFTune's noise bound alpha / sqrt(L * hidden) for every token."""
     lengths = example_lengths(shape, attention_mask, position_ids).clamp(min=1)
     return (alpha / torch.sqrt(lengths.double() * hidden_size)).float()[..., None]
@@ -339,13 +398,26 @@ def neftune_noise(embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(embeds).uniform_(-1, 1) * scale.to(device=embeds.device, dtype=embeds.dtype)
 
 
-def dense_loss(model, input_ids=None, targets=None, attention_mask=None, position_ids=None, loss_type: str = "nll", inputs_embeds=None,
-               with_aux: bool = False):
+def dense_loss(
+    model,
+    input_ids=None,
+    targets=None,
+    attention_mask=None,
+    position_ids=None,
+    loss_type: str = "nll",
+    inputs_embeds=None,
+    with_aux: bool = False,
+):
     """Reference path: full logits over every position, the way transformers computes them.
     (sum of the loss, argmax hits, sum of cross-entropy), and with `with_aux` the model's own
     router loss term (router_aux_loss_coef x aux_loss, None for a model that returns none)."""
-    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False)
+    out = model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
     logits = out.logits
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
@@ -379,7 +451,11 @@ def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> 
         return "dense", str(error)
     if requested == "sparse":
         return "sparse", "loss_implementation=sparse"
-    inputs = {k: v[:1, :64] if torch.is_tensor(v) else v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {
+        k: v[:1, :64] if torch.is_tensor(v) else v
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+    }
     probe = batch["input_ids"][:1, :64]
     targets = torch.roll(probe, -1, dims=1)
     targets[:, -1] = IGNORE
@@ -390,5 +466,8 @@ def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> 
         dense, _, _ = dense_loss(model, probe, targets, inputs.get("attention_mask"), inputs.get("position_ids"))
     model.train(was_training)
     if not math.isclose(float(sparse), float(dense), rel_tol=1e-3, abs_tol=1e-3):
-        return "dense", f"the sparse loss ({float(sparse):.5f}) does not reproduce this model's logits ({float(dense):.5f})"
+        return (
+            "dense",
+            f"the sparse loss ({float(sparse):.5f}) does not reproduce this model's logits ({float(dense):.5f})",
+        )
     return "sparse", "sparse head checked against the model's logits"

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sftlab.data.container import IGNORE
+from sftlab.data.container import IGNORE, Pairs
 from sftlab.training.loss import SupervisedLoss
-from sftlab.data.container import Pairs
 from sftlab.training.preference import KTOLoss, PreferenceLoss, collate_pairs
 
 
@@ -60,7 +59,9 @@ class SupervisedObjective:
     name = "sft"
     sums = ("loss_sum", "nll_sum", "correct", "count")
 
-    def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
+    def __init__(
+        self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None
+    ):
         self.loss_type = loss_type
         self.module = SupervisedLoss(model, mode, loss_type, neftune_alpha)
         # A mixture-of-experts model returning router logits adds its load-balancing loss
@@ -79,16 +80,23 @@ class SupervisedObjective:
             record["nll"] = sums["nll_sum"] / supervised if supervised else 0.0
         if self.routed:
             record["aux_loss"] = sums["aux_loss"] / sums["forwards"] if sums.get("forwards") else 0.0
-        record.update(token_accuracy=sums["correct"] / supervised if supervised else 0.0, supervised_tokens=int(supervised),
-                      supervised_tokens_per_second=supervised / seconds)
+        record.update(
+            token_accuracy=sums["correct"] / supervised if supervised else 0.0,
+            supervised_tokens=int(supervised),
+            supervised_tokens_per_second=supervised / seconds,
+        )
         return record
 
     def eval_record(self, sums: dict[str, float]) -> dict:
         """Always cross-entropy, whatever the training loss_type: runs trained with nll and dft compare."""
         count = sums["count"]
         loss = sums["nll_sum"] / count if count else 0.0
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-                "eval_token_accuracy": sums["correct"] / count if count else 0.0, "eval_supervised_tokens": int(count)}
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_token_accuracy": sums["correct"] / count if count else 0.0,
+            "eval_supervised_tokens": int(count),
+        }
 
 
 def stacked_sums(objective: Objective, out: dict) -> torch.Tensor:
@@ -106,12 +114,39 @@ class PreferenceObjective:
     step; the reference log-probs (computed once, before training) travel with each batch."""
 
     name = "preference"
-    sums = ("loss_sum", "pairs", "correct", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected", "nll_chosen")
+    sums = (
+        "loss_sum",
+        "pairs",
+        "correct",
+        "reward_chosen",
+        "reward_rejected",
+        "logps_chosen",
+        "logps_rejected",
+        "nll_chosen",
+    )
 
-    def __init__(self, model: nn.Module, loss_type: str, *, beta: float, label_smoothing: float, simpo_gamma: float,
-                 rpo_alpha: float | None, shared_prompt: bool, sparse: bool, references: dict[str, np.ndarray]):
-        self.module = PreferenceLoss(model, loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
-                                     rpo_alpha=rpo_alpha, sparse=sparse)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_type: str,
+        *,
+        beta: float,
+        label_smoothing: float,
+        simpo_gamma: float,
+        rpo_alpha: float | None,
+        shared_prompt: bool,
+        sparse: bool,
+        references: dict[str, np.ndarray],
+    ):
+        self.module = PreferenceLoss(
+            model,
+            loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma,
+            rpo_alpha=rpo_alpha,
+            sparse=sparse,
+        )
         self.shared_prompt = shared_prompt
         self.references = references  # split -> [pairs, 2] summed log-probs of chosen and rejected
 
@@ -134,21 +169,33 @@ class PreferenceObjective:
 
     def train_record(self, sums: dict[str, float], seconds: float) -> dict:
         pairs = sums["pairs"]
-        return {"loss": sums["loss_sum"] / pairs if pairs else 0.0, **_pair_means(sums, ""), "pairs": int(pairs),
-                "pairs_per_second": pairs / seconds}
+        return {
+            "loss": sums["loss_sum"] / pairs if pairs else 0.0,
+            **_pair_means(sums, ""),
+            "pairs": int(pairs),
+            "pairs_per_second": pairs / seconds,
+        }
 
     def eval_record(self, sums: dict[str, float]) -> dict:
         pairs = sums["pairs"]
-        return {"eval_loss": sums["loss_sum"] / pairs if pairs else 0.0, **_pair_means(sums, "eval_"), "eval_pairs": int(pairs)}
+        return {
+            "eval_loss": sums["loss_sum"] / pairs if pairs else 0.0,
+            **_pair_means(sums, "eval_"),
+            "eval_pairs": int(pairs),
+        }
 
 
 def _pair_means(sums: dict[str, float], prefix: str) -> dict:
     pairs = sums["pairs"] or 1.0
-    return {f"{prefix}rewards/chosen": sums["reward_chosen"] / pairs, f"{prefix}rewards/rejected": sums["reward_rejected"] / pairs,
-            f"{prefix}rewards/accuracy": sums["correct"] / pairs,
-            f"{prefix}rewards/margin": (sums["reward_chosen"] - sums["reward_rejected"]) / pairs,
-            f"{prefix}logps/chosen": sums["logps_chosen"] / pairs, f"{prefix}logps/rejected": sums["logps_rejected"] / pairs,
-            f"{prefix}nll": sums["nll_chosen"] / pairs}
+    return {
+        f"{prefix}rewards/chosen": sums["reward_chosen"] / pairs,
+        f"{prefix}rewards/rejected": sums["reward_rejected"] / pairs,
+        f"{prefix}rewards/accuracy": sums["correct"] / pairs,
+        f"{prefix}rewards/margin": (sums["reward_chosen"] - sums["reward_rejected"]) / pairs,
+        f"{prefix}logps/chosen": sums["logps_chosen"] / pairs,
+        f"{prefix}logps/rejected": sums["logps_rejected"] / pairs,
+        f"{prefix}nll": sums["nll_chosen"] / pairs,
+    }
 
 
 class KTOObjective:
@@ -161,10 +208,19 @@ class KTOObjective:
     name = "kto"
     sums = ("loss_sum", "examples", "desirable", "reward_desirable", "reward_undesirable", "logps", "kl_sum")
 
-    def __init__(self, model: nn.Module, *, beta: float, desirable_weight: float, undesirable_weight: float, sparse: bool,
-                 references: dict[str, np.ndarray]):
-        self.module = KTOLoss(model, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                              sparse=sparse)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        beta: float,
+        desirable_weight: float,
+        undesirable_weight: float,
+        sparse: bool,
+        references: dict[str, np.ndarray],
+    ):
+        self.module = KTOLoss(
+            model, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, sparse=sparse
+        )
         self.references = references  # split -> [examples, 2]: the completion's and the mismatched completion's
         self._views: dict[int, tuple[Pairs, Pairs]] = {}
 
@@ -176,10 +232,24 @@ class KTOObjective:
         if id(pairs) not in self._views:
             empty = np.zeros(len(pairs) + 1, dtype=np.int64)
             nothing = np.zeros(0, dtype=pairs.rejected_ids.dtype)
-            main = Pairs(pairs.prompt_ids, pairs.prompt_offsets, pairs.chosen_ids, pairs.chosen_offsets, nothing, empty,
-                         pairs.record_index)
-            kl = Pairs(pairs.prompt_ids, pairs.prompt_offsets, pairs.rejected_ids, pairs.rejected_offsets, nothing, empty,
-                       pairs.record_index)
+            main = Pairs(
+                pairs.prompt_ids,
+                pairs.prompt_offsets,
+                pairs.chosen_ids,
+                pairs.chosen_offsets,
+                nothing,
+                empty,
+                pairs.record_index,
+            )
+            kl = Pairs(
+                pairs.prompt_ids,
+                pairs.prompt_offsets,
+                pairs.rejected_ids,
+                pairs.rejected_offsets,
+                nothing,
+                empty,
+                pairs.record_index,
+            )
             self._views[id(pairs)] = (main, kl)
         return self._views[id(pairs)]
 
@@ -217,18 +287,27 @@ class KTOObjective:
             batch["kl"] = torch.tensor(kl, dtype=torch.float32)
 
     def train_record(self, sums: dict[str, float], seconds: float) -> dict:
-        return {"loss": sums["loss_sum"] / sums["examples"] if sums["examples"] else 0.0, **_kto_means(sums, ""),
-                "examples": int(sums["examples"]), "examples_per_second": sums["examples"] / seconds}
+        return {
+            "loss": sums["loss_sum"] / sums["examples"] if sums["examples"] else 0.0,
+            **_kto_means(sums, ""),
+            "examples": int(sums["examples"]),
+            "examples_per_second": sums["examples"] / seconds,
+        }
 
     def eval_record(self, sums: dict[str, float]) -> dict:
-        return {"eval_loss": sums["loss_sum"] / sums["examples"] if sums["examples"] else 0.0, **_kto_means(sums, "eval_"),
-                "eval_examples": int(sums["examples"])}
+        return {
+            "eval_loss": sums["loss_sum"] / sums["examples"] if sums["examples"] else 0.0,
+            **_kto_means(sums, "eval_"),
+            "eval_examples": int(sums["examples"]),
+        }
 
 
 def _kto_means(sums: dict[str, float], prefix: str) -> dict:
     examples, desirable = sums["examples"] or 1.0, sums["desirable"]
     undesirable = sums["examples"] - desirable
-    return {f"{prefix}kl": sums["kl_sum"] / examples,
-            f"{prefix}rewards/desirable": sums["reward_desirable"] / desirable if desirable else 0.0,
-            f"{prefix}rewards/undesirable": sums["reward_undesirable"] / undesirable if undesirable else 0.0,
-            f"{prefix}logps": sums["logps"] / examples}
+    return {
+        f"{prefix}kl": sums["kl_sum"] / examples,
+        f"{prefix}rewards/desirable": sums["reward_desirable"] / desirable if desirable else 0.0,
+        f"{prefix}rewards/undesirable": sums["reward_undesirable"] / undesirable if undesirable else 0.0,
+        f"{prefix}logps": sums["logps"] / examples,
+    }

@@ -36,8 +36,15 @@ def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 class AdamWBF16States(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with exp_avg and exp_avg_sq in bfloat16."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         # Its own generator: the rounding noise does not shift the training's random stream.
         self.generator = torch.Generator().manual_seed(seed)
@@ -62,7 +69,9 @@ class AdamWBF16States(torch.optim.Optimizer):
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.bfloat16, memory_format=torch.contiguous_format
+                    )
                 state["step"] += 1
                 step = float(state["step"])
                 step_size = lr / (1 - beta1**step)

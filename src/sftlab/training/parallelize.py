@@ -38,13 +38,18 @@ def decoder_layers(model: nn.Module, purpose: str = "fsdp") -> list[nn.Module]:
     # By the classes a module derives from: fully_shard gives a sharded layer a subclass of its own.
     layers = [m for m in base.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
-        raise ConfigError(f"{purpose}: true needs a model whose decoder layers are known (transformers' _no_split_modules)",
-                          field=purpose, found=f"{type(base).__name__} names none", fix=f"train this model without {purpose}")
+        raise ConfigError(
+            f"{purpose}: true needs a model whose decoder layers are known (transformers' _no_split_modules)",
+            field=purpose,
+            found=f"{type(base).__name__} names none",
+            fix=f"train this model without {purpose}",
+        )
     return layers
 
 
-def shard_model(loss_module: nn.Module, processes: Processes, *, reshard_after_forward: bool, cpu_offload: bool,
-                bf16: bool) -> nn.Module:
+def shard_model(
+    loss_module: nn.Module, processes: Processes, *, reshard_after_forward: bool, cpu_offload: bool, bf16: bool
+) -> nn.Module:
     """FSDP2 in place: each decoder layer is one all-gather unit, the root (the loss module) holds
     the rest. With bf16, layers compute with bf16 copies of the fp32 shards and gradients are
     reduced in fp32 (torchtitan's policy); the optimizer steps the fp32 shards."""
@@ -54,7 +59,9 @@ def shard_model(loss_module: nn.Module, processes: Processes, *, reshard_after_f
     mesh = init_device_mesh(processes.device.type, (processes.world,))
     options = dict(
         mesh=mesh,
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy(),
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy(),
         # Pinned host memory needs CUDA; on a CPU-only machine the shards already live on the CPU.
         offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
     )
@@ -72,7 +79,9 @@ def replicate_model(loss_module: nn.Module, processes: Processes) -> nn.Module:
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(loss_module, device_ids=[processes.device.index] if processes.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        loss_module, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
+    )
 
 
 def unwrap(wrapper: nn.Module) -> nn.Module:

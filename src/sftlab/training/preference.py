@@ -49,8 +49,13 @@ REFERENCE_FREE = ("simpo", "orpo")
 # --- rows --------------------------------------------------------------------------------------
 
 
-def collate_pairs(pairs: Pairs, indices: list[int] | list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None,
-                  shared_prompt: bool = True) -> dict:
+def collate_pairs(
+    pairs: Pairs,
+    indices: list[int] | list[list[int]],
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+    shared_prompt: bool = True,
+) -> dict:
     """The model inputs for pairs `indices` (a list of pair indices, one pair per row; or a list of
     rows, each a list of pairs packed one after another): rows [P | C | R] (or [P | C] and [P | R]
     each), their position ids and additive 4-D attention mask, and for each completion token the
@@ -71,13 +76,21 @@ def collate_pairs(pairs: Pairs, indices: list[int] | list[list[int]], pad_id: in
                 positions += list(range(p + len(c))) + list(range(p, p + len(r)))
                 parts += [0] * p + [1] * len(c) + [2] * len(r)
                 owners += [number] * (p + len(c) + len(r))
-                _completion(chosen, len(rows), [start + p - 1] + list(range(start + p, start + p + len(c) - 1)), c, number)
+                _completion(
+                    chosen, len(rows), [start + p - 1] + list(range(start + p, start + p + len(c) - 1)), c, number
+                )
                 rejected_at = list(range(start + p + len(c), start + p + len(c) + len(r) - 1))
                 _completion(rejected, len(rows), [start + p - 1] + rejected_at, r, number)
             else:  # two rows of their own, never packed (the probe found the shared row inexact)
                 for completion, store in ((c, chosen), (r, rejected)):
-                    rows.append((prompt + completion, list(range(p + len(completion))), [0] * (p + len(completion)),
-                                 [number] * (p + len(completion))))
+                    rows.append(
+                        (
+                            prompt + completion,
+                            list(range(p + len(completion))),
+                            [0] * (p + len(completion)),
+                            [number] * (p + len(completion)),
+                        )
+                    )
                     _completion(store, len(rows) - 1, list(range(p - 1, p + len(completion) - 1)), completion, number)
             number += 1
         if shared_prompt:
@@ -104,12 +117,21 @@ def collate_pairs(pairs: Pairs, indices: list[int] | list[list[int]], pad_id: in
     allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no row of -inf only
     mask = torch.zeros((count, 1, length, length))
     mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
-            "chosen_index": _flatten(chosen[0], length), "chosen_targets": torch.tensor(chosen[1], dtype=torch.long),
-            "chosen_pair": torch.tensor(chosen[2], dtype=torch.long), "rejected_index": _flatten(rejected[0], length),
-            "rejected_targets": torch.tensor(rejected[1], dtype=torch.long), "rejected_pair": torch.tensor(rejected[2], dtype=torch.long),
-            "pair_count": torch.tensor(len(order)), "pair_index": torch.tensor(order, dtype=torch.long),
-            "real_tokens": sum(len(row[0]) for row in rows), "record_index": [int(pairs.record_index[i]) for i in order]}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask,
+        "chosen_index": _flatten(chosen[0], length),
+        "chosen_targets": torch.tensor(chosen[1], dtype=torch.long),
+        "chosen_pair": torch.tensor(chosen[2], dtype=torch.long),
+        "rejected_index": _flatten(rejected[0], length),
+        "rejected_targets": torch.tensor(rejected[1], dtype=torch.long),
+        "rejected_pair": torch.tensor(rejected[2], dtype=torch.long),
+        "pair_count": torch.tensor(len(order)),
+        "pair_index": torch.tensor(order, dtype=torch.long),
+        "real_tokens": sum(len(row[0]) for row in rows),
+        "record_index": [int(pairs.record_index[i]) for i in order],
+    }
 
 
 def _flatten(positions: list[tuple[int, int]], length: int) -> torch.Tensor:
@@ -117,7 +139,9 @@ def _flatten(positions: list[tuple[int, int]], length: int) -> torch.Tensor:
 
 
 def _completion(store, row: int, predicting: list[int], completion: list[int], pair: int) -> None:
-    predicting = predicting[: len(completion)]  # an empty completion (KTO's rows have no rejected part) predicts nothing
+    predicting = predicting[
+        : len(completion)
+    ]  # an empty completion (KTO's rows have no rejected part) predicts nothing
     positions, targets, pairs = store
     positions.extend((row, column) for column in predicting)
     targets.extend(completion)
@@ -174,8 +198,15 @@ class _TokenLogProbs(torch.autograd.Function):
                 grad_weight.addmm_(dy.T, h.float())
             if grad_bias is not None:
                 grad_bias += dy.sum(0)
-        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None, None)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _chunk_scores(h, weight, bias, scale, softcap):
@@ -190,8 +221,14 @@ def _module_chunk_log_probs(head, h, t, scale, softcap):
     return y.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(y, dim=-1)
 
 
-def token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
-                    softcap: float | None = None, rows: int | None = None) -> torch.Tensor:
+def token_log_probs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for each row, through the LM head in chunks of `rows`."""
     rows = rows or chunk_rows(head.weight.shape[0] if hasattr(head, "weight") else 32000)
     if type(head) is nn.Linear:
@@ -211,8 +248,12 @@ def completion_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> 
     log-probability of each completion. `sparse`: the head on completion positions only; else the
     model's own full logits (the reference path for tests)."""
     count = int(batch["pair_count"])
-    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False)
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+    )
     index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
     targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
     if sparse:
@@ -238,10 +279,20 @@ def completion_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> 
 # --- losses ------------------------------------------------------------------------------------
 
 
-def preference_losses(loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-                      rejected_tokens: torch.Tensor, ref_chosen: torch.Tensor | None = None,
-                      ref_rejected: torch.Tensor | None = None, *, beta: float = 0.1, label_smoothing: float = 0.0,
-                      simpo_gamma: float = 0.5, rpo_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def preference_losses(
+    loss_type: str,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    rpo_alpha: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward) per pair; see the module docstring for each formula."""
     avg_chosen, avg_rejected = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
     if loss_type in ("sigmoid", "robust", "hinge"):
@@ -249,12 +300,16 @@ def preference_losses(loss_type: str, chosen: torch.Tensor, rejected: torch.Tens
         if loss_type == "sigmoid":
             loss = -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)
         elif loss_type == "robust":
-            loss = (-(1 - label_smoothing) * F.logsigmoid(beta * z) + label_smoothing * F.logsigmoid(-beta * z)) / (1 - 2 * label_smoothing)
+            loss = (-(1 - label_smoothing) * F.logsigmoid(beta * z) + label_smoothing * F.logsigmoid(-beta * z)) / (
+                1 - 2 * label_smoothing
+            )
         else:
             loss = torch.relu(1 - beta * z)
         rewards = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
     elif loss_type == "ipo":
-        z = (avg_chosen - avg_rejected) - (ref_chosen / chosen_tokens.clamp(min=1) - ref_rejected / rejected_tokens.clamp(min=1))
+        z = (avg_chosen - avg_rejected) - (
+            ref_chosen / chosen_tokens.clamp(min=1) - ref_rejected / rejected_tokens.clamp(min=1)
+        )
         loss = (z - 1 / (2 * beta)) ** 2
         rewards = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
     elif loss_type == "simpo":
@@ -263,7 +318,9 @@ def preference_losses(loss_type: str, chosen: torch.Tensor, rejected: torch.Tens
         rewards = beta * avg_chosen.detach(), beta * avg_rejected.detach()
     elif loss_type == "orpo":
         # log odds of p = exp(avg): avg - log(1 - exp(avg)); log1p(-exp(x)) is exact for x < 0.
-        log_odds = (avg_chosen - avg_rejected) - (torch.log1p(-torch.exp(avg_chosen)) - torch.log1p(-torch.exp(avg_rejected)))
+        log_odds = (avg_chosen - avg_rejected) - (
+            torch.log1p(-torch.exp(avg_chosen)) - torch.log1p(-torch.exp(avg_rejected))
+        )
         loss = -avg_chosen - beta * F.logsigmoid(log_odds)
         rewards = beta * avg_chosen.detach(), beta * avg_rejected.detach()
     else:
@@ -278,8 +335,17 @@ class PreferenceLoss(nn.Module):
     it). forward(batch tensors) -> sums over the micro-batch's pairs: loss_sum, pairs, correct
     (chosen reward > rejected reward), the rewards, the log-probs, and the chosen NLL per token."""
 
-    def __init__(self, model: nn.Module, loss_type: str = "sigmoid", *, beta: float = 0.1, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, rpo_alpha: float | None = None, sparse: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_type: str = "sigmoid",
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        rpo_alpha: float | None = None,
+        sparse: bool = True,
+    ):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, not {loss_type!r}")
@@ -291,25 +357,55 @@ class PreferenceLoss(nn.Module):
         # FSDP auto-wrapping reads this from the module it is given, which is this wrapper.
         self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
 
-    def forward(self, input_ids, position_ids, attention_mask, chosen_index, chosen_targets, chosen_pair, rejected_index,
-                rejected_targets, rejected_pair, pair_count, pair_index=None, ref_chosen=None, ref_rejected=None):
-        batch = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, chosen_index=chosen_index,
-                     chosen_targets=chosen_targets, chosen_pair=chosen_pair, rejected_index=rejected_index,
-                     rejected_targets=rejected_targets, rejected_pair=rejected_pair, pair_count=pair_count)
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        chosen_index,
+        chosen_targets,
+        chosen_pair,
+        rejected_index,
+        rejected_targets,
+        rejected_pair,
+        pair_count,
+        pair_index=None,
+        ref_chosen=None,
+        ref_rejected=None,
+    ):
+        batch = dict(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            chosen_index=chosen_index,
+            chosen_targets=chosen_targets,
+            chosen_pair=chosen_pair,
+            rejected_index=rejected_index,
+            rejected_targets=rejected_targets,
+            rejected_pair=rejected_pair,
+            pair_count=pair_count,
+        )
         chosen, rejected, chosen_tokens, rejected_tokens = completion_log_probs(self.model, batch, self.sparse)
-        loss, reward_chosen, reward_rejected = preference_losses(self.loss_type, chosen, rejected, chosen_tokens, rejected_tokens,
-                                                                 ref_chosen, ref_rejected, **self.options)
+        loss, reward_chosen, reward_rejected = preference_losses(
+            self.loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **self.options
+        )
         # Sums over the pairs (an empty micro-batch gives zeros, still connected to every weight for DDP).
-        return {"loss_sum": loss.sum(), "pairs": loss.new_tensor(float(len(loss))),
-                "correct": (reward_chosen > reward_rejected).float().sum(),
-                "reward_chosen": reward_chosen.sum(), "reward_rejected": reward_rejected.sum(),
-                "logps_chosen": chosen.detach().sum(), "logps_rejected": rejected.detach().sum(),
-                "nll_chosen": (-chosen / chosen_tokens.clamp(min=1)).detach().sum()}
+        return {
+            "loss_sum": loss.sum(),
+            "pairs": loss.new_tensor(float(len(loss))),
+            "correct": (reward_chosen > reward_rejected).float().sum(),
+            "reward_chosen": reward_chosen.sum(),
+            "reward_rejected": reward_rejected.sum(),
+            "logps_chosen": chosen.detach().sum(),
+            "logps_rejected": rejected.detach().sum(),
+            "nll_chosen": (-chosen / chosen_tokens.clamp(min=1)).detach().sum(),
+        }
 
 
 @torch.no_grad()
-def reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, processes, batch_size: int = 8,
-                        shared_prompt: bool = True) -> np.ndarray:
+def reference_log_probs(
+    model: nn.Module, pairs: Pairs, pad_id: int, processes, batch_size: int = 8, shared_prompt: bool = True
+) -> np.ndarray:
     """[pairs, 2] summed log-probs of the chosen and rejected completions under `model` as it is now
     (the reference: the model before training, the adapter's initial zero effect included). Each
     process computes every world-th pair and the results are summed over processes."""
@@ -330,8 +426,15 @@ def reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, processes, 
 
 
 @torch.no_grad()
-def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float = 1e-4, *, shared_prompt: bool = True,
-                  loss_implementation: str = "auto") -> tuple[bool, bool, str]:
+def choose_layout(
+    model: nn.Module,
+    pairs: Pairs,
+    pad_id: int,
+    tolerance: float = 1e-4,
+    *,
+    shared_prompt: bool = True,
+    loss_implementation: str = "auto",
+) -> tuple[bool, bool, str]:
     """(shared_prompt, sparse, why), decided on the first pairs as sftlab.training.architecture
     decides packing: the shared row [P | C | R] must give each completion the log-probs of the
     separate sequences (layers that carry state along the sequence make C leak into R), and the
@@ -346,8 +449,11 @@ def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float 
 
         def log_probs(shared, sparse):
             batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared)
-            return torch.cat(completion_log_probs(model, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)},
-                                                  sparse=sparse)[:2])
+            return torch.cat(
+                completion_log_probs(
+                    model, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}, sparse=sparse
+                )[:2]
+            )
 
         separate_dense = log_probs(False, False)
         if split_model(model) is None:
@@ -367,14 +473,26 @@ def choose_layout(model: nn.Module, pairs: Pairs, pad_id: int, tolerance: float 
     elif shared:
         why = "prompt shared by chosen and rejected in one row"
     else:
-        why = (f"chosen and rejected in rows of their own: in one row the rejected completion's log-probs move by "
-               f"{shared_difference:.1e} (the model's non-attention layers carry state from the chosen completion into it)")
-    return shared, sparse, why + ("; sparse head" if sparse else "; dense logits" + (
-        "" if loss_implementation == "dense" else " (the sparse head does not reproduce them)"))
+        why = (
+            f"chosen and rejected in rows of their own: in one row the rejected completion's log-probs move by "
+            f"{shared_difference:.1e} (the model's non-attention layers carry state from the chosen completion into it)"
+        )
+    return (
+        shared,
+        sparse,
+        why
+        + (
+            "; sparse head"
+            if sparse
+            else "; dense logits"
+            + ("" if loss_implementation == "dense" else " (the sparse head does not reproduce them)")
+        ),
+    )
 
 
-def stored_reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, processes, folder: str,
-                               shared_prompt: bool = True, batch_size: int = 8) -> tuple[np.ndarray, bool]:
+def stored_reference_log_probs(
+    model: nn.Module, pairs: Pairs, pad_id: int, processes, folder: str, shared_prompt: bool = True, batch_size: int = 8
+) -> tuple[np.ndarray, bool]:
     """(reference log-probs of `pairs`, whether they were read from `folder`), stored there keyed by
     a hash of the pairs and of the model's weights as they are before training, so a resumed run,
     a second run on the same data, or the evaluation pairs of a later run reuse them. Every process
@@ -400,15 +518,26 @@ def stored_reference_log_probs(model: nn.Module, pairs: Pairs, pad_id: int, proc
 # --- KTO ---------------------------------------------------------------------------------------
 
 
-def kto_losses(log_probs: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *, beta: float,
-               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def kto_losses(
+    log_probs: torch.Tensor,
+    reference: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reward) per example of KTO (Ethayarajh et al. 2024, eq. 7, as TRL's KTOTrainer): with
     r = log pi(y|x) - log ref(y|x) and z0 the KL reference point (detached),
         desirable     desirable_weight   x (1 - sigmoid(beta (r - z0)))
         undesirable   undesirable_weight x (1 - sigmoid(beta (z0 - r)))"""
     ratio = log_probs - reference
-    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
-                       undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    loss = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
     return loss, beta * ratio.detach()
 
 
@@ -418,8 +547,15 @@ class KTOLoss(nn.Module):
     point used). forward(..., kl_only=True) -> {"kl_sum", "kl_count"}: the policy-minus-reference
     log-prob of each example's mismatched completion (rows [P | K]), for the step's KL estimate."""
 
-    def __init__(self, model: nn.Module, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 sparse: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        sparse: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
@@ -427,17 +563,48 @@ class KTOLoss(nn.Module):
         inner = split_model(model)
         self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
 
-    def forward(self, input_ids, position_ids, attention_mask, chosen_index, chosen_targets, chosen_pair, rejected_index,
-                rejected_targets, rejected_pair, pair_count, pair_index=None, ref_chosen=None, ref_rejected=None,
-                desirable=None, kl=None, kl_only: bool = False):
-        batch = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, chosen_index=chosen_index,
-                     chosen_targets=chosen_targets, chosen_pair=chosen_pair, rejected_index=rejected_index,
-                     rejected_targets=rejected_targets, rejected_pair=rejected_pair, pair_count=pair_count)
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        chosen_index,
+        chosen_targets,
+        chosen_pair,
+        rejected_index,
+        rejected_targets,
+        rejected_pair,
+        pair_count,
+        pair_index=None,
+        ref_chosen=None,
+        ref_rejected=None,
+        desirable=None,
+        kl=None,
+        kl_only: bool = False,
+    ):
+        batch = dict(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            chosen_index=chosen_index,
+            chosen_targets=chosen_targets,
+            chosen_pair=chosen_pair,
+            rejected_index=rejected_index,
+            rejected_targets=rejected_targets,
+            rejected_pair=rejected_pair,
+            pair_count=pair_count,
+        )
         log_probs, _, _, _ = completion_log_probs(self.model, batch, self.sparse)
         if kl_only:  # the rows hold the mismatched completions, their reference values in ref_chosen
             return {"kl_sum": (log_probs - ref_chosen).sum(), "kl_count": log_probs.new_tensor(float(len(log_probs)))}
         loss, reward = kto_losses(log_probs, ref_chosen, desirable.bool(), kl, **self.options)
         wanted = desirable.bool()
-        return {"loss_sum": loss.sum(), "examples": loss.new_tensor(float(len(loss))), "desirable": wanted.float().sum(),
-                "reward_desirable": (reward * wanted).sum(), "reward_undesirable": (reward * ~wanted).sum(),
-                "logps": log_probs.detach().sum(), "kl_sum": kl.detach() * len(loss)}
+        return {
+            "loss_sum": loss.sum(),
+            "examples": loss.new_tensor(float(len(loss))),
+            "desirable": wanted.float().sum(),
+            "reward_desirable": (reward * wanted).sum(),
+            "reward_undesirable": (reward * ~wanted).sum(),
+            "logps": log_probs.detach().sum(),
+            "kl_sum": kl.detach() * len(loss),
+        }

@@ -4,10 +4,10 @@ same numbers in TensorBoard (output_dir/tensorboard) or Weights & Biases when re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
-import importlib.util
 import sys
 import time
 
@@ -15,8 +15,14 @@ from sftlab.errors import TrainingError
 
 
 class Reporter:
-    def __init__(self, output_dir: str, enabled: bool = True, append: bool = False, report_to: list[str] = (),
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str,
+        enabled: bool = True,
+        append: bool = False,
+        report_to: list[str] = (),
+        run_config: dict | None = None,
+    ):
         self.enabled = enabled
         self.history: list[dict] = []
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -52,8 +58,11 @@ class Reporter:
             + (" (cached)" if stats.get("cached") else "")
         )
         for source in stats.get("sources", ()):  # a mixture: what each source gave
-            self.line(f"  {source['name']}: {source['examples']} of {source['examples_available']} examples"
-                      + _share(source) + f", {source['supervised_tokens']} supervised of {source['tokens']} tokens")
+            self.line(
+                f"  {source['name']}: {source['examples']} of {source['examples_available']} examples"
+                + _share(source)
+                + f", {source['supervised_tokens']} supervised of {source['tokens']} tokens"
+            )
 
     def start(self, total: int, done: int) -> None:
         self.total = total
@@ -64,8 +73,12 @@ class Reporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done, info="")
@@ -77,12 +90,16 @@ class Reporter:
     def _info(self) -> str:
         if not self.last:
             return ""
-        return (f"loss {self.last['loss']:.4f}  lr {self.last['learning_rate']:.2e}  "
-                f"{self.last['tokens_per_second']:.0f} tok/s")
+        return (
+            f"loss {self.last['loss']:.4f}  lr {self.last['learning_rate']:.2e}  "
+            f"{self.last['tokens_per_second']:.0f} tok/s"
+        )
 
     def log(self, record: dict) -> None:
         self._write(record)
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        numbers = {
+            k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         for tracker in self.trackers:
             tracker.log(f"{record.get('type', 'train')}/", numbers, record.get("step", 0))
         if record.get("type") == "train":
@@ -93,14 +110,22 @@ class Reporter:
                 eta = (self.total - record["step"]) / rate if rate > 0 else 0
                 # Accuracy: of the next token (SFT), or of the preferred completion's reward (preference objectives).
                 accuracy = record.get("token_accuracy", record.get("rewards/accuracy", 0.0))
-                print(f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  acc {accuracy:.3f}  "
-                      f"lr {record['learning_rate']:.2e}  grad {record['grad_norm']:.3f}  "
-                      f"{record['tokens_per_second']:.0f} tok/s  eta {eta:.0f}s", flush=True)
+                print(
+                    f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  acc {accuracy:.3f}  "
+                    f"lr {record['learning_rate']:.2e}  grad {record['grad_norm']:.3f}  "
+                    f"{record['tokens_per_second']:.0f} tok/s  eta {eta:.0f}s",
+                    flush=True,
+                )
         elif record.get("type") == "eval" and "eval_perplexity" in record:
-            self.line(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                      f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}" + _generation_summary(record))
+            self.line(
+                f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
+                f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}"
+                + _generation_summary(record)
+            )
         elif record.get("type") == "eval":  # another objective's record: its numbers as they are
-            shown = "  ".join(f"{key[len('eval_'):]} {value:.4g}" for key, value in numbers.items() if key.startswith("eval_"))
+            shown = "  ".join(
+                f"{key[len('eval_') :]} {value:.4g}" for key, value in numbers.items() if key.startswith("eval_")
+            )
             self.line(f"eval at step {record['step']}: {shown}" + _generation_summary(record))
 
     def forget_after(self, step: int) -> None:
@@ -156,8 +181,11 @@ class _WandB:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project="sftlab", dir=output_dir,
-                              config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
+        self.run = wandb.init(
+            project="sftlab",
+            dir=output_dir,
+            config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))},
+        )
 
     def log(self, prefix: str, values: dict, step: int) -> None:
         self.run.log({prefix + key: value for key, value in values.items()}, step=step)
@@ -185,10 +213,15 @@ def _generation_summary(record: dict) -> str:
         return ""
     from sftlab.config import COUNT_KEYS
 
-    scores = "  ".join(f"{key[len('eval_generate_'):]} {value:.3f}" for key, value in record.items()
-                       if key.startswith("eval_generate_") and key not in COUNT_KEYS)
-    return (f"  |  generated {record['eval_generate_samples']}: {scores}  ({record['eval_generate_unfinished']} hit max_new_tokens, "
-            f"{record['eval_generate_seconds']:.1f} s)")
+    scores = "  ".join(
+        f"{key[len('eval_generate_') :]} {value:.3f}"
+        for key, value in record.items()
+        if key.startswith("eval_generate_") and key not in COUNT_KEYS
+    )
+    return (
+        f"  |  generated {record['eval_generate_samples']}: {scores}  ({record['eval_generate_unfinished']} hit max_new_tokens, "
+        f"{record['eval_generate_seconds']:.1f} s)"
+    )
 
 
 def _share(source: dict) -> str:
@@ -203,8 +236,10 @@ def _chat_summary(chat: dict | None) -> str:
         return ""
     text = f"; {chat.get('turns_trained', 0)} conversation turns trained"
     if chat.get("records_split"):
-        text += (f", {chat['records_split']} records split as served into {chat['extra_examples']} extra examples "
-                 f"(+{chat['extra_tokens']} tokens)")
+        text += (
+            f", {chat['records_split']} records split as served into {chat['extra_examples']} extra examples "
+            f"(+{chat['extra_tokens']} tokens)"
+        )
     if chat.get("turns_not_served"):
         text += f", {chat['turns_not_served']} turns left untrained (chat_examples=final_render)"
     if chat.get("turns_empty_reasoning"):
@@ -212,8 +247,10 @@ def _chat_summary(chat: dict | None) -> str:
     if chat.get("turns_reasoning_dropped"):
         text += f", {chat['turns_reasoning_dropped']} turns without the reasoning the template drops"
     if chat.get("turns_reasoning_context"):
-        text += (f", the reasoning of {chat['turns_reasoning_context']} turns as context "
-                 f"({chat.get('reasoning_tokens_context', 0)} tokens)")
+        text += (
+            f", the reasoning of {chat['turns_reasoning_context']} turns as context "
+            f"({chat.get('reasoning_tokens_context', 0)} tokens)"
+        )
     return text
 
 
@@ -273,7 +310,9 @@ def keep_records_through(path: str, step: int) -> int:
     resumed run writes the later ones again); returns how many torn last lines were dropped (0 or 1)."""
     lines, torn = _parsed_lines(path)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(line if line.endswith("\n") else line + "\n" for line, record in lines if record.get("step", 0) <= step)
+        handle.writelines(
+            line if line.endswith("\n") else line + "\n" for line, record in lines if record.get("step", 0) <= step
+        )
     return torn
 
 
@@ -293,6 +332,10 @@ def _parsed_lines(path: str) -> tuple[list[tuple[str, dict]], int]:
             if number == len(lines):
                 torn = 1
                 continue
-            raise TrainingError("a log line cannot be read", source=f"{path}:{number}", found=line[:120].rstrip(),
-                                fix="remove or repair that line (it is not the last, so no interrupted write made it)") from None
+            raise TrainingError(
+                "a log line cannot be read",
+                source=f"{path}:{number}",
+                found=line[:120].rstrip(),
+                fix="remove or repair that line (it is not the last, so no interrupted write made it)",
+            ) from None
     return parsed, torn

@@ -17,9 +17,19 @@ from sftlab.training import parallelize
 from sftlab.training.optimizer import AdamWBF16States
 
 
-def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None,
-                quantization=None, added_tokens: AddedChatTokens | None = None):
-    model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization)
+def setup_model(
+    path: str,
+    *,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    gradient_checkpointing: bool,
+    lora: dict | None,
+    quantization=None,
+    added_tokens: AddedChatTokens | None = None,
+):
+    model = load_model(
+        path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization
+    )
     model.config.use_cache = False
     if added_tokens is not None:  # before LoRA: the adapter is built on the resized embeddings
         add_token_rows(model, added_tokens)
@@ -82,9 +92,17 @@ def new_token_layers(model, ids: list[int], modules_to_save: list[str] | None) -
 def lora_settings(config: SFTConfig) -> dict | None:
     if not config.use_peft:
         return None
-    return dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
-                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init,
-                target_parameters=config.lora_target_parameters)
+    return dict(
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        modules_to_save=config.lora_modules_to_save,
+        init=config.lora_init,
+        target_parameters=config.lora_target_parameters,
+    )
 
 
 def quantization_settings(config: SFTConfig):
@@ -94,32 +112,64 @@ def quantization_settings(config: SFTConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("load_in_4bit needs the bitsandbytes package", field="load_in_4bit",
-                          fix="pip install bitsandbytes (0.45 or newer also runs 4-bit layers on the CPU), or train LoRA without load_in_4bit") from None
+        raise ConfigError(
+            "load_in_4bit needs the bitsandbytes package",
+            field="load_in_4bit",
+            fix="pip install bitsandbytes (0.45 or newer also runs 4-bit layers on the CPU), or train LoRA without load_in_4bit",
+        ) from None
     except Exception as error:  # its native library fails to load on this machine
-        raise ConfigError("bitsandbytes is installed but cannot run on this machine", field="load_in_4bit",
-                          found=str(error).splitlines()[0][:200], fix="install a bitsandbytes build for this hardware, or train LoRA without load_in_4bit") from None
+        raise ConfigError(
+            "bitsandbytes is installed but cannot run on this machine",
+            field="load_in_4bit",
+            found=str(error).splitlines()[0][:200],
+            fix="install a bitsandbytes build for this hardware, or train LoRA without load_in_4bit",
+        ) from None
     from transformers import BitsAndBytesConfig
 
     # Compute in the dtype training computes in: the 4-bit weights are dequantized to it per matmul.
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+    )
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "default",
-               target_parameters: list[str] | None = None, trainable_tokens: dict[str, list[int]] | None = None):
+def apply_lora(
+    model,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    modules_to_save: list[str] | None = None,
+    init: str = "default",
+    target_parameters: list[str] | None = None,
+    trainable_tokens: dict[str, list[int]] | None = None,
+):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ConfigError("use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'") from None
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
-                                            use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
-                                            init_lora_weights=True if init == "default" else init,
-                                            **({"target_parameters": target_parameters} if target_parameters else {}),
-                                            **({"trainable_token_indices": trainable_tokens}
-                                               if trainable_tokens else {})))
+        raise ConfigError(
+            "use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'"
+        ) from None
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            task_type="CAUSAL_LM",
+            use_dora=use_dora,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            init_lora_weights=True if init == "default" else init,
+            **({"target_parameters": target_parameters} if target_parameters else {}),
+            **({"trainable_token_indices": trainable_tokens} if trainable_tokens else {}),
+        ),
+    )
 
 
 def compile_layers(model) -> int:
@@ -152,8 +202,15 @@ def save_initial_adapter(model, output_dir: str) -> str:
     return folder
 
 
-def setup_optimizer(model, *, learning_rate: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    state_dtype: str = "float32"):
+def setup_optimizer(
+    model,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    state_dtype: str = "float32",
+):
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -177,20 +234,38 @@ def check_optimizer_in_backward(world: int) -> None:
     number of processes is known only now. Each parameter is updated the moment its gradient is
     complete, before DDP could average it with the other processes' gradients."""
     if world > 1:
-        raise ConfigError("optimizer_in_backward needs fsdp: false, and one process", field="fsdp",
-                          found=f"False with {world} processes", fix="set fsdp accordingly, or optimizer_in_backward: false")
+        raise ConfigError(
+            "optimizer_in_backward needs fsdp: false, and one process",
+            field="fsdp",
+            found=f"False with {world} processes",
+            fix="set fsdp accordingly, or optimizer_in_backward: false",
+        )
 
 
-def training_optimizer(given, model, *, fsdp: bool, learning_rate: float, weight_decay: float, betas: tuple[float, float],
-                       eps: float, state_dtype: str):
+def training_optimizer(
+    given,
+    model,
+    *,
+    fsdp: bool,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    state_dtype: str,
+):
     """The optimizer train() steps: AdamW as configured, or the caller's own (an optimizer, or a
     function params -> optimizer). Built after parallelisation, on the parameters as they are then."""
     if given is None:
-        return setup_optimizer(model, learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps,
-                               state_dtype=state_dtype)
+        return setup_optimizer(
+            model, learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps, state_dtype=state_dtype
+        )
     if isinstance(given, torch.optim.Optimizer) and fsdp:
-        raise ConfigError("fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
-                          "would step the old ones", field="optimizer", fix="pass a function params -> optimizer instead")
+        raise ConfigError(
+            "fsdp: true replaces the model's parameters by their shards, so an optimizer built beforehand "
+            "would step the old ones",
+            field="optimizer",
+            fix="pass a function params -> optimizer instead",
+        )
     if callable(given) and not isinstance(given, torch.optim.Optimizer):
         return given([p for p in model.parameters() if p.requires_grad])
     return given
@@ -210,9 +285,12 @@ def set_router_aux_loss(model, coefficient: float) -> None:
     `coefficient`, where its forward reads both (config.output_router_logits, router_aux_loss_coef)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "router_aux_loss_coef"):
-        raise ConfigError("router_aux_loss_coef is set, but the model has no router load-balancing loss",
-                          field="router_aux_loss_coef", found=type(base).__name__,
-                          fix="remove router_aux_loss_coef (it applies to mixture-of-experts models such as Mixtral, Qwen3-MoE, gpt-oss)")
+        raise ConfigError(
+            "router_aux_loss_coef is set, but the model has no router load-balancing loss",
+            field="router_aux_loss_coef",
+            found=type(base).__name__,
+            fix="remove router_aux_loss_coef (it applies to mixture-of-experts models such as Mixtral, Qwen3-MoE, gpt-oss)",
+        )
     base.config.output_router_logits = True
     base.config.router_aux_loss_coef = coefficient  # saved with the model: how it was trained
     base.router_aux_loss_coef = coefficient

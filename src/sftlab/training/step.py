@@ -1,15 +1,15 @@
 """One optimizer step: the step's micro-batches in, the updated weights and the step's sums out.
 
-    start     the objective's start_step, when it has one (KTO estimates its KL reference point
-              over the whole step before any loss is computed)
-    count     each micro-batch's normaliser (objectives.py), summed over the step on all processes
-    forward   the objective's loss module on each micro-batch; backward of loss_sum / count, plus
-              aux_loss / micro-batches when the module returns one (a per-forward mean such as a
-              MoE router's load-balancing loss: DDP's average over processes then makes it the mean
-              over all the step's forwards); DDP's gradient all-reduce waits for the last micro-batch
-    sums      the objective's sums, the tokens and empty micro-batches, and the stop flag, summed
-              over processes in one all-reduce, so every process sees a stop signal at the same step
-    update    gradient norm (and clipping), a non-finite check, optimizer step, scheduler step
+start     the objective's start_step, when it has one (KTO estimates its KL reference point
+          over the whole step before any loss is computed)
+count     each micro-batch's normaliser (objectives.py), summed over the step on all processes
+forward   the objective's loss module on each micro-batch; backward of loss_sum / count, plus
+          aux_loss / micro-batches when the module returns one (a per-forward mean such as a
+          MoE router's load-balancing loss: DDP's average over processes then makes it the mean
+          over all the step's forwards); DDP's gradient all-reduce waits for the last micro-batch
+sums      the objective's sums, the tokens and empty micro-batches, and the stop flag, summed
+          over processes in one all-reduce, so every process sees a stop signal at the same step
+update    gradient norm (and clipping), a non-finite check, optimizer step, scheduler step
 """
 
 from __future__ import annotations
@@ -39,9 +39,22 @@ class StepResult:
     records: list[int] = field(default_factory=list)  # when skipped: the records of this process's micro-batches
 
 
-def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *, processes: Processes, optimizer, lr_scheduler,
-               parameters: list[torch.Tensor], max_grad_norm: float | None, autocast, stop_requested=lambda: False, stepper=None,
-               skip_nonfinite: bool = False, step: int = 0) -> StepResult:
+def train_step(
+    wrapper: nn.Module,
+    objective: Objective,
+    batches: list[dict],
+    *,
+    processes: Processes,
+    optimizer,
+    lr_scheduler,
+    parameters: list[torch.Tensor],
+    max_grad_norm: float | None,
+    autocast,
+    stop_requested=lambda: False,
+    stepper=None,
+    skip_nonfinite: bool = False,
+    step: int = 0,
+) -> StepResult:
     """Run optimizer step `step` (0-based) on this process's micro-batches. `wrapper` is the
     objective's module as replicated or sharded; `stepper`: optimizer_in_backward's hooks, which
     have already updated the weights by the end of backward. `stop_requested()`: whether a stop
@@ -65,7 +78,9 @@ def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *,
             if "aux_loss" in out:  # a mean per forward (MoE load balancing): averaged over the step's forwards
                 loss = loss + out["aux_loss"] / len(batches)
             loss.backward()
-        engine = torch.tensor([float(batch["real_tokens"]), float(objective.count(batch) == 0), 1.0], dtype=torch.float64)
+        engine = torch.tensor(
+            [float(batch["real_tokens"]), float(objective.count(batch) == 0), 1.0], dtype=torch.float64
+        )
         parts.append(torch.cat([stacked_sums(objective, out), engine.to(out["loss_sum"].device)]))
     flag = torch.tensor([float(stop_requested())], dtype=torch.float64, device=parts[0].device)
     summed = processes.sum(torch.cat([torch.stack(parts).sum(0), flag]))
