@@ -151,8 +151,10 @@ def test_loss(name, record_property):
     if mode == "dense":
         assert why, "a fallback to the dense path must say why"
         record_property("refused", f"dense loss: {why}")
+        record_property("loss_difference", f"{abs(float(dense) - float(own)):.1e} (dense)")
         return
     sparse, sparse_out, sparse_grads = total_and_grads(model, "sparse", batch)
+    record_property("loss_difference", f"{abs(float(sparse) - float(own)):.1e}")
     torch.testing.assert_close(sparse, own, **LOSS_TOL)
     assert int(sparse_out["count"]) == int(dense_out["count"]) == 29
     assert ("aux_loss" in sparse_out) == has_router_loss(name)
@@ -192,6 +194,8 @@ def test_packing(name, record_property):
     model = build(name).eval()
     check = packing_isolation(model)
     difference = packing_difference(model)
+    record_property("probe_difference", f"{check.max_difference:.1e}")
+    record_property("packing_difference", f"{difference:.1e}")
     # The start-of-run probe agrees with a measurement on other examples: a leak it missed would train
     # every packed example on its neighbours' tokens.
     assert check.isolated == (difference <= ISOLATION_TOLERANCE), (check, difference)
