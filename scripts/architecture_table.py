@@ -155,7 +155,9 @@ def main() -> int:
     parser.add_argument("--output", default=OUTPUT, help="where to write the table (default docs/architectures.md)")
     args = parser.parse_args()
     sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
-    from architectures import KINDS
+    from architectures import KINDS, RECURRENT
+
+    kinds = {name: f"{kind} ({RECURRENT[name]})" if name in RECURRENT else kind for name, kind in KINDS.items()}
 
     command = "python scripts/architecture_table.py" + (" --quick" if args.quick else "")
     if args.junitxml:
@@ -169,7 +171,7 @@ def main() -> int:
         print("no results from the architecture tests: nothing written", file=sys.stderr)
         return 1
     with open(args.output, "w") as handle:
-        handle.write(table(results, KINDS, command))
+        handle.write(table(results, kinds, command))
     failed = sum(status == "fail" for status, _, _ in results.values())
     print(f"wrote {args.output}: {len(results)} results, {failed} failing")
     return 0
