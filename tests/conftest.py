@@ -13,6 +13,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The training tests' model: tiny_models.save_tiny_llama (seed 0, untied) next to tiny.char_tokenizer(),
+    built once per test file. A file that needs another model defines its own `model_dir`."""
+    from tiny import char_tokenizer
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module: tiny matmuls gain nothing from a second thread, spin-waits
     on a busy 2-core machine made training cases ~10x slower, and subprocesses started with

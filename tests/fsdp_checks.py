@@ -1,4 +1,4 @@
-"""Checks that need FSDP2 really sharding over 2 processes; run by test_parallelize.py as
+"""Checks that need FSDP2 really sharding over 2 processes; run by test_sharding.py as
 
     torchrun --standalone --nproc_per_node 2 tests/fsdp_checks.py OUT.json
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_models import tiny_model  # noqa: E402
 
-from sftlab.data.examples import IGNORE  # noqa: E402
+from sftlab.data.container import IGNORE  # noqa: E402
 from sftlab.training import distributed, parallelize  # noqa: E402
 from sftlab.training.loss import SupervisedLoss  # noqa: E402
 

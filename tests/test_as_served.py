@@ -1,12 +1,14 @@
 """Conversations trained exactly as served: reasoning, tools, and templates that rewrite history.
 
-The templates are written for these tests in the style of their families (not copied; the Qwen3 and
-harmony ones live in examples/templates/, where the docs render them too):
+The templates are written for these tests in the style of their families (not copied; the Qwen3,
+harmony, DeepSeek-V3.1 and GLM ones live in examples/templates/, where the docs render them too):
 Qwen3 (thinking dropped before the last user query, an empty think block on the last turn,
 tools in the system message, tool calls as <tool_call> blocks), harmony/gpt-oss (channels,
 <|return|> on the last turn and <|end|> in history, <|call|> after a tool call, a tool call's
 analysis dropped once a final answer follows), a generation prompt that opens "<think>\\n"
 (Qwen3.6 style), DeepSeek-R1 (thinking cut from every reply, the generation prompt opens it),
+DeepSeek-V3.1 (thinking switched by a template argument, every reply rendered as "</think>" + answer),
+GLM-4.5 and Apertus (no end marker after the last reply: the next message's token stops the model),
 and Llama-3 style tools in the first user message.
 
 Each expected example is written out by hand with its trained text between ⟦ and ⟧:
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 
 from sftlab import DataError, TargetSettings, prepare_examples
 from sftlab.inspect import stats_rows
 from sftlab.training.progress import _chat_summary
-from tiny import char_tokenizer, marked
+from sftlab.data.chat import CHATML
+from tiny import char_tokenizer, hand_ids, marked
 
 X = -100
 
@@ -35,6 +39,7 @@ X = -100
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "examples", "templates")
 QWEN3 = open(os.path.join(TEMPLATES, "qwen3_style.jinja"), encoding="utf-8").read()      # shared with the docs
 HARMONY = open(os.path.join(TEMPLATES, "harmony_style.jinja"), encoding="utf-8").read()
+V31 = pathlib.Path(TEMPLATES, "deepseek_v31_style.jinja").read_text(encoding="utf-8")
 
 # The generation prompt opens the thinking; the history shows earlier replies without it.
 OPENS_THINK = (
@@ -266,6 +271,238 @@ def test_r1_reply_without_its_thinking_is_refused_naming_file_line_record_and_tu
     assert len(skipped) == 1 and sum(skipped.stats["skipped_invalid"].values()) == 1
 
 
+# DeepSeek-V3.1 style: thinking switched by a template argument; every rendered reply is "</think>" + answer.
+THINKING = {"thinking": True}
+V31_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Yo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]
+
+
+def test_v31_thinking_on_reasoning_inline_trains_the_answer_and_its_closing_tag_once():
+    # The render writes "</think>" before the answer itself: the reply as written ends with "</think>4", and
+    # only eos_token comes from the template. (Before: "add</think>4</think>4</s>", the answer trained twice.)
+    pairs, examples = examples_of([{"messages": V31_CHAT, "chat_template_kwargs": THINKING}], V31)
+    assert pairs == expected_examples(
+        "<s><|User|>Hi<|Assistant|></think>Yo</s><|User|>2+2?<|Assistant|><think>⟦add</think>4</s>⟧",
+        "<s><|User|>Hi<|Assistant|><think>⟦greet</think>Yo</s>⟧",
+    )
+    assert examples.stats["chat"]["rule_opened_reply"] == 2
+    assert_every_turn_trained_once_as_served({"messages": V31_CHAT, "chat_template_kwargs": THINKING}, V31)
+
+
+def test_v31_thinking_on_with_whitespace_the_template_does_not_echo_is_refused_not_trained_twice():
+    # The answer as written ends in "\n", and the template renders it so: the reply still matches its render.
+    ends_in_newline = [V31_CHAT[0], {"role": "assistant", "content": "<think>greet</think>Yo\n"}]
+    pairs, _ = examples_of([{"messages": ends_in_newline}], V31, chat_template_kwargs=THINKING)
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|><think>⟦greet</think>Yo\n</s>⟧")
+    # A template that trims the answer renders "</think>Yo</s>" for "Yo  ": no stretch of its render ends the
+    # reply as written, so the turn is refused instead of trained as "greet</think>Yo  </think>Yo</s>".
+    trims = V31.replace("{{- content + eos_token }}", "{{- content | trim + eos_token }}")
+    padded = [V31_CHAT[0], {"role": "assistant", "content": "<think>greet</think>Yo  "}]
+    with pytest.raises(DataError, match=r"messages\[1\].*cannot find the end of the reply as written"):
+        examples_of([{"messages": padded}], trims, chat_template_kwargs=THINKING)
+
+
+def test_an_answer_the_template_writes_again_after_the_reply_is_refused_not_trained_twice():
+    echoes = V31.replace("{{- content + eos_token }}", "{{- content + eos_token + content }}")
+    with pytest.raises(DataError, match=r"messages\[1\].*writes this turn's answer again after the reply"):
+        examples_of([{"messages": V31_CHAT[:2]}], echoes, chat_template_kwargs=THINKING)
+
+
+def test_v31_thinking_on_with_reasoning_in_reasoning_content_is_refused():
+    # This template never reads reasoning_content, and the model is served to think first.
+    chat = [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*the generation prompt ends with '<think>'"):
+        examples_of([{"messages": chat, "chat_template_kwargs": THINKING}], V31)
+
+
+def test_v31_thinking_off_is_prefix_stable_and_refuses_reasoning_it_would_drop():
+    plain = [{**m, "content": m["content"].split("</think>")[-1]} for m in V31_CHAT]
+    pairs, examples = examples_of([{"messages": plain}], V31)
+    assert pairs == expected_examples("<s><|User|>Hi<|Assistant|></think>⟦Yo</s>⟧<|User|>2+2?<|Assistant|></think>⟦4</s>⟧")
+    assert examples.stats["chat"]["rule_prefix"] == 2
+    assert examples_of([{"messages": plain, "chat_template_kwargs": {"thinking": False}}], V31)[0] == pairs
+    inline = {"messages": V31_CHAT}
+    in_field = {"messages": [V31_CHAT[0], {"role": "assistant", "content": "Yo", "reasoning_content": "greet"}]}
+    for record in (inline, in_field):
+        with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
+            examples_of([record], V31)
+
+
+# ---------------------------------------------------------------- no end marker after the last reply
+
+# GLM-4.5 style (examples/templates/, shared with the docs): a reply ends where the next <|user|> or <|observation|>
+# begins, and generation stops on those (generation_config.json's eos_token_id); reasoning kept only after the last
+# user message.
+GLM = pathlib.Path(TEMPLATES, "glm_style.jinja").read_text(encoding="utf-8")
+
+# Apertus style: <|assistant_end|> (the tokenizer's eos_token) is written only when a user message follows.
+APERTUS = (
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<|user_start|>' + m.content + '<|user_end|>' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|assistant_start|>' + m.content }}"
+    "{%- if not loop.last and messages[loop.index0 + 1].role == 'user' %}{{- '<|assistant_end|>' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant_start|>' }}{%- endif %}"
+)
+
+
+def tokenizer_with_stops(tmp_path, template, stops):
+    """The chat tokenizer saved with a generation_config.json whose eos_token_id lists `stops`, loaded back."""
+    from transformers import AutoTokenizer
+
+    char_tokenizer(chat_template=template, chat_tokens=True).save_pretrained(tmp_path)
+    config = {"eos_token_id": [hand_ids(t, True)[0] for t in stops]}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def pairs_of(records, tokenizer):
+    examples = prepare_examples(records, tokenizer, use_cache=False)
+    return [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))], examples
+
+
+def test_glm_style_turns_are_closed_by_the_stop_token_that_begins_the_next_message(tmp_path):
+    from sftlab.data.chat import stop_tokens_of
+    from sftlab.data.prepare import _cache_key
+    from sftlab.data.workers import Recipe
+
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    assert stop_tokens_of(tokenizer) == {"</s>", "<|user|>", "<|observation|>"}
+    # They shape the examples, so they are part of the cache key (the same tokenizer without them is another entry).
+    without = [char_tokenizer(chat_template=GLM, chat_tokens=True) for _ in range(2)]
+    keys = [_cache_key("data", Recipe(t, TargetSettings())) for t in [tokenizer, *without]]
+    assert keys[0] != keys[1] == keys[2]
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "greet"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    pairs, examples = pairs_of([{"messages": chat}], tokenizer)
+    # Each reply is trained through the <|user|> the model writes to stop; the first reply loses its reasoning in
+    # history (and once a message follows it), so it is served in an example of its own.
+    assert pairs == expected_examples(
+        "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nYo<|user|>\n2+2?<|assistant|>"
+        "⟦\n<think>add</think>\n4<|user|>⟧",
+        "[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think>greet</think>\nYo<|user|>⟧",
+    )
+    # Reasoning tags that are plain text: the rewritten turn is found by its answer in the render that follows it.
+    plain_tags = GLM.replace("<think>", "[t]").replace("</think>", "[/t]")
+    pairs, _ = pairs_of([{"messages": chat[:2]}], tokenizer_with_stops(tmp_path / "plain", plain_tags,
+                                                                         ["</s>", "<|user|>", "<|observation|>"]))
+    assert pairs == expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n[t]greet[/t]\nYo<|user|>⟧")
+    # A tool call is closed by <|observation|>, the final answer by <|user|>; the render serves both in one example.
+    tools = [{"role": "user", "content": "Temp?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "name": "get_temp", "content": "7C"}, {"role": "assistant", "content": "7C."}]
+    pairs, examples = pairs_of([{"messages": tools}], tokenizer)
+    assert pairs == expected_examples(
+        "[gMASK]<sop><|user|>\nTemp?<|assistant|>"
+        "⟦\n<think></think>\n<tool_call>get_temp\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>"
+        "<|observation|>⟧"
+        "\n<tool_response>7C</tool_response><|assistant|>⟦\n<think></think>\n7C.<|user|>⟧")
+    assert examples.stats["chat"]["turns_trained"] == 2
+
+
+def test_glm_style_generation_prompts_stop_on_the_token_training_ends_replies_with(tmp_path):
+    from sftlab.data.chat import ChatRenderer
+    from sftlab.data.prompts import reply_stop_ids
+
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    # A reply ends where <|user|> begins, a tool call where <|observation|> does (the stop rule probes both).
+    assert reply_stop_ids(tokenizer, ChatRenderer(tokenizer, GLM)) == sorted(hand_ids("</s><|user|><|observation|>", True))
+
+
+def test_final_render_mode_trains_the_last_reply_through_the_token_a_next_message_writes(tmp_path):
+    tokenizer = tokenizer_with_stops(tmp_path, GLM, ["</s>", "<|user|>", "<|observation|>"])
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    want = expected_examples("[gMASK]<sop><|user|>\nHi<|assistant|>⟦\n<think></think>\nYo<|user|>⟧\n2+2?"
+                             "<|assistant|>⟦\n<think></think>\n4<|user|>⟧")
+    for mode in ("as_served", "final_render"):
+        settings = TargetSettings(chat_examples=mode)
+        examples = prepare_examples([{"messages": chat}], tokenizer, settings, use_cache=False)
+        assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == want, mode
+        assert examples.stats["chat"]["turns_trained"] == 2 and examples.stats["chat"]["turns_not_served"] == 0
+
+
+def test_the_docs_example_of_a_template_without_end_marker_still_renders():
+    # docs/render_examples.py renders it with SmolLM2's tokenizer (not installed in CI); here with the tiny one.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_examples", os.path.join(TEMPLATES, "..", "..", "docs",
+                                                                                  "render_examples.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.no_end_marker(char_tokenizer(chat_template=CHATML))["as_served_glm"]
+    assert "# example 1: trains messages [3, 5]" in block and "Paris?<|assistant|>⟦" in block
+    assert "21C and sunny.<|user|>⟧" in block and "</tool_call><|observation|>⟧" in block
+
+
+def test_apertus_style_last_reply_is_closed_by_the_end_token_a_next_user_message_gets():
+    tokenizer = char_tokenizer(chat_template=APERTUS, chat_tokens=True, eos="<|assistant_end|>")
+    pairs, _ = pairs_of([{"messages": CHATML_CHAT}], tokenizer)
+    assert pairs == expected_examples("<|user_start|>Hi<|user_end|><|assistant_start|>⟦Yo<|assistant_end|>⟧"
+                                      "<|user_start|>2+2?<|user_end|><|assistant_start|>⟦4<|assistant_end|>⟧")
+
+
+def test_a_next_message_token_that_does_not_stop_generation_is_not_trained():
+    # Without the generation config, <|user|> is not a stop token: the GLM-style reply has no marker to end with.
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not end with an end-of-turn token.*generation_config"):
+        examples_of([{"messages": chat}], GLM)
+
+
+# ---------------------------------------------------------------- content as a list of parts
+
+# Mistral style, reading content parts: text as written, a thinking part inside [THINK]...[/THINK].
+MISTRAL_PARTS = (
+    "{%- macro content(c) %}{%- if c is string %}{{- c }}{%- else %}{%- for b in c %}"
+    "{%- if b.type == 'text' %}{{- b.text }}{%- elif b.type == 'thinking' %}{{- '[THINK]' + b.thinking + '[/THINK]' }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{%- endmacro %}"
+    "{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}{{- '[INST]' + content(m.content) + '[/INST]' }}"
+    "{%- else %}{{- content(m.content) + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def text(*parts: str) -> list[dict]:
+    return [{"type": "text", "text": p} for p in parts]
+
+
+def test_text_parts_are_joined_for_a_template_that_reads_strings():
+    chat = [{"role": "user", "content": text("Hi")}, {"role": "assistant", "content": text("Yo", "!")}]
+    pairs, _ = examples_of([{"messages": chat}], CHATML)
+    # joined with "\n", as vLLM joins the text parts for such templates
+    assert pairs == expected_examples("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo\n!<|im_end|>⟧\n")
+    as_strings = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo\n!"}]
+    assert examples_of([{"messages": as_strings}], CHATML)[0] == pairs
+
+
+def test_parts_reach_a_template_that_reads_them_with_their_thinking():
+    thinks = [{"type": "thinking", "thinking": "add"}, {"type": "text", "text": "4"}]
+    record = {"messages": [{"role": "user", "content": text("2+2?")}, {"role": "assistant", "content": thinks}]}
+    pairs, _ = examples_of([record], MISTRAL_PARTS)
+    assert pairs == expected_examples("<s>[INST]2+2?[/INST]⟦[THINK]add[/THINK]4</s>⟧")
+    assert_every_turn_trained_once_as_served(record, MISTRAL_PARTS)
+    # A template that reads strings gets the thinking as the message's reasoning (Qwen3 renders it in <think>).
+    pairs, _ = examples_of([record], QWEN3)
+    assert pairs == expected_examples(
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nadd\n</think>\n\n4<|im_end|>⟧\n")
+
+
+def test_a_thinking_part_the_template_drops_is_refused():
+    # reads text parts, skips every other part
+    text_only = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | selectattr('type', "
+                               "'equalto', 'text') | map(attribute='text') | join) + '<|im_end|>'")
+    thinks = [{"type": "thinking", "thinking": "add"}, {"type": "text", "text": "4"}]
+    chat = [{"role": "user", "content": text("2+2?")}, {"role": "assistant", "content": thinks}]
+    with pytest.raises(DataError, match=r"messages\[1\].*does not hold its reasoning"):
+        examples_of([{"messages": chat}], text_only)
+
+
+def test_a_part_that_is_not_text_is_refused_naming_the_record_and_the_part():
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    chat = [{"role": "user", "content": text("What is it?") + [image]}, {"role": "assistant", "content": "A cat."}]
+    with pytest.raises(DataError, match=r"record 1, field 'messages\[0\]\.content\[1\]\.type': a 'image_url' "
+                                        r"content part cannot be trained on"):
+        examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
+    with pytest.raises(DataError, match=r"field 'messages\[1\]\.content\[0\]\.text': must be a string"):
+        examples_of([{"messages": [chat[1], {"role": "assistant", "content": [{"type": "text", "text": 4}]}]}], CHATML)
+
+
 # ---------------------------------------------------------------- tools reach the template
 
 
@@ -302,6 +539,39 @@ def test_tool_call_arguments_as_object_or_text_and_empty_content_are_one_thing()
     assert examples_of([as_text], LLAMA_TOOLS)[0] == examples_of([as_object], LLAMA_TOOLS)[0] == expected_examples(LLAMA_EXPECTED)
 
 
+# DeepSeek style: a tool call's arguments joined to the text as they are, so the template reads JSON text.
+JOINS_TEXT = (
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<|User|>' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|Assistant|>' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}"
+    "{{- '<tool_call>' + c.function.name + '\\n' + c.function.arguments + '</tool_call>' }}"
+    "{%- endfor %}{{- eos_token }}{%- elif m.role == 'tool' %}{{- '<tool_response>' + m.content + '</tool_response>' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|Assistant|>' }}{%- endif %}"
+)
+JOINS_EXPECTED = ('<|User|>Temp in Oslo?<|Assistant|>⟦<tool_call>get_temp\n{"city": "Oslo"}</tool_call></s>⟧'
+                  "<tool_response>7C</tool_response><|Assistant|>⟦7C.</s>⟧")
+
+
+@pytest.mark.parametrize("arguments", ['{"city": "Oslo"}', '{"city":"Oslo"}', {"city": "Oslo"}],
+                         ids=["text", "compact-text", "object"])
+@pytest.mark.parametrize("template, want", [(LLAMA_TOOLS, LLAMA_EXPECTED), (JOINS_TEXT, JOINS_EXPECTED)],
+                         ids=["reads-objects", "joins-text"])
+def test_tool_call_arguments_in_the_form_the_template_reads(template, want, arguments):
+    # A probe call rendered both ways decides: Llama's tojson gets an object, DeepSeek's join gets JSON text;
+    # either way the arguments are written as JSON once (never a Python dict, never JSON inside a JSON string).
+    record = tool_records(tools=[TEMP_TOOL])
+    call = {"type": "function", "function": {"name": "get_temp", "arguments": arguments}}
+    record["messages"][1]["tool_calls"] = [call]
+    assert examples_of([record], template)[0] == expected_examples(want)
+
+
+def test_a_template_that_writes_arguments_wrongly_either_way_is_refused():
+    twice = JOINS_TEXT.replace("c.function.arguments", "(c.function.arguments | tojson | tojson)")
+    with pytest.raises(DataError, match=r"record 0, field 'chat_template': .*renders tool-call arguments neither from "
+                                        r"an object nor from JSON text as JSON once"):
+        examples_of([tool_records()], twice)
+
+
 def test_bad_tool_calls_are_named():
     record = tool_records()
     record["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "get_temp", "arguments": "{city: Oslo}"}}]
@@ -315,8 +585,10 @@ def test_bad_tool_calls_are_named():
 
 
 def test_a_template_failing_on_a_record_in_python_is_a_clear_error():
-    # DeepSeek's templates join a tool call's arguments as text; sftlab gives templates objects (as vLLM does).
-    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ '<|call|>' + c.function.arguments }}"
+    # Adds a number to text whatever form the arguments come in (a template joining them as text, as DeepSeek's
+    # do, now gets them as text: see test_tool_call_arguments_in_the_form_the_template_reads).
+    joins = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
+             "{{ '<|call|>' + c.function.arguments | length }}"
              "{% endfor %}{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>' }}{% endif %}")
     with pytest.raises(DataError, match=r"record 0, field 'chat_template': the chat template failed on this record; "
                                         r"found TemplateError: TypeError: can only concatenate str"):

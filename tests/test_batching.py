@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftlab.training.batching import best_fit_decreasing, pack_batch, pad_batch, plan_epoch
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 
 X = IGNORE
 

@@ -22,6 +22,16 @@ BOS = special_id("<s>")
 # ---------------------------------------------------------------- templates, in each family's style
 
 
+def generation_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The render and the character spans inside its `{% generation %}` tags, found by transformers
+    (what apply_chat_template's assistant mask is made of): an oracle that shares no code with sftlab's."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
+
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    text, spans = _render_with_assistant_indices(_compile_jinja_template(template), messages, None, None, False, **special)
+    return text, [tuple(s) for s in spans]
+
+
 def _reply(body: str, tags: bool) -> str:
     return "{% generation %}" + body + "{% endgeneration %}" if tags else body
 
@@ -181,7 +191,7 @@ def test_supervised_text_agrees_with_the_generation_tags(family):
     template, marked, _ = FAMILIES[family]
     text, _, _, spans = expected(marked)
     renderer = ChatRenderer(char_tokenizer(), template(True))
-    assert renderer.generation_spans(MULTI_TURN) == (text, spans)
+    assert generation_spans(char_tokenizer(), template(True), MULTI_TURN) == (text, spans)
     # sftlab does not read the tags: it finds the same spans by rendering prefixes.
     assert renderer.conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
     assert ChatRenderer(char_tokenizer(), template(False)).conversation_examples(MULTI_TURN, [2, 4]).examples == [(text, spans)]
@@ -330,7 +340,7 @@ def test_template_that_moves_the_system_prompt(messages, main, extra, tags):
     assert planned.turns == [[4], [2]]
     if tags:  # generation tags mark both replies in the whole render: the first after the wrong prefix
         full, _, _, spans = expected(main.replace("Yo</s>", "⟦Yo</s>⟧").replace("]4</s>[", "]⟦4</s>⟧["))
-        assert renderer.generation_spans(messages) == (full, spans)
+        assert generation_spans(char_tokenizer(), mistral_system_last(tags), messages) == (full, spans)
     tokenizer = char_tokenizer(chat_template=mistral_system_last(tags))
     examples = prepare_examples([{"messages": messages}], tokenizer, TargetSettings(), use_cache=False)
     assert [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))] == [
@@ -356,7 +366,7 @@ def test_builtin_chatml_for_a_tokenizer_without_template():
     _, input_ids, targets, spans = expected(FAMILIES["chatml"][1])
     assert prepare([{"messages": MULTI_TURN}], char_tokenizer(), chat_template="chatml") == [(input_ids, targets)]
     # The built-in template carries generation tags, and they agree.
-    assert ChatRenderer(char_tokenizer(), CHATML).generation_spans(MULTI_TURN)[1] == spans
+    assert generation_spans(char_tokenizer(), CHATML, MULTI_TURN)[1] == spans
 
 
 def test_configured_template_wins_over_the_tokenizer_one(tmp_path):

@@ -12,10 +12,10 @@ import torch._dynamo
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, train
-from tiny import char_tokenizer
+from tiny import char_tokenizer, qa_records
 from tiny_models import save_tiny_llama
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_compiled_layers_train_like_eager(tmp_path):
     model_dir = save_tiny_llama(str(tmp_path / "model"), char_tokenizer())
 
     def run(name, **overrides):
-        config = SFTConfig(model=model_dir, train_data="(list)", output_dir=str(tmp_path / name), use_cache=False, packing=True,
+        config = SFTConfig(model=model_dir, output_dir=str(tmp_path / name), use_cache=False, packing=True,
                            max_length=64, pad_to_multiple_of=64, per_device_train_batch_size=2, learning_rate=3e-3, warmup_ratio=0.0,
                            logging_steps=1, max_steps=3, seed=0, **overrides)
         result = train(config, train_dataset=RECORDS)

@@ -19,20 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, train
-from tiny import char_tokenizer
-from tiny_models import save_tiny_llama
+from tiny import qa_records
+from tiny_models import list_config
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 # Eight prompt/completion records of different lengths (and supervised counts), so that an
 # update normalised per micro-batch instead of per step would differ.
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3) + "!" * i}
-           for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
+RECORDS = qa_records(8, exclaim=lambda i: i)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +37,9 @@ def records_file(tmp_path_factory):
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(output_dir), use_cache=False, max_steps=1,
-                  learning_rate=1.0, lr_scheduler_type="constant", warmup_ratio=0.0, max_grad_norm=None, logging_steps=1, seed=5)
-    return SFTConfig(**{**values, **overrides})
+    values = dict(max_steps=1, learning_rate=1.0, lr_scheduler_type="constant", warmup_ratio=0.0, max_grad_norm=None,
+                  logging_steps=1, seed=5)
+    return list_config(model_dir, output_dir, **{**values, **overrides})
 
 
 def final_weights(output_dir) -> dict[str, torch.Tensor]:
@@ -133,7 +127,10 @@ def test_dft_batch_8_equals_2_x_accumulation_4_and_differs_from_nll(model_dir, t
     assert log_a["nll"] == pytest.approx(plain["loss"], rel=1e-6)
     # p < 1 on every token of an untrained model: the DFT loss is below the CE, and so is the update.
     assert log_a["loss"] < 0.1 * plain["loss"]
-    update = lambda w: sum(float((w[n] - start_weights[n]).norm()) for n in start_weights)
+
+    def update(w):
+        return sum(float((w[n] - start_weights[n]).norm()) for n in start_weights)
+
     assert update(a) < 0.1 * update(one_by_eight[0])
 
 

@@ -14,24 +14,15 @@ import yaml
 from sftlab.data.chat import CHATML, ChatRenderer
 from sftlab.cli import main
 from sftlab.errors import DataError, SftlabError
-from sftlab.generate import generate, generate_replies, load_for_generation, render_prompts, stop_token_ids
+from sftlab.generate import generate, generate_replies, load_for_generation, render_prompts
 from sftlab.plot import PlotError, plot_metrics, read_metrics
-from tiny import char_tokenizer, special_id
+from tiny import char_tokenizer
+from tiny import fused_tokenizer as _tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SYSTEM = "be brief"
 # Two prompts, two replies: greedy decoding of the taught model must give exactly these back.
 TAUGHT = {"hi": "hello", "ok?": "ok!"}
-
-
-def _tokenizer(chat_template: str | None = None):
-    """tests/tiny.py's char tokenizer, with a decoder that joins tokens as they are (its bare BPE
-    decoder would put a space between "hell" and "o")."""
-    from tokenizers import decoders
-
-    tokenizer = char_tokenizer(chat_template=chat_template)
-    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
-    return tokenizer
 
 
 def _tiny_llama(vocab_size: int):
@@ -111,13 +102,6 @@ def test_prompt_is_rendered_with_the_system_message_and_generation_prompt():
     thinking_off = "{{ messages[0].content }}{% if add_generation_prompt and not enable_thinking %}<think></think>{% endif %}"
     assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": False}) == ["hi<think></think>"]
     assert render_prompts(tokenizer, thinking_off, ["hi"], template_kwargs={"enable_thinking": True}) == ["hi"]
-
-
-def test_stop_tokens_are_eos_and_known_end_of_turn_markers():
-    tokenizer = char_tokenizer()
-    model = _tiny_llama(len(tokenizer))
-    expected = {special_id(t) for t in ("</s>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")}
-    assert set(stop_token_ids(tokenizer, model)) == expected
 
 
 def test_lora_adapter_folder_loads_its_base_model(taught_dir, tmp_path):

@@ -18,7 +18,8 @@ from sftlab import train
 from sftlab.cli import main
 from sftlab.config import make_config
 from sftlab.data.chat import CHATML
-from sftlab.data.examples import IGNORE, TargetSettings
+from sftlab.data.container import IGNORE
+from sftlab.data.examples import TargetSettings
 from sftlab.data.prepare import prepare_examples
 from sftlab.data.prompts import generation_prompts
 from sftlab.data.splits import prepare_generation_prompts
@@ -27,21 +28,11 @@ from sftlab.generate import generate_replies
 from sftlab.plot import generation_scores, plot_metrics, read_metrics
 from sftlab.training.evaluation import GenerationEval, contains, exact_match, json_exact_match, resolve_metrics
 from sftlab.training.distributed import Processes
-from tiny import char_tokenizer, special_id
+from tiny import char_tokenizer, fused_tokenizer, special_id
 from tiny_models import tiny_model
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fused_tokenizer(**kwargs):
-    """The char tokenizer with a decoder that joins tokens as they are (its BPE decoder would put a
-    space between every two), so decoded replies read as the text they encode."""
-    from tokenizers import decoders
-
-    tokenizer = char_tokenizer(**kwargs)
-    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
-    return tokenizer
 
 
 def write_jsonl(path, records) -> str:

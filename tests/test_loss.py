@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from sftlab.data.examples import IGNORE
+from sftlab.data.container import IGNORE
 from sftlab.training.loss import SupervisedLoss, choose_loss_mode, dense_loss, head_loss, logit_transform, split_model
 from tiny_models import tiny_model
 

@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 from sftlab import ConfigError, SFTConfig, train
 from sftlab.cli import main
 from sftlab.config import load_config, make_config
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
 from sftlab.data.mixture import MixturePart, drawn, mixture_counts
 from sftlab.data.splits import prepare_split
 from tiny import char_tokenizer
-from tiny_models import save_tiny_llama
 
 
 def part(n: int, **option) -> MixturePart:
@@ -141,11 +140,6 @@ def test_a_single_source_keeps_the_plain_form():
 
 
 # --- training on a mixture ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
 
 
 def train_config(model_dir, tmp_path, sources, output, cache="cache", **extra) -> SFTConfig:

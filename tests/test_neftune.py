@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from sftlab import SFTConfig, train
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 from sftlab.training.batching import pack_batch, pad_batch
 from sftlab.training.loss import SupervisedLoss, example_lengths, neftune_scale, split_model
-from tiny import char_tokenizer
+from tiny import char_tokenizer, qa_records
 from tiny_models import save_tiny_llama, tiny_model
 
 VOCAB = 96
@@ -130,14 +130,14 @@ def test_the_dense_path_gets_the_same_noise():
     assert results["sparse"] == pytest.approx(results["dense"], rel=1e-6)
 
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 
 
 def test_training_with_neftune_end_to_end(tmp_path):
     model_dir = save_tiny_llama(str(tmp_path / "model"), char_tokenizer())
 
     def run(name, **overrides):
-        config = SFTConfig(model=model_dir, train_data="(list)", eval_data="(list)", output_dir=str(tmp_path / name), use_cache=False,
+        config = SFTConfig(model=model_dir, output_dir=str(tmp_path / name), use_cache=False,
                            per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, max_steps=2,
                            seed=0, **overrides)
         history = train(config, train_dataset=RECORDS, eval_dataset=RECORDS[:4]).history

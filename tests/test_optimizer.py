@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftlab import SFTConfig, train
+from sftlab import train
 from sftlab.errors import ConfigError
 from sftlab.training.optimizer import AdamWBF16States, StepInBackward, _stochastic_bf16
-from tiny import char_tokenizer
-from tiny_models import save_tiny_llama, tiny_model
+from tiny import char_tokenizer, qa_records
+from tiny_models import list_config, save_tiny_llama, tiny_model
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 BASE = dict(per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, seed=0, max_steps=3,
             max_grad_norm=None, weight_decay=0.1)
 
@@ -26,8 +26,7 @@ def tied_model_dir(tmp_path_factory):
 
 
 def run(model_dir, out, **overrides):
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(out), use_cache=False, **BASE)
-    return train(SFTConfig(**{**values, **overrides}), train_dataset=RECORDS)
+    return train(list_config(model_dir, out, **{**BASE, **overrides}), train_dataset=RECORDS)
 
 
 def train_records(result):

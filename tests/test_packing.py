@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sftlab.training.batching import pack_batch
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 from sftlab.training.loss import SupervisedLoss
 from tiny_models import tiny_model
 

@@ -21,23 +21,17 @@ from safetensors.torch import load_file
 from sftlab import ConfigError, SFTConfig, train
 from sftlab.cli import main as cli_main
 from sftlab.training.setup import quantization_settings
-from tiny import char_tokenizer
-from tiny_models import save_tiny_llama
+from tiny import qa_records
+from tiny_models import list_config
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 BASE = dict(per_device_train_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1, seed=0, max_steps=3,
             use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROBE = torch.tensor([[5, 9, 14, 20, 3, 7, 11, 2]])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
-
-
 def run(model_dir, out, **overrides):
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(out), use_cache=False, **BASE)
-    return train(SFTConfig(**{**values, **overrides}), train_dataset=RECORDS)
+    return train(list_config(model_dir, out, **{**BASE, **overrides}), train_dataset=RECORDS)
 
 
 def losses(result):
@@ -142,7 +136,7 @@ def test_qlora_trains_adapters_on_a_4bit_base(model_dir, tmp_path):
         seen["dtypes"] = {p.dtype for p in model}
         return torch.optim.AdamW(model, lr=1e-2)
 
-    config = SFTConfig(model=model_dir, train_data="(list)", output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2},
+    config = SFTConfig(model=model_dir, output_dir=str(tmp_path / "q"), use_cache=False, **{**BASE, "max_steps": 2},
                        load_in_4bit=True)
     result = train(config, train_dataset=RECORDS, optimizer=spy)
     assert seen["dtypes"] == {torch.float32}  # only the adapters train; the 4-bit weights are frozen

@@ -422,7 +422,7 @@ def test_a_bad_line_far_into_a_file_is_named_by_the_stream(tmp_path):
 
 def test_json_array_read_element_by_element_through_a_small_window(tmp_path, monkeypatch):
     # A window of 7 characters: every value, string and number crosses a window edge somewhere.
-    monkeypatch.setattr("sftlab.data.sources._BLOCK", 7)
+    monkeypatch.setattr("sftlab.data.jsonstream._BLOCK", 7)
     records = [{"text": "x" * (i % 13), "n": 12345678 * i, "nested": {"k": [i, i + 0.5, None]}} for i in range(40)]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=2), encoding="utf-8")
@@ -444,7 +444,7 @@ def test_json_array_read_element_by_element_through_a_small_window(tmp_path, mon
     ('{"rows": [{"text": "one"}], "more": 1}', None, None),
 ])
 def test_json_array_syntax_errors_name_the_line(tmp_path, monkeypatch, text, line, found):
-    monkeypatch.setattr("sftlab.data.sources._BLOCK", 5)
+    monkeypatch.setattr("sftlab.data.jsonstream._BLOCK", 5)
     path = tmp_path / "data.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError) as error:

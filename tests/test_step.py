@@ -63,7 +63,8 @@ def test_a_step_is_the_mean_over_the_whole_step_for_any_objective():
     # so grad norm 1.0 and, with SGD lr 0.1, w = 1 - 0.1 = 0.9.
     objective = Regression(1.0)
     result = run_step(objective, [batch([1.0], [3.0]), batch([2.0, 1.0, 3.0], [0.0, 1.0, 3.0], first_record=1)])
-    assert result.sums == {"loss_sum": 8.0, "points": 4.0, "abs_sum": 4.0, "tokens": 4.0, "empty_micro_batches": 0.0}
+    assert result.sums == {"loss_sum": 8.0, "points": 4.0, "abs_sum": 4.0, "tokens": 4.0, "empty_micro_batches": 0.0,
+                           "forwards": 2.0}
     assert result.grad_norm == pytest.approx(1.0)
     assert float(objective.module.w) == pytest.approx(0.9)
     assert not result.skipped and not result.stop and result.learning_rate == 0.1

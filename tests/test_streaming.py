@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.examples import IGNORE, build_examples
-from sftlab.data.formats import validate_records
+from sftlab.data.container import IGNORE, Examples
+from sftlab.data.examples import ExampleBuilder
+from sftlab.data.formats import RecordValidator
 from tiny import char_tokenizer
 
 CHATML = (
@@ -47,15 +48,19 @@ def chats(n: int = 23, invalid: bool = True) -> list[dict]:
 
 def reference(records: list[dict], tokenizer, settings=SETTINGS):
     """The whole list in memory, in one chunk: what streaming must give exactly."""
-    validated = validate_records(load_records(records), skip_invalid=True, vocab_size=len(tokenizer))
-    examples = build_examples(validated.records, tokenizer, settings, chunk_size=10**6, skip_invalid=True)
-    built = examples.stats
+    validator = RecordValidator(skip_invalid=True, vocab_size=len(tokenizer))
+    loaded = load_records(records)
+    valid = validator.validate(loaded)
+    validator.finish(loaded.name)
+    builder = ExampleBuilder(tokenizer, settings, skip_invalid=True)
+    examples = Examples.concatenate(list(builder.build([valid])))
+    built = builder.stats()
     lengths = examples.lengths
     stats = {
         "records": len(records),
-        "formats": dict(validated.formats),
+        "formats": dict(validator.formats),
         "examples": len(examples),
-        "skipped_invalid": dict(Counter(validated.skipped) + Counter(built["skipped_invalid"])),
+        "skipped_invalid": dict(Counter(validator.skipped) + Counter(built["skipped_invalid"])),
         "truncated": built["truncated"],
         "dropped": built["dropped"],
         "tokens": int(lengths.sum()),
@@ -151,7 +156,8 @@ def test_the_entry_is_read_memory_mapped(tmp_path):
         array = getattr(examples, name)
         assert isinstance(array, np.memmap) and not array.flags.writeable, name
     (entry,) = [name for name in os.listdir(tmp_path) if not name.startswith(".")]
-    assert sorted(os.listdir(tmp_path / entry)) == sorted([name + ".npy" for name in ARRAYS] + ["stats.json"])
+    files = [name + ".npy" for name in ARRAYS] + ["stats.json", "checksums.json"]
+    assert sorted(os.listdir(tmp_path / entry)) == sorted(files)
 
 
 def test_without_cache_nothing_is_left_on_disk(tmp_path, monkeypatch):
@@ -387,3 +393,115 @@ def test_a_tokenizer_that_cannot_be_sent_to_workers_prepares_in_one_process():
         examples = prepare_examples(pairs(), tokenizer, SETTINGS, skip_invalid_records=True, use_cache=False, workers=2)
     expected, stats = reference(pairs(), char_tokenizer())
     assert_same(examples, expected, stats)
+
+
+ORPHANS = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import sftlab.data.workers as workers
+    from sftlab import prepare_examples
+    from tiny import char_tokenizer
+
+    merge = workers._Merge.__init__
+    def started_then_stuck(self, writer):  # the workers are started: the parent stops here, to be killed
+        merge(self, writer)
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    workers._Merge.__init__ = started_then_stuck
+    prepare_examples({data!r}, char_tokenizer(), use_cache=False, workers=2)
+""")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found.update(int(child) for child in handle.read().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_preparation_workers_die_when_their_parent_is_killed(tmp_path):
+    # `sftlab prepare` SIGKILLed (or OOM-killed) while its workers wait for chunks: the workers
+    # must not live on as orphans, each holding a tokenizer.
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "data.jsonl", pairs(200))
+    marker = tmp_path / "started"
+    script = ORPHANS.format(tests=os.path.dirname(__file__), data=data, marker=str(marker))
+    # Output to a file, not a pipe: orphaned workers would hold a pipe open, and reading it would hang.
+    log = open(tmp_path / "log", "w")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert parent.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < deadline, "the workers did not start within 120 s"
+            time.sleep(0.05)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        time.sleep(1)  # let the workers finish starting: they are then blocked on the task queue
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        log.close()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # do not leave them behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == [], "workers outlived their killed parent"
+
+
+WATCHED = textwrap.dedent("""
+    import os, sys, time
+    import sftlab.data.workers as workers
+
+    child = os.fork()
+    if child == 0:
+        sys.platform = "darwin"  # no prctl: the thread that polls the parent id alone
+        workers._die_with_parent(os.getppid())
+        time.sleep(600)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/stat"), reason="forks, reads /proc")
+def test_where_the_kernel_cannot_the_polling_thread_ends_a_worker_with_its_parent(tmp_path):
+    import signal
+    import time
+
+    log = tmp_path / "log"
+    with open(log, "w") as handle:
+        parent = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not log.read_text().strip():
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        child = int(log.read_text().split()[0])
+        time.sleep(0.5)
+        assert _alive(child)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survived = _alive(child)
+    if survived:
+        os.kill(child, signal.SIGKILL)
+    assert not survived, "the worker outlived its killed parent"

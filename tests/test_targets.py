@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.examples import IGNORE, build_examples
-from sftlab.data.formats import validate_records
+from sftlab.data.container import IGNORE
+from sftlab.data.container import Examples
+from sftlab.data.examples import ExampleBuilder
+from sftlab.data.formats import RecordValidator
 from tiny import char_id, char_tokenizer, ids, merged_id, special_id
 
 X = IGNORE
@@ -277,10 +279,11 @@ def test_targets_are_the_next_token_or_ignored(kind, cut, bos):
 
 
 def test_chunking_does_not_change_the_examples():
-    records = validate_records(load_records([{"prompt": "Q" * (i + 1), "completion": "ab" * (i + 1)} for i in range(5)])).records
+    records = RecordValidator().validate(load_records([{"prompt": "Q" * (i + 1), "completion": "ab" * (i + 1)} for i in range(5)]))
     settings = TargetSettings()
-    one_chunk = build_examples(records, char_tokenizer(), settings)
-    chunks_of_two = build_examples(records, char_tokenizer(), settings, chunk_size=2)
+    one_chunk = Examples.concatenate(list(ExampleBuilder(char_tokenizer(), settings).build([records])))
+    chunks_of_two = Examples.concatenate(list(ExampleBuilder(char_tokenizer(), settings).build(
+        [records[i : i + 2] for i in range(0, len(records), 2)])))
     assert as_lists(chunks_of_two) == as_lists(one_chunk)
     assert one_chunk.record_index.tolist() == chunks_of_two.record_index.tolist() == [0, 1, 2, 3, 4]
     # example 3: prompt QQQQ, completion abababab
@@ -292,7 +295,7 @@ def test_statistics():
     # d e f g EOS -> targets e f g EOS X  (4 supervised of 5)
     examples = prepare([{"prompt": "ab", "completion": "c"}, {"prompt": "d", "completion": "efg"}])
     assert examples.lengths.tolist() == [4, 5]
-    assert examples.supervised_counts().tolist() == [2, 4]
+    assert [int((examples[i][1] != X).sum()) for i in range(len(examples))] == [2, 4]
     stats = examples.stats
     assert stats["records"] == 2
     assert stats["examples"] == 2

@@ -26,27 +26,20 @@ from sftlab import SFTConfig, TrainingError, train
 from sftlab.training.batching import plan_epoch
 from sftlab.training.checkpoint import find_checkpoint, list_checkpoints
 from sftlab.cli import main as cli_main
-from tiny import char_id, char_tokenizer
-from tiny_models import save_tiny_llama
+from tiny import char_id, char_tokenizer, qa_records
+from tiny_models import list_config
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "run_training.py")
 
 # Sixteen prompt/completion records of different lengths: 4 steps per epoch at batch 4.
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3) + "!" * (i % 5)}
-           for i in range(16)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
+RECORDS = qa_records(16, exclaim=lambda i: i % 5)
 
 
 BASE = dict(per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, seed=0)
 
 
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(output_dir), use_cache=False, **BASE)
-    return SFTConfig(**{**values, **overrides})
+    return list_config(model_dir, output_dir, **{**BASE, **overrides})
 
 
 def logged(history, kind="train"):

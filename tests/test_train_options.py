@@ -12,21 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from sftlab import SFTConfig, train
-from tiny import char_tokenizer
-from tiny_models import save_tiny_llama
+from tiny import char_tokenizer, qa_records
+from tiny_models import list_config
 
-RECORDS = [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3)} for i in range(16)]
+RECORDS = qa_records()
 BASE = dict(per_device_train_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1, seed=0, max_steps=3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("model")), char_tokenizer())
-
-
 def run(model_dir, out, **overrides):
-    values = dict(model=model_dir, train_data="(passed as a list)", output_dir=str(out), use_cache=False, **BASE)
-    return train(SFTConfig(**{**values, **overrides}), train_dataset=RECORDS)
+    return train(list_config(model_dir, out, **{**BASE, **overrides}), train_dataset=RECORDS)
 
 
 def losses(result):
@@ -94,7 +88,7 @@ def test_the_python_api_takes_an_optimizer_factory_and_a_scheduler_factory(model
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
 
     result = train(
-        SFTConfig(model=model_dir, train_data="-", output_dir=str(tmp_path / "sgd"), use_cache=False, **BASE),
+        SFTConfig(model=model_dir, output_dir=str(tmp_path / "sgd"), use_cache=False, **BASE),
         train_dataset=RECORDS, optimizer=make_optimizer, lr_scheduler=make_scheduler)
     assert isinstance(seen["optimizer"], torch.optim.SGD)
     assert [r["learning_rate"] for r in result.history if r["type"] == "train"] == pytest.approx([0.5, 0.25, 0.5 / 3])
@@ -150,7 +144,7 @@ def test_fsdp_refuses_what_it_cannot_honour(model_dir, tmp_path):
 
     params = torch.nn.Linear(2, 2).parameters()
     with pytest.raises(ConfigError, match="pass a function params -> optimizer instead"):
-        train(SFTConfig(model=model_dir, train_data="-", output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
+        train(SFTConfig(model=model_dir, output_dir=str(tmp_path / "a"), use_cache=False, fsdp=True, **BASE),
               train_dataset=RECORDS, optimizer=torch.optim.SGD(params, lr=0.1))
     with pytest.raises(ConfigError, match="merge_lora is not available with fsdp"):
         run(model_dir, tmp_path / "b", fsdp=True, use_peft=True, merge_lora=True)

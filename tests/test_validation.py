@@ -1,13 +1,14 @@
-"""validate_records: every record is checked, and every error names the record index and the field."""
+"""RecordValidator: every record is checked, and every error names the record index and the field."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from sftlab import DataError, TargetSettings, load_records, prepare_examples
-from sftlab.data.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, detect_format, validate_records
+from sftlab.data.formats import CONVERSATIONAL, PRETOKENIZED, PROMPT_COMPLETION, TEXT, RecordValidator, detect_format
 from tiny import char_tokenizer
 
 VOCAB = 119  # len(char_tokenizer()): 18 special tokens + 96 characters + 5 merges
@@ -16,6 +17,15 @@ GOOD_TEXT = {"text": "fine"}
 GOOD_PAIR = {"prompt": "Q", "completion": "A"}
 USER = {"role": "user", "content": "Hi"}
 ASSISTANT = {"role": "assistant", "content": "Yo"}
+
+
+def validate_records(records, **kwargs) -> SimpleNamespace:
+    """One validation pass over `records` as preparation runs it (workers.ChunkPass, then the pass's
+    end check): the valid records, and the formats and skip reasons counted."""
+    validator = RecordValidator(**kwargs)
+    valid = validator.validate(records)
+    validator.finish(records.name)
+    return SimpleNamespace(records=valid, formats=validator.formats, skipped=validator.skipped)
 
 
 def test_vocab_size_of_the_test_tokenizer():
@@ -254,3 +264,130 @@ def test_chat_records_are_normalised_as_transformers_renders_them():
     assert validated.train == [None, True, None, None]
     assert validated.tools == [{"type": "function", "function": {"name": "get_temp"}}]
     assert validated.template_kwargs == {"enable_thinking": False}
+
+
+# --- the config: the only validator, checking each rule beside its fields ----------------------
+
+
+def config_error(values: dict, source: str | None = "run.yaml"):
+    from sftlab.config import make_config
+    from sftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_config({"model": "m", "train_data": "d.jsonl", **values}, source=source)
+    return error.value
+
+
+def test_fsdp_with_merge_lora_is_refused_by_the_config():
+    error = config_error({"fsdp": True, "use_peft": True, "merge_lora": True})
+    assert error.field == "merge_lora"
+    assert str(error) == ("run.yaml, field 'merge_lora': merge_lora is not available with fsdp: true "
+                          "(the merge needs the whole model in one process); "
+                          "fix: merge final/ afterwards in one process: "
+                          "PeftModel.from_pretrained(base, final).merge_and_unload()")
+
+
+@pytest.mark.parametrize("values, field, wanted, found", [
+    ({"max_grad_norm": 1.0}, "max_grad_norm",
+     "null (clipping needs the norm of every gradient before any update)", "1.0"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "1", "2"),
+    ({"skip_nonfinite_steps": True}, "skip_nonfinite_steps",
+     "false (the update is made before the loss is known to be finite)", "True"),
+    ({"fsdp": True}, "fsdp", "false, and one process", "True"),
+])
+def test_optimizer_in_backward_conflicts_are_refused_by_the_config(values, field, wanted, found):
+    error = config_error({"optimizer_in_backward": True, "max_grad_norm": None, **values})
+    assert error.field == field
+    assert str(error) == (f"run.yaml, field '{field}': optimizer_in_backward needs {field}: {wanted}; found {found}; "
+                          f"fix: set {field} accordingly, or optimizer_in_backward: false")
+
+
+def test_tools_are_read_and_parsed_at_config_time(tmp_path, monkeypatch):
+    tools = [{"type": "function", "function": {"name": "get_temp"}}]
+    (tmp_path / "tools.json").write_text(json.dumps({"tools": tools}))
+    from sftlab.config import make_config
+
+    assert make_config({"model": "m", "train_data": "d.jsonl", "tools": str(tmp_path / "tools.json")}).tools == tools
+    assert make_config({"model": "m", "train_data": "d.jsonl", "tools": json.dumps(tools)}).tools == tools
+    expected = "expected a list of function schemas, a path to a .json file holding one, or its JSON text"
+    missing = config_error({"tools": "tools.json"})  # a path that names no file: said so, not "invalid JSON"
+    assert missing.field == "tools"
+    assert str(missing) == ("run.yaml, field 'tools': tools file not found; found 'tools.json'; "
+                            f"{expected}; fix: check the path (relative paths start from the working directory)")
+    assert config_error({"tools": "configs/tools.json"}).problem == "tools file not found"
+    (tmp_path / "bad.json").write_text('[{"type": "function",]')
+    monkeypatch.chdir(tmp_path)
+    bad = config_error({"tools": "bad.json"})
+    assert bad.field == "tools"
+    assert str(bad) == ("run.yaml, field 'tools': tools is neither a .json file nor JSON text; "
+                        f"found Expecting property name enclosed in double quotes in 'bad.json'; {expected}")
+    not_a_list = config_error({"tools": '{"name": "get_temp"}'})
+    assert (not_a_list.field, not_a_list.found) == ("tools", "dict")
+    assert not_a_list.problem == "tools must be a list of function schemas"
+
+
+def test_an_unknown_key_suggests_the_known_one_at_the_top_and_in_a_data_source():
+    top = config_error({"learnig_rate": 1e-4})
+    assert str(top) == "run.yaml: unknown config key 'learnig_rate'; fix: did you mean 'learning_rate'?"
+    source = config_error({"train_data": [{"path": "a.jsonl", "max_sample": 3}]})
+    assert source.field == "train_data[0].max_sample"
+    assert str(source) == ("run.yaml, field 'train_data[0].max_sample': unknown key 'max_sample' in a data source; "
+                           "fix: did you mean 'max_samples'?")
+    field_map = config_error({"fields": {"complition": "answer"}})
+    assert field_map.field == "fields.complition"
+    assert field_map.fix == "did you mean 'completion'?"
+
+
+def test_train_data_is_needed_only_without_a_dataset_object(tmp_path):
+    from sftlab import SFTConfig, train
+    from sftlab.errors import ConfigError
+    from tiny_models import tiny_model
+
+    tokenizer = char_tokenizer()
+    config = SFTConfig(model="unused", output_dir=str(tmp_path), use_cache=False, max_steps=1)
+    assert config.train_data is None
+    with pytest.raises(ConfigError) as error:
+        train(config, model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    assert error.value.field == "train_data"
+    assert str(error.value) == ("field 'train_data': train_data is not set; "
+                                "fix: set train_data: to a data file, a folder or a list of sources, "
+                                "or pass train_dataset= to train()")
+    result = train(config, model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer,
+                   train_dataset=[{"prompt": "Q", "completion": " A"}] * 4)
+    assert [r["step"] for r in result.history if r["type"] == "train"] == [1]
+
+
+def test_the_config_imports_nothing_of_sftlab_but_errors():
+    import os
+    import subprocess
+    import sys
+
+    import sftlab
+
+    # sftlab/__init__.py imports the public API (data included), so the package is stood in for
+    # by an empty module: what remains in sys.modules is what config.py itself imports, also while
+    # it validates (imports inside validators were the hidden cycle).
+    package = os.path.dirname(sftlab.__file__)
+    code = ("import sys, types; package = types.ModuleType('sftlab'); package.__path__ = [sys.argv[1]]; "
+            "sys.modules['sftlab'] = package; import sftlab.config; "
+            "sftlab.config.make_config({'model': 'm', 'train_data': [{'path': 'a.jsonl', 'fields': {'prompt': 'q'}}], "
+            "'fields': {'completion': 'a'}, 'eval_generate_samples': 2, 'eval_generate_metrics': ['contains', 'm:f'], "
+            "'tools': '[]'}); "
+            "print(sorted(name for name in sys.modules if name.startswith('sftlab')))")
+    loaded = subprocess.run([sys.executable, "-c", code, package], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['sftlab', 'sftlab.config', 'sftlab.errors']"
+
+
+def test_an_assistant_turn_with_no_content_and_empty_tool_calls_is_named_as_empty():
+    # tool_calls [] is dropped as no calls at all; the turn then says nothing, and the error says
+    # that of the turn, not "content must be a string; found None".
+    record = {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": []}]}
+    with pytest.raises(DataError) as caught:
+        validate_records(load_records([record]))
+    assert (caught.value.index, caught.value.field) == (0, "messages[1]")
+    assert caught.value.problem == "assistant message is empty"
+    assert caught.value.found == "no content, and tool_calls []"
+    skipped = validate_records(load_records([record, {"messages": [USER, ASSISTANT]}]), skip_invalid=True)
+    assert len(skipped.records) == 1 and sum(skipped.skipped.values()) == 1
+    with_text = {"messages": [USER, {"role": "assistant", "content": "Yo", "tool_calls": []}]}
+    assert len(validate_records(load_records([with_text])).records) == 1  # text and no calls: fine as before

@@ -1,4 +1,5 @@
-"""Tokenizers and models the tests build themselves: no download, ids computable by hand.
+"""Tokenizers the tests build themselves (no download, ids computable by hand), and the records
+the training tests share.
 
 `char_tokenizer()` is a BPE over single characters with a few explicit merges and no
 pre-tokenizer, so merges can cross spaces and prompt/completion boundaries:
@@ -29,6 +30,9 @@ MERGED = ["he", "ll", "hell", "ok", " a"]
 CHAT_SPECIALS = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",  # harmony (with <|end|>)
                  "<|User|>", "<|Assistant|>"]                                          # DeepSeek-R1
 CHAT_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # Qwen: not special
+# Turn tokens of templates that write no end-of-turn marker after the last reply (special; ids after all above).
+TURN_SPECIALS = ["<|observation|>",                                                    # GLM-4.5 (with <|user|>)
+                 "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]  # Apertus
 
 
 def special_id(token: str) -> int:
@@ -45,13 +49,13 @@ def merged_id(piece: str) -> int:
 
 def chat_token_id(token: str) -> int:
     """Id of a CHAT_SPECIALS or CHAT_ADDED token in char_tokenizer(chat_tokens=True)."""
-    return FIRST_CHAR_ID + len(CHARS) + len(MERGED) + (CHAT_SPECIALS + CHAT_ADDED).index(token)
+    return FIRST_CHAR_ID + len(CHARS) + len(MERGED) + (CHAT_SPECIALS + CHAT_ADDED + TURN_SPECIALS).index(token)
 
 
 def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = True, eos: str = "</s>",
                    chat_tokens: bool = False):
     """A fast tokenizer whose ids the tests can compute by hand (see module docstring); with
-    `chat_tokens`, also the harmony / R1 special tokens and Qwen's added (not special) tokens."""
+    `chat_tokens`, also the harmony / R1 / GLM / Apertus special tokens and Qwen's added (not special) tokens."""
     from tokenizers import AddedToken, Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -61,10 +65,10 @@ def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: boo
     for piece in MERGED:
         vocab[piece] = len(vocab)
     if chat_tokens:
-        for token in CHAT_SPECIALS + CHAT_ADDED:
+        for token in CHAT_SPECIALS + CHAT_ADDED + TURN_SPECIALS:
             vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
-    backend.add_special_tokens(SPECIALS + (CHAT_SPECIALS if chat_tokens else []))
+    backend.add_special_tokens(SPECIALS + (CHAT_SPECIALS + TURN_SPECIALS if chat_tokens else []))
     if chat_tokens:
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAT_ADDED])
     if bos:
@@ -83,6 +87,24 @@ def char_tokenizer(chat_template: str | None = None, bos: bool = False, pad: boo
     return tokenizer
 
 
+def fused_tokenizer(**kwargs):
+    """char_tokenizer(**kwargs) with a decoder that joins tokens as they are (its bare BPE decoder would
+    put a space between every two, "hell o"), so decoded replies read as the text they encode."""
+    from tokenizers import decoders
+
+    tokenizer = char_tokenizer(**kwargs)
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def qa_records(n: int = 16, exclaim=lambda i: 0) -> list[dict]:
+    """The training tests' prompt/completion records: record i has the prompt "Q{i}: " and 1 to 12 letters
+    of "xyz", the completion " hello ok" 1 to 3 times then exclaim(i) "!". Their lengths vary with i, so
+    padding, packing and the normalisation by supervised tokens all have work to do."""
+    return [{"prompt": f"Q{i}: " + "xyz"[: 1 + i % 3] * (1 + i % 4), "completion": " hello ok" * (1 + i % 3) + "!" * exclaim(i)}
+            for i in range(n)]
+
+
 def ids(text: str) -> list[int]:
     """Hand encoding for texts without merges: one id per character."""
     return [char_id(c) for c in text]
@@ -91,7 +113,7 @@ def ids(text: str) -> list[int]:
 def hand_ids(text: str, chat_tokens: bool = False) -> list[int]:
     """tiny.py's rules for text without merges: a special (or added) token is one id, any other
     character is one id. Text that would merge is refused: write its ids out instead."""
-    tokens = SPECIALS + (CHAT_SPECIALS + CHAT_ADDED if chat_tokens else [])
+    tokens = SPECIALS + (CHAT_SPECIALS + CHAT_ADDED + TURN_SPECIALS if chat_tokens else [])
     pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
     result = []
     for piece in pattern.split(text):

@@ -31,6 +31,14 @@ def tiny_model(arch: str = "llama", vocab_size: int = 128, *, seed: int = 0, tie
     return model
 
 
+def list_config(model_dir: str, output_dir, **fields):
+    """The SFTConfig of a training test's run: `model_dir` trained on records passed to train() as a list,
+    into `output_dir`, without the prepared-data cache; `fields` are the run's other settings."""
+    from sftlab import SFTConfig
+
+    return SFTConfig(model=model_dir, output_dir=str(output_dir), use_cache=False, **fields)
+
+
 def save_tiny_llama(folder: str, tokenizer, seed: int = 0, tie: bool = False) -> str:
     """A tiny Llama sized for `tokenizer`, saved with it (safetensors) so `model: folder` loads it."""
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed, attn="sdpa", tie=tie)

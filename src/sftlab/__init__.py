@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from sftlab.config import SFTConfig, load_config  # noqa: E402
 from sftlab.errors import ConfigError, DataError, SftlabError, TrainingError  # noqa: E402
-from sftlab.data.examples import IGNORE, Examples, TargetSettings  # noqa: E402
+from sftlab.data.container import IGNORE, Examples, Pairs  # noqa: E402
+from sftlab.data.examples import TargetSettings  # noqa: E402
+from sftlab.data.preference import prepare_pairs, prepare_unpaired  # noqa: E402
 from sftlab.data.prepare import prepare_examples  # noqa: E402
 from sftlab.data.sources import load_records  # noqa: E402
 
@@ -13,6 +15,7 @@ __all__ = [
     "DataError",
     "Examples",
     "IGNORE",
+    "Pairs",
     "SFTConfig",
     "SftlabError",
     "TargetSettings",
@@ -21,6 +24,8 @@ __all__ = [
     "load_config",
     "load_records",
     "prepare_examples",
+    "prepare_pairs",
+    "prepare_unpaired",
     "train",
 ]
 

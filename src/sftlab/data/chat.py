@@ -27,7 +27,15 @@ When F_k does not start with P_k, two documented rules apply, else the record is
 - the generation prompt opens the reply and the turn's render does not continue it
   (DeepSeek-R1 feeds "<think>\\n" but renders replies with their thinking cut away): the reply
   as the record writes it must start with that opening; the text after it, then the end
-  marker the template writes, is trained after P_k.
+  marker the template writes, is trained after P_k. The marker is the special token after the
+  longest stretch of the turn's render that ends the reply as written and holds its answer
+  (DeepSeek-V3.1 renders "</think>" + answer: the reply's own "</think>answer" is that stretch).
+
+A turn whose render ends with no stop token (GLM ends a reply where the next <|user|> begins;
+Apertus writes <|assistant_end|> only when a user message follows) is trained through the stop
+token that a next message's render writes right after it (`closing_marker`). Content given as a
+list of parts, and tool-call arguments, reach each template in the form it reads, decided once
+per template by probe renders.
 
 Every trained turn is checked: non-empty, holding its reply (content, reasoning, tool-call
 names), ending with a special token. A failure is a `TurnError` naming the turn; the caller
@@ -36,13 +44,15 @@ names the record. Templates run in transformers' sandboxed Jinja environment.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
-from sftlab.errors import DataError
+from sftlab.config import CHAT_EXAMPLES
+from sftlab.errors import DataError, TurnError
 
 # A ChatML template with generation tags, for tokenizers that ship none (chat_template: chatml).
 CHATML = (
@@ -57,9 +67,7 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 # How the turns of a conversation become examples.
-AS_SERVED = "as_served"
-FINAL_RENDER = "final_render"
-CHAT_EXAMPLES = (AS_SERVED, FINAL_RENDER)
+AS_SERVED, FINAL_RENDER = CHAT_EXAMPLES  # declared in config.py
 
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
@@ -77,13 +85,16 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
         if os.path.isfile(chat_template):
             with open(chat_template, encoding="utf-8") as handle:
                 return handle.read(), None
+        if os.path.isdir(chat_template):
+            return folder_chat_template(chat_template), None
         if "{%" in chat_template or "{{" in chat_template:
             return chat_template, None
         raise DataError(
             "chat_template is neither a built-in name, a file nor a Jinja template",
             field="chat_template",
             found=repr(chat_template[:60]),
-            expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, or the template text",
+            expected=f"one of {sorted(BUILTIN_TEMPLATES)}, a path to a .jinja file, a tokenizer folder, "
+                     "or the template text",
         )
     template = getattr(tokenizer, "chat_template", None)
     tool_template = None
@@ -99,12 +110,26 @@ def resolve_chat_templates(tokenizer, chat_template: str | None) -> tuple[str, s
     return template, tool_template
 
 
-class TurnError(Exception):
-    """A turn the template cannot serve, or whose trained text fails the self-check."""
-
-    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
-        super().__init__(problem)
-        self.turn, self.problem, self.found, self.fix = turn, problem, found, fix
+def folder_chat_template(folder: str) -> str:
+    """The chat template of another tokenizer's folder (save_pretrained writes chat_template.jinja, older
+    versions the "chat_template" of tokenizer_config.json), read as text: its tokenizer is not loaded."""
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as handle:
+            return handle.read()
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as handle:
+            template = json.load(handle).get("chat_template")
+    except (OSError, ValueError):
+        template = None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template:
+        raise DataError("the folder given as chat_template holds no chat template", source=folder,
+                        field="chat_template",
+                        expected="chat_template.jinja, or a chat_template in tokenizer_config.json",
+                        fix="point chat_template at a tokenizer folder that has one, a .jinja file, or 'chatml'")
+    return template
 
 
 @dataclass
@@ -138,7 +163,7 @@ class ChatRenderer:
     """Renders messages with one template, the tokenizer's special tokens and the dataset's defaults."""
 
     def __init__(self, tokenizer, template: str, *, tool_template: str | None = None, tools: list | None = None,
-                 template_kwargs: dict | None = None):
+                 template_kwargs: dict | None = None, stop_tokens: list[str] | None = None):
         self.template = _compile(template)
         self.tool_template = _compile(tool_template) if tool_template else None
         self.tools = tools or None
@@ -152,11 +177,20 @@ class ChatRenderer:
         self.end_markers = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
                                         | {str(t) for t in tokenizer.all_special_tokens}, key=len, reverse=True))
         self._closer: str | None = None
+        self._tokenizer = tokenizer
+        self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
+        self._arguments: dict[int, str] = {}  # id of a compiled template -> the form of tool-call arguments it reads
+        self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
                kwargs: dict | None = None) -> str:
         tools = tools if tools is not None else self.tools
         template = self.tool_template if tools and self.tool_template is not None else self.template
+        if any(isinstance(m.get("content"), list) for m in messages):
+            messages = [m if not isinstance(m.get("content"), list) or self._reads_parts(template, m["role"])
+                        else _as_string_content(m) for m in messages]
+        if any("tool_calls" in m for m in messages) and self._arguments_form(template) == "text":
+            messages = [_with_text_arguments(m) if "tool_calls" in m else m for m in messages]
         variables = {**self.variables, **kwargs} if kwargs else self.variables
         documents = variables.get("documents")
         if documents is not None:
@@ -168,6 +202,60 @@ class ChatRenderer:
             # The template's own Python-level failure on this record's data (a string plus the dict of a tool
             # call's arguments, iterating tools that are None): a problem of template and record, not a bug.
             raise TemplateError(f"{type(error).__name__}: {error}") from error
+
+    def _reads_parts(self, template, role: str) -> bool:
+        """Whether `template` renders a `role` message whose content is a list of text parts (as serving stacks
+        pass it), found once by a probe: the part's text rendered, and no part rendered as a Python dict. Other
+        roles (system, tool), and templates that read strings only, get the text parts joined, as vLLM joins them."""
+        key = (id(template), role)
+        if key not in self._parts:
+            parts = [{"type": "text", "text": _PROBE}]
+            probe = {"user": [{"role": "user", "content": parts}, {"role": "assistant", "content": "x"}],
+                     "assistant": [{"role": "user", "content": "x"}, {"role": "assistant", "content": parts}]}.get(role)
+            try:
+                text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
+                                       **{k: v for k, v in self.variables.items() if k != "documents"}) if probe else ""
+            except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+                text = ""  # a template that cannot read parts fails on them, in Jinja or in Python
+            self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
+        return self._parts[key]
+
+    def _arguments_form(self, template) -> str:
+        """How `template` reads a tool call's arguments: "object" (it writes them with tojson, or item by item, as
+        Qwen, Llama and GLM do) or "text" (it joins them as JSON text, as DeepSeek does), found once by rendering a
+        probe call both ways. A form works when the probe's key and value are written once each, neither as a
+        Python dict nor JSON-encoded twice; "object" is taken when both work, and when both fail (the template's
+        own error then names the record), and when the template writes no arguments (both renders alike). A template
+        whose renders differ but are wrong both ways (a Python dict, JSON in a JSON string) is refused."""
+        key = id(template)
+        if key not in self._arguments:
+            outcomes, renders = {}, set()
+            for form, arguments in (("object", dict(_PROBE_ARGUMENTS)), ("text", json.dumps(_PROBE_ARGUMENTS))):
+                call = {"type": "function", "id": "call_0", "function": {"name": "probe", "arguments": arguments}}
+                probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+                try:
+                    text = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
+                                           **{k: v for k, v in self.variables.items() if k != "documents"})
+                except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+                    outcomes[form] = "fails"  # this form makes the template fail, in Jinja or in Python
+                    continue
+                renders.add(text)
+                (name, value), = _PROBE_ARGUMENTS.items()
+                once = text.count(name) == 1 and text.count(value) == 1
+                garbled = '\\"' + name in text or repr(name) in text  # JSON-encoded twice, or a Python dict
+                outcomes[form] = "works" if once and not garbled else f"writes {text[-80:]!r}"
+            if "works" in outcomes.values():
+                self._arguments[key] = "object" if outcomes["object"] == "works" else "text"
+            elif set(outcomes.values()) == {"fails"} or len(renders) == 1 and "fails" not in outcomes.values():
+                self._arguments[key] = "object"  # the template's own error names the record; or it writes no arguments
+            else:
+                self._arguments[key] = "neither: as an object it " + outcomes["object"] + "; as JSON text it " + \
+                    outcomes["text"]
+        form = self._arguments[key]
+        if form.startswith("neither"):
+            raise TemplateError("the template renders tool-call arguments neither from an object nor from JSON text "
+                                f"as JSON once ({form[len('neither: '):]})")
+        return form
 
     def generation_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the spans inside `{% generation %}` tags (for templates that have them)."""
@@ -194,6 +282,10 @@ class ChatRenderer:
                 counts["turns_not_served"] += 1  # the final render cannot hold a turn that has no served form
         for turn in served:
             counts[f"rule_{turn.rule}"] += 1
+        last = served[-1] if served else None
+        if last is not None and last.index == len(messages) - 1 and last.tail == "" \
+                and (last.context + last.text).startswith(full) and len(last.context + last.text) > len(full):
+            full = last.context + last.text  # the whole render, closed by the stop token a next message writes (GLM)
         if mode == FINAL_RENDER:
             inside = [t for t in served if t.served_by(full)]
             counts["turns_trained"] += len(inside)
@@ -237,7 +329,13 @@ class ChatRenderer:
         else:
             raw, rule = self._rejoin(messages, k, prompt, upto, render)
         end = self._turn_end(raw, message)
-        turn = Turn(k, prompt, raw[:end], raw[end:], rule)
+        text, tail = raw[:end], raw[end:]
+        if assistant and rule != "opened_reply" and not text.endswith(self.stop_tokens):
+            # No stop token ends the turn (GLM, Apertus): raw is the end of F_k here, so the turn ends in F_k there.
+            closing = self.closing_marker(messages, k, render, upto[: len(upto) - len(raw) + end], text)
+            if closing:
+                text, tail = text + closing, ""
+        turn = Turn(k, prompt, text, tail, rule)
         self._check(message, turn)
         return turn
 
@@ -296,12 +394,83 @@ class ChatRenderer:
                 found=f"the turn renders as {rendered[:60]!r}",
                 fix=f"write the reply in content as the model writes it after {opening!r} (for reasoning: the reasoning, "
                     f"its closing tag, then the answer), or {_TEMPLATE_FIX}")
-        # The rendered turn is the end of the reply as written, then the end marker: find where the marker starts.
-        for token_start in self._special_starts(rendered):
-            if reply.endswith(rendered[:token_start]):
+        # The rendered turn is text of the template's own ("</think>" in DeepSeek-V3.1), the end of the reply as
+        # written, then the end marker. The marker starts at the special token after the LONGEST stretch of the
+        # render that ends the reply as written, and that stretch must hold the reply's answer: the empty stretch
+        # before a "</think>" the template writes also "ends" every reply, and would train the answer twice.
+        answer = _answer(message)
+        for token_start in reversed(self._special_starts(rendered)):
+            written = rendered[:token_start]
+            if reply.endswith(written) and answer in written:
+                taken = rendered[token_start:]  # what the template adds to the reply as written: its end marker
+                for token in self.special_tokens:
+                    taken = taken.replace(token, "")
+                if answer and answer in taken:
+                    raise TurnError(k, "the template writes this turn's answer again after the reply, so training the "
+                                       "reply as written would train the answer twice", found=repr(rendered[-60:]),
+                                    fix=_TEMPLATE_FIX)
                 return reply[len(opening):] + rendered[token_start:]
-        raise TurnError(k, "cannot find the end-of-turn marker after the reply in the template's render",
-                        found=repr(rendered[-60:]), fix=_TEMPLATE_FIX)
+        raise TurnError(k, "cannot find the end of the reply as written in the template's render of the turn, so "
+                           "its end-of-turn marker cannot be placed", found=f"the turn renders as {rendered[-60:]!r}",
+                        fix=f"write the reply as the template renders its end (same whitespace), or {_TEMPLATE_FIX}")
+
+    def closing_marker(self, messages: list[dict], k: int, render, rendered: str, text: str) -> str:
+        """What closes turn k when its own render does not (GLM-4.5 ends a reply where the next <|user|> or
+        <|observation|> begins; Apertus writes <|assistant_end|> only when a user message follows): F_k rendered
+        with a next message (a probe of the next message's role; for the last turn a user message, or a tool
+        result after tool calls), up to the first special token written after the reply. It closes the turn when
+        it is a stop token (the tokenizer's eos_token or its generation config's eos_token_id) and only whitespace
+        comes before it; a turn already closed by a special token takes the stop token only right after it
+        (a GLM tool call's </tool_call><|observation|>). "" when nothing closes the turn so."""
+        closed = text.endswith(self.end_markers)
+        last_role = "tool" if messages[k].get("tool_calls") else "user"
+        nxt = messages[k + 1]["role"] if k + 1 < len(messages) else last_role
+        probe = {"role": nxt, "content": _PROBE}
+        if nxt == "tool":
+            call = (messages[k].get("tool_calls") or [{}])[0]
+            probe.update(name=call.get("function", {}).get("name", ""), tool_call_id=call.get("id", ""))
+        try:
+            extended = render(messages[: k + 1] + [probe])
+        except TemplateError:
+            return ""
+        limit = extended.find(_PROBE)
+        if limit < 0:
+            return ""
+        if extended.startswith(rendered):
+            ends = [len(rendered)]
+        elif closed:
+            return ""
+        else:
+            # The template rewrites turn k once a message follows it (GLM drops the reasoning of a turn before
+            # the last user message): the turn ends at the last occurrence of its closing text (after its last
+            # special token, else its answer) before the probe that only whitespace and a special token follow.
+            after_special = max((text.rfind(t) + len(t) for t in self.special_tokens if t in text), default=0)
+            ends = []
+            for anchor in dict.fromkeys(a for a in (text[after_special:].strip(), _answer(messages[k])) if a):
+                start = extended.find(anchor)
+                while 0 <= start < limit:
+                    ends.append(start + len(anchor))
+                    start = extended.find(anchor, start + 1)
+                if ends:
+                    break
+            ends.reverse()
+        for x in ends:
+            between = extended[x:limit]
+            gap = len(between) - len(between.lstrip())
+            marker = next((t for t in self.special_tokens if between.startswith(t, gap)), None)
+            if marker is None:
+                continue
+            if marker in self.stop_tokens and not (closed and gap):
+                return between[: gap + len(marker)]
+            return ""
+        return ""
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens that end generation: eos_token and the generation config's eos_token_id (longest first)."""
+        if self._stop_tokens is None:  # read once: it may read the generation config from disk
+            self._stop_tokens = tuple(sorted(stop_tokens_of(self._tokenizer), key=len, reverse=True))
+        return self._stop_tokens
 
     def _special_starts(self, text: str) -> list[int]:
         starts = set()
@@ -366,10 +535,41 @@ class ChatRenderer:
         if not text.endswith(self.end_markers):
             raise TurnError(turn.index, "the turn's trained text does not end with an end-of-turn token, so the model "
                                         "would never learn to stop", found=f"it ends {text[-40:]!r}",
-                            fix="use a chat template that ends each turn with a special token such as eos_token")
+                            fix="use a chat template that ends each turn with a special token such as eos_token; "
+                                "for a base model whose tokenizer lacks the template's markers (chat_template: chatml "
+                                "on a base model), set add_chat_tokens: true to add them as tokens; "
+                                "for a template that ends a reply where the next message begins (GLM), a tokenizer "
+                                "folder whose generation_config.json lists the token that begins it in eos_token_id")
 
 
 _TEMPLATE_FIX = "set chat_template to a training template that renders each turn as the model writes it"
+_PROBE = "sftlab-probe-message"
+_PROBE_ARGUMENTS = {"sftlab_probe_key": "sftlab-probe-value"}
+
+
+def stop_tokens_of(tokenizer) -> set[str]:
+    """The tokens generation stops on: the tokenizer's eos_token, and the eos_token_id (one or a list) of the
+    generation_config.json beside its files (a folder, or a hub model already downloaded), as generate() reads it."""
+    tokens = {str(tokenizer.eos_token)} if getattr(tokenizer, "eos_token", None) else set()
+    path, found = getattr(tokenizer, "name_or_path", "") or "", None
+    if path and os.path.isfile(os.path.join(path, "generation_config.json")):
+        found = os.path.join(path, "generation_config.json")
+    elif path and not os.path.isdir(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "generation_config.json")
+            found = cached if isinstance(cached, str) else None
+        except (ImportError, ValueError, OSError):  # not a hub name: no generation config to read
+            found = None
+    if found:
+        with open(found, encoding="utf-8") as handle:
+            ids = json.load(handle).get("eos_token_id")
+        for token_id in ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else []:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(token, str):
+                tokens.add(token)
+    return tokens
 
 
 def _compile(template: str):
@@ -384,16 +584,44 @@ def _compile(template: str):
     return compiled
 
 
+PART_SEPARATOR = "\n"  # between the text parts of a content list, for a template that reads strings (as vLLM)
+
+
 def _content(message: dict) -> str:
     content = message.get("content")
+    if isinstance(content, list):
+        return PART_SEPARATOR.join(p["text"] for p in content if p.get("type") == "text")
     return content if isinstance(content, str) else ""
+
+
+def _as_string_content(message: dict) -> dict:
+    """`message` for a template that reads content as a string: text parts joined; the text of thinking parts
+    (Mistral) becomes the message's reasoning, under the names formats.py gives it, unless it has its own."""
+    if not isinstance(message.get("content"), list):
+        return message
+    converted = {**message, "content": _content(message)}
+    thinking = PART_SEPARATOR.join(p["thinking"] for p in message["content"] if p.get("type") == "thinking")
+    if thinking and "reasoning_content" not in message:
+        converted.update(thinking=thinking, reasoning_content=thinking)
+    return converted
+
+
+def _answer(message: dict) -> str:
+    """The visible answer of a reply: its content after inline reasoning (its last text part), stripped."""
+    return ([piece for what, piece in _reply_pieces(message) if what == "content"] or [""])[-1]
 
 
 def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     """What a trained turn must hold: (what, text) for its visible reply, its reasoning and its tool calls."""
     pieces = []
     content = _content(message)
-    if message["role"] == "assistant" and "</think>" in content:  # reasoning written inline
+    if isinstance(message.get("content"), list):  # each part is checked: a template may join them its own way
+        for part in message["content"]:
+            what, text = ("content", part["text"]) if part.get("type") == "text" else ("reasoning", part["thinking"])
+            if text.strip():
+                pieces.append((what, text.strip()))
+        content = ""
+    elif message["role"] == "assistant" and "</think>" in content:  # reasoning written inline
         thinking, _, content = content.rpartition("</think>")
         thinking = thinking.split("<think>")[-1].strip()
         if thinking:
@@ -406,6 +634,14 @@ def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     for call in message.get("tool_calls") or ():
         pieces.append(("tool call", call["function"]["name"]))
     return pieces
+
+
+def _with_text_arguments(message: dict) -> dict:
+    """`message` with its tool calls' arguments as JSON text, for a template that joins them as text."""
+    calls = [{**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"],
+                                                                            ensure_ascii=False)}}
+             if not isinstance(call["function"].get("arguments"), str) else call for call in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
 
 
 def _common_suffix(a: str, b: str) -> int:

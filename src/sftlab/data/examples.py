@@ -17,20 +17,17 @@ import gc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
-from itertools import chain
+from dataclasses import dataclass
 
-import numpy as np
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import AS_SERVED, CHAT_EXAMPLES, ChatRenderer, TurnError, resolve_chat_templates
+from sftlab.config import CHAT_EXAMPLES, TRUNCATION_POLICIES
+from sftlab.data.chat import AS_SERVED, ChatRenderer, resolve_chat_templates
+from sftlab.data.container import IGNORE, Examples
 from sftlab.data.formats import Record
-from sftlab.errors import DataError
+from sftlab.errors import DataError, TurnError
 
-IGNORE = -100
-TRUNCATION_POLICIES = ("right", "drop")
 
 
 @dataclass(frozen=True)
@@ -49,55 +46,6 @@ class TargetSettings:
     chat_examples: str = AS_SERVED
     tools: list | None = None
     chat_template_kwargs: dict | None = None
-
-
-@dataclass
-class Examples:
-    """Examples stored flat: example i is input_ids[offsets[i]:offsets[i+1]] (and the same for targets)."""
-
-    input_ids: np.ndarray
-    targets: np.ndarray
-    offsets: np.ndarray
-    record_index: np.ndarray  # source record of each example, so later errors can name it
-    stats: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return self.input_ids[start:end], self.targets[start:end]
-
-    @cached_property
-    def lengths(self) -> np.ndarray:
-        # Once: callers index it per example (evaluate sorts by it), and a memory-mapped offsets
-        # array would otherwise be read and diffed again on every call.
-        return np.diff(self.offsets)
-
-    def supervised_counts(self) -> np.ndarray:
-        supervised = (self.targets != IGNORE).astype(np.int64)
-        return np.add.reduceat(supervised, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
-
-    @classmethod
-    def concatenate(cls, parts: list["Examples"], stats: dict | None = None) -> "Examples":
-        """The examples of `parts` one after another (in memory)."""
-        if not parts:
-            return cls.from_lists([], stats=stats)
-        starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
-        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + start for p, start in zip(parts, starts)])
-        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.targets for p in parts]),
-                   offsets.astype(np.int64), np.concatenate([p.record_index for p in parts]).astype(np.int64), stats or {})
-
-    @classmethod
-    def from_lists(cls, pairs: list[tuple[list[int], list[int]]], record_index=None, stats=None) -> "Examples":
-        lengths = [len(ids) for ids, _ in pairs]
-        offsets = np.zeros(len(pairs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        # chain.from_iterable walks the lists in C: twice as fast as a nested generator expression.
-        flat_ids = np.fromiter(chain.from_iterable(ids for ids, _ in pairs), dtype=np.int32, count=int(offsets[-1]))
-        flat_targets = np.fromiter(chain.from_iterable(tg for _, tg in pairs), dtype=np.int32, count=int(offsets[-1]))
-        index = np.arange(len(pairs)) if record_index is None else np.asarray(record_index, dtype=np.int64)
-        return cls(flat_ids, flat_targets, offsets, index, stats or {})
 
 
 def shift_labels(label_ids: list[int]) -> list[int]:
@@ -141,6 +89,15 @@ class SegmentEncoder:
                     fix="use pre-tokenized data (input_ids + labels) for this tokenizer",
                 )
         return anchor
+
+    def insert_bos(self, ids: list[int], labels: list[int] | None = None) -> None:
+        """Put BOS in front of a text or prompt/completion example (and IGNORE in front of its labels)
+        where the tokenizer adds one to a call with special tokens and the text does not start with it:
+        the prompt tokens are then the ones inference feeds. Chat templates write their own BOS."""
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+            if labels is not None:
+                labels.insert(0, IGNORE)
 
     def encode(self, texts: list[str], continuation: list[bool]) -> list[list[int]]:
         """Token ids of each text; `continuation[i]` marks texts that follow other text in an example."""
@@ -196,30 +153,13 @@ def _record_examples(record: Record, settings: TargetSettings, renderer: ChatRen
     return examples
 
 
-def build_examples(
-    records: list[Record],
-    tokenizer,
-    settings: TargetSettings,
-    chunk_size: int = 2048,
-    skip_invalid: bool = False,
-) -> Examples:
-    """Tokenize records into examples, applying the truncation policy; counts go into `stats`.
-
-    A conversation the chat template cannot serve as written raises a DataError naming the record
-    and turn, or with `skip_invalid` is counted under `skipped_invalid` and left out."""
-    builder = ExampleBuilder(tokenizer, settings, skip_invalid=skip_invalid)
-    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
-    examples = Examples.concatenate(list(builder.build(chunks)))
-    examples.stats.update(builder.stats())
-    return examples
-
-
 class ExampleBuilder:
     """Turns chunks of validated records into chunks of examples, one pipeline for a whole pass:
     `build` takes the chunks as they come (a stream) and gives each chunk's examples as soon as
     they are assembled; `stats()` holds the counts of everything built so far."""
 
     def __init__(self, tokenizer, settings: TargetSettings, skip_invalid: bool = False):
+        # The config checks these too; TargetSettings is public and may be built without one.
         if settings.truncation not in TRUNCATION_POLICIES:
             raise DataError("unknown truncation policy", field="truncation", found=repr(settings.truncation), expected=f"one of {TRUNCATION_POLICIES}")
         if settings.chat_examples not in CHAT_EXAMPLES:
@@ -301,9 +241,7 @@ class ExampleBuilder:
                         ids.extend(piece)
                         labels.extend(piece if supervised else [IGNORE] * len(piece))
                     if record.format in (formats.TEXT, formats.PROMPT_COMPLETION):
-                        if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
-                            ids.insert(0, encoder.bos_id)
-                            labels.insert(0, IGNORE)
+                        encoder.insert_bos(ids, labels)
                         if ids[-1:] != [encoder.eos_id]:
                             ids.append(encoder.eos_id)
                             labels.append(encoder.eos_id)

@@ -16,17 +16,11 @@ rendered by the chat template.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 
-from sftlab.data.formats import _Invalid
-from sftlab.errors import ConfigError, describe
-
-# Field names a mapping may give (sftlab's name -> the source's name).
-RECORD_FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output")
-MESSAGE_KEYS = ("role", "content")
-ALPACA_LAYOUTS = ("alpaca", "chat")
+from sftlab.config import MESSAGE_KEYS, RECORD_FIELDS, check_field_map
+from sftlab.errors import RecordError, describe
 
 # Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), with the newline after
 # "### Response:" that inference prompts in this layout end with; the output follows it.
@@ -40,7 +34,9 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 # A record with these is not Alpaca, whatever else it holds.
-_OTHER_FORMATS = ("prompt", "completion", "messages", "conversations", "input_ids")
+_OTHER_FORMATS = ("prompt", "completion", "messages", "conversations", "input_ids", "chosen", "rejected")
+# Fields that may hold message lists, whose role/content keys a field map renames.
+_MESSAGE_LISTS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -51,18 +47,8 @@ class FieldMap:
     alpaca_layout: str = "alpaca"
 
     def __post_init__(self):
-        for name, value in self.fields.items():
-            if name not in RECORD_FIELDS + MESSAGE_KEYS:
-                close = difflib.get_close_matches(name, RECORD_FIELDS + MESSAGE_KEYS, n=1)
-                raise ConfigError(f"unknown field '{name}'", field=f"fields.{name}",
-                                  expected=f"one of {list(RECORD_FIELDS + MESSAGE_KEYS)}",
-                                  fix=f"did you mean '{close[0]}'?" if close else "map sftlab's field name to yours: {prompt: question}")
-            if not isinstance(value, str) or not value:
-                raise ConfigError("a field maps to a field name", field=f"fields.{name}", found=describe(value),
-                                  expected="the name of the field in your data")
-        if self.alpaca_layout not in ALPACA_LAYOUTS:
-            raise ConfigError("unknown Alpaca layout", field="alpaca_layout", found=repr(self.alpaca_layout),
-                              expected=f"one of {ALPACA_LAYOUTS}")
+        # Checked here too: prepare_examples(fields=..., alpaca_layout=...) is called without a config.
+        check_field_map(self.fields, self.alpaca_layout)
 
     @property
     def renames(self) -> dict[str, str]:
@@ -76,12 +62,12 @@ class FieldMap:
             raw = self._renamed(raw, renames)
         keys = {key: source for key, source in self.fields.items() if key in MESSAGE_KEYS and source != key}
         if keys:
-            raw = {name: self._message_keys(value, keys) if name in ("messages", "conversations", "prompt", "completion") else value
+            raw = {name: self._message_keys(value, keys) if name in _MESSAGE_LISTS else value
                    for name, value in raw.items()}
         if ("instruction" in raw or "output" in raw) and not any(name in raw for name in _OTHER_FORMATS):
             for name in ("instruction", "output"):
                 if name not in raw:
-                    raise _Invalid("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
+                    raise RecordError("an Alpaca record needs 'instruction' and 'output'", field=self.source_field(name),
                                    found=f"fields {sorted(raw)}", expected="instruction, input (optional) and output",
                                    fix="add the field, or map yours to it with fields: {" + name + ": your_field}")
             return self._alpaca(raw), "alpaca"
@@ -93,7 +79,7 @@ class FieldMap:
             target = renames.get(name)
             if target is None:
                 if name in record:
-                    raise _Invalid(f"the record has '{name}' and a field mapped to it",
+                    raise RecordError(f"the record has '{name}' and a field mapped to it",
                                    field=self.source_field(name), found=f"fields {sorted(raw)}",
                                    fix="map another field, or drop one of the two")
                 record[name] = value
@@ -101,7 +87,7 @@ class FieldMap:
             if target == "messages" and _sharegpt(value):
                 target = "conversations"  # from/value: converted by the ShareGPT rules, as without a mapping
             if target in record:
-                raise _Invalid(f"the record has '{target}' and a field mapped to it", field=name,
+                raise RecordError(f"the record has '{target}' and a field mapped to it", field=name,
                                found=f"fields {sorted(raw)}", fix="map another field, or drop one of the two")
             record[target] = value
         return record
@@ -118,7 +104,7 @@ class FieldMap:
         instruction = _text(raw, "instruction", "the task, as text")
         extra = raw.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise _Invalid("must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty")
+            raise RecordError("must be a string", field="input", found=describe(extra), expected="the task's input as text, or empty")
         output = _text(raw, "output", "the response the model should learn")
         extra = (extra or "").strip() and extra
         if self.alpaca_layout == "chat":
@@ -147,9 +133,9 @@ class FieldMap:
 def _text(raw: dict, name: str, expected: str) -> str:
     value = raw[name]
     if not isinstance(value, str):
-        raise _Invalid("must be a string", field=name, found=describe(value), expected=expected)
+        raise RecordError("must be a string", field=name, found=describe(value), expected=expected)
     if not value.strip():
-        raise _Invalid("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+        raise RecordError("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
     return value
 
 

@@ -3,7 +3,8 @@
 Formats:
   text                  {"text": str}  (field name configurable)
   prompt_completion     {"prompt": str, "completion": str}
-  conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted)
+  conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted;
+                        content a string or a list of "text"/"thinking" parts)
   chat_prompt_completion {"prompt": [messages], "completion": [messages]}
                         both chat formats may carry "tools" (function schemas, or their JSON text)
                         and "chat_template_kwargs"; messages may carry OpenAI-style "tool_calls",
@@ -16,10 +17,11 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from sftlab.errors import DataError, describe
+from sftlab.config import ROLES
+from sftlab.errors import DataError, RecordError, describe
 from sftlab.data.sources import Records
 
 TEXT = "text"
@@ -28,7 +30,6 @@ CONVERSATIONAL = "conversational"
 CHAT_PROMPT_COMPLETION = "chat_prompt_completion"
 PRETOKENIZED = "pretokenized"
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -64,21 +65,6 @@ class Record:
     completion_mask: list[int] | None = None
 
 
-@dataclass
-class Validated:
-    records: list[Record]
-    formats: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-
-
-class _Invalid(Exception):
-    # `found` is already written for a person: describe(value) for a raw value, so that None and
-    # the string "21" are not printed as if nothing, or the number 21, had been found.
-    def __init__(self, problem: str, field: str, found: str | None = None, expected: str | None = None, fix: str | None = None):
-        super().__init__(problem)
-        self.problem, self.field, self.found, self.expected, self.fix = problem, field, found, expected, fix
-
-
 def detect_format(record: dict, text_field: str = "text") -> str:
     """The format a single record is in, from its field names."""
     if "input_ids" in record:
@@ -97,27 +83,13 @@ def detect_format(record: dict, text_field: str = "text") -> str:
         hint = "a 'prompt' without a 'completion'"
     elif "completion" in record:
         hint = "a 'completion' without a 'prompt'"
-    raise _Invalid(
+    raise RecordError(
         "record fits no known format" + (f" ({hint})" if hint else ""),
         field=",".join(fields) or "(no fields)",
         found=f"fields {fields}",
         expected=f"'{text_field}', 'prompt'+'completion', 'messages', 'conversations' or 'input_ids'",
         fix="rename the fields, or set text_field if your text lives under another name",
     )
-
-
-def validate_records(
-    records: Records,
-    *,
-    text_field: str = "text",
-    skip_invalid: bool = False,
-    vocab_size: int | None = None,
-) -> Validated:
-    """Validate every record (not the first only). Invalid records raise, or are counted and skipped."""
-    validator = RecordValidator(text_field=text_field, skip_invalid=skip_invalid, vocab_size=vocab_size)
-    result = Validated(records=validator.validate(records), formats=validator.formats, skipped=validator.skipped)
-    validator.finish(records.name)
-    return result
 
 
 class RecordValidator:
@@ -150,7 +122,7 @@ class RecordValidator:
                 kind = detect_format(raw, self.text_field)
                 expected = self.expected_format if index >= self.expected_from else None
                 if expected is not None and kind != expected:
-                    raise _Invalid(
+                    raise RecordError(
                         "mixed formats in one dataset",
                         field=",".join(sorted(raw.keys())),
                         found=f"a {kind} record",
@@ -165,7 +137,7 @@ class RecordValidator:
                 if self.first_valid is None:
                     self.first_valid = index
                 self.formats[label or kind] += 1
-            except _Invalid as bad:
+            except RecordError as bad:
                 where = bad.field if self.normalize is None else self.normalize.source_field(bad.field)
                 if self.skip_invalid:
                     # messages[3].role and messages[5].role are one reason, counted together.
@@ -203,9 +175,9 @@ def require_valid(formats: Counter, skipped: Counter, name: str) -> None:
 def _string(raw: dict, name: str, allow_empty: bool = False) -> str:
     value = raw.get(name)
     if not isinstance(value, str):
-        raise _Invalid("must be a string", field=name, found=describe(value), expected="a string")
+        raise RecordError("must be a string", field=name, found=describe(value), expected="a string")
     if not allow_empty and not value.strip():
-        raise _Invalid("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
+        raise RecordError("is empty", field=name, found=repr(value), expected="non-empty text", fix="remove the record or fill in the text")
     return value
 
 
@@ -227,21 +199,22 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
     As transformers' apply_chat_template does: keys whose value is None are dropped (OpenAI exports
     write `"tool_calls": null`), and reasoning under any of its names is also given as
     `reasoning_content` and `thinking` (gpt-oss templates read the latter). Tool-call arguments
-    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates.
+    written as JSON text are parsed into objects, as serving stacks (vLLM) pass them to templates
+    (the renderer gives a template that joins them as text their JSON text again).
     """
     if not isinstance(value, list):
-        raise _Invalid("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
+        raise RecordError("must be a list of messages", field=name, found=describe(value), expected="[{'role': ..., 'content': ...}, ...]")
     if not value:
-        raise _Invalid("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
+        raise RecordError("is an empty conversation", field=name, found="[]", expected="at least a user and an assistant message")
     messages, flags = [], []
     for position, message in enumerate(value):
         where = f"{name}[{position}]"
         if not isinstance(message, dict):
-            raise _Invalid("must be a message dict", field=where, found=describe(message), expected="{'role': ..., 'content': ...}")
+            raise RecordError("must be a message dict", field=where, found=describe(message), expected="{'role': ..., 'content': ...}")
         if sharegpt and "from" in message:
             speaker = message.get("from")
             if speaker not in SHAREGPT_ROLES:
-                raise _Invalid("unknown speaker", field=f"{where}.from", found=describe(speaker), expected=f"one of {sorted(SHAREGPT_ROLES)}")
+                raise RecordError("unknown speaker", field=f"{where}.from", found=describe(speaker), expected=f"one of {sorted(SHAREGPT_ROLES)}")
             rest = {k: v for k, v in message.items() if k not in ("from", "value")}
             message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value"), **rest}
             content_field = f"{where}.value"
@@ -250,60 +223,94 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
         message = {k: v for k, v in message.items() if v is not None}
         role = message.get("role")
         if role not in ROLES:
-            raise _Invalid("unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}")
+            raise RecordError("unknown role", field=f"{where}.role", found=describe(role), expected=f"one of {list(ROLES)}")
         flag = message.pop("train", None)
         if flag is not None and not isinstance(flag, bool):
-            raise _Invalid("must be true or false", field=f"{where}.train", found=describe(flag), expected="a boolean: whether to train on this message")
+            raise RecordError("must be true or false", field=f"{where}.train", found=describe(flag), expected="a boolean: whether to train on this message")
         flags.append(flag)
         if "tool_calls" in message:
             if role != "assistant":
-                raise _Invalid("only assistant messages make tool calls", field=f"{where}.tool_calls", found=f"role {role!r}")
+                raise RecordError("only assistant messages make tool calls", field=f"{where}.tool_calls", found=f"role {role!r}")
             message["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
             if not message["tool_calls"]:
                 del message["tool_calls"]
+                if message.get("content") is None and not any(message.get(key) for key in REASONING_FIELDS):
+                    # Else "content must be a string; found None", which hides that the turn says nothing.
+                    raise RecordError("assistant message is empty", field=where, found="no content, and tool_calls []",
+                                      expected="the text the model should learn to write, or at least one tool call")
         reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
         if reasoning is not None:
             if not isinstance(reasoning, str):
                 field_name = next(key for key in REASONING_FIELDS if key in message)
-                raise _Invalid("must be a string", field=f"{where}.{field_name}", found=describe(reasoning), expected="the reasoning text")
+                raise RecordError("must be a string", field=f"{where}.{field_name}", found=describe(reasoning), expected="the reasoning text")
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         content = message.get("content")
         if role == "tool" and isinstance(content, (dict, list)):
             content = message["content"] = json.dumps(content, ensure_ascii=False)  # a tool result given as JSON
         if role == "assistant" and content is None and ("tool_calls" in message or reasoning):
             content = message["content"] = ""  # templates read content even on a tool-call turn
-        if not isinstance(content, str):
-            raise _Invalid("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
-        if role == "assistant" and not content.strip() and "tool_calls" not in message and not (reasoning or "").strip():
-            raise _Invalid("assistant message is empty", field=content_field, found=repr(content),
+        if isinstance(content, list):
+            text = _content_parts(content, content_field)
+        elif not isinstance(content, str):
+            raise RecordError("must be a string", field=content_field, found=describe(content), expected="the message text as a string")
+        else:
+            text = content
+        if role == "assistant" and not text.strip() and "tool_calls" not in message and not (reasoning or "").strip():
+            raise RecordError("assistant message is empty", field=content_field, found=repr(content),
                            expected="the text the model should learn to write (or tool_calls)")
         messages.append(message)
     return messages, (flags if any(f is not None for f in flags) else None)
 
 
+# Content parts sftlab trains on (OpenAI's text part, Mistral's thinking part), and the key holding each one's text.
+CONTENT_PARTS = {"text": "text", "thinking": "thinking"}
+
+
+def _content_parts(parts: list, where: str) -> str:
+    """Checks content given as a list of parts (kept as given: the renderer decides what the template gets) and
+    returns their text, joined. A part sftlab cannot represent as text (an image, audio) is refused."""
+    texts = []
+    for position, part in enumerate(parts):
+        here = f"{where}[{position}]"
+        if not isinstance(part, dict):
+            raise RecordError("must be a content part", field=here, found=describe(part),
+                           expected="{'type': 'text', 'text': ...}")
+        kind = part.get("type")
+        if kind not in CONTENT_PARTS:
+            raise RecordError(f"a {kind!r} content part cannot be trained on: sftlab trains on text", field=f"{here}.type",
+                           found=describe(kind), expected=f"one of {sorted(CONTENT_PARTS)}",
+                           fix="remove the part (or the record), or describe what it holds in a text part")
+        value = part.get(CONTENT_PARTS[kind])
+        if not isinstance(value, str):
+            raise RecordError("must be a string", field=f"{here}.{CONTENT_PARTS[kind]}", found=describe(value),
+                           expected=f"the {kind} as text")
+        texts.append(value)
+    return "".join(texts)
+
+
 def _tool_calls(value: Any, where: str) -> list[dict]:
     """OpenAI-shaped tool calls: [{"type": "function", "function": {"name", "arguments": {...}}, "id"?}]."""
     if not isinstance(value, list):
-        raise _Invalid("must be a list of tool calls", field=where, found=describe(value),
+        raise RecordError("must be a list of tool calls", field=where, found=describe(value),
                        expected='[{"type": "function", "function": {"name": ..., "arguments": {...}}}]')
     calls = []
     for position, call in enumerate(value):
         here = f"{where}[{position}]"
         if not isinstance(call, dict):
-            raise _Invalid("must be a tool call dict", field=here, found=describe(call), expected='{"function": {"name": ..., "arguments": ...}}')
+            raise RecordError("must be a tool call dict", field=here, found=describe(call), expected='{"function": {"name": ..., "arguments": ...}}')
         function = call.get("function", call)  # {"name", "arguments"} without the "function" wrapper is accepted too
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise _Invalid("a tool call needs a function name", field=f"{here}.function.name",
+            raise RecordError("a tool call needs a function name", field=f"{here}.function.name",
                            found=describe(function.get("name") if isinstance(function, dict) else function), expected="the function's name")
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as error:
-                raise _Invalid("arguments are not valid JSON", field=f"{here}.function.arguments",
+                raise RecordError("arguments are not valid JSON", field=f"{here}.function.arguments",
                                found=f"{error.msg} in {arguments[:40]!r}", expected="a JSON object, as text or as an object") from None
         if not isinstance(arguments, dict):
-            raise _Invalid("arguments must be a JSON object", field=f"{here}.function.arguments", found=describe(arguments),
+            raise RecordError("arguments must be a JSON object", field=f"{here}.function.arguments", found=describe(arguments),
                            expected="an object of argument names to values")
         normal = {k: v for k, v in call.items() if k != "function" and v is not None and k not in ("name", "arguments")}
         normal["type"] = call.get("type") or "function"
@@ -321,9 +328,9 @@ def _json_field(raw: dict, name: str, kind: type, expected: str) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise _Invalid("is not valid JSON", field=name, found=f"{error.msg} in {value[:40]!r}", expected=expected) from None
+            raise RecordError("is not valid JSON", field=name, found=f"{error.msg} in {value[:40]!r}", expected=expected) from None
     if not isinstance(value, kind):
-        raise _Invalid(f"must be {expected}", field=name, found=describe(value), expected=expected)
+        raise RecordError(f"must be {expected}", field=name, found=describe(value), expected=expected)
     return value
 
 
@@ -331,7 +338,7 @@ def _chat_extras(raw: dict) -> dict:
     tools = _json_field(raw, "tools", list, "a list of function schemas (or their JSON text)")
     for position, tool in enumerate(tools or ()):
         if not isinstance(tool, dict):
-            raise _Invalid("must be a function schema", field=f"tools[{position}]", found=describe(tool),
+            raise RecordError("must be a function schema", field=f"tools[{position}]", found=describe(tool),
                            expected='{"type": "function", "function": {"name": ..., "parameters": {...}}}')
     kwargs = _json_field(raw, "chat_template_kwargs", dict, "a mapping of template arguments (or its JSON text)")
     return {"tools": tools or None, "template_kwargs": kwargs or None}
@@ -346,16 +353,16 @@ def _conversation(raw: dict, index: int, text_field: str, vocab_size: int | None
 
 def _check_conversation(messages: list[dict], name: str) -> None:
     if len(messages) < 2:
-        raise _Invalid(
+        raise RecordError(
             "a conversation needs at least two messages",
             field=name,
             found=f"{len(messages)} message",
             expected="a prompt (user turn) and an assistant reply",
         )
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Invalid("conversation has no assistant message", field=name, expected="at least one assistant turn to learn from")
+        raise RecordError("conversation has no assistant message", field=name, expected="at least one assistant turn to learn from")
     if messages[-1]["role"] != "assistant":
-        raise _Invalid(
+        raise RecordError(
             "conversation ends on a non-assistant turn",
             field=f"{name}[{len(messages) - 1}].role",
             found=messages[-1]["role"],
@@ -368,7 +375,7 @@ def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: 
     prompt, prompt_flags = _messages(raw["prompt"], "prompt", sharegpt=False)
     completion, completion_flags = _messages(raw["completion"], "completion", sharegpt=False)
     if not any(m["role"] == "assistant" for m in completion):
-        raise _Invalid("completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]")
+        raise RecordError("completion has no assistant message", field="completion", expected="[{'role': 'assistant', ...}]")
     messages = prompt + completion
     _check_conversation(messages, "prompt+completion")
     flags = None
@@ -381,14 +388,14 @@ def _chat_prompt_completion(raw: dict, index: int, text_field: str, vocab_size: 
 def _int_list(raw: dict, name: str, vocab_size: int | None, allow: tuple[int, ...] = ()) -> list[int]:
     value = raw.get(name)
     if not isinstance(value, list) or not value:
-        raise _Invalid("must be a non-empty list of integers", field=name, found=describe(value), expected="[int, ...]")
+        raise RecordError("must be a non-empty list of integers", field=name, found=describe(value), expected="[int, ...]")
     for position, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int):
-            raise _Invalid("must hold integers", field=f"{name}[{position}]", found=describe(item), expected="an integer token id")
+            raise RecordError("must hold integers", field=f"{name}[{position}]", found=describe(item), expected="an integer token id")
         if item in allow:
             continue
         if item < 0 or (vocab_size is not None and item >= vocab_size):
-            raise _Invalid(
+            raise RecordError(
                 "token id out of the vocabulary range",
                 field=f"{name}[{position}]",
                 found=str(item),
@@ -404,7 +411,7 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
     if raw.get("labels") is not None:
         record.labels = _int_list(raw, "labels", vocab_size, allow=(-100,))
         if len(record.labels) != len(input_ids):
-            raise _Invalid(
+            raise RecordError(
                 "labels and input_ids differ in length",
                 field="labels",
                 found=f"{len(record.labels)} labels for {len(input_ids)} input_ids",
@@ -414,7 +421,7 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
         # shifted here; labels shifted already would be shifted twice and train on the wrong token.
         for position, (label, token) in enumerate(zip(record.labels, input_ids)):
             if label != -100 and label != token:
-                raise _Invalid(
+                raise RecordError(
                     "a label must be -100 or the input id at the same position",
                     field=f"labels[{position}]",
                     found=f"{label} where input_ids[{position}] is {token}",
@@ -424,7 +431,7 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
     if raw.get("completion_mask") is not None:
         mask = raw["completion_mask"]
         if not isinstance(mask, list) or len(mask) != len(input_ids) or any(m not in (0, 1) for m in mask):
-            raise _Invalid(
+            raise RecordError(
                 "completion_mask must be 0/1, one per input id",
                 field="completion_mask",
                 found=f"{len(mask) if isinstance(mask, list) else describe(mask)} values",
@@ -432,6 +439,12 @@ def _pretokenized(raw: dict, index: int, text_field: str, vocab_size: int | None
             )
         record.completion_mask = [int(m) for m in mask]
     return record
+
+
+def validate_record(raw: dict, index: int, text_field: str = "text", vocab_size: int | None = None) -> Record:
+    """One record detected and validated on its own (RecordError when it is not valid): for callers
+    that build SFT records themselves, as preference pairs do for each reply."""
+    return _VALIDATORS[detect_format(raw, text_field)](raw, index, text_field, vocab_size)
 
 
 _VALIDATORS = {

@@ -28,7 +28,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from sftlab.data.examples import CHAT_STATS, IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
+from sftlab.data.examples import CHAT_STATS
 from sftlab.data.store import StoreWriter
 from sftlab.errors import DataError
 

@@ -20,20 +20,23 @@ from typing import Any
 import numpy as np
 
 from sftlab import __version__
-from sftlab.data.examples import CHAT_STATS, Examples, TargetSettings
+from sftlab.data.chat import stop_tokens_of
+from sftlab.data.container import Examples
+from sftlab.data.examples import CHAT_STATS, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.sources import open_records
 from sftlab.data.store import built_entry
 from sftlab.data.workers import Counts, Recipe, build_store
+from sftlab.files import cache_root
 
 # 2: conversations as served (several examples per record, chat statistics)
 # 3: streamed into the entry (field maps and the Alpaca layout in the key)
-CACHE_FORMAT = 3
+# 4: checksums.json in every entry (entries without one would be rebuilt as damaged anyway)
+CACHE_FORMAT = 4
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return os.path.join(root, "prepared")
+    return os.path.join(cache_root(), "prepared")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -96,7 +99,7 @@ def prepare_examples(
     # Files and datasets are identified without parsing them, so a hit reads no record.
     key = _cache_key(stream.fingerprint(), recipe) if use_cache else "uncached"
     root = (cache_dir or default_cache_dir()) if use_cache else None
-    examples, folder = built_entry(root, key, build, waiting=_waiting)
+    examples, folder = built_entry(root, key, build, waiting=_waiting, max_length=settings.max_length)
     examples.stats["seconds"] = time.perf_counter() - started
     if folder is not None:
         examples.stats["cache_entry"] = folder
@@ -168,6 +171,10 @@ def _cache_key(data: str, recipe: Recipe) -> str:
         parts["fields"] = recipe.field_map.fields
     if recipe.field_map.alpaca_layout != "alpaca":
         parts["alpaca_layout"] = recipe.field_map.alpaca_layout
+    stops, eos = sorted(stop_tokens_of(recipe.tokenizer)), recipe.tokenizer.eos_token
+    if stops != ([str(eos)] if eos else []):
+        # The generation config's stop tokens close turns of templates that write no end marker (GLM).
+        parts["stop_tokens"] = stops
     if settings.chat_template and os.path.isfile(settings.chat_template):
         # A template given as a file: its text, not its path, shapes the examples.
         with open(settings.chat_template, "rb") as handle:

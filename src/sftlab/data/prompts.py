@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import ChatRenderer, resolve_chat_templates
+from sftlab.data.chat import PART_SEPARATOR, ChatRenderer, resolve_chat_templates
 from sftlab.data.examples import SegmentEncoder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator
 from sftlab.data.sources import open_records
+from sftlab.data.special_tokens import reply_stop_ids
 from sftlab.errors import DataError
 
 NO_TEXT_REFERENCE = {
@@ -50,7 +51,7 @@ class GenerationPrompts:
     usable: int = 0  # of those, the records that give a prompt (the first `limit` of them are the prompts)
     unusable: Counter = field(default_factory=Counter)  # reason -> records that gave no prompt
     formats: Counter = field(default_factory=Counter)
-    stop_token_ids: list[int] = field(default_factory=list)  # what ends a reply: EOS, the template's end of turn
+    stop_token_ids: list[int] = field(default_factory=list)  # what ends a reply (special_tokens.reply_stop_ids)
 
 
 def generation_prompts(
@@ -85,15 +86,15 @@ def generation_prompts(
                 continue
             if record.format == formats.PROMPT_COMPLETION:
                 ids = encoder.encode([record.prompt], [False])[0]
-                # As ExampleBuilder._assemble: the example starts with BOS where the tokenizer adds one.
-                if encoder.bos_id is not None and ids[:1] != [encoder.bos_id]:
-                    ids.insert(0, encoder.bos_id)
+                encoder.insert_bos(ids)  # as the record's example starts
                 reference = record.completion
             else:
                 if renderer is None:
                     renderer = _renderer(tokenizer, settings)
                 last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
                 reference = record.messages[last].get("content") or ""
+                if isinstance(reference, list):  # content parts: the reply's text parts
+                    reference = PART_SEPARATOR.join(p["text"] for p in reference if p.get("type") == "text")
                 if not reference.strip():
                     result.unusable["last assistant turn has no text (tool calls only)"] += 1
                     continue
@@ -127,34 +128,3 @@ def _renderer(tokenizer, settings: TargetSettings) -> ChatRenderer:
     template, tool_template = resolve_chat_templates(tokenizer, settings.chat_template)
     return ChatRenderer(tokenizer, template, tool_template=tool_template, tools=settings.tools,
                         template_kwargs=settings.chat_template_kwargs)
-
-
-def reply_stop_ids(tokenizer, renderer: ChatRenderer | None) -> list[int]:
-    """Token ids that end a reply: EOS (what a completion is trained to end with), and for chats the
-    special token the template writes right after an assistant reply (found by rendering one)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if renderer is not None:
-        marker = turn_end_marker(renderer)
-        if marker is not None:
-            token = tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(token, int) and token != tokenizer.unk_token_id:
-                ids.add(token)
-    return sorted(ids)
-
-
-def turn_end_marker(renderer: ChatRenderer) -> str | None:
-    """The first special token after the reply in a rendered user/assistant exchange, or None."""
-    reply = "sftlab-probe-reply"
-    try:
-        text = renderer.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}])
-    except TemplateError:
-        return None
-    after = text.find(reply)
-    if after < 0:
-        return None
-    after += len(reply)
-    # The earliest marker, the longest at one position: "<|im_end|>" rather than a "<|" it starts with.
-    found = [(text.find(token, after), -len(token), token) for token in renderer.end_markers if text.find(token, after) >= 0]
-    return min(found)[2] if found else None

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftlab.data.jsonstream import JsonText
 from sftlab.errors import DataError, describe
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -32,7 +33,7 @@ ACCEPTED = (
     "DatasetDict (with a split), IterableDataset, a torch.utils.data.Dataset of dicts, "
     "a pandas DataFrame, or a list of dicts"
 )
-CHUNK_RECORDS = 2048  # records per chunk: what build_examples encodes in one batched call
+CHUNK_RECORDS = 2048  # records per chunk: what ExampleBuilder encodes in one batched call
 _BLOCK = 1 << 20  # bytes read at a time from a file
 
 
@@ -289,30 +290,10 @@ def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def source_fingerprint(source: Any, split: str | None = None) -> str | None:
-    """A hash of `source`'s content found without parsing it, or None where only the records tell.
-
-    Files hash their bytes (the same digest `load_records` gives them) and a datasets.Dataset
-    has its own fingerprint, so the preparation cache can be looked up before any record is
-    parsed: parsing 20k JSON lines costs more than loading the prepared arrays."""
-    if isinstance(source, (str, os.PathLike)):
-        if _saved_dataset(str(source)):
-            return open_records(source, split).content_hash
-        return _files_fingerprint(_data_files(str(source)))
-    kind = _kind(source)
-    if kind == "datasets.DatasetDict":
-        chosen = split or "train"
-        return source_fingerprint(source[chosen]) if chosen in source else None
-    if kind == "datasets.Dataset":
-        return _hash_text(source._fingerprint)
-    if isinstance(source, (Records, RecordStream)) and source.content_hash is not None:
-        return source.content_hash
-    return None
-
-
 def _files_fingerprint(files: list[str]) -> str:
-    # Each file's part is its path and its bytes (read in blocks): load_records and
-    # source_fingerprint must agree, or a cache entry written by one is missed by the other.
+    # Each file's part is its path and its bytes (read in blocks), known before any record is
+    # parsed: the preparation cache is looked up without parsing (20k JSON lines cost more than
+    # loading the prepared arrays), and the records loaded from the files hash the same.
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.encode() + b"\0")
@@ -489,13 +470,13 @@ def _json_rows(path: str) -> Iterator[tuple[dict, int | None]]:
         if _blank(path):
             raise _empty_file(path)
         with open(path, "rb") as binary:
-            document = _JsonText(path, io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
+            document = JsonText(path, io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
             yield from _json_document(path, document)
     except UnicodeDecodeError:
         raise _utf8_error(path) from None
 
 
-def _json_document(path: str, document: "_JsonText") -> Iterator[tuple[dict, int | None]]:
+def _json_document(path: str, document: JsonText) -> Iterator[tuple[dict, int | None]]:
     """Records of a .json file: a list of records, {"name": [records]}, or JSON lines.
 
     A list, also inside {"name": [...]}, is read element by element. A file whose first line is a
@@ -530,7 +511,7 @@ def _json_document(path: str, document: "_JsonText") -> Iterator[tuple[dict, int
         yield _json_item(path, item, index), None
 
 
-def _json_array(path: str, document: "_JsonText") -> Iterator[tuple[dict, int]]:
+def _json_array(path: str, document: JsonText) -> Iterator[tuple[dict, int]]:
     """The elements of a list whose "[" was just read, through its "]"."""
     document.skip_space()
     if document.peek() == "]":
@@ -573,151 +554,3 @@ def _not_a_list(path: str, found: str) -> DataError:
         expected="[{...}, {...}] or JSON lines",
         fix="wrap the records in a list, or write one JSON object per line in a .jsonl file",
     )
-
-
-class _JsonText:
-    """A JSON document read through a window of text: values are decoded one at a time, and
-    the window keeps only what has not been consumed yet."""
-
-    _SPACE = " \t\n\r"
-
-    def __init__(self, path: str, handle):
-        self.path = path
-        self.handle = handle
-        self.text = ""
-        self.pos = 0
-        self.line_base = 1  # line number of text[0]
-        # Lines counted so far: the line at text[counted]. Counting on from there keeps line()
-        # linear over the file (recounting the window from its start was quadratic).
-        self.counted, self.counted_line = 0, 1
-        self.eof = False
-        self.holding = 0  # > 0 while looking ahead: the window must keep what it has, or a saved cursor would break
-        self._fill()
-
-    def _fill(self) -> bool:
-        if self.eof:
-            return False
-        if self.pos > _BLOCK and not self.holding:  # drop what was consumed
-            self.line_base += self.text.count("\n", 0, self.pos)
-            self.counted_line += self.text.count("\n", self.counted, self.pos) if self.counted < self.pos else 0
-            self.counted = max(self.counted - self.pos, 0)
-            self.text, self.pos = self.text[self.pos :], 0
-        block = self.handle.read(_BLOCK)
-        if not block:
-            self.eof = True
-            return False
-        self.text += block
-        return True
-
-    def line(self) -> int:
-        """The line number at the cursor."""
-        if self.pos < self.counted:  # after a look-ahead moved the cursor back
-            self.counted, self.counted_line = 0, self.line_base
-        self.counted_line += self.text.count("\n", self.counted, self.pos)
-        self.counted = self.pos
-        return self.counted_line
-
-    def skip_space(self) -> None:
-        while True:
-            while self.pos < len(self.text) and self.text[self.pos] in self._SPACE:
-                self.pos += 1
-            if self.pos < len(self.text) or not self._fill():
-                return
-
-    def peek(self) -> str:
-        if self.pos >= len(self.text):
-            self._fill()
-        return self.text[self.pos : self.pos + 1]
-
-    def advance(self) -> None:
-        self.pos += 1
-
-    def value(self) -> Any:
-        """Decode the value at the cursor; a value cut off by the window end is read again with more text."""
-        while True:
-            try:
-                value, end = json.JSONDecoder().raw_decode(self.text, self.pos)
-            except json.JSONDecodeError as error:
-                if self._fill():
-                    continue
-                self._raise(error)
-            if end == len(self.text) and self._fill():
-                continue  # a number at the window's end may go on
-            self.pos = end
-            return value
-
-    def fail(self, message: str) -> None:
-        self._raise(json.JSONDecodeError(message, self.text, self.pos))
-
-    def _raise(self, error: json.JSONDecodeError) -> None:
-        raise DataError("invalid JSON", source=f"{self.path}:{self.line_base + error.lineno - 1}", found=error.msg,
-                        fix="fix the JSON syntax at that line") from None
-
-    def expect_end(self) -> None:
-        self.skip_space()
-        if self.peek():
-            self.fail("Extra data")
-
-    def first_line_is_a_value_with_more_after(self) -> bool:
-        self.holding += 1
-        try:
-            return self._first_line_is_a_value_with_more_after()
-        finally:
-            self.holding -= 1
-
-    def _first_line_is_a_value_with_more_after(self) -> bool:
-        while "\n" not in self.text[self.pos :] and self._fill():
-            pass
-        end_of_line = self.text.find("\n", self.pos)
-        if end_of_line < 0:
-            return False
-        try:
-            json.loads(self.text[self.pos : end_of_line])
-        except json.JSONDecodeError:
-            return False
-        saved = self.pos
-        self.pos = end_of_line
-        self.skip_space()
-        more = bool(self.peek())
-        self.pos = saved
-        return more
-
-    def opens_a_named_list(self) -> bool:
-        """At '{': is it '{"name": [' ? Then the cursor is left inside the list."""
-        self.holding += 1
-        try:
-            return self._opens_a_named_list()
-        finally:
-            self.holding -= 1
-
-    def _opens_a_named_list(self) -> bool:
-        saved = self.pos
-        self.advance()
-        self.skip_space()
-        if self.peek() == '"':
-            try:
-                self.value()
-            except DataError:
-                self.pos = saved
-                return False
-            self.skip_space()
-            if self.peek() == ":":
-                self.advance()
-                self.skip_space()
-                if self.peek() == "[":
-                    self.advance()
-                    return True
-        self.pos = saved
-        return False
-
-    def whole(self) -> tuple[Any, bool]:
-        """The value at the cursor read whole, and whether anything follows it."""
-        while self._fill():
-            pass
-        try:
-            value, end = json.JSONDecoder().raw_decode(self.text, self.pos)
-        except json.JSONDecodeError as error:
-            self._raise(error)
-        self.pos = end
-        self.skip_space()
-        return value, bool(self.peek())

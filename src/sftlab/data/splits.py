@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from sftlab.config import DataSource, SFTConfig
-from sftlab.data.examples import Examples, TargetSettings
+from sftlab.data.container import Examples, Pairs
+from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
+from sftlab.data.preference import looks_like_pairs, prepare_pairs, prepare_unpaired
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts
 from sftlab.data.store import built_entry
@@ -25,45 +26,70 @@ def target_settings(config: SFTConfig) -> TargetSettings:
         chat_template=config.chat_template,
         train_on_roles=tuple(config.train_on_roles),
         chat_examples=config.chat_examples,
-        tools=dataset_tools(config.tools),
+        tools=config.tools,  # parsed by the config (a .json file or JSON text becomes the list)
         chat_template_kwargs=config.chat_template_kwargs,
     )
 
 
-def dataset_tools(tools: list | str | None) -> list | None:
-    """The config's `tools`: a list as given, or read from a .json file or from JSON text."""
-    if tools is None or isinstance(tools, list):
-        return tools
-    text = tools
-    if os.path.isfile(tools):
-        with open(tools, encoding="utf-8") as handle:
-            text = handle.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError("tools is neither a .json file nor JSON text", field="tools", found=f"{error.msg} in {tools[:60]!r}",
-                          expected="a list of function schemas, a path to a .json file holding one, or its JSON text") from None
-    if isinstance(value, dict) and isinstance(value.get("tools"), list):
-        value = value["tools"]
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ConfigError("tools must be a list of function schemas", field="tools", found=type(value).__name__,
-                          expected='[{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]')
-    return value
+def _split_source(config: SFTConfig, eval: bool, source):
+    if source is None:
+        name = "eval_data" if eval else "train_data"
+        source = getattr(config, name)
+        if source is None:
+            raise ConfigError(f"{name} is not set", field=name,
+                              fix=f"set {name}: to a data file, a folder or a list of sources"
+                                  + (", or pass train_dataset= to train()" if not eval else ""))
+    return source
 
 
 def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Examples:
     """Examples for train_data (or eval_data), with the config's settings; `source` overrides the
     config's data (any source load_records accepts). A list of sources is a mixture (mixture.py)."""
-    if source is None:
-        source = config.eval_data if eval else config.train_data
-        if source is None:
-            raise ConfigError("eval_data is not set", field="eval_data")
+    source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
         return prepare_mixture(config, tokenizer, source)
     return prepare_examples(
         source,
         tokenizer,
         target_settings(config),
+        split=config.eval_split if eval else config.train_split,
+        text_field=config.text_field,
+        skip_invalid_records=config.skip_invalid_records,
+        cache_dir=config.cache_dir,
+        use_cache=config.use_cache,
+        fields=config.fields,
+        alpaca_layout=config.alpaca_layout,
+        workers=config.preprocessing_workers,
+    )
+
+
+def is_preference_split(config: SFTConfig, eval: bool = False, source=None) -> bool:
+    """Whether train_data (or eval_data, or `source`) holds preference pairs: its first record has
+    `chosen` or `rejected` (after the field map), or the config's objective is KTO (unpaired
+    examples, prepared through the same path). A mixture of sources is SFT data."""
+    if config.objective == "kto":
+        return True
+    source = _split_source(config, eval, source)
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        return False
+    split = config.eval_split if eval else config.train_split
+    return looks_like_pairs(source, split, config.fields, config.alpaca_layout)
+
+
+def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, source=None) -> Pairs:
+    """Preference pairs for train_data (or eval_data), with the config's settings (max_length,
+    truncation, max_prompt_length, the chat settings); `source` overrides the config's data."""
+    source = _split_source(config, eval, source)
+    if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
+        raise ConfigError("preference data cannot be mixed from several sources yet",
+                          field="eval_data" if eval else "train_data", found=f"{len(source)} sources",
+                          fix="give one source (concatenate the files into one)")
+    prepare = prepare_unpaired if config.objective == "kto" else prepare_pairs
+    return prepare(
+        source,
+        tokenizer,
+        target_settings(config),
+        max_prompt_length=config.max_prompt_length,
         split=config.eval_split if eval else config.train_split,
         text_field=config.text_field,
         skip_invalid_records=config.skip_invalid_records,

@@ -5,6 +5,13 @@
     offsets.npy    int64, example i is [offsets[i], offsets[i+1])
     record_index.npy  int64, the source record of each example
     stats.json     what preparation counted (prepare.summarize)
+    checksums.json the size and CRC-32 of each file above, written when the entry is built
+
+Entries are checked before they are trusted: the arrays' shapes and offsets on every load
+(`structure_problem`), their content against checksums.json once per cache folder (`content_problem`:
+a marker next to the entry remembers the files it verified, by size, mtime and inode, so a
+changed file is verified again). A damaged entry is prepared again, with a line saying so;
+training never runs on it.
 
 Chunks are appended as they are built (the arrays never exist whole in memory), and entries
 are read back memory-mapped: the pages are shared by every process on the machine and only
@@ -23,15 +30,19 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+import zlib
 from collections.abc import Callable
 
 import numpy as np
 
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples
+from sftlab.files import publish_directory, temporary_sibling
 
 ARRAYS = {"input_ids": np.int32, "targets": np.int32, "offsets": np.int64, "record_index": np.int64}
-_COPY = 8 << 20  # bytes per read when shards are merged
+CHECKSUMS = "checksums.json"
+_COPY = 8 << 20  # bytes per read when shards are merged, and when files are checksummed
 
 
 def _header(dtype, count: int) -> bytes:
@@ -90,7 +101,6 @@ class StoreWriter:
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        self.folder = folder
         self.files = {name: ArrayFile(os.path.join(folder, name + ".npy"), dtype) for name, dtype in ARRAYS.items()}
         self.files["offsets"].append(np.zeros(1, np.int64))
         self.examples = 0
@@ -121,50 +131,185 @@ class StoreWriter:
         for array in self.files.values():
             array.flush()
 
-    def close(self, stats: dict | None = None) -> None:
+    def close(self) -> None:
         for array in self.files.values():
             array.close()
-        if stats is not None:
-            with open(os.path.join(self.folder, "stats.json"), "w") as handle:
-                json.dump(stats, handle)
 
 
-def read_entry(folder: str) -> Examples | None:
-    """The entry's examples, memory-mapped; None when it is missing or damaged (a miss)."""
+def read_entry(folder: str, max_length: int | None = None) -> Examples | None:
+    """The entry's examples, memory-mapped; None when it is missing or damaged (a miss).
+    Its structure is checked (`structure_problem`), not its content (`content_problem`)."""
+    return _open_entry(folder, max_length)[0]
+
+
+def _open_entry(folder: str, max_length: int | None) -> tuple[Examples | None, str | None]:
+    """The entry's examples, or None and what is wrong with it (None too when there is no entry)."""
+    if not os.path.isdir(folder):
+        return None, None
     try:
         with open(os.path.join(folder, "stats.json")) as handle:
             stats = json.load(handle)
         arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
-    except (OSError, ValueError, EOFError):  # EOFError: an empty .npy
-        return None
-    offsets = arrays["offsets"]
-    if (any(arrays[name].ndim != 1 or arrays[name].dtype != dtype for name, dtype in ARRAYS.items())
-            or len(offsets) != len(arrays["record_index"]) + 1 or len(offsets) == 0
-            or int(offsets[-1]) != len(arrays["input_ids"]) or len(arrays["targets"]) != len(arrays["input_ids"])):
-        return None
-    return Examples(**arrays, stats=stats)
+    except Exception as error:  # a damaged file is a miss, whatever numpy's parser raises for it
+        # OSError, ValueError, EOFError (an empty .npy), and from a flipped header byte also
+        # SyntaxError and tokenize.TokenError (numpy reads the header with Python's tokenizer).
+        return None, f"cannot read it ({type(error).__name__}: {error})"
+    problem = structure_problem(arrays, max_length)
+    if problem is not None:
+        return None, problem
+    return Examples(**arrays, stats=stats), None
 
 
-def built_entry(root: str | None, key: str, build: Callable[[str], None], waiting=None) -> tuple[Examples, str | None]:
+def structure_problem(arrays: dict[str, np.ndarray], max_length: int | None = None) -> str | None:
+    """What makes these arrays no entry, or None. Cheap enough for every load (it reads the
+    offsets, 8 bytes an example, not the tokens): a flipped bit in an offset would otherwise
+    cut examples at the wrong places, and nothing downstream could tell."""
+    for name, dtype in ARRAYS.items():
+        if arrays[name].ndim != 1 or arrays[name].dtype != dtype:
+            return f"{name}.npy is not a 1-D {np.dtype(dtype).name} array"
+    offsets, tokens = arrays["offsets"], len(arrays["input_ids"])
+    if len(offsets) != len(arrays["record_index"]) + 1:
+        return f"offsets.npy has {len(offsets)} values for {len(arrays['record_index'])} examples"
+    if len(arrays["targets"]) != tokens:
+        return f"targets.npy has {len(arrays['targets'])} values for {tokens} tokens"
+    return offsets_problem(offsets, tokens, "offsets.npy", "example", max_length)
+
+
+def offsets_problem(offsets: np.ndarray, tokens: int, name: str, item: str, max_length: int | None = None) -> str | None:
+    """What makes `offsets` (file `name`) no boundaries of `item`s in `tokens` tokens, or None:
+    they start at 0, never decrease and end at the token count (and no item is longer than
+    `max_length`). Also for the other entries of the cache (preference pairs)."""
+    if len(offsets) == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
+        ends = f"{int(offsets[0])} to {int(offsets[-1])}" if len(offsets) else "nothing"
+        return f"{name} runs from {ends}, not from 0 to the {tokens} tokens"
+    lengths = np.diff(offsets)
+    if len(lengths) and int(lengths.min()) < 0:
+        return f"{name} decreases: {item} {int(np.argmin(lengths))} ends before it starts"
+    if max_length is not None and len(lengths) and int(lengths.max()) > max_length:
+        return f"{item} {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than max_length={max_length}"
+    return None
+
+
+def _file_checksum(path: str) -> dict:
+    """Size and CRC-32 of a file, read sequentially in large blocks. CRC-32 catches every flip of
+    one or two bits and runs at ~3 GB/s here, against ~0.9 GB/s for blake2b (measured on a 200 MB
+    file: 0.06 s against 0.22 s): the check is for damage, not for someone forging an entry."""
+    crc, size = 0, 0
+    block = bytearray(_COPY)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(block):
+            crc = zlib.crc32(view[:count], crc)
+            size += count
+    return {"bytes": size, "crc32": crc}
+
+
+def _verified_marker(folder: str) -> str:
+    parent, name = os.path.split(os.path.normpath(folder))
+    return os.path.join(parent, f".{name}.verified")
+
+
+def _file_identity(folder: str, names) -> dict:
+    """What changes when a file is rewritten or replaced (size, mtime, inode): the key under which a
+    verified entry is remembered. A bit flipped by the disk itself changes none of them; that is
+    the price of not reading every entry on every load."""
+    identity = {}
+    for name in sorted(names):
+        stat = os.stat(os.path.join(folder, name))
+        identity[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+    return identity
+
+
+def _remember_verified(folder: str, checked: str, names) -> None:
+    """Write the marker saying that `folder`'s files (as they are now) match their checksums.
+    `checked` is where they are now (the temporary folder, before the rename keeps their identity)."""
+    marker = _verified_marker(folder)
+    try:
+        tmp = f"{marker}.{os.getpid()}"
+        with open(tmp, "w") as handle:
+            json.dump(_file_identity(checked, list(names) + [CHECKSUMS]), handle)
+        os.replace(tmp, marker)
+    except OSError:  # a read-only cache: verified again on the next load, nothing worse
+        pass
+
+
+def seal_entry(tmp: str, folder: str) -> None:
+    """Write checksums.json for the entry built in `tmp` that will be renamed to `folder`, and
+    remember it as verified (this process wrote it; the read is from the page cache)."""
+    names = sorted(name for name in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, name)))
+    sums = {name: _file_checksum(os.path.join(tmp, name)) for name in names}
+    with open(os.path.join(tmp, CHECKSUMS), "w") as handle:
+        json.dump(sums, handle)
+    _remember_verified(folder, tmp, names)
+
+
+def content_problem(folder: str) -> str | None:
+    """What in the entry's files differs from its checksums.json, or None. Read once per cache folder:
+    the marker says when this entry's files, as they are now, were verified already."""
+    try:
+        with open(os.path.join(folder, CHECKSUMS)) as handle:
+            sums = json.load(handle)
+        names = list(sums)
+        identity = _file_identity(folder, names + [CHECKSUMS])
+    except (OSError, ValueError) as error:
+        return f"cannot read its checksums ({type(error).__name__}: {error})"
+    try:
+        with open(_verified_marker(folder)) as handle:
+            if json.load(handle) == identity:
+                return None
+    except (OSError, ValueError):  # no marker (first load on this machine) or a torn one
+        pass
+    for name in names:
+        if _file_checksum(os.path.join(folder, name)) != sums[name]:
+            return f"{name} does not match its checksum (a changed or corrupted file)"
+    _remember_verified(folder, folder, names)
+    return None
+
+
+def built_entry(root: str | None, key: str, build: Callable[[str], None], waiting=None,
+                max_length: int | None = None) -> tuple[Examples, str | None]:
     """Entry `key` of the cache in `root`, and its folder: read when it is there, else written by
     `build(folder)` into a temporary folder that is renamed into place, under the entry's lock
     (a process that finds the lock taken waits, then reads what the holder wrote). `stats["cached"]`
     says which. With root None, or a root that cannot be written, the examples are built in a
-    temporary folder of their own and the folder returned is None."""
+    temporary folder of their own and the folder returned is None. An entry that fails its checks
+    (`structure_problem`, with `max_length` the longest an example may be; its checksums) is
+    built again, with a line on stderr."""
     if root is None:
         return _cached(read_built(None, key, build), False), None
     folder = os.path.join(root, key)
-    examples = read_entry(folder)
+    reported = []
+
+    def checked() -> Examples | None:
+        examples, problem = _open_entry(folder, max_length)
+        if examples is not None:
+            problem = content_problem(folder)
+            examples = examples if problem is None else None
+        if problem is not None and not reported:
+            reported.append(problem)
+            print(f"the cache entry {folder} is damaged: {problem}; preparing it again", file=sys.stderr, flush=True)
+        return examples
+
+    examples = checked()
     if examples is None:
         with entry_lock(root, key, waiting=waiting):
-            examples = read_entry(folder)  # written by another process while this one waited
+            examples = checked()  # written by another process while this one waited
             if examples is None:
                 try:
                     tmp = new_folder(root, key)
                 except OSError:  # the cache is an optimisation: an unwritable one must not stop training
                     return _cached(read_built(None, key, build), False), None
-                _write(tmp, build)
-                publish(tmp, folder)
+
+                def build_and_seal(into: str) -> None:
+                    build(into)
+                    seal_entry(into, folder)
+
+                _write(tmp, build_and_seal)
+                try:
+                    # An entry that failed to load (unreadable) is replaced.
+                    publish_directory(tmp, folder)
+                except OSError:  # another process stored the same entry first
+                    pass
                 examples = read_entry(folder)
                 if examples is None:  # pragma: no cover - renamed into place just before
                     raise AssertionError(f"cannot read the cache entry {folder} just written")
@@ -207,19 +352,9 @@ def read_detached(folder: str) -> Examples:
 
 def new_folder(parent: str | None, key: str) -> str:
     """A fresh temporary folder for building entry `key` (under `parent`, or the system's)."""
-    if parent is not None:
-        os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
-
-
-def publish(tmp: str, folder: str) -> None:
-    """Rename a finished temporary folder into place; the first of two processes wins."""
-    if os.path.isdir(folder):  # an entry that failed to load: unreadable, so replace it
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process stored the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if parent is None:
+        return tempfile.mkdtemp(prefix=f".tmp-{key}-")
+    return temporary_sibling(os.path.join(parent, key), unique=True)
 
 
 @contextlib.contextmanager

@@ -9,16 +9,22 @@ over spawned worker processes.
 Workers are spawned, not forked: a forked child gets the parent's fast tokenizer with its
 thread pool already used, which the tokenizers library then runs on one thread (measured
 1.8x slower per worker). Errors keep their order: the first bad record in the data is the one
-reported, whichever worker found it.
+reported, whichever worker found it. Workers die with the process that started them, even when
+it is killed with SIGKILL (see `_die_with_parent`): nothing is left holding a tokenizer's memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
 import queue
 import shutil
+import signal
+import sys
+import threading
+import time
 import traceback
 import warnings
 from collections import Counter, deque
@@ -26,7 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.data.examples import IGNORE, Examples, ExampleBuilder, TargetSettings
+from sftlab.data.container import IGNORE, Examples
+from sftlab.data.examples import ExampleBuilder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator, require_valid
 from sftlab.data.sources import Records, RecordStream
@@ -152,8 +159,42 @@ def build_store(stream: RecordStream, recipe: Recipe, folder: str, workers: int 
 # --- workers -----------------------------------------------------------------------------------
 
 
-def _worker(recipe: Recipe, shard: str, tasks, results) -> None:
-    """A worker's life: chunks from `tasks` (until None) into its shard, a message per chunk."""
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 1.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when process `parent` ends, however it ends.
+
+    A worker blocks on its task queue, so without this a parent killed with SIGKILL (or by the
+    OOM killer) leaves its workers waiting forever, each holding a tokenizer and its buffers.
+    On Linux the kernel sends SIGKILL at once (prctl PR_SET_PDEATHSIG). That signal fires when
+    the *thread* that started the worker exits, not the process: safe here, since the thread
+    that starts the workers is the one that joins them (`_build_in_workers`) and so outlives
+    them; but it is also why a thread polling the parent id backs it up, everywhere (and alone
+    where prctl does not exist). A parent that died before this ran is noticed by the first check.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc to call: the polling thread alone
+            pass
+    if os.getppid() != parent:  # orphaned already: re-parented to init or a subreaper
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)  # nothing to save: the shard is in the entry's temporary folder
+
+    threading.Thread(target=watch, name="sftlab-parent-watch", daemon=True).start()
+
+
+def _worker(recipe: Recipe, shard: str, tasks, results, parent: int | None = None) -> None:
+    """A worker's life: chunks from `tasks` (until None) into its shard, a message per chunk;
+    it ends with process `parent` (see `_die_with_parent`)."""
+    if parent is not None:
+        _die_with_parent(parent)
     chunk_pass = None
     try:
         writer = StoreWriter(shard)
@@ -195,7 +236,8 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
     tasks = context.Queue(maxsize=2 * workers)  # read ahead of the workers by a little only
     results = context.Queue()
     shards = [os.path.join(folder, f"shard-{w}") for w in range(workers)]
-    processes = [context.Process(target=_worker, args=(recipe, shard, tasks, results), daemon=True) for shard in shards]
+    processes = [context.Process(target=_worker, args=(recipe, shard, tasks, results, os.getpid()), daemon=True)
+                 for shard in shards]
     try:
         for process in processes:
             process.start()  # sends the recipe, tokenizer included, to the new process

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from sftlab.data.examples import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of example indices, each holding at most `capacity` tokens, by best-fit decreasing.
@@ -37,6 +37,13 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     ordered = lengths[order]
     if ordered[0] > capacity:
         raise ValueError(f"example {int(order[0])} has {int(ordered[0])} tokens, more than the bin capacity {capacity}")
+    if int(ordered.sum()) <= capacity:
+        # The first bin always has room for everything left, so best-fit never opens a second: one
+        # bin, in processing order, as the loop below would give. Said here rather than run, since
+        # the loop's cost grows with the capacity (the rooms' bit mask is `capacity` bits wide:
+        # max_length 1e9 took 44 s and ~1 GB for one row), and past this point capacity < the
+        # data's token count, so the packer's cost is bounded by the data, not by max_length.
+        return [order.tolist()]
     rooms = _Rooms()
     placed = np.empty(len(order), dtype=np.int64)  # bin of the k-th example in processing order
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -220,12 +227,15 @@ def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_mu
 
 
 class StepPlan:
-    """Which items each optimizer step trains on; items are examples, or packed rows of examples."""
+    """Which items each optimizer step trains on; items are examples, or packed rows of examples.
+    `collate(examples, indices, pad_id, pad_to_multiple_of)`: how an objective other than SFT makes
+    a batch of its items (preference pairs); anything with `lengths` can then be planned."""
 
     def __init__(self, examples: Examples, *, packing: bool, max_length: int, batch_size: int, accumulation: int,
-                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True):
+                 world_size: int, seed: int, group_by_length: bool, shuffle: bool = True, collate=None):
         self.examples = examples
         self.packing = packing
+        self.collate_items = collate
         lengths = examples.lengths
         if packing:
             self.items = best_fit_decreasing(lengths, max_length)
@@ -248,6 +258,9 @@ class StepPlan:
         return slots[rank * self.accumulation : (rank + 1) * self.accumulation]
 
     def collate(self, items: list[int], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+        if self.collate_items is not None:  # packed: the rows' items; else one item per row
+            rows = [self.items[i] for i in items] if self.packing else items
+            return self.collate_items(self.examples, rows, pad_id, pad_to_multiple_of)
         if self.packing:
             return pack_batch(self.examples, [self.items[i] for i in items], pad_id, pad_to_multiple_of)
         return pad_batch(self.examples, items, pad_id, pad_to_multiple_of)

@@ -43,23 +43,11 @@ from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, Hu
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from sftlab.errors import TrainingError
+from sftlab.files import publish_directory, remove_directory, temporary_name, temporary_sibling
 from sftlab.training.identity import blocking, describe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -91,12 +79,11 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
     with the partial folder removed and earlier checkpoints untouched."""
     root = os.path.join(folder, "checkpoints")
     final = os.path.join(root, f"step-{step}")
-    tmp = os.path.join(root, f".tmp-step-{step}")
+    tmp = temporary_name(final)  # every process writes its shard there
 
     def start():
         if processes.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp, exist_ok=True)
+            temporary_sibling(final)
 
     def write_shards():
         tensors, plain = _checkpoint_values(model, optimizer)
@@ -116,13 +103,7 @@ def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, state: 
 
     def publish():
         if processes.is_main:
-            for name in os.listdir(tmp):
-                with open(os.path.join(tmp, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            if os.path.exists(final):
-                _remove_step_dir(root, step)
-            os.rename(tmp, final)
-            _fsync_dir(root)
+            publish_directory(tmp, final, fsync=True)
 
     for part in (start, write_shards, publish):
         failure = None
@@ -173,12 +154,9 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
 
 
 def _remove_step_dir(root: str, step: int) -> None:
-    # Renamed out of the step-N namespace first: a run killed mid-delete must not leave a step-N
-    # folder that still has its state.json but has lost its weights.
-    doomed = os.path.join(root, f".tmp-delete-step-{step}")
-    shutil.rmtree(doomed, ignore_errors=True)  # left by a run killed while deleting
-    os.rename(os.path.join(root, f"step-{step}"), doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    # Renamed out of the step-N namespace first (remove_directory): a run killed mid-delete must not
+    # leave a step-N folder that still has its state.json but has lost its weights.
+    remove_directory(os.path.join(root, f"step-{step}"))
 
 
 def list_checkpoints(folder: str) -> list[int]:

@@ -31,25 +31,21 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from sftlab.config import SFTConfig
-from sftlab.data.examples import Examples
+from sftlab.data.special_tokens import pad_token_id
+
+from sftlab.config import BUILTIN_METRIC_NAMES, SFTConfig, metric_key
+from sftlab.data.container import Examples
 from sftlab.data.splits import prepare_generation_prompts
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
 from sftlab.training.objectives import stacked_sums
 from sftlab.training.progress import keep_records_through
-
-# Keys of the eval record that describe an evaluation by generation rather than score it (the
-# scores are eval_generate_<metric>); `sftlab plot` draws the others.
-COUNT_KEYS = ("eval_generate_samples", "eval_generate_unfinished", "eval_generate_new_tokens", "eval_generate_seconds")
-USER_METRIC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -82,32 +78,9 @@ def contains(prediction: str, reference: str) -> float:
     return float(reference.strip() in prediction)
 
 
-BUILTIN_METRICS = {"exact_match": exact_match, "json_exact_match": json_exact_match, "contains": contains}
-
-
-def check_metric_names(names: list[str]) -> list[str]:
-    """The config's check, before anything is imported: built-in names or module:function."""
-    for position, name in enumerate(names):
-        if name not in BUILTIN_METRICS and not (isinstance(name, str) and USER_METRIC.match(name)):
-            raise ConfigError("unknown generation metric", field=f"eval_generate_metrics[{position}]", found=repr(name),
-                              expected=f"one of {sorted(BUILTIN_METRICS)}, or module:function for a function of your own",
-                              fix="e.g. eval_generate_metrics: [exact_match] or [my_metrics:score] "
-                                  "(score(prediction, reference) -> float in my_metrics.py)")
-    keys = [metric_key(name) for name in names]
-    for position, key in enumerate(keys):
-        if key in COUNT_KEYS:
-            raise ConfigError("a generation metric would be logged under the name of a count", field=f"eval_generate_metrics[{position}]",
-                              found=f"{names[position]!r} logs {key}", fix="rename the function")
-        if key in keys[:position]:
-            raise ConfigError("two generation metrics would be logged under one name", field=f"eval_generate_metrics[{position}]",
-                              found=f"{names[position]!r} and {names[keys.index(key)]!r} both log {key}",
-                              fix="keep one, or rename one of the functions")
-    return names
-
-
-def metric_key(name: str) -> str:
-    """What a metric is logged as: eval_generate_exact_match, eval_generate_<function> for module:function."""
-    return "eval_generate_" + name.rsplit(":", 1)[-1]
+# The names are declared in config.py (which checks them without importing this module); each
+# names the function of the same name above.
+BUILTIN_METRICS = {name: globals()[name] for name in BUILTIN_METRIC_NAMES}
 
 
 def resolve_metrics(names: list[str]) -> list[tuple[str, object]]:
@@ -164,7 +137,7 @@ class GenerationEval:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.stop_ids = prompts.stop_token_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_ids[0] if self.stop_ids else 0)
+        self.pad_id = pad_token_id(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.sharded = sharded
         self.log_samples = log_samples
@@ -306,9 +279,10 @@ def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes,
 
 
 @torch.no_grad()
-def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast) -> dict:
+def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id: int, processes, autocast,
+             collate=batching.pad_batch) -> dict:
     """The objective's sums over the whole eval set, as its eval record (SFT: eval loss, perplexity,
-    token accuracy). Padded batches, longest first."""
+    token accuracy). Padded batches (`collate`: the objective's, for items other than examples), longest first."""
     was_training = loss_module.training
     loss_module.eval()
     order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
@@ -318,7 +292,9 @@ def evaluate(loss_module, objective, examples: Examples, batch_size: int, pad_id
     # a process out of batches runs a fully masked one, which adds nothing.
     for round_start in range(0, len(batches), processes.world):
         index = round_start + processes.rank
-        batch = batching.pad_batch(examples, batches[index] if index < len(batches) else [], pad_id)
+        batch = collate(examples, batches[index] if index < len(batches) else [], pad_id)
+        if hasattr(objective, "start_step"):  # KTO: the KL reference point of this eval batch (every process, every round)
+            objective.start_step(loss_module, [batch], processes, autocast)
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with autocast:
             out = loss_module(**inputs)

@@ -12,6 +12,7 @@ import yaml
 
 from sftlab.config import SFTConfig
 from sftlab.errors import ConfigError, TrainingError
+from sftlab.files import atomic_directory
 from sftlab.training.setup import converts_base
 
 
@@ -35,31 +36,29 @@ def export_final(model, tokenizer, config: SFTConfig, state_dict: dict | None = 
     temporary name and renamed, so `final/` is always complete. `state_dict`: the full weights
     gathered from a sharded model (the model object itself then holds only this process's shards)."""
     final = os.path.join(config.output_dir, "final")
-    tmp = os.path.join(config.output_dir, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        initial = os.path.join(config.output_dir, "lora-initial")
-        if converts_base(config) and os.path.isdir(initial):
-            # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model users have.
-            # PEFT's conversion loads the initial adapter beside the trained one and then warns that
-            # PiSSA/OLoRA should be converted: the very thing it is doing.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
-                model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
-            yaml.safe_dump(config.model_dump(), handle, sort_keys=False)
-        if config.use_peft and config.merge_lora and hasattr(model, "merge_and_unload"):
-            merged = os.path.join(tmp, "merged")
-            model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
-            tokenizer.save_pretrained(merged)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        with atomic_directory(final) as tmp:  # written as .tmp-final, then renamed over any earlier final/
+            initial = os.path.join(config.output_dir, "lora-initial")
+            if converts_base(config) and os.path.isdir(initial):
+                # Saved as the difference from the ORIGINAL base (a LoRA of rank 2r), so final/ applies to the model
+                # users have. PEFT's conversion loads the initial adapter beside the trained one and then warns that
+                # PiSSA/OLoRA should be converted: the very thing it is doing.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*(PiSSA|OLoRA) changes the base weights")
+                    model.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+            else:
+                # An adapter after add_chat_tokens holds the new rows as trainable tokens; PEFT would also save
+                # the whole resized embedding and head. They apply to the original base, resized (docs/training.md).
+                peft = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **peft)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "sftlab_config.yaml"), "w") as handle:
+                yaml.safe_dump(config.model_dump(), handle, sort_keys=False)
+            if config.use_peft and config.merge_lora and hasattr(model, "merge_and_unload"):
+                merged = os.path.join(tmp, "merged")
+                model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+                tokenizer.save_pretrained(merged)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError("cannot write the final model", source=final, found=error.strerror or str(error),
                             fix="free disk space or make output_dir writable") from None
     return final

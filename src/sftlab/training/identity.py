@@ -23,15 +23,15 @@ import json
 
 import numpy as np
 
-from sftlab.data.examples import Examples
+from sftlab.data.container import Examples, Pairs
 from sftlab.data.prepare import tokenizer_fingerprint
 
 RESUME_SETTINGS = (
-    "seed", "packing", "max_length", "shuffle", "group_by_length", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+    "seed", "objective", "beta", "label_smoothing", "rpo_alpha", "simpo_gamma", "packing", "max_length", "shuffle", "group_by_length", "learning_rate", "lr_scheduler_type", "warmup_ratio",
     "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "loss_type",
     "neftune_noise_alpha", "bf16", "optimizer_state_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
-    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+    "lora_target_modules", "lora_target_parameters", "use_dora", "use_rslora", "lora_modules_to_save", "lora_init", "load_in_4bit",
+    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "add_chat_tokens", "special_tokens",
 )
 CHANGEABLE = ("max_steps", "num_train_epochs")
 _CHUNK = 1 << 22  # values per hashing chunk: 32 MB as int64
@@ -53,15 +53,30 @@ def run_identity(config, model, tokenizer, examples: Examples) -> dict:
     }
 
 
-def examples_digest(examples: Examples) -> str:
-    """A hash of what is trained on: boundaries, token ids and targets (read once, sequentially)."""
+def examples_digest(examples: Examples | Pairs) -> str:
+    """A hash of what is trained on: boundaries, token ids and targets of SFT examples, or the
+    prompts and completions of preference pairs (read once, sequentially)."""
+    if isinstance(examples, Pairs):
+        arrays = (examples.prompt_offsets, examples.prompt_ids, examples.chosen_offsets, examples.chosen_ids,
+                  examples.rejected_offsets, examples.rejected_ids)
+    else:
+        arrays = (examples.offsets, examples.input_ids, examples.targets)
     digest = hashlib.blake2b(digest_size=16)
-    for array in (examples.offsets, examples.input_ids, examples.targets):
+    for array in arrays:
         digest.update(str(len(array)).encode())
         # As int64 whatever the stored width, in chunks: the same examples give the same hash
         # whether built in memory or read memory-mapped from the cache.
         for start in range(0, len(array), _CHUNK):
             digest.update(np.asarray(array[start : start + _CHUNK], dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(model) -> str:
+    """A hash of every weight of `model` as it is now (names, shapes, fp32 values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -31,23 +31,30 @@ Distributed: launch with torchrun (or `accelerate launch`, used as a launcher on
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from sftlab.config import SFTConfig
-from sftlab.data.examples import Examples
+from sftlab.data.chat_tokens import add_chat_tokens
+from sftlab.data.container import Examples, Pairs
+from sftlab.data.special_tokens import pad_token_id
 from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
+from sftlab.files import cache_root
 from sftlab.models import load_tokenizer, resolve_model_path
 from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
+from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
-from sftlab.training.objectives import Objective, SupervisedObjective
+from sftlab.training.objectives import KTOObjective, Objective, PreferenceObjective, SupervisedObjective
 from sftlab.training.optimizer import StepInBackward
+from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
 from sftlab.training.progress import MetricsWindow, Reporter
 from sftlab.training.step import train_step
 
@@ -148,8 +155,9 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
 
 
 def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
+    collate = run.objective.collate("eval") if hasattr(run.objective, "collate") else batching.pad_batch
     record = evaluation.evaluate(parallelize.unwrap(run.wrapper), run.objective, run.eval_examples,
-                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast)
+                                 config.per_device_eval_batch_size, run.pad_id, processes, run.autocast, collate=collate)
     if run.generation is not None:
         record.update(run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done))
     record.update(type="eval", step=done)
@@ -175,9 +183,6 @@ def _items_per_step(config: SFTConfig, processes) -> int:
 def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_dataset, eval_dataset, optimizer,
            lr_scheduler) -> Run:
     """The recipe's setup, in the order it happens; each step is a small function of its own."""
-    if config.fsdp and config.use_peft and config.merge_lora:
-        raise ConfigError("merge_lora is not available with fsdp: true (the merge needs the whole model in one process)",
-                          field="merge_lora", fix="merge final/ afterwards in one process: PeftModel.from_pretrained(base, final).merge_and_unload()")
     distributed.seed_everything(config.seed)
     export.check_output_dir(config.output_dir, processes.is_main)
     replaced = []
@@ -195,22 +200,42 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
             model_path = resolve_model_path(config.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or model_path, config.trust_remote_code)
+    added = add_chat_tokens(tokenizer, chat_template=config.chat_template, add_markers=config.add_chat_tokens,
+                            special_tokens=config.special_tokens)  # before the data: it tokenizes with them
+    for line in added.lines() if added else ():
+        reporter.line(line)
     train_examples, eval_examples = _setup_data(config, tokenizer, train_dataset, eval_dataset, reporter)
     if model is None:
         model = setup.setup_model(model_path, attn_implementation=config.attn_implementation,
                                   trust_remote_code=config.trust_remote_code, gradient_checkpointing=config.gradient_checkpointing,
-                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config))
+                                  lora=setup.lora_settings(config), quantization=setup.quantization_settings(config),
+                                  added_tokens=added)
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
+        reporter.line(f"attention: {model.config._attn_implementation}")
+    elif added:
+        setup.add_token_rows(model, added)
+    if config.router_aux_loss_coef is not None:
+        setup.set_router_aux_loss(model, config.router_aux_loss_coef)
     model.train()
 
-    plan = batching.StepPlan(train_examples, packing=config.packing, max_length=config.max_length,
+    pad_id = pad_token_id(tokenizer)
+    preference = None
+    if config.objective != "sft":  # before the plan: the objective brings the collate function of its pairs
+        preference = _setup_preference(config, model, train_examples, eval_examples, pad_id, processes, reporter)
+    if preference is None:
+        packing, capacity = config.packing and _packing_isolated(model, train_examples, reporter), config.max_length
+    else:  # pairs pack by their mask, where the shared row is exact; P + C and P + R each fit max_length
+        packing, capacity = config.packing and preference.shared_prompt, 2 * config.max_length
+        if config.packing and not packing:
+            reporter.line("packing: off for this model, a row per pair (see the preference line above)")
+    plan = batching.StepPlan(train_examples, packing=packing, max_length=capacity,
                              batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
                              world_size=processes.world, seed=config.seed, group_by_length=config.group_by_length,
-                             shuffle=config.shuffle)
+                             shuffle=config.shuffle, collate=preference.collate("train") if preference else None)
     steps = batching.total_steps(config.max_steps, config.num_train_epochs, plan.steps_per_epoch)
-    pad_id = pad_token_id(tokenizer)
-    objective = _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter)
+    objective = preference or _setup_objective(config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None),
+                                               reporter)
     if config.torch_compile:
         layers = setup.compile_layers(model)
         reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
@@ -233,7 +258,7 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
     parameters = [p for p in model.parameters() if p.requires_grad]
     stepper = None
     if config.optimizer_in_backward:
-        setup.check_optimizer_in_backward(config, processes.world)
+        setup.check_optimizer_in_backward(processes.world)
         stepper = StepInBackward(parameters, optimizer)
     run = Run(reporter, tokenizer, model, plan, steps, objective, wrapper, autocast, optimizer, lr_scheduler, parameters,
               stepper, pad_id, eval_examples, identity=run_identity(config, model, tokenizer, train_examples))
@@ -246,10 +271,14 @@ def _setup(config: SFTConfig, processes, bf16: bool, *, model, tokenizer, train_
 def _setup_data(config: SFTConfig, tokenizer, train_dataset, eval_dataset, reporter) -> tuple[Examples, Examples | None]:
     # No barrier around preparation: the process that takes a cache entry's lock builds it while
     # the others wait on the lock (no collective timeout), then every process maps the same entry.
-    train_examples = prepare_split(config, tokenizer, source=train_dataset)
+    if config.objective == "sft":
+        prepare = prepare_split
+    else:
+        from sftlab.data.splits import prepare_preference_split as prepare
+    train_examples = prepare(config, tokenizer, source=train_dataset)
     eval_examples = None
     if eval_dataset is not None or config.eval_data:
-        eval_examples = prepare_split(config, tokenizer, eval=True, source=eval_dataset)
+        eval_examples = prepare(config, tokenizer, eval=True, source=eval_dataset)
     reporter.data_summary("train", train_examples.stats)
     if eval_examples is not None:
         reporter.data_summary("eval", eval_examples.stats)
@@ -266,6 +295,49 @@ def _setup_objective(config: SFTConfig, model: nn.Module, first_batch: dict, rep
     reporter.line(f"loss: {mode} ({why})"
                   + (", dft (each token's CE scaled by its detached probability)" if config.loss_type == "dft" else ""))
     return SupervisedObjective(model, mode, config.loss_type, config.neftune_noise_alpha)
+
+
+def _setup_preference(config: SFTConfig, model: nn.Module, train_pairs: Pairs, eval_pairs: Pairs | None, pad_id: int,
+                      processes, reporter) -> PreferenceObjective | KTOObjective:
+    """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
+    train and eval pairs under the model before training (computed once, stored, reused): training
+    holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
+    shared, sparse, why = choose_layout(model, train_pairs, pad_id, shared_prompt=config.shared_prompt,
+                                        loss_implementation=config.loss_implementation)
+    reporter.line(f"preference: {config.objective}" + (f" ({config.loss_type})" if config.objective == "dpo" else "")
+                  + f", beta {config.beta}; {why}")
+    references = {}
+    if config.objective not in REFERENCE_FREE:
+        folder = os.path.join(config.cache_dir or os.path.join(cache_root(), "prepared"), "reference")
+        for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+            if pairs is None:
+                continue
+            started = time.perf_counter()
+            references[split], stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared)
+            accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
+            reporter.line(f"reference log-probs of {len(pairs)} {split} pairs: "
+                          + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
+                          + f" ({folder})" + ("" if config.objective == "kto" else
+                                              f"; the reference prefers the chosen completion in {accuracy:.1%}"))
+            if split == "eval" and config.objective != "kto":
+                reporter.log({"type": "eval", "step": 0, "eval_reference_accuracy": accuracy})
+    if config.objective == "kto":
+        return KTOObjective(model, beta=config.beta, desirable_weight=config.desirable_weight,
+                            undesirable_weight=config.undesirable_weight, sparse=sparse, references=references)
+    return PreferenceObjective(model, config.loss_type if config.objective == "dpo" else config.objective, beta=config.beta,
+                               label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma, rpo_alpha=config.rpo_alpha,
+                               shared_prompt=shared, sparse=sparse, references=references)
+
+
+def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:
+    """Packing stays on only where the model keeps packed examples apart (architecture.py's probe);
+    elsewhere (Mamba2, linear attention, convolutions on this device) padded rows, said once."""
+    check = packing_isolation(model, examples[0][0].tolist())
+    if check.isolated:
+        reporter.line(f"packing: checked, {check.why} (max difference {check.max_difference:.1e})")
+        return True
+    reporter.line(f"packing: off for this model, padded rows instead: {check.why}")
+    return False
 
 
 def _resume(config: SFTConfig, run: Run, processes) -> int:
@@ -292,11 +364,3 @@ def _resume(config: SFTConfig, run: Run, processes) -> int:
                       + (f" (written by {by} processes, now {processes.world})" if by != processes.world else ""))
     run.reporter.forget_after(start_step)
     return start_step
-
-
-def pad_token_id(tokenizer) -> int:
-    # Pads are never attended to and never targets, so any id works when the tokenizer has no pad token.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -30,17 +30,18 @@ row's would give every packed example less noise than it gets unpacked).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sftlab.data.examples import IGNORE
+from sftlab.config import LOSS_TYPES
+from sftlab.data.container import IGNORE
 
 # Rows of logits per chunk are chosen so one chunk holds about this many fp32 values (256 MB).
 CHUNK_VALUES = 64 * 1024 * 1024
-LOSS_TYPES = ("nll", "dft")
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -214,13 +215,35 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | No
     return causal_lm, trunk, head
 
 
+def router_aux(causal_lm: nn.Module):
+    """(load_balancing_loss_func, experts, experts per token, coefficient) for a mixture-of-experts
+    model configured to return router logits (config.output_router_logits), else None. The
+    function is the model's own module's, called with the model's own attributes, as its forward
+    does: `loss += router_aux_loss_coef * load_balancing_loss_func(router_logits, num_experts,
+    num_experts_per_tok, attention_mask)`. Raises ValueError for a model whose router loss sftlab
+    cannot compute that way (the dense path then computes the model's own)."""
+    config = getattr(causal_lm, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return None
+    module = sys.modules.get(type(causal_lm).__module__)
+    function = getattr(module, "load_balancing_loss_func", None)
+    names = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")
+    if function is None or not all(hasattr(causal_lm, name) for name in names):
+        raise ValueError(f"{type(causal_lm).__name__} returns router logits, but not through load_balancing_loss_func "
+                         "and num_experts / num_experts_per_tok / router_aux_loss_coef")
+    return function, causal_lm.num_experts, causal_lm.num_experts_per_tok, float(causal_lm.router_aux_loss_coef)
+
+
 class SupervisedLoss(nn.Module):
     """Wraps a causal LM so the loss is computed inside `forward` (DDP/FSDP hooks see it).
 
     forward(...) -> {"loss_sum": sum of the loss over supervised tokens, "nll_sum": sum of their
                      cross-entropy (the same number for loss_type 'nll'), "correct": argmax hits,
-                     "count": supervised tokens}. Training divides loss_sum by the step's
-    global supervised-token count; see loop.py.
+                     "count": supervised tokens, and for a mixture-of-experts model configured to
+                     return router logits "aux_loss": router_aux_loss_coef x its load-balancing
+                     loss, a mean over this forward's tokens, exactly as the model's own loss adds it}.
+    Training divides loss_sum by the step's global supervised-token count and averages aux_loss
+    over the step's forward passes (step.py).
     """
 
     def __init__(self, model: nn.Module, mode: str = "sparse", loss_type: str = "nll", neftune_alpha: float | None = None):
@@ -237,6 +260,7 @@ class SupervisedLoss(nn.Module):
         if mode == "sparse" and parts is None:
             raise ValueError("the sparse loss needs a model with a trunk and an output embedding")
         self.mode = mode
+        self.router = router_aux(inner[0] if inner else model) if mode == "sparse" else None
         if parts is not None:
             causal_lm, _, head = parts
             self.scale, self.softcap = logit_transform(causal_lm.config)
@@ -246,9 +270,10 @@ class SupervisedLoss(nn.Module):
         count = (targets != IGNORE).sum()
         if self.mode == "dense":
             inputs = self._inputs(input_ids, attention_mask, position_ids)
-            loss_sum, correct, nll_sum = dense_loss(self.model, targets=targets, attention_mask=attention_mask, position_ids=position_ids,
-                                                    loss_type=self.loss_type, **inputs)
-            return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
+            loss_sum, correct, nll_sum, aux = dense_loss(self.model, targets=targets, attention_mask=attention_mask,
+                                                         position_ids=position_ids, loss_type=self.loss_type, with_aux=True, **inputs)
+            return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count,
+                    **({"aux_loss": aux} if aux is not None else {})}
         causal_lm, trunk, head = split_model(self.model)
         embedding = causal_lm.get_input_embeddings()
         # A tied head's gradient goes straight into .grad (see _LinearCrossEntropy.backward) and
@@ -263,7 +288,9 @@ class SupervisedLoss(nn.Module):
             embedding.sparse = True
         try:
             inputs = self._inputs(input_ids, attention_mask, position_ids)
-            hidden = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+            routed = {"output_router_logits": True} if self.router else {}
+            out = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **routed)
+            hidden = out.last_hidden_state
         finally:
             if in_place:
                 embedding.sparse = was_sparse
@@ -271,7 +298,11 @@ class SupervisedLoss(nn.Module):
         rows = hidden[keep]  # [supervised tokens, hidden]; empty when nothing is supervised
         loss_sum, correct, nll_sum = head_loss(head, rows, targets[keep], self.scale, self.softcap, self.rows, self.loss_type,
                                                weight_grad_in_place=in_place)
-        return {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
+        result = {"loss_sum": loss_sum, "nll_sum": nll_sum, "correct": correct, "count": count}
+        if self.router:
+            function, experts, top_k, coefficient = self.router
+            result["aux_loss"] = coefficient * function(out.router_logits, experts, top_k, attention_mask)
+        return result
 
     def _inputs(self, input_ids, attention_mask, position_ids) -> dict:
         """The model embeds the ids itself, unless NEFTune has to add noise to the embeddings first."""
@@ -308,17 +339,26 @@ def neftune_noise(embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(embeds).uniform_(-1, 1) * scale.to(device=embeds.device, dtype=embeds.dtype)
 
 
-def dense_loss(model, input_ids=None, targets=None, attention_mask=None, position_ids=None, loss_type: str = "nll", inputs_embeds=None):
+def dense_loss(model, input_ids=None, targets=None, attention_mask=None, position_ids=None, loss_type: str = "nll", inputs_embeds=None,
+               with_aux: bool = False):
     """Reference path: full logits over every position, the way transformers computes them.
-    (sum of the loss, argmax hits, sum of cross-entropy)."""
-    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
+    (sum of the loss, argmax hits, sum of cross-entropy), and with `with_aux` the model's own
+    router loss term (router_aux_loss_coef x aux_loss, None for a model that returns none)."""
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False)
+    logits = out.logits
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     losses, ce = token_losses(flat_logits, flat_targets, loss_type)
     keep = flat_targets != IGNORE
     correct = (flat_logits[keep].argmax(-1) == flat_targets[keep]).sum()
-    return losses.sum(), correct, ce.detach().sum()
+    if not with_aux:
+        return losses.sum(), correct, ce.detach().sum()
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        aux = float(getattr(causal_lm, "router_aux_loss_coef", 1.0)) * aux
+    return losses.sum(), correct, ce.detach().sum(), aux
 
 
 def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> tuple[str, str]:
@@ -331,6 +371,12 @@ def choose_loss_mode(model: nn.Module, batch: dict, requested: str = "auto") -> 
         if requested == "sparse":
             raise ValueError("loss_implementation=sparse, but the model has no separate trunk and LM head")
         return "dense", "the model has no separate trunk and LM head"
+    try:
+        router_aux(split_model(model)[0])
+    except ValueError as error:
+        if requested == "sparse":
+            raise
+        return "dense", str(error)
     if requested == "sparse":
         return "sparse", "loss_implementation=sparse"
     inputs = {k: v[:1, :64] if torch.is_tensor(v) else v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}

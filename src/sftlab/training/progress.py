@@ -91,12 +91,17 @@ class Reporter:
                 elapsed = time.perf_counter() - self.started
                 rate = (record["step"] - self.first_step) / elapsed if elapsed > 0 else 0
                 eta = (self.total - record["step"]) / rate if rate > 0 else 0
-                print(f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  acc {record['token_accuracy']:.3f}  "
+                # Accuracy: of the next token (SFT), or of the preferred completion's reward (preference objectives).
+                accuracy = record.get("token_accuracy", record.get("rewards/accuracy", 0.0))
+                print(f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  acc {accuracy:.3f}  "
                       f"lr {record['learning_rate']:.2e}  grad {record['grad_norm']:.3f}  "
                       f"{record['tokens_per_second']:.0f} tok/s  eta {eta:.0f}s", flush=True)
-        elif record.get("type") == "eval":
+        elif record.get("type") == "eval" and "eval_perplexity" in record:
             self.line(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
                       f"ppl {record['eval_perplexity']:.2f}  acc {record['eval_token_accuracy']:.3f}" + _generation_summary(record))
+        elif record.get("type") == "eval":  # another objective's record: its numbers as they are
+            shown = "  ".join(f"{key[len('eval_'):]} {value:.4g}" for key, value in numbers.items() if key.startswith("eval_"))
+            self.line(f"eval at step {record['step']}: {shown}" + _generation_summary(record))
 
     def forget_after(self, step: int) -> None:
         """Drop logged steps after `step` from metrics.jsonl: a killed run logged them after its last
@@ -178,7 +183,7 @@ def _generation_summary(record: dict) -> str:
     """The scores of an evaluation by generation (training/evaluation.py), and what it cost."""
     if "eval_generate_samples" not in record:
         return ""
-    from sftlab.training.evaluation import COUNT_KEYS
+    from sftlab.config import COUNT_KEYS
 
     scores = "  ".join(f"{key[len('eval_generate_'):]} {value:.3f}" for key, value in record.items()
                        if key.startswith("eval_generate_") and key not in COUNT_KEYS)

@@ -10,6 +10,7 @@ import os
 import torch
 
 from sftlab.config import SFTConfig
+from sftlab.data.chat_tokens import AddedChatTokens
 from sftlab.errors import ConfigError
 from sftlab.models import load_model
 from sftlab.training import parallelize
@@ -17,9 +18,13 @@ from sftlab.training.optimizer import AdamWBF16States
 
 
 def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool, gradient_checkpointing: bool, lora: dict | None,
-                quantization=None):
+                quantization=None, added_tokens: AddedChatTokens | None = None):
     model = load_model(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization)
     model.config.use_cache = False
+    if added_tokens is not None:  # before LoRA: the adapter is built on the resized embeddings
+        add_token_rows(model, added_tokens)
+        if lora is not None and added_tokens.ids:
+            lora = dict(lora, trainable_tokens=new_token_layers(model, added_tokens.ids, lora.get("modules_to_save")))
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -36,11 +41,50 @@ def setup_model(path: str, *, attn_implementation: str, trust_remote_code: bool,
     return model
 
 
+def add_token_rows(model, added: AddedChatTokens) -> None:
+    """Rows for the tokens add_chat_tokens added (data/chat_tokens.py): the embedding (and an untied
+    head) grows to the tokenizer's size (a model with spare rows past its tokenizer's ids, as Qwen's, uses
+    those without growing), and each new token's row is the mean of the rows of the tokens
+    the tokenizer had before (ids below the first new one), computed in float64. No random draw (unlike
+    transformers' mean_resizing, which samples around the mean), so every process and every resumed run
+    builds the same rows bitwise. A tied head is the same tensor and is set once. Generation stops on the
+    new EOS (the template's end-of-turn marker) and on the old one."""
+    embedding = model.get_input_embeddings()
+    if added.vocab_size > embedding.weight.shape[0]:
+        model.resize_token_embeddings(added.vocab_size, mean_resizing=False)
+    if added.ids:
+        first_new, rows = min(added.ids), torch.tensor(added.ids)
+        layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+        with torch.no_grad():
+            for layer in {id(layer.weight): layer for layer in layers if layer is not None}.values():
+                for tensor in (layer.weight, getattr(layer, "bias", None)):
+                    if tensor is not None:
+                        tensor[rows] = tensor[:first_new].double().mean(0).to(tensor.dtype)
+    if added.eos_ids:
+        model.config.eos_token_id = added.eos_ids[0]
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = list(added.eos_ids)
+
+
+def new_token_layers(model, ids: list[int], modules_to_save: list[str] | None) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices for LoRA after adding tokens: the new rows of the embedding and of
+    an untied head, trained on top of the adapter (a tied head follows its embedding: PEFT ties them). A
+    layer already in lora_modules_to_save is trained whole, and PEFT refuses both on one layer."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = [model.get_input_embeddings()]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not layers[0].weight:
+        layers.append(head)
+    saved = set(modules_to_save or ())
+    return {names[id(layer)]: list(ids) for layer in layers if names[id(layer)].rsplit(".", 1)[-1] not in saved}
+
+
 def lora_settings(config: SFTConfig) -> dict | None:
     if not config.use_peft:
         return None
     return dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
-                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init)
+                use_dora=config.use_dora, use_rslora=config.use_rslora, modules_to_save=config.lora_modules_to_save, init=config.lora_init,
+                target_parameters=config.lora_target_parameters)
 
 
 def quantization_settings(config: SFTConfig):
@@ -64,14 +108,18 @@ def quantization_settings(config: SFTConfig):
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, use_dora: bool = False, use_rslora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "default"):
+               modules_to_save: list[str] | None = None, init: str = "default",
+               target_parameters: list[str] | None = None, trainable_tokens: dict[str, list[int]] | None = None):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError("use_peft=true needs the peft package", field="use_peft", fix="pip install 'sftlab[peft]'") from None
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
                                             use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save,
-                                            init_lora_weights=True if init == "default" else init))
+                                            init_lora_weights=True if init == "default" else init,
+                                            **({"target_parameters": target_parameters} if target_parameters else {}),
+                                            **({"trainable_token_indices": trainable_tokens}
+                                               if trainable_tokens else {})))
 
 
 def compile_layers(model) -> int:
@@ -124,19 +172,13 @@ def setup_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def check_optimizer_in_backward(config: SFTConfig, world: int) -> None:
-    # Each parameter is updated the moment its gradient is complete: whatever needs every
-    # gradient of the step first (their global norm, the next micro-batch, the other processes'
-    # gradients, a decision to skip the step) cannot be honoured, so it is refused, not approximated.
-    needs = [("max_grad_norm", config.max_grad_norm is not None, "null (clipping needs the norm of every gradient before any update)"),
-             ("gradient_accumulation_steps", config.gradient_accumulation_steps != 1, "1"),
-             ("skip_nonfinite_steps", config.skip_nonfinite_steps, "false (the update is made before the loss is known to be finite)"),
-             ("fsdp", config.fsdp or world > 1, "false, and one process")]
-    for name, conflict, wanted in needs:
-        if conflict:
-            raise ConfigError(f"optimizer_in_backward needs {name}: {wanted}", field=name,
-                              found=str(getattr(config, name)) + (f" with {world} processes" if name == "fsdp" else ""),
-                              fix=f"set {name} accordingly, or optimizer_in_backward: false")
+def check_optimizer_in_backward(world: int) -> None:
+    """The config refuses optimizer_in_backward with clipping, accumulation, skipping or fsdp; the
+    number of processes is known only now. Each parameter is updated the moment its gradient is
+    complete, before DDP could average it with the other processes' gradients."""
+    if world > 1:
+        raise ConfigError("optimizer_in_backward needs fsdp: false, and one process", field="fsdp",
+                          found=f"False with {world} processes", fix="set fsdp accordingly, or optimizer_in_backward: false")
 
 
 def training_optimizer(given, model, *, fsdp: bool, learning_rate: float, weight_decay: float, betas: tuple[float, float],
@@ -161,3 +203,16 @@ def training_scheduler(given, optimizer, kind: str, total_steps: int, warmup_ste
     if callable(given) and not hasattr(given, "step"):
         return given(optimizer)
     return given
+
+
+def set_router_aux_loss(model, coefficient: float) -> None:
+    """Make a mixture-of-experts model return router logits and weigh its load-balancing loss by
+    `coefficient`, where its forward reads both (config.output_router_logits, router_aux_loss_coef)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "router_aux_loss_coef"):
+        raise ConfigError("router_aux_loss_coef is set, but the model has no router load-balancing loss",
+                          field="router_aux_loss_coef", found=type(base).__name__,
+                          fix="remove router_aux_loss_coef (it applies to mixture-of-experts models such as Mixtral, Qwen3-MoE, gpt-oss)")
+    base.config.output_router_logits = True
+    base.config.router_aux_loss_coef = coefficient  # saved with the model: how it was trained
+    base.router_aux_loss_coef = coefficient

@@ -1,8 +1,12 @@
 """One optimizer step: the step's micro-batches in, the updated weights and the step's sums out.
 
+    start     the objective's start_step, when it has one (KTO estimates its KL reference point
+              over the whole step before any loss is computed)
     count     each micro-batch's normaliser (objectives.py), summed over the step on all processes
-    forward   the objective's loss module on each micro-batch; backward of loss_sum / count
-              (DDP: the gradient all-reduce waits for the last micro-batch)
+    forward   the objective's loss module on each micro-batch; backward of loss_sum / count, plus
+              aux_loss / micro-batches when the module returns one (a per-forward mean such as a
+              MoE router's load-balancing loss: DDP's average over processes then makes it the mean
+              over all the step's forwards); DDP's gradient all-reduce waits for the last micro-batch
     sums      the objective's sums, the tokens and empty micro-batches, and the stop flag, summed
               over processes in one all-reduce, so every process sees a stop signal at the same step
     update    gradient norm (and clipping), a non-finite check, optimizer step, scheduler step
@@ -22,7 +26,7 @@ from sftlab.training.distributed import Processes
 from sftlab.training.objectives import Objective, stacked_sums
 
 # What the engine itself counts for every micro-batch, after the objective's sums.
-ENGINE_SUMS = ("tokens", "empty_micro_batches")
+ENGINE_SUMS = ("tokens", "empty_micro_batches", "forwards")
 
 
 @dataclass
@@ -42,6 +46,9 @@ def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *,
     objective's module as replicated or sharded; `stepper`: optimizer_in_backward's hooks, which
     have already updated the weights by the end of backward. `stop_requested()`: whether a stop
     signal reached this process, asked after the backward passes, when the step's sums are reduced."""
+    start = getattr(objective, "start_step", None)
+    if start is not None:  # what the objective needs from the whole step first (KTO: its KL reference point)
+        start(wrapper, batches, processes, autocast)
     # The loss of every micro-batch is divided by the count of the whole step on all processes;
     # DDP and FSDP then average gradients over processes, hence the world factor.
     local = torch.tensor([sum(objective.count(batch) for batch in batches)], dtype=torch.float64)
@@ -54,8 +61,11 @@ def train_step(wrapper: nn.Module, objective: Objective, batches: list[dict], *,
         with parallelize.accumulating(wrapper, last=j == len(batches) - 1):
             with autocast:
                 out = wrapper(**inputs)
-            (out["loss_sum"] / normalizer).backward()
-        engine = torch.tensor([float(batch["real_tokens"]), float(objective.count(batch) == 0)], dtype=torch.float64)
+            loss = out["loss_sum"] / normalizer
+            if "aux_loss" in out:  # a mean per forward (MoE load balancing): averaged over the step's forwards
+                loss = loss + out["aux_loss"] / len(batches)
+            loss.backward()
+        engine = torch.tensor([float(batch["real_tokens"]), float(objective.count(batch) == 0), 1.0], dtype=torch.float64)
         parts.append(torch.cat([stacked_sums(objective, out), engine.to(out["loss_sum"].device)]))
     flag = torch.tensor([float(stop_requested())], dtype=torch.float64, device=parts[0].device)
     summed = processes.sum(torch.cat([torch.stack(parts).sum(0), flag]))

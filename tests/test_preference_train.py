@@ -1,0 +1,175 @@
+"""Preference tuning end to end through `sftlab train` and `sftlab.train`: the logs, the evaluation,
+the split invariance (8x1 == 2x4 == 2 processes x 4, DDP and FSDP2), the stored reference reused,
+and a preempted run resumed to the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import sftlab.training.progress
+from sftlab import SFTConfig, train
+from sftlab.cli import EXIT_PREEMPTED, main
+from tiny import char_tokenizer
+from tiny_models import save_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+PAIRS = [{"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(16)]
+KTO = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}" if i % 3 else f" {i + 2} or so", "label": bool(i % 3)}
+       for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return save_tiny_llama(str(tmp_path_factory.mktemp("pref") / "model"), char_tokenizer())
+
+
+def config(model_dir, output_dir, **overrides) -> SFTConfig:
+    values = dict(model=model_dir, output_dir=str(output_dir), objective="dpo", max_length=48, per_device_train_batch_size=8,
+                  shuffle=False,
+                  max_steps=2, logging_steps=1, learning_rate=1e-2, warmup_steps=0, seed=3, lr_scheduler_type="constant",
+                  max_grad_norm=None, cache_dir=str(output_dir) + "-cache")
+    return SFTConfig(**{**values, **overrides})
+
+
+def weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(output_dir, "final", "model.safetensors"))
+
+
+def assert_close_weights(a, b, atol=0.0):
+    ours, theirs = weights(a), weights(b)
+    assert ours.keys() == theirs.keys() and ours
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("objective, loss_type", [("dpo", "sigmoid"), ("dpo", "ipo"), ("simpo", None), ("orpo", None)])
+def test_each_objective_trains_and_logs(model_dir, tmp_path, objective, loss_type):
+    overrides = {"objective": objective, **({"loss_type": loss_type} if loss_type else {})}
+    result = train(config(model_dir, tmp_path / "out", **overrides), train_dataset=PAIRS, eval_dataset=PAIRS[:4])
+    logged = [r for r in result.history if r["type"] == "train"]
+    assert len(logged) == 2 and all(r["pairs"] == 8 for r in logged)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+                "logps/rejected", "nll"):
+        assert all(isinstance(r[key], float) for r in logged), key
+    evals = [r for r in result.history if r["type"] == "eval"]
+    assert evals[-1]["eval_pairs"] == 4 and "eval_rewards/accuracy" in evals[-1]
+    if objective == "dpo":
+        assert logged[0]["loss"] == pytest.approx(0.6931472 if loss_type == "sigmoid" else logged[0]["loss"], abs=1e-5)
+        assert logged[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference at step 1
+        assert "eval_reference_accuracy" in evals[0] and evals[0]["step"] == 0
+    assert os.path.isfile(os.path.join(result.final_dir, "model.safetensors"))
+
+
+def test_the_reference_is_stored_and_reused(model_dir, tmp_path, capsys):
+    train(config(model_dir, tmp_path / "a", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
+    assert "reference log-probs of 16 train pairs: computed in" in capsys.readouterr().out
+    train(config(model_dir, tmp_path / "b", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
+    assert "reference log-probs of 16 train pairs: read from the store" in capsys.readouterr().out
+
+
+def sgd(params):
+    # Plain SGD: the update is the gradient itself, so the comparison is of gradients (AdamW would
+    # divide fp32 summation-order noise in near-zero gradients by their own tiny scale).
+    return torch.optim.SGD(params, lr=1e-2)
+
+
+def test_a_step_is_the_same_however_it_is_split(model_dir, tmp_path):
+    one = train(config(model_dir, tmp_path / "8x1"), train_dataset=PAIRS, optimizer=sgd)
+    four = train(config(model_dir, tmp_path / "2x4", per_device_train_batch_size=2, gradient_accumulation_steps=4),
+                 train_dataset=PAIRS, optimizer=sgd)
+    losses = [[r["loss"] for r in result.history if r["type"] == "train"] for result in (one, four)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert_close_weights(tmp_path / "8x1", tmp_path / "2x4", atol=1e-6)
+
+
+def test_packed_pairs_train_like_padded_ones(model_dir, tmp_path):
+    train(config(model_dir, tmp_path / "packed", packing=True, shuffle=False, per_device_train_batch_size=16, max_steps=1),
+          train_dataset=PAIRS, optimizer=sgd)
+    train(config(model_dir, tmp_path / "padded16", shuffle=False, per_device_train_batch_size=16, max_steps=1),
+          train_dataset=PAIRS, optimizer=sgd)
+    assert_close_weights(tmp_path / "packed", tmp_path / "padded16", atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding, objective", [("fsdp=false", "dpo"), ("fsdp=true", "dpo"), ("fsdp=false", "kto")])
+def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
+    data = PAIRS if objective == "dpo" else KTO
+    records = tmp_path / "pairs.json"
+    records.write_text(json.dumps(data))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
+    common = [f"objective={objective}", "shuffle=false", "max_length=48", "max_steps=2", "logging_steps=1", "learning_rate=1e-2", "warmup_steps=0",
+              "seed=3", "lr_scheduler_type=constant", "max_grad_norm=null", f"cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, model_dir, str(records),
+                          str(tmp_path / "two"), *common, "per_device_train_batch_size=4", "optimizer=sgd", sharding],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    train(config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective), train_dataset=data,
+          optimizer=sgd)
+    assert_close_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
+
+
+def stop_after(monkeypatch, step: int):
+    real_advance = sftlab.training.progress.Reporter.advance
+
+    def advance(self, done):
+        real_advance(self, done)
+        if done == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(sftlab.training.progress.Reporter, "advance", advance)
+
+
+@pytest.mark.slow
+def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump({
+        "model": model_dir, "train_data": str(data), "objective": "dpo", "max_length": 48, "per_device_train_batch_size": 4,
+        "max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2, "warmup_steps": 1, "seed": 3,
+        "cache_dir": str(tmp_path / "cache")}))
+    assert main(["train", str(settings), f"output_dir={tmp_path / 'reference'}"]) == 0
+    with monkeypatch.context() as patch:
+        stop_after(patch, 2)
+        assert main(["train", str(settings), f"output_dir={tmp_path / 'resumed'}"]) == EXIT_PREEMPTED
+    capsys.readouterr()
+    assert main(["train", str(settings), f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "read from the store" in out
+    assert_close_weights(tmp_path / "resumed", tmp_path / "reference")
+
+
+
+def test_kto_trains_and_logs(model_dir, tmp_path):
+    result = train(config(model_dir, tmp_path / "kto", objective="kto", desirable_weight=1.0, undesirable_weight=2.0),
+                   train_dataset=KTO, eval_dataset=KTO[:6])
+    logged = [r for r in result.history if r["type"] == "train"]
+    assert len(logged) == 2 and all(r["examples"] == 8 for r in logged)
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference, so the KL is 0
+    assert logged[0]["rewards/desirable"] == pytest.approx(0.0, abs=1e-6)
+    # step 1's loss by hand: every ratio 0 and z0 0, so each example's loss is weight x (1 - sigmoid(0)) = weight / 2
+    desirable = sum(1 for i in range(8) if i % 3)  # the first step's 8 examples are the first 8 (shuffle off)
+    assert logged[0]["loss"] == pytest.approx((desirable * 0.5 + (8 - desirable) * 1.0) / 8, abs=1e-6)
+    evals = [r for r in result.history if r["type"] == "eval"]
+    assert evals[-1]["eval_examples"] == 6 and "eval_kl" in evals[-1]
+
+
+def test_kto_step_is_the_same_however_it_is_split(model_dir, tmp_path):
+    one = train(config(model_dir, tmp_path / "kto8", objective="kto"), train_dataset=KTO, optimizer=sgd)
+    four = train(config(model_dir, tmp_path / "kto2x4", objective="kto", per_device_train_batch_size=2,
+                        gradient_accumulation_steps=4), train_dataset=KTO, optimizer=sgd)
+    assert [r["loss"] for r in one.history if r["type"] == "train"] == pytest.approx(
+        [r["loss"] for r in four.history if r["type"] == "train"], abs=1e-6)
+    assert_close_weights(tmp_path / "kto8", tmp_path / "kto2x4", atol=1e-6)
