@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import xml.etree.ElementTree as ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,7 @@ CHECKS = {  # test function -> column heading
 }
 MEASURED = {  # junit property -> column heading of the measurements table
     "loss_difference": "abs(loss - model's own loss)",
+    "router_term": "router term in both",
     "probe_difference": "max abs(log p packed - alone), probe",
     "packing_difference": "the same, 3 other examples",
 }
@@ -129,12 +131,13 @@ def table(results, kinds: dict[str, str], command: str) -> str:
             else:
                 cells.append(status)
         lines.append(f"| {name} | {kinds[name]} | " + " | ".join(cells) + " |")
-    lines += ["", "Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(notes, 1)]
+    lines += ["", "Notes:", ""]
+    lines += [textwrap.fill(f"{i}. {note}", width=116, subsequent_indent="   ") for i, note in enumerate(notes, 1)]
     from sftlab.training.architecture import ISOLATION_TOLERANCE
 
     lines += [
         "",
-        f"Measured (fp32; the packing probe's tolerance is {ISOLATION_TOLERANCE:g}):",
+        f"Measured (fp32; the packing probe's tolerance is {ISOLATION_TOLERANCE:.0e}):",
         "",
         "| architecture | " + " | ".join(MEASURED.values()) + " |",
         "|---|" + "---|" * len(MEASURED),

@@ -177,6 +177,6 @@ RECURRENT = {
     "granitemoehybrid": "mamba2",
     "qwen3_next": "gated delta-net",
     "lfm2": "short convolution",
-    "falcon_h1": "mamba2 (beside attention)",
+    "falcon_h1": "mamba2 beside attention",
     "nemotron_h": "mamba2",
 }

@@ -30,12 +30,9 @@ from architectures import ARCHITECTURES, KINDS
 from sftlab import SFTConfig, train
 from sftlab.data.examples import IGNORE
 from sftlab.errors import TrainingError
+from sftlab.training.architecture import ISOLATION_TOLERANCE, packing_isolation
 from sftlab.training.loss import SupervisedLoss, choose_loss_mode
 from tiny import char_tokenizer
-
-# Until this branch has the probes (issue 21 items 1-3), the matrix cannot run; removed once merged.
-architecture = pytest.importorskip("sftlab.training.architecture")
-ISOLATION_TOLERANCE, packing_isolation = architecture.ISOLATION_TOLERANCE, architecture.packing_isolation
 
 NAMES = list(ARCHITECTURES)
 VOCAB = 128
@@ -145,6 +142,7 @@ def test_loss(name, record_property):
     # The dense reference is the model's own loss, router term included.
     torch.testing.assert_close(dense, own, **LOSS_TOL)
     if has_router_loss(name):
+        record_property("router_term", f"{float(dense_out['aux_loss'].detach()):.1e}")
         # The router term is really there (coefficient 0.001 x a load-balancing loss near 2): without it the
         # comparison with the model's own loss would fail by far more than the tolerance.
         assert float(dense_out["aux_loss"].detach()) > 100 * LOSS_TOL["atol"]
