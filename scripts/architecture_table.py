@@ -31,10 +31,10 @@ CHECKS = {  # test function -> column heading
     "test_two_processes_equal_one": "2 processes == 1",
 }
 MEASURED = {  # junit property -> column heading of the measurements table
-    "loss_difference": "abs(loss - model's own loss)",
-    "router_term": "router term in both",
-    "probe_difference": "max abs(log p packed - alone), probe",
-    "packing_difference": "the same, 3 other examples",
+    "loss_difference": "abs(loss - own loss)",
+    "router_term": "router term",
+    "probe_difference": "packed vs alone: probe",
+    "packing_difference": "3 other examples",
 }
 EXPLAINED = """\
 - **loss == model's own**: sftlab's loss (sparse LM head on supervised rows, plus the router's
@@ -137,7 +137,12 @@ def table(results, kinds: dict[str, str], command: str) -> str:
 
     lines += [
         "",
-        f"Measured (fp32; the packing probe's tolerance is {ISOLATION_TOLERANCE:.0e}):",
+        textwrap.fill(
+            "Measured in fp32: the loss against the model's own (router term included; — where the model has "
+            "none), and the largest difference of a token's log-probability packed and alone (the probe's "
+            f"tolerance: {ISOLATION_TOLERANCE:.0e}).",
+            width=116,
+        ),
         "",
         "| architecture | " + " | ".join(MEASURED.values()) + " |",
         "|---|" + "---|" * len(MEASURED),
@@ -147,7 +152,7 @@ def table(results, kinds: dict[str, str], command: str) -> str:
         for (_, case_name), (_, _, measured) in results.items():
             if case_name == name:
                 values.update(measured)
-        lines.append(f"| {name} | " + " | ".join(values.get(key, "") for key in MEASURED) + " |")
+        lines.append(f"| {name} | " + " | ".join(values.get(key, "—") for key in MEASURED) + " |")
     return "\n".join(lines) + "\n"
 
 
