@@ -1,0 +1,189 @@
+"""Run the architecture matrix (tests/test_architectures.py) and write docs/architectures.md from its results.
+
+    python scripts/architecture_table.py            # every check, the 2-process ones included (a few minutes)
+    python scripts/architecture_table.py --quick    # without the slow checks (their column says "not run")
+    python scripts/architecture_table.py --junitxml results.xml   # from an earlier run's results, no run
+
+The table is made from pytest's junit XML, never typed: a passing test is "pass"; one that passed by
+refusing (the dense loss path, padded rows instead of packing) recorded the reason as the junit property
+"refused"; a known failure is a strict xfail with its reason; anything else that did not pass is "fail".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import xml.etree.ElementTree as ElementTree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = "tests/test_architectures.py"
+OUTPUT = os.path.join(ROOT, "docs", "architectures.md")
+CHECKS = {  # test function -> column heading
+    "test_loss": "loss == model's own",
+    "test_packing": "packing",
+    "test_full_step": "full step",
+    "test_lora_step": "LoRA step",
+    "test_two_processes_equal_one": "2 processes == 1",
+}
+MEASURED = {  # junit property -> column heading of the measurements table
+    "loss_difference": "abs(loss - own loss)",
+    "router_term": "router term",
+    "probe_difference": "packed vs alone: probe",
+    "packing_difference": "3 other examples",
+}
+EXPLAINED = """\
+- **loss == model's own**: sftlab's loss (sparse LM head on supervised rows, plus the router's
+  load-balancing term for MoE models that return router logits) equals the model's own `loss` and the
+  dense reference, with the same gradients. Refused: sftlab uses the dense path and says why.
+- **packing**: a packed row (position ids restarting at 0, no mask) gives every token the
+  log-probabilities it gets alone, and sftlab's start-of-run probe agrees with a second measurement on
+  other examples. Refused: the probe finds the leak and training uses padded rows instead, saying so.
+- **full step / LoRA step**: one optimizer step through `sftlab.train` from a saved folder (packing on,
+  where the probe allows): finite loss; all weights move (full) or only adapters move, and the merged
+  model differs from the base only in adapted modules (LoRA, `lora_target_modules: all-linear`).
+- **2 processes == 1**: one SGD step of 8 examples on 2 processes x 4 equals 1 process x 4 x 2
+  accumulation, router term included (slow; one MoE and one hybrid).
+"""
+
+
+def run_pytest(xml_path: str, quick: bool) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        TESTS,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml_path}",
+        "-o",
+        "junit_family=xunit1",
+    ]
+    if quick:
+        command += ["-m", "not slow"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+def outcomes(xml_path: str) -> dict[tuple[str, str], tuple[str, str, dict]]:
+    """(check, architecture) -> (status, reason, {measured quantity: value}) from the junit XML; status is
+    pass, refused, fail or skipped."""
+    results = {}
+    for case in ElementTree.parse(xml_path).getroot().iter("testcase"):
+        match = re.fullmatch(r"(\w+)\[(\w+)\]", case.get("name", ""))
+        if not match or match.group(1) not in CHECKS:
+            continue
+        properties = {p.get("name"): p.get("value") for p in case.iter("property")}
+        failure = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        measured = {key: value for key, value in properties.items() if key in MEASURED}
+        if failure is not None:
+            status, reason = "fail", (failure.get("message") or "").splitlines()[0] if failure.get("message") else ""
+        elif skipped is not None and skipped.get("type") == "pytest.xfail":
+            status, reason = "fail", "known: " + (skipped.get("message") or "")
+        elif skipped is not None:
+            status, reason = "skipped", skipped.get("message") or ""
+        elif "refused" in properties:
+            status, reason = "refused", properties["refused"]
+        else:
+            status, reason = "pass", ""
+        results[match.group(1), match.group(2)] = (status, reason, measured)
+    return results
+
+
+def table(results, kinds: dict[str, str], command: str) -> str:
+    import torch
+    import transformers
+
+    names = list(kinds)
+    notes: list[str] = []
+    lines = [
+        "# Architectures: what sftlab checks on each family",
+        "",
+        f"Generated by `{command}` from the results of `{TESTS}`",
+        f"(do not edit by hand), with transformers {transformers.__version__} and torch {torch.__version__}, on tiny",
+        "fp32 models built from each family's config (`tests/architectures.py`: hidden 64, 2 layers, hybrids",
+        "with one layer of each kind). A number in brackets points to a note below the table.",
+        "",
+        EXPLAINED,
+        "| architecture | kind | " + " | ".join(CHECKS.values()) + " |",
+        "|---|---|" + "---|" * len(CHECKS),
+    ]
+    for name in names:
+        cells = []
+        for check in CHECKS:
+            if (check, name) not in results:
+                cells.append("—" if check == "test_two_processes_equal_one" else "not run")
+                continue
+            status, reason, _ = results[check, name]
+            if reason and status != "pass":
+                if reason not in notes:  # one note for a reason several cells share
+                    notes.append(reason)
+                cells.append(f"{status} [{notes.index(reason) + 1}]")
+            else:
+                cells.append(status)
+        lines.append(f"| {name} | {kinds[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "Notes:", ""]
+    lines += [textwrap.fill(f"{i}. {note}", width=116, subsequent_indent="   ") for i, note in enumerate(notes, 1)]
+    from sftlab.training.architecture import ISOLATION_TOLERANCE
+
+    lines += [
+        "",
+        textwrap.fill(
+            "Measured in fp32: the loss against the model's own (router term included; — where the model has "
+            "none), and the largest difference of a token's log-probability packed and alone (the probe's "
+            f"tolerance: {ISOLATION_TOLERANCE:.0e}).",
+            width=116,
+        ),
+        "",
+        "| architecture | " + " | ".join(MEASURED.values()) + " |",
+        "|---|" + "---|" * len(MEASURED),
+    ]
+    for name in names:
+        values = {}
+        for (_, case_name), (_, _, measured) in results.items():
+            if case_name == name:
+                values.update(measured)
+        lines.append(f"| {name} | " + " | ".join(values.get(key, "—") for key in MEASURED) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="leave out the slow (2-process) checks")
+    parser.add_argument("--junitxml", help="read these results instead of running the tests")
+    parser.add_argument("--output", default=OUTPUT, help="where to write the table (default docs/architectures.md)")
+    args = parser.parse_args()
+    sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
+    from architectures import KINDS, RECURRENT
+
+    kinds = {name: f"{kind} ({RECURRENT[name]})" if name in RECURRENT else kind for name, kind in KINDS.items()}
+
+    command = "python scripts/architecture_table.py" + (" --quick" if args.quick else "")
+    if args.junitxml:
+        results = outcomes(args.junitxml)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            xml_path = os.path.join(folder, "results.xml")
+            run_pytest(xml_path, args.quick)  # failures are what the table reports, not a reason to stop
+            results = outcomes(xml_path)
+    if not results:
+        print("no results from the architecture tests: nothing written", file=sys.stderr)
+        return 1
+    with open(args.output, "w") as handle:
+        handle.write(table(results, kinds, command))
+    failed = sum(status == "fail" for status, _, _ in results.values())
+    print(f"wrote {args.output}: {len(results)} results, {failed} failing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
