@@ -55,13 +55,6 @@ KNOWN_FAILURES = {
         [("full_step", "gemma3n"), ("lora_step", "gemma3n")],
         (TrainingError, "packed rows: NaN gradients from the pad run (zero embeddings) through Gemma 3n's AltUp sqrt"),
     ),
-    # lora_target_modules 'all-linear' takes Llama4Router (an nn.Linear whose forward returns a tuple).
-    ("lora_step", "llama4"): (AttributeError, "'all-linear' adapts Llama4Router, a Linear returning a tuple"),
-    # PEFT refuses out_proj / conv1d of models it knows are Mamba-based; 'all-linear' includes out_proj.
-    **dict.fromkeys(
-        [("lora_step", "falcon_h1"), ("lora_step", "nemotron_h")],
-        (ValueError, "PEFT refuses LoRA on Mamba out_proj, which 'all-linear' selects"),
-    ),
 }
 
 

@@ -229,6 +229,8 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | No
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = getattr(causal_lm, "base_model_prefix", None)
     trunk = getattr(causal_lm, prefix, None) if prefix else None
+    if trunk is None:  # Llama 4's prefix ("language_model") names no attribute of its causal LM: the usual one
+        trunk = getattr(causal_lm, "model", None)
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
     if trunk is None or head is None or trunk is causal_lm:
         return None

@@ -160,7 +160,7 @@ def apply_lora(
             r=r,
             lora_alpha=alpha,
             lora_dropout=dropout,
-            target_modules=target_modules,
+            target_modules=all_linear(model) if target_modules == "all-linear" else target_modules,
             task_type="CAUSAL_LM",
             use_dora=use_dora,
             use_rslora=use_rslora,
@@ -170,6 +170,37 @@ def apply_lora(
             **({"trainable_token_indices": trainable_tokens} if trainable_tokens else {}),
         ),
     )
+
+
+def all_linear(model) -> list[str]:
+    """What lora_target_modules 'all-linear' adapts: the names of the plain nn.Linear layers (the
+    output head excepted, as PEFT's 'all-linear' does), but not a Linear subclass of a model's own
+    code (Llama 4's router returns a tuple, which LoRA's wrapper cannot add to), nor the
+    projections inside a state-space mixer (Mamba's in/out projections: PEFT refuses them on the
+    Mamba models it knows, Falcon-H1 and Nemotron-H; adapt them by name where wanted). PEFT matches
+    a name at the end of a module's path, so a name is kept only when every module it ends is such
+    a Linear (Gemma 3n's lists of Linears have children named "0", "1", as decoder layers are)."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names, skipped = set(), set()
+    for _, parent in model.named_modules():
+        inside_mixer = "mamba" in type(parent).__name__.lower() or type(parent).__name__.endswith("Mixer")
+        for child_name, child in parent.named_children():
+            # A Linear subclass from a model's own code has its own forward (Llama 4's router);
+            # quantized layers (bitsandbytes' Linear4bit for QLoRA) are Linears as LoRA wraps them.
+            own_code = type(child) is not nn.Linear and type(child).__module__.startswith("transformers.models.")
+            plain = isinstance(child, nn.Linear) and not own_code and child is not head and not inside_mixer
+            (names if plain else skipped).add(child_name)
+    chosen = sorted(names - skipped)
+    if not chosen:
+        raise ConfigError(
+            "lora_target_modules 'all-linear' finds no plain Linear layer to adapt outside state-space mixers",
+            field="lora_target_modules",
+            found=type(model).__name__,
+            fix="name the modules to adapt, e.g. lora_target_modules: [in_proj, x_proj]",
+        )
+    return chosen
 
 
 def compile_layers(model) -> int:
