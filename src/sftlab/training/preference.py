@@ -330,7 +330,19 @@ def preference_losses(
     return loss, rewards[0], rewards[1]
 
 
-class PreferenceLoss(nn.Module):
+class _CompletionLoss(nn.Module):
+    """What the preference losses share: the wrapped model, the sparse or dense log-probs, and
+    the block list FSDP reads from the module it is given (this wrapper)."""
+
+    def __init__(self, model: nn.Module, sparse: bool):
+        super().__init__()
+        self.model = model
+        self.sparse = sparse
+        inner = split_model(model)
+        self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
+
+
+class PreferenceLoss(_CompletionLoss):
     """Wraps a causal LM so the preference loss is computed inside `forward` (DDP/FSDP hooks see
     it). forward(batch tensors) -> sums over the micro-batch's pairs: loss_sum, pairs, correct
     (chosen reward > rejected reward), the rewards, the log-probs, and the chosen NLL per token."""
@@ -346,45 +358,14 @@ class PreferenceLoss(nn.Module):
         rpo_alpha: float | None = None,
         sparse: bool = True,
     ):
-        super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, not {loss_type!r}")
-        self.model = model
+        super().__init__(model, sparse)
         self.loss_type = loss_type
         self.options = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
-        self.sparse = sparse
-        inner = split_model(model)
-        # FSDP auto-wrapping reads this from the module it is given, which is this wrapper.
-        self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
 
-    def forward(
-        self,
-        input_ids,
-        position_ids,
-        attention_mask,
-        chosen_index,
-        chosen_targets,
-        chosen_pair,
-        rejected_index,
-        rejected_targets,
-        rejected_pair,
-        pair_count,
-        pair_index=None,
-        ref_chosen=None,
-        ref_rejected=None,
-    ):
-        batch = dict(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            chosen_index=chosen_index,
-            chosen_targets=chosen_targets,
-            chosen_pair=chosen_pair,
-            rejected_index=rejected_index,
-            rejected_targets=rejected_targets,
-            rejected_pair=rejected_pair,
-            pair_count=pair_count,
-        )
+    def forward(self, ref_chosen=None, ref_rejected=None, pair_index=None, **batch):
+        """`batch`: collate_pairs' tensors (rows, positions, mask, completion indices, pair_count)."""
         chosen, rejected, chosen_tokens, rejected_tokens = completion_log_probs(self.model, batch, self.sparse)
         loss, reward_chosen, reward_rejected = preference_losses(
             self.loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **self.options
@@ -541,7 +522,7 @@ def kto_losses(
     return loss, beta * ratio.detach()
 
 
-class KTOLoss(nn.Module):
+class KTOLoss(_CompletionLoss):
     """Wraps a causal LM for KTO. forward(batch) -> sums over the micro-batch's examples: loss_sum,
     examples, desirable ones, the rewards of each kind, the log-probs, kl x examples (the reference
     point used). forward(..., kl_only=True) -> {"kl_sum", "kl_count"}: the policy-minus-reference
@@ -556,44 +537,19 @@ class KTOLoss(nn.Module):
         undesirable_weight: float = 1.0,
         sparse: bool = True,
     ):
-        super().__init__()
-        self.model = model
+        super().__init__(model, sparse)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        self.sparse = sparse
-        inner = split_model(model)
-        self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
 
     def forward(
         self,
-        input_ids,
-        position_ids,
-        attention_mask,
-        chosen_index,
-        chosen_targets,
-        chosen_pair,
-        rejected_index,
-        rejected_targets,
-        rejected_pair,
-        pair_count,
-        pair_index=None,
         ref_chosen=None,
-        ref_rejected=None,
         desirable=None,
         kl=None,
         kl_only: bool = False,
+        pair_index=None,
+        ref_rejected=None,
+        **batch,
     ):
-        batch = dict(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            chosen_index=chosen_index,
-            chosen_targets=chosen_targets,
-            chosen_pair=chosen_pair,
-            rejected_index=rejected_index,
-            rejected_targets=rejected_targets,
-            rejected_pair=rejected_pair,
-            pair_count=pair_count,
-        )
         log_probs, _, _, _ = completion_log_probs(self.model, batch, self.sparse)
         if kl_only:  # the rows hold the mismatched completions, their reference values in ref_chosen
             return {"kl_sum": (log_probs - ref_chosen).sum(), "kl_count": log_probs.new_tensor(float(len(log_probs)))}
