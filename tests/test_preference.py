@@ -323,6 +323,20 @@ def test_packed_steps_equal_padded_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_long_completions_keep_the_shared_row():
+    # An untrained model's summed log-prob of a long reply is beyond 1024 in magnitude, where one
+    # float32 rounding of the sum is 1.2e-4: the probe compares tokens, so that is no "leak".
+    generator = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, SIZES["vocab_size"], (n,), generator=generator).tolist()  # noqa: E731
+    pairs = Pairs.from_lists([(ids(40), ids(30), ids(600)), (ids(300), ids(500), ids(20))])
+    for seed in range(3):
+        model = llama(seed=seed)
+        batch = tensors(collate_pairs(pairs, [0, 1], 0))
+        assert completion_log_probs(model, batch)[1][0].abs() > 1024  # the regime where sums round at 1.2e-4
+        shared, sparse, why = choose_layout(model, pairs, 0)
+        assert (shared, sparse) == (True, True), why
+
+
 def test_the_layout_can_be_chosen_by_the_config():
     model = llama()
     shared, sparse, why = choose_layout(model, PAIRS, 0, shared_prompt=False, loss_implementation="dense")

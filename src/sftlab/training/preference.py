@@ -243,11 +243,10 @@ def token_log_probs(
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def completion_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, ...]:
-    """(chosen sums, rejected sums, chosen tokens, rejected tokens), each [pairs]: the summed
-    log-probability of each completion. `sparse`: the head on completion positions only; else the
-    model's own full logits (the reference path for tests)."""
-    count = int(batch["pair_count"])
+def completion_token_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> torch.Tensor:
+    """log p of every completion token of the batch: the chosen tokens, then the rejected ones,
+    pair by pair in order (the same order whichever layout collated them). `sparse`: the head on
+    completion positions only; else the model's own full logits (the reference path for tests)."""
     inputs = dict(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -268,6 +267,14 @@ def completion_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> 
         logits = model(**inputs).logits.float()
         flat = logits.reshape(-1, logits.shape[-1]).log_softmax(-1)
         log_probs = flat[index].gather(1, targets[:, None]).squeeze(1)
+    return log_probs
+
+
+def completion_log_probs(model: nn.Module, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, ...]:
+    """(chosen sums, rejected sums, chosen tokens, rejected tokens), each [pairs]: the summed
+    log-probability of each completion (completion_token_log_probs, summed per pair)."""
+    count = int(batch["pair_count"])
+    log_probs = completion_token_log_probs(model, batch, sparse)
     n = len(batch["chosen_targets"])
     sums, tokens = [], []
     for part, pair in ((log_probs[:n], batch["chosen_pair"]), (log_probs[n:], batch["rejected_pair"])):
@@ -428,12 +435,13 @@ def choose_layout(
     try:
         device = next(model.parameters()).device
 
+        # Compared token by token, not as sums: a completion's summed log-prob is a float32 sum
+        # whose last bit is already 1.2e-4 at a magnitude of 1024 (a 100-token reply of an
+        # untrained model), so one rounding of the sum would pass for a leak from C into R.
         def log_probs(shared, sparse):
             batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared)
-            return torch.cat(
-                completion_log_probs(
-                    model, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}, sparse=sparse
-                )[:2]
+            return completion_token_log_probs(
+                model, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}, sparse=sparse
             )
 
         separate_dense = log_probs(False, False)
@@ -455,7 +463,7 @@ def choose_layout(
         why = "prompt shared by chosen and rejected in one row"
     else:
         why = (
-            f"chosen and rejected in rows of their own: in one row the rejected completion's log-probs move by "
+            f"chosen and rejected in rows of their own: in one row a rejected token's log-prob moves by "
             f"{shared_difference:.1e} (the model's non-attention layers carry state from the chosen completion into it)"
         )
     return (
