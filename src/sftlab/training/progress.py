@@ -48,9 +48,13 @@ class Reporter:
         self._write({"type": "data", "split": split, **{k: v for k, v in stats.items() if k != "seconds"}})
         dropped = sum(stats.get("dropped", {}).values())
         skipped = sum(stats.get("skipped_invalid", {}).values())
+        made = (
+            f"{stats.get('pairs')} pairs, {stats.get('tokens')} tokens"
+            if "pairs" in stats
+            else f"{stats.get('examples')} examples, {stats.get('supervised_tokens')} supervised of {stats.get('tokens')} tokens"
+        )
         self.line(
-            f"{split} data: {stats.get('records')} records -> {stats.get('examples')} examples, "
-            f"{stats.get('supervised_tokens')} supervised of {stats.get('tokens')} tokens; "
+            f"{split} data: {stats.get('records')} records -> {made}; "
             f"truncated {stats.get('truncated', 0)}, dropped {dropped}"
             + (f" {stats.get('dropped')}" if dropped else "")
             + (f", skipped invalid {skipped} {stats.get('skipped_invalid')}" if skipped else "")
