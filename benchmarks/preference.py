@@ -108,8 +108,10 @@ def fitting_records(records: list[dict], tokenizer, max_length: int) -> tuple[li
     """(the records whose P + C and P + R, EOS included, fit max_length, how many were left out)."""
     kept = []
     for record in records:
-        longest = max(len(tokenizer(record["prompt"] + record[side], add_special_tokens=False)["input_ids"])
-                      for side in ("chosen", "rejected"))
+        longest = max(
+            len(tokenizer(record["prompt"] + record[side], add_special_tokens=False)["input_ids"])
+            for side in ("chosen", "rejected")
+        )
         if longest + 1 <= max_length:
             kept.append(record)
     return kept, len(records) - len(kept)
@@ -144,10 +146,18 @@ def child_sftlab(spec: dict) -> dict:
     if variant == "unshared":
         options["shared_prompt"] = False
     config = SFTConfig(
-        model=spec["model_folder"], train_data=spec["data_path"], output_dir=spec["output_dir"],
+        model=spec["model_folder"],
+        train_data=spec["data_path"],
+        output_dir=spec["output_dir"],
         cache_dir=os.path.join(spec["output_dir"], "cache"),  # a fresh cache: the reference pass runs in every run
-        max_length=spec["max_length"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-        logging_steps=1, bf16=False, seed=spec["seed"], attn_implementation=spec["attn"], **options,
+        max_length=spec["max_length"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        bf16=False,
+        seed=spec["seed"],
+        attn_implementation=spec["attn"],
+        **options,
     )
     tee = Tee(sys.stdout)
     sys.stdout = tee
@@ -167,11 +177,14 @@ def child_sftlab(spec: dict) -> dict:
         "step_pairs": [r["pairs"] for r in steps],
         "step_tokens": [r["tokens"] for r in steps],
         "step_losses": [r["loss"] for r in steps],
-        "logps_chosen_first": steps[0].get("logps/chosen"), "logps_rejected_first": steps[0].get("logps/rejected"),
+        "logps_chosen_first": steps[0].get("logps/chosen"),
+        "logps_rejected_first": steps[0].get("logps/rejected"),
         "reference_pairs": int(found.group(1)) if found else None,
         "reference_s": float(found.group(2)) if found else None,
-        "layout": layout, "truncated": {k: v for k, v in data.items() if "truncated" in k or k == "dropped"},
-        "call_seconds": total, "threads": torch.get_num_threads(),
+        "layout": layout,
+        "truncated": {k: v for k, v in data.items() if "truncated" in k or k == "dropped"},
+        "call_seconds": total,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -184,10 +197,19 @@ def child_trl(spec: dict) -> dict:
     records = common.read_jsonl(spec["data_path"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_folder"])
     kwargs = dict(
-        output_dir=spec["output_dir"], use_cpu=spec["device"] == "cpu", bf16=False,
-        per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"], max_length=spec["max_length"],
-        report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True, logging_steps=1,  # as sftlab's
-        train_sampling_strategy="sequential", model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "float32"},
+        output_dir=spec["output_dir"],
+        use_cpu=spec["device"] == "cpu",
+        bf16=False,
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        report_to="none",
+        save_strategy="no",
+        seed=spec["seed"],
+        disable_tqdm=True,
+        logging_steps=1,  # as sftlab's
+        train_sampling_strategy="sequential",
+        model_init_kwargs={"attn_implementation": spec["attn"], "dtype": "float32"},
     )
     if spec["variant"] == "tuned":
         kwargs.update(precompute_ref_log_probs=True, gradient_checkpointing=False)
@@ -219,14 +241,21 @@ def child_trl(spec: dict) -> dict:
 
     DPOTrainer._precompute_ref_logps = timed_precompute  # runs inside DPOTrainer.__init__
     clock = StepClock()
-    trainer = DPOTrainer(model=spec["model_folder"], args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tokenizer, callbacks=[clock])
+    trainer = DPOTrainer(
+        model=spec["model_folder"],
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     collate = trainer.data_collator
     counts = []  # (pairs, tokens) of every batch the collator builds for training, in order
 
     def counting_collator(features):
         batch = collate(features)
-        counts.append((int(batch["input_ids"].shape[0]) // 2, int(batch["attention_mask"].sum())))  # rows [chosen; rejected]
+        counts.append(
+            (int(batch["input_ids"].shape[0]) // 2, int(batch["attention_mask"].sum()))
+        )  # rows [chosen; rejected]
         return batch
 
     trainer.data_collator = counting_collator
@@ -245,10 +274,12 @@ def child_trl(spec: dict) -> dict:
         "step_losses": [h["loss"] for h in logs],
         "logps_chosen_first": logs[0].get("logps/chosen") if logs else None,
         "logps_rejected_first": logs[0].get("logps/rejected") if logs else None,
-        "reference_pairs": len(records) if train_reference is not None else None, "reference_s": train_reference,
+        "reference_pairs": len(records) if train_reference is not None else None,
+        "reference_s": train_reference,
         "layout": f"gradient_checkpointing={args.gradient_checkpointing}, precompute_ref_log_probs="
-                  f"{args.precompute_ref_log_probs}, padding_free={trainer.padding_free}, ref_model={trainer.ref_model is not None}",
-        "call_seconds": total, "threads": torch.get_num_threads(),
+        f"{args.precompute_ref_log_probs}, padding_free={trainer.padding_free}, ref_model={trainer.ref_model is not None}",
+        "call_seconds": total,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -283,7 +314,9 @@ def prepare_model(name: str, workdir: str) -> str:
     return common.tiny_llama_folder(folder, common.qwen_tokenizer({"tiny-32k": 32000}[name]))
 
 
-def prepare_data(folder: str, workdir: str, records: int, max_words: int, max_length: int, name: str) -> tuple[str, int, int]:
+def prepare_data(
+    folder: str, workdir: str, records: int, max_words: int, max_length: int, name: str
+) -> tuple[str, int, int]:
     """(path of the JSONL file of pairs that fit, pairs in it, pairs left out), written once per settings."""
     from transformers import AutoTokenizer
 
@@ -302,25 +335,41 @@ def prepare_data(folder: str, workdir: str, records: int, max_words: int, max_le
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="tiny-32k", help=f"comma-separated, from {MODELS}")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration; the median is reported")
-    parser.add_argument("--records", type=int, default=160, help="pairs generated (those that do not fit max_length are left out)")
-    parser.add_argument("--max-words", type=int, help="longest prompt, chosen, rejected in words (default max_length // 3)")
+    parser.add_argument(
+        "--records", type=int, default=160, help="pairs generated (those that do not fit max_length are left out)"
+    )
+    parser.add_argument(
+        "--max-words", type=int, help="longest prompt, chosen, rejected in words (default max_length // 3)"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: per model, see MODEL_SETTINGS)")
     parser.add_argument("--warmup-steps", type=int, help="first steps not timed (default: per model)")
     parser.add_argument("--batch-size", type=int, help="pairs per step (packed: rows per step) (default: per model)")
     parser.add_argument("--max-length", type=int, help="max_length, bounding P + C and P + R (default: per model)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each run (0: torch's default)")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
-                        help="models, data and run outputs (kept between invocations)")
-    parser.add_argument("--wait-load", type=float, default=0.0,
-                        help="before measuring, wait (up to 30 min) until the 1-minute load average is below this")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "sftlab-bench"),
+        help="models, data and run outputs (kept between invocations)",
+    )
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0.0,
+        help="before measuring, wait (up to 30 min) until the 1-minute load average is below this",
+    )
     parser.add_argument("--json", help="also write the full report (every run) to this file")
-    parser.add_argument("--from-runs", metavar="RUNS_JSONL",
-                        help="measure nothing: report the runs saved in JSON.runs.jsonl by an earlier (perhaps interrupted) call")
+    parser.add_argument(
+        "--from-runs",
+        metavar="RUNS_JSONL",
+        help="measure nothing: report the runs saved in JSON.runs.jsonl by an earlier (perhaps interrupted) call",
+    )
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
@@ -333,16 +382,28 @@ def main() -> None:
     settings = {}
     for m in models:
         bs, max_length, steps, warm = MODEL_SETTINGS[m]
-        settings[m] = (args.batch_size or bs, args.max_length or max_length, args.steps or steps,
-                       args.warmup_steps if args.warmup_steps is not None else warm)
+        settings[m] = (
+            args.batch_size or bs,
+            args.max_length or max_length,
+            args.steps or steps,
+            args.warmup_steps if args.warmup_steps is not None else warm,
+        )
     if args.from_runs:
         with open(args.from_runs) as handle:
             runs = [json.loads(line) for line in handle if line.strip()]
         models = [m for m in models if any(r["model"] == m for r in runs)]
         configs = [c for c in configs if any(r["config"] == c for r in runs)]
         data = {m: next(r["data"] for r in runs if r["model"] == m) for m in models}
-        return report(runs, models, configs, settings, data, args, 1 + max(r["repeat"] for r in runs),
-                      {"load_at_start": runs[0]["load_before"], "waited_s": 0, "quiet": None})
+        return report(
+            runs,
+            models,
+            configs,
+            settings,
+            data,
+            args,
+            1 + max(r["repeat"] for r in runs),
+            {"load_at_start": runs[0]["load_before"], "waited_s": 0, "quiet": None},
+        )
 
     os.makedirs(args.workdir, exist_ok=True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by every run, as sftlab's CLI sets it
@@ -350,12 +411,20 @@ def main() -> None:
     data = {}
     for m in models:
         max_length = settings[m][1]
-        path, kept, left_out = prepare_data(folders[m], args.workdir, args.records, args.max_words or max_length // 3,
-                                            max_length, m)
+        path, kept, left_out = prepare_data(
+            folders[m], args.workdir, args.records, args.max_words or max_length // 3, max_length, m
+        )
         data[m] = {"path": path, "pairs": kept, "left_out": left_out, "max_words": args.max_words or max_length // 3}
-        print(f"{m}: {kept} pairs in {path} ({left_out} of {args.records} left out: longer than max_length {max_length})",
-              file=sys.stderr, flush=True)
-    quiet = common.wait_for_quiet(args.wait_load) if args.wait_load else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+        print(
+            f"{m}: {kept} pairs in {path} ({left_out} of {args.records} left out: longer than max_length {max_length})",
+            file=sys.stderr,
+            flush=True,
+        )
+    quiet = (
+        common.wait_for_quiet(args.wait_load)
+        if args.wait_load
+        else {"load_at_start": common.loadavg(), "waited_s": 0, "quiet": None}
+    )
     runs = []
     for repeat in range(args.repeats):
         for m in models:
@@ -363,33 +432,58 @@ def main() -> None:
             order = configs if repeat % 2 == 0 else configs[::-1]  # the order flips every repeat
             for config in order:
                 framework, variant = config.split("-")
-                spec = dict(name=f"{m}/{config}/{repeat}", framework=framework, variant=variant, model_folder=folders[m],
-                            data_path=data[m]["path"], steps=steps, warmup=warm, batch_size=bs, max_length=max_length,
-                            device="cpu", seed=42, threads=args.threads, attn="sdpa",
-                            output_dir=os.path.join(args.workdir, "runs", f"pref-{m}-{config}-{repeat}"))
+                spec = dict(
+                    name=f"{m}/{config}/{repeat}",
+                    framework=framework,
+                    variant=variant,
+                    model_folder=folders[m],
+                    data_path=data[m]["path"],
+                    steps=steps,
+                    warmup=warm,
+                    batch_size=bs,
+                    max_length=max_length,
+                    device="cpu",
+                    seed=42,
+                    threads=args.threads,
+                    attn="sdpa",
+                    output_dir=os.path.join(args.workdir, "runs", f"pref-{m}-{config}-{repeat}"),
+                )
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
                 load_before = common.loadavg()
                 result = common.run_child(os.path.abspath(__file__), spec)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)
-                result.update(model=m, config=config, repeat=repeat, load_before=load_before, load_after=common.loadavg(),
-                              data=data[m])
+                result.update(
+                    model=m,
+                    config=config,
+                    repeat=repeat,
+                    load_before=load_before,
+                    load_after=common.loadavg(),
+                    data=data[m],
+                )
                 runs.append(result)
                 if args.json:  # every run as it finishes, so an interrupted session keeps what it measured
                     with open(args.json + ".runs.jsonl", "a") as handle:
                         handle.write(json.dumps(result) + "\n")
-                reference = f", reference pass {result['reference_s']:.1f} s" if result.get("reference_s") is not None else ""
-                print(f"{spec['name']}: {result['step_s']:.2f} s/step, {result['pairs_per_s']:.2f} pairs/s, "
-                      f"{result['pairs_per_step']:.1f} pairs/step, peak {result['peak_rss_mb']:.0f} MB{reference}, "
-                      f"losses {[round(x, 4) for x in result['step_losses'][:3]]}..., load {load_before:.2f} -> "
-                      f"{result['load_after']:.2f}", file=sys.stderr, flush=True)
+                reference = (
+                    f", reference pass {result['reference_s']:.1f} s" if result.get("reference_s") is not None else ""
+                )
+                print(
+                    f"{spec['name']}: {result['step_s']:.2f} s/step, {result['pairs_per_s']:.2f} pairs/s, "
+                    f"{result['pairs_per_step']:.1f} pairs/step, peak {result['peak_rss_mb']:.0f} MB{reference}, "
+                    f"losses {[round(x, 4) for x in result['step_losses'][:3]]}..., load {load_before:.2f} -> "
+                    f"{result['load_after']:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     report(runs, models, configs, settings, data, args, args.repeats, quiet)
 
 
 KEYS = ("step_s", "pairs_per_s", "pairs_per_step", "tokens_per_step", "peak_rss_mb", "reference_s")
 
 
-def report(runs: list[dict], models: list[str], configs: list[str], settings: dict, data: dict, args, repeats: int,
-           quiet: dict) -> None:
+def report(
+    runs: list[dict], models: list[str], configs: list[str], settings: dict, data: dict, args, repeats: int, quiet: dict
+) -> None:
     """Medians of each configuration's runs, ratios, the printed table and the --json file."""
     table = {}
     for m in models:
@@ -397,16 +491,30 @@ def report(runs: list[dict], models: list[str], configs: list[str], settings: di
         for config in configs:
             mine = [r for r in runs if r["model"] == m and r["config"] == config]
             if mine:
-                table[m][config] = {key: common.median([r[key] for r in mine if r.get(key) is not None]) for key in KEYS}
+                table[m][config] = {
+                    key: common.median([r[key] for r in mine if r.get(key) is not None]) for key in KEYS
+                }
                 table[m][config]["layout"] = mine[0].get("layout")
                 table[m][config]["runs"] = len(mine)
     loads = [r[k] for r in runs for k in ("load_before", "load_after")]
-    result = {"machine": common.machine(), "repeats": repeats, "quiet": quiet, "settings": settings, "data": data,
-              "load_during": [min(loads), max(loads)] if loads else None, "table": table,
-              "first_step": {m: {r["config"]: (r["logps_chosen_first"], r["logps_rejected_first"]) for r in runs
-                                 if r["model"] == m and r["config"] in ("sftlab-default", "trl-default") and r["repeat"] == 0}
-                             for m in models},
-              "runs": runs}
+    result = {
+        "machine": common.machine(),
+        "repeats": repeats,
+        "quiet": quiet,
+        "settings": settings,
+        "data": data,
+        "load_during": [min(loads), max(loads)] if loads else None,
+        "table": table,
+        "first_step": {
+            m: {
+                r["config"]: (r["logps_chosen_first"], r["logps_rejected_first"])
+                for r in runs
+                if r["model"] == m and r["config"] in ("sftlab-default", "trl-default") and r["repeat"] == 0
+            }
+            for m in models
+        },
+        "runs": runs,
+    }
     print_report(result, configs)
     if args.json and not args.from_runs:
         with open(args.json, "w") as handle:
@@ -424,25 +532,34 @@ def print_report(report: dict, configs: list[str]) -> None:
     m = report["machine"]
     v = m["versions"]
     load = report["load_during"]
-    print(f"\n{m['cpus']} CPUs ({m['cpu']}), torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}; "
-          f"fp32, DPO (sigmoid, beta 0.1); median of {report['repeats']}; load average at start "
-          f"{report['quiet']['load_at_start']:.2f}" + (f", {load[0]:.2f} to {load[1]:.2f} around the runs" if load else ""))
+    print(
+        f"\n{m['cpus']} CPUs ({m['cpu']}), torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}; "
+        f"fp32, DPO (sigmoid, beta 0.1); median of {report['repeats']}; load average at start "
+        f"{report['quiet']['load_at_start']:.2f}"
+        + (f", {load[0]:.2f} to {load[1]:.2f} around the runs" if load else "")
+    )
     for model, rows in report["table"].items():
         bs, max_length, steps, warm = report["settings"][model]
         d = report["data"][model]
-        print(f"\n{model}: {bs} pairs per step (packed: {bs} rows), max_length {max_length}, {steps} steps ({warm} warmup "
-              f"not timed); {d['pairs']} pairs of 3-{d['max_words']} words per part ({d['left_out']} longer left out)")
-        print(f"{'config':<17}{'s/step':>8}{'pairs/s':>9}{'pairs/step':>11}{'tok/step':>9}{'peak MB':>9}{'ref pass s':>11}"
-              f"{'pairs/s vs TRL def':>20}{'vs TRL tuned':>14}{'RSS vs TRL def':>16}{'vs TRL tuned':>14}")
+        print(
+            f"\n{model}: {bs} pairs per step (packed: {bs} rows), max_length {max_length}, {steps} steps ({warm} warmup "
+            f"not timed); {d['pairs']} pairs of 3-{d['max_words']} words per part ({d['left_out']} longer left out)"
+        )
+        print(
+            f"{'config':<17}{'s/step':>8}{'pairs/s':>9}{'pairs/step':>11}{'tok/step':>9}{'peak MB':>9}{'ref pass s':>11}"
+            f"{'pairs/s vs TRL def':>20}{'vs TRL tuned':>14}{'RSS vs TRL def':>16}{'vs TRL tuned':>14}"
+        )
         for config in configs:
             if config not in rows:
                 continue
             r = rows[config]
             reference = f"{r['reference_s']:.1f}" if r["reference_s"] == r["reference_s"] else "-"
-            print(f"{config:<17}{r['step_s']:>8.2f}{r['pairs_per_s']:>9.2f}{r['pairs_per_step']:>11.1f}{r['tokens_per_step']:>9.0f}"
-                  f"{r['peak_rss_mb']:>9.0f}{reference:>11}"
-                  f"{ratio(rows, config, 'trl-default', 'pairs_per_s'):>20}{ratio(rows, config, 'trl-tuned', 'pairs_per_s'):>14}"
-                  f"{ratio(rows, config, 'trl-default', 'peak_rss_mb'):>16}{ratio(rows, config, 'trl-tuned', 'peak_rss_mb'):>14}")
+            print(
+                f"{config:<17}{r['step_s']:>8.2f}{r['pairs_per_s']:>9.2f}{r['pairs_per_step']:>11.1f}{r['tokens_per_step']:>9.0f}"
+                f"{r['peak_rss_mb']:>9.0f}{reference:>11}"
+                f"{ratio(rows, config, 'trl-default', 'pairs_per_s'):>20}{ratio(rows, config, 'trl-tuned', 'pairs_per_s'):>14}"
+                f"{ratio(rows, config, 'trl-default', 'peak_rss_mb'):>16}{ratio(rows, config, 'trl-tuned', 'peak_rss_mb'):>14}"
+            )
         for config in configs:
             if config in rows:
                 print(f"  {config}: {rows[config]['layout']}")
@@ -450,14 +567,20 @@ def print_report(report: dict, configs: list[str]) -> None:
         if "sftlab-default" in first and "trl-default" in first:
             (sc, sr), (tc, tr) = first["sftlab-default"], first["trl-default"]
             if None not in (sc, sr, tc, tr):
-                print(f"  step-1 logps chosen / rejected, same weights and pairs: sftlab-default {sc:.4f} / {sr:.4f}, "
-                      f"trl-default {tc:.4f} / {tr:.4f}")
+                print(
+                    f"  step-1 logps chosen / rejected, same weights and pairs: sftlab-default {sc:.4f} / {sr:.4f}, "
+                    f"trl-default {tc:.4f} / {tr:.4f}"
+                )
         print("  what each technique buys (sftlab-default against the configuration without it):")
         for label, other in (("sparse head", "sftlab-dense"), ("shared prompt row", "sftlab-unshared")):
-            print(f"    {label:<18} pairs/s {ratio(rows, 'sftlab-default', other, 'pairs_per_s')}, "
-                  f"peak RSS {ratio(rows, 'sftlab-default', other, 'peak_rss_mb')}")
-        print(f"    {'packing':<18} pairs/s {ratio(rows, 'sftlab-packed', 'sftlab-default', 'pairs_per_s')}, "
-              f"peak RSS {ratio(rows, 'sftlab-packed', 'sftlab-default', 'peak_rss_mb')} (packed against padded)")
+            print(
+                f"    {label:<18} pairs/s {ratio(rows, 'sftlab-default', other, 'pairs_per_s')}, "
+                f"peak RSS {ratio(rows, 'sftlab-default', other, 'peak_rss_mb')}"
+            )
+        print(
+            f"    {'packing':<18} pairs/s {ratio(rows, 'sftlab-packed', 'sftlab-default', 'pairs_per_s')}, "
+            f"peak RSS {ratio(rows, 'sftlab-packed', 'sftlab-default', 'peak_rss_mb')} (packed against padded)"
+        )
 
 
 if __name__ == "__main__":
