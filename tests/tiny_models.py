@@ -24,7 +24,7 @@ def tiny_model(
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
     }[arch]
     extra = {"head_dim": 16} if arch == "gemma2" else {}
-    config = config_class(vocab_size=vocab_size, tie_word_embeddings=tie, **SIZES, **extra, **overrides)
+    config = config_class(vocab_size=vocab_size, tie_word_embeddings=tie, **{**SIZES, **extra, **overrides})
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = model_class(config).float()

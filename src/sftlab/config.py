@@ -538,6 +538,12 @@ class SFTConfig(BaseModel):
         description="fsdp: keep the sharded weights, gradients and optimizer state in CPU memory and step the optimizer there (fits larger models on a GPU, slower steps).",
     )
 
+    sequence_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Processes that share each row (Ulysses sequence parallelism): each holds 1/N of the row's tokens and an all-to-all around attention gives it all tokens of 1/N of the heads, so activation memory per process falls by N. The processes form a data x sequence mesh (world = data x N); DDP or fsdp spans all of them. N must divide the process count and the model's attention heads. SFT objectives; attention-only models.",
+    )
+
     # --- LoRA --------------------------------------------------------------------------------
     use_peft: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
@@ -764,6 +770,38 @@ class SFTConfig(BaseModel):
                     field=name,
                     found=str(getattr(self, name)),
                     fix=f"set {name} accordingly, or optimizer_in_backward: false",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _sequence_parallel(self) -> SFTConfig:
+        # Refused rather than approximated: a preference loss is nonlinear in a completion's summed
+        # log-probs, which sequence shards split; NEFTune's noise scale needs each example's whole
+        # length; a router's load-balancing loss needs every token's routing. Whether the process count
+        # divides is known at run time (the loop checks it).
+        if self.sequence_parallel_size == 1:
+            return self
+        conflicts = [
+            ("objective", self.objective != "sft", "sft (preference objectives need a completion's log-probs whole)"),
+            (
+                "neftune_noise_alpha",
+                self.neftune_noise_alpha is not None,
+                "null (its noise scale needs each example's length)",
+            ),
+            (
+                "router_aux_loss_coef",
+                self.router_aux_loss_coef not in (None, 0),
+                "null (the router loss needs every token's routing)",
+            ),
+            ("optimizer_in_backward", self.optimizer_in_backward, "false (it needs one process)"),
+        ]
+        for name, conflict, wanted in conflicts:
+            if conflict:
+                raise ConfigError(
+                    f"sequence_parallel_size {self.sequence_parallel_size} needs {name}: {wanted}",
+                    field=name,
+                    found=str(getattr(self, name)),
+                    fix=f"set {name} accordingly, or sequence_parallel_size: 1",
                 )
         return self
 

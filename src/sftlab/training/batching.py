@@ -240,6 +240,7 @@ def pack_batch(examples: Examples, rows: list[list[int]], pad_id: int, pad_to_mu
         "position_ids": position_ids,
         "record_index": [] if masked else record_index,
         "real_tokens": 0 if masked else sum(row_lengths),
+        "row_lengths": row_lengths,  # real tokens per row (the trailing pads are not)
     }
 
 

@@ -26,17 +26,35 @@ from sftlab.errors import ConfigError
 @dataclass
 class Processes:
     """This process's place in the run. `started_group`: train() created the process group (a
-    run without a launcher that asked for FSDP) and destroys it when it ends."""
+    run without a launcher that asked for FSDP) and destroys it when it ends.
+
+    With sequence parallelism the processes form a data x sequence mesh: consecutive ranks share
+    each row (a sequence group of `sequence_size`, best within one machine, where the all-to-all is
+    cheapest), and the data rank says which micro-batches the group trains."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     started_group: bool = False
+    sequence_size: int = 1
+    sequence_group: object = None  # this process's sequence group (a ProcessGroup) when sequence_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.sequence_size
+
+    @property
+    def data_world(self) -> int:
+        return self.world // self.sequence_size
+
+    @property
+    def sequence_rank(self) -> int:
+        return self.rank % self.sequence_size
 
     @property
     def distributed(self) -> bool:
@@ -81,10 +99,35 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def start_processes(fsdp: bool) -> Processes:
+def start_processes(fsdp: bool, sequence_parallel_size: int = 1) -> Processes:
     """Join the process group a launcher describes in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, ... as torchrun and `accelerate launch` set them), or run as one process. FSDP
-    needs a process group even alone, so a single process asking for it gets a group of one."""
+    needs a process group even alone, so a single process asking for it gets a group of one.
+    With sequence_parallel_size N > 1, the (world / N) x N mesh and this process's sequence group."""
+    processes = _join(fsdp)
+    if sequence_parallel_size == 1:
+        return processes
+    if processes.world % sequence_parallel_size:
+        processes.close()
+        raise ConfigError(
+            f"sequence_parallel_size {sequence_parallel_size} does not divide the {processes.world} processes",
+            field="sequence_parallel_size",
+            found=str(sequence_parallel_size),
+            fix=f"launch a multiple of {sequence_parallel_size} processes, or choose a size that divides {processes.world}",
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(
+        processes.device.type,
+        (processes.world // sequence_parallel_size, sequence_parallel_size),
+        mesh_dim_names=("data", "sequence"),
+    )
+    processes.sequence_size = sequence_parallel_size
+    processes.sequence_group = mesh.get_group("sequence")
+    return processes
+
+
+def _join(fsdp: bool) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(local_rank)

@@ -384,8 +384,9 @@ def evaluate(
     sums = torch.zeros(len(objective.sums), dtype=torch.float64)
     # Every process runs the same number of forwards (a sharded model gathers weights in each);
     # a process out of batches runs a fully masked one, which adds nothing.
-    for round_start in range(0, len(batches), processes.world):
-        index = round_start + processes.rank
+    # With sequence parallelism a batch is dealt to a sequence group (its data rank), which shares it.
+    for round_start in range(0, len(batches), processes.data_world):
+        index = round_start + processes.data_rank
         batch = collate(examples, batches[index] if index < len(batches) else [], pad_id)
         if hasattr(
             objective, "start_step"

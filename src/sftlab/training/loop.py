@@ -30,6 +30,7 @@ Distributed: launch with torchrun (or `accelerate launch`, used as a launcher on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -47,12 +48,18 @@ from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
 from sftlab.files import cache_root
 from sftlab.models import load_tokenizer, resolve_model_path
-from sftlab.training import batching, distributed, evaluation, export, parallelize, setup
+from sftlab.training import batching, distributed, evaluation, export, parallelize, sequence, setup
 from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
 from sftlab.training.loss import choose_loss_mode
-from sftlab.training.objectives import KTOObjective, Objective, PreferenceObjective, SupervisedObjective
+from sftlab.training.objectives import (
+    KTOObjective,
+    Objective,
+    PreferenceObjective,
+    SupervisedObjective,
+    returns_router_loss,
+)
 from sftlab.training.optimizer import StepInBackward
 from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
 from sftlab.training.progress import MetricsWindow, Reporter
@@ -89,6 +96,7 @@ class Run:
     identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (identity.py)
     generation: evaluation.GenerationEval | None = None
     start_step: int = 0
+    sequence: sequence.SequenceParallel | None = None  # rows split over a group of processes
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def train(
     `load_records` may be passed instead of paths; `optimizer` may be an optimizer built on the
     model's parameters or a function params -> optimizer; `lr_scheduler` likewise (optimizer -> scheduler)."""
     bf16 = distributed.launcher_precision(config.bf16)
-    processes = distributed.start_processes(config.fsdp)
+    processes = distributed.start_processes(config.fsdp, config.sequence_parallel_size)
     try:
         with distributed.Preemption() as preemption:
             run = _setup(
@@ -132,8 +140,8 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
     reporter.start(total=run.steps, done=run.start_step)
     window = MetricsWindow(run.objective)
     for step in range(run.start_step, run.steps):
-        micro = plan.micro_batches(step, processes.rank)
-        batches = [plan.collate(items, run.pad_id, config.pad_to_multiple_of) for items in micro]
+        micro = plan.micro_batches(step, processes.data_rank)
+        batches = [_collate(config, run, processes, items) for items in micro]
         result = train_step(
             run.wrapper,
             run.objective,
@@ -186,8 +194,25 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
     return TrainResult(config.output_dir, final_dir, run.steps, reporter.history)
 
 
+def _collate(config: SFTConfig, run: Run, processes, items: list[int]) -> dict:
+    """A micro-batch as this process trains it: the whole batch, or with sequence parallelism its
+    1/N of every row (rows padded to a length that divides by N)."""
+    if processes.sequence_size == 1:
+        return run.plan.collate(items, run.pad_id, config.pad_to_multiple_of)
+    multiple = math.lcm(config.pad_to_multiple_of or 1, processes.sequence_size)
+    batch = run.plan.collate(items, run.pad_id, multiple)
+    return sequence.shard_batch(batch, processes.sequence_rank, processes.sequence_size)
+
+
 def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
     collate = run.objective.collate("eval") if hasattr(run.objective, "collate") else batching.pad_batch
+    if processes.sequence_size > 1:
+        multiple = math.lcm(config.pad_to_multiple_of or 1, processes.sequence_size)
+
+        def collate(examples, indices, pad_id):  # the whole batch padded to divide, then this process's shard
+            batch = batching.pad_batch(examples, indices, pad_id, multiple)
+            return sequence.shard_batch(batch, processes.sequence_rank, processes.sequence_size)
+
     record = evaluation.evaluate(
         parallelize.unwrap(run.wrapper),
         run.objective,
@@ -198,10 +223,11 @@ def _evaluate(config: SFTConfig, run: Run, processes, done: int) -> dict:
         run.autocast,
         collate=collate,
     )
-    if run.generation is not None:
-        record.update(
-            run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done)
-        )
+    if run.generation is not None:  # whole sequences: the model's own attention, even under sequence parallelism
+        with run.sequence.model_attention() if run.sequence else contextlib.nullcontext():
+            record.update(
+                run.generation.run(run.model, run.wrapper if config.fsdp else None, processes, run.autocast, step=done)
+            )
     record.update(type="eval", step=done)
     return record
 
@@ -220,7 +246,8 @@ def _checkpoint(config: SFTConfig, run: Run, processes, done: int) -> str:
 
 
 def _items_per_step(config: SFTConfig, processes) -> int:
-    return config.per_device_train_batch_size * config.gradient_accumulation_steps * processes.world
+    # A sequence group trains one stream of micro-batches: the data-parallel width counts.
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * processes.data_world
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -300,7 +327,7 @@ def _setup(
         max_length=capacity,
         batch_size=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps,
-        world_size=processes.world,
+        world_size=processes.data_world,
         seed=config.seed,
         group_by_length=config.group_by_length,
         shuffle=config.shuffle,
@@ -310,6 +337,9 @@ def _setup(
     objective = preference or _setup_objective(
         config, model, plan.collate(plan.micro_batches(0, 0)[0] or [0], pad_id, None), reporter
     )
+    sequence_parallel = None
+    if processes.sequence_size > 1:  # after the probes above, which run the model's own attention
+        sequence_parallel = _setup_sequence_parallel(model, train_examples, processes, reporter)
     if config.torch_compile:
         layers = setup.compile_layers(model)
         reporter.line(f"torch_compile: {layers} decoder layers compiled (the first step compiles them)")
@@ -364,6 +394,7 @@ def _setup(
         pad_id,
         eval_examples,
         identity=run_identity(config, model, tokenizer, train_examples),
+        sequence=sequence_parallel,
     )
     run.start_step = _resume(config, run, processes)
     if config.eval_generate_samples:
@@ -475,6 +506,35 @@ def _packing_isolated(model: nn.Module, examples: Examples, reporter) -> bool:
         return True
     reporter.line(f"packing: off for this model, padded rows instead: {check.why}")
     return False
+
+
+def _setup_sequence_parallel(model: nn.Module, examples: Examples, processes, reporter) -> sequence.SequenceParallel:
+    """Attention through sequence.attention on this process's sequence group. Only where attention
+    is the model's one way of mixing tokens: a layer that mixes them otherwise (Mamba, linear
+    attention, convolutions) would see only its shard. The packing probe finds such layers (they
+    let packed examples see each other), and the refusal names what it found."""
+    if returns_router_loss(model):
+        raise ConfigError(
+            "sequence parallelism cannot compute a mixture-of-experts router's load-balancing loss (it needs "
+            "every token's routing)",
+            field="sequence_parallel_size",
+            found=f"{type(model).__name__} returns router logits (output_router_logits)",
+            fix="set output_router_logits false in the model's config, or sequence_parallel_size: 1",
+        )
+    check = packing_isolation(model, examples[0][0].tolist())
+    if not check.isolated:
+        raise ConfigError(
+            "sequence parallelism shards attention only, and this model mixes tokens elsewhere too",
+            field="sequence_parallel_size",
+            found=check.why,
+            fix="train this model with sequence_parallel_size: 1",
+        )
+    sequence_parallel = sequence.SequenceParallel(model, processes.sequence_size, processes.sequence_group)
+    reporter.line(
+        f"sequence parallel: each row split over {processes.sequence_size} processes "
+        f"({processes.data_world} x {processes.sequence_size} mesh, data x sequence), attention by all-to-all"
+    )
+    return sequence_parallel
 
 
 def _resume(config: SFTConfig, run: Run, processes) -> int:

@@ -296,10 +296,13 @@ class SupervisedLoss(nn.Module):
                 else head.weight.shape[0]
             )
 
-    def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, targets, attention_mask=None, position_ids=None, row_position_ids=None):
+        """row_position_ids: with sequence parallelism, the whole row's positions (this process holds
+        a shard of the row); passed through the model's layers to its attention (sequence.py)."""
         count = (targets != IGNORE).sum()
+        sharded = {"row_position_ids": row_position_ids} if row_position_ids is not None else {}
         if self.mode == "dense":
-            inputs = self._inputs(input_ids, attention_mask, position_ids)
+            inputs = {**self._inputs(input_ids, attention_mask, position_ids), **sharded}
             loss_sum, correct, nll_sum, aux = dense_loss(
                 self.model,
                 targets=targets,
@@ -338,7 +341,9 @@ class SupervisedLoss(nn.Module):
         try:
             inputs = self._inputs(input_ids, attention_mask, position_ids)
             routed = {"output_router_logits": True} if self.router else {}
-            out = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **routed)
+            out = trunk(
+                **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **routed, **sharded
+            )
             hidden = out.last_hidden_state
         finally:
             if in_place:
@@ -409,6 +414,7 @@ def dense_loss(
     loss_type: str = "nll",
     inputs_embeds=None,
     with_aux: bool = False,
+    **model_kwargs,
 ):
     """Reference path: full logits over every position, the way transformers computes them.
     (sum of the loss, argmax hits, sum of cross-entropy), and with `with_aux` the model's own
@@ -419,6 +425,7 @@ def dense_loss(
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
+        **model_kwargs,  # row_position_ids under sequence parallelism
     )
     logits = out.logits
     flat_logits = logits.float().reshape(-1, logits.shape[-1])

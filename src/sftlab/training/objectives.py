@@ -66,7 +66,7 @@ class SupervisedObjective:
         self.module = SupervisedLoss(model, mode, loss_type, neftune_alpha)
         # A mixture-of-experts model returning router logits adds its load-balancing loss
         # (loss.py), logged as aux_loss: its mean over the forwards of the window.
-        self.routed = _returns_router_loss(model)
+        self.routed = returns_router_loss(model)
         if self.routed:
             self.sums = SupervisedObjective.sums + ("aux_loss",)
 
@@ -104,7 +104,7 @@ def stacked_sums(objective: Objective, out: dict) -> torch.Tensor:
     return torch.stack([out[name].detach().double() for name in objective.sums])
 
 
-def _returns_router_loss(model: nn.Module) -> bool:
+def returns_router_loss(model: nn.Module) -> bool:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(getattr(causal_lm, "config", None), "output_router_logits", False))
 

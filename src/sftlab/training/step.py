@@ -78,9 +78,11 @@ def train_step(
             if "aux_loss" in out:  # a mean per forward (MoE load balancing): averaged over the step's forwards
                 loss = loss + out["aux_loss"] / len(batches)
             loss.backward()
-        engine = torch.tensor(
-            [float(batch["real_tokens"]), float(objective.count(batch) == 0), 1.0], dtype=torch.float64
-        )
+        # With sequence parallelism a micro-batch is one forward shared by its sequence group: the
+        # group's first process counts it (sequence.shard_batch), every process its own tokens.
+        share = batch.get("micro_batch_share", 1.0)
+        empty = batch.get("empty", objective.count(batch) == 0)
+        engine = torch.tensor([float(batch["real_tokens"]), share * float(empty), share], dtype=torch.float64)
         parts.append(torch.cat([stacked_sums(objective, out), engine.to(out["loss_sum"].device)]))
     flag = torch.tensor([float(stop_requested())], dtype=torch.float64, device=parts[0].device)
     summed = processes.sum(torch.cat([torch.stack(parts).sum(0), flag]))

@@ -1,0 +1,247 @@
+"""Sequence parallelism (Ulysses): a group of N processes shares each row, each holding 1/N of its tokens.
+
+    shard_batch     the step's full batch -> this process's contiguous 1/N of every row, with the
+                    row's positions whole (`row_position_ids`), so attention knows where examples start
+    attention       registered in transformers' attention-function registry under NAME: an all-to-all
+                    turns the sequence shards of q, k, v into head shards (every process: all tokens,
+                    1/N of the heads), attention runs per example on the whole row, a second
+                    all-to-all turns the output back into sequence shards
+    SequenceParallel  the checks (heads divide by N), then the model's attention implementation set
+                    to NAME, its function bound to this process's sequence group
+
+Everything outside attention is per token (embeddings, norms, MLPs, the LM head and the loss), so
+each process runs it on its own tokens only: activation memory per process falls by N. Rotary
+embeddings use each token's own position id, which travels with its shard.
+
+Why attention per example segment: the model's own mask builder sees only a shard (it would mask the
+wrong L/N x L/N square), so NAME has no mask function and attention is computed from the whole row's
+positions instead: every run of positions restarting at 0 is one example (a padded row's pads are a
+run of their own), and each example attends causally within itself through scaled_dot_product_attention
+with no mask (its memory-efficient path), so no L x L mask ever exists and packed examples cannot see
+each other across shard boundaries. Sliding-window layers get a banded mask within the example;
+soft-capped attention logits (Gemma 2) are computed in plain torch.
+
+The loss is unchanged: each process sums the loss over its own supervised tokens, the step's count is
+summed over every process (step.py), and the gradient all-reduce (DDP or FSDP2 over all processes)
+adds the group's partial gradients, including those that flowed back through the all-to-all into the
+keys and values another process computed. So N processes equal one, as data parallelism does.
+On gloo (CPU) and nccl (GPU) the same `all_to_all_single` runs; it carries gradients backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftlab.errors import ConfigError, TrainingError
+
+NAME = "sftlab_sequence_parallel"
+
+
+def shard_batch(batch: dict, rank: int, size: int) -> dict:
+    """This process's part of a collated batch (padded rows with an attention mask, or packed rows
+    with position ids): tokens [rank * L/N, (rank + 1) * L/N) of every row, and the whole row's
+    positions. The batch's length must divide by `size` (the collate pads it to a multiple)."""
+    input_ids = batch["input_ids"]
+    rows, length = input_ids.shape
+    if length % size:
+        raise ValueError(f"a row of {length} tokens does not split into {size} equal shards")
+    if "position_ids" in batch:
+        positions = batch["position_ids"].expand(rows, length)
+        real = torch.tensor(batch.get("row_lengths", [length] * rows))
+    else:  # right-padded rows: the real tokens count from 0, the pads are a run of their own
+        real = batch["attention_mask"].sum(dim=1)
+        index = torch.arange(length).expand(rows, length)
+        positions = torch.where(index < real[:, None], index, index - real[:, None])
+    shard = slice(rank * (length // size), (rank + 1) * (length // size))
+    in_shard = (torch.arange(length)[shard][None, :] < real[:, None]).sum()
+    return {
+        "input_ids": input_ids[:, shard],
+        "targets": batch["targets"][:, shard],
+        "position_ids": positions[:, shard].contiguous(),
+        "row_position_ids": positions.contiguous(),
+        "record_index": batch["record_index"],
+        "real_tokens": 0 if not batch["record_index"] else int(in_shard),
+        # The micro-batch is counted once (empty or not, forwards) by the group's first process.
+        "micro_batch_share": 1.0 if rank == 0 else 0.0,
+        "empty": bool((batch["targets"] == -100).all()),
+    }
+
+
+def example_segments(row_positions: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[(start, end), ...] of every row: each run of positions that restarts at 0 (or does not
+    continue the previous position) is one example."""
+    rows, length = row_positions.shape
+    breaks = torch.ones(rows, length, dtype=torch.bool)
+    breaks[:, 1:] = row_positions[:, 1:] != row_positions[:, :-1] + 1
+    segments = []
+    for row in breaks.cpu():
+        starts = torch.nonzero(row).flatten().tolist()
+        segments.append(list(zip(starts, starts[1:] + [length])))
+    return segments
+
+
+def _to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
+    """[B, H, L/N, D] sequence shard -> [B, H/N, L, D] head shard (every token, 1/N of the heads)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    b, h, s, d = x.shape
+    send = x.reshape(b, size, h // size, s, d).transpose(0, 1).contiguous()  # [N, B, H/N, L/N, D]
+    received = all_to_all_single(torch.empty_like(send), send, None, None, group=group)
+    # received[j]: process j's tokens of this process's heads; j runs in sequence order
+    return received.permute(1, 2, 0, 3, 4).reshape(b, h // size, size * s, d)
+
+
+def _to_sequence(x: torch.Tensor, size: int, group) -> torch.Tensor:
+    """[B, H/N, L, D] head shard -> [B, H, L/N, D] sequence shard (the inverse of _to_heads)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    b, h, length, d = x.shape
+    s = length // size
+    send = x.reshape(b, h, size, s, d).permute(2, 0, 1, 3, 4).contiguous()  # [N, B, H/N, L/N, D]
+    received = all_to_all_single(torch.empty_like(send), send, None, None, group=group)
+    # received[j]: this process's tokens of process j's heads; j runs in head order
+    return received.transpose(0, 1).reshape(b, size * h, s, d)
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: list[list[tuple[int, int]]],
+    *,
+    scaling: float | None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention within each (start, end) segment of each row; [B, H, L, D] in and out
+    (the key/value heads may be fewer: grouped-query attention). Positions outside every segment
+    (none, when the segments cover the row) stay zero."""
+    out = torch.zeros_like(query)
+    groups = query.shape[1] // key.shape[1]
+    for b, row in enumerate(segments):
+        for start, end in row:
+            q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
+            n = end - start
+            band = None
+            if sliding_window is not None and n > sliding_window:
+                i = torch.arange(n, device=q.device)
+                band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            if softcap is not None:
+                out[b : b + 1, :, start:end] = _softcapped(q, k, v, scaling, softcap, band, groups, dropout)
+                continue
+            out[b : b + 1, :, start:end] = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=band,
+                dropout_p=dropout,
+                is_causal=band is None and n > 1,
+                scale=scaling,
+                enable_gqa=groups > 1,
+            )
+    return out
+
+
+def _softcapped(q, k, v, scaling, softcap, band, groups, dropout):
+    """Eager attention with logits soft-capped (cap * tanh(logits / cap)), as Gemma 2 computes it."""
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    n = q.shape[2]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    logits = softcap * torch.tanh(logits / softcap)
+    allowed = band if band is not None else torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
+
+
+class SequenceParallel:
+    """The model's attention routed through `attention` on one sequence group of `size` processes.
+    Refuses a model whose query heads do not divide by the size (each process computes H/N heads).
+    The function is registered under NAME bound to this object (its group); a model's own attention
+    (for generation, which has no row shards) comes back inside `model_attention()`."""
+
+    def __init__(self, model: nn.Module, size: int, group):
+        from transformers import AttentionInterface
+
+        heads = attention_heads(model)
+        if heads % size:
+            raise ConfigError(
+                f"sequence_parallel_size {size} does not divide the model's {heads} attention heads",
+                field="sequence_parallel_size",
+                found=f"{size}",
+                fix=f"choose a sequence_parallel_size that divides {heads}",
+            )
+        self.size, self.group = size, group
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.previous = self.model.config._attn_implementation
+        AttentionInterface.register(NAME, self.attention)
+        self.model.set_attn_implementation(NAME)
+
+    @contextlib.contextmanager
+    def model_attention(self):
+        """The model's own attention implementation for the duration (generation: whole sequences,
+        no shards). Nothing else may run the model meanwhile: it is one setting of the model."""
+        self.model.set_attn_implementation(self.previous)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(NAME)
+
+    def attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        """transformers' attention-function interface: q [B, H, L/N, D], k and v [B, Hkv, L/N, D],
+        this process's sequence shard; returns ([B, L/N, H, D], None)."""
+        row_positions = kwargs.get("row_position_ids")
+        if row_positions is None:
+            raise TrainingError(
+                f"{type(module).__name__} was called without the row's positions that sequence parallelism needs",
+                found="the model's layers do not pass their keyword arguments on to the attention function",
+                fix="train this model with sequence_parallel_size: 1",
+            )
+        if kwargs.get("s_aux") is not None:
+            raise TrainingError(
+                f"{type(module).__name__} has attention sinks, which sequence-parallel attention does not compute",
+                fix="train this model with sequence_parallel_size: 1",
+            )
+        size, group = self.size, self.group
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if size > 1:
+            if kv_heads % size:  # fewer key/value heads than processes: each gets its query heads' copies
+                key = key.repeat_interleave(heads // kv_heads, dim=1)
+                value = value.repeat_interleave(heads // kv_heads, dim=1)
+            query, key, value = (_to_heads(t, size, group) for t in (query, key, value))
+        out = segment_attention(
+            query,
+            key,
+            value,
+            example_segments(row_positions),
+            scaling=scaling,
+            dropout=dropout if module.training else 0.0,
+            sliding_window=kwargs.get("sliding_window"),
+            softcap=kwargs.get("softcap"),
+        )
+        if size > 1:
+            out = _to_sequence(out, size, group)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def attention_heads(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_attention_heads)
