@@ -146,6 +146,7 @@ def test_heads_that_do_not_divide_are_refused_naming_both_numbers():
         ({"objective": "dpo"}, "objective"),
         ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha"),
         ({"router_aux_loss_coef": 0.01}, "router_aux_loss_coef"),
+        ({"torch_compile": True}, "torch_compile"),
     ],
 )
 def test_what_a_shard_cannot_compute_is_refused(fields, named):
@@ -167,6 +168,10 @@ def setup(tmp_path_factory) -> dict:
             handle.write(
                 json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n"
             )
+    evaluation = root / "eval.jsonl"
+    with open(evaluation, "w") as handle:
+        for i in range(5):  # 3 batches of 2: one process gets one more than the other
+            handle.write(json.dumps({"prompt": f"add {i} and 3", "completion": f" {i + 3} ok"}) + "\n")
     config = root / "config.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -213,9 +218,17 @@ def assert_same_run(ours: str, theirs: str) -> None:
     assert list(mine.values()) == pytest.approx(list(reference.values()), rel=1e-5)
 
 
+EVALUATED = [
+    "eval_data={eval}",
+    "eval_steps=2",
+    "per_device_eval_batch_size=2",
+    "eval_generate_samples=3",
+    "eval_generate_max_new_tokens=4",
+    "eval_generate_metrics=[exact_match]",
+]
 VARIANTS = {
-    "padded": [],
-    "packed": ["packing=true"],
+    "padded, evaluated": EVALUATED,
+    "packed, gradient checkpointing": ["packing=true", "gradient_checkpointing=true"],
     "lora": ["use_peft=true", "lora_dropout=0", "lora_target_modules=all-linear"],
 }
 
@@ -223,13 +236,25 @@ VARIANTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_two_sequence_parallel_processes_train_like_one(setup, variant):
-    alone, _ = run(setup, f"one-{variant}", *VARIANTS[variant])
-    split, result = run(setup, f"sp2-{variant}", "sequence_parallel_size=2", *VARIANTS[variant], processes=2)
+    overrides = [o.format(eval=setup["root"] / "eval.jsonl") for o in VARIANTS[variant]]
+    name = variant.split(",")[0]
+    alone, _ = run(setup, f"one-{name}", *overrides)
+    split, result = run(setup, f"sp2-{name}", "sequence_parallel_size=2", *overrides, processes=2)
     assert "each row split over 2 processes (1 x 2 mesh, data x sequence)" in result.stdout
     assert_same_run(split, alone)
     # The tokens each process trained add up to the row's: tokens/s is the run's, not twice it.
     tokens = lambda d: [r["tokens"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "tokens" in r]  # noqa: E731
     assert tokens(split) == tokens(alone)
+    if "eval_steps=2" in overrides:
+        # Evaluation through the shards gives one process's loss; generation runs whole sequences
+        # on the model's own attention and replies as one process does.
+        records = lambda d: [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "eval_loss" in r]  # noqa: E731
+        ours, theirs = records(split), records(alone)
+        assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [2, 4]
+        for mine, reference in zip(ours, theirs):
+            assert mine["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+            assert mine["eval_supervised_tokens"] == reference["eval_supervised_tokens"] > 0
+            assert mine["eval_generate_exact_match"] == reference["eval_generate_exact_match"]
 
 
 @pytest.mark.slow

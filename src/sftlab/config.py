@@ -794,6 +794,11 @@ class SFTConfig(BaseModel):
                 "null (the router loss needs every token's routing)",
             ),
             ("optimizer_in_backward", self.optimizer_in_backward, "false (it needs one process)"),
+            (
+                "torch_compile",
+                self.torch_compile,
+                "false (the attention's per-example loop and all-to-all are not compiled)",
+            ),
         ]
         for name, conflict, wanted in conflicts:
             if conflict:
