@@ -116,6 +116,17 @@ def test_attention_per_segment_equals_each_example_alone(case):
     assert float((whole - alone).abs().max()) > 1e-3  # not vacuous: without the segments the examples mix
 
 
+def test_rows_of_one_example_each_take_one_call_and_equal_the_models_attention():
+    model = tiny_model("llama", attn="sdpa")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        sequence.SequenceParallel(model, 1, None)
+        positions = torch.arange(12)[None].expand(2, 12)
+        got = model(input_ids=ids, position_ids=positions, row_position_ids=positions).logits
+    assert float((got - expected).abs().max()) < 1e-5
+
+
 def test_the_model_without_row_positions_is_an_error_not_a_silent_full_attention():
     from sftlab.errors import TrainingError
 
