@@ -739,6 +739,26 @@ def test_apertus_eval_prompts_feed_the_prompt_and_expect_the_response_text(tmp_p
         generation_prompts([{"messages": unread}], char_tokenizer(chat_template=CHATML, chat_tokens=True), limit=1)
 
 
+def test_the_docs_example_of_content_as_a_mapping_still_renders():
+    # docs/render_examples.py renders it with SmolLM2's tokenizer (not installed in CI); here with the tiny one.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "render_examples", os.path.join(TEMPLATES, "..", "..", "docs", "render_examples.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.content_mapping(char_tokenizer(chat_template=CHATML))["content_mapping"]
+    assert "# example 1: trains messages [2, 4]" in block
+    assert (
+        "<|assistant_start|>⟦<|inner_prefix|>A greeting.<|inner_suffix|>Hello! How can I help?<|assistant_end|>⟧"
+        in block
+    )
+    assert '<|tools_prefix|>[{"get_weather": {"city": "Paris"}}]<|tools_suffix|>⟧' in block
+    assert "⟦<|inner_prefix|>⟧A·greeting.⟦<|inner_suffix|>⟧⟦H⟧" in block  # one token per character here
+    assert "the reasoning of 1 turn as context, 11 tokens" in block
+
+
 # ChatML writes content with "+": a mapping fails there; with "| string" it would be written as a Python dict.
 PRINTS_CONTENT = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | string) + '<|im_end|>'")
 
