@@ -759,6 +759,23 @@ def test_the_docs_example_of_content_as_a_mapping_still_renders():
     assert "the reasoning of 1 turn as context, 11 tokens" in block
 
 
+def test_apertus_blocks_as_preference_replies(tmp_path):
+    from sftlab.data.preference import prepare_pairs
+
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    record = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": blocks(("thoughts", "add"), ("response", "4"))}],
+        "rejected": [{"role": "assistant", "content": blocks(("thoughts", "guess"), ("response", "5"))}],
+    }
+    pairs = prepare_pairs([record], tokenizer, TargetSettings(), use_cache=False)
+    assert [list(map(int, part)) for part in pairs[0]] == [
+        hand_ids("<s><|user_start|>2+2?<|user_end|><|assistant_start|>", True),
+        hand_ids("<|inner_prefix|>add<|inner_suffix|>4<|assistant_end|>", True),
+        hand_ids("<|inner_prefix|>guess<|inner_suffix|>5<|assistant_end|>", True),
+    ]
+
+
 # ChatML writes content with "+": a mapping fails there; with "| string" it would be written as a Python dict.
 PRINTS_CONTENT = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | string) + '<|im_end|>'")
 
