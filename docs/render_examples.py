@@ -222,6 +222,89 @@ def no_end_marker(tokenizer) -> dict[str, str]:
     }
 
 
+def content_mapping(tokenizer) -> dict[str, str]:
+    """A chat whose content is given as mappings (Apertus's {"text"}, {"parts"}, {"blocks"}) through the Apertus-style
+    template of examples/templates/: the text view as served, and the thinking reply's tokens with its thoughts as
+    context (train_on_reasoning: false)."""
+    import copy
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from sftlab import TargetSettings, prepare_examples
+    from sftlab.data.chat import ChatRenderer
+    from sftlab.data.formats import RecordValidator
+    from sftlab.data.sources import load_records
+
+    with open(os.path.join(HERE, "..", "examples", "templates", "apertus_style.jinja"), encoding="utf-8") as handle:
+        template = handle.read()
+    served = copy.deepcopy(tokenizer)  # SmolLM2 has no Apertus tokens: added as special tokens, as Apertus has them
+    served.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                f"<|{name}_{end}|>" for name in ("system", "user", "assistant") for end in ("start", "end")
+            ]
+            + [f"<|{name}_{end}|>" for name in ("inner", "tools") for end in ("prefix", "suffix")]
+        }
+    )
+    served.chat_template = template
+    chat = [
+        {"role": "system", "content": {"text": "Be brief."}},
+        {"role": "user", "content": {"parts": [{"type": "text", "text": "Hi!"}]}},
+        {
+            "role": "assistant",
+            "content": {
+                "blocks": [
+                    {"type": "thoughts", "text": "A greeting."},
+                    {"type": "response", "text": "Hello! How can I help?"},
+                ]
+            },
+        },
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": {
+                "blocks": [
+                    {"type": "thoughts", "text": "Ask the tool."},
+                    {"type": "tool_calls", "calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+                ]
+            },
+        },
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        # Generation stops on <|assistant_end|> and <|tools_suffix|>, as Apertus's generation config lists them.
+        served.save_pretrained(folder)
+        stops = [served.eos_token_id] + served.convert_tokens_to_ids(["<|assistant_end|>", "<|tools_suffix|>"])
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as handle:
+            json.dump({"eos_token_id": stops}, handle)
+        served = AutoTokenizer.from_pretrained(folder)
+        messages = RecordValidator().validate(load_records([{"messages": chat}]))[0].messages
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        planned = ChatRenderer(served, template).conversation_examples(messages, turns)
+        context = prepare_examples(
+            [{"messages": chat[:3]}], served, TargetSettings(max_length=None, train_on_reasoning=False), use_cache=False
+        )
+    views = "\n\n".join(
+        f"# example {i + 1}: trains messages {trained}\n{text_view(text, spans)}"
+        for i, ((text, spans), trained) in enumerate(zip(planned.examples, planned.turns))
+    )
+    chat_stats = context.stats["chat"]
+    return {
+        "content_mapping": (
+            "A chat given in Apertus's mappings through the Apertus-style template of "
+            "`examples/templates/apertus_style.jinja` (SmolLM2's tokenizer, whose bos is `<|im_start|>`, with the "
+            "Apertus tokens added; `<|assistant_end|>` and `<|tools_suffix|>` in the generation config's "
+            f"`eos_token_id`; ⟦…⟧ = trained; {len(turns)} assistant turns, {len(planned.examples)} example):\n\n"
+            "```\n" + views + "\n```\n\n"
+            "The first reply with `train_on_reasoning: false` (token view, ⟦…⟧ = a target):\n\n"
+            "```\n" + token_view(context, served) + "\n```\n\n"
+            f"`sftlab inspect` counts it: the reasoning of {chat_stats['turns_reasoning_context']} turn as context, "
+            f"{chat_stats['reasoning_tokens_context']} tokens.\n"
+        )
+    }
+
+
 def reasoning(tokenizer) -> dict[str, str]:
     """The reasoning options and a message's weight, through the templates of examples/templates/ (token views)."""
     import copy
@@ -298,7 +381,7 @@ def main() -> int:
     from sftlab.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    blocks = {**render(tokenizer), **no_end_marker(tokenizer), **reasoning(tokenizer)}
+    blocks = {**render(tokenizer), **no_end_marker(tokenizer), **reasoning(tokenizer), **content_mapping(tokenizer)}
     stale = []
     for name in sorted(os.listdir(HERE)):
         if not name.endswith(".md"):

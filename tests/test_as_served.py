@@ -122,11 +122,12 @@ def trained_runs(input_ids, targets):
     return runs
 
 
-def assert_every_turn_trained_once_as_served(record, template, **settings):
+def assert_every_turn_trained_once_as_served(record, template, tokenizer=None, **settings):
     """Independent of sftlab's splitter: transformers renders each P_k, and the trained runs over all the
     record's examples must start right after exactly those tokens, one run per assistant turn."""
-    tokenizer = char_tokenizer(chat_template=template, chat_tokens=True)
-    pairs, _ = examples_of([record], template, **settings)
+    tokenizer = tokenizer or char_tokenizer(chat_template=template, chat_tokens=True)
+    examples = prepare_examples([record], tokenizer, TargetSettings(**settings), use_cache=False)
+    pairs = [(examples[i][0].tolist(), examples[i][1].tolist()) for i in range(len(examples))]
     contexts = sorted(tuple(context) for ids, targets in pairs for context, _ in trained_runs(ids, targets))
     kwargs = {**(settings.get("chat_template_kwargs") or {}), **(record.get("chat_template_kwargs") or {})}
     # Tool-call arguments reach templates as objects (as vLLM passes them); transformers passes what it is given.
@@ -392,11 +393,11 @@ APERTUS = (
 )
 
 
-def tokenizer_with_stops(tmp_path, template, stops):
+def tokenizer_with_stops(tmp_path, template, stops, eos="</s>"):
     """The chat tokenizer saved with a generation_config.json whose eos_token_id lists `stops`, loaded back."""
     from transformers import AutoTokenizer
 
-    char_tokenizer(chat_template=template, chat_tokens=True).save_pretrained(tmp_path)
+    char_tokenizer(chat_template=template, chat_tokens=True, eos=eos).save_pretrained(tmp_path)
     config = {"eos_token_id": [hand_ids(t, True)[0] for t in stops]}
     (tmp_path / "generation_config.json").write_text(json.dumps(config))
     return AutoTokenizer.from_pretrained(str(tmp_path))
@@ -593,6 +594,273 @@ def test_a_part_that_is_not_text_is_refused_naming_the_record_and_the_part():
         examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], CHATML)
     with pytest.raises(DataError, match=r"field 'messages\[1\]\.content\[0\]\.text': must be a string"):
         examples_of([{"messages": [chat[1], {"role": "assistant", "content": [{"type": "text", "text": 4}]}]}], CHATML)
+
+
+# ---------------------------------------------------------------- content as a mapping (Apertus blocks)
+
+# Apertus style (examples/templates/, shared with the docs): {"text"} system, {"parts"} user, {"blocks"} replies;
+# thoughts in <|inner_prefix|>, a response after them behind <|inner_suffix|>, tool calls as JSON text in
+# <|tools_prefix|>[...]<|tools_suffix|>, <|assistant_end|> only before a user message.
+APERTUS_BLOCKS = pathlib.Path(TEMPLATES, "apertus_style.jinja").read_text(encoding="utf-8")
+APERTUS_STOPS = ["<|assistant_end|>", "<|tools_suffix|>"]  # generation_config.json's eos_token_id, as Apertus's
+
+
+def blocks(*items: tuple[str, str]) -> dict:
+    """A reply's content as Apertus writes it: ("thoughts" | "response", text) or ("call", name) blocks."""
+    made = []
+    for kind, value in items:
+        if kind == "call":
+            made.append({"type": "tool_calls", "calls": [{"name": value, "arguments": '{"city": "Oslo"}'}]})
+        elif kind == "outputs":
+            made.append({"type": "tool_outputs", "outputs": [{"output": value}]})
+        else:
+            made.append({"type": kind, "text": value})
+    return {"blocks": made}
+
+
+APERTUS_CHAT = [
+    {"role": "system", "content": {"text": "Be brief."}},
+    {"role": "user", "content": {"parts": [{"type": "text", "text": "Hi"}]}},
+    {"role": "assistant", "content": blocks(("thoughts", "greet"), ("response", "Yo"))},
+    {"role": "user", "content": "Temp in Oslo?"},
+    {"role": "assistant", "content": blocks(("thoughts", "use get_temp"), ("call", "get_temp"))},
+]
+APERTUS_HEAD = "<s><|system_start|>Be brief.<|system_end|><|user_start|>Hi<|user_end|><|assistant_start|>"
+APERTUS_MIDDLE = "<|user_start|>Temp in Oslo?<|user_end|><|assistant_start|>"
+APERTUS_CALL = '<|tools_prefix|>[{"get_temp": {"city": "Oslo"}}]<|tools_suffix|>'
+
+
+def test_apertus_blocks_are_rendered_as_given_and_each_turn_trained_as_served(tmp_path):
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    record = {"messages": APERTUS_CHAT}
+    pairs, examples = pairs_of([record], tokenizer)
+    # The thinking reply is closed by the <|assistant_end|> the next user message gets; the tool call by the
+    # <|tools_suffix|> it ends with (a stop token). One render serves both turns.
+    assert pairs == expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|>greet<|inner_suffix|>Yo<|assistant_end|>⟧"
+        "" + APERTUS_MIDDLE + "⟦<|inner_prefix|>use get_temp" + APERTUS_CALL + "⟧"
+    )
+    chat = examples.stats["chat"]
+    assert (chat["turns_trained"], chat["rule_prefix"], chat["records_split"]) == (2, 2, 0)
+    assert_every_turn_trained_once_as_served(record, APERTUS_BLOCKS, tokenizer=tokenizer)
+    # Parts are read in the mapping as written: back to back, not joined with "\n" as a list's are for strings.
+    two_parts = json.loads(json.dumps(APERTUS_CHAT[:3]))
+    two_parts[1]["content"]["parts"] = [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]
+    assert pairs_of([{"messages": two_parts}], tokenizer)[0] == expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|>greet<|inner_suffix|>Yo<|assistant_end|>⟧"
+    )
+
+
+def test_apertus_thoughts_are_the_reasoning_train_on_reasoning_false_keeps_them_as_context(tmp_path):
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    settings = TargetSettings(train_on_reasoning=False)
+    examples = prepare_examples([{"messages": APERTUS_CHAT}], tokenizer, settings, use_cache=False)
+    # The thoughts' text is context; <|inner_prefix|>, <|inner_suffix|>, the answer, the call and the end stay trained.
+    assert [(examples[0][0].tolist(), examples[0][1].tolist())] == expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|>⟧greet⟦<|inner_suffix|>Yo<|assistant_end|>⟧"
+        "" + APERTUS_MIDDLE + "⟦<|inner_prefix|>⟧use get_temp⟦" + APERTUS_CALL + "⟧"
+    )
+    chat = examples.stats["chat"]
+    assert (chat["turns_reasoning_context"], chat["reasoning_tokens_context"]) == (
+        2,
+        len("greet") + len("use get_temp"),
+    )
+
+
+def test_apertus_thoughts_the_template_drops_are_refused_or_trained_as_rendered(tmp_path):
+    drops = APERTUS_BLOCKS.replace(
+        "{{- b.text -}}\n                {%- elif b.type == 'response'", "{%- elif b.type == 'response'"
+    )
+    assert drops != APERTUS_BLOCKS
+    tokenizer = tokenizer_with_stops(tmp_path, drops, APERTUS_STOPS, eos="<|assistant_end|>")
+    record = {"messages": APERTUS_CHAT[:3]}
+    with pytest.raises(DataError, match=r"messages\[2\].*does not hold its reasoning.*reasoning_when_dropped"):
+        pairs_of([record], tokenizer)
+    settings = TargetSettings(reasoning_when_dropped="as_rendered")
+    examples = prepare_examples([record], tokenizer, settings, use_cache=False)
+    assert [(examples[0][0].tolist(), examples[0][1].tolist())] == expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|><|inner_suffix|>Yo<|assistant_end|>⟧"
+    )
+    assert examples.stats["chat"]["turns_reasoning_dropped"] == 1
+
+
+def test_apertus_tool_results_stay_context(tmp_path):
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    answer = {"role": "assistant", "content": blocks(("response", "7C in Oslo."))}
+    after_tool = APERTUS_CHAT + [{"role": "tool", "content": "7C"}, answer]
+    # Apertus's generation prompt after a tool result opens a new <|assistant_start|> that its history never writes
+    # (the reply continues the turn): that reply has no served form, and is refused naming it.
+    with pytest.raises(
+        DataError, match=r"record 0, field 'messages\[6\]'.*generation prompt ends with '<\|assistant_start\|>'"
+    ):
+        pairs_of([{"messages": after_tool}], tokenizer)
+    # Kept as context, it follows the trained tool call; the result is written inside the turn, in brackets.
+    after_tool[-1] = {**answer, "train": False}
+    rest = "[7C]<|inner_suffix|>7C in Oslo."
+    want = expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|>greet<|inner_suffix|>Yo<|assistant_end|>⟧"
+        "" + APERTUS_MIDDLE + "⟦<|inner_prefix|>use get_temp" + APERTUS_CALL + "⟧" + rest
+    )
+    assert pairs_of([{"messages": after_tool}], tokenizer)[0] == want
+    # A tool_outputs block inside a trained reply would train the model to write the tool's result: refused; as
+    # context it renders as the tool message does.
+    inside = APERTUS_CHAT[:4] + [
+        {
+            "role": "assistant",
+            "content": blocks(
+                ("thoughts", "use get_temp"), ("call", "get_temp"), ("outputs", "7C"), ("response", "7C in Oslo.")
+            ),
+        }
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"record 0, field 'messages\[4\]'.*holds a tool_outputs block.*found tool output '7C'.*"
+        r"fix: end the reply with its tool_calls block",
+    ):
+        pairs_of([{"messages": inside}], tokenizer)
+    inside[4] = {**inside[4], "train": False}
+    pairs, _ = pairs_of([{"messages": inside}], tokenizer)
+    assert pairs == expected_examples(
+        APERTUS_HEAD + "⟦<|inner_prefix|>greet<|inner_suffix|>Yo<|assistant_end|>⟧"
+        "" + APERTUS_MIDDLE + "<|inner_prefix|>use get_temp" + APERTUS_CALL + rest
+    )
+
+
+def test_apertus_eval_prompts_feed_the_prompt_and_expect_the_response_text(tmp_path):
+    from sftlab.data.prompts import generation_prompts
+
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    prompts = generation_prompts([{"messages": APERTUS_CHAT[:3]}], tokenizer, limit=1)
+    (prompt,) = prompts.prompts
+    assert prompt.input_ids == hand_ids(APERTUS_HEAD, True) and prompt.reference == "Yo"  # the response, no thoughts
+    assert prompts.stop_token_ids == sorted(hand_ids("<|assistant_end|><|tools_suffix|>", True))
+    unread = [{"role": "user", "content": {"parts": [{"type": "text", "text": "Hi"}]}}, APERTUS_CHAT[2]]
+    with pytest.raises(DataError, match=r"record 0, field 'messages\[0\]\.content': its content is a mapping"):
+        generation_prompts([{"messages": unread}], char_tokenizer(chat_template=CHATML, chat_tokens=True), limit=1)
+
+
+def test_the_docs_example_of_content_as_a_mapping_still_renders():
+    # docs/render_examples.py renders it with SmolLM2's tokenizer (not installed in CI); here with the tiny one.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "render_examples", os.path.join(TEMPLATES, "..", "..", "docs", "render_examples.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.content_mapping(char_tokenizer(chat_template=CHATML))["content_mapping"]
+    assert "# example 1: trains messages [2, 4]" in block
+    assert (
+        "<|assistant_start|>⟦<|inner_prefix|>A greeting.<|inner_suffix|>Hello! How can I help?<|assistant_end|>⟧"
+        in block
+    )
+    assert '<|tools_prefix|>[{"get_weather": {"city": "Paris"}}]<|tools_suffix|>⟧' in block
+    assert "⟦<|inner_prefix|>⟧A·greeting.⟦<|inner_suffix|>⟧⟦H⟧" in block  # one token per character here
+    assert "the reasoning of 1 turn as context, 11 tokens" in block
+
+
+def test_apertus_blocks_as_preference_replies(tmp_path):
+    from sftlab.data.preference import prepare_pairs
+
+    tokenizer = tokenizer_with_stops(tmp_path, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    record = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": blocks(("thoughts", "add"), ("response", "4"))}],
+        "rejected": [{"role": "assistant", "content": blocks(("thoughts", "guess"), ("response", "5"))}],
+    }
+    pairs = prepare_pairs([record], tokenizer, TargetSettings(), use_cache=False)
+    assert [list(map(int, part)) for part in pairs[0]] == [
+        hand_ids("<s><|user_start|>2+2?<|user_end|><|assistant_start|>", True),
+        hand_ids("<|inner_prefix|>add<|inner_suffix|>4<|assistant_end|>", True),
+        hand_ids("<|inner_prefix|>guess<|inner_suffix|>5<|assistant_end|>", True),
+    ]
+
+
+# ChatML writes content with "+": a mapping fails there; with "| string" it would be written as a Python dict.
+PRINTS_CONTENT = CHATML.replace("message['content'] + '<|im_end|>'", "(message['content'] | string) + '<|im_end|>'")
+
+
+@pytest.mark.parametrize("template", [CHATML, PRINTS_CONTENT], ids=["fails-on-it", "prints-it"])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_mapping_the_template_does_not_read_is_refused_naming_record_field_and_fix(template, position):
+    assert PRINTS_CONTENT.count("| string") == 2
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+    ]
+    chat[position] = {**chat[position], "content": APERTUS_CHAT[position]["content"]}
+    shape = next(iter(chat[position]["content"]))
+    with pytest.raises(
+        DataError,
+        match=rf"record 1, field 'messages\[{position}\]\.content': .*its content is a mapping \(\{{'{shape}': "
+        r"\.\.\.\}\), and the chat template does not read one.*fix: give the content as a string",
+    ):
+        examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], template)
+    # Counted and skipped on request, like any record the template cannot serve.
+    pairs, examples = examples_of([{"messages": CHATML_CHAT}, {"messages": chat}], template, skip_invalid_records=True)
+    assert len(pairs) == 1 and examples.record_index.tolist() == [0]
+    assert sum(examples.stats["skipped_invalid"].values()) == 1
+
+
+@pytest.mark.parametrize(
+    "content, field, problem",
+    [
+        ({"text": "x", "blocks": []}, r"messages\[1\]\.content", "exactly one of 'text', 'parts' or 'blocks'"),
+        ({"answer": "x"}, r"messages\[1\]\.content", "exactly one of 'text', 'parts' or 'blocks'"),
+        ({"blocks": "x"}, r"messages\[1\]\.content\.blocks", "must be a list"),
+        ({"blocks": [{"type": "image"}]}, r"messages\[1\]\.content\.blocks\[0\]", "must be a block of a reply"),
+        ({"blocks": [{"type": "thoughts", "text": 4}]}, r"messages\[1\]\.content\.blocks\[0\]\.text", "string"),
+        (
+            {"blocks": [{"type": "tool_calls", "calls": []}]},
+            r"messages\[1\]\.content\.blocks\[0\]\.calls",
+            "must be a non-empty list",
+        ),
+        (
+            {"blocks": [{"type": "tool_calls", "calls": [{"arguments": "{}"}]}]},
+            r"messages\[1\]\.content\.blocks\[0\]\.calls\[0\]\.name",
+            "needs a name",
+        ),
+        (
+            {"blocks": [{"type": "tool_outputs", "outputs": ["7C"]}]},
+            r"messages\[1\]\.content\.blocks\[0\]\.outputs\[0\]",
+            "must be a tool output",
+        ),
+        ({"parts": [{"type": "image_url"}]}, r"messages\[1\]\.content\.parts\[0\]\.type", "cannot be trained on"),
+    ],
+)
+def test_a_malformed_mapping_is_refused_naming_the_field(content, field, problem):
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+    with pytest.raises(DataError, match=rf"record 0, field '{field}': .*{problem}"):
+        examples_of([{"messages": chat}], APERTUS_BLOCKS)
+
+
+def test_inspect_shows_an_apertus_blocks_record(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from sftlab.cli import main as cli_main
+
+    model = tmp_path / "model"
+    tokenizer = tokenizer_with_stops(model, APERTUS_BLOCKS, APERTUS_STOPS, eos="<|assistant_end|>")
+    LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(model)
+    data = tmp_path / "apertus.jsonl"
+    data.write_text(json.dumps({"messages": APERTUS_CHAT}) + "\n")
+    config = tmp_path / "inspect.yaml"
+    config.write_text(f"model: {model}\ntrain_data: {data}\nuse_cache: false\ntrain_on_reasoning: false\n")
+    assert cli_main(["inspect", str(config), "--json", "-n", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    tokens = printed["examples"][0]["tokens"]
+    plain, ids, targets, _ = marked(
+        APERTUS_HEAD + "⟦<|inner_prefix|>⟧greet⟦<|inner_suffix|>Yo<|assistant_end|>⟧"
+        "" + APERTUS_MIDDLE + "⟦<|inner_prefix|>⟧use get_temp⟦" + APERTUS_CALL + "⟧",
+        chat_tokens=True,
+    )
+    assert "".join(t["text"] for t in tokens) == plain and [t["id"] for t in tokens] == ids
+    assert [t["target"] for t in tokens] == [False] + [target != X for target in targets[:-1]]
+    chat = printed["stats"]["chat"]
+    assert (chat["turns_trained"], chat["turns_reasoning_context"], chat["reasoning_tokens_context"]) == (2, 2, 17)
 
 
 # ---------------------------------------------------------------- tools reach the template

@@ -63,6 +63,12 @@ TURN_SPECIALS = [
     "<|user_end|>",
     "<|assistant_start|>",
     "<|assistant_end|>",
+    "<|system_start|>",
+    "<|system_end|>",
+    "<|inner_prefix|>",
+    "<|inner_suffix|>",
+    "<|tools_prefix|>",
+    "<|tools_suffix|>",
 ]  # Apertus
 
 

@@ -65,9 +65,11 @@ class TurnError(RecordError):
     """A conversation turn (messages[turn]) that the chat template cannot serve, or whose trained
     text fails the self-check; the tokenizing stage names the record and the turn's role."""
 
-    def __init__(self, turn: int, problem: str, found: str | None = None, fix: str | None = None):
+    def __init__(
+        self, turn: int, problem: str, found: str | None = None, fix: str | None = None, field: str | None = None
+    ):
         self.turn = turn
-        super().__init__(problem, field=f"messages[{turn}]", found=found, fix=fix)
+        super().__init__(problem, field=field or f"messages[{turn}]", found=found, fix=fix)
 
 
 class ConfigError(SftlabError):

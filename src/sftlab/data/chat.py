@@ -35,7 +35,11 @@ A turn whose render ends with no stop token (GLM ends a reply where the next <|u
 Apertus writes <|assistant_end|> only when a user message follows) is trained through the stop
 token that a next message's render writes right after it (`closing_marker`). Content given as a
 list of parts, and tool-call arguments, reach each template in the form it reads, decided once
-per template by probe renders.
+per template by probe renders. Content given as a mapping (Apertus: {"text"}, {"parts"},
+{"blocks": [thoughts, response, tool_calls, ...]}) is passed as given to a template a probe render
+shows reads it, and refused naming messages[k].content otherwise; a reply's "thoughts" blocks are
+its reasoning (the template's inner section), its "response" blocks its answer, and a trained
+reply may not hold "tool_outputs" (the model would learn to write the tools' results).
 
 Reasoning, three choices (config.py; all off by default, each counted):
 - `reasoning_when_missing: empty`: a reply with no reasoning, after a generation prompt that opens what
@@ -220,7 +224,8 @@ class ChatRenderer:
         )
         self._closer: str | None = None
         self._tokenizer = tokenizer
-        self._parts: dict[tuple[int, str], bool] = {}  # (id of a compiled template, role) -> it reads content parts
+        # (id of a compiled template, role[, a mapping's shape]) -> it reads content parts, or such a mapping
+        self._parts: dict[tuple, bool] = {}
         self._arguments: dict[int, str] = {}  # id of a compiled template -> the form of tool-call arguments it reads
         self._stop_tokens = tuple(sorted(set(stop_tokens), key=len, reverse=True)) if stop_tokens is not None else None
         for name, value, allowed in (
@@ -240,6 +245,10 @@ class ChatRenderer:
     ) -> str:
         tools = tools if tools is not None else self.tools
         template = self.tool_template if tools and self.tool_template is not None else self.template
+        if any(isinstance(m.get("content"), dict) for m in messages):
+            for position, m in enumerate(messages):
+                if isinstance(m.get("content"), dict) and not self._reads_mapping(template, m["role"], m["content"]):
+                    raise _unread_mapping(position, m["content"])
         if any(isinstance(m.get("content"), list) for m in messages):
             messages = [
                 m
@@ -273,26 +282,43 @@ class ChatRenderer:
         key = (id(template), role)
         if key not in self._parts:
             parts = [{"type": "text", "text": _PROBE}]
-            probe = {
-                "user": [{"role": "user", "content": parts}, {"role": "assistant", "content": "x"}],
-                "assistant": [{"role": "user", "content": "x"}, {"role": "assistant", "content": parts}],
-            }.get(role)
-            try:
-                text = (
-                    template.render(
-                        messages=probe,
-                        tools=None,
-                        documents=None,
-                        add_generation_prompt=False,
-                        **{k: v for k, v in self.variables.items() if k != "documents"},
-                    )
-                    if probe
-                    else ""
-                )
-            except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
-                text = ""  # a template that cannot read parts fails on them, in Jinja or in Python
+            text = self._probe_render(template, role, parts) if role in ("user", "assistant") else ""
             self._parts[key] = _PROBE in text and "'type'" not in text and '"type"' not in text
         return self._parts[key]
+
+    def _reads_mapping(self, template, role: str, content: dict) -> bool:
+        """Whether `template` renders a `role` message whose content is a mapping of `content`'s shape (Apertus:
+        {"text"} for a system message, {"parts"} for a user's, {"blocks"} for a reply), found once per role and
+        shape by a probe: its text rendered, and no key of it rendered as a Python dict or as JSON."""
+        (shape,) = content  # formats.py: one key, one of CONTENT_MAPPINGS
+        key = (id(template), role, shape)
+        if key not in self._parts:
+            value = {
+                "text": _PROBE,
+                "parts": [{"type": "text", "text": _PROBE}],
+                "blocks": [{"type": "response", "text": _PROBE}],
+            }[shape]
+            text = self._probe_render(template, role, {shape: value})
+            self._parts[key] = _PROBE in text and not any(
+                quoted in text for name in (shape, "type") for quoted in (repr(name), json.dumps(name))
+            )
+        return self._parts[key]
+
+    def _probe_render(self, template, role: str, content) -> str:
+        """`template`'s render of a short chat (a system message, a user message, a reply) whose `role` message
+        has `content`; "" when it fails, as a template that cannot read such content does, in Jinja or in Python."""
+        probe = {"system": "x", "user": "x", "assistant": "x", role: content}
+        messages = [{"role": r, "content": probe[r]} for r in ("system", "user", "assistant")]
+        try:
+            return template.render(
+                messages=messages if role == "system" else messages[1:],
+                tools=None,
+                documents=None,
+                add_generation_prompt=False,
+                **{k: v for k, v in self.variables.items() if k != "documents"},
+            )
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+            return ""
 
     def _arguments_form(self, template) -> str:
         """How `template` reads a tool call's arguments: "object" (it writes them with tojson, or item by item, as
@@ -418,6 +444,19 @@ class ChatRenderer:
         """Turn k's context and trained text (see the module docstring), checked."""
         message = messages[k]
         assistant = message["role"] == "assistant"
+        if assistant and isinstance(message.get("content"), dict):
+            outputs = [text for what, text in _mapping_pieces(message["content"]) if what == "tool output"]
+            if outputs:
+                # Served, the tools write their outputs: a trained reply holding them would teach the model to write
+                # them itself, after the stop token its call ends with.
+                raise TurnError(
+                    k,
+                    "the reply holds a tool_outputs block: training it would teach the model to write the tools' "
+                    "results",
+                    found=f"tool output {outputs[0][:40]!r}",
+                    fix="end the reply with its tool_calls block and give each result as a tool message after it, "
+                    'or mark the message "train": false to keep it as context',
+                )
         # A non-assistant turn (train_on_roles, "train": true) has no generation prompt: it is trained
         # from its content to its end marker, after the conversation before it and its header.
         prompt = render(messages[:k], assistant) if k or assistant else ""
@@ -436,7 +475,7 @@ class ChatRenderer:
         if upto.startswith(prompt):
             raw = upto[len(prompt) :]
             if not assistant:
-                start = raw.find(_content(message).strip()) if _content(message).strip() else -1
+                start = raw.find(content_text(message).strip()) if content_text(message).strip() else -1
                 if start < 0:
                     raise TurnError(
                         k,
@@ -479,7 +518,7 @@ class ChatRenderer:
         rendered = render(changed[: k + 1])
         if rendered.startswith(prompt):  # the template continues its opening for an empty reasoning (Qwen3.6)
             return changed, rendered
-        start, reply = self._shared_prefix(prompt, rendered), _content(message)
+        start, reply = self._shared_prefix(prompt, rendered), content_text(message)
         at = rendered.find(reply, start) if reply else -1
         if start >= len(history) and at >= 0 and rendered[start:at].strip():
             # Where the prompt has its opening, the render writes a closing before the reply (DeepSeek-V3.1's
@@ -519,7 +558,7 @@ class ChatRenderer:
         # way). Turn k starts where F_k's longest stretch shared with the end of P_k ends. Candidates:
         # where F_k renders the message turn k answers and the generation prompt as P_k ends; else where
         # F_k has the generation prompt. A tie between candidates is refused.
-        answered = _content(messages[k - 1]).strip() if k else ""
+        answered = content_text(messages[k - 1]).strip() if k else ""
         found = prompt.rfind(answered) if answered else -1
         best, tie = -1, False
         for key in ([prompt[found:]] if found >= 0 else []) + [opening]:
@@ -556,7 +595,7 @@ class ChatRenderer:
         """The generation prompt ends in text (an opening) that the turn's render does not continue."""
         opening_start = self._shared_prefix(prompt, upto)
         opening, rendered = prompt[opening_start:], upto[opening_start:]
-        reply = _content(message)
+        reply = content_text(message)
         if not opening or not reply.startswith(opening):
             raise TurnError(
                 k,
@@ -607,12 +646,12 @@ class ChatRenderer:
         comes before it; a turn already closed by a special token takes the stop token only right after it
         (a GLM tool call's </tool_call><|observation|>). "" when nothing closes the turn so."""
         closed = text.endswith(self.end_markers)
-        last_role = "tool" if messages[k].get("tool_calls") else "user"
-        nxt = messages[k + 1]["role"] if k + 1 < len(messages) else last_role
+        names = _call_names(messages[k])
+        nxt = messages[k + 1]["role"] if k + 1 < len(messages) else "tool" if names else "user"
         probe = {"role": nxt, "content": _PROBE}
         if nxt == "tool":
             call = (messages[k].get("tool_calls") or [{}])[0]
-            probe.update(name=call.get("function", {}).get("name", ""), tool_call_id=call.get("id", ""))
+            probe.update(name=(names or [""])[0], tool_call_id=call.get("id", ""))
         try:
             extended = render(messages[: k + 1] + [probe])
         except TemplateError:
@@ -668,7 +707,7 @@ class ChatRenderer:
     def _turn_end(self, raw: str, message: dict) -> int:
         """Where the generated text ends in `raw`: before the whitespace after the end marker and
         before text the template writes only where a conversation ends; never inside the reply."""
-        reply = _content(message).rstrip()
+        reply = content_text(message).rstrip()
         found = raw.rfind(reply) if reply else -1
         floor = found + len(reply) if found >= 0 else 0
         end = max(floor, len(raw.rstrip()))
@@ -804,8 +843,11 @@ def _compile(template: str):
 PART_SEPARATOR = "\n"  # between the text parts of a content list, for a template that reads strings (as vLLM)
 
 
-def _content(message: dict) -> str:
+def content_text(message: dict) -> str:
+    """The visible text of a message: its content, its text parts joined, or a mapping's text (a reply's responses)."""
     content = message.get("content")
+    if isinstance(content, dict):  # back to back, as the Apertus template writes parts and blocks
+        return "".join(text for what, text in _mapping_pieces(content) if what == "content")
     if isinstance(content, list):
         return PART_SEPARATOR.join(p["text"] for p in content if p.get("type") == "text")
     return content if isinstance(content, str) else ""
@@ -816,7 +858,7 @@ def _as_string_content(message: dict) -> dict:
     (Mistral) becomes the message's reasoning, under the names formats.py gives it, unless it has its own."""
     if not isinstance(message.get("content"), list):
         return message
-    converted = {**message, "content": _content(message)}
+    converted = {**message, "content": content_text(message)}
     thinking = PART_SEPARATOR.join(p["thinking"] for p in message["content"] if p.get("type") == "thinking")
     if thinking and "reasoning_content" not in message:
         converted.update(thinking=thinking, reasoning_content=thinking)
@@ -842,8 +884,12 @@ def _answer(message: dict) -> str:
 def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     """What a trained turn must hold: (what, text) for its visible reply, its reasoning and its tool calls."""
     pieces = []
-    content = _content(message)
-    if isinstance(message.get("content"), list):  # each part is checked: a template may join them its own way
+    content = content_text(message)
+    if isinstance(message.get("content"), dict):  # each text is checked; a tool's output is not the model's
+        pieces = [(what, text.strip()) for what, text in _mapping_pieces(message["content"]) if text.strip()]
+        pieces = [(what, text) for what, text in pieces if what != "tool output"]
+        content = ""
+    elif isinstance(message.get("content"), list):  # each part is checked: a template may join them its own way
         for part in message["content"]:
             what, text = ("content", part["text"]) if part.get("type") == "text" else ("reasoning", part["thinking"])
             if text.strip():
@@ -862,6 +908,48 @@ def _reply_pieces(message: dict) -> list[tuple[str, str]]:
     for call in message.get("tool_calls") or ():
         pieces.append(("tool call", call["function"]["name"]))
     return pieces
+
+
+def _mapping_pieces(content: dict) -> list[tuple[str, str]]:
+    """(what, text) of content given as a mapping (formats.py: one key, checked), in order. A reply's blocks mean
+    what the Apertus template makes of them: "thoughts" is the reasoning (it writes them in the reply's inner
+    section, after <|inner_prefix|>: the thinking that llama.cpp's Apertus parser returns as reasoning_content),
+    "response" the answer (after <|inner_suffix|>), a "tool_calls" block one piece per call, its name; the
+    outputs of a "tool_outputs" block are the tools' results, not the model's text."""
+    ((shape, value),) = content.items()
+    if shape == "text":
+        return [("content", value)]
+    if shape == "parts":
+        return [("content", p["text"]) if p["type"] == "text" else ("reasoning", p["thinking"]) for p in value]
+    pieces = []
+    for block in value:
+        if block["type"] in ("thoughts", "response"):
+            pieces.append(("reasoning" if block["type"] == "thoughts" else "content", block["text"]))
+        elif block["type"] == "tool_calls":
+            pieces.extend(("tool call", call["name"]) for call in block["calls"])
+        else:
+            pieces.extend(("tool output", output["output"]) for output in block["outputs"])
+    return pieces
+
+
+def _call_names(message: dict) -> list[str]:
+    """The names of the tools a reply calls: in OpenAI tool_calls, or in tool_calls blocks of its content."""
+    names = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    if isinstance(message.get("content"), dict):
+        names += [text for what, text in _mapping_pieces(message["content"]) if what == "tool call"]
+    return names
+
+
+def _unread_mapping(position: int, content: dict) -> TurnError:
+    (shape,) = content
+    return TurnError(
+        position,
+        f"its content is a mapping ({{{shape!r}: ...}}), and the chat template does not read one",
+        found=f"content {str(content)[:60]}",
+        fix="give the content as a string (a reply's thoughts as reasoning_content, its tool calls as "
+        "tool_calls), or set chat_template to a template that reads such mappings (the model's own, for Apertus)",
+        field=f"messages[{position}].content",
+    )
 
 
 def _with_text_arguments(message: dict) -> dict:

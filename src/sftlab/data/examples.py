@@ -382,7 +382,7 @@ def _turn_error(error: TurnError, record: Record) -> DataError:
     return DataError(
         f"the chat template cannot serve {role} turn messages[{error.turn}] as written: {error.problem}",
         index=record.index,
-        field=f"messages[{error.turn}]",
+        field=error.field,
         found=error.found,
         fix=(error.fix + "; " if error.fix else "") + "or set skip_invalid_records=true to count and skip such records",
     )

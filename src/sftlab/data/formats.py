@@ -4,7 +4,8 @@ Formats:
   text                  {"text": str}  (field name configurable)
   prompt_completion     {"prompt": str, "completion": str}
   conversational        {"messages": [{"role", "content"}, ...]}  (ShareGPT "conversations" converted;
-                        content a string or a list of "text"/"thinking" parts)
+                        content a string, a list of "text"/"thinking" parts, or a mapping:
+                        {"text"}, {"parts"}, {"blocks"} as the Apertus format writes them)
   chat_prompt_completion {"prompt": [messages], "completion": [messages]}
                         both chat formats may carry "tools" (function schemas, or their JSON text)
                         and "chat_template_kwargs"; messages may carry OpenAI-style "tool_calls",
@@ -319,12 +320,17 @@ def _messages(value: Any, name: str, sharegpt: bool) -> tuple[list[dict], list[b
             content = message["content"] = ""  # templates read content even on a tool-call turn
         if isinstance(content, list):
             text = _content_parts(content, content_field)
+        elif isinstance(content, dict):
+            # Keys whose value is None dropped, as for the message (a Parquet struct column writes every key).
+            content = message["content"] = {k: v for k, v in content.items() if v is not None}
+            text = _content_mapping(content, content_field)
         elif not isinstance(content, str):
             raise RecordError(
                 "must be a string",
                 field=content_field,
                 found=describe(content),
-                expected="the message text as a string",
+                expected="the message text as a string, a list of content parts, or a mapping "
+                '({"text": ...}, {"parts": [...]}, {"blocks": [...]})',
             )
         else:
             text = content
@@ -371,6 +377,83 @@ def _content_parts(parts: list, where: str) -> str:
                 expected=f"the {kind} as text",
             )
         texts.append(value)
+    return "".join(texts)
+
+
+# Content given as a mapping (the Apertus format): one key says its shape. {"text": str} (a system message),
+# {"parts": [content parts]} (a user message), {"blocks": [...]} (a reply, in the order the model writes them).
+CONTENT_MAPPINGS = ("text", "parts", "blocks")
+# The blocks of a reply, and the key holding each one's text or items: "thoughts" is the reasoning (the template
+# writes it in the reply's inner section), "response" the answer, "tool_calls" calls [{"name", "arguments"}]
+# (arguments as JSON text, as the Apertus template joins them), "tool_outputs" the results [{"output"}].
+CONTENT_BLOCKS = {"thoughts": "text", "response": "text", "tool_calls": "calls", "tool_outputs": "outputs"}
+_MAPPING_EXPECTED = '{"text": ...}, {"parts": [...]} or {"blocks": [...]} (the Apertus format)'
+
+
+def _content_mapping(content: dict, where: str) -> str:
+    """Checks content given as a mapping (kept as given: the renderer passes it to a template that reads it, and
+    refuses it for one that does not) and returns its text: the text, the text parts, or the blocks' texts and
+    tool-call names (so that a reply of tool calls only is not taken for an empty one)."""
+    if len(content) != 1 or next(iter(content)) not in CONTENT_MAPPINGS:
+        raise RecordError(
+            "content given as a mapping must hold exactly one of 'text', 'parts' or 'blocks'",
+            field=where,
+            found=describe(content),
+            expected=_MAPPING_EXPECTED,
+        )
+    ((key, value),) = content.items()
+    here = f"{where}.{key}"
+    if key == "text":
+        if not isinstance(value, str):
+            raise RecordError("must be a string", field=here, found=describe(value), expected="the message text")
+        return value
+    if not isinstance(value, list):
+        raise RecordError(
+            "must be a list", field=here, found=describe(value), expected=f"a list of {key}, as in {_MAPPING_EXPECTED}"
+        )
+    if key == "parts":
+        return _content_parts(value, here)
+    texts = []
+    for position, block in enumerate(value):
+        at = f"{here}[{position}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in CONTENT_BLOCKS:
+            raise RecordError(
+                "must be a block of a reply",
+                field=at,
+                found=describe(block),
+                expected=f"a mapping whose 'type' is one of {sorted(CONTENT_BLOCKS)}",
+            )
+        items = block.get(CONTENT_BLOCKS[kind])
+        if CONTENT_BLOCKS[kind] == "text":
+            if not isinstance(items, str):
+                raise RecordError("must be a string", field=f"{at}.text", found=describe(items), expected=f"the {kind}")
+            texts.append(items)
+            continue
+        if not isinstance(items, list) or not items:
+            raise RecordError(
+                "must be a non-empty list",
+                field=f"{at}.{CONTENT_BLOCKS[kind]}",
+                found=describe(items),
+                expected='[{"name": ..., "arguments": "{...}"}]' if kind == "tool_calls" else '[{"output": ...}]',
+            )
+        for number, item in enumerate(items):
+            item_at = f"{at}.{CONTENT_BLOCKS[kind]}[{number}]"
+            if kind == "tool_calls":
+                if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+                    raise RecordError("a tool call needs a name", field=f"{item_at}.name", found=describe(item))
+                if not isinstance(item.get("arguments"), (str, dict)):
+                    raise RecordError(
+                        "must be the call's arguments",
+                        field=f"{item_at}.arguments",
+                        found=describe(item.get("arguments")),
+                        expected="JSON text (as the Apertus format writes them) or an object",
+                    )
+                texts.append(item["name"])
+            elif not isinstance(item, dict) or not isinstance(item.get("output"), str):
+                raise RecordError(
+                    "must be a tool output", field=item_at, found=describe(item), expected='{"output": "..."}'
+                )
     return "".join(texts)
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from sftlab.data import formats
-from sftlab.data.chat import PART_SEPARATOR, ChatRenderer, resolve_chat_templates
+from sftlab.data.chat import ChatRenderer, content_text, resolve_chat_templates
 from sftlab.data.examples import SegmentEncoder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator
 from sftlab.data.sources import open_records
 from sftlab.data.special_tokens import reply_stop_ids
-from sftlab.errors import DataError
+from sftlab.errors import DataError, TurnError
 
 NO_TEXT_REFERENCE = {
     formats.TEXT: "text record (no prompt/reply split)",
@@ -96,9 +96,7 @@ def generation_prompts(
                 if renderer is None:
                     renderer = _renderer(tokenizer, settings)
                 last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-                reference = record.messages[last].get("content") or ""
-                if isinstance(reference, list):  # content parts: the reply's text parts
-                    reference = PART_SEPARATOR.join(p["text"] for p in reference if p.get("type") == "text")
+                reference = content_text(record.messages[last])  # content parts or a mapping: the reply's text
                 if not reference.strip():
                     result.unusable["last assistant turn has no text (tool calls only)"] += 1
                     continue
@@ -119,6 +117,16 @@ def generation_prompts(
                         found=f"{type(error).__name__}: {error}",
                         fix="fix the template, or the record the template rejects",
                     ) from error
+                except TurnError as error:  # content the template does not read (a mapping)
+                    source_name, row = chunk.locate(record.index - chunk.start)
+                    raise DataError(
+                        error.problem,
+                        source=source_name,
+                        index=row,
+                        field=error.field,
+                        found=error.found,
+                        fix=error.fix,
+                    ) from None
                 ids = encoder.encode([context], [False])[0]
             if settings.max_length is not None and len(ids) >= settings.max_length:
                 # Its example would keep no trained token (truncation cuts the reply): training never saw it either.
