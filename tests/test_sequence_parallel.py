@@ -22,8 +22,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from architectures import ARCHITECTURES, KINDS
 from sftlab.config import make_config
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import sequence
 from test_sharding import assert_close_weights, final, losses, resume_from, succeeded
 from tiny import char_tokenizer
@@ -127,9 +128,29 @@ def test_rows_of_one_example_each_take_one_call_and_equal_the_models_attention()
     assert float((got - expected).abs().max()) < 1e-5
 
 
-def test_the_model_without_row_positions_is_an_error_not_a_silent_full_attention():
-    from sftlab.errors import TrainingError
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if KINDS[n] != "hybrid"])
+def test_every_attention_family_gets_each_packed_example_alone(name):
+    """Each family passes the row's positions (and its sliding window) through to the attention function;
+    the ones that cannot be computed so are refused (gpt-oss's sinks, Llama 4's chunked layers)."""
+    model = ARCHITECTURES[name]()
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(11), torch.arange(19)])[None]  # longer than the sliding windows of 8
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, :11]).logits, model(input_ids=ids[:, 11:]).logits], dim=1)
+        if name == "llama4":
+            with pytest.raises(ConfigError, match="chunked_attention layers"):
+                sequence.SequenceParallel(model, 1, None)
+            return
+        sequence.SequenceParallel(model, 1, None)
+        if name == "gpt_oss":
+            with pytest.raises(TrainingError, match="attention sinks"):
+                model(input_ids=ids, position_ids=positions, row_position_ids=positions)
+            return
+        packed = model(input_ids=ids, position_ids=positions, row_position_ids=positions).logits
+    assert float((packed - alone).abs().max()) < 1e-5
 
+
+def test_the_model_without_row_positions_is_an_error_not_a_silent_full_attention():
     model = tiny_model("llama", attn="sdpa")
     sequence.SequenceParallel(model, 1, None)
     with pytest.raises(TrainingError, match="without the row's positions"):

@@ -128,7 +128,7 @@ def segment_attention(
             return F.scaled_dot_product_attention(
                 query, key, value, dropout_p=dropout, is_causal=length > 1, scale=scaling, enable_gqa=groups > 1
             )
-    out = torch.zeros_like(query)
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])  # value heads may be narrower (DeepSeek's MLA)
     for b, row in enumerate(segments):
         for start, end in row:
             q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
@@ -185,6 +185,19 @@ class SequenceParallel:
                 found=f"{size}",
                 fix=f"choose a sequence_parallel_size that divides {heads}",
             )
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kinds = set(getattr(text_config, "layer_types", None) or ())
+        if kinds - {"full_attention", "sliding_attention"}:
+            # Llama 4's chunked attention (and any layer kind the model masks in a way of its own) is
+            # set by the mask the model builds, which sequence-parallel attention replaces.
+            raise ConfigError(
+                f"sequence parallelism computes full and sliding-window attention, and {type(model).__name__} "
+                f"has {', '.join(sorted(kinds - {'full_attention', 'sliding_attention'}))} layers",
+                field="sequence_parallel_size",
+                found=str(size),
+                fix="train this model with sequence_parallel_size: 1",
+            )
+        self.layer_types = getattr(text_config, "layer_types", None)
         self.size, self.group = size, group
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.previous = self.model.config._attn_implementation
@@ -226,6 +239,14 @@ class SequenceParallel:
                 f"{type(module).__name__} has attention sinks, which sequence-parallel attention does not compute",
                 fix="train this model with sequence_parallel_size: 1",
             )
+        layer = getattr(module, "layer_idx", None)
+        if self.layer_types and layer is not None and self.layer_types[layer] == "sliding_attention":
+            if kwargs.get("sliding_window") is None:  # the window would be the mask's, which is not built
+                raise TrainingError(
+                    f"{type(module).__name__} (layer {layer}) is a sliding-window layer that does not pass its window "
+                    "to the attention function",
+                    fix="train this model with sequence_parallel_size: 1",
+                )
         size, group = self.size, self.group
         heads, kv_heads = query.shape[1], key.shape[1]
         if size > 1:
