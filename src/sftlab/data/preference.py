@@ -95,6 +95,61 @@ def looks_like_pairs(
     return False
 
 
+PAIR_KIND, UNPAIRED_KIND, SFT_KIND = "preference pairs", "unpaired (KTO) examples", "SFT records"
+
+
+def record_kind(raw: dict) -> str:
+    """What a record (with sftlab's field names) is training data for: preference pairs (it has
+    chosen or rejected), KTO's unpaired examples (a completion and a label), else SFT."""
+    if is_pair_record(raw):
+        return PAIR_KIND
+    if "label" in raw and "completion" in raw:
+        return UNPAIRED_KIND
+    return SFT_KIND
+
+
+def require_kind(
+    source: Any,
+    wanted: str,
+    where: str,
+    split: str | None = None,
+    fields: dict | None = None,
+    alpaca_layout: str = "alpaca",
+) -> None:
+    """Refuse a source whose first record is another kind of data than `wanted` (SFT records in a
+    DPO run's mixture, pairs in an SFT one), naming the source (`where`, e.g. train_data[1]), the
+    record and its fields. Reads one chunk."""
+    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    stream = open_records(source, split)
+    for chunk in stream.chunks():
+        for offset, raw in enumerate(chunk.records[:1]):
+            try:
+                raw, _ = field_map.apply(raw)
+            except RecordError:
+                return  # not a record of any kind: preparation names its problem
+            kind = record_kind(raw) if isinstance(raw, dict) else SFT_KIND
+            # An SFT prompt/completion record may well carry a field named label: only pairs are refused there.
+            if kind == wanted or (wanted == SFT_KIND and kind == UNPAIRED_KIND):
+                return
+            location, row = chunk.locate(offset)
+            expected = {
+                PAIR_KIND: "prompt, chosen and rejected (or chosen and rejected conversations)",
+                UNPAIRED_KIND: "prompt, completion and label",
+                SFT_KIND: "text, prompt/completion or messages",
+            }[wanted]
+            raise DataError(
+                f"{where} holds {kind}, not {wanted}",
+                source=location,
+                index=row,
+                field=",".join(sorted(raw)) if isinstance(raw, dict) else None,
+                found=f"a record with fields {sorted(raw) if isinstance(raw, dict) else describe(raw)}",
+                expected=expected,
+                fix=f"remove {where} from the mixture, or give it as {wanted} "
+                "(SFT data trains in an SFT run, before preference tuning)",
+            )
+        return
+
+
 @dataclass
 class PairRecords:
     """A preference record as the two SFT records of its replies, and what names their fields back."""
