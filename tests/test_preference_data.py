@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import pytest
 
@@ -606,3 +607,190 @@ def test_bad_unpaired_records_are_named(tmp_path, record, field, problem):
     with pytest.raises(DataError) as error:
         prepare_unpaired(str(path), char_tokenizer(), TargetSettings(), use_cache=False)
     assert error.value.field == field and problem in str(error.value) and f"{path}:2" in str(error.value)
+
+
+# --- streamed into the store ---------------------------------------------------------------------
+
+PAIR_FILES = (
+    "prompt_ids",
+    "prompt_offsets",
+    "chosen_ids",
+    "chosen_offsets",
+    "rejected_ids",
+    "rejected_offsets",
+    "record_index",
+)
+
+
+def growing_pairs(n: int) -> list[dict]:
+    """Standard pairs of growing length (no character pair that merges); every 7th chosen is empty (invalid)."""
+    return [
+        {
+            "prompt": "Q" * (1 + i % 9) + str(i),
+            "chosen": "" if i % 7 == 3 else "x" * (1 + i % 5),
+            "rejected": "y" * (1 + i % 8),
+        }
+        for i in range(n)
+    ]
+
+
+def expected_pairs(records, max_length: int, max_prompt_length: int):
+    """The pairs by the documented rule: P + C + EOS and P + R + EOS; a pair whose P + longer reply is
+    too long keeps the end of P (max_prompt_length tokens), then each reply is cut to what is left."""
+    pairs, truncated = [], Counter()
+    for index, record in enumerate(records):
+        if not record["chosen"]:
+            continue
+        prompt, chosen, rejected = ids(record["prompt"]), ids(record["chosen"]) + [EOS], ids(record["rejected"]) + [EOS]
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            truncated["pairs"] += 1
+            if len(prompt) > max_prompt_length:
+                prompt, truncated["prompt"] = prompt[-max_prompt_length:], truncated["prompt"] + 1
+            room = max_length - len(prompt)
+            if max(len(chosen), len(rejected)) > room:
+                chosen, rejected, truncated["completion"] = chosen[:room], rejected[:room], truncated["completion"] + 1
+        pairs.append((index, prompt, chosen, rejected))
+    return pairs, truncated
+
+
+def entry_bytes(folder) -> dict[str, bytes]:
+    return {name: open(os.path.join(folder, name + ".npy"), "rb").read() for name in PAIR_FILES}
+
+
+def test_pairs_stream_into_a_memory_mapped_entry_and_two_workers_write_the_same_bytes(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 5)  # 23 records: 5 chunks over 2 workers
+    records = growing_pairs(23)
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    settings = TargetSettings(max_length=12)  # max_prompt_length: 6
+    tokenizer = char_tokenizer()
+    one = prepare_pairs(
+        path, tokenizer, settings, skip_invalid_records=True, cache_dir=str(tmp_path / "one"), workers=1
+    )
+    two = prepare_pairs(
+        path, tokenizer, settings, skip_invalid_records=True, cache_dir=str(tmp_path / "two"), workers=2
+    )
+    expected, truncated = expected_pairs(records, 12, 6)
+    for pairs in (one, two):
+        assert [(int(pairs.record_index[i]), *(p.tolist() for p in pairs[i])) for i in range(len(pairs))] == expected
+        assert all(isinstance(getattr(pairs, name), np.memmap) for name in PAIR_FILES)  # read back from disk
+    assert entry_bytes(one.stats["cache_entry"]) == entry_bytes(two.stats["cache_entry"])
+    # Records 3, 10 and 17 have an empty chosen (i % 7 == 3): skipped and counted.
+    counts = {
+        "records": 23,
+        "pairs": 20,
+        "skipped_invalid": {"invalid chosen: is empty": 3},
+        "truncated": truncated["pairs"],
+        "truncated_prompt": truncated["prompt"],
+        "truncated_completion": truncated["completion"],
+        "dropped": {},
+        "prompt_tokens": sum(len(p) for _, p, _, _ in expected),
+        "chosen_tokens": sum(len(c) for _, _, c, _ in expected),
+        "rejected_tokens": sum(len(r) for _, _, _, r in expected),
+    }
+    assert truncated["pairs"] > 0 and truncated["prompt"] > 0 and truncated["completion"] > 0
+    for pairs in (one, two):
+        assert {key: pairs.stats[key] for key in counts} == counts
+    # The counts are kept in the entry: a second run reads them back with the pairs, no record read.
+    again = prepare_pairs(path, tokenizer, settings, skip_invalid_records=True, cache_dir=str(tmp_path / "one"))
+    assert again.stats["cached"] is True and {key: again.stats[key] for key in counts} == counts
+    dropped = prepare_pairs(
+        path,
+        tokenizer,
+        TargetSettings(max_length=12, truncation="drop"),
+        use_cache=False,
+        skip_invalid_records=True,
+        workers=2,
+    )
+    assert dropped.stats["dropped"] == {"longer than max_length=12": truncated["pairs"]}
+    assert len(dropped) == 20 - truncated["pairs"]
+
+
+def test_without_the_cache_pairs_are_still_memory_mapped_and_nothing_is_left(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    pairs = prepare_pairs([GOOD] * 3, char_tokenizer(), use_cache=False)
+    assert isinstance(pairs.chosen_ids, np.memmap) and pairs.stats["cached"] is False
+    assert "cache_entry" not in pairs.stats and os.listdir(tmp_path) == []
+    assert [p.tolist() for p in pairs[2]] == [ids("Q"), ids("A") + [EOS], ids("B") + [EOS]]
+
+
+def test_pair_entries_are_keyed_by_the_data_and_the_tokenizer_too(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [GOOD])
+    first = prepare_pairs(str(path), char_tokenizer(), cache_dir=str(tmp_path / "c"))
+    assert prepare_pairs(str(path), char_tokenizer(), cache_dir=str(tmp_path / "c")).stats["cached"] is True
+    other_tokenizer = prepare_pairs(str(path), char_tokenizer(CHATML), cache_dir=str(tmp_path / "c"))
+    write_jsonl(path, [{**GOOD, "chosen": "AA"}])
+    other_data = prepare_pairs(str(path), char_tokenizer(), cache_dir=str(tmp_path / "c"))
+    assert other_tokenizer.stats["cached"] is False and other_data.stats["cached"] is False
+    entries = {first.stats["cache_entry"], other_tokenizer.stats["cache_entry"], other_data.stats["cache_entry"]}
+    assert len(entries) == 3 and other_data[0][1].tolist() == ids("AA") + [EOS]
+
+
+def test_with_workers_the_first_bad_pair_in_the_data_is_the_one_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 4)
+    records = [GOOD] * 20
+    records[6] = {"prompt": "Q", "chosen": "A"}  # chunk 1 (worker 2)
+    records[13] = {"prompt": "Q", "rejected": "B"}  # chunk 3
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    with pytest.raises(DataError, match=r"pairs.jsonl:7, record 6, field 'rejected'"):
+        prepare_pairs(path, char_tokenizer(), use_cache=False, workers=2)
+
+
+def test_unpaired_examples_stream_over_chunks_into_a_cached_entry_with_their_labels(tmp_path, monkeypatch):
+    import numpy as np
+
+    from sftlab.data.preference import prepare_unpaired
+
+    monkeypatch.setattr("sftlab.data.sources.CHUNK_RECORDS", 3)  # 7 records: 3 chunks, the KL pairing crosses them
+    records = [{"prompt": f"Q{i}", "completion": "z" * (i + 1), "label": i % 3 != 1} for i in range(7)]
+    path = write_jsonl(tmp_path / "kto.jsonl", records)
+    cache = str(tmp_path / "cache")
+    first = prepare_unpaired(path, char_tokenizer(), cache_dir=cache, workers=2)
+    again = prepare_unpaired(path, char_tokenizer(), cache_dir=cache)
+    assert (first.stats["cached"], again.stats["cached"]) == (False, True)
+    assert os.path.basename(first.stats["cache_entry"]).startswith("unpaired-")
+    for pairs in (first, again):
+        # Each prompt with its completion, and the completion of the record before (record 0: record 6's).
+        assert [tuple(p.tolist() for p in pairs[i]) for i in range(7)] == [
+            (ids(f"Q{i}"), ids("z" * (i + 1)) + [EOS], ids("z" * ((i - 1) % 7 + 1)) + [EOS]) for i in range(7)
+        ]
+        assert pairs.desirable.tolist() == [True, False, True, True, False, True, True]
+        assert isinstance(pairs.desirable, np.memmap)
+        assert (pairs.stats["desirable"], pairs.stats["undesirable"], pairs.stats["records"]) == (5, 2, 7)
+    # The same records as DPO-style pairs would be another entry (they are not pairs: refused).
+    with pytest.raises(DataError, match="a preference record needs 'chosen'"):
+        prepare_pairs(path, char_tokenizer(), cache_dir=cache)
+
+
+def test_a_flipped_bit_in_the_labels_rebuilds_the_unpaired_entry(tmp_path, capsys):
+    from sftlab.data.preference import prepare_unpaired
+
+    records = [{"prompt": "Q", "completion": "z" * (i + 1), "label": i % 2 == 0} for i in range(4)]
+    cache = tmp_path / "cache"
+    entry = prepare_unpaired(records, char_tokenizer(), cache_dir=str(cache)).stats["cache_entry"]
+    path = os.path.join(entry, "desirable.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 1  # label 1: False -> True
+    open(path, "wb").write(bytes(data))
+    capsys.readouterr()
+    again = prepare_unpaired(records, char_tokenizer(), cache_dir=str(cache))
+    assert f"the cache entry {entry} is damaged: desirable.npy does not match its checksum" in capsys.readouterr().err
+    assert again.stats["cached"] is False and again.desirable.tolist() == [True, False, True, False]
+
+
+def test_a_bad_unpaired_reply_is_named_by_its_line_in_the_records_terms(tmp_path):
+    from sftlab.data.preference import prepare_unpaired
+
+    records = [{"prompt": "Q", "completion": "a", "label": True}] * 3 + [
+        {"prompt": "Q", "completion": "", "label": True}
+    ]
+    path = write_jsonl(tmp_path / "kto.jsonl", records)
+    with pytest.raises(DataError) as error:
+        prepare_unpaired(path, char_tokenizer(), use_cache=False)
+    # Record 3's completion is empty; record 0 carries it as its mismatched completion and comes first,
+    # so record 0 is named, under the name its KL pairing gives the field.
+    assert str(error.value).startswith(f"{path}:1, record 0, field 'completion of the record before (KL pairing)'")

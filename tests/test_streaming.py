@@ -221,7 +221,7 @@ KILLED = textwrap.dedent("""
     append = store.StoreWriter.append
     def append_then_die(self, examples):
         append(self, examples)
-        if self.examples >= 30:  # three chunks are on disk: the process dies in the middle
+        if self.items >= 30:  # three chunks are on disk: the process dies in the middle
             self.flush()
             os.kill(os.getpid(), signal.SIGKILL)
     store.StoreWriter.append = append_then_die
@@ -425,8 +425,8 @@ ORPHANS = textwrap.dedent("""
     from tiny import char_tokenizer
 
     merge = workers._Merge.__init__
-    def started_then_stuck(self, writer):  # the workers are started: the parent stops here, to be killed
-        merge(self, writer)
+    def started_then_stuck(self, *args):  # the workers are started: the parent stops here, to be killed
+        merge(self, *args)
         open({marker!r}, "w").close()
         time.sleep(600)
     workers._Merge.__init__ = started_then_stuck

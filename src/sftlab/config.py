@@ -591,7 +591,7 @@ class SFTConfig(BaseModel):
     eval_generate_samples: int = Field(
         0,
         ge=0,
-        description="Evaluation by generation: at every evaluation, greedy-generate replies to the first this many eval prompts (a prompt/completion's prompt, a conversation up to its last assistant turn, rendered as served) and score them with eval_generate_metrics; 0: off.",
+        description="Evaluation by generation: at every evaluation, greedy-generate replies to the first this many eval prompts (a prompt/completion's prompt, a conversation up to its last assistant turn, rendered as served; in a preference run the eval pairs' prompts, scored against their chosen completions) and score them with eval_generate_metrics; 0: off.",
     )
     eval_generate_metrics: list[str] = Field(
         default_factory=lambda: ["exact_match"],

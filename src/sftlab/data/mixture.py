@@ -1,6 +1,7 @@
-"""Several sources as one set of examples: each source is prepared (and cached) on its own, then
-its examples are drawn by weight, max_samples or epochs, deterministically from the seed, into
-an entry of the mixture's own.
+"""Several sources as one set of examples (or of preference pairs, or of KTO's unpaired examples):
+each source is prepared (and cached) on its own, then its items are drawn by weight, max_samples
+or epochs, deterministically from the seed, into an entry of the mixture's own. Below, "example"
+stands for a pair as well: the counts and the draw are the same.
 
 How many examples source i gives, of the n_i it holds:
 
@@ -28,9 +29,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from sftlab.data.container import IGNORE, Examples
+from sftlab.data.container import IGNORE, Examples, Pairs
 from sftlab.data.examples import CHAT_STATS
-from sftlab.data.store import StoreWriter
+from sftlab.data.store import EXAMPLES, Layout, StoreWriter
 from sftlab.errors import DataError
 
 _GATHER = 8192  # examples copied at a time
@@ -41,7 +42,7 @@ class MixturePart:
     """One prepared source and how much of it the mixture takes (at most one option)."""
 
     name: str
-    examples: Examples
+    examples: Examples | Pairs  # its prepared items: examples, or pairs in a preference mixture
     weight: float | None = None
     max_samples: int | None = None
     epochs: float | None = None
@@ -104,62 +105,116 @@ def mixture_key(parts: list[MixturePart], seed: int, source_keys: list[str]) -> 
     return "mix-" + hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:28]
 
 
-def write_mixture(parts: list[MixturePart], seed: int, folder: str) -> None:
-    """The mixture's examples and stats.json, written into `folder` (a chunk of examples at a time)."""
-    writer = StoreWriter(folder)
+def write_mixture(parts: list[MixturePart], seed: int, folder: str, layout: Layout = EXAMPLES) -> None:
+    """The mixture's items and stats.json, written into `folder` (a chunk of items at a time).
+    `layout`: what the parts hold (store.EXAMPLES, PAIRS or UNPAIRED)."""
+    writer = StoreWriter(folder, layout)
+    item = layout.item
     sources = []
     for position, (part, count) in enumerate(zip(parts, mixture_counts(parts))):
         chosen = drawn(len(part.examples), count, seed, position)
-        tokens = supervised = 0
-        for start in range(0, len(chosen), _GATHER):
-            batch = _gathered(part.examples, chosen[start : start + _GATHER])
-            writer.append(batch)
-            tokens += len(batch.input_ids)
-            supervised += int((batch.targets != IGNORE).sum())
         option = {
             key: getattr(part, key) for key in ("weight", "max_samples", "epochs") if getattr(part, key) is not None
         }
-        sources.append(
-            {
-                "name": part.name,
-                **option,
-                "examples_available": len(part.examples),
-                "examples": int(count),
-                "tokens": tokens,
-                "supervised_tokens": supervised,
-            }
-        )
+        source = {"name": part.name, **option, f"{item}s_available": len(part.examples), f"{item}s": int(count)}
+        source["tokens"] = 0
+        if layout is EXAMPLES:
+            source["supervised_tokens"] = 0
+        if "desirable" in layout.per_item:
+            source["desirable"] = 0
+        for start in range(0, len(chosen), _GATHER):
+            batch = _gathered(part.examples, chosen[start : start + _GATHER], layout)
+            writer.append(batch)
+            source["tokens"] += sum(len(getattr(batch, names[0])) for _, names in layout.ragged)
+            if layout is EXAMPLES:
+                source["supervised_tokens"] += int((batch.targets != IGNORE).sum())
+            if "desirable" in layout.per_item:
+                source["desirable"] += int(np.sum(batch.desirable))
+        sources.append(source)
     writer.close()
-    lengths = np.diff(np.load(f"{folder}/offsets.npy", mmap_mode="r"))
+    if layout is EXAMPLES:
+        lengths = np.diff(np.load(f"{folder}/offsets.npy", mmap_mode="r"))
+        stats = mixture_stats(parts, sources, lengths)
+    else:
+        stats = pair_mixture_stats(parts, sources, folder, layout)
     with open(f"{folder}/stats.json", "w") as handle:
-        json.dump(mixture_stats(parts, sources, lengths), handle)
+        json.dump(stats, handle)
 
 
-def _gathered(examples: Examples, indices: np.ndarray) -> Examples:
-    """Examples `indices` of `examples` (memory-mapped) copied into arrays of their own."""
-    starts = examples.offsets[indices]
-    lengths = examples.offsets[indices + 1] - starts
-    offsets = np.zeros(len(indices) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    # Token positions of every chosen example, one after another.
-    positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
-    return Examples(
-        np.asarray(examples.input_ids[positions]),
-        np.asarray(examples.targets[positions]),
-        offsets,
-        np.asarray(examples.record_index[indices], dtype=np.int64),
-    )
+def _gathered(items, indices: np.ndarray, layout: Layout = EXAMPLES):
+    """Items `indices` of `items` (memory-mapped) copied into arrays of their own."""
+    arrays = {}
+    for offsets_name, names in layout.ragged:
+        offsets = getattr(items, offsets_name)
+        starts = offsets[indices]
+        lengths = offsets[indices + 1] - starts
+        gathered = np.zeros(len(indices) + 1, np.int64)
+        np.cumsum(lengths, out=gathered[1:])
+        # Value positions of every chosen item, one after another.
+        positions = np.repeat(starts - gathered[:-1], lengths) + np.arange(int(gathered[-1]), dtype=np.int64)
+        for name in names:
+            arrays[name] = np.asarray(getattr(items, name)[positions])
+        arrays[offsets_name] = gathered
+    for name in layout.per_item:
+        arrays[name] = np.asarray(getattr(items, name)[indices])
+    return layout.container(**arrays)
+
+
+def _summed(parts: list[MixturePart], key: str) -> dict:
+    total: dict = {}
+    for part in parts:
+        for reason, count in part.examples.stats.get(key, {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+def _chat_stats(parts: list[MixturePart]) -> dict | None:
+    chats = [p.examples.stats["chat"] for p in parts if "chat" in p.examples.stats]
+    return {key: sum(chat.get(key, 0) for chat in chats) for key in CHAT_STATS} if chats else None
+
+
+def pair_mixture_stats(parts: list[MixturePart], sources: list[dict], folder: str, layout: Layout) -> dict:
+    """A preference mixture's statistics: what the sources' preparations counted, added up, and
+    what the mixture holds (tokens of each part, lengths of the pairs), per source too."""
+    ends = {
+        part: int(np.load(f"{folder}/{part}_offsets.npy", mmap_mode="r")[-1])
+        for part in ("prompt", "chosen", "rejected")
+    }
+    lengths = sum(np.diff(np.load(f"{folder}/{offsets}.npy", mmap_mode="r")) for offsets, _ in layout.ragged)
+    stats = {
+        "records": sum(p.examples.stats.get("records", 0) for p in parts),
+        "formats": _summed(parts, "formats"),
+        "skipped_invalid": _summed(parts, "skipped_invalid"),
+        "skipped_replies": _summed(parts, "skipped_replies"),
+        "truncated": sum(p.examples.stats.get("truncated", 0) for p in parts),
+        "truncated_prompt": sum(p.examples.stats.get("truncated_prompt", 0) for p in parts),
+        "truncated_completion": sum(p.examples.stats.get("truncated_completion", 0) for p in parts),
+        "dropped": _summed(parts, "dropped"),
+        "pairs": sum(s["pairs"] for s in sources),
+        "prompt_tokens": ends["prompt"],
+        "chosen_tokens": ends["chosen"],
+        "rejected_tokens": ends["rejected"],
+        "tokens": sum(ends.values()),
+        "length": {f"p{q}": int(np.percentile(lengths, q, method="nearest")) for q in (0, 50, 90, 99, 100)}
+        if len(lengths)
+        else {},
+    }
+    if "desirable" in layout.per_item:
+        stats["desirable"] = sum(s["desirable"] for s in sources)
+        stats["undesirable"] = stats["pairs"] - stats["desirable"]
+    chat = _chat_stats(parts)
+    if chat is not None:
+        stats["chat"] = chat
+    stats["source"] = f"mixture of {len(parts)} sources"
+    stats["sources"] = sources
+    return stats
 
 
 def mixture_stats(parts: list[MixturePart], sources: list[dict], lengths: np.ndarray) -> dict:
     """What the sources' preparations counted, added up, and what the mixture holds, per source."""
 
     def summed(key):
-        total: dict = {}
-        for part in parts:
-            for reason, count in part.examples.stats.get(key, {}).items():
-                total[reason] = total.get(reason, 0) + count
-        return total
+        return _summed(parts, key)
 
     tokens = sum(s["tokens"] for s in sources)
     supervised = sum(s["supervised_tokens"] for s in sources)

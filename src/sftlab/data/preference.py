@@ -31,9 +31,13 @@ down to `max_prompt_length` (default max_length // 2), then each reply is cut at
 with `drop` the pair is dropped. Both are counted: `truncated_prompt`, `truncated_completion`
 (pairs), `dropped` (by reason).
 
-Pairs are prepared in this process (`workers` is taken for prepare_examples' call shape) and
-cached as SFT examples are: an entry `pairs-<key>` in the cache folder, keyed by the data, the
-tokenizer and every setting, written under a temporary name and renamed, read back memory-mapped.
+Pairs are prepared as SFT examples are (prepare.py, store.py, workers.py): the records are
+streamed in chunks and each chunk's pairs are appended to a cache entry `pairs-<key>` on disk
+(keyed by the data, the tokenizer and every setting), by this process or by `workers` spawned
+processes; the entry is written under a temporary name and renamed, checksummed, and read back
+memory-mapped, so preparation memory does not grow with the data and every process of a machine
+shares one copy. The counts (truncated, dropped and skipped per reason) are kept in the entry.
+KTO's unpaired examples (`prepare_unpaired`) go the same way, as an entry `unpaired-<key>`.
 """
 
 from __future__ import annotations
@@ -42,26 +46,27 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from sftlab import __version__
 from sftlab.config import TRUNCATION_POLICIES
+from sftlab.data.chat import stop_tokens_of
 from sftlab.data.container import IGNORE, Pairs
 from sftlab.data.examples import CHAT_STATS, ExampleBuilder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import Record, require_valid, validate_record
-from sftlab.data.prepare import default_cache_dir, tokenizer_fingerprint
-from sftlab.data.sources import Records, open_records
-from sftlab.data.store import content_problem, entry_lock, new_folder, offsets_problem, seal_entry
+from sftlab.data.prepare import default_cache_dir, default_workers, tokenizer_fingerprint
+from sftlab.data.sources import Records, RecordStream, open_records
+from sftlab.data.store import PAIRS, UNPAIRED, built_entry
+from sftlab.data.workers import add_counts, build_store
 from sftlab.errors import DataError, RecordError, describe
-from sftlab.files import publish_directory
 
 STANDARD = "standard"
 CONVERSATIONAL = "conversational"
@@ -88,6 +93,61 @@ def looks_like_pairs(
                 return False  # not a pair record either way; preparation names the problem
             return is_pair_record(raw)
     return False
+
+
+PAIR_KIND, UNPAIRED_KIND, SFT_KIND = "preference pairs", "unpaired (KTO) examples", "SFT records"
+
+
+def record_kind(raw: dict) -> str:
+    """What a record (with sftlab's field names) is training data for: preference pairs (it has
+    chosen or rejected), KTO's unpaired examples (a completion and a label), else SFT."""
+    if is_pair_record(raw):
+        return PAIR_KIND
+    if "label" in raw and "completion" in raw:
+        return UNPAIRED_KIND
+    return SFT_KIND
+
+
+def require_kind(
+    source: Any,
+    wanted: str,
+    where: str,
+    split: str | None = None,
+    fields: dict | None = None,
+    alpaca_layout: str = "alpaca",
+) -> None:
+    """Refuse a source whose first record is another kind of data than `wanted` (SFT records in a
+    DPO run's mixture, pairs in an SFT one), naming the source (`where`, e.g. train_data[1]), the
+    record and its fields. Reads one chunk."""
+    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    stream = open_records(source, split)
+    for chunk in stream.chunks():
+        for offset, raw in enumerate(chunk.records[:1]):
+            try:
+                raw, _ = field_map.apply(raw)
+            except RecordError:
+                return  # not a record of any kind: preparation names its problem
+            kind = record_kind(raw) if isinstance(raw, dict) else SFT_KIND
+            # An SFT prompt/completion record may well carry a field named label: only pairs are refused there.
+            if kind == wanted or (wanted == SFT_KIND and kind == UNPAIRED_KIND):
+                return
+            location, row = chunk.locate(offset)
+            expected = {
+                PAIR_KIND: "prompt, chosen and rejected (or chosen and rejected conversations)",
+                UNPAIRED_KIND: "prompt, completion and label",
+                SFT_KIND: "text, prompt/completion or messages",
+            }[wanted]
+            raise DataError(
+                f"{where} holds {kind}, not {wanted}",
+                source=location,
+                index=row,
+                field=",".join(sorted(raw)) if isinstance(raw, dict) else None,
+                found=f"a record with fields {sorted(raw) if isinstance(raw, dict) else describe(raw)}",
+                expected=expected,
+                fix=f"remove {where} from the mixture, or give it as {wanted} "
+                "(SFT data trains in an SFT run, before preference tuning)",
+            )
+        return
 
 
 @dataclass
@@ -267,9 +327,70 @@ def check_same_prompt(chosen_prompt: list[int], rejected_prompt: list[int], toke
     )
 
 
+@dataclass
+class PairCounts:
+    """What a pass over preference records counted; counts of several workers add up to one pass's."""
+
+    records: int = 0
+    pairs: int = 0
+    formats: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # pairs skipped (skip_invalid_records), by reason
+    skipped_replies: Counter = field(default_factory=Counter)  # why the example builder skipped a reply
+    truncated: int = 0
+    truncated_prompt: int = 0
+    truncated_completion: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    chat: Counter | None = None
+
+    def add_chunk(self, records: int, pairs: Pairs) -> None:
+        self.records += records
+        self.pairs += len(pairs)
+
+    def merge(self, other: PairCounts) -> None:
+        add_counts(self, other)
+
+
+@dataclass(frozen=True)
+class PairRecipe:
+    """Everything that turns a chunk of preference records into pairs: what every worker is sent
+    once (workers.py builds stores from any recipe)."""
+
+    tokenizer: Any
+    settings: TargetSettings
+    max_prompt_length: int | None = None
+    text_field: str = "text"
+    skip_invalid: bool = False
+    field_map: FieldMap = field(default_factory=FieldMap)
+
+    @property
+    def layout(self):
+        return PAIRS
+
+    def chunk_pass(self, skip_invalid: bool | None = None) -> PairBuilder:
+        return PairBuilder(
+            self.tokenizer,
+            self.settings,
+            max_prompt_length=self.max_prompt_length,
+            skip_invalid=self.skip_invalid if skip_invalid is None else skip_invalid,
+            text_field=self.text_field,
+            field_map=self.field_map,
+        )
+
+    def probe(self) -> PairBuilder:
+        """A builder whose `validate` finds the first valid record without raising."""
+        return self.chunk_pass(skip_invalid=True)
+
+    def counts(self) -> PairCounts:
+        return PairCounts()
+
+
 class PairBuilder:
     """One pass over a stream of preference records: each chunk validated into the SFT records of
-    its replies, tokenized by SFT's ExampleBuilder, and cut into pairs; counts as it goes."""
+    its replies, tokenized by SFT's ExampleBuilder, and cut into pairs; counts as it goes.
+
+    The chunk pass of workers.py: `run` yields each chunk's pairs, `failed` is the tag of the
+    chunk an error was found in, `expect` is what the pass over all chunks knows of the format
+    (the first valid record's, and its index), `finish` and `counts` close the pass."""
 
     def __init__(
         self,
@@ -314,14 +435,18 @@ class PairBuilder:
         )
         self.examples = ExampleBuilder(tokenizer, reply_settings, skip_invalid=skip_invalid)
         self.vocab_size = len(tokenizer)
-        self.format: str | None = None
+        # The format fixed by the first valid record, and that record's index (before it, records
+        # are checked as if no format were fixed yet, as formats.RecordValidator does).
+        self.expected_format: str | None = None
+        self.expected_from = 0
+        self.first_valid: int | None = None
         self.formats: Counter = Counter()
         self.skipped: Counter = Counter()
         self.dropped: Counter = Counter()
         self.truncated_prompt = 0
         self.truncated_completion = 0
         self.truncated = 0
-        self.records = 0
+        self.failed: Any = None
 
     # --- validation -------------------------------------------------------------------------
 
@@ -334,12 +459,13 @@ class PairBuilder:
             try:
                 raw, _ = self.field_map.apply(raw)
                 pair = pair_records(raw)
-                if self.format is not None and pair.format != self.format:
+                expected = self.expected_format if index >= self.expected_from else None
+                if expected is not None and pair.format != expected:
                     raise RecordError(
                         "mixed formats in one dataset",
                         field=",".join(sorted(raw)),
                         found=f"a {pair.format} pair",
-                        expected=f"{self.format} like the first valid record",
+                        expected=f"{expected} like the first valid record",
                         fix="split the data into one file per format, or convert the records to one",
                     )
                 built = []
@@ -358,7 +484,10 @@ class PairBuilder:
             except RecordError as bad:
                 self._refuse(bad, chunk, offset)
                 continue
-            self.format = self.format or pair.format
+            if self.expected_format is None:
+                self.expected_format, self.expected_from = pair.format, index
+            if self.first_valid is None:
+                self.first_valid = index
             self.formats[pair.format] += 1
             valid.append((index, pair, built[0], built[1]))
         return valid
@@ -383,33 +512,36 @@ class PairBuilder:
 
     # --- pairs --------------------------------------------------------------------------------
 
-    def build(self, chunks) -> Pairs:
-        """The pairs of every chunk of records, in order."""
-        parts: list[Pairs] = []
+    def run(self, chunks: Iterable[tuple[Any, Records]]) -> Iterator[tuple[Any, Records, Pairs]]:
+        """(tag, chunk, its pairs) for each (tag, chunk), in order."""
         pending: deque = deque()  # chunks given to the example builder, not yet cut into pairs
 
         def replies():
-            for chunk in chunks:
+            for tag, chunk in chunks:
+                self.failed = tag
                 valid = self.validate(chunk)
-                self.records += len(chunk)
-                pending.append((chunk, valid))
+                pending.append((tag, chunk, valid))
                 yield [record for _, _, chosen, rejected in valid for record in (chosen, rejected)]
+            self.failed = None
 
         try:
             for examples in self.examples.build(replies()):
-                chunk, valid = pending.popleft()
-                parts.append(self._pairs(chunk, valid, examples))
+                tag, chunk, valid = pending.popleft()
+                ahead, self.failed = self.failed, tag  # an error cutting these pairs is this chunk's
+                pairs = self._pairs(chunk, valid, examples)
+                self.failed = ahead
+                yield tag, chunk, pairs
         except DataError as error:
             if error.source is None and error.index is not None:  # from the example builder: a reply
                 raise self._located(error, pending) from None
             raise
-        return concatenate(parts)
 
     def _located(self, error: DataError, pending) -> DataError:
         index, number = divmod(error.index, 2)
-        for chunk, valid in pending:
+        for tag, chunk, valid in pending:
             for record_index, pair, chosen, rejected in valid:
                 if record_index == index:
+                    self.failed = tag
                     reply = (chosen, rejected)[number]
                     source, row = chunk.locate(index - chunk.start)
                     field = record_field(error.field, SIDES[number], pair, reply.completion_start)
@@ -490,41 +622,31 @@ class PairBuilder:
         self.truncated += 1
         return prompt, chosen, rejected
 
-    def stats(self) -> dict:
+    def expect(self, expected: str | None, expected_from: int) -> None:
+        """What the pass over all chunks knows at the next chunk (a worker sees chunks out of order)."""
+        self.expected_format, self.expected_from = expected, expected_from
+
+    def finish(self, name: str) -> None:
+        """At the end of the pass: a source without one valid record is an error."""
+        require_valid(self.formats, self.skipped, name)
+
+    def counts(self) -> PairCounts:
+        """What the pass counted besides each chunk's records and pairs. Pairs are counted once in
+        `skipped`; why the example builder skipped a reply (the template cannot serve it) is told
+        by `skipped_replies`, one count per reply."""
         built = self.examples.stats()
-        # Pairs are counted once in skipped_invalid; why the example builder skipped a reply (the
-        # template cannot serve it) is told by skipped_replies, one count per reply.
-        stats = dict(
-            records=self.records,
-            formats=dict(self.formats),
-            skipped_invalid=dict(self.skipped),
-            skipped_replies=built["skipped_invalid"],
+        counts = PairCounts(
+            formats=Counter(self.formats),
+            skipped=Counter(self.skipped),
+            skipped_replies=Counter(built["skipped_invalid"]),
             truncated=self.truncated,
             truncated_prompt=self.truncated_prompt,
             truncated_completion=self.truncated_completion,
-            dropped=dict(self.dropped),
+            dropped=Counter(self.dropped),
         )
         if "chat" in built:
-            stats["chat"] = {key: int(built["chat"][key]) for key in CHAT_STATS}
-        return stats
-
-
-def concatenate(parts: list[Pairs]) -> Pairs:
-    """The pairs of `parts` one after another."""
-    if not parts:
-        return Pairs.from_lists([])
-    arrays = []
-    for ids_name, offsets_name in (
-        ("prompt_ids", "prompt_offsets"),
-        ("chosen_ids", "chosen_offsets"),
-        ("rejected_ids", "rejected_offsets"),
-    ):
-        starts = np.cumsum([0] + [int(getattr(p, offsets_name)[-1]) for p in parts[:-1]])
-        offsets = np.concatenate(
-            [np.zeros(1, np.int64)] + [getattr(p, offsets_name)[1:] + start for p, start in zip(parts, starts)]
-        )
-        arrays += [np.concatenate([getattr(p, ids_name) for p in parts]).astype(np.int32), offsets.astype(np.int64)]
-    return Pairs(*arrays, np.concatenate([p.record_index for p in parts]).astype(np.int64))
+            counts.chat = Counter({key: int(built["chat"][key]) for key in CHAT_STATS})
+        return counts
 
 
 def prepare_pairs(
@@ -546,179 +668,113 @@ def prepare_pairs(
     to every record (see the module docstring for the formats, the rules and truncation).
 
     `settings` are SFT's: max_length, truncation, chat_template, tools, chat_template_kwargs and
-    chat_examples apply; the replies are always trained whole. `workers` is accepted for
-    prepare_examples' call shape; pairs are prepared in this process."""
+    chat_examples apply; the replies are always trained whole. The records are streamed in chunks
+    into a cache entry on disk and the pairs returned are that entry, memory-mapped (with
+    use_cache false, a temporary one); `workers` processes share the work (None: what pays on
+    this machine, prepare.default_workers)."""
     started = time.perf_counter()
     stream = open_records(source, split)
-    field_map = FieldMap(dict(fields or {}), alpaca_layout)
-    # Checked before the cache is looked at, so a bad setting is refused even when an entry exists.
-    builder = PairBuilder(
+    recipe = PairRecipe(
         tokenizer,
         settings,
-        max_prompt_length=max_prompt_length,
-        skip_invalid=skip_invalid_records,
-        text_field=text_field,
-        field_map=field_map,
+        max_prompt_length,
+        text_field,
+        skip_invalid_records,
+        FieldMap(dict(fields or {}), alpaca_layout),
     )
+    workers = default_workers(stream) if workers is None else max(1, int(workers))
 
-    def build() -> Pairs:
-        pairs = builder.build(stream.chunks())
-        require_valid(builder.formats, builder.skipped, stream.name)
-        pairs.stats = _summarize(builder.stats(), pairs, stream.name)
-        return pairs
+    def build(folder: str) -> None:
+        counts = build_store(stream, recipe, folder, workers)
+        _write_stats(folder, counts, stream.name)
 
-    if not use_cache:
-        pairs = build()
-        pairs.stats["cached"] = False
-    else:
-        key = "pairs-" + _cache_key(
-            stream.fingerprint(),
-            tokenizer,
-            settings,
-            builder.max_prompt_length,
-            text_field,
-            skip_invalid_records,
-            field_map,
-        )
-        pairs = _cached_pairs(cache_dir or default_cache_dir(), key, build)
+    return _prepared(stream, recipe, build, "pairs", {}, PAIRS, cache_dir, use_cache, started)
+
+
+def _prepared(stream, recipe: PairRecipe, build, kind: str, key_extra: dict, layout, cache_dir, use_cache, started):
+    """The entry `<kind>-<key>` read or built (store.built_entry); the key hashes the data, the
+    tokenizer and every setting (and `key_extra`)."""
+    # Checked before the cache is looked at, so a bad setting is refused even when an entry exists.
+    builder = recipe.chunk_pass()
+    key = f"{kind}-" + _cache_key(stream.fingerprint(), recipe, builder.max_prompt_length, key_extra)
+    root = (cache_dir or default_cache_dir()) if use_cache else None
+    pairs, folder = built_entry(root, key if use_cache else "uncached", build, waiting=_waiting, layout=layout)
     pairs.stats["seconds"] = time.perf_counter() - started
+    if folder is not None:
+        pairs.stats["cache_entry"] = folder
     return pairs
 
 
-def _summarize(counts: dict, pairs: Pairs, source: str) -> dict:
-    lengths = pairs.lengths
+def _waiting(entry: str) -> None:
+    print(f"waiting for another process to finish preparing {entry}", file=sys.stderr, flush=True)
+
+
+def _write_stats(folder: str, counts: PairCounts, source: str, **extra) -> None:
+    """stats.json of an entry just built: what the pass counted, and the token counts and length
+    percentiles of the pairs, read from the entry's offsets (memory-mapped)."""
+    offsets = {
+        part: np.load(os.path.join(folder, f"{part}_offsets.npy"), mmap_mode="r")
+        for part in ("prompt", "chosen", "rejected")
+    }
+    lengths = sum(np.diff(cuts) for cuts in offsets.values())
     percentiles = {}
     if len(lengths):
         for q in (0, 50, 90, 99, 100):
             percentiles[f"p{q}"] = int(np.percentile(lengths, q, method="nearest"))
-    return {
-        **counts,
+    stats = {
+        "records": counts.records,
+        "formats": dict(counts.formats),
+        "skipped_invalid": dict(counts.skipped),
+        "skipped_replies": dict(counts.skipped_replies),
+        "truncated": counts.truncated,
+        "truncated_prompt": counts.truncated_prompt,
+        "truncated_completion": counts.truncated_completion,
+        "dropped": dict(counts.dropped),
+        **({"chat": {key: int(counts.chat.get(key, 0)) for key in CHAT_STATS}} if counts.chat is not None else {}),
         "source": source,
-        "pairs": len(pairs),
-        "prompt_tokens": len(pairs.prompt_ids),
-        "chosen_tokens": len(pairs.chosen_ids),
-        "rejected_tokens": len(pairs.rejected_ids),
+        "pairs": counts.pairs,
+        "prompt_tokens": int(offsets["prompt"][-1]),
+        "chosen_tokens": int(offsets["chosen"][-1]),
+        "rejected_tokens": int(offsets["rejected"][-1]),
         "tokens": int(lengths.sum()) if len(lengths) else 0,
         "length": percentiles,
+        **extra,
     }
+    with open(os.path.join(folder, "stats.json"), "w") as handle:
+        json.dump(stats, handle)
 
 
 # --- the cache -----------------------------------------------------------------------------------
 
 # 2: checksums.json in every entry (store.seal_entry)
-PAIRS_CACHE_FORMAT = 2
-_ARRAYS = {
-    "prompt_ids": np.int32,
-    "prompt_offsets": np.int64,
-    "chosen_ids": np.int32,
-    "chosen_offsets": np.int64,
-    "rejected_ids": np.int32,
-    "rejected_offsets": np.int64,
-    "record_index": np.int64,
-}
+# 3: streamed into the entry (store.PAIRS layout; KTO's desirable.npy)
+PAIRS_CACHE_FORMAT = 3
 
 
-def _cache_key(
-    data: str,
-    tokenizer,
-    settings: TargetSettings,
-    max_prompt_length: int | None,
-    text_field: str,
-    skip_invalid: bool,
-    field_map: FieldMap,
-) -> str:
+def _cache_key(data: str, recipe: PairRecipe, max_prompt_length: int | None, extra: dict) -> str:
+    settings = recipe.settings
     parts = {
         "format": PAIRS_CACHE_FORMAT,
         "version": __version__,
         "data": data,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(recipe.tokenizer),
         "settings": asdict(settings),
         "max_prompt_length": max_prompt_length,
-        "text_field": text_field,
-        "skip_invalid_records": skip_invalid,
-        "fields": field_map.fields,
-        "alpaca_layout": field_map.alpaca_layout,
+        "text_field": recipe.text_field,
+        "skip_invalid_records": recipe.skip_invalid,
+        "fields": recipe.field_map.fields,
+        "alpaca_layout": recipe.field_map.alpaca_layout,
+        **extra,
     }
+    stops, eos = sorted(stop_tokens_of(recipe.tokenizer)), recipe.tokenizer.eos_token
+    if stops != ([str(eos)] if eos else []):
+        # The generation config's stop tokens close turns of templates that write no end marker (GLM).
+        parts["stop_tokens"] = stops
     if settings.chat_template and os.path.isfile(settings.chat_template):
         # A template given as a file: its text, not its path, shapes the pairs.
         with open(settings.chat_template, "rb") as handle:
             parts["chat_template_file"] = hashlib.sha256(handle.read()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _cached_pairs(root: str, key: str, build) -> Pairs:
-    """Entry `key`: read when it is there, else built, written under a temporary name and renamed
-    into place under the entry's lock (a process that finds it taken waits, then reads it)."""
-    folder = os.path.join(root, key)
-    reported = []
-
-    def checked() -> Pairs | None:  # a damaged entry is said once, then built again (store.built_entry)
-        pairs, problem = _read_pairs(folder)
-        if problem is not None and not reported:
-            reported.append(problem)
-            print(f"the cache entry {folder} is damaged: {problem}; preparing it again", file=sys.stderr, flush=True)
-        return pairs
-
-    pairs = checked()
-    if pairs is not None:
-        pairs.stats.update(cached=True, cache_entry=folder)
-        return pairs
-    with entry_lock(root, key):
-        pairs = checked()  # written by another process while this one waited
-        if pairs is not None:
-            pairs.stats.update(cached=True, cache_entry=folder)
-            return pairs
-        pairs = build()
-        try:
-            tmp = new_folder(root, key)
-        except OSError:  # the cache is an optimisation: an unwritable one must not stop training
-            pairs.stats["cached"] = False
-            return pairs
-        try:
-            for name in _ARRAYS:
-                np.save(os.path.join(tmp, name + ".npy"), getattr(pairs, name))
-            with open(os.path.join(tmp, "stats.json"), "w") as handle:
-                json.dump(pairs.stats, handle)
-            seal_entry(tmp, folder)
-            publish_directory(tmp, folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            pairs.stats["cached"] = False
-            return pairs
-    stored, _ = _read_pairs(folder)
-    if stored is None:  # pragma: no cover - renamed into place just before
-        raise AssertionError(f"cannot read the cache entry {folder} just written")
-    stored.stats.update(cached=False, cache_entry=folder)
-    return stored
-
-
-def _read_pairs(folder: str) -> tuple[Pairs | None, str | None]:
-    """The entry's pairs, memory-mapped, or None and what is wrong with the entry (None too when
-    there is none): the structure is checked on every load, the content against checksums.json
-    once per cache folder, as for examples (store.py)."""
-    if not os.path.isdir(folder):
-        return None, None
-    try:
-        with open(os.path.join(folder, "stats.json")) as handle:
-            stats = json.load(handle)
-        arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in _ARRAYS}
-    except Exception as error:  # a damaged file is a miss, whatever numpy's header parser raises for it
-        return None, f"cannot read it ({type(error).__name__}: {error})"
-    pairs = len(arrays["record_index"])
-    for name, dtype in _ARRAYS.items():
-        if arrays[name].ndim != 1 or arrays[name].dtype != dtype:
-            return None, f"{name}.npy is not a 1-D {np.dtype(dtype).name} array"
-    for part in ("prompt", "chosen", "rejected"):
-        offsets = arrays[f"{part}_offsets"]
-        if len(offsets) != pairs + 1:
-            return None, f"{part}_offsets.npy has {len(offsets)} values for {pairs} pairs"
-        problem = offsets_problem(offsets, len(arrays[f"{part}_ids"]), f"{part}_offsets.npy", "pair")
-        if problem is not None:
-            return None, problem
-    problem = content_problem(folder)
-    if problem is not None:
-        return None, problem
-    return Pairs(**arrays, stats=stats), None
 
 
 # --- unpaired (KTO) ----------------------------------------------------------------------------
@@ -729,21 +785,64 @@ def prepare_unpaired(
     tokenizer,
     settings: TargetSettings = TargetSettings(),
     *,
+    max_prompt_length: int | None = None,
     split: str | None = None,
+    text_field: str = "text",
+    skip_invalid_records: bool = False,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
     fields: dict[str, str] | None = None,
     alpaca_layout: str = "alpaca",
-    **options,
+    workers: int | None = None,
 ) -> Pairs:
     """KTO's unpaired records (`prompt`, `completion`, `label`: true where the completion is
     desirable) as Pairs whose chosen part is the completion and whose rejected part is the
     completion of the record before (the first record takes the last one's): the mismatched
     completion whose log-ratio estimates KTO's KL reference point, as TRL pairs them, but fixed by
     the data's order rather than by the batch, so the reference log-probs can be computed once and
-    the estimate does not depend on how a step is split. Each becomes a pair record and goes through
-    prepare_pairs (its rendering, checks, truncation and cache); `options` are prepare_pairs'."""
-    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    the estimate does not depend on how a step is split. `pairs.desirable` holds the labels.
+
+    Streamed as pairs are: a first pass over the records checks them and keeps their labels (a
+    byte each) and the last record's completion; the second turns each record into a pair record
+    (carrying the completion before it) on the way into prepare_pairs' builder, its rendering,
+    checks, truncation, workers and cache (an entry `unpaired-<key>` with desirable.npy)."""
+    started = time.perf_counter()
     stream = open_records(source, split)
-    records, labels = [], []
+    field_map = FieldMap(dict(fields or {}), alpaca_layout)
+    # The field map is applied on the way in (as_pair_records), so the builder gets sftlab's names.
+    recipe = PairRecipe(tokenizer, settings, max_prompt_length, text_field, skip_invalid_records, FieldMap())
+    workers = default_workers(stream) if workers is None else max(1, int(workers))
+
+    def build(folder: str) -> None:
+        labels, last_completion = _unpaired_labels(stream, field_map)
+        counts = build_store(_as_pair_records(stream, field_map, last_completion), recipe, folder, workers)
+        record_index = np.load(os.path.join(folder, "record_index.npy"), mmap_mode="r")
+        desirable = labels[record_index]
+        np.save(os.path.join(folder, "desirable.npy"), desirable)
+        desired = int(desirable.sum())
+        _write_stats(folder, counts, stream.name, desirable=desired, undesirable=len(desirable) - desired)
+
+    key_extra = {"unpaired": 1, "unpaired_fields": field_map.fields, "unpaired_alpaca_layout": alpaca_layout}
+    try:
+        return _prepared(stream, recipe, build, "unpaired", key_extra, UNPAIRED, cache_dir, use_cache, started)
+    except DataError as error:  # named in the unpaired record's own terms
+        field_name = (error.field or "").replace("rejected", "completion of the record before (KL pairing)")
+        raise DataError(
+            error.problem,
+            source=error.source,
+            index=error.index,
+            field=field_name.replace("chosen", "completion"),
+            found=error.found,
+            expected=error.expected,
+            fix=error.fix,
+        ) from None
+
+
+def _unpaired_labels(stream: RecordStream, field_map: FieldMap) -> tuple[np.ndarray, Any]:
+    """The first pass: every record checked (prompt, completion, a boolean label), its label kept,
+    and the last record's completion (the first record's mismatched one)."""
+    labels = bytearray()
+    last = None
     for chunk in stream.chunks():
         for offset, raw in enumerate(chunk.records):
             try:
@@ -775,31 +874,29 @@ def prepare_unpaired(
                     expected=bad.expected,
                     fix=bad.fix,
                 ) from None
-            records.append(raw)
             labels.append(raw["label"])
-    pseudo = [
-        {
-            **{k: v for k, v in raw.items() if k not in ("completion", "label")},
-            "chosen": raw["completion"],
-            "rejected": records[i - 1]["completion"],
-        }
-        for i, raw in enumerate(records)
-    ]
-    try:
-        pairs = prepare_pairs(pseudo, tokenizer, settings, **options)
-    except DataError as error:  # named in the unpaired record's own terms
-        field = (error.field or "").replace("rejected", "completion of the record before (KL pairing)")
-        raise DataError(
-            error.problem,
-            source=stream.name,
-            index=error.index,
-            field=field.replace("chosen", "completion"),
-            found=error.found,
-            expected=error.expected,
-            fix=error.fix,
-        ) from None
-    pairs.desirable = np.asarray(labels, dtype=bool)[pairs.record_index]
-    pairs.stats.update(
-        source=stream.name, desirable=int(pairs.desirable.sum()), undesirable=int((~pairs.desirable).sum())
-    )
-    return pairs
+            last = raw["completion"]
+    return np.frombuffer(bytes(labels), dtype=np.bool_), last
+
+
+def _as_pair_records(stream: RecordStream, field_map: FieldMap, last_completion: Any) -> RecordStream:
+    """The stream with each unpaired record as a pair record: chosen its completion, rejected the
+    completion of the record before (the first record's: `last_completion`). Files, lines and
+    indices stay the records' own, so errors name them."""
+
+    def converter():
+        before = [last_completion]
+
+        def convert(raw: dict) -> dict:
+            raw, _ = field_map.apply(raw)
+            pair = {
+                **{k: v for k, v in raw.items() if k not in ("completion", "label")},
+                "chosen": raw["completion"],
+                "rejected": before[0],
+            }
+            before[0] = raw["completion"]
+            return pair
+
+        return convert
+
+    return stream.mapped(converter)

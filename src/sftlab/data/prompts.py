@@ -7,6 +7,11 @@
                              template arguments, as the example's context for that turn;
                              reference = that turn's content
 
+    preference pairs         prompt ids = the pair's P exactly (as served: what training scores the
+    (pair_prompts)           completions after); reference = the chosen completion C, decoded as
+                             a generated reply is (special tokens skipped, the ends stripped), so a
+                             reply equal to C scores 1; KTO: desirable completions only
+
 Records pass through the same field maps, Alpaca layout and validation as training's
 (formats.py, fields.py), so a prompt's ids are exactly the ids that the record's example has
 before the first trained token of its last turn. A record that gives no prompt/reference pair
@@ -23,6 +28,7 @@ from jinja2 import TemplateError
 
 from sftlab.data import formats
 from sftlab.data.chat import ChatRenderer, content_text, resolve_chat_templates
+from sftlab.data.container import Pairs
 from sftlab.data.examples import SegmentEncoder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator
@@ -142,6 +148,39 @@ def generation_prompts(
     for reason, count in validator.skipped.items():
         result.unusable[f"skipped, {reason}"] += count
     result.stop_token_ids = reply_stop_ids(tokenizer, renderer)
+    return result
+
+
+def pair_prompts(
+    pairs: Pairs, tokenizer, settings: TargetSettings = TargetSettings(), *, limit: int
+) -> GenerationPrompts:
+    """The first `limit` usable eval pairs as generation prompts: the prompt ids are P exactly as
+    the pair holds it, the reference the chosen completion's text. Counted as unusable, by reason:
+    a chosen completion cut by max_length (it does not end with a token that ends a reply, so no
+    whole reply can equal it), one without text, and KTO's undesirable completions."""
+    chat = any(kind in (pairs.stats.get("formats") or {}) for kind in ("conversational", "implicit_prompt"))
+    renderer = _renderer(tokenizer, settings) if chat else None
+    result = GenerationPrompts(stop_token_ids=reply_stop_ids(tokenizer, renderer))
+    result.formats.update(pairs.stats.get("formats") or {})
+    stops = set(result.stop_token_ids)
+    source = pairs.stats.get("source")
+    for i in range(len(pairs)):
+        if len(result.prompts) == limit:
+            break
+        result.records_read += 1
+        prompt, chosen, _ = pairs[i]
+        if pairs.desirable is not None and not pairs.desirable[i]:
+            result.unusable["undesirable completion (kto)"] += 1
+            continue
+        if not len(chosen) or int(chosen[-1]) not in stops:
+            result.unusable["chosen completion cut by max_length"] += 1
+            continue
+        reference = tokenizer.decode(chosen.tolist(), skip_special_tokens=True).strip()
+        if not reference:
+            result.unusable["chosen completion has no text"] += 1
+            continue
+        result.usable += 1
+        result.prompts.append(GenerationPrompt(int(pairs.record_index[i]), prompt.tolist(), reference, source))
     return result
 
 

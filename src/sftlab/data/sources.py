@@ -145,6 +145,19 @@ class RecordStream:
             first_row=first_row,
         )
 
+    def mapped(self, converter: Callable[[], Callable[[dict], dict]]) -> RecordStream:
+        """The same stream with every record passed through a function, which `converter()` makes
+        afresh for each pass over the records (so it may carry state from one record to the next,
+        in order). Files, lines and record indices are the original's."""
+        parts = self._parts
+
+        def converted():
+            convert = converter()
+            for name, rows in parts():
+                yield name, ((convert(record), line) for record, line in rows)
+
+        return RecordStream(self.name, converted, spec=self._spec, length=self.length, size=self.size)
+
     def fingerprint(self) -> str:
         """The content hash: known ahead for files and datasets, else one pass over the records."""
         if self.content_hash is None:

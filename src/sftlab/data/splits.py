@@ -9,10 +9,18 @@ from sftlab.config import DataSource, SFTConfig
 from sftlab.data.container import Examples, Pairs
 from sftlab.data.examples import TargetSettings
 from sftlab.data.mixture import MixturePart, mixture_key, write_mixture
-from sftlab.data.preference import looks_like_pairs, prepare_pairs, prepare_unpaired
+from sftlab.data.preference import (
+    PAIR_KIND,
+    SFT_KIND,
+    UNPAIRED_KIND,
+    looks_like_pairs,
+    prepare_pairs,
+    prepare_unpaired,
+    require_kind,
+)
 from sftlab.data.prepare import default_cache_dir, prepare_examples
 from sftlab.data.prompts import GenerationPrompts, generation_prompts
-from sftlab.data.store import built_entry
+from sftlab.data.store import EXAMPLES, PAIRS, UNPAIRED, built_entry
 from sftlab.errors import ConfigError
 
 
@@ -71,13 +79,15 @@ def prepare_split(config: SFTConfig, tokenizer, eval: bool = False, source=None)
 
 def is_preference_split(config: SFTConfig, eval: bool = False, source=None) -> bool:
     """Whether train_data (or eval_data, or `source`) holds preference pairs: its first record has
-    `chosen` or `rejected` (after the field map), or the config's objective is KTO (unpaired
-    examples, prepared through the same path). A mixture of sources is SFT data."""
+    `chosen` or `rejected` (after the field map; a mixture: its first source's), or the config's
+    objective is KTO (unpaired examples, prepared through the same path)."""
     if config.objective == "kto":
         return True
     source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
-        return False
+        first = source[0]
+        fields = first.fields if first.fields is not None else config.fields
+        return looks_like_pairs(first.path, first.split, fields, first.alpaca_layout or config.alpaca_layout)
     split = config.eval_split if eval else config.train_split
     return looks_like_pairs(source, split, config.fields, config.alpaca_layout)
 
@@ -87,12 +97,7 @@ def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, s
     truncation, max_prompt_length, the chat settings); `source` overrides the config's data."""
     source = _split_source(config, eval, source)
     if isinstance(source, list) and source and all(isinstance(item, DataSource) for item in source):
-        raise ConfigError(
-            "preference data cannot be mixed from several sources yet",
-            field="eval_data" if eval else "train_data",
-            found=f"{len(source)} sources",
-            fix="give one source (concatenate the files into one)",
-        )
+        return prepare_mixture(config, tokenizer, source, field="eval_data" if eval else "train_data", preference=True)
     prepare = prepare_unpaired if config.objective == "kto" else prepare_pairs
     return prepare(
         source,
@@ -110,32 +115,47 @@ def prepare_preference_split(config: SFTConfig, tokenizer, eval: bool = False, s
     )
 
 
-def prepare_mixture(config: SFTConfig, tokenizer, sources: list[DataSource]) -> Examples:
+def prepare_mixture(
+    config: SFTConfig, tokenizer, sources: list[DataSource], field: str = "train_data", preference: bool = False
+) -> Examples | Pairs:
     """Each source prepared (and cached) with its own field map and format options, then mixed
-    as their weight / max_samples / epochs say, from the config's seed."""
+    as their weight / max_samples / epochs say, from the config's seed. With `preference`, the
+    sources are preference pairs (KTO: unpaired examples) mixed the same way; a source of another
+    kind than the run's is refused, naming it (`field`[i]) and its record."""
     started = time.perf_counter()
     settings = target_settings(config)
+    kto = preference and config.objective == "kto"
+    wanted = (UNPAIRED_KIND if kto else PAIR_KIND) if preference else SFT_KIND
+    layout = (UNPAIRED if kto else PAIRS) if preference else EXAMPLES
     parts, entries = [], []
-    for spec in sources:
-        examples = prepare_examples(
-            spec.path,
-            tokenizer,
-            settings,
+    for position, spec in enumerate(sources):
+        fields = spec.fields if spec.fields is not None else config.fields
+        alpaca_layout = spec.alpaca_layout or config.alpaca_layout
+        name = f"{field}[{position}]" + (f" ({spec.name})" if spec.name else "")
+        require_kind(spec.path, wanted, name, spec.split, fields, alpaca_layout)
+        common = dict(
             split=spec.split,
             text_field=spec.text_field or config.text_field,
             skip_invalid_records=config.skip_invalid_records,
             cache_dir=config.cache_dir,
             use_cache=config.use_cache,
-            fields=spec.fields if spec.fields is not None else config.fields,
-            alpaca_layout=spec.alpaca_layout or config.alpaca_layout,
+            fields=fields,
+            alpaca_layout=alpaca_layout,
             workers=config.preprocessing_workers,
         )
+        if preference:
+            prepare = prepare_unpaired if kto else prepare_pairs
+            examples = prepare(spec.path, tokenizer, settings, max_prompt_length=config.max_prompt_length, **common)
+        else:
+            examples = prepare_examples(spec.path, tokenizer, settings, **common)
         parts.append(MixturePart(spec.name or spec.path, examples, spec.weight, spec.max_samples, spec.epochs))
         entries.append(examples.stats.get("cache_entry"))
     cached = config.use_cache and all(entries)  # a mixture of uncached sources is not cached either
     root = (config.cache_dir or default_cache_dir()) if cached else None
     key = mixture_key(parts, config.seed, [os.path.basename(entry or "") for entry in entries])
-    examples, folder = built_entry(root, key, lambda folder: write_mixture(parts, config.seed, folder))
+    examples, folder = built_entry(
+        root, key, lambda folder: write_mixture(parts, config.seed, folder, layout), layout=layout
+    )
     examples.stats["seconds"] = time.perf_counter() - started
     if folder is not None:
         examples.stats["cache_entry"] = folder

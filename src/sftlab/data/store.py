@@ -7,6 +7,10 @@
     stats.json     what preparation counted (prepare.summarize)
     checksums.json the size and CRC-32 of each file above, written when the entry is built
 
+Preference pairs are stored the same way (`PAIRS`): prompt_ids/prompt_offsets, chosen_ids/
+chosen_offsets, rejected_ids/rejected_offsets, record_index (and KTO's desirable, `UNPAIRED`).
+A `Layout` names an entry's arrays; the writer, the checks and the reader follow it.
+
 Entries are checked before they are trusted: the arrays' shapes and offsets on every load
 (`structure_problem`), their content against checksums.json once per cache folder (`content_problem`:
 a marker next to the entry remembers the files it verified, by size, mtime and inode, so a
@@ -34,13 +38,23 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from sftlab.data.container import Examples
+from sftlab.data.container import Examples, Pairs
 from sftlab.files import publish_directory, temporary_sibling
 
 ARRAYS = {"input_ids": np.int32, "targets": np.int32, "offsets": np.int64, "record_index": np.int64}
+PAIR_ARRAYS = {
+    "prompt_ids": np.int32,
+    "prompt_offsets": np.int64,
+    "chosen_ids": np.int32,
+    "chosen_offsets": np.int64,
+    "rejected_ids": np.int32,
+    "rejected_offsets": np.int64,
+    "record_index": np.int64,
+}
 CHECKSUMS = "checksums.json"
 _COPY = 8 << 20  # bytes per read when shards are merged, and when files are checksummed
 
@@ -51,6 +65,32 @@ def _header(dtype, count: int) -> bytes:
         buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)}
     )
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The arrays of an entry: value arrays cut into items by an offsets array (`ragged`: each
+    offsets array with the value arrays it cuts), arrays of one value per item (`per_item`, the
+    first of them record_index), every array's dtype, the container they are read into, and what
+    one item is called in messages."""
+
+    ragged: tuple[tuple[str, tuple[str, ...]], ...]
+    per_item: tuple[str, ...]
+    dtypes: dict
+    container: type
+    item: str
+
+
+EXAMPLES = Layout((("offsets", ("input_ids", "targets")),), ("record_index",), ARRAYS, Examples, "example")
+PAIRS = Layout(
+    tuple((f"{part}_offsets", (f"{part}_ids",)) for part in ("prompt", "chosen", "rejected")),
+    ("record_index",),
+    PAIR_ARRAYS,
+    Pairs,
+    "pair",
+)
+# KTO's unpaired examples: pairs whose `desirable` says which completions are wanted.
+UNPAIRED = Layout(PAIRS.ragged, ("record_index", "desirable"), {**PAIR_ARRAYS, "desirable": np.bool_}, Pairs, "pair")
 
 
 class ArrayFile:
@@ -98,35 +138,53 @@ class ArrayFile:
 
 
 class StoreWriter:
-    """Appends chunks of examples to the four arrays of an entry (or of a worker's shard)."""
+    """Appends chunks of items (Examples, or Pairs with a pairs layout) to the arrays of an entry
+    (or of a worker's shard)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, layout: Layout = EXAMPLES):
         os.makedirs(folder, exist_ok=True)
-        self.files = {name: ArrayFile(os.path.join(folder, name + ".npy"), dtype) for name, dtype in ARRAYS.items()}
-        self.files["offsets"].append(np.zeros(1, np.int64))
-        self.examples = 0
-        self.tokens = 0
+        self.layout = layout
+        self.files = {
+            name: ArrayFile(os.path.join(folder, name + ".npy"), dtype) for name, dtype in layout.dtypes.items()
+        }
+        for offsets, _ in layout.ragged:
+            self.files[offsets].append(np.zeros(1, np.int64))
+        self.items = 0
+        self.values = {offsets: 0 for offsets, _ in layout.ragged}  # values (tokens) cut by each offsets array
 
-    def append(self, examples: Examples) -> None:
-        self.files["input_ids"].append(examples.input_ids)
-        self.files["targets"].append(examples.targets)
-        self.files["offsets"].append(examples.offsets[1:] + self.tokens)
-        self.files["record_index"].append(examples.record_index)
-        self.examples += len(examples)
-        self.tokens += int(examples.offsets[-1])
+    def position(self) -> tuple[int, dict[str, int]]:
+        """(items, values per offsets array) written so far: where a run of items starts or ends."""
+        return self.items, dict(self.values)
 
-    def append_from(self, shard: str, example_start: int, examples: int, token_start: int, tokens: int) -> None:
-        """Copy a run of the examples in shard folder `shard` (what one chunk gave) onto this store."""
-        offsets = self.files["offsets"]
-        with open(os.path.join(shard, "offsets.npy"), "rb") as source:
-            raw = os.pread(source.fileno(), examples * 8, offsets.header_bytes + (example_start + 1) * 8)
-        ends = np.frombuffer(raw, dtype=np.int64)
-        self.files["input_ids"].append_from(os.path.join(shard, "input_ids.npy"), token_start, tokens)
-        self.files["targets"].append_from(os.path.join(shard, "targets.npy"), token_start, tokens)
-        offsets.append(ends - token_start + self.tokens)
-        self.files["record_index"].append_from(os.path.join(shard, "record_index.npy"), example_start, examples)
-        self.examples += examples
-        self.tokens += tokens
+    def append(self, items) -> None:
+        for offsets, names in self.layout.ragged:
+            cuts = getattr(items, offsets)
+            for name in names:
+                self.files[name].append(getattr(items, name))
+            self.files[offsets].append(np.asarray(cuts[1:]) + self.values[offsets])
+            self.values[offsets] += int(cuts[-1])
+        for name in self.layout.per_item:
+            self.files[name].append(getattr(items, name))
+        self.items += len(items)
+
+    def append_from(self, shard: str, start: tuple[int, dict], end: tuple[int, dict]) -> None:
+        """Copy the items that the writer of shard folder `shard` appended between its positions
+        `start` and `end` (what one chunk gave) onto this store."""
+        (first, value_start), (last, value_end) = start, end
+        count = last - first
+        for offsets, names in self.layout.ragged:
+            cuts = self.files[offsets]
+            with open(os.path.join(shard, offsets + ".npy"), "rb") as source:
+                raw = os.pread(source.fileno(), count * 8, cuts.header_bytes + (first + 1) * 8)
+            ends = np.frombuffer(raw, dtype=np.int64)
+            low, high = value_start[offsets], value_end[offsets]
+            for name in names:
+                self.files[name].append_from(os.path.join(shard, name + ".npy"), low, high - low)
+            cuts.append(ends - low + self.values[offsets])
+            self.values[offsets] += high - low
+        for name in self.layout.per_item:
+            self.files[name].append_from(os.path.join(shard, name + ".npy"), first, count)
+        self.items += count
 
     def flush(self) -> None:
         for array in self.files.values():
@@ -137,43 +195,55 @@ class StoreWriter:
             array.close()
 
 
-def read_entry(folder: str, max_length: int | None = None) -> Examples | None:
-    """The entry's examples, memory-mapped; None when it is missing or damaged (a miss).
-    Its structure is checked (`structure_problem`), not its content (`content_problem`)."""
-    return _open_entry(folder, max_length)[0]
+def read_entry(folder: str, max_length: int | None = None, layout: Layout = EXAMPLES):
+    """The entry's examples (or pairs, by `layout`), memory-mapped; None when it is missing or
+    damaged (a miss). Its structure is checked (`structure_problem`), not its content (`content_problem`)."""
+    return _open_entry(folder, max_length, layout)[0]
 
 
-def _open_entry(folder: str, max_length: int | None) -> tuple[Examples | None, str | None]:
-    """The entry's examples, or None and what is wrong with it (None too when there is no entry)."""
+def _open_entry(folder: str, max_length: int | None, layout: Layout = EXAMPLES):
+    """The entry's items, or None and what is wrong with it (None too when there is no entry)."""
     if not os.path.isdir(folder):
         return None, None
     try:
         with open(os.path.join(folder, "stats.json")) as handle:
             stats = json.load(handle)
-        arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
+        arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in layout.dtypes}
     except Exception as error:  # a damaged file is a miss, whatever numpy's parser raises for it
         # OSError, ValueError, EOFError (an empty .npy), and from a flipped header byte also
         # SyntaxError and tokenize.TokenError (numpy reads the header with Python's tokenizer).
         return None, f"cannot read it ({type(error).__name__}: {error})"
-    problem = structure_problem(arrays, max_length)
+    problem = structure_problem(arrays, max_length, layout)
     if problem is not None:
         return None, problem
-    return Examples(**arrays, stats=stats), None
+    return layout.container(**arrays, stats=stats), None
 
 
-def structure_problem(arrays: dict[str, np.ndarray], max_length: int | None = None) -> str | None:
+def structure_problem(
+    arrays: dict[str, np.ndarray], max_length: int | None = None, layout: Layout = EXAMPLES
+) -> str | None:
     """What makes these arrays no entry, or None. Cheap enough for every load (it reads the
-    offsets, 8 bytes an example, not the tokens): a flipped bit in an offset would otherwise
-    cut examples at the wrong places, and nothing downstream could tell."""
-    for name, dtype in ARRAYS.items():
+    offsets, 8 bytes an item, not the tokens): a flipped bit in an offset would otherwise
+    cut items at the wrong places, and nothing downstream could tell. `max_length` bounds each
+    item cut by an offsets array (an example; each part of a pair)."""
+    for name, dtype in layout.dtypes.items():
         if arrays[name].ndim != 1 or arrays[name].dtype != dtype:
             return f"{name}.npy is not a 1-D {np.dtype(dtype).name} array"
-    offsets, tokens = arrays["offsets"], len(arrays["input_ids"])
-    if len(offsets) != len(arrays["record_index"]) + 1:
-        return f"offsets.npy has {len(offsets)} values for {len(arrays['record_index'])} examples"
-    if len(arrays["targets"]) != tokens:
-        return f"targets.npy has {len(arrays['targets'])} values for {tokens} tokens"
-    return offsets_problem(offsets, tokens, "offsets.npy", "example", max_length)
+    items = len(arrays[layout.per_item[0]])
+    for name in layout.per_item[1:]:
+        if len(arrays[name]) != items:
+            return f"{name}.npy has {len(arrays[name])} values for {items} {layout.item}s"
+    for offsets_name, names in layout.ragged:
+        offsets, tokens = arrays[offsets_name], len(arrays[names[0]])
+        if len(offsets) != items + 1:
+            return f"{offsets_name}.npy has {len(offsets)} values for {items} {layout.item}s"
+        for name in names[1:]:
+            if len(arrays[name]) != tokens:
+                return f"{name}.npy has {len(arrays[name])} values for {tokens} tokens"
+        problem = offsets_problem(offsets, tokens, f"{offsets_name}.npy", layout.item, max_length)
+        if problem is not None:
+            return problem
+    return None
 
 
 def offsets_problem(
@@ -270,22 +340,28 @@ def content_problem(folder: str) -> str | None:
 
 
 def built_entry(
-    root: str | None, key: str, build: Callable[[str], None], waiting=None, max_length: int | None = None
-) -> tuple[Examples, str | None]:
+    root: str | None,
+    key: str,
+    build: Callable[[str], None],
+    waiting=None,
+    max_length: int | None = None,
+    layout: Layout = EXAMPLES,
+):
     """Entry `key` of the cache in `root`, and its folder: read when it is there, else written by
     `build(folder)` into a temporary folder that is renamed into place, under the entry's lock
     (a process that finds the lock taken waits, then reads what the holder wrote). `stats["cached"]`
     says which. With root None, or a root that cannot be written, the examples are built in a
     temporary folder of their own and the folder returned is None. An entry that fails its checks
     (`structure_problem`, with `max_length` the longest an example may be; its checksums) is
-    built again, with a line on stderr."""
+    built again, with a line on stderr. `layout`: what the entry holds (examples, pairs); what is
+    returned is read into its container."""
     if root is None:
-        return _cached(read_built(None, key, build), False), None
+        return _cached(read_built(None, key, build, layout), False), None
     folder = os.path.join(root, key)
     reported = []
 
-    def checked() -> Examples | None:
-        examples, problem = _open_entry(folder, max_length)
+    def checked():
+        examples, problem = _open_entry(folder, max_length, layout)
         if examples is not None:
             problem = content_problem(folder)
             examples = examples if problem is None else None
@@ -302,7 +378,7 @@ def built_entry(
                 try:
                     tmp = new_folder(root, key)
                 except OSError:  # the cache is an optimisation: an unwritable one must not stop training
-                    return _cached(read_built(None, key, build), False), None
+                    return _cached(read_built(None, key, build, layout), False), None
 
                 def build_and_seal(into: str) -> None:
                     build(into)
@@ -314,14 +390,14 @@ def built_entry(
                     publish_directory(tmp, folder)
                 except OSError:  # another process stored the same entry first
                     pass
-                examples = read_entry(folder)
+                examples = read_entry(folder, layout=layout)
                 if examples is None:  # pragma: no cover - renamed into place just before
                     raise AssertionError(f"cannot read the cache entry {folder} just written")
                 return _cached(examples, False), folder
     return _cached(examples, True), folder
 
 
-def _cached(examples: Examples, cached: bool) -> Examples:
+def _cached(examples, cached: bool):
     examples.stats["cached"] = cached
     return examples
 
@@ -334,19 +410,19 @@ def _write(tmp: str, build: Callable[[str], None]) -> None:
         raise
 
 
-def read_built(parent: str | None, key: str, build: Callable[[str], None]) -> Examples:
-    """Examples written by `build(folder)` into a temporary folder of their own, read back, and
-    the folder deleted: the mappings keep the data readable (and its disk space taken) until the
-    examples are dropped."""
+def read_built(parent: str | None, key: str, build: Callable[[str], None], layout: Layout = EXAMPLES):
+    """Examples (or pairs) written by `build(folder)` into a temporary folder of their own, read
+    back, and the folder deleted: the mappings keep the data readable (and its disk space taken)
+    until the examples are dropped."""
     tmp = new_folder(parent, key)
     _write(tmp, build)
-    return read_detached(tmp)
+    return read_detached(tmp, layout)
 
 
-def read_detached(folder: str) -> Examples:
+def read_detached(folder: str, layout: Layout = EXAMPLES):
     """Read an entry built in a folder of its own, then delete the folder."""
     try:
-        examples = read_entry(folder)
+        examples = read_entry(folder, layout=layout)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if examples is None:  # pragma: no cover - written just before, by this process

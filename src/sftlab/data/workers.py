@@ -1,5 +1,8 @@
 """Validate and tokenize a stream of record chunks into a store: in this process, or sharded
-over spawned worker processes.
+over spawned worker processes. SFT examples (`Recipe`) and preference pairs
+(data/preference.py's `PairRecipe`) go the same way: a recipe says how a chunk is validated and
+built (its `chunk_pass`), how the first valid record is found (`probe`), what is counted
+(`counts`) and which arrays the store holds (`layout`).
 
     one process:  chunks -> validate -> build (render + encode pipeline) -> append to the entry
     N workers:    this process reads the chunks and hands them out; each worker validates,
@@ -37,7 +40,7 @@ from sftlab.data.examples import ExampleBuilder, TargetSettings
 from sftlab.data.fields import FieldMap
 from sftlab.data.formats import RecordValidator, require_valid
 from sftlab.data.sources import Records, RecordStream
-from sftlab.data.store import StoreWriter
+from sftlab.data.store import EXAMPLES, Layout, StoreWriter
 from sftlab.errors import ConfigError, DataError, SftlabError
 
 
@@ -50,6 +53,39 @@ class Recipe:
     text_field: str = "text"
     skip_invalid: bool = False
     field_map: FieldMap = field(default_factory=FieldMap)
+
+    @property
+    def layout(self) -> Layout:
+        return EXAMPLES
+
+    def chunk_pass(self) -> ChunkPass:
+        return ChunkPass(self)
+
+    def probe(self) -> RecordValidator:
+        """A validator that finds the first valid record (its format fixes the pass's) without raising."""
+        return RecordValidator(
+            text_field=self.text_field, skip_invalid=True, vocab_size=len(self.tokenizer), normalize=self.field_map
+        )
+
+    def counts(self) -> Counts:
+        return Counts()
+
+
+def add_counts(into, other) -> None:
+    """Add the counts of dataclass `other` to `into` (of the same class): numbers and Counters;
+    a Counter that is None on one side is the other's. Zeros stay listed (Counter addition drops
+    them; the statistics list every key)."""
+    for name in into.__dataclass_fields__:
+        mine, theirs = getattr(into, name), getattr(other, name)
+        if theirs is None:
+            continue
+        if isinstance(theirs, Counter):
+            total = (mine or Counter()) + theirs
+            for key in list(theirs) + list(mine or ()):
+                total.setdefault(key, 0)
+            setattr(into, name, total)
+        else:
+            setattr(into, name, mine + theirs)
 
 
 @dataclass
@@ -72,28 +108,8 @@ class Counts:
         self.tokens += len(examples.input_ids)
         self.supervised += int((examples.targets != IGNORE).sum())
 
-    def add_pass(self, validator: RecordValidator, builder: ExampleBuilder) -> None:
-        built = builder.stats()
-        self.formats += validator.formats
-        self.skipped += validator.skipped + Counter(built["skipped_invalid"])
-        self.truncated += built["truncated"]
-        self.dropped += Counter(built["dropped"])
-        if "chat" in built:
-            self.chat = (self.chat or Counter()) + Counter(built["chat"])
-            for key in built["chat"]:  # Counter addition drops zeros; the statistics list every key
-                self.chat.setdefault(key, 0)
-
     def merge(self, other: Counts) -> None:
-        for name in ("records", "examples", "tokens", "supervised", "truncated"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.formats += other.formats
-        self.skipped += other.skipped
-        self.dropped += other.dropped
-        if other.chat is not None:
-            chat = (self.chat or Counter()) + other.chat
-            for key in other.chat:
-                chat.setdefault(key, 0)
-            self.chat = chat
+        add_counts(self, other)
 
 
 class ChunkPass:
@@ -110,6 +126,30 @@ class ChunkPass:
         )
         self.builder = ExampleBuilder(recipe.tokenizer, recipe.settings, skip_invalid=recipe.skip_invalid)
         self.failed: Any = None
+
+    def expect(self, expected: str | None, expected_from: int) -> None:
+        """What the pass over all chunks knows at the next chunk: the format of the first valid
+        record and its index (a worker validates chunks out of order)."""
+        self.validator.expected_format, self.validator.expected_from = expected, expected_from
+
+    def finish(self, name: str) -> None:
+        """At the end of the pass: a source without one valid record is an error."""
+        self.validator.finish(name)
+
+    def counts(self) -> Counts:
+        """What the pass counted besides each chunk's records and examples."""
+        built = self.builder.stats()
+        counts = Counts(
+            formats=Counter(self.validator.formats),
+            skipped=self.validator.skipped + Counter(built["skipped_invalid"]),
+            truncated=built["truncated"],
+            dropped=Counter(built["dropped"]),
+        )
+        if "chat" in built:
+            counts.chat = Counter(built["chat"])
+            for key in built["chat"]:  # Counter() drops no keys, but addition would: listed as they are
+                counts.chat.setdefault(key, 0)
+        return counts
 
     def run(self, chunks: Iterable[tuple[Any, Records]]) -> Iterator[tuple[Any, Records, Examples]]:
         """(tag, chunk, its examples) for each (tag, chunk), in order."""
@@ -151,18 +191,19 @@ def located(error: DataError, records: Records) -> DataError:
     )
 
 
-def build_store(stream: RecordStream, recipe: Recipe, folder: str, workers: int = 1) -> Counts:
-    """Validate and tokenize every chunk of `stream` into a store in `folder`; what was counted."""
+def build_store(stream: RecordStream, recipe: Recipe, folder: str, workers: int = 1):
+    """Validate and tokenize every chunk of `stream` into a store in `folder` (the recipe's
+    layout); what was counted (the recipe's counts)."""
     if workers > 1:
         return _build_in_workers(stream, recipe, folder, workers)
-    writer = StoreWriter(folder)
-    counts = Counts()
-    chunk_pass = ChunkPass(recipe)
-    for _, chunk, examples in chunk_pass.run((None, chunk) for chunk in stream.chunks()):
-        writer.append(examples)
-        counts.add_chunk(len(chunk), examples)
-    chunk_pass.validator.finish(stream.name)
-    counts.add_pass(chunk_pass.validator, chunk_pass.builder)
+    writer = StoreWriter(folder, recipe.layout)
+    counts = recipe.counts()
+    chunk_pass = recipe.chunk_pass()
+    for _, chunk, items in chunk_pass.run((None, chunk) for chunk in stream.chunks()):
+        writer.append(items)
+        counts.add_chunk(len(chunk), items)
+    chunk_pass.finish(stream.name)
+    counts.merge(chunk_pass.counts())
     writer.close()
     return counts
 
@@ -201,15 +242,15 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="sftlab-parent-watch", daemon=True).start()
 
 
-def _worker(recipe: Recipe, shard: str, tasks, results, parent: int | None = None) -> None:
+def _worker(recipe, shard: str, tasks, results, parent: int | None = None) -> None:
     """A worker's life: chunks from `tasks` (until None) into its shard, a message per chunk;
     it ends with process `parent` (see `_die_with_parent`)."""
     if parent is not None:
         _die_with_parent(parent)
     chunk_pass = None
     try:
-        writer = StoreWriter(shard)
-        chunk_pass = ChunkPass(recipe)
+        writer = StoreWriter(shard, recipe.layout)
+        chunk_pass = recipe.chunk_pass()
 
         def taken():
             while True:
@@ -219,18 +260,18 @@ def _worker(recipe: Recipe, shard: str, tasks, results, parent: int | None = Non
                 number, chunk, expected, expected_from = task
                 # What the pass over all chunks knows at this chunk: the format of the first valid
                 # record and its index, or nothing yet (None: no chunk before this one has one).
-                chunk_pass.validator.expected_format, chunk_pass.validator.expected_from = expected, expected_from
+                chunk_pass.expect(expected, expected_from)
                 yield number, chunk
 
-        for number, chunk, examples in chunk_pass.run(taken()):
-            example_start, token_start = writer.examples, writer.tokens
-            writer.append(examples)
+        for number, chunk, items in chunk_pass.run(taken()):
+            start = writer.position()
+            writer.append(items)
             writer.flush()  # the parent copies this run from the file next
-            counts = Counts()
-            counts.add_chunk(len(chunk), examples)
-            results.put(("chunk", number, shard, example_start, token_start, counts))
-        counts = Counts()
-        counts.add_pass(chunk_pass.validator, chunk_pass.builder)
+            counts = recipe.counts()
+            counts.add_chunk(len(chunk), items)
+            results.put(("chunk", number, shard, start, writer.position(), counts))
+        counts = recipe.counts()
+        counts.merge(chunk_pass.counts())
         writer.close()
         results.put(("done", shard, counts))
     except SftlabError as error:
@@ -241,8 +282,8 @@ def _worker(recipe: Recipe, shard: str, tasks, results, parent: int | None = Non
         results.put(("crash", None, traceback.format_exc()))
 
 
-def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers: int) -> Counts:
-    ChunkPass(recipe)  # settings a builder refuses are refused here, before any worker starts
+def _build_in_workers(stream: RecordStream, recipe, folder: str, workers: int):
+    recipe.chunk_pass()  # settings a builder refuses are refused here, before any worker starts
     context = multiprocessing.get_context("spawn")
     tasks = context.Queue(maxsize=2 * workers)  # read ahead of the workers by a little only
     results = context.Queue()
@@ -263,10 +304,8 @@ def _build_in_workers(stream: RecordStream, recipe: Recipe, folder: str, workers
             f"preparing in one process: the tokenizer cannot be sent to worker processes ({error})", stacklevel=3
         )
         return build_store(stream, recipe, folder, workers=1)
-    merge = _Merge(StoreWriter(folder))
-    probe = RecordValidator(
-        text_field=recipe.text_field, skip_invalid=True, vocab_size=len(recipe.tokenizer), normalize=recipe.field_map
-    )
+    merge = _Merge(StoreWriter(folder, recipe.layout), recipe.counts())
+    probe = recipe.probe()
     try:
         sent = 0
         unreadable = None  # an error in the data's own syntax (a bad JSON line), met while reading ahead
@@ -320,9 +359,9 @@ def _put(tasks, task) -> bool:
 class _Merge:
     """The parent's side: workers' runs copied onto the entry in chunk order, counts summed."""
 
-    def __init__(self, writer: StoreWriter):
+    def __init__(self, writer: StoreWriter, counts):
         self.writer = writer
-        self.counts = Counts()
+        self.counts = counts
         self.pending: dict[int, tuple] = {}
         self.next_chunk = 0
         self.done = 0
@@ -346,8 +385,8 @@ class _Merge:
         if kind == "chunk":
             self.pending[message[1]] = message
             while self.next_chunk in self.pending:
-                _, _, shard, example_start, token_start, counts = self.pending.pop(self.next_chunk)
-                self.writer.append_from(shard, example_start, counts.examples, token_start, counts.tokens)
+                _, _, shard, start, end, counts = self.pending.pop(self.next_chunk)
+                self.writer.append_from(shard, start, end)
                 self.counts.merge(counts)
                 self.next_chunk += 1
         elif kind == "done":

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from sftlab.config import BUILTIN_METRIC_NAMES, SFTConfig, metric_key
-from sftlab.data.container import Examples
+from sftlab.data.container import Examples, Pairs
+from sftlab.data.prompts import pair_prompts
 from sftlab.data.special_tokens import pad_token_id
-from sftlab.data.splits import prepare_generation_prompts
+from sftlab.data.splits import prepare_generation_prompts, target_settings
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import batching
 from sftlab.training.objectives import stacked_sums
@@ -324,15 +325,33 @@ def _gathered(local: list[Scored], processes) -> list[Scored]:
     return [s for part in everyone for s in part]
 
 
-def setup_generation_eval(config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int):
-    """Evaluation by generation (py): the user's metric functions imported now, so a
-    wrong name stops the run before its first step, and the prompts built once."""
+def setup_generation_eval(
+    config: SFTConfig, tokenizer, eval_dataset, processes, reporter, start_step: int, eval_pairs: Pairs | None = None
+):
+    """Evaluation by generation: the user's metric functions imported now, so a wrong name stops
+    the run before its first step, and the prompts built once: from the eval records (SFT), or
+    from `eval_pairs` (a preference run: each pair's P, scored against its chosen completion)."""
     metrics = resolve_metrics(config.eval_generate_metrics)
-    prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
+    if eval_pairs is None:
+        prompts = prepare_generation_prompts(config, tokenizer, source=eval_dataset)
+    else:
+        prompts = pair_prompts(eval_pairs, tokenizer, target_settings(config), limit=config.eval_generate_samples)
+        if not prompts.prompts:
+            raise ConfigError(
+                "eval_generate_samples is set but no eval pair has a chosen completion to compare with",
+                field="eval_generate_samples",
+                found=f"{prompts.records_read} pairs: {dict(prompts.unusable)}",
+                fix="raise max_length so that chosen completions are whole, or set eval_generate_samples: 0",
+            )
     unusable = sum(prompts.unusable.values())
+    what = (
+        "eval pairs (prompt as served, scored against the chosen completion)"
+        if eval_pairs is not None
+        else "eval records"
+    )
     reporter.line(
         f"eval generation: {len(prompts.prompts)} prompts, the first of {prompts.usable} usable in the first "
-        f"{prompts.records_read} eval records, "
+        f"{prompts.records_read} {what}, "
         f"scored by {', '.join(name for name, _ in metrics)}, up to {config.eval_generate_max_new_tokens} new tokens; "
         + (
             f"{unusable} records without a prompt/reply pair {dict(prompts.unusable)}"

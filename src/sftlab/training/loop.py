@@ -399,7 +399,13 @@ def _setup(
     run.start_step = _resume(config, run, processes)
     if config.eval_generate_samples:
         run.generation = evaluation.setup_generation_eval(
-            config, tokenizer, eval_dataset, processes, reporter, run.start_step
+            config,
+            tokenizer,
+            eval_dataset,
+            processes,
+            reporter,
+            run.start_step,
+            eval_pairs=eval_examples if config.objective != "sft" else None,
         )
     return run
 

@@ -62,6 +62,14 @@ class Reporter:
             + (" (cached)" if stats.get("cached") else "")
         )
         for source in stats.get("sources", ()):  # a mixture: what each source gave
+            if "pairs" in source:
+                self.line(
+                    f"  {source['name']}: {source['pairs']} of {source['pairs_available']} pairs"
+                    + _share(source)
+                    + f", {source['tokens']} tokens"
+                    + (f", {source['desirable']} desirable" if "desirable" in source else "")
+                )
+                continue
             self.line(
                 f"  {source['name']}: {source['examples']} of {source['examples_available']} examples"
                 + _share(source)
