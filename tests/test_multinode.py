@@ -12,8 +12,10 @@ a process lives, not one operand nor the order of one addition.
 
 Also here, as a run on several machines meets them: the prepared-data cache shared by the
 machines (one entry) or one per machine ($SFTLAB_CACHE differing per launcher: each holds its
-entry); SIGUSR1 to every machine's torchrun, as SLURM's `--signal=USR1@T` sends it, stops the
-run with a checkpoint that `resume_from_checkpoint=auto` continues exactly.
+entry); DPO's stored reference log-probs with a cache per machine (read where one machine held
+them and computed where the other did not, the run hung); SIGUSR1 to every machine's torchrun,
+as SLURM's `--signal=USR1@T` sends it, stops the run with a checkpoint that
+`resume_from_checkpoint=auto` continues exactly.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ LAYOUTS = {"2x1": (2, 1), "2x2": (2, 2)}  # machines x processes on each
 # What docs/training.md's recipe gives torchrun: SIGUSR1 is passed on to the workers (torchrun
 # would die of it otherwise), and they get time for a step and a checkpoint before SIGKILL.
 SIGNALS = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout", "120"]
+PAIRS = [
+    {"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(8)
+]
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
@@ -62,14 +68,17 @@ def setup(tmp_path_factory) -> dict:
             handle.write(
                 json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n"
             )
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
     # No cache_dir: each launcher's $SFTLAB_CACHE decides where its machine's processes cache.
     settings = {"model": model, "max_length": 48, "seed": 3, "logging_steps": 1, "warmup_steps": 1}
-    config = root / "config.yaml"
+    config, dpo = root / "config.yaml", root / "dpo.yaml"
     config.write_text(
         yaml.safe_dump({**settings, "train_data": str(data), "learning_rate": 3e-3, "max_steps": MAX_STEPS})
     )
+    dpo.write_text(yaml.safe_dump({**settings, "train_data": str(pairs), "objective": "dpo", "max_steps": 2}))
     (root / "driver.py").write_text(DRIVER)
-    return {"root": root, "config": str(config)}
+    return {"root": root, "config": str(config), "dpo": str(dpo)}
 
 
 @dataclass
@@ -173,6 +182,11 @@ def cache_entries(cache) -> list[str]:
     return sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
 
 
+def stored_references(cache) -> list[str]:
+    folder = os.path.join(cache, "prepared", "reference")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 @pytest.fixture(scope="module")
 def one_launcher(setup):
     """The run of one launcher with `world` processes in `mode`, once per module."""
@@ -232,6 +246,26 @@ def test_two_machines_train_bitwise_as_one_launcher(setup, one_launcher, mode, l
     entries = [cache_entries(cache) for cache in dict.fromkeys(caches)]
     assert len(entries) == (1 if shared else 2) and all(found == entries[0] for found in entries), entries
     assert len(entries[0]) == 1 and not entries[0][0].startswith("."), entries
+
+
+def test_dpo_with_a_cache_on_each_machine_stores_the_reference_on_each(setup):
+    caches = [setup["root"] / "cache-dpo" / f"machine{m}" for m in range(2)]
+    run = dict(machines=2, per_machine=1, caches=caches, config=setup["dpo"])
+    first = setup["root"] / "dpo-first"
+    succeeded(launch(setup, first, "per_device_train_batch_size=2", **run))
+    # The first process of each machine wrote the reference log-probs into its machine's cache.
+    stored = [stored_references(cache) for cache in caches]
+    assert stored[0] == stored[1] and len(stored[0]) == 1 and stored[0][0].endswith(".npy"), stored
+    # One machine loses its cache (a new machine, a wiped /tmp): that machine's processes do not
+    # find the file, the other's do. All compute them again (a collective), rather than one
+    # machine reading while the other waits in the sum for it.
+    os.remove(caches[1] / "prepared" / "reference" / stored[1][0])
+    second = setup["root"] / "dpo-second"
+    launchers = succeeded(launch(setup, second, "per_device_train_batch_size=2", **run))
+    assert "reference log-probs of 8 train pairs: computed in" in "".join(launcher.stdout for launcher in launchers)
+    assert stored_references(caches[1]) == stored[0]
+    assert losses(second) == losses(first) and len(losses(first)) == 2
+    assert_equal_weights(final(second), final(first))
 
 
 def test_sigusr1_to_both_machines_checkpoints_and_resume_auto_continues_exactly(setup, one_launcher):
