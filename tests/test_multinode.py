@@ -34,7 +34,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlab.cli import EXIT_PREEMPTED
+from sftlab.errors import ConfigError
 from sftlab.training.checkpoint import list_checkpoints
+from sftlab.training.distributed import _device
 from test_faults import DRIVER
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
@@ -55,7 +57,7 @@ PAIRS = [
     {"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": f" {i + 2} or so" * (1 + i % 2)} for i in range(8)
 ]
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +215,7 @@ def one_launcher(setup):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 def test_two_machines_train_bitwise_as_one_launcher(setup, one_launcher, mode, layout):
@@ -248,6 +251,7 @@ def test_two_machines_train_bitwise_as_one_launcher(setup, one_launcher, mode, l
     assert len(entries[0]) == 1 and not entries[0][0].startswith("."), entries
 
 
+@pytest.mark.slow
 def test_dpo_with_a_cache_on_each_machine_stores_the_reference_on_each(setup):
     caches = [setup["root"] / "cache-dpo" / f"machine{m}" for m in range(2)]
     run = dict(machines=2, per_machine=1, caches=caches, config=setup["dpo"])
@@ -268,6 +272,7 @@ def test_dpo_with_a_cache_on_each_machine_stores_the_reference_on_each(setup):
     assert_equal_weights(final(second), final(first))
 
 
+@pytest.mark.slow
 def test_sigusr1_to_both_machines_checkpoints_and_resume_auto_continues_exactly(setup, one_launcher):
     reference = one_launcher("fsdp", 2)
     caches = [setup["root"] / "cache-sigusr1" / f"machine{m}" for m in range(2)]
@@ -292,3 +297,14 @@ def test_sigusr1_to_both_machines_checkpoints_and_resume_auto_continues_exactly(
     assert any(f"at step {step}" in launcher.stdout for launcher in resumed)
     assert losses(output_dir) == losses(reference)
     assert_equal_weights(final(output_dir), final(reference))
+
+
+def test_several_processes_on_gpus_need_the_launchers_local_rank():
+    # A hand-made srun launch exporting RANK and WORLD_SIZE only: every process would take GPU 0.
+    with pytest.raises(ConfigError, match=r"2 processes \(WORLD_SIZE\) but no LOCAL_RANK.*LOCAL_RANK=\$SLURM_LOCALID"):
+        _device(None, world=2, gpus=8)
+    # More processes on a machine than it has GPUs: named, rather than CUDA's invalid device ordinal.
+    with pytest.raises(ConfigError, match=r"process 4 of this machine \(LOCAL_RANK\).* shows 4.*--nproc_per_node 4"):
+        _device(4, world=8, gpus=4)
+    # On CPUs every process has the same device: nothing to refuse.
+    assert _device(None, world=2, gpus=0) == torch.device("cpu")
