@@ -64,7 +64,7 @@ elif point == "after-step":  # optimizer step STEP done in memory, never saved
             kill_me()
 
     sftlab.training.progress.Reporter.advance = advance
-elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step STEP is done, from rank SIGNAL_RANK
+elif point in ("sigusr1-self", "sigusr1-launchers", "sigterm-launcher"):  # a real signal once step STEP is done, from rank SIGNAL_RANK
     real_advance = sftlab.training.progress.Reporter.advance
 
     def advance(self, done):
@@ -72,6 +72,10 @@ elif point in ("sigusr1-self", "sigterm-launcher"):  # a real signal once step S
         if done == step and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
             if point == "sigusr1-self":
                 os.kill(os.getpid(), signal.SIGUSR1)
+            elif point == "sigusr1-launchers":  # every torchrun of a multi-machine run (their pids in a file)
+                with open(os.environ["LAUNCHER_PIDS"]) as handle:
+                    for pid in handle.read().split():
+                        os.kill(int(pid), signal.SIGUSR1)
             else:  # torchrun, which passes SIGTERM on to every worker as SLURM and Kubernetes make it do
                 os.kill(os.getppid(), signal.SIGTERM)
 

@@ -77,8 +77,10 @@ class Processes:
 
     @contextlib.contextmanager
     def local_main_first(self):
-        """The first process of each machine goes first (preparing the data cache), the others then
-        find its result; with a cache on a shared filesystem `sftlab prepare` does it once ahead."""
+        """The first process of each machine (LOCAL_RANK 0) goes first, the others then find its
+        result: converting a GGUF model into the machine's cache. The barrier is over all processes,
+        so with several machines each one's first process works at once and every other waits for
+        all of them. (Prepared data needs no barrier: a cache entry's file lock, data/store.py.)"""
         if self.local_rank != 0:
             self.barrier()
         try:
@@ -92,11 +94,27 @@ class Processes:
             dist.destroy_process_group()
 
 
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _device(local_rank: int | None, world: int, gpus: int) -> torch.device:
+    """GPU LOCAL_RANK of this machine, or the CPU on a machine without GPUs. `local_rank` None: the
+    launcher set no LOCAL_RANK, which is refused for several processes on GPUs (each would take
+    GPU 0 of its machine, as a hand-made `srun` launch that exports only RANK and WORLD_SIZE does)."""
+    if gpus == 0:
+        return torch.device("cpu")
+    if local_rank is None and world > 1:
+        raise ConfigError(
+            f"{world} processes (WORLD_SIZE) but no LOCAL_RANK: every process of a machine would take its GPU 0",
+            source="the launcher's environment",
+            fix="launch with torchrun or accelerate launch, which set it; with srun alone, export LOCAL_RANK=$SLURM_LOCALID",
+        )
+    local_rank = local_rank or 0
+    if local_rank >= gpus:
+        raise ConfigError(
+            f"process {local_rank} of this machine (LOCAL_RANK) has no GPU of its own: the machine shows {gpus}",
+            source="the launcher's environment",
+            fix=f"start at most {gpus} processes per machine (torchrun --nproc_per_node {gpus})",
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def start_processes(fsdp: bool, sequence_parallel_size: int = 1) -> Processes:
@@ -129,8 +147,10 @@ def start_processes(fsdp: bool, sequence_parallel_size: int = 1) -> Processes:
 
 def _join(fsdp: bool) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(local_rank)
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    device = _device(local_rank, world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    local_rank = local_rank or 0
     if dist.is_initialized():  # the caller set up its own group
         return Processes(dist.get_rank(), dist.get_world_size(), local_rank, device)
     # nccl for CUDA tensors, gloo for the CPU ones (RNG states, flags) in the same group.

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 
 import numpy as np
 import torch
@@ -485,23 +486,35 @@ def stored_reference_log_probs(
     """(reference log-probs of `pairs`, whether they were read from `folder`), stored there keyed by
     a hash of the pairs and of the model's weights as they are before training, so a resumed run,
     a second run on the same data, or the evaluation pairs of a later run reuse them. Every process
-    computes its share; the main one writes the file (atomically: written aside, then renamed)."""
+    computes its share; the first process of each machine writes the file (atomically: written
+    aside, then renamed), so that a cache folder of each machine's own holds it too."""
     from sftlab.training.identity import examples_digest, weights_digest
 
     key = hashlib.blake2b(f"{examples_digest(pairs)}-{weights_digest(model)}".encode(), digest_size=16).hexdigest()
     path = os.path.join(folder, f"{key}.npy")
-    if os.path.isfile(path):
-        values = np.load(path, allow_pickle=False)
-        if values.shape == (len(pairs), 2):
-            return values, True
+    stored = _read_reference(path, len(pairs))
+    # Computing them is a collective (the sum over processes), so every process must take the same
+    # branch: with a cache on each machine one machine may hold the file and another not, and a
+    # 2-machine run whose processes read it where they found it hung in that sum.
+    if int(processes.sum(torch.tensor([float(stored is not None)]))[0]) == processes.world:
+        return stored, True
     values = reference_log_probs(model, pairs, pad_id, processes, batch_size=batch_size, shared_prompt=shared_prompt)
-    if processes.is_main:
+    if processes.local_rank == 0:
         os.makedirs(folder, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
+        # A name of its own (the pid alone may repeat on another machine): on a cache shared by
+        # machines, their first processes write the same file at once.
+        partial = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
         with open(partial, "wb") as handle:
             np.save(handle, values, allow_pickle=False)
         os.replace(partial, path)
     return values, False
+
+
+def _read_reference(path: str, count: int) -> np.ndarray | None:
+    if not os.path.isfile(path):
+        return None
+    values = np.load(path, allow_pickle=False)
+    return values if values.shape == (count, 2) else None
 
 
 # --- KTO ---------------------------------------------------------------------------------------
