@@ -48,8 +48,12 @@ EXAMPLES_PER_STEP = 4
 MODES = {
     "ddp": ("fsdp=false",),
     "fsdp": ("fsdp=true",),
+    # On 2 x 2: a sequence group on each machine (consecutive ranks), FSDP2 across both: the 2-D mesh.
+    "sequence parallel + fsdp": ("sequence_parallel_size=2", "fsdp=true"),
 }
 LAYOUTS = {"2x1": (2, 1), "2x2": (2, 2)}  # machines x processes on each
+# Each mode once on each layout would take ~10 minutes here: DDP on 2 x 1, the others on 2 x 2 too.
+CASES = [("ddp", "2x1"), ("fsdp", "2x1"), ("fsdp", "2x2"), ("sequence parallel + fsdp", "2x2")]
 # What docs/training.md's recipe gives torchrun: SIGUSR1 is passed on to the workers (torchrun
 # would die of it otherwise), and they get time for a step and a checkpoint before SIGKILL.
 SIGNALS = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout", "120"]
@@ -196,7 +200,7 @@ def one_launcher(setup):
 
     def run(mode: str, world: int) -> str:
         if (mode, world) not in runs:
-            output_dir = setup["root"] / f"one-launcher-{mode}-{world}"
+            output_dir = setup["root"] / f"one-launcher-{mode.replace(' ', '-')}-{world}"
             overrides = MODES[mode]
             succeeded(
                 launch(
@@ -216,15 +220,17 @@ def one_launcher(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, layout", CASES)
 def test_two_machines_train_bitwise_as_one_launcher(setup, one_launcher, mode, layout):
     machines, per_machine = LAYOUTS[layout]
     world = machines * per_machine
-    output_dir = setup["root"] / f"machines-{mode}-{layout}"
+    output_dir = setup["root"] / f"machines-{mode.replace(' ', '-')}-{layout}"
     # 2 x 1: a cache on each machine; 2 x 2: one cache both machines share.
     shared = per_machine == 2
-    caches = [setup["root"] / f"cache-{mode}-{layout}" / ("shared" if shared else f"machine{m}") for m in range(2)]
+    caches = [
+        setup["root"] / f"cache-{mode.replace(' ', '-')}-{layout}" / ("shared" if shared else f"machine{m}")
+        for m in range(2)
+    ]
     overrides = MODES[mode]
     launchers = succeeded(
         launch(
