@@ -285,10 +285,10 @@ class SFTConfig(BaseModel):
         description="Chat template for conversations: 'chatml', a .jinja file, or the template text. Default: the tokenizer's.",
     )
     attn_implementation: Literal[
-        "auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"
+        "auto", "eager", "sdpa", "sdpa_packed", "flex_attention", "flash_attention_2", "flash_attention_3"
     ] = Field(
         "auto",
-        description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); the log says which. A kernel the model does not support is an error naming the ones it does.",
+        description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); with packing, sdpa_packed where the model's attention is causal without sliding windows; the log says which. 'sdpa_packed': sdpa run once per packed example, with no length x length mask (the same numbers, far less memory at long lengths; docs/training.md). A kernel the model does not support is an error naming the ones it does.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model folder to run. Off unless you trust its author."

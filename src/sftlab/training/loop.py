@@ -274,6 +274,7 @@ def _setup(
             lora=setup.lora_settings(config),
             quantization=setup.quantization_settings(config),
             added_tokens=added,
+            packing=config.packing and config.objective == "sft",  # pairs pack with masks of their own
         )
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
