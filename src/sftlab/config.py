@@ -511,6 +511,10 @@ class SFTConfig(BaseModel):
         description="bfloat16 autocast with fp32 master weights; with fsdp, FSDP2's policy: bf16 weights in compute, gradients reduced in fp32. Slow on CPUs without native bf16. `accelerate launch --mixed_precision bf16` turns it on too.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_offloading: bool = Field(
+        False,
+        description="On a GPU, move the activations saved for backward (with gradient_checkpointing: each decoder layer's input) to pinned host memory during forward, on a side stream, and bring each back one layer ahead in backward: less GPU memory, the same numbers, host memory and PCIe traffic instead. On the CPU there is nothing to move: accepted, and the log says so.",
+    )
     torch_compile: bool = Field(
         False,
         description="Compile each decoder layer of the trunk with torch.compile (inductor; one graph serves every layer, and works under fsdp). The first steps pay the compilation (minutes on a small CPU), and a new sequence length may recompile once; see docs/benchmarks.md for when it pays.",
