@@ -249,9 +249,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one run may take")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "long_context.json"))
+    parser.add_argument("--table", help="print the table of a JSON report written earlier, and stop")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.table:
+        with open(args.table) as handle:
+            print_table(json.load(handle))
         return
 
     model_folder = common.smollm2_folder(os.path.join(tempfile.gettempdir(), "sftlab-bench-smollm2"))
@@ -314,23 +319,30 @@ def print_table(report: dict) -> None:
         print(f"{side}: longest {data['longest']}; attention {kernel.get('implementation')} -> {kernel.get('ops')}")
     lengths = sorted({r["length"] for data in sides.values() for r in data["runs"]})
     names = list(sides)
-    print("| max_length | " + " | ".join(f"{n} peak RSS | {n} step" for n in names) + " | step ratio |")
+    ratio_name = f"{names[0]} / {names[1]} (peak, step)" if len(names) > 1 else "ratio"
+    print("| max_length | " + " | ".join(f"{n} peak RSS | {n} step" for n in names) + f" | {ratio_name} |")
     print("|---:|" + "---:|---:|" * len(names) + "---:|")
     for length in lengths:
-        cells, steps = [], []
+        cells, steps, peaks = [], [], []
         for name in names:
             run = next((r for r in sides[name]["runs"] if r["length"] == length), None)
             if run is None:
                 cells += ["", ""]
                 steps.append(None)
+                peaks.append(None)
                 continue
             step = (run["result"] or {}).get("step_seconds") if run["status"] == "ok" else None
             steps.append(step)
+            peaks.append(run["peak_rss_mb"] if run["status"] == "ok" else None)
             cells += [
                 f"{run['peak_rss_mb'] / 1024:.2f} GiB" + ("" if run["status"] == "ok" else f" ({run['status']})"),
                 f"{step:.1f} s" if step else f"- ({run['seconds']:.0f} s)",
             ]
-        ratio = f"{steps[1] / steps[0]:.2f}x" if len(steps) > 1 and steps[0] and steps[1] else ""
+        ratio = (
+            f"{peaks[0] / peaks[1]:.2f}x, {steps[0] / steps[1]:.2f}x"
+            if len(steps) > 1 and steps[0] and steps[1] and peaks[0] and peaks[1]
+            else ""
+        )
         print(f"| {length} | " + " | ".join(cells) + f" | {ratio} |")
 
 
