@@ -285,10 +285,10 @@ class SFTConfig(BaseModel):
         description="Chat template for conversations: 'chatml', a .jinja file, or the template text. Default: the tokenizer's.",
     )
     attn_implementation: Literal[
-        "auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"
+        "auto", "eager", "sdpa", "sdpa_packed", "flex_attention", "flash_attention_2", "flash_attention_3"
     ] = Field(
         "auto",
-        description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); the log says which. A kernel the model does not support is an error naming the ones it does.",
+        description="Attention kernel passed to transformers. 'auto': sdpa where the model supports it, else eager (gpt-oss); with packing, sdpa_packed where the model's attention is causal without sliding windows; the log says which. 'sdpa_packed': sdpa run once per packed example, with no length x length mask (the same numbers, far less memory at long lengths; docs/training.md). A kernel the model does not support is an error naming the ones it does.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model folder to run. Off unless you trust its author."
@@ -511,6 +511,10 @@ class SFTConfig(BaseModel):
         description="bfloat16 autocast with fp32 master weights; with fsdp, FSDP2's policy: bf16 weights in compute, gradients reduced in fp32. Slow on CPUs without native bf16. `accelerate launch --mixed_precision bf16` turns it on too.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_offloading: bool = Field(
+        False,
+        description="On a GPU, move the activations saved for backward (with gradient_checkpointing: each decoder layer's input) to pinned host memory during forward, on a side stream, and bring each back one layer ahead in backward: less GPU memory, the same numbers, host memory and PCIe traffic instead. On the CPU there is nothing to move: accepted, and the log says so.",
+    )
     torch_compile: bool = Field(
         False,
         description="Compile each decoder layer of the trunk with torch.compile (inductor; one graph serves every layer, and works under fsdp). The first steps pay the compilation (minutes on a small CPU), and a new sequence length may recompile once; see docs/benchmarks.md for when it pays.",

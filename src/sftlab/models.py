@@ -146,16 +146,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 ATTENTION_SUPPORT = {
     "sdpa": "_supports_sdpa",
+    "sdpa_packed": "_supports_sdpa",  # training/attention.py: transformers' sdpa, once per packed example
     "flex_attention": "_supports_flex_attn",
     "flash_attention_2": "_supports_flash_attn",
     "flash_attention_3": "_supports_flash_attn",
 }
 
 
-def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool = False) -> tuple[str, str]:
+def choose_attention(
+    path: str, requested: str = "auto", trust_remote_code: bool = False, packing: bool = False
+) -> tuple[str, str]:
     """(attention implementation, why) for the model in `path`. 'auto': sdpa where the model's class
-    supports it, else eager (gpt-oss, for one, supports neither sdpa nor flex on the CPU). An
-    explicit choice the class does not support is a ConfigError naming the ones it does."""
+    supports it, else eager (gpt-oss, for one, supports neither sdpa nor flex on the CPU); with
+    `packing`, sdpa_packed instead of sdpa where every layer's attention is causal without a sliding
+    window (sdpa would build a length x length mask for each packed row). An explicit choice the
+    class does not support is a ConfigError naming the ones it does."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -167,6 +172,8 @@ def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool
     supported = ["eager"] + [name for name, flag in ATTENTION_SUPPORT.items() if getattr(model_class, flag, False)]
     if requested == "auto":
         chosen = "sdpa" if "sdpa" in supported else "eager"
+        if chosen == "sdpa" and packing and _full_causal_attention(config):
+            chosen = "sdpa_packed"
         return chosen, f"auto: {model_class.__name__} supports {', '.join(supported)}"
     if requested not in supported:
         raise ConfigError(
@@ -180,17 +187,37 @@ def choose_attention(path: str, requested: str = "auto", trust_remote_code: bool
     return requested, "attn_implementation as configured"
 
 
+def _full_causal_attention(config) -> bool:
+    """Every layer attends causally to the whole example: no sliding-window layers (sdpa_packed runs
+    plain causal sdpa per example, which a window shorter than the example would change)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(text, "sliding_window", None) is None
+
+
 def load_model(
-    path: str, *, dtype=None, attn_implementation: str = "auto", trust_remote_code: bool = False, quantization=None
+    path: str,
+    *,
+    dtype=None,
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+    quantization=None,
+    packing: bool = False,
 ):
     """A causal LM from a local folder, weights through safetensors where the folder has them.
     `quantization`: a transformers quantization config (e.g. BitsAndBytesConfig for QLoRA).
-    `attn_implementation` 'auto' is resolved by choose_attention."""
+    `attn_implementation` 'auto' is resolved by choose_attention (`packing`: the run packs rows)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if attn_implementation != "eager":  # eager is every model's; the others are checked against the class
-        attn_implementation, _ = choose_attention(path, attn_implementation, trust_remote_code)
+        attn_implementation, _ = choose_attention(path, attn_implementation, trust_remote_code, packing)
+    if attn_implementation == "sdpa_packed":  # registered with transformers before it loads the model
+        from sftlab.training.attention import register
+
+        register()
 
     if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
         raise ConfigError(

@@ -48,7 +48,7 @@ from sftlab.data.splits import prepare_split
 from sftlab.errors import ConfigError, DataError
 from sftlab.files import cache_root
 from sftlab.models import load_tokenizer, resolve_model_path
-from sftlab.training import batching, distributed, evaluation, export, parallelize, sequence, setup
+from sftlab.training import batching, distributed, evaluation, export, offloading, parallelize, sequence, setup
 from sftlab.training.architecture import packing_isolation
 from sftlab.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sftlab.training.identity import CHANGEABLE, differences, run_identity
@@ -97,6 +97,7 @@ class Run:
     generation: evaluation.GenerationEval | None = None
     start_step: int = 0
     sequence: sequence.SequenceParallel | None = None  # rows split over a group of processes
+    saved_activations: object = field(default_factory=contextlib.nullcontext)  # offloading.py, around each forward
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ def _fit(config: SFTConfig, run: Run, processes, preemption) -> TrainResult:
             stepper=run.stepper,
             skip_nonfinite=config.skip_nonfinite_steps,
             step=step,
+            saved_activations=run.saved_activations,
         )
         if result.skipped:
             reporter.line(f"step {step + 1}: non-finite loss, optimizer step skipped (records {result.records[:20]})")
@@ -301,6 +303,7 @@ def _setup(
             lora=setup.lora_settings(config),
             quantization=setup.quantization_settings(config),
             added_tokens=added,
+            packing=config.packing and config.objective == "sft",  # pairs pack with masks of their own
         )
         if setup.converts_base(config) and processes.is_main:
             setup.save_initial_adapter(model, config.output_dir)
@@ -359,6 +362,9 @@ def _setup(
         wrapper = parallelize.replicate_model(objective.module, processes)
     # FSDP's bf16 is its mixed-precision policy (bf16 weights in compute); otherwise autocast.
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=bf16 and not config.fsdp)
+    saved_activations, why = offloading.saved_activations(processes.device, config.activation_offloading)
+    if why:
+        reporter.line(why)
 
     # The optimizer is built on the parameters as they are now: FSDP's shards or the replicas.
     optimizer = setup.training_optimizer(
@@ -396,6 +402,7 @@ def _setup(
         identity=run_identity(config, model, tokenizer, train_examples),
         sequence=sequence_parallel,
     )
+    run.saved_activations = saved_activations
     run.start_step = _resume(config, run, processes)
     if config.eval_generate_samples:
         run.generation = evaluation.setup_generation_eval(

@@ -26,9 +26,14 @@ def setup_model(
     lora: dict | None,
     quantization=None,
     added_tokens: AddedChatTokens | None = None,
+    packing: bool = False,
 ):
     model = load_model(
-        path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization
+        path,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        quantization=quantization,
+        packing=packing,
     )
     model.config.use_cache = False
     if added_tokens is not None:  # before LoRA: the adapter is built on the resized embeddings

@@ -14,6 +14,7 @@ update    gradient norm (and clipping), a non-finite check, optimizer step, sche
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -54,11 +55,14 @@ def train_step(
     stepper=None,
     skip_nonfinite: bool = False,
     step: int = 0,
+    saved_activations=None,
 ) -> StepResult:
     """Run optimizer step `step` (0-based) on this process's micro-batches. `wrapper` is the
     objective's module as replicated or sharded; `stepper`: optimizer_in_backward's hooks, which
     have already updated the weights by the end of backward. `stop_requested()`: whether a stop
-    signal reached this process, asked after the backward passes, when the step's sums are reduced."""
+    signal reached this process, asked after the backward passes, when the step's sums are reduced.
+    `saved_activations`: the context each forward runs in (offloading.py's activation offloading)."""
+    saved_activations = saved_activations or contextlib.nullcontext()
     start = getattr(objective, "start_step", None)
     if start is not None:  # what the objective needs from the whole step first (KTO: its KL reference point)
         start(wrapper, batches, processes, autocast)
@@ -72,7 +76,7 @@ def train_step(
     for j, batch in enumerate(batches):
         inputs = {k: v.to(processes.device) for k, v in batch.items() if torch.is_tensor(v)}
         with parallelize.accumulating(wrapper, last=j == len(batches) - 1):
-            with autocast:
+            with autocast, saved_activations:
                 out = wrapper(**inputs)
             loss = out["loss_sum"] / normalizer
             if "aux_loss" in out:  # a mean per forward (MoE load balancing): averaged over the step's forwards
