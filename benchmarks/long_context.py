@@ -26,9 +26,13 @@ dispatched to is recorded.
 
     python benchmarks/long_context.py --cap-gb 4 --timeout 1200 --sides sftlab,trl
 
-Sequence parallelism: `sftlab-sp<N>` is the place for sftlab with sequence_parallel_size N under
-torchrun (per-process peak, which the watchdog already measures): add its launch command in
-`command()` once sequence parallelism is in sftlab (docs/training.md, "Long sequences").
+    sftlab-sp2 sftlab with sequence_parallel_size 2 under torchrun (2 processes, each 1/2 of the row;
+               the peak is the highest of one process: the cap applies per process); DDP, so each
+               process also holds all weights, gradients (twice in a first step: DDP's buckets)
+               and AdamW moments
+    sftlab-sp2-fsdp  the same with fsdp: true (weights, gradients and moments sharded over the 2)
+
+    python benchmarks/long_context.py --cap-gb 4 --sides sftlab-sp2-fsdp,sftlab-sp2 --lengths 6144,8192,12288,16384
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def child_sftlab(spec: dict) -> dict:
         gradient_checkpointing=True,
         warmup_ratio=0.0,
         learning_rate=1e-5,
+        sequence_parallel_size=spec.get("sequence_parallel", 1),
+        fsdp=spec.get("fsdp", False),
     )
     result = train(config, train_dataset=[{"input_ids": tokens(spec["length"], spec["vocab"])}])
     (step,) = [r for r in result.history if r.get("type") == "train"]
@@ -137,10 +143,16 @@ def child_kernel(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    if spec["side"] == "sftlab":
+    sharded = {}
+    if spec["side"].startswith("sftlab"):
         from sftlab.models import load_model
 
         model = load_model(spec["model_folder"])
+        if spec["side"].startswith("sftlab-sp"):  # the attention sequence parallelism runs, on one process
+            from sftlab.training.sequence import SequenceParallel
+
+            SequenceParallel(model, 1, None)
+            sharded = {"row_position_ids": torch.arange(256)[None]}
     else:
         from transformers import AutoModelForCausalLM
 
@@ -149,7 +161,9 @@ def child_kernel(spec: dict) -> dict:
     model.train()
     ids = torch.tensor([tokens(256, spec["vocab"])])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids, position_ids=torch.arange(256)[None], use_cache=False).logits.float().mean().backward()
+        model(
+            input_ids=ids, position_ids=torch.arange(256)[None], use_cache=False, **sharded
+        ).logits.float().mean().backward()
     ops = sorted({e.name for e in prof.events() if "attention" in e.name and e.name.startswith("aten::_")})
     return {"implementation": model.config._attn_implementation, "ops": ops}
 
@@ -165,12 +179,23 @@ def child(spec: dict) -> None:
 
 
 def command(side: str, spec: dict) -> list[str]:
-    """The command line of one run of `side`. A sequence-parallel side (sftlab-sp<N>) goes here:
-    torchrun --standalone --nproc_per_node N this script --child SPEC, with the child's config
-    given sequence_parallel_size N; the watchdog already watches each of its processes."""
-    if side.startswith("sftlab-sp"):
-        raise SystemExit(f"{side}: sequence parallelism is not in sftlab yet (see command() in {__file__})")
-    return [PYTHONS[side], os.path.abspath(__file__), "--child", json.dumps(spec)]
+    """The command line of one run of `side`. sftlab-sp<N>: torchrun with N processes, the child's
+    config given sequence_parallel_size N (each process holds 1/N of the row; the watchdog watches
+    each process: the peak reported is the highest of one process)."""
+    if side.startswith("sftlab-sp") and spec["task"] != "kernel":
+        processes = int(side.split("-")[1][len("sp") :])
+        spec = {**spec, "sequence_parallel": processes, "fsdp": side.endswith("-fsdp")}
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        return [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            os.path.abspath(__file__),
+            "--child",
+            json.dumps(spec),
+        ]
+    return [PYTHONS[side.split("-")[0]], os.path.abspath(__file__), "--child", json.dumps(spec)]
 
 
 def process_tree(pid: int) -> list[int]:

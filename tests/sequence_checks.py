@@ -21,6 +21,12 @@ MODELS = {
     "llama, 4 heads, 2 key/value heads": ("llama", "sdpa", {}),
     "llama, 1 key/value head (copied to each process)": ("llama", "sdpa", {"num_key_value_heads": 1}),
     "gemma2, soft-capped, sliding window 4": ("gemma2", "eager", {"sliding_window": 4}),
+    # SmolLM2's shape: 9 heads, 3 key/value heads, split 5 and 4 over 2 processes.
+    "llama, 9 heads, 3 key/value heads (split 5 and 4)": (
+        "llama",
+        "sdpa",
+        {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 8},
+    ),
 }
 # Examples of 5, 9 and 2 tokens in a row of 16: the shards are [0, 8) and [8, 16).
 LENGTHS = (5, 9, 2)

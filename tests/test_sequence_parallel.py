@@ -166,10 +166,13 @@ def test_generation_gets_the_models_own_attention_back():
     assert model.config._attn_implementation == sequence.NAME
 
 
-def test_heads_that_do_not_divide_are_refused_naming_both_numbers():
+def test_heads_split_as_evenly_as_they_go_and_fewer_heads_than_processes_are_refused():
+    assert sequence.head_counts(9, 2) == [5, 4]
+    assert sequence.head_counts(4, 2) == [2, 2]
+    assert sequence.head_counts(10, 4) == [3, 3, 2, 2]
     model = tiny_model("llama", attn="sdpa", num_attention_heads=4)
-    with pytest.raises(ConfigError, match="sequence_parallel_size 3 does not divide the model's 4 attention heads"):
-        sequence.SequenceParallel(model, 3, None)
+    with pytest.raises(ConfigError, match="sequence_parallel_size 8 is more than the model's 4 attention heads"):
+        sequence.SequenceParallel(model, 8, None)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@
                     turns the sequence shards of q, k, v into head shards (every process: all tokens,
                     1/N of the heads), attention runs per example on the whole row, a second
                     all-to-all turns the output back into sequence shards
-    SequenceParallel  the checks (heads divide by N), then the model's attention implementation set
-                    to NAME, its function bound to this process's sequence group
+    SequenceParallel  the checks, then the model's attention implementation set to NAME, its function
+                    bound to this process's sequence group
 
 Everything outside attention is per token (embeddings, norms, MLPs, the LM head and the loss), so
 each process runs it on its own tokens only: activation memory per process falls by N. Rotary
@@ -84,27 +84,35 @@ def example_segments(row_positions: torch.Tensor) -> list[list[tuple[int, int]]]
     return segments
 
 
-def _to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
-    """[B, H, L/N, D] sequence shard -> [B, H/N, L, D] head shard (every token, 1/N of the heads)."""
+def head_counts(heads: int, size: int) -> list[int]:
+    """Heads per process: as even as they go (SmolLM2's 9 over 2: 5 and 4)."""
+    return [heads // size + (rank < heads % size) for rank in range(size)]
+
+
+def _to_heads(x: torch.Tensor, size: int, group, rank: int) -> torch.Tensor:
+    """[B, H, L/N, D] sequence shard -> [B, h, L, D] head shard (every token of this process's h heads)."""
     from torch.distributed.nn.functional import all_to_all_single
 
     b, h, s, d = x.shape
-    send = x.reshape(b, size, h // size, s, d).transpose(0, 1).contiguous()  # [N, B, H/N, L/N, D]
-    received = all_to_all_single(torch.empty_like(send), send, None, None, group=group)
-    # received[j]: process j's tokens of this process's heads; j runs in sequence order
-    return received.permute(1, 2, 0, 3, 4).reshape(b, h // size, size * s, d)
+    counts = head_counts(h, size)
+    mine = counts[rank]
+    send = x.transpose(0, 1).contiguous()  # [H, B, L/N, D]: process j gets heads counts[j]
+    received = all_to_all_single(send.new_empty(size * mine, b, s, d), send, [mine] * size, counts, group=group)
+    # From each process j in turn (sequence order): its tokens of this process's heads.
+    return received.reshape(size, mine, b, s, d).permute(2, 1, 0, 3, 4).reshape(b, mine, size * s, d)
 
 
-def _to_sequence(x: torch.Tensor, size: int, group) -> torch.Tensor:
-    """[B, H/N, L, D] head shard -> [B, H, L/N, D] sequence shard (the inverse of _to_heads)."""
+def _to_sequence(x: torch.Tensor, size: int, group, heads: int) -> torch.Tensor:
+    """[B, h, L, D] head shard -> [B, H, L/N, D] sequence shard (the inverse of _to_heads)."""
     from torch.distributed.nn.functional import all_to_all_single
 
-    b, h, length, d = x.shape
+    b, mine, length, d = x.shape
     s = length // size
-    send = x.reshape(b, h, size, s, d).permute(2, 0, 1, 3, 4).contiguous()  # [N, B, H/N, L/N, D]
-    received = all_to_all_single(torch.empty_like(send), send, None, None, group=group)
-    # received[j]: this process's tokens of process j's heads; j runs in head order
-    return received.transpose(0, 1).reshape(b, size * h, s, d)
+    send = x.reshape(b, mine, size, s, d).permute(2, 1, 0, 3, 4).reshape(size * mine, b, s, d)  # chunk j to j
+    counts = head_counts(heads, size)
+    received = all_to_all_single(send.new_empty(heads, b, s, d), send, counts, [mine] * size, group=group)
+    # From each process j in turn (head order): this process's tokens of j's heads.
+    return received.transpose(0, 1)
 
 
 def segment_attention(
@@ -170,7 +178,8 @@ def _softcapped(q, k, v, scaling, softcap, band, groups, dropout):
 
 class SequenceParallel:
     """The model's attention routed through `attention` on one sequence group of `size` processes.
-    Refuses a model whose query heads do not divide by the size (each process computes H/N heads).
+    Each process computes H/N of the heads; where N does not divide H, as evenly as they go (9 heads
+    over 2 processes: 5 and 4, the step as slow as the process with 5). Fewer heads than N is refused.
     The function is registered under NAME bound to this object (its group); a model's own attention
     (for generation, which has no row shards) comes back inside `model_attention()`."""
 
@@ -178,12 +187,12 @@ class SequenceParallel:
         from transformers import AttentionInterface
 
         heads = attention_heads(model)
-        if heads % size:
+        if heads < size:
             raise ConfigError(
-                f"sequence_parallel_size {size} does not divide the model's {heads} attention heads",
+                f"sequence_parallel_size {size} is more than the model's {heads} attention heads",
                 field="sequence_parallel_size",
                 found=f"{size}",
-                fix=f"choose a sequence_parallel_size that divides {heads}",
+                fix=f"choose a sequence_parallel_size of at most {heads} (each process computes whole heads)",
             )
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         kinds = set(getattr(text_config, "layer_types", None) or ())
@@ -250,10 +259,13 @@ class SequenceParallel:
         size, group = self.size, self.group
         heads, kv_heads = query.shape[1], key.shape[1]
         if size > 1:
-            if kv_heads % size:  # fewer key/value heads than processes: each gets its query heads' copies
+            rank = torch.distributed.get_rank(group)
+            if heads % size or kv_heads % size:
+                # The key/value heads a process's query heads use are not its own 1/N of them (fewer
+                # key/value heads than processes, or heads split unevenly): each gets its copies.
                 key = key.repeat_interleave(heads // kv_heads, dim=1)
                 value = value.repeat_interleave(heads // kv_heads, dim=1)
-            query, key, value = (_to_heads(t, size, group) for t in (query, key, value))
+            query, key, value = (_to_heads(t, size, group, rank) for t in (query, key, value))
         out = segment_attention(
             query,
             key,
@@ -265,7 +277,7 @@ class SequenceParallel:
             softcap=kwargs.get("softcap"),
         )
         if size > 1:
-            out = _to_sequence(out, size, group)
+            out = _to_sequence(out, size, group, heads)
         return out.transpose(1, 2).contiguous(), None
 
 
