@@ -3,7 +3,8 @@
 - sdpa_packed (training/attention.py): sdpa once per packed example, equal to the model's own
   attention (the masked sdpa and eager) on packed rows, the same as sdpa on padded batches and
   in generation, and with no length x length tensor anywhere in forward or backward;
-- 'auto' picks it for packed runs of models without sliding windows; a window it would cut is refused;
+- 'auto' picks it for packed runs of models without sliding windows; a window shorter than an example is
+  computed within the example (a band mask of that example's length);
 - examples of 32k+ tokens through preparation and the store (truncated and dropped ones counted),
   the planner at max_length 131072, the sparse head bounded by the hidden states;
 - a 64k-token packed row trained on the tiny model, its loss the one each example gives alone.
@@ -118,21 +119,27 @@ def test_a_packed_row_builds_no_length_by_length_tensor():
     assert split.bytes <= 32768 * 128 * 4 * 2  # at most twice the MLP's activations (length x 128 fp32)
 
 
-def test_a_sliding_window_shorter_than_an_example_is_refused():
+def test_a_sliding_window_shorter_than_an_example_is_computed_within_the_example():
+    # Examples of 10, 12 and 2 tokens under a window of 8: the first two need the window, a band
+    # mask of their own length; the model's own sdpa gets transformers' sliding block mask.
     model = tiny_model(
-        "qwen2", vocab_size=128, attn=NAME, use_sliding_window=True, sliding_window=8, max_window_layers=0
+        "qwen2", vocab_size=128, attn="sdpa", use_sliding_window=True, sliding_window=8, max_window_layers=0
     )
-    with pytest.raises(
-        ValueError, match="sliding window of 8 tokens and an example of 10: use attn_implementation sdpa"
-    ):
-        model(input_ids=torch.ones(1, 16, dtype=torch.long), position_ids=packed_positions([10, 6]))
-    # Examples no longer than the window see the same tokens with or without it: allowed, and equal.
-    ids = torch.randint(1, 128, (1, 14))
-    positions = packed_positions([8, 6])
-    with torch.no_grad():
-        ours = model(input_ids=ids, position_ids=positions).logits
-        model.set_attn_implementation("sdpa")
-        torch.testing.assert_close(ours, model(input_ids=ids, position_ids=positions).logits, rtol=0, atol=1e-5)
+    ids = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+    positions = packed_positions([10, 12, 2])
+    expected, expected_grads = logits_and_grads(model, ids, positions)
+    model.set_attn_implementation(NAME)
+    logits, grads = logits_and_grads(model, ids, positions)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    for name, grad in grads.items():
+        scale = float(expected_grads[name].abs().max())
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-5 * scale, msg=name)
+    # Not vacuous: the same weights with a window longer than every example give other logits.
+    wide = tiny_model(
+        "qwen2", vocab_size=128, attn=NAME, use_sliding_window=True, sliding_window=64, max_window_layers=0
+    )
+    unwindowed, _ = logits_and_grads(wide, ids, positions)
+    assert float((unwindowed - expected).abs().max()) > 1e-4
 
 
 def test_auto_picks_sdpa_packed_for_packed_runs_of_models_without_sliding_windows(tmp_path):

@@ -26,6 +26,7 @@ from architectures import ARCHITECTURES, KINDS
 from sftlab.config import make_config
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import sequence
+from sftlab.training.attention import example_bounds
 from test_sharding import assert_close_weights, final, losses, resume_from, succeeded
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama, tiny_model
@@ -75,12 +76,7 @@ def test_a_packed_batch_keeps_its_positions_and_counts_only_real_tokens():
     assert [s["position_ids"].tolist() for s in shards] == [[[0, 1]], [[2, 0]], [[1, 0]], [[1, 2]]]
     assert [s["real_tokens"] for s in shards] == [2, 2, 1, 0]
     assert all(s["empty"] for s in shards)  # nothing is supervised anywhere in the batch
-    assert sequence.example_segments(batch["position_ids"]) == [[(0, 3), (3, 5), (5, 8)]]
-
-
-def test_example_segments_break_where_positions_do_not_continue():
-    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 0], [4, 5, 6, 0, 1, 2, 3, 4]])
-    assert sequence.example_segments(positions) == [[(0, 4), (4, 6), (6, 7), (7, 8)], [(0, 3), (3, 8)]]
+    assert example_bounds(batch["position_ids"]) == [[(0, 3), (3, 5), (5, 8)]]
 
 
 CASES = {
@@ -107,7 +103,7 @@ def test_attention_per_segment_equals_each_example_alone(case):
     alone = torch.zeros(2, 24, 128)
     with torch.no_grad():
         whole = model(input_ids=ids).logits  # each row one sequence: the examples see each other
-        for row, segments in enumerate(sequence.example_segments(positions)):
+        for row, segments in enumerate(example_bounds(positions)):
             for start, end in segments:
                 alone[row, start:end] = model(input_ids=ids[row : row + 1, start:end]).logits[0]
         sequence.SequenceParallel(model, 1, None)  # one process: no all-to-all, the segments alone

@@ -18,14 +18,17 @@ Both halves go through transformers' registries, with no model code patched:
   keys (a training row, packed or not); otherwise transformers' sdpa mask, so padded batches and
   generation are masked exactly as under `sdpa`.
 
-It is for decoders whose attention is causal within an example: a sliding window shorter than an
-example would need a mask this kernel does not build, so such a call is refused (models.py's 'auto'
-picks this kernel only for models without sliding-window layers).
+Within an example, `segment_attention` (shared with sequence parallelism, sequence.py) runs sdpa with
+`is_causal` and no mask; a sliding window shorter than the example gets a banded mask of that
+example's length only, and soft-capped attention logits (Gemma 2) are computed in plain torch.
+models.py's 'auto' still picks this kernel only for models without sliding-window layers (their
+windowed examples build a mask of their own length); naming it works for any.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NAME = "sdpa_packed"
 
@@ -69,34 +72,80 @@ def packed_sdpa_attention(
     bounds = [[(0, length)]] * query.shape[0]
     if position_ids is not None:
         bounds = example_bounds(position_ids.expand(query.shape[0], -1))
-    # The mask function built no mask, so a sliding window would not be applied: refused where it
-    # would cut an example (shorter examples see the same tokens with or without it).
-    window = kwargs.get("sliding_window")
-    longest = max(end - start for row in bounds for start, end in row)
-    if window is not None and longest > window:
-        raise ValueError(
-            f"attn_implementation {NAME} runs plain causal attention per example, but this layer has a sliding "
-            f"window of {window} tokens and an example of {longest}: use attn_implementation sdpa"
-        )
-    if all(len(row) == 1 for row in bounds):
+    if all(len(row) == 1 for row in bounds) and kwargs.get("sliding_window") is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
-    rows = []
-    for b, row in enumerate(bounds):
-        parts = [
-            sdpa_attention_forward(
-                module,
-                query[b : b + 1, :, start:end],
-                key[b : b + 1, :, start:end],
-                value[b : b + 1, :, start:end],
-                None,
-                dropout,
-                scaling,
-                **kwargs,
-            )[0]
-            for start, end in row
-        ]
-        rows.append(torch.cat(parts, dim=1))  # each part [1, n, heads, dim]
-    return torch.cat(rows, dim=0), None
+    out = segment_attention(
+        query,
+        key,
+        value,
+        bounds,
+        scaling=scaling,
+        dropout=dropout,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: list[list[tuple[int, int]]],
+    *,
+    scaling: float | None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention within each (start, end) segment of each row; [B, H, L, D] in and out
+    (the key/value heads may be fewer: grouped-query attention). Positions outside every segment
+    (none, when the segments cover the row) stay zero."""
+    groups = query.shape[1] // key.shape[1]
+    length = query.shape[2]
+    if softcap is None and (sliding_window is None or length <= sliding_window):
+        if all(row == [(0, length)] for row in segments):  # one example per row: one call, no output buffer
+            return F.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout, is_causal=length > 1, scale=scaling, enable_gqa=groups > 1
+            )
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])  # value heads may be narrower (DeepSeek's MLA)
+    for b, row in enumerate(segments):
+        for start, end in row:
+            q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
+            n = end - start
+            band = None
+            if sliding_window is not None and n > sliding_window:
+                i = torch.arange(n, device=q.device)
+                band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            if softcap is not None:
+                out[b : b + 1, :, start:end] = _softcapped(q, k, v, scaling, softcap, band, groups, dropout)
+                continue
+            out[b : b + 1, :, start:end] = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=band,
+                dropout_p=dropout,
+                is_causal=band is None and n > 1,
+                scale=scaling,
+                enable_gqa=groups > 1,
+            )
+    return out
+
+
+def _softcapped(q, k, v, scaling, softcap, band, groups, dropout):
+    """Eager attention with logits soft-capped (cap * tanh(logits / cap)), as Gemma 2 computes it."""
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    n = q.shape[2]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    logits = softcap * torch.tanh(logits / softcap)
+    allowed = band if band is not None else torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
 
 
 def packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

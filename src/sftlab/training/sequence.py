@@ -16,10 +16,9 @@ embeddings use each token's own position id, which travels with its shard.
 Why attention per example segment: the model's own mask builder sees only a shard (it would mask the
 wrong L/N x L/N square), so NAME has no mask function and attention is computed from the whole row's
 positions instead: every run of positions restarting at 0 is one example (a padded row's pads are a
-run of their own), and each example attends causally within itself through scaled_dot_product_attention
-with no mask (its memory-efficient path), so no L x L mask ever exists and packed examples cannot see
-each other across shard boundaries. Sliding-window layers get a banded mask within the example;
-soft-capped attention logits (Gemma 2) are computed in plain torch.
+run of their own), and each example attends causally within itself (attention.py's segment_attention,
+the kernel sdpa_packed runs too), so no L x L mask ever exists and packed examples cannot see each
+other across shard boundaries.
 
 The loss is unchanged: each process sums the loss over its own supervised tokens, the step's count is
 summed over every process (step.py), and the gradient all-reduce (DDP or FSDP2 over all processes)
@@ -33,10 +32,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sftlab.errors import ConfigError, TrainingError
+from sftlab.training.attention import example_bounds, segment_attention
 
 NAME = "sftlab_sequence_parallel"
 
@@ -71,19 +70,6 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
     }
 
 
-def example_segments(row_positions: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """[(start, end), ...] of every row: each run of positions that restarts at 0 (or does not
-    continue the previous position) is one example."""
-    rows, length = row_positions.shape
-    breaks = torch.ones(rows, length, dtype=torch.bool)
-    breaks[:, 1:] = row_positions[:, 1:] != row_positions[:, :-1] + 1
-    segments = []
-    for row in breaks.cpu():
-        starts = torch.nonzero(row).flatten().tolist()
-        segments.append(list(zip(starts, starts[1:] + [length])))
-    return segments
-
-
 def head_counts(heads: int, size: int) -> list[int]:
     """Heads per process: as even as they go (SmolLM2's 9 over 2: 5 and 4)."""
     return [heads // size + (rank < heads % size) for rank in range(size)]
@@ -113,67 +99,6 @@ def _to_sequence(x: torch.Tensor, size: int, group, heads: int) -> torch.Tensor:
     received = all_to_all_single(send.new_empty(heads, b, s, d), send, counts, [mine] * size, group=group)
     # From each process j in turn (head order): this process's tokens of j's heads.
     return received.transpose(0, 1)
-
-
-def segment_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: list[list[tuple[int, int]]],
-    *,
-    scaling: float | None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Causal attention within each (start, end) segment of each row; [B, H, L, D] in and out
-    (the key/value heads may be fewer: grouped-query attention). Positions outside every segment
-    (none, when the segments cover the row) stay zero."""
-    groups = query.shape[1] // key.shape[1]
-    length = query.shape[2]
-    if softcap is None and (sliding_window is None or length <= sliding_window):
-        if all(row == [(0, length)] for row in segments):  # one example per row: one call, no output buffer
-            return F.scaled_dot_product_attention(
-                query, key, value, dropout_p=dropout, is_causal=length > 1, scale=scaling, enable_gqa=groups > 1
-            )
-    out = query.new_zeros(*query.shape[:3], value.shape[-1])  # value heads may be narrower (DeepSeek's MLA)
-    for b, row in enumerate(segments):
-        for start, end in row:
-            q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
-            n = end - start
-            band = None
-            if sliding_window is not None and n > sliding_window:
-                i = torch.arange(n, device=q.device)
-                band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
-            if softcap is not None:
-                out[b : b + 1, :, start:end] = _softcapped(q, k, v, scaling, softcap, band, groups, dropout)
-                continue
-            out[b : b + 1, :, start:end] = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=band,
-                dropout_p=dropout,
-                is_causal=band is None and n > 1,
-                scale=scaling,
-                enable_gqa=groups > 1,
-            )
-    return out
-
-
-def _softcapped(q, k, v, scaling, softcap, band, groups, dropout):
-    """Eager attention with logits soft-capped (cap * tanh(logits / cap)), as Gemma 2 computes it."""
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    n = q.shape[2]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    logits = softcap * torch.tanh(logits / softcap)
-    allowed = band if band is not None else torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-    weights = F.dropout(weights, p=dropout, training=dropout > 0)
-    return torch.matmul(weights, v)
 
 
 class SequenceParallel:
@@ -270,7 +195,7 @@ class SequenceParallel:
             query,
             key,
             value,
-            example_segments(row_positions),
+            example_bounds(row_positions),
             scaling=scaling,
             dropout=dropout if module.training else 0.0,
             sliding_window=kwargs.get("sliding_window"),
