@@ -61,7 +61,12 @@ from sftlab.training.objectives import (
     returns_router_loss,
 )
 from sftlab.training.optimizer import StepInBackward
-from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
+from sftlab.training.preference import (
+    REFERENCE_FREE,
+    attention_span,
+    choose_layout,
+    stored_reference_log_probs,
+)
 from sftlab.training.progress import MetricsWindow, Reporter
 from sftlab.training.step import train_step
 
@@ -462,6 +467,9 @@ def _setup_preference(
     shared, sparse, why = choose_layout(
         model, train_pairs, pad_id, shared_prompt=config.shared_prompt, loss_implementation=config.loss_implementation
     )
+    span = attention_span(model.config) if shared else None
+    if shared and config.objective != "kto":
+        why += f" (one row per pair or two, whichever computes less in each micro-batch: attention span {span:.0f})"
     reporter.line(
         f"preference: {config.objective}"
         + (f" ({config.loss_type})" if config.objective == "dpo" else "")
@@ -474,7 +482,9 @@ def _setup_preference(
             if pairs is None:
                 continue
             started = time.perf_counter()
-            references[split], stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared)
+            references[split], stored = stored_reference_log_probs(
+                model, pairs, pad_id, processes, folder, shared, span=span
+            )
             accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
             reporter.line(
                 f"reference log-probs of {len(pairs)} {split} pairs: "
@@ -507,6 +517,7 @@ def _setup_preference(
         shared_prompt=shared,
         sparse=sparse,
         references=references,
+        attention_span=span,
     )
 
 

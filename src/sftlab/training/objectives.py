@@ -26,7 +26,7 @@ from torch import nn
 
 from sftlab.data.container import IGNORE, Pairs
 from sftlab.training.loss import SupervisedLoss
-from sftlab.training.preference import KTOLoss, PreferenceLoss, collate_pairs
+from sftlab.training.preference import KTOLoss, PreferenceLoss, collate_pairs, takes_shared_row
 
 
 class Objective(Protocol):
@@ -111,7 +111,9 @@ def returns_router_loss(model: nn.Module) -> bool:
 
 class PreferenceObjective:
     """Preference tuning (training/preference.py): the loss is a mean over the pairs of the whole
-    step; the reference log-probs (computed once, before training) travel with each batch."""
+    step; the reference log-probs (computed once, before training) travel with each batch. Each
+    micro-batch is collated as one row per pair or two, whichever computes less (takes_shared_row:
+    the normaliser, pairs, is the same either way)."""
 
     name = "preference"
     sums = (
@@ -137,6 +139,7 @@ class PreferenceObjective:
         shared_prompt: bool,
         sparse: bool,
         references: dict[str, np.ndarray],
+        attention_span: float | None = None,
     ):
         self.module = PreferenceLoss(
             model,
@@ -147,7 +150,8 @@ class PreferenceObjective:
             rpo_alpha=rpo_alpha,
             sparse=sparse,
         )
-        self.shared_prompt = shared_prompt
+        self.shared_prompt = shared_prompt  # the shared row is allowed (the probe, the config)
+        self.attention_span = attention_span  # None: the shared row wherever allowed
         self.references = references  # split -> [pairs, 2] summed log-probs of chosen and rejected
 
     def count(self, batch: dict) -> float:
@@ -158,7 +162,8 @@ class PreferenceObjective:
         reference = self.references.get(split)
 
         def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
-            batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=self.shared_prompt)
+            shared = takes_shared_row(pairs, indices, self.shared_prompt, self.attention_span, pad_to_multiple_of)
+            batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=shared)
             if reference is not None:
                 order = batch["pair_index"].numpy()
                 batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()

@@ -97,8 +97,7 @@ def collate_pairs(
         if shared_prompt:
             rows.append((ids, positions, parts, owners))
     length = max((len(row[0]) for row in rows), default=1)
-    if pad_to_multiple_of:
-        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+    length = _padded(length, pad_to_multiple_of)
     count = max(len(rows), 1)  # no pairs (a process out of batches): one row of padding, nothing predicted
     input_ids = torch.full((count, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((count, length), dtype=torch.long)
@@ -147,6 +146,64 @@ def _completion(store, row: int, predicting: list[int], completion: list[int], p
     positions.extend((row, column) for column in predicting)
     targets.extend(completion)
     pairs.extend([pair] * len(completion))
+
+
+# --- which layout a micro-batch takes ------------------------------------------------------------
+
+
+def attention_span(config) -> float:
+    """The key count at which a token's attention costs its decoder layer as much as the rest of
+    the layer, in multiply-adds: the q, k, v and o projections and the gated MLP (3 matrices) per
+    token, against 2 x heads x head_dim per key it attends to (its score and its share of the
+    values). A padded row of L tokens then costs the trunk L x (1 + L / span), up to a constant.
+    Missing fields take a Llama's proportions (one key/value head per query head, MLP 4 x hidden)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None)
+    if not hidden:
+        return math.inf  # nothing to estimate from: count tokens only
+    heads = getattr(config, "num_attention_heads", None) or max(1, hidden // 64)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * mlp
+    return per_token / (2 * heads * head_dim)
+
+
+def shared_row_is_cheaper(pairs: Pairs, indices: list[int], span: float, pad_to_multiple_of: int | None = None) -> bool:
+    """Whether the pairs `indices`, padded to one length, cost the trunk less as one row [P | C | R]
+    each than as two rows [P | C] and [P | R] each (ties: one row). A padded batch costs rows x L x
+    (1 + L / span) (attention_span): the shared row computes the prompt once, but is as long as
+    the longest P + C + R, against the longest P + C or P + R for two rows, and attention grows
+    with the square of the length. Both layouts give the same log-probs; this is speed only."""
+    if not indices:
+        return True
+    index = np.asarray(indices, dtype=np.int64)
+    prompt, chosen, rejected = (
+        offsets[index + 1] - offsets[index]
+        for offsets in (pairs.prompt_offsets, pairs.chosen_offsets, pairs.rejected_offsets)
+    )
+    shared = _padded(int((prompt + chosen + rejected).max()), pad_to_multiple_of)
+    separate = _padded(int(np.maximum(prompt + chosen, prompt + rejected).max()), pad_to_multiple_of)
+    rows = len(index)
+    return rows * shared * (1 + shared / span) <= 2 * rows * separate * (1 + separate / span)
+
+
+def takes_shared_row(
+    pairs: Pairs, indices: list, shared_prompt: bool, span: float | None, pad_to_multiple_of: int | None = None
+) -> bool:
+    """Whether the micro-batch `indices` (pairs, or packed rows of pairs) is collated as shared rows:
+    never where the shared row is off (shared_prompt false, or the probe found it inexact); always
+    for packed rows (pairs pack only that way) and where `span` is None; otherwise where it computes
+    less (shared_row_is_cheaper)."""
+    if not shared_prompt:
+        return False
+    if span is None or any(isinstance(i, (list, tuple)) for i in indices):
+        return True
+    return shared_row_is_cheaper(pairs, indices, span, pad_to_multiple_of)
+
+
+def _padded(length: int, multiple: int | None) -> int:
+    return math.ceil(length / multiple) * multiple if multiple else length
 
 
 # --- log-probs ---------------------------------------------------------------------------------
@@ -393,11 +450,18 @@ class PreferenceLoss(_CompletionLoss):
 
 @torch.no_grad()
 def reference_log_probs(
-    model: nn.Module, pairs: Pairs, pad_id: int, processes, batch_size: int = 8, shared_prompt: bool = True
+    model: nn.Module,
+    pairs: Pairs,
+    pad_id: int,
+    processes,
+    batch_size: int = 8,
+    shared_prompt: bool = True,
+    span: float | None = None,
 ) -> np.ndarray:
     """[pairs, 2] summed log-probs of the chosen and rejected completions under `model` as it is now
     (the reference: the model before training, the adapter's initial zero effect included). Each
-    process computes every world-th pair and the results are summed over processes."""
+    process computes every world-th pair and the results are summed over processes. Each batch takes
+    the layout takes_shared_row gives it (`span`: attention_span, None: the shared row where allowed)."""
     was_training = model.training
     model.eval()
     values = torch.zeros((len(pairs), 2), dtype=torch.float64)
@@ -405,7 +469,8 @@ def reference_log_probs(
     device = next(model.parameters()).device
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]
-        batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared_prompt)
+        shared = takes_shared_row(pairs, indices, shared_prompt, span)
+        batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared)
         tensors = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         chosen, rejected, _, _ = completion_log_probs(model, tensors)
         values[indices, 0] = chosen.double().cpu()
@@ -481,7 +546,14 @@ def choose_layout(
 
 
 def stored_reference_log_probs(
-    model: nn.Module, pairs: Pairs, pad_id: int, processes, folder: str, shared_prompt: bool = True, batch_size: int = 8
+    model: nn.Module,
+    pairs: Pairs,
+    pad_id: int,
+    processes,
+    folder: str,
+    shared_prompt: bool = True,
+    batch_size: int = 8,
+    span: float | None = None,
 ) -> tuple[np.ndarray, bool]:
     """(reference log-probs of `pairs`, whether they were read from `folder`), stored there keyed by
     a hash of the pairs and of the model's weights as they are before training, so a resumed run,
@@ -498,7 +570,9 @@ def stored_reference_log_probs(
     # 2-machine run whose processes read it where they found it hung in that sum.
     if int(processes.sum(torch.tensor([float(stored is not None)]))[0]) == processes.world:
         return stored, True
-    values = reference_log_probs(model, pairs, pad_id, processes, batch_size=batch_size, shared_prompt=shared_prompt)
+    values = reference_log_probs(
+        model, pairs, pad_id, processes, batch_size=batch_size, shared_prompt=shared_prompt, span=span
+    )
     if processes.local_rank == 0:
         os.makedirs(folder, exist_ok=True)
         # A name of its own (the pid alone may repeat on another machine): on a cache shared by
