@@ -19,6 +19,7 @@ from sftlab.data.container import Pairs
 from sftlab.training.distributed import Processes
 from sftlab.training.objectives import PreferenceObjective
 from sftlab.training.preference import (
+    PreferenceLoss,
     attention_span,
     choose_layout,
     collate_pairs,
@@ -343,6 +344,55 @@ def test_the_layout_can_be_chosen_by_the_config():
     model = llama()
     shared, sparse, why = choose_layout(model, PAIRS, 0, shared_prompt=False, loss_implementation="dense")
     assert (shared, sparse) == (False, False) and "shared_prompt: false" in why and "dense logits" in why
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+    return get_peft_model(model, config)
+
+
+def test_the_reference_from_the_adapter_disabled_model_equals_the_stored_one():
+    """precompute_ref_log_probs false: the reference is the same model with its LoRA adapter
+    disabled. After the adapter has moved, it still gives the stored values of the model before
+    training, pair by pair, in every layout, and leaves the adapter on and the model training."""
+    model = lora(llama())
+    stored = reference_log_probs(model, PAIRS, 0, Processes())  # the adapter starts at zero effect
+    with torch.no_grad():  # the adapter trained away from zero
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    plain = PreferenceLoss(model)
+    module = PreferenceLoss(model, reference_from_adapter=True).train()
+    for indices, shared in (([0, 1, 2, 3], True), ([0, 1, 2, 3], False), ([[0, 1], [2, 3]], True), ([3, 1], True)):
+        batch = tensors(collate_pairs(PAIRS, indices, 0, shared_prompt=shared))
+        chosen, rejected = module.reference(batch)
+        order = batch["pair_index"].numpy()
+        assert np.abs(chosen.double().numpy() - stored[order, 0]).max() <= 1e-6
+        assert np.abs(rejected.double().numpy() - stored[order, 1]).max() <= 1e-6
+        assert model.training
+        with torch.no_grad():
+            policy = completion_log_probs(model.eval(), batch)[0]
+        model.train()
+        assert np.abs(policy.double().numpy() - stored[order, 0]).min() > 1e-2  # the adapter is on again
+    # The loss computed with it equals the loss given the stored values.
+    model.eval()  # no dropout, so the two forwards compare
+    batch = tensors(collate_pairs(PAIRS, [0, 1, 2, 3], 0))
+    order = batch["pair_index"].numpy()
+    references = {
+        "ref_chosen": torch.from_numpy(stored[order, 0]).float(),
+        "ref_rejected": torch.from_numpy(stored[order, 1]).float(),
+    }
+    given, computed = plain(**references, **batch), module(**batch)
+    for name in ("loss_sum", "reward_chosen", "reward_rejected", "correct"):
+        assert float(computed[name]) == pytest.approx(float(given[name]), abs=1e-6), name
+
+
+def test_the_reference_from_the_adapter_needs_a_peft_model():
+    with pytest.raises(ValueError, match="needs a PEFT model"):
+        PreferenceLoss(llama(), reference_from_adapter=True)
 
 
 # --- the layout of each micro-batch ---------------------------------------------------------------

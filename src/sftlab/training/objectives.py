@@ -140,6 +140,7 @@ class PreferenceObjective:
         sparse: bool,
         references: dict[str, np.ndarray],
         attention_span: float | None = None,
+        reference_from_adapter: bool = False,
     ):
         self.module = PreferenceLoss(
             model,
@@ -149,6 +150,7 @@ class PreferenceObjective:
             simpo_gamma=simpo_gamma,
             rpo_alpha=rpo_alpha,
             sparse=sparse,
+            reference_from_adapter=reference_from_adapter,
         )
         self.shared_prompt = shared_prompt  # the shared row is allowed (the probe, the config)
         self.attention_span = attention_span  # None: the shared row wherever allowed
@@ -222,11 +224,19 @@ class KTOObjective:
         undesirable_weight: float,
         sparse: bool,
         references: dict[str, np.ndarray],
+        reference_from_adapter: bool = False,
     ):
         self.module = KTOLoss(
-            model, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, sparse=sparse
+            model,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            sparse=sparse,
+            reference_from_adapter=reference_from_adapter,
         )
-        self.references = references  # split -> [examples, 2]: the completion's and the mismatched completion's
+        # split -> [examples, 2]: the completion's and the mismatched completion's; none when the
+        # module computes them in each step (reference_from_adapter)
+        self.references = references
         self._views: dict[int, tuple[Pairs, Pairs]] = {}
 
     def count(self, batch: dict) -> float:
@@ -259,16 +269,17 @@ class KTOObjective:
         return self._views[id(pairs)]
 
     def collate(self, split: str):
-        reference = self.references[split]
+        reference = self.references.get(split)
 
         def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
             main, kl = self._split(pairs)
             batch = collate_pairs(main, indices, pad_id, pad_to_multiple_of)
             order = batch["pair_index"].numpy()
-            batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
             batch["desirable"] = torch.from_numpy(pairs.desirable[order])
             mismatched = collate_pairs(kl, indices, pad_id, pad_to_multiple_of)
-            mismatched["ref_chosen"] = torch.from_numpy(reference[order, 1]).float()
+            if reference is not None:
+                batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
+                mismatched["ref_chosen"] = torch.from_numpy(reference[order, 1]).float()
             # Not a tensor: the engine does not pass it to the forward; start_step does.
             batch["kl_inputs"] = {k: v for k, v in mismatched.items() if torch.is_tensor(v)}
             return batch

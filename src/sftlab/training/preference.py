@@ -14,7 +14,8 @@ C[0] and R[0]. Only those positions go through the LM head, in chunks (`token_lo
 batch x length x vocabulary logits never exist.
 
 Losses, per pair, with pi = the policy's summed log-prob of a completion, ref = the reference's
-(computed once before training and stored), avg = pi / its tokens, and beta, label smoothing ls:
+(computed once before training and stored; or, with LoRA and precompute_ref_log_probs false, in each
+step by the same model with its adapter disabled: _CompletionLoss.reference), avg = pi / its tokens, and beta, label smoothing ls:
     sigmoid  z = (pi_c - pi_r) - (ref_c - ref_r);  -(1 - ls) logsig(beta z) - ls logsig(-beta z)   (DPO; cDPO with ls)
     robust   (-(1 - ls) logsig(beta z) + ls logsig(-beta z)) / (1 - 2 ls)                            (rDPO)
     hinge    relu(1 - beta z)                                                                      (SLiC)
@@ -396,15 +397,33 @@ def preference_losses(
 
 
 class _CompletionLoss(nn.Module):
-    """What the preference losses share: the wrapped model, the sparse or dense log-probs, and
-    the block list FSDP reads from the module it is given (this wrapper)."""
+    """What the preference losses share: the wrapped model, the sparse or dense log-probs, the
+    reference computed in the step where it is not stored, and the block list FSDP reads from the
+    module it is given (this wrapper)."""
 
-    def __init__(self, model: nn.Module, sparse: bool):
+    def __init__(self, model: nn.Module, sparse: bool, reference_from_adapter: bool = False):
         super().__init__()
+        if reference_from_adapter and not hasattr(model, "disable_adapter"):
+            raise ValueError("the reference from the adapter-disabled model needs a PEFT model")
         self.model = model
         self.sparse = sparse
+        self.reference_from_adapter = reference_from_adapter
         inner = split_model(model)
         self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
+
+    def reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen sums, rejected sums) of the batch's pairs under the reference: the same model
+        with its LoRA adapter disabled (the model before training, where the adapter starts at zero
+        effect), without gradients, in eval mode as the stored pass computes it (no dropout), in the
+        batch's own rows. Called inside forward, so a sharded model gathers its weights for it."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                chosen, rejected, _, _ = completion_log_probs(self.model, batch, self.sparse)
+        finally:
+            self.model.train(was_training)
+        return chosen, rejected
 
 
 class PreferenceLoss(_CompletionLoss):
@@ -422,15 +441,19 @@ class PreferenceLoss(_CompletionLoss):
         simpo_gamma: float = 0.5,
         rpo_alpha: float | None = None,
         sparse: bool = True,
+        reference_from_adapter: bool = False,
     ):
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, not {loss_type!r}")
-        super().__init__(model, sparse)
+        super().__init__(model, sparse, reference_from_adapter)
         self.loss_type = loss_type
         self.options = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
 
     def forward(self, ref_chosen=None, ref_rejected=None, pair_index=None, **batch):
-        """`batch`: collate_pairs' tensors (rows, positions, mask, completion indices, pair_count)."""
+        """`batch`: collate_pairs' tensors (rows, positions, mask, completion indices, pair_count);
+        ref_chosen / ref_rejected: the stored reference, computed here when reference_from_adapter."""
+        if self.reference_from_adapter and self.loss_type not in REFERENCE_FREE:
+            ref_chosen, ref_rejected = self.reference(batch)
         chosen, rejected, chosen_tokens, rejected_tokens = completion_log_probs(self.model, batch, self.sparse)
         loss, reward_chosen, reward_rejected = preference_losses(
             self.loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **self.options
@@ -631,8 +654,9 @@ class KTOLoss(_CompletionLoss):
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         sparse: bool = True,
+        reference_from_adapter: bool = False,
     ):
-        super().__init__(model, sparse)
+        super().__init__(model, sparse, reference_from_adapter)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
     def forward(
@@ -645,6 +669,8 @@ class KTOLoss(_CompletionLoss):
         ref_rejected=None,
         **batch,
     ):
+        if self.reference_from_adapter:  # the rows hold one completion each (the example's or the mismatched one)
+            ref_chosen = self.reference(batch)[0]
         log_probs, _, _, _ = completion_log_probs(self.model, batch, self.sparse)
         if kl_only:  # the rows hold the mismatched completions, their reference values in ref_chosen
             return {"kl_sum": (log_probs - ref_chosen).sum(), "kl_count": log_probs.new_tensor(float(len(log_probs)))}
