@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import sftlab.training.progress
 from sftlab import SFTConfig, train
 from sftlab.cli import EXIT_PREEMPTED, main
 from sftlab.errors import ConfigError
+from sftlab.training.checkpoint import list_checkpoints
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
 
@@ -319,6 +321,64 @@ def test_the_reference_from_the_adapter_is_refused_where_there_is_none(model_dir
     with pytest.raises(ConfigError, match=message) as error:
         config(model_dir, tmp_path / "out", precompute_ref_log_probs=False, **overrides)
     assert error.value.field == "precompute_ref_log_probs"
+
+
+@pytest.mark.slow
+def test_a_killed_dpo_run_resumes_to_the_same_weights(model_dir, tmp_path, capsys):
+    """SIGKILL (no handler runs, nothing is saved on the way out) once a checkpoint is written;
+    resume_from_checkpoint=auto reads the reference log-probs the killed run stored and ends with
+    the uninterrupted run's weights and losses, bit for bit: the same process count and thread
+    count, the same batches from the seed, and the stored float64 values are the ones computed."""
+    steps, save = 60, 2  # a second or more of training after the first checkpoint: time enough to kill it
+    settings = dict(max_steps=steps, save_steps=save, per_device_train_batch_size=2, warmup_steps=1)
+    settings.update(lr_scheduler_type="cosine", learning_rate=1e-3)
+    uninterrupted = train(config(model_dir, tmp_path / "uninterrupted", **settings), train_dataset=PAIRS)
+    capsys.readouterr()
+
+    # The same run in a process of its own, with its own reference store, killed with SIGKILL.
+    records = tmp_path / "pairs.json"
+    records.write_text(json.dumps(PAIRS))
+    output = tmp_path / "killed"
+    cache = tmp_path / "killed-cache"
+    values = {**BASE, **settings, "cache_dir": cache, "max_grad_norm": "null"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
+    pairs = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in values.items()]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, script, model_dir, str(records), str(output), *pairs],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    try:
+        while not list_checkpoints(str(output)):
+            assert process.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "final").exists(), "the run finished before it was killed: raise `steps`"
+    assert "reference log-probs of 16 train pairs: computed in" in log.read_text()
+    saved = list_checkpoints(str(output))
+    assert saved and max(saved) < steps
+
+    resumed = train(
+        config(model_dir, output, resume_from_checkpoint="auto", cache_dir=str(cache), **settings),
+        train_dataset=PAIRS,
+    )
+    out = capsys.readouterr().out
+    newest = max(saved)
+    assert f"resumed from {output / 'checkpoints' / f'step-{newest}'} at step {newest}" in out
+    assert "reference log-probs of 16 train pairs: read from the store" in out and "computed in" not in out
+    trained = [r for r in resumed.history if r["type"] == "train"]
+    assert [r["step"] for r in trained] == list(range(newest + 1, steps + 1))
+    expected = [r["loss"] for r in uninterrupted.history if r["type"] == "train"][newest:]
+    assert [r["loss"] for r in trained] == expected
+    assert_close_weights(output, tmp_path / "uninterrupted", atol=0.0)
 
 
 def test_kto_trains_and_logs(model_dir, tmp_path):
