@@ -102,7 +102,10 @@ def test_each_objective_trains_and_logs(model_dir, tmp_path, objective, loss_typ
 
 def test_the_reference_is_stored_and_reused(model_dir, tmp_path, capsys):
     train(config(model_dir, tmp_path / "a", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
-    assert "reference log-probs of 16 train pairs: computed in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference log-probs of 16 train pairs: computed in" in out
+    # The tests' Llama (hidden 64, 4 heads of 16, 2 key/value heads, MLP 128): span 288 (test_preference.py).
+    assert "in one row where that costs less than two rows (chosen per micro-batch; attention span 288 tokens)" in out
     train(config(model_dir, tmp_path / "b", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
     assert "reference log-probs of 16 train pairs: read from the store" in capsys.readouterr().out
 

@@ -467,12 +467,17 @@ def _setup_preference(
     holds no reference model. With precompute_ref_log_probs false (LoRA), the loss module computes
     them at every step with the adapter disabled instead. Before the model is sharded or compiled
     (no collective but the sum)."""
+    # KTO's rows hold one completion each: no layout to choose.
+    span = attention_span(model.config) if config.objective != "kto" else None
     shared, sparse, why = choose_layout(
-        model, train_pairs, pad_id, shared_prompt=config.shared_prompt, loss_implementation=config.loss_implementation
+        model,
+        train_pairs,
+        pad_id,
+        shared_prompt=config.shared_prompt,
+        loss_implementation=config.loss_implementation,
+        span=span,
     )
-    span = attention_span(model.config) if shared else None
-    if shared and config.objective != "kto":
-        why += f" (one row per pair or two, whichever computes less in each micro-batch: attention span {span:.0f})"
+    span = span if shared else None
     reporter.line(
         f"preference: {config.objective}"
         + (f" ({config.loss_type})" if config.objective == "dpo" else "")

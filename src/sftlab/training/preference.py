@@ -511,13 +511,15 @@ def choose_layout(
     *,
     shared_prompt: bool = True,
     loss_implementation: str = "auto",
+    span: float | None = None,
 ) -> tuple[bool, bool, str]:
     """(shared_prompt, sparse, why), decided on the first pairs as sftlab.training.architecture
     decides packing: the shared row [P | C | R] must give each completion the log-probs of the
     separate sequences (layers that carry state along the sequence make C leak into R), and the
     sparse head must give the model's own (heads that transform logits in an unknown way).
     `shared_prompt` false and `loss_implementation` dense/sparse decide without asking the model
-    (sparse is still refused for a model without a separate trunk and head)."""
+    (sparse is still refused for a model without a separate trunk and head). `span`: the
+    attention span each micro-batch's layout will be chosen with (takes_shared_row), for the text."""
     indices = list(range(min(2, len(pairs))))
     was_training = model.training
     model.eval()
@@ -549,7 +551,11 @@ def choose_layout(
     if not shared_prompt:
         why = "chosen and rejected in rows of their own (shared_prompt: false)"
     elif shared:
-        why = "prompt shared by chosen and rejected in one row"
+        why = "prompt shared by chosen and rejected in one row" + (
+            f" where that costs less than two rows (chosen per micro-batch; attention span {span:.0f} tokens)"
+            if span is not None
+            else ""
+        )
     else:
         why = (
             f"chosen and rejected in rows of their own: in one row a rejected token's log-prob moves by "
