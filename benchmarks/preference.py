@@ -22,9 +22,11 @@ the median of the repeats is reported:
                    back to padding ("temporarily unavailable after a refactor"), and it needs
                    FlashAttention anyway, so it would change nothing on a CPU.
   sftlab-default   objective=dpo with every default: one shared row [P | C | R] per pair (the
-                   prompt computed once), the sparse head (completion positions only, in chunks,
-                   recomputed in backward), reference log-probs computed once before training,
-                   padded batches, no gradient checkpointing
+                   prompt computed once) in each micro-batch where that costs the trunk less than
+                   two rows (on this data: every batch; preference_layout.py checks the rule), the
+                   sparse head (completion positions only, in chunks, recomputed in backward),
+                   reference log-probs computed once before training, padded batches, no
+                   gradient checkpointing
   sftlab-dense     the same with loss_implementation=dense: the model's full logits (rows x length
                    x vocabulary), log-softmax over them                     -> what the sparse head buys
   sftlab-unshared  the same with shared_prompt=false: two rows per pair     -> what the shared row buys

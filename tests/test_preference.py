@@ -19,11 +19,14 @@ from sftlab.data.container import Pairs
 from sftlab.training.distributed import Processes
 from sftlab.training.objectives import PreferenceObjective
 from sftlab.training.preference import (
+    PreferenceLoss,
+    attention_span,
     choose_layout,
     collate_pairs,
     completion_log_probs,
     preference_losses,
     reference_log_probs,
+    shared_row_is_cheaper,
     stored_reference_log_probs,
     token_log_probs,
 )
@@ -341,6 +344,152 @@ def test_the_layout_can_be_chosen_by_the_config():
     model = llama()
     shared, sparse, why = choose_layout(model, PAIRS, 0, shared_prompt=False, loss_implementation="dense")
     assert (shared, sparse) == (False, False) and "shared_prompt: false" in why and "dense logits" in why
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+    return get_peft_model(model, config)
+
+
+def test_the_reference_from_the_adapter_disabled_model_equals_the_stored_one():
+    """precompute_ref_log_probs false: the reference is the same model with its LoRA adapter
+    disabled. After the adapter has moved, it still gives the stored values of the model before
+    training, pair by pair, in every layout, and leaves the adapter on and the model training."""
+    model = lora(llama())
+    stored = reference_log_probs(model, PAIRS, 0, Processes())  # the adapter starts at zero effect
+    with torch.no_grad():  # the adapter trained away from zero
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    plain = PreferenceLoss(model)
+    module = PreferenceLoss(model, reference_from_adapter=True).train()
+    for indices, shared in (([0, 1, 2, 3], True), ([0, 1, 2, 3], False), ([[0, 1], [2, 3]], True), ([3, 1], True)):
+        batch = tensors(collate_pairs(PAIRS, indices, 0, shared_prompt=shared))
+        chosen, rejected = module.reference(batch)
+        order = batch["pair_index"].numpy()
+        assert np.abs(chosen.double().numpy() - stored[order, 0]).max() <= 1e-6
+        assert np.abs(rejected.double().numpy() - stored[order, 1]).max() <= 1e-6
+        assert model.training
+        with torch.no_grad():
+            policy = completion_log_probs(model.eval(), batch)[0]
+        model.train()
+        assert np.abs(policy.double().numpy() - stored[order, 0]).min() > 1e-2  # the adapter is on again
+    # The loss computed with it equals the loss given the stored values.
+    model.eval()  # no dropout, so the two forwards compare
+    batch = tensors(collate_pairs(PAIRS, [0, 1, 2, 3], 0))
+    order = batch["pair_index"].numpy()
+    references = {
+        "ref_chosen": torch.from_numpy(stored[order, 0]).float(),
+        "ref_rejected": torch.from_numpy(stored[order, 1]).float(),
+    }
+    given, computed = plain(**references, **batch), module(**batch)
+    for name in ("loss_sum", "reward_chosen", "reward_rejected", "correct"):
+        assert float(computed[name]) == pytest.approx(float(given[name]), abs=1e-6), name
+
+
+def test_the_reference_from_the_adapter_needs_a_peft_model():
+    with pytest.raises(ValueError, match="needs a PEFT model"):
+        PreferenceLoss(llama(), reference_from_adapter=True)
+
+
+# --- the layout of each micro-batch ---------------------------------------------------------------
+
+
+def test_attention_span_by_hand():
+    # hidden 64, 4 query heads and 2 key/value heads of 16, MLP 128. Per token and layer: q and o
+    # 64 x 64 each, k and v 64 x 32 each = 12288 multiply-adds; the gated MLP 3 x 64 x 128 = 24576.
+    # Per key attended: its score and its share of the values, 2 x 4 x 16 = 128. 36864 / 128 = 288.
+    assert attention_span(llama().config) == 288.0
+    # Only the width known: one head of 64, MLP 4 x 64: (64 x 64 x 4 + 3 x 64 x 256) / (2 x 64) = 512.
+    assert attention_span(transformers.PretrainedConfig(hidden_size=64)) == 512.0
+    assert attention_span(transformers.PretrainedConfig()) == math.inf
+
+
+# Pair 0: a short prompt and long replies; pair 1: a long prompt and short replies (P, C, R tokens).
+LAYOUT_PAIRS = Pairs.from_lists(
+    [
+        ([1] * 2, [2] * 40, [3] * 40),
+        ([4] * 40, [5] * 2, [6] * 2),
+    ]
+)
+
+
+def test_each_micro_batch_takes_the_layout_that_computes_less():
+    # A padded batch costs rows x L x (1 + L / 288) on the tiny Llama (attention span 288).
+    # Pair 0: one row of 82 costs 82 x 370/288 = 105.35; two rows of 42 cost 84 x 330/288 = 96.25: two rows.
+    # Pair 1: one row of 44 costs 44 x 332/288 = 50.72; two rows of 42 cost 96.25: one row.
+    # Both: two rows of 82 cost 210.69, four rows of 42 cost 192.5: two rows per pair.
+    # The token count alone would never prefer two rows: P + C + R <= 2 max(P + C, P + R).
+    assert not shared_row_is_cheaper(LAYOUT_PAIRS, [0], 288.0)
+    assert shared_row_is_cheaper(LAYOUT_PAIRS, [1], 288.0)
+    assert not shared_row_is_cheaper(LAYOUT_PAIRS, [0, 1], 288.0)
+    assert shared_row_is_cheaper(LAYOUT_PAIRS, [0, 1], math.inf)  # 164 tokens against 168
+    # Padded to multiples of 64, pair 1 is one row of 64 (64 x 352/288 = 78.2) against two of 64 (156.4).
+    assert shared_row_is_cheaper(LAYOUT_PAIRS, [1], 288.0, pad_to_multiple_of=64)
+
+    def shape(indices, **options):
+        objective = PreferenceObjective(
+            llama(),
+            "sigmoid",
+            beta=0.1,
+            label_smoothing=0.0,
+            simpo_gamma=0.5,
+            rpo_alpha=None,
+            sparse=True,
+            references={},
+            **{"shared_prompt": True, "attention_span": 288.0, **options},
+        )
+        return tuple(objective.collate("train")(LAYOUT_PAIRS, indices, 0)["input_ids"].shape)
+
+    assert shape([0]) == (2, 42) and shape([1]) == (1, 44) and shape([0, 1]) == (4, 42)
+    assert shape([[0, 1]]) == (1, 82 + 44)  # packed rows are always shared rows
+    assert shape([0], attention_span=None) == (1, 82)  # no span: the shared row wherever allowed
+    assert shape([1], shared_prompt=False) == (2, 42)  # the probe or the config said two rows
+
+
+def test_a_step_is_the_same_whichever_layout_its_micro_batches_take():
+    """Pair 0 alone takes two rows, pair 1 alone one: the step equals the one in shared rows."""
+    steps = {}
+    for name, span in (("chosen per micro-batch", 288.0), ("all shared", None)):
+        model = llama()
+        references = {"train": reference_log_probs(copy.deepcopy(model), LAYOUT_PAIRS, 0, Processes())}
+        objective = PreferenceObjective(
+            model,
+            "sigmoid",
+            beta=0.5,
+            label_smoothing=0.0,
+            simpo_gamma=0.5,
+            rpo_alpha=None,
+            shared_prompt=True,
+            sparse=True,
+            references=references,
+            attention_span=span,
+        )
+        collate = objective.collate("train")
+        batches = [collate(LAYOUT_PAIRS, [i], 0) for i in (0, 1)]
+        steps[name] = (model, [tuple(b["input_ids"].shape) for b in batches])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        # A policy away from the reference, so that the gradients are not those of z = 0 alone.
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        train_step(
+            objective.module,
+            objective,
+            batches,
+            processes=Processes(),
+            optimizer=optimizer,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            parameters=list(model.parameters()),
+            max_grad_norm=None,
+            autocast=contextlib.nullcontext(),
+        )
+    assert steps["chosen per micro-batch"][1] == [(2, 42), (1, 44)] and steps["all shared"][1] == [(1, 82), (1, 44)]
+    for (name, a), b in zip(steps["chosen per micro-batch"][0].named_parameters(), steps["all shared"][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- KTO ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 import sftlab.training.progress
 from sftlab import SFTConfig, train
 from sftlab.cli import EXIT_PREEMPTED, main
+from sftlab.errors import ConfigError
+from sftlab.training.checkpoint import list_checkpoints
 from tiny import char_tokenizer
 from tiny_models import save_tiny_llama
 
@@ -37,28 +40,31 @@ def model_dir(tmp_path_factory) -> str:
     return save_tiny_llama(str(tmp_path_factory.mktemp("pref") / "model"), char_tokenizer())
 
 
+BASE = dict(
+    objective="dpo",
+    max_length=48,
+    per_device_train_batch_size=8,
+    shuffle=False,
+    max_steps=2,
+    logging_steps=1,
+    learning_rate=1e-2,
+    warmup_steps=0,
+    seed=3,
+    lr_scheduler_type="constant",
+    max_grad_norm=None,
+)
+
+
 def config(model_dir, output_dir, **overrides) -> SFTConfig:
-    values = dict(
-        model=model_dir,
-        output_dir=str(output_dir),
-        objective="dpo",
-        max_length=48,
-        per_device_train_batch_size=8,
-        shuffle=False,
-        max_steps=2,
-        logging_steps=1,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        seed=3,
-        lr_scheduler_type="constant",
-        max_grad_norm=None,
-        cache_dir=str(output_dir) + "-cache",
-    )
+    values = dict(model=model_dir, output_dir=str(output_dir), cache_dir=str(output_dir) + "-cache", **BASE)
     return SFTConfig(**{**values, **overrides})
 
 
 def weights(output_dir) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(output_dir, "final", "model.safetensors"))
+    """The final model's weights, or its adapter's after LoRA."""
+    final = os.path.join(output_dir, "final")
+    adapter = os.path.join(final, "adapter_model.safetensors")
+    return load_file(adapter if os.path.isfile(adapter) else os.path.join(final, "model.safetensors"))
 
 
 def assert_close_weights(a, b, atol=0.0):
@@ -96,7 +102,10 @@ def test_each_objective_trains_and_logs(model_dir, tmp_path, objective, loss_typ
 
 def test_the_reference_is_stored_and_reused(model_dir, tmp_path, capsys):
     train(config(model_dir, tmp_path / "a", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
-    assert "reference log-probs of 16 train pairs: computed in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference log-probs of 16 train pairs: computed in" in out
+    # The tests' Llama (hidden 64, 4 heads of 16, 2 key/value heads, MLP 128): span 288 (test_preference.py).
+    assert "in one row where that costs less than two rows (chosen per micro-batch; attention span 288 tokens)" in out
     train(config(model_dir, tmp_path / "b", max_steps=1, cache_dir=str(tmp_path / "cache")), train_dataset=PAIRS)
     assert "reference log-probs of 16 train pairs: read from the store" in capsys.readouterr().out
 
@@ -135,9 +144,29 @@ def test_packed_pairs_train_like_padded_ones(model_dir, tmp_path):
     assert_close_weights(tmp_path / "packed", tmp_path / "padded16", atol=1e-6)
 
 
+# LoRA with the reference computed at every step by the adapter-disabled model (no store).
+REFERENCE_FROM_ADAPTER = {"use_peft": True, "lora_r": 4, "lora_dropout": 0.0, "precompute_ref_log_probs": False}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding, objective", [("fsdp=false", "dpo"), ("fsdp=true", "dpo"), ("fsdp=false", "kto")])
-def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
+@pytest.mark.parametrize(
+    "sharding, objective, extra",
+    [
+        ("fsdp=false", "dpo", {}),
+        ("fsdp=true", "dpo", {}),
+        ("fsdp=false", "kto", {}),
+        ("fsdp=false", "dpo", REFERENCE_FROM_ADAPTER),
+        ("fsdp=true", "dpo", REFERENCE_FROM_ADAPTER),
+    ],
+    ids=[
+        "ddp-dpo",
+        "fsdp-dpo",
+        "ddp-kto",
+        "ddp-dpo-lora-reference-from-adapter",
+        "fsdp-dpo-lora-reference-from-adapter",
+    ],
+)
+def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective, extra):
     data = PAIRS if objective == "dpo" else KTO
     records = tmp_path / "pairs.json"
     records.write_text(json.dumps(data))
@@ -171,6 +200,7 @@ def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
             "per_device_train_batch_size=4",
             "optimizer=sgd",
             sharding,
+            *(f"{key}={str(value).lower()}" for key, value in extra.items()),
         ],
         capture_output=True,
         text=True,
@@ -179,11 +209,13 @@ def test_two_processes_equal_one(model_dir, tmp_path, sharding, objective):
     )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     train(
-        config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective),
+        config(model_dir, tmp_path / "one", cache_dir=str(tmp_path / "cache"), objective=objective, **extra),
         train_dataset=data,
         optimizer=sgd,
     )
     assert_close_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    if extra:
+        assert "computed at every step by the model with its LoRA adapter disabled" in two.stdout
 
 
 def stop_after(monkeypatch, step: int):
@@ -229,6 +261,127 @@ def test_a_preempted_run_resumes_to_the_same_weights(model_dir, tmp_path, monkey
     out = capsys.readouterr().out
     assert "resumed from" in out and "read from the store" in out
     assert_close_weights(tmp_path / "resumed", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("objective, data", [("dpo", PAIRS), ("kto", KTO)])
+def test_the_reference_from_the_adapter_disabled_model_trains_like_the_stored_one(
+    model_dir, tmp_path, capsys, objective, data
+):
+    """precompute_ref_log_probs false with LoRA: the reference computed at every step by the model
+    with its adapter disabled (lora_dropout on: the reference is computed without it, as stored)
+    gives the losses, evaluations and adapter of the run whose reference was computed once."""
+    runs = {}
+    for name, precompute in (("stored", True), ("on the fly", False)):
+        runs[name] = train(
+            config(
+                model_dir,
+                tmp_path / name,
+                objective=objective,
+                max_steps=3,
+                use_peft=True,
+                lora_r=4,
+                lora_dropout=0.1,
+                precompute_ref_log_probs=precompute,
+                eval_steps=2,
+            ),
+            train_dataset=data,
+            eval_dataset=data[:4],
+            optimizer=sgd,
+        )
+        runs[name + " log"] = capsys.readouterr().out
+    assert "reference log-probs of 16 train pairs: computed in" in runs["stored log"]
+    assert "computed at every step by the model with its LoRA adapter disabled" in runs["on the fly log"]
+    assert "train pairs" not in runs["on the fly log"]  # no pass over the training pairs, nothing stored
+    records = [[r for r in runs[name].history if r["type"] in ("train", "eval")] for name in ("stored", "on the fly")]
+    assert [sorted(r) for r in records[0]] == [sorted(r) for r in records[1]] and len(records[0]) >= 5
+    for ours, theirs in zip(*records):
+        for key, value in ours.items():
+            if key not in ("seconds", "tokens_per_second", "pairs_per_second", "examples_per_second"):
+                assert theirs[key] == pytest.approx(value, abs=1e-6), key
+    adapters = [
+        load_file(os.path.join(tmp_path / name, "final", "adapter_model.safetensors"))
+        for name in runs
+        if "log" not in name
+    ]
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], rtol=0, atol=1e-6, msg=key)
+    assert any(float(adapters[0][key].abs().max()) > 1e-3 for key in adapters[0] if "lora_B" in key)  # it trained
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({}, "without LoRA there is no adapter to disable"),
+        (
+            {"use_peft": True, "lora_init": "pissa"},
+            "the model with the adapter disabled is not the model before training",
+        ),
+        ({"use_peft": True, "objective": "simpo"}, "simpo has none"),
+    ],
+)
+def test_the_reference_from_the_adapter_is_refused_where_there_is_none(model_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        config(model_dir, tmp_path / "out", precompute_ref_log_probs=False, **overrides)
+    assert error.value.field == "precompute_ref_log_probs"
+
+
+@pytest.mark.slow
+def test_a_killed_dpo_run_resumes_to_the_same_weights(model_dir, tmp_path, capsys):
+    """SIGKILL (no handler runs, nothing is saved on the way out) once a checkpoint is written;
+    resume_from_checkpoint=auto reads the reference log-probs the killed run stored and ends with
+    the uninterrupted run's weights and losses, bit for bit: the same process count and thread
+    count, the same batches from the seed, and the stored float64 values are the ones computed."""
+    steps, save = 60, 2  # a second or more of training after the first checkpoint: time enough to kill it
+    settings = dict(max_steps=steps, save_steps=save, per_device_train_batch_size=2, warmup_steps=1)
+    settings.update(lr_scheduler_type="cosine", learning_rate=1e-3)
+    uninterrupted = train(config(model_dir, tmp_path / "uninterrupted", **settings), train_dataset=PAIRS)
+    capsys.readouterr()
+
+    # The same run in a process of its own, with its own reference store, killed with SIGKILL.
+    records = tmp_path / "pairs.json"
+    records.write_text(json.dumps(PAIRS))
+    output = tmp_path / "killed"
+    cache = tmp_path / "killed-cache"
+    values = {**BASE, **settings, "cache_dir": cache, "max_grad_norm": "null"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_training.py")
+    pairs = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in values.items()]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, script, model_dir, str(records), str(output), *pairs],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    try:
+        while not list_checkpoints(str(output)):
+            assert process.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "final").exists(), "the run finished before it was killed: raise `steps`"
+    assert "reference log-probs of 16 train pairs: computed in" in log.read_text()
+    saved = list_checkpoints(str(output))
+    assert saved and max(saved) < steps
+
+    resumed = train(
+        config(model_dir, output, resume_from_checkpoint="auto", cache_dir=str(cache), **settings),
+        train_dataset=PAIRS,
+    )
+    out = capsys.readouterr().out
+    newest = max(saved)
+    assert f"resumed from {output / 'checkpoints' / f'step-{newest}'} at step {newest}" in out
+    assert "reference log-probs of 16 train pairs: read from the store" in out and "computed in" not in out
+    trained = [r for r in resumed.history if r["type"] == "train"]
+    assert [r["step"] for r in trained] == list(range(newest + 1, steps + 1))
+    expected = [r["loss"] for r in uninterrupted.history if r["type"] == "train"][newest:]
+    assert [r["loss"] for r in trained] == expected
+    assert_close_weights(output, tmp_path / "uninterrupted", atol=0.0)
 
 
 def test_kto_trains_and_logs(model_dir, tmp_path):

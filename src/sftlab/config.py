@@ -490,6 +490,10 @@ class SFTConfig(BaseModel):
         True,
         description="Preference tuning: chosen and rejected in one row [prompt | chosen | rejected], the prompt computed once, where a start-of-run probe finds the log-probs exact (else two rows per pair, said in the log); false: always two rows per pair, as other trainers do.",
     )
+    precompute_ref_log_probs: bool = Field(
+        True,
+        description="dpo and kto: compute the reference log-probs once before training and store them with the prepared data (keyed by the pairs and the weights; reused by a resumed or repeated run), so training holds no reference model. false, with LoRA (use_peft): compute them at every step instead, by the same model with its adapter disabled (one more forward without gradients per micro-batch; no store, no second copy). false without LoRA is refused: there is no adapter to disable.",
+    )
     router_aux_loss_coef: float | None = Field(
         None,
         ge=0,
@@ -829,6 +833,8 @@ class SFTConfig(BaseModel):
                 else f"none: {self.objective} has one loss",
                 fix="set loss_type accordingly (or remove it)",
             )
+        if not self.precompute_ref_log_probs:
+            self._check_reference_on_the_fly()
         if self.objective != "dpo" and self.rpo_alpha is not None:
             raise ConfigError(
                 "rpo_alpha adds an NLL term to DPO",
@@ -837,6 +843,37 @@ class SFTConfig(BaseModel):
                 fix="use objective: dpo, or remove rpo_alpha",
             )
         return self
+
+    def _check_reference_on_the_fly(self) -> None:
+        # The reference computed at every step is the model with its LoRA adapter disabled: it is
+        # the model before training only where the adapter starts at zero effect on unchanged base
+        # weights. A frozen copy of the whole model instead would double its memory to save one
+        # forward pass per pair, which the stored reference already saves without any copy.
+        if self.objective not in ("dpo", "kto"):
+            raise ConfigError(
+                f"precompute_ref_log_probs concerns the reference model, and {self.objective} has none",
+                field="precompute_ref_log_probs",
+                found=f"objective {self.objective}",
+                fix="remove precompute_ref_log_probs (or use objective: dpo or kto)",
+            )
+        if not self.use_peft:
+            raise ConfigError(
+                "precompute_ref_log_probs: false computes the reference by disabling the LoRA adapter, "
+                "and without LoRA there is no adapter to disable",
+                field="precompute_ref_log_probs",
+                found="use_peft: false",
+                fix="keep precompute_ref_log_probs: true (the default: the reference log-probs computed once "
+                "before training and stored, no second copy of the model), or set use_peft: true",
+            )
+        if self.lora_init.startswith(("pissa", "olora")):
+            raise ConfigError(
+                f"lora_init: {self.lora_init} moves part of the base weights into the adapter, so the model "
+                "with the adapter disabled is not the model before training",
+                field="precompute_ref_log_probs",
+                found=f"lora_init: {self.lora_init}",
+                fix="keep precompute_ref_log_probs: true (the reference computed once before training), "
+                "or use lora_init: default",
+            )
 
     @field_validator("max_steps")
     @classmethod

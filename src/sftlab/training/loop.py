@@ -61,7 +61,13 @@ from sftlab.training.objectives import (
     returns_router_loss,
 )
 from sftlab.training.optimizer import StepInBackward
-from sftlab.training.preference import REFERENCE_FREE, choose_layout, stored_reference_log_probs
+from sftlab.training.preference import (
+    REFERENCE_FREE,
+    attention_span,
+    choose_layout,
+    reference_log_probs,
+    stored_reference_log_probs,
+)
 from sftlab.training.progress import MetricsWindow, Reporter
 from sftlab.training.step import train_step
 
@@ -458,28 +464,50 @@ def _setup_preference(
 ) -> PreferenceObjective | KTOObjective:
     """The layout the model allows (shared prompt, sparse head), then the reference log-probs of the
     train and eval pairs under the model before training (computed once, stored, reused): training
-    holds no reference model. Before the model is sharded or compiled (no collective but the sum)."""
+    holds no reference model. With precompute_ref_log_probs false (LoRA), the loss module computes
+    them at every step with the adapter disabled instead. Before the model is sharded or compiled
+    (no collective but the sum)."""
+    # KTO's rows hold one completion each: no layout to choose.
+    span = attention_span(model.config) if config.objective != "kto" else None
     shared, sparse, why = choose_layout(
-        model, train_pairs, pad_id, shared_prompt=config.shared_prompt, loss_implementation=config.loss_implementation
+        model,
+        train_pairs,
+        pad_id,
+        shared_prompt=config.shared_prompt,
+        loss_implementation=config.loss_implementation,
+        span=span,
     )
+    span = span if shared else None
     reporter.line(
         f"preference: {config.objective}"
         + (f" ({config.loss_type})" if config.objective == "dpo" else "")
         + f", beta {config.beta}; {why}"
     )
     references = {}
+    on_the_fly = not config.precompute_ref_log_probs  # the config allows it with LoRA only
+    if on_the_fly:
+        reporter.line(
+            "reference log-probs: computed at every step by the model with its LoRA adapter disabled "
+            "(precompute_ref_log_probs: false; nothing stored)"
+        )
     if config.objective not in REFERENCE_FREE:
         folder = os.path.join(config.cache_dir or os.path.join(cache_root(), "prepared"), "reference")
         for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            if pairs is None:
+            if pairs is None or (on_the_fly and (split == "train" or config.objective == "kto")):
                 continue
             started = time.perf_counter()
-            references[split], stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared)
-            accuracy = float(np.mean(references[split][:, 0] > references[split][:, 1])) if len(pairs) else 0.0
+            if on_the_fly:  # the eval pairs' reference, for its accuracy at step 0 only (not kept)
+                values = reference_log_probs(model, pairs, pad_id, processes, shared_prompt=shared, span=span)
+                how = f"computed in {time.perf_counter() - started:.1f} s for the step-0 accuracy, not kept"
+            else:
+                values, stored = stored_reference_log_probs(model, pairs, pad_id, processes, folder, shared, span=span)
+                references[split] = values
+                how = (
+                    "read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored"
+                ) + f" ({folder})"
+            accuracy = float(np.mean(values[:, 0] > values[:, 1])) if len(pairs) else 0.0
             reporter.line(
-                f"reference log-probs of {len(pairs)} {split} pairs: "
-                + ("read from the store" if stored else f"computed in {time.perf_counter() - started:.1f} s and stored")
-                + f" ({folder})"
+                f"reference log-probs of {len(pairs)} {split} pairs: {how}"
                 + (
                     ""
                     if config.objective == "kto"
@@ -496,6 +524,7 @@ def _setup_preference(
             undesirable_weight=config.undesirable_weight,
             sparse=sparse,
             references=references,
+            reference_from_adapter=on_the_fly,
         )
     return PreferenceObjective(
         model,
@@ -507,6 +536,8 @@ def _setup_preference(
         shared_prompt=shared,
         sparse=sparse,
         references=references,
+        attention_span=span,
+        reference_from_adapter=on_the_fly,
     )
 
 

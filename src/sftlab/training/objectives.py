@@ -26,7 +26,7 @@ from torch import nn
 
 from sftlab.data.container import IGNORE, Pairs
 from sftlab.training.loss import SupervisedLoss
-from sftlab.training.preference import KTOLoss, PreferenceLoss, collate_pairs
+from sftlab.training.preference import KTOLoss, PreferenceLoss, collate_pairs, takes_shared_row
 
 
 class Objective(Protocol):
@@ -111,7 +111,9 @@ def returns_router_loss(model: nn.Module) -> bool:
 
 class PreferenceObjective:
     """Preference tuning (training/preference.py): the loss is a mean over the pairs of the whole
-    step; the reference log-probs (computed once, before training) travel with each batch."""
+    step; the reference log-probs (computed once, before training) travel with each batch. Each
+    micro-batch is collated as one row per pair or two, whichever computes less (takes_shared_row:
+    the normaliser, pairs, is the same either way)."""
 
     name = "preference"
     sums = (
@@ -137,6 +139,8 @@ class PreferenceObjective:
         shared_prompt: bool,
         sparse: bool,
         references: dict[str, np.ndarray],
+        attention_span: float | None = None,
+        reference_from_adapter: bool = False,
     ):
         self.module = PreferenceLoss(
             model,
@@ -146,8 +150,10 @@ class PreferenceObjective:
             simpo_gamma=simpo_gamma,
             rpo_alpha=rpo_alpha,
             sparse=sparse,
+            reference_from_adapter=reference_from_adapter,
         )
-        self.shared_prompt = shared_prompt
+        self.shared_prompt = shared_prompt  # the shared row is allowed (the probe, the config)
+        self.attention_span = attention_span  # None: the shared row wherever allowed
         self.references = references  # split -> [pairs, 2] summed log-probs of chosen and rejected
 
     def count(self, batch: dict) -> float:
@@ -158,7 +164,8 @@ class PreferenceObjective:
         reference = self.references.get(split)
 
         def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
-            batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=self.shared_prompt)
+            shared = takes_shared_row(pairs, indices, self.shared_prompt, self.attention_span, pad_to_multiple_of)
+            batch = collate_pairs(pairs, indices, pad_id, pad_to_multiple_of, shared_prompt=shared)
             if reference is not None:
                 order = batch["pair_index"].numpy()
                 batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
@@ -217,11 +224,19 @@ class KTOObjective:
         undesirable_weight: float,
         sparse: bool,
         references: dict[str, np.ndarray],
+        reference_from_adapter: bool = False,
     ):
         self.module = KTOLoss(
-            model, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, sparse=sparse
+            model,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            sparse=sparse,
+            reference_from_adapter=reference_from_adapter,
         )
-        self.references = references  # split -> [examples, 2]: the completion's and the mismatched completion's
+        # split -> [examples, 2]: the completion's and the mismatched completion's; none when the
+        # module computes them in each step (reference_from_adapter)
+        self.references = references
         self._views: dict[int, tuple[Pairs, Pairs]] = {}
 
     def count(self, batch: dict) -> float:
@@ -254,16 +269,17 @@ class KTOObjective:
         return self._views[id(pairs)]
 
     def collate(self, split: str):
-        reference = self.references[split]
+        reference = self.references.get(split)
 
         def collate(pairs, indices, pad_id, pad_to_multiple_of=None):
             main, kl = self._split(pairs)
             batch = collate_pairs(main, indices, pad_id, pad_to_multiple_of)
             order = batch["pair_index"].numpy()
-            batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
             batch["desirable"] = torch.from_numpy(pairs.desirable[order])
             mismatched = collate_pairs(kl, indices, pad_id, pad_to_multiple_of)
-            mismatched["ref_chosen"] = torch.from_numpy(reference[order, 1]).float()
+            if reference is not None:
+                batch["ref_chosen"] = torch.from_numpy(reference[order, 0]).float()
+                mismatched["ref_chosen"] = torch.from_numpy(reference[order, 1]).float()
             # Not a tensor: the engine does not pass it to the forward; start_step does.
             batch["kl_inputs"] = {k: v for k, v in mismatched.items() if torch.is_tensor(v)}
             return batch

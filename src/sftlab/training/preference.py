@@ -14,7 +14,8 @@ C[0] and R[0]. Only those positions go through the LM head, in chunks (`token_lo
 batch x length x vocabulary logits never exist.
 
 Losses, per pair, with pi = the policy's summed log-prob of a completion, ref = the reference's
-(computed once before training and stored), avg = pi / its tokens, and beta, label smoothing ls:
+(computed once before training and stored; or, with LoRA and precompute_ref_log_probs false, in each
+step by the same model with its adapter disabled: _CompletionLoss.reference), avg = pi / its tokens, and beta, label smoothing ls:
     sigmoid  z = (pi_c - pi_r) - (ref_c - ref_r);  -(1 - ls) logsig(beta z) - ls logsig(-beta z)   (DPO; cDPO with ls)
     robust   (-(1 - ls) logsig(beta z) + ls logsig(-beta z)) / (1 - 2 ls)                            (rDPO)
     hinge    relu(1 - beta z)                                                                      (SLiC)
@@ -97,8 +98,7 @@ def collate_pairs(
         if shared_prompt:
             rows.append((ids, positions, parts, owners))
     length = max((len(row[0]) for row in rows), default=1)
-    if pad_to_multiple_of:
-        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+    length = _padded(length, pad_to_multiple_of)
     count = max(len(rows), 1)  # no pairs (a process out of batches): one row of padding, nothing predicted
     input_ids = torch.full((count, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((count, length), dtype=torch.long)
@@ -147,6 +147,64 @@ def _completion(store, row: int, predicting: list[int], completion: list[int], p
     positions.extend((row, column) for column in predicting)
     targets.extend(completion)
     pairs.extend([pair] * len(completion))
+
+
+# --- which layout a micro-batch takes ------------------------------------------------------------
+
+
+def attention_span(config) -> float:
+    """The key count at which a token's attention costs its decoder layer as much as the rest of
+    the layer, in multiply-adds: the q, k, v and o projections and the gated MLP (3 matrices) per
+    token, against 2 x heads x head_dim per key it attends to (its score and its share of the
+    values). A padded row of L tokens then costs the trunk L x (1 + L / span), up to a constant.
+    Missing fields take a Llama's proportions (one key/value head per query head, MLP 4 x hidden)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None)
+    if not hidden:
+        return math.inf  # nothing to estimate from: count tokens only
+    heads = getattr(config, "num_attention_heads", None) or max(1, hidden // 64)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * mlp
+    return per_token / (2 * heads * head_dim)
+
+
+def shared_row_is_cheaper(pairs: Pairs, indices: list[int], span: float, pad_to_multiple_of: int | None = None) -> bool:
+    """Whether the pairs `indices`, padded to one length, cost the trunk less as one row [P | C | R]
+    each than as two rows [P | C] and [P | R] each (ties: one row). A padded batch costs rows x L x
+    (1 + L / span) (attention_span): the shared row computes the prompt once, but is as long as
+    the longest P + C + R, against the longest P + C or P + R for two rows, and attention grows
+    with the square of the length. Both layouts give the same log-probs; this is speed only."""
+    if not indices:
+        return True
+    index = np.asarray(indices, dtype=np.int64)
+    prompt, chosen, rejected = (
+        offsets[index + 1] - offsets[index]
+        for offsets in (pairs.prompt_offsets, pairs.chosen_offsets, pairs.rejected_offsets)
+    )
+    shared = _padded(int((prompt + chosen + rejected).max()), pad_to_multiple_of)
+    separate = _padded(int(np.maximum(prompt + chosen, prompt + rejected).max()), pad_to_multiple_of)
+    rows = len(index)
+    return rows * shared * (1 + shared / span) <= 2 * rows * separate * (1 + separate / span)
+
+
+def takes_shared_row(
+    pairs: Pairs, indices: list, shared_prompt: bool, span: float | None, pad_to_multiple_of: int | None = None
+) -> bool:
+    """Whether the micro-batch `indices` (pairs, or packed rows of pairs) is collated as shared rows:
+    never where the shared row is off (shared_prompt false, or the probe found it inexact); always
+    for packed rows (pairs pack only that way) and where `span` is None; otherwise where it computes
+    less (shared_row_is_cheaper)."""
+    if not shared_prompt:
+        return False
+    if span is None or any(isinstance(i, (list, tuple)) for i in indices):
+        return True
+    return shared_row_is_cheaper(pairs, indices, span, pad_to_multiple_of)
+
+
+def _padded(length: int, multiple: int | None) -> int:
+    return math.ceil(length / multiple) * multiple if multiple else length
 
 
 # --- log-probs ---------------------------------------------------------------------------------
@@ -339,15 +397,33 @@ def preference_losses(
 
 
 class _CompletionLoss(nn.Module):
-    """What the preference losses share: the wrapped model, the sparse or dense log-probs, and
-    the block list FSDP reads from the module it is given (this wrapper)."""
+    """What the preference losses share: the wrapped model, the sparse or dense log-probs, the
+    reference computed in the step where it is not stored, and the block list FSDP reads from the
+    module it is given (this wrapper)."""
 
-    def __init__(self, model: nn.Module, sparse: bool):
+    def __init__(self, model: nn.Module, sparse: bool, reference_from_adapter: bool = False):
         super().__init__()
+        if reference_from_adapter and not hasattr(model, "disable_adapter"):
+            raise ValueError("the reference from the adapter-disabled model needs a PEFT model")
         self.model = model
         self.sparse = sparse
+        self.reference_from_adapter = reference_from_adapter
         inner = split_model(model)
         self._no_split_modules = getattr(inner[0] if inner else model, "_no_split_modules", None)
+
+    def reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen sums, rejected sums) of the batch's pairs under the reference: the same model
+        with its LoRA adapter disabled (the model before training, where the adapter starts at zero
+        effect), without gradients, in eval mode as the stored pass computes it (no dropout), in the
+        batch's own rows. Called inside forward, so a sharded model gathers its weights for it."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                chosen, rejected, _, _ = completion_log_probs(self.model, batch, self.sparse)
+        finally:
+            self.model.train(was_training)
+        return chosen, rejected
 
 
 class PreferenceLoss(_CompletionLoss):
@@ -365,15 +441,19 @@ class PreferenceLoss(_CompletionLoss):
         simpo_gamma: float = 0.5,
         rpo_alpha: float | None = None,
         sparse: bool = True,
+        reference_from_adapter: bool = False,
     ):
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, not {loss_type!r}")
-        super().__init__(model, sparse)
+        super().__init__(model, sparse, reference_from_adapter)
         self.loss_type = loss_type
         self.options = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
 
     def forward(self, ref_chosen=None, ref_rejected=None, pair_index=None, **batch):
-        """`batch`: collate_pairs' tensors (rows, positions, mask, completion indices, pair_count)."""
+        """`batch`: collate_pairs' tensors (rows, positions, mask, completion indices, pair_count);
+        ref_chosen / ref_rejected: the stored reference, computed here when reference_from_adapter."""
+        if self.reference_from_adapter and self.loss_type not in REFERENCE_FREE:
+            ref_chosen, ref_rejected = self.reference(batch)
         chosen, rejected, chosen_tokens, rejected_tokens = completion_log_probs(self.model, batch, self.sparse)
         loss, reward_chosen, reward_rejected = preference_losses(
             self.loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **self.options
@@ -393,11 +473,18 @@ class PreferenceLoss(_CompletionLoss):
 
 @torch.no_grad()
 def reference_log_probs(
-    model: nn.Module, pairs: Pairs, pad_id: int, processes, batch_size: int = 8, shared_prompt: bool = True
+    model: nn.Module,
+    pairs: Pairs,
+    pad_id: int,
+    processes,
+    batch_size: int = 8,
+    shared_prompt: bool = True,
+    span: float | None = None,
 ) -> np.ndarray:
     """[pairs, 2] summed log-probs of the chosen and rejected completions under `model` as it is now
     (the reference: the model before training, the adapter's initial zero effect included). Each
-    process computes every world-th pair and the results are summed over processes."""
+    process computes every world-th pair and the results are summed over processes. Each batch takes
+    the layout takes_shared_row gives it (`span`: attention_span, None: the shared row where allowed)."""
     was_training = model.training
     model.eval()
     values = torch.zeros((len(pairs), 2), dtype=torch.float64)
@@ -405,7 +492,8 @@ def reference_log_probs(
     device = next(model.parameters()).device
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]
-        batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared_prompt)
+        shared = takes_shared_row(pairs, indices, shared_prompt, span)
+        batch = collate_pairs(pairs, indices, pad_id, shared_prompt=shared)
         tensors = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         chosen, rejected, _, _ = completion_log_probs(model, tensors)
         values[indices, 0] = chosen.double().cpu()
@@ -423,13 +511,15 @@ def choose_layout(
     *,
     shared_prompt: bool = True,
     loss_implementation: str = "auto",
+    span: float | None = None,
 ) -> tuple[bool, bool, str]:
     """(shared_prompt, sparse, why), decided on the first pairs as sftlab.training.architecture
     decides packing: the shared row [P | C | R] must give each completion the log-probs of the
     separate sequences (layers that carry state along the sequence make C leak into R), and the
     sparse head must give the model's own (heads that transform logits in an unknown way).
     `shared_prompt` false and `loss_implementation` dense/sparse decide without asking the model
-    (sparse is still refused for a model without a separate trunk and head)."""
+    (sparse is still refused for a model without a separate trunk and head). `span`: the
+    attention span each micro-batch's layout will be chosen with (takes_shared_row), for the text."""
     indices = list(range(min(2, len(pairs))))
     was_training = model.training
     model.eval()
@@ -461,7 +551,11 @@ def choose_layout(
     if not shared_prompt:
         why = "chosen and rejected in rows of their own (shared_prompt: false)"
     elif shared:
-        why = "prompt shared by chosen and rejected in one row"
+        why = "prompt shared by chosen and rejected in one row" + (
+            f" where that costs less than two rows (chosen per micro-batch; attention span {span:.0f} tokens)"
+            if span is not None
+            else ""
+        )
     else:
         why = (
             f"chosen and rejected in rows of their own: in one row a rejected token's log-prob moves by "
@@ -481,7 +575,14 @@ def choose_layout(
 
 
 def stored_reference_log_probs(
-    model: nn.Module, pairs: Pairs, pad_id: int, processes, folder: str, shared_prompt: bool = True, batch_size: int = 8
+    model: nn.Module,
+    pairs: Pairs,
+    pad_id: int,
+    processes,
+    folder: str,
+    shared_prompt: bool = True,
+    batch_size: int = 8,
+    span: float | None = None,
 ) -> tuple[np.ndarray, bool]:
     """(reference log-probs of `pairs`, whether they were read from `folder`), stored there keyed by
     a hash of the pairs and of the model's weights as they are before training, so a resumed run,
@@ -498,7 +599,9 @@ def stored_reference_log_probs(
     # 2-machine run whose processes read it where they found it hung in that sum.
     if int(processes.sum(torch.tensor([float(stored is not None)]))[0]) == processes.world:
         return stored, True
-    values = reference_log_probs(model, pairs, pad_id, processes, batch_size=batch_size, shared_prompt=shared_prompt)
+    values = reference_log_probs(
+        model, pairs, pad_id, processes, batch_size=batch_size, shared_prompt=shared_prompt, span=span
+    )
     if processes.local_rank == 0:
         os.makedirs(folder, exist_ok=True)
         # A name of its own (the pid alone may repeat on another machine): on a cache shared by
@@ -557,8 +660,9 @@ class KTOLoss(_CompletionLoss):
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         sparse: bool = True,
+        reference_from_adapter: bool = False,
     ):
-        super().__init__(model, sparse)
+        super().__init__(model, sparse, reference_from_adapter)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
     def forward(
@@ -571,6 +675,8 @@ class KTOLoss(_CompletionLoss):
         ref_rejected=None,
         **batch,
     ):
+        if self.reference_from_adapter:  # the rows hold one completion each (the example's or the mismatched one)
+            ref_chosen = self.reference(batch)[0]
         log_probs, _, _, _ = completion_log_probs(self.model, batch, self.sparse)
         if kl_only:  # the rows hold the mismatched completions, their reference values in ref_chosen
             return {"kl_sum": (log_probs - ref_chosen).sum(), "kl_count": log_probs.new_tensor(float(len(log_probs)))}
