@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from architectures import ARCHITECTURES, KINDS
@@ -27,9 +26,8 @@ from sftlab.config import make_config
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import sequence
 from sftlab.training.attention import example_bounds
-from test_sharding import assert_close_weights, final, losses, resume_from, succeeded
-from tiny import char_tokenizer
-from tiny_models import save_tiny_llama, tiny_model
+from test_sharding import addition_run, assert_close_weights, final, losses, resume_from, succeeded
+from tiny_models import tiny_model
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequence_checks.py")
@@ -191,41 +189,12 @@ def test_what_a_shard_cannot_compute_is_refused(fields, named):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sequence")
-    model = save_tiny_llama(str(root / "model"), char_tokenizer(), tie=True)  # 4 heads, 2 key/value heads
-    data = root / "train.jsonl"
-    with open(data, "w") as handle:
-        for i in range(16):  # 4 steps of 4
-            handle.write(
-                json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n"
-            )
+    root = tmp_path_factory.mktemp("sequence")  # a tied Llama of 4 heads, 2 key/value heads; 4 steps of 4
     evaluation = root / "eval.jsonl"
     with open(evaluation, "w") as handle:
         for i in range(5):  # 3 batches of 2: one process gets one more than the other
             handle.write(json.dumps({"prompt": f"add {i} and 3", "completion": f" {i + 3} ok"}) + "\n")
-    config = root / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": model,
-                "train_data": str(data),
-                "max_length": 48,
-                "learning_rate": 3e-3,
-                "warmup_steps": 1,
-                "max_steps": MAX_STEPS,
-                "save_steps": 2,
-                "logging_steps": 1,
-                "seed": 3,
-                "per_device_train_batch_size": 4,
-                "cache_dir": str(root / "cache"),
-            }
-        )
-    )
-    return {
-        "root": root,
-        "config": str(config),
-        "env": {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-    }
+    return addition_run(root, 16, max_steps=MAX_STEPS, per_device_train_batch_size=4)
 
 
 def run(setup, name: str, *overrides, processes: int = 1) -> tuple[str, subprocess.CompletedProcess]:

@@ -39,38 +39,39 @@ DDP = ["fsdp=false", "per_device_train_batch_size=2"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sharding")
+def addition_run(root, examples: int, **fields) -> dict:
+    """A tiny tied Llama, `examples` addition records and a config.yaml of `sftlab train` over them
+    (`fields` added to it), in `root`: what the torchrun tests launch."""
     model = save_tiny_llama(str(root / "model"), char_tokenizer(), tie=True)
     data = root / "train.jsonl"
     with open(data, "w") as handle:
-        for i in range(24):  # 6 steps of 4: one epoch
+        for i in range(examples):
             handle.write(
                 json.dumps({"prompt": f"add {i} and {i % 7}", "completion": f" {i + i % 7} ok" * (1 + i % 3)}) + "\n"
             )
     config = root / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": model,
-                "train_data": str(data),
-                "max_length": 48,
-                "learning_rate": 3e-3,
-                "warmup_steps": 1,
-                "max_steps": MAX_STEPS,
-                "save_steps": 2,
-                "logging_steps": 1,
-                "seed": 3,
-                "cache_dir": str(root / "cache"),
-            }
-        )
-    )
+    settings = {
+        "model": model,
+        "train_data": str(data),
+        "max_length": 48,
+        "learning_rate": 3e-3,
+        "warmup_steps": 1,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "seed": 3,
+        "cache_dir": str(root / "cache"),
+    }
+    config.write_text(yaml.safe_dump({**settings, **fields}))
     return {
         "root": root,
         "config": str(config),
         "env": {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
     }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    return addition_run(tmp_path_factory.mktemp("sharding"), 24, max_steps=MAX_STEPS)  # 6 steps of 4: one epoch
 
 
 def torchrun(
