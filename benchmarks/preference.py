@@ -32,6 +32,9 @@ the median of the repeats is reported:
   sftlab-unshared  the same with shared_prompt=false: two rows per pair     -> what the shared row buys
   sftlab-packed    the same with packing=true: pairs packed into rows of up to 2 x max_length
                    (best-fit decreasing), batch = --batch-size rows, shuffled -> what packing buys
+  sftlab-lean      packed, with gradient_checkpointing and optimizer_in_backward (each gradient
+                   applied by AdamW and freed as soon as backward completes it, so the model's whole
+                   gradient never exists; needs max_grad_norm null: no clipping) -> the least memory
 
 Kept equal: the weights (one seeded init saved to a folder both load), the tokenizer, the data,
 the number of pairs per step (--batch-size; packed runs take --batch-size rows of several pairs,
@@ -83,7 +86,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-CONFIGS = ("sftlab-default", "trl-default", "sftlab-dense", "trl-tuned", "sftlab-unshared", "sftlab-packed")
+CONFIGS = (
+    "sftlab-default",
+    "trl-default",
+    "sftlab-dense",
+    "trl-tuned",
+    "sftlab-unshared",
+    "sftlab-packed",
+    "sftlab-lean",
+)
 MODELS = ("tiny-32k", "smollm2")
 # (batch size in pairs, max_length, steps, warmup steps)
 MODEL_SETTINGS = {"tiny-32k": (8, 512, 8, 2), "smollm2": (4, 512, 5, 2)}
@@ -142,7 +153,10 @@ def child_sftlab(spec: dict) -> dict:
     from sftlab import SFTConfig, train
 
     variant = spec["variant"]
-    options = dict(objective="dpo", packing=variant == "packed", shuffle=variant == "packed")
+    packed = variant in ("packed", "lean")
+    options = dict(objective="dpo", packing=packed, shuffle=packed)
+    if variant == "lean":  # memory: checkpointing, and each gradient applied and freed in backward
+        options.update(gradient_checkpointing=True, optimizer_in_backward=True, max_grad_norm=None)
     if variant == "dense":
         options["loss_implementation"] = "dense"
     if variant == "unshared":
@@ -582,6 +596,11 @@ def print_report(report: dict, configs: list[str]) -> None:
         print(
             f"    {'packing':<18} pairs/s {ratio(rows, 'sftlab-packed', 'sftlab-default', 'pairs_per_s')}, "
             f"peak RSS {ratio(rows, 'sftlab-packed', 'sftlab-default', 'peak_rss_mb')} (packed against padded)"
+        )
+        print(
+            f"    {'lean (packed + checkpointing + optimizer in backward)':<18} "
+            f"pairs/s {ratio(rows, 'sftlab-lean', 'sftlab-packed', 'pairs_per_s')}, "
+            f"peak RSS {ratio(rows, 'sftlab-lean', 'sftlab-packed', 'peak_rss_mb')} (against packed)"
         )
 
 
