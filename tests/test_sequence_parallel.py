@@ -26,7 +26,15 @@ from sftlab.config import make_config
 from sftlab.errors import ConfigError, TrainingError
 from sftlab.training import sequence
 from sftlab.training.attention import example_bounds
-from test_sharding import addition_run, assert_close_weights, final, losses, resume_from, succeeded
+from test_sharding import (
+    addition_run,
+    assert_close_weights,
+    final,
+    losses,
+    resume_from,
+    succeeded,
+    torchrun_checks,
+)
 from tiny_models import tiny_model
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -282,16 +290,7 @@ def test_fsdp_over_a_2_x_2_mesh_trains_like_one_process_and_resumes_on_another_s
 
 @pytest.mark.slow
 def test_an_example_split_between_processes_gets_the_log_probs_it_gets_alone(setup):
-    out = setup["root"] / "checks.json"
-    result = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", CHECKS, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=setup["env"],
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checks = json.loads(out.read_text())
+    checks = torchrun_checks(setup, CHECKS)
     for case, worst in checks["worst_log_prob_error"].items():
         assert worst < 1e-5, case
     # The row of the check straddles the shards: the middle example has tokens on both processes.

@@ -94,6 +94,20 @@ def torchrun(
     )
 
 
+def torchrun_checks(setup, script: str) -> dict:
+    """What a checks script (tests/*_checks.py) writes, run on 2 processes by torchrun."""
+    out = setup["root"] / f"{os.path.basename(script)}.json"
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", script, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=setup["env"],
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -144,16 +158,7 @@ def fsdp_run(setup) -> dict:
 
 
 def test_fsdp_shards_and_the_sparse_tied_head_matches_the_dense_reference(setup):
-    out = setup["root"] / "checks.json"
-    result = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", CHECKS, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=setup["env"],
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checks = json.loads(out.read_text())
+    checks = torchrun_checks(setup, CHECKS)
     # Each process holds half the rows of every weight: the layers' and the root's (tied embeddings/head).
     shapes = checks["shards"]["shapes"]
     assert shapes["model.layers.0.mlp.gate_proj.weight"] == [[128, 64], [64, 64]]
